@@ -1,0 +1,264 @@
+"""The command line: ``cowfs mount``, ``cowfs umount``, and the ``mount.fuse.cowfs`` helper.
+
+User errors are printed as one line (``cowfs: error: ...``) with a non-zero exit status; a traceback
+means a bug in cowfs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import CowfsError
+from .layers import LayerPaths
+
+log = logging.getLogger("cowfs")
+
+MOUNT_EPILOG = """\
+options (-o, comma-separated, may be repeated):
+  allow_other     let users other than the mounting one access the mount
+  ro              mount read-only
+  debug           log every request (implies --log to stderr in the foreground)
+  timeout=SECS    how long the kernel may cache names and attributes (default 1)
+  volatile        skip fsync on copy-up (faster; a crash may lose copied-up data)
+  nosuid,nodev,noexec,noatime,...  passed to the kernel
+
+The default work directory is UPPER/.cowfs-work; it is never shown in the merged view.
+LOWER may name several directories separated by ':', topmost first, as the kernel's lowerdir.
+The layers must not be changed by anything but cowfs while mounted.
+
+examples:
+  cowfs mount /data /tmp/changes /mnt/data      overlay /data, changes go to /tmp/changes
+  cowfs mount /data /tmp/changes /data          the same, mounted over /data itself
+  cowfs mount L2:L1 upper mnt                   stack two read-only layers
+"""
+
+
+def _add_mount_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "mount", help="mount an overlay", description="Mount a copy-on-write overlay of LOWER "
+        "with changes going to UPPER, at MOUNTPOINT. Returns once the filesystem is mounted and "
+        "serving; the daemon runs in the background until 'cowfs umount MOUNTPOINT'.",
+        epilog=MOUNT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("lower", metavar="LOWER[:LOWER...]", help="read-only layer(s), topmost first")
+    p.add_argument("upper", metavar="UPPER", help="writable layer that receives all changes")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="where the merged view appears")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground and log to stderr until unmounted")
+    p.add_argument("--work", metavar="DIR",
+                   help="work directory for atomic copy-up; must be on the upper's filesystem "
+                   "(default: UPPER/.cowfs-work)")
+    p.add_argument("-o", dest="options", metavar="OPT[,OPT...]", action="append", default=[],
+                   help="mount options, see below")
+    p.add_argument("--log", metavar="FILE", help="append the daemon's log to FILE")
+    p.set_defaults(func=_cmd_mount)
+
+
+def _add_umount_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "umount", help="unmount an overlay and wait for its daemon to exit",
+        description="Unmount the cowfs overlay at MOUNTPOINT and wait until its daemon has "
+        "exited, so that the upper layer is complete and may be used.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECS",
+                   help="how long to wait for the daemon to exit (default 30)")
+    p.set_defaults(func=_cmd_umount)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cowfs", description="cowfs: a copy-on-write overlay filesystem (FUSE). Reads come "
+        "from the topmost layer that has a name; all changes go to the upper layer; the lower "
+        "layers are never modified.")
+    parser.add_argument("--version", action="version", version=f"cowfs {__version__}")
+    subparsers = parser.add_subparsers(metavar="COMMAND", required=True)
+    _add_mount_parser(subparsers)
+    _add_umount_parser(subparsers)
+    return parser
+
+
+def _setup_logging(debug: bool, log_file: str | None, foreground: bool) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+    if log_file:
+        logging.basicConfig(filename=log_file, level=level, format=fmt)
+    elif foreground:
+        logging.basicConfig(stream=sys.stderr, level=level, format=fmt)
+    else:
+        logging.basicConfig(handlers=[logging.NullHandler()], level=level)
+
+
+# --- mount --------------------------------------------------------------------------------------
+
+
+def mount(lower: str, upper: str, mountpoint: str, *, work: str | None, options: list[str],
+          foreground: bool, log_file: str | None) -> None:
+    from .mount import MountOptions, prepare, serve  # pyfuse3 only where it is needed
+
+    opts = MountOptions.parse(options)
+    paths = LayerPaths.parse(lower, upper, work)
+    if foreground:
+        _setup_logging(opts.debug, log_file, True)
+        stack, real_mountpoint = prepare(paths, Path(mountpoint))
+        serve(paths, stack, real_mountpoint, opts, ready=lambda: None)
+        return
+    stack, real_mountpoint = prepare(paths, Path(mountpoint))
+    _daemonize(lambda ready: serve(paths, stack, real_mountpoint, opts, ready),
+               lambda: _setup_logging(opts.debug, log_file, False))
+
+
+def _daemonize(run: Callable[[Callable[[], None]], None], setup_logging: Callable[[], None]) -> None:
+    """Run ``run`` in a detached child; return in the parent once it reports it is serving."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        if message != "ok":
+            raise CowfsError(message or "the cowfs daemon exited before mounting")
+        return
+    os.close(read_end)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    setup_logging()
+    status = 0
+
+    def ready() -> None:
+        os.write(write_end, b"ok")
+        os.close(write_end)
+
+    try:
+        run(ready)
+    except CowfsError as e:
+        _report_to_parent(write_end, str(e))
+        status = e.exit_code
+    except BaseException as e:
+        log.exception("cowfs daemon failed")
+        _report_to_parent(write_end, f"the cowfs daemon failed: {e}")
+        status = 1
+    os._exit(status)
+
+
+def _report_to_parent(fd: int, message: str) -> None:
+    with contextlib.suppress(OSError):  # already closed once the mount was reported ready
+        os.write(fd, message.encode())
+        os.close(fd)
+
+
+def _cmd_mount(args: argparse.Namespace) -> None:
+    mount(args.lower, args.upper, args.mountpoint, work=args.work, options=args.options,
+          foreground=args.foreground, log_file=args.log)
+
+
+# --- umount -------------------------------------------------------------------------------------
+
+
+def umount(mountpoint: str, timeout: float = 30.0) -> None:
+    from .mount import MountState, fuse_mount_at
+
+    path = Path(mountpoint).resolve()
+    if fuse_mount_at(path) != "fuse.cowfs":
+        raise CowfsError(f"{mountpoint!r} is not a cowfs mountpoint")
+    state = MountState.load(path)
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmd = [tool, "-u", str(path)] if tool else ["umount", str(path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        raise CowfsError(f"cannot unmount {mountpoint!r}: {reason}")
+    if state is not None:
+        _wait_for_exit(state.pid, timeout)
+
+
+def _wait_for_exit(pid: int, timeout: float) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CowfsError(f"unmounted, but the cowfs daemon (pid {pid}) has not exited "
+                                 f"after {timeout:g} s")
+            if select.select([pidfd], [], [], remaining)[0]:
+                return
+    finally:
+        os.close(pidfd)
+
+
+def _cmd_umount(args: argparse.Namespace) -> None:
+    umount(args.mountpoint, args.timeout)
+
+
+# --- entry points -------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except CowfsError as e:
+        print(f"cowfs: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _helper_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mount.fuse.cowfs",
+        description="mount(8) helper: mount -t fuse.cowfs -o lowerdir=A:B,upperdir=U,workdir=W "
+        "cowfs MOUNTPOINT")
+    p.add_argument("source", help="ignored (conventionally 'cowfs')")
+    p.add_argument("mountpoint")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument("-n", "-s", "-v", dest="ignored", action="store_true",
+                   help="accepted from mount(8) and ignored")
+    return p
+
+
+def helper_arguments(source_options: list[str]) -> tuple[str, str, str | None, list[str]]:
+    """Split kernel-style ``lowerdir=,upperdir=,workdir=`` from the other mount options."""
+    layers: dict[str, str] = {}
+    rest: list[str] = []
+    for spec in source_options:
+        for opt in filter(None, spec.split(",")):
+            key, _, value = opt.partition("=")
+            if key in ("lowerdir", "upperdir", "workdir"):
+                layers[key] = value
+            else:
+                rest.append(opt)
+    for required in ("lowerdir", "upperdir"):
+        if required not in layers:
+            raise CowfsError(f"missing mount option {required}=")
+    return layers["lowerdir"], layers["upperdir"], layers.get("workdir"), rest
+
+
+def mount_helper_main(argv: Sequence[str] | None = None) -> int:
+    args = _helper_parser().parse_args(argv)
+    try:
+        lower, upper, work, rest = helper_arguments(args.options)
+        mount(lower, upper, args.mountpoint, work=work, options=[",".join(rest)],
+              foreground=False, log_file=None)
+    except CowfsError as e:
+        print(f"mount.fuse.cowfs: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0

@@ -1,0 +1,71 @@
+"""Open files: a real descriptor per open, and what happens when the object is copied up meanwhile.
+
+A file opened read-only from a lower layer keeps reading the lower copy until someone copies it up;
+after that, reads switch to the upper copy (as the kernel's overlayfs does since Linux 4.19), so a
+reader never sees stale data after another process wrote the file.
+
+An unlinked file stays readable and writable through its open handles: they hold the real descriptor.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from . import realfs
+from .inodes import Inode
+
+#: Open flags passed on to the real file; the others (O_CREAT, O_EXCL, O_APPEND, O_DIRECT, ...) are
+#: the kernel's business, which hands cowfs explicit offsets.
+PASSED_FLAGS = os.O_TRUNC | os.O_SYNC | os.O_DSYNC
+
+
+class FileHandle:
+    """One open of a regular file."""
+
+    __slots__ = ("inode", "fd", "on_upper", "_stale_fds", "_lock")
+
+    def __init__(self, inode: Inode, fd: int, on_upper: bool) -> None:
+        self.inode = inode
+        self.fd = fd
+        self.on_upper = on_upper
+        self._stale_fds: list[int] = []
+        self._lock = threading.Lock()
+
+    def read_fd(self) -> int:
+        """The descriptor to read from: the upper copy as soon as there is one."""
+        if not self.on_upper and self.inode.alive:
+            upper = self.inode.upper
+            if upper is not None:
+                with self._lock:
+                    if not self.on_upper:
+                        # Older reads in other threads may still use the old descriptor: it is
+                        # closed on release, never while they might read it.
+                        self._stale_fds.append(self.fd)
+                        self.fd = realfs.reopen(upper.fd, os.O_RDONLY)
+                        self.on_upper = True
+        return self.fd
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.read_fd(), size, offset)
+
+    def write(self, offset: int, data: bytes) -> int:
+        return os.pwrite(self.fd, data, offset)
+
+    def fsync(self, datasync: bool) -> None:
+        if datasync:
+            os.fdatasync(self.fd)
+        else:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        for fd in (self.fd, *self._stale_fds):
+            os.close(fd)
+
+
+def real_flags(flags: int) -> int:
+    return (flags & os.O_ACCMODE) | (flags & PASSED_FLAGS)
+
+
+def wants_write(flags: int) -> bool:
+    return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)

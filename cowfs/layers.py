@@ -1,0 +1,167 @@
+"""The layer stack: which directories make up an overlay, opened once and held by descriptor.
+
+The layers are opened before the filesystem is mounted and used only through these descriptors from
+then on, which is what makes mounting over the base directory itself work: after the mount, the path
+names the overlay, but the descriptors still name the layers underneath.
+
+Known limits: as with the kernel's overlayfs, changing the layers behind cowfs's back while mounted
+is undefined (the kernel caches cowfs's answers).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import realfs, schema
+from .errors import CowfsError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One directory of the stack. Index 0 is the upper; lowers follow, topmost first."""
+
+    index: int
+    path: Path
+    root_fd: int
+    dev: int
+
+    @property
+    def is_upper(self) -> bool:
+        return self.index == 0
+
+
+@dataclass(frozen=True, slots=True)
+class LayerPaths:
+    """The directories named on the command line, before anything is opened."""
+
+    lowers: tuple[Path, ...]
+    upper: Path
+    work: Path | None = None
+
+    @classmethod
+    def parse(cls, lower: str, upper: str, work: str | None = None) -> LayerPaths:
+        """Parse ``LOWER[:LOWER...]`` (topmost first, as the kernel's lowerdir) and the others."""
+        names = lower.split(":")
+        if not lower or any(not n for n in names):
+            raise CowfsError(f"invalid lower directory list {lower!r}: empty element")
+        return cls(tuple(Path(n) for n in names), Path(upper), Path(work) if work else None)
+
+    @property
+    def work_dir(self) -> Path:
+        return self.work if self.work is not None else self.upper / schema.WORK_DIR_NAME
+
+
+@dataclass(frozen=True, slots=True)
+class LayerStack:
+    """The opened layers and the work directory."""
+
+    upper: Layer
+    lowers: tuple[Layer, ...]
+    work_fd: int
+    work_path: Path
+
+    @property
+    def all(self) -> tuple[Layer, ...]:
+        return (self.upper, *self.lowers)
+
+    def close(self) -> None:
+        for layer in self.all:
+            os.close(layer.root_fd)
+        os.close(self.work_fd)
+
+
+def _open_dir(path: Path, role: str) -> int:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CowfsError(f"{role} directory {str(path)!r} does not exist") from None
+    except OSError as e:
+        raise CowfsError(f"cannot use {role} directory {str(path)!r}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CowfsError(f"{role} {str(path)!r} is not a directory")
+    return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _is_inside(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _check_user_xattrs(fd: int, path: Path) -> None:
+    """The upper must hold ``user.*`` xattrs, or whiteouts and opaque dirs cannot be recorded."""
+    probe = schema.COWFS_PREFIX + "probe"
+    try:
+        realfs.setxattr(fd, probe, b"1")
+        realfs.removexattr(fd, probe)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            raise CowfsError(
+                f"upper directory {str(path)!r} is on a filesystem without user extended "
+                "attributes (needed for whiteouts); use e.g. ext4, xfs, btrfs or tmpfs") from None
+        raise CowfsError(f"cannot write to upper directory {str(path)!r}: {e.strerror}") from None
+
+
+def _validate_nesting(paths: LayerPaths, work: Path) -> None:
+    upper = paths.upper.resolve()
+    for lower in paths.lowers:
+        lower = lower.resolve()
+        if _is_inside(upper, lower):
+            raise CowfsError(f"upper directory {str(paths.upper)!r} is inside lower directory "
+                             f"{str(lower)!r}; lower layers must never be written")
+        if _is_inside(work, lower):
+            raise CowfsError(f"work directory {str(work)!r} is inside lower directory "
+                             f"{str(lower)!r}; lower layers must never be written")
+        if _is_inside(lower, upper):
+            raise CowfsError(f"lower directory {str(lower)!r} is inside the upper directory")
+    if paths.work is not None and _is_inside(work, upper):
+        raise CowfsError(f"work directory {str(work)!r} is inside the upper directory, where it "
+                         "would be visible; leave --work out to use the default hidden one")
+    if paths.work is not None and _is_inside(upper, work):
+        raise CowfsError("upper directory is inside the work directory")
+
+
+def _prepare_work(paths: LayerPaths, upper_fd: int, upper_dev: int) -> tuple[Path, int]:
+    work = paths.work_dir
+    if paths.work is None:
+        try:
+            realfs.mkdir(upper_fd, schema.WORK_DIR_NAME, 0o700)
+        except FileExistsError:
+            pass
+    elif not work.exists():
+        raise CowfsError(f"work directory {str(work)!r} does not exist")
+    fd = _open_dir(work, "work")
+    if os.fstat(fd).st_dev != upper_dev:
+        os.close(fd)
+        raise CowfsError(f"work directory {str(work)!r} is not on the same filesystem as the "
+                         f"upper directory {str(paths.upper)!r} (copy-up renames between them)")
+    return work, fd
+
+
+def open_stack(paths: LayerPaths) -> LayerStack:
+    """Check the layers and open them; every problem becomes a one-line :class:`CowfsError`."""
+    lower_fds = [_open_dir(p, "lower") for p in paths.lowers]
+    upper_fd = _open_dir(paths.upper, "upper")
+    _validate_nesting(paths, paths.work_dir.resolve())
+    _check_user_xattrs(upper_fd, paths.upper)
+    upper_dev = os.fstat(upper_fd).st_dev
+    work, work_fd = _prepare_work(paths, upper_fd, upper_dev)
+    _mark_format(upper_fd, paths.upper)
+    upper = Layer(0, paths.upper, upper_fd, upper_dev)
+    lowers = tuple(Layer(i + 1, p, fd, os.fstat(fd).st_dev)
+                   for i, (p, fd) in enumerate(zip(paths.lowers, lower_fds, strict=True)))
+    return LayerStack(upper, lowers, work_fd, work)
+
+
+def _mark_format(upper_fd: int, path: Path) -> None:
+    found = realfs.getxattr(upper_fd, schema.XATTR_FORMAT)
+    if found is None:
+        realfs.setxattr(upper_fd, schema.XATTR_FORMAT, schema.FORMAT_VERSION)
+    elif found != schema.FORMAT_VERSION:
+        raise CowfsError(f"upper directory {str(path)!r} has cowfs layer format {found!r}; "
+                         f"this cowfs understands format {schema.FORMAT_VERSION!r}")

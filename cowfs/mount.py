@@ -1,0 +1,233 @@
+"""Mount options and the daemon's lifecycle: open the layers, mount, serve, unmount, clean up.
+
+The lifecycle is one ``ExitStack``: whatever was set up is torn down in reverse order, also after an
+error. SIGINT and SIGTERM end the main loop through ``pyfuse3.terminate()``, and the filesystem is
+then unmounted by the daemon itself.
+
+Each running mount has a small state file (pid, mountpoint, layers) so that ``cowfs umount`` can wait
+for the daemon to exit and other tools can list the mounts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import resource
+import signal
+import stat
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .errors import CowfsError
+from .layers import LayerPaths, LayerStack, open_stack
+from .operations import Operations
+from .overlay import Overlay
+
+log = logging.getLogger(__name__)
+
+#: Generic mount(8) options that only make sense to mount(8) itself.
+IGNORED_OPTIONS = frozenset({"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users",
+                             "nouser", "owner", "group", "rw"})
+#: Options handed to the kernel through libfuse unchanged.
+KERNEL_OPTIONS = frozenset({"ro", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime",
+                            "atime", "relatime", "nodiratime", "sync", "async", "dirsync"})
+DEFAULT_TIMEOUT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class MountOptions:
+    """What ``-o`` said."""
+
+    allow_other: bool = False
+    debug: bool = False
+    timeout: float = DEFAULT_TIMEOUT
+    volatile: bool = False
+    kernel: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.kernel
+
+    @classmethod
+    def parse(cls, specs: list[str]) -> MountOptions:
+        """Parse ``-o a,b=c`` strings (given once or several times)."""
+        allow_other = debug = volatile = False
+        timeout = DEFAULT_TIMEOUT
+        kernel: set[str] = set()
+        for spec in specs:
+            for opt in filter(None, spec.split(",")):
+                key, _, value = opt.partition("=")
+                if key == "allow_other":
+                    allow_other = True
+                elif key == "debug":
+                    debug = True
+                elif key == "volatile":
+                    volatile = True
+                elif key == "timeout":
+                    timeout = _parse_timeout(value)
+                elif key in KERNEL_OPTIONS:
+                    kernel.add(key)
+                elif key not in IGNORED_OPTIONS:
+                    raise CowfsError(f"unknown mount option {opt!r} (see 'cowfs mount --help')")
+        return cls(allow_other, debug, timeout, volatile, frozenset(kernel))
+
+    def fuse_options(self, source: str) -> set[str]:
+        opts = set(pyfuse3.default_options) | {f"fsname={source}", "subtype=cowfs"} | self.kernel
+        if self.allow_other:
+            opts.add("allow_other")
+        if self.debug:
+            opts.add("debug")
+        return opts
+
+
+def _parse_timeout(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise CowfsError(f"invalid timeout {value!r}: give a number of seconds, e.g. timeout=1")
+    return seconds
+
+
+# --- mountpoint checks and state files --------------------------------------------------------------
+
+
+def fuse_mount_at(path: Path) -> str | None:
+    """The filesystem type mounted exactly at ``path`` if it is a FUSE mount, else None."""
+    target = str(path)
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            mount_point = fields[4].encode().decode("unicode_escape")
+            if mount_point == target and fields[sep + 1].startswith("fuse"):
+                return fields[sep + 1]
+    return None
+
+
+def check_mountpoint(path: Path) -> Path:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CowfsError(f"mountpoint {str(path)!r}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CowfsError(f"mountpoint {str(path)!r} is not a directory")
+    real = path.resolve()
+    found = fuse_mount_at(real)
+    if found is not None:
+        raise CowfsError(f"mountpoint {str(path)!r} is already mounted ({found}); "
+                         f"unmount it first with 'cowfs umount {path}'")
+    return real
+
+
+def state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/cowfs")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "cowfs" if runtime else Path(f"/tmp/cowfs-{os.geteuid()}")
+
+
+def state_file(mountpoint: Path) -> Path:
+    return state_dir() / (urllib.parse.quote(str(mountpoint), safe="") + ".json")
+
+
+@dataclass(frozen=True, slots=True)
+class MountState:
+    """What ``cowfs umount`` (and ``cowfs status``) need to know about a running mount."""
+
+    pid: int
+    mountpoint: str
+    lowers: list[str]
+    upper: str
+    work: str
+
+    @classmethod
+    def load(cls, mountpoint: Path) -> MountState | None:
+        try:
+            data = json.loads(state_file(mountpoint).read_text(encoding="utf-8"))
+            return cls(**data)
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+@contextlib.contextmanager
+def _state_recorded(mountpoint: Path, paths: LayerPaths, stack: LayerStack) -> Iterator[None]:
+    path = state_file(mountpoint)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state = MountState(os.getpid(), str(mountpoint), [str(p.resolve()) for p in paths.lowers],
+                       str(paths.upper.resolve()), str(stack.work_path.resolve()))
+    path.write_text(json.dumps(dataclasses.asdict(state)), encoding="utf-8")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+# --- serving ----------------------------------------------------------------------------------------
+
+
+def _raise_fd_limit() -> None:
+    """Every inode the kernel holds keeps a descriptor per layer: allow as many as we may."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or os.geteuid() == 0:
+        with contextlib.suppress(OSError, ValueError):
+            nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nr_open, nr_open))
+            return
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def _serve_until_unmounted() -> bool:
+    """Run the FUSE loop; return True when it ended by a signal (we must unmount ourselves)."""
+    signalled = False
+    async with trio.open_nursery() as nursery:
+
+        async def stop_on_signal() -> None:
+            nonlocal signalled
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("received %s, unmounting", signal.Signals(signum).name)
+                    signalled = True
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(stop_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    return signalled
+
+
+def serve(paths: LayerPaths, stack: LayerStack, mountpoint: Path, options: MountOptions,
+          ready: Callable[[], None]) -> None:
+    """Mount ``stack`` at ``mountpoint`` and serve until unmounted. Calls ``ready`` once mounted."""
+    os.umask(0)  # modes of new objects are exactly what the caller asked for
+    _raise_fd_limit()
+    with contextlib.ExitStack() as cleanup:
+        overlay = Overlay(stack, sync=not options.volatile)
+        cleanup.callback(overlay.close)
+        operations = Operations(overlay, timeout=options.timeout)
+        pyfuse3.init(operations, str(mountpoint), options.fuse_options("cowfs"))
+        unmount = True
+        cleanup.callback(lambda: pyfuse3.close(unmount=unmount))
+        cleanup.enter_context(_state_recorded(mountpoint, paths, stack))
+        log.info("mounted %s (upper %s, lowers %s)", mountpoint, paths.upper,
+                 ":".join(map(str, paths.lowers)))
+        ready()
+        unmount = trio.run(_serve_until_unmounted)
+    log.info("unmounted %s", mountpoint)
+
+
+def prepare(paths: LayerPaths, mountpoint: Path) -> tuple[LayerStack, Path]:
+    """Everything that can fail because of user input, done before forking into the background."""
+    real_mountpoint = check_mountpoint(mountpoint)
+    return open_stack(paths), real_mountpoint

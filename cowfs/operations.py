@@ -1,0 +1,324 @@
+"""The pyfuse3 adapter: a protocol translator and nothing else.
+
+What the filesystem looks like is decided in :mod:`cowfs.overlay`; this module converts requests
+and replies (bytes names, ``EntryAttributes``, file-handle numbers), turns ``OSError`` into
+``FUSEError`` once, and decides what runs in a worker thread: anything that may copy file data up,
+or read, write or sync file data, so that a long copy-up never stops the rest of the filesystem.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
+
+from . import xattrs
+from .handles import FileHandle, wants_write
+from .inodes import Inode
+from .overlay import Caller, Overlay, SetAttr
+from .readdir import DirHandle
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _errno_boundary(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Translate OSError into FUSEError; anything else is a bug, logged with its traceback."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            if e.errno is None:
+                log.exception("%s: OSError without errno", fn.__name__)
+                raise pyfuse3.FUSEError(errno.EIO) from e
+            log.debug("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno) from e
+        except Exception as e:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from e
+
+    return wrapper
+
+
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(ctx.uid, ctx.gid, ctx.umask)
+
+
+async def _in_thread(fn: Callable[..., R], *args: object) -> R:
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 handlers for one :class:`Overlay`."""
+
+    supports_dot_lookup = False
+
+    def __init__(self, overlay: Overlay, *, timeout: float) -> None:
+        super().__init__()
+        self.overlay = overlay
+        self.timeout = timeout
+        self._numbers = itertools.count(1)
+        self._files: dict[int, FileHandle] = {}
+        self._dirs: dict[int, DirHandle] = {}
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        st = self.overlay.stat(inode)
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = InodeT(inode.number)
+        entry.generation = 0
+        entry.entry_timeout = self.timeout
+        entry.attr_timeout = self.timeout
+        entry.st_mode = ModeT(st.st_mode)
+        entry.st_nlink = self.overlay.nlink(inode, st)
+        entry.st_uid = st.st_uid
+        entry.st_gid = st.st_gid
+        entry.st_rdev = st.st_rdev
+        entry.st_size = st.st_size
+        entry.st_blksize = st.st_blksize
+        entry.st_blocks = st.st_blocks
+        entry.st_atime_ns = st.st_atime_ns
+        entry.st_mtime_ns = st.st_mtime_ns
+        entry.st_ctime_ns = st.st_ctime_ns
+        return entry
+
+    def _negative(self) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = InodeT(0)
+        entry.entry_timeout = self.timeout
+        return entry
+
+    def _inode(self, number: int) -> Inode:
+        return self.overlay.inode(number)
+
+    def _new_fh(self, table: dict[int, R], handle: R) -> FileHandleT:
+        number = next(self._numbers)
+        table[number] = handle
+        return FileHandleT(number)
+
+    def _file(self, fh: int) -> FileHandle:
+        try:
+            return self._files[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    # --- lookups and attributes ---------------------------------------------------------------
+
+    @_errno_boundary
+    async def lookup(self, parent_inode: InodeT, name: FileNameT,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode = self.overlay.namespace.lookup(self._inode(parent_inode), os.fsdecode(name))
+        if inode is None:
+            return self._negative()
+        return self._attrs(inode)
+
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
+        for number, count in inode_list:
+            self.overlay.table.forget(number, count)
+
+    @_errno_boundary
+    async def getattr(self, inode: InodeT,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._inode(inode))
+
+    @_errno_boundary
+    async def setattr(self, inode: InodeT, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: FileHandleT | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._inode(inode)
+        change = SetAttr(
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        handle = self._files.get(fh) if fh is not None else None
+        if self.overlay.needs_copy_up(node) or change.size is not None:
+            await _in_thread(self.overlay.setattr, node, change, handle)
+        else:
+            self.overlay.setattr(node, change, handle)
+        return self._attrs(node)
+
+    @_errno_boundary
+    async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileNameT:
+        return FileNameT(os.fsencode(self.overlay.readlink(self._inode(inode))))
+
+    @_errno_boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = self.overlay.statfs()
+        data = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                      "f_ffree", "f_favail", "f_namemax"):
+            setattr(data, field, getattr(st, field))
+        return data
+
+    # --- namespace ----------------------------------------------------------------------------
+
+    @_errno_boundary
+    async def mknod(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode = self.overlay.namespace.mknod(self._inode(parent_inode), os.fsdecode(name), mode,
+                                             rdev, _caller(ctx))
+        return self._attrs(inode)
+
+    @_errno_boundary
+    async def mkdir(self, parent_inode: InodeT, name: FileNameT, mode: ModeT,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode = self.overlay.namespace.mkdir(self._inode(parent_inode), os.fsdecode(name), mode,
+                                             _caller(ctx))
+        return self._attrs(inode)
+
+    @_errno_boundary
+    async def symlink(self, parent_inode: InodeT, name: FileNameT, target: FileNameT,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode = self.overlay.namespace.symlink(self._inode(parent_inode), os.fsdecode(name),
+                                               os.fsdecode(target), _caller(ctx))
+        return self._attrs(inode)
+
+    @_errno_boundary
+    async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        linked = await _in_thread(self.overlay.namespace.link, self._inode(inode),
+                                  self._inode(new_parent_inode), os.fsdecode(new_name))
+        return self._attrs(linked)
+
+    @_errno_boundary
+    async def unlink(self, parent_inode: InodeT, name: FileNameT,
+                     ctx: pyfuse3.RequestContext) -> None:
+        self.overlay.namespace.unlink(self._inode(parent_inode), os.fsdecode(name))
+
+    @_errno_boundary
+    async def rmdir(self, parent_inode: InodeT, name: FileNameT,
+                    ctx: pyfuse3.RequestContext) -> None:
+        await _in_thread(self.overlay.namespace.rmdir, self._inode(parent_inode),
+                         os.fsdecode(name))
+
+    @_errno_boundary
+    async def rename(self, parent_inode_old: InodeT, name_old: FileNameT,
+                     parent_inode_new: InodeT, name_new: FileNameT, flags: FlagT,
+                     ctx: pyfuse3.RequestContext) -> None:
+        await _in_thread(self.overlay.namespace.rename, self._inode(parent_inode_old),
+                         os.fsdecode(name_old), self._inode(parent_inode_new),
+                         os.fsdecode(name_new), int(flags))
+
+    # --- files --------------------------------------------------------------------------------
+
+    @_errno_boundary
+    async def open(self, inode: InodeT, flags: FlagT,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._inode(inode)
+        if wants_write(flags) and self.overlay.needs_copy_up(node):
+            handle = await _in_thread(self.overlay.open, node, int(flags))
+        else:
+            handle = self.overlay.open(node, int(flags))
+        return pyfuse3.FileInfo(fh=self._new_fh(self._files, handle), keep_cache=True)
+
+    @_errno_boundary
+    async def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
+                     ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        handle = self.overlay.create(self._inode(parent_inode), os.fsdecode(name), mode,
+                                     _caller(ctx))
+        info = pyfuse3.FileInfo(fh=self._new_fh(self._files, handle), keep_cache=True)
+        return info, self._attrs(handle.inode)
+
+    @_errno_boundary
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
+        return await _in_thread(self._file(fh).read, off, size)
+
+    @_errno_boundary
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+        return await _in_thread(self._file(fh).write, off, buf)
+
+    @_errno_boundary
+    async def flush(self, fh: FileHandleT) -> None:
+        self._file(fh)  # writes go straight to the real file: nothing is buffered here
+
+    @_errno_boundary
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
+        await _in_thread(self._file(fh).fsync, datasync)
+
+    @_errno_boundary
+    async def release(self, fh: FileHandleT) -> None:
+        self._files.pop(fh).close()
+
+    # --- directories --------------------------------------------------------------------------
+
+    @_errno_boundary
+    async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
+        return self._new_fh(self._dirs, self.overlay.opendir(self._inode(inode)))
+
+    @_errno_boundary
+    async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._dirs[fh]
+        directory = handle.inode
+        names = handle.snapshot(start_id, self.overlay.hidden_names(directory))
+        namespace = self.overlay.namespace
+        for index in range(start_id, len(names)):
+            name = names[index]
+            if name in (".", ".."):
+                # The kernel ignores the attributes of these and counts no lookup for them.
+                target = directory if name == "." else self._dotdot(directory)
+                if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)),
+                                             self._attrs(target), index + 1):
+                    return
+                continue
+            child = namespace.lookup(directory, name)
+            if child is None:
+                continue  # whited out, or hidden below a non-directory
+            if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)),
+                                         self._attrs(child), index + 1):
+                self.overlay.table.forget(child.number, 1)
+                return
+
+    def _dotdot(self, directory: Inode) -> Inode:
+        link = directory.any_link()
+        return link[0] if link is not None else self.overlay.table.root
+
+    @_errno_boundary
+    async def releasedir(self, fh: FileHandleT) -> None:
+        del self._dirs[fh]
+
+    @_errno_boundary
+    async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
+        await _in_thread(self.overlay.fsyncdir, self._dirs[fh].inode)
+
+    # --- xattrs -------------------------------------------------------------------------------
+
+    @_errno_boundary
+    async def getxattr(self, inode: InodeT, name: XAttrNameT,
+                       ctx: pyfuse3.RequestContext) -> bytes:
+        return xattrs.get_value(self._inode(inode), os.fsdecode(name))
+
+    @_errno_boundary
+    async def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> Sequence[XAttrNameT]:
+        return [XAttrNameT(os.fsencode(n)) for n in xattrs.list_names(self._inode(inode))]
+
+    @_errno_boundary
+    async def setxattr(self, inode: InodeT, name: XAttrNameT, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        await _in_thread(xattrs.set_value, self._inode(inode), os.fsdecode(name), value,
+                         self.overlay.copy_up)
+
+    @_errno_boundary
+    async def removexattr(self, inode: InodeT, name: XAttrNameT,
+                          ctx: pyfuse3.RequestContext) -> None:
+        await _in_thread(xattrs.remove_value, self._inode(inode), os.fsdecode(name),
+                         self.overlay.copy_up)

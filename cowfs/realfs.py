@@ -1,0 +1,196 @@
+"""Thin wrappers around the system calls cowfs makes on the real layers.
+
+Every object is reached relative to a directory file descriptor with ``O_NOFOLLOW``; no layer path is
+ever resolved as a string, so a symlink inside a layer can never lead cowfs outside its layers.
+Objects are held as ``O_PATH`` descriptors; operations that need a path (xattrs, chmod, utimes) use
+the ``/proc/self/fd/N`` magic link, which names the object itself and follows nothing further.
+
+Every call that changes a layer is one syscall and one debug log line, so that a debug log is a
+complete record of what cowfs did to the upper layer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = _libc.renameat2
+_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_renameat2.restype = ctypes.c_int
+
+_NO_XATTR = (errno.ENODATA, errno.ENOTSUP)
+
+
+def proc_path(fd: int) -> str:
+    """A path naming exactly the object behind ``fd``, usable with path-only system calls."""
+    return f"/proc/self/fd/{fd}"
+
+
+def open_path(dirfd: int, name: str) -> int | None:
+    """An ``O_PATH`` descriptor for ``name`` in ``dirfd`` (never following a symlink), or None."""
+    try:
+        return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    except FileNotFoundError:
+        return None
+
+
+def open_dir(fd: int) -> int:
+    """A readable descriptor for the directory behind an ``O_PATH`` descriptor (for listing)."""
+    return os.open(proc_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def reopen(fd: int, flags: int) -> int:
+    """Open the regular file behind an ``O_PATH`` descriptor for I/O.
+
+    No ``O_NOFOLLOW``: the magic link must be followed, and it leads to the object itself.
+    """
+    return os.open(proc_path(fd), flags | os.O_CLOEXEC)
+
+
+def close_quietly(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+def getxattr(fd: int, name: str) -> bytes | None:
+    """The value of xattr ``name`` of the object, or None when it has none (or cannot have any)."""
+    try:
+        return os.getxattr(proc_path(fd), name)
+    except OSError as e:
+        if e.errno in _NO_XATTR:
+            return None
+        raise
+
+
+def listxattr(fd: int) -> list[str]:
+    try:
+        return os.listxattr(proc_path(fd))
+    except OSError as e:
+        if e.errno == errno.ENOTSUP:
+            return []
+        raise
+
+
+def readlink(fd: int) -> str:
+    return os.readlink("", dir_fd=fd)
+
+
+def list_names(fd: int) -> list[str]:
+    """The names in the directory behind an ``O_PATH`` descriptor."""
+    dfd = open_dir(fd)
+    try:
+        return os.listdir(dfd)
+    finally:
+        os.close(dfd)
+
+
+# --- changing the upper layer -----------------------------------------------------------------------
+
+
+def setxattr(fd: int, name: str, value: bytes, flags: int = 0) -> None:
+    log.debug("setxattr fd=%d %s=%r", fd, name, value)
+    os.setxattr(proc_path(fd), name, value, flags)
+
+
+def removexattr(fd: int, name: str) -> None:
+    log.debug("removexattr fd=%d %s", fd, name)
+    os.removexattr(proc_path(fd), name)
+
+
+def chmod(fd: int, mode: int) -> None:
+    log.debug("chmod fd=%d %o", fd, mode)
+    os.chmod(proc_path(fd), mode)
+
+
+def chown(fd: int, uid: int, gid: int) -> None:
+    """Change owner of the object itself (a symlink's own owner when fd is a symlink)."""
+    log.debug("chown fd=%d %d:%d", fd, uid, gid)
+    os.chown(proc_path(fd), uid, gid)
+
+
+def utimens(fd: int, atime_ns: int, mtime_ns: int) -> None:
+    log.debug("utimens fd=%d %d %d", fd, atime_ns, mtime_ns)
+    os.utime(proc_path(fd), ns=(atime_ns, mtime_ns))
+
+
+def truncate(fd: int, size: int) -> None:
+    log.debug("truncate fd=%d %d", fd, size)
+    os.truncate(proc_path(fd), size)
+
+
+def create_file(dirfd: int, name: str, mode: int, flags: int = os.O_RDWR) -> int:
+    """Create a new regular file (it must not exist) and return it open with ``flags``."""
+    log.debug("create dirfd=%d %s %o", dirfd, name, mode)
+    return os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                   dir_fd=dirfd)
+
+
+def mkdir(dirfd: int, name: str, mode: int) -> None:
+    log.debug("mkdir dirfd=%d %s %o", dirfd, name, mode)
+    os.mkdir(name, mode, dir_fd=dirfd)
+
+
+def mknod(dirfd: int, name: str, mode: int, rdev: int) -> None:
+    log.debug("mknod dirfd=%d %s %o %d", dirfd, name, mode, rdev)
+    os.mknod(name, mode, rdev, dir_fd=dirfd)
+
+
+def symlink(dirfd: int, name: str, target: str) -> None:
+    log.debug("symlink dirfd=%d %s -> %s", dirfd, name, target)
+    os.symlink(target, name, dir_fd=dirfd)
+
+
+def link(fd: int, dirfd: int, name: str) -> None:
+    """Give the object behind ``fd`` a new name (``linkat`` through /proc follows to the object)."""
+    log.debug("link fd=%d -> dirfd=%d %s", fd, dirfd, name)
+    os.link(proc_path(fd), name, dst_dir_fd=dirfd, follow_symlinks=True)
+
+
+def unlink(dirfd: int, name: str) -> None:
+    log.debug("unlink dirfd=%d %s", dirfd, name)
+    os.unlink(name, dir_fd=dirfd)
+
+
+def rmdir(dirfd: int, name: str) -> None:
+    log.debug("rmdir dirfd=%d %s", dirfd, name)
+    os.rmdir(name, dir_fd=dirfd)
+
+
+def rename(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: int = 0) -> None:
+    """``renameat2``: plain, ``RENAME_NOREPLACE`` or ``RENAME_EXCHANGE``."""
+    log.debug("rename dirfd=%d %s -> dirfd=%d %s flags=%d", olddirfd, oldname, newdirfd, newname,
+              flags)
+    if _renameat2(olddirfd, os.fsencode(oldname), newdirfd, os.fsencode(newname), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), oldname, None, newname)
+
+
+def remove_tree(dirfd: int, name: str) -> None:
+    """Remove ``name`` and everything under it, never following a symlink (work-dir cleanup only)."""
+    try:
+        os.unlink(name, dir_fd=dirfd)
+        log.debug("unlink dirfd=%d %s", dirfd, name)
+        return
+    except IsADirectoryError:
+        pass
+    except OSError as e:
+        if e.errno != errno.EPERM:  # unlink of a directory is EISDIR on Linux, EPERM elsewhere
+            raise
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        for child in os.listdir(fd):
+            remove_tree(fd, child)
+    finally:
+        os.close(fd)
+    rmdir(dirfd, name)

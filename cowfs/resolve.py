@@ -1,0 +1,148 @@
+"""Resolving a name through the layer stack (the kernel's fs/overlayfs/namei.c).
+
+For one name in a merged directory, each layer of that directory is probed top-down. A whiteout hides
+the name in every layer below; a non-directory hides everything below it; directories merge until one
+is opaque. :func:`stack_for_name` is that rule alone, without any I/O, so it is unit-tested directly;
+:class:`Resolver` feeds it probes of the real layers, lazily, so that layers hidden by a higher one
+are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Final, Generic, TypeVar
+
+from . import realfs, schema
+from .layers import Layer
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Real:
+    """One real object of a layer, held by an ``O_PATH`` descriptor."""
+
+    layer: Layer
+    fd: int
+    mode: int
+    mark: schema.DirMark = schema.DirMark.PLAIN
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def opaque(self) -> bool:
+        return self.mark is schema.DirMark.OPAQUE
+
+    def stat(self) -> os.stat_result:
+        return os.stat(self.fd)
+
+
+@dataclass(frozen=True, slots=True)
+class Found(Generic[T]):
+    """A probe that found an object in a layer."""
+
+    obj: T
+    is_dir: bool
+    opaque: bool = False
+
+
+class _Whiteout:
+    def __repr__(self) -> str:
+        return "WHITEOUT"
+
+
+WHITEOUT: Final = _Whiteout()
+Probe = Found[T] | _Whiteout | None
+
+
+def stack_for_name(probes: Iterable[Probe[T]]) -> tuple[list[T], T | None]:
+    """Which probed objects make up the merged object, topmost first.
+
+    Returns the objects taken (empty when the name does not exist; one non-directory; or one or
+    more directories to merge) and the object that was probed but not taken (a non-directory below
+    a directory), which the caller must release. Consumes ``probes`` only as far as needed.
+    """
+    taken: list[T] = []
+    for probe in probes:
+        if probe is None:
+            continue
+        if isinstance(probe, _Whiteout):
+            break
+        if taken and not probe.is_dir:
+            return taken, probe.obj
+        taken.append(probe.obj)
+        if not probe.is_dir or probe.opaque:
+            break
+    return taken, None
+
+
+def read_dir_mark(fd: int, layer: Layer) -> schema.DirMark:
+    """A directory's opaque mark. The upper holds only cowfs's own (user.*) spelling."""
+    names = (schema.XATTR_OPAQUE,) if layer.is_upper else schema.overlay_xattr_names("opaque")
+    for name in names:
+        value = realfs.getxattr(fd, name)
+        if value is not None:
+            return schema.dir_mark(value)
+    return schema.DirMark.PLAIN
+
+
+def _is_xattr_whiteout(fd: int, layer: Layer) -> bool:
+    names = (schema.XATTR_WHITEOUT,) if layer.is_upper else schema.overlay_xattr_names("whiteout")
+    return any(realfs.getxattr(fd, name) is not None for name in names)
+
+
+def probe(parent: Real, name: str) -> Probe[Real]:
+    """Look ``name`` up in one layer's directory."""
+    fd = realfs.open_path(parent.fd, name)
+    if fd is None:
+        return None
+    st = os.fstat(fd)
+    if schema.is_device_whiteout(st.st_mode, st.st_rdev) or (
+        parent.mark is schema.DirMark.XWHITEOUTS
+        and schema.may_be_xattr_whiteout(st.st_mode, st.st_size)
+        and _is_xattr_whiteout(fd, parent.layer)
+    ):
+        os.close(fd)
+        return WHITEOUT
+    if stat.S_ISDIR(st.st_mode):
+        mark = read_dir_mark(fd, parent.layer)
+        return Found(Real(parent.layer, fd, st.st_mode, mark), True, mark is schema.DirMark.OPAQUE)
+    return Found(Real(parent.layer, fd, st.st_mode), False)
+
+
+def is_hidden_name(parent_is_root: bool, name: str) -> bool:
+    """Names never shown in the merged view: the default work directory at the root."""
+    return parent_is_root and name == schema.WORK_DIR_NAME
+
+
+def _probes(parents: Iterable[Real], name: str) -> Iterator[Probe[Real]]:
+    for parent in parents:
+        yield probe(parent, name)
+
+
+def resolve(parents: tuple[Real, ...], name: str) -> tuple[Real, ...]:
+    """The real objects behind ``name`` in a merged directory made of ``parents`` (topmost first).
+
+    The caller owns the returned descriptors.
+    """
+    taken, rejected = stack_for_name(_probes(parents, name))
+    if rejected is not None:
+        os.close(rejected.fd)
+    return tuple(taken)
+
+
+def exists_below(parents: tuple[Real, ...], name: str) -> bool:
+    """Whether ``name`` is visible in the lower layers of a directory (it then needs a whiteout)."""
+    lowers = tuple(p for p in parents if not p.layer.is_upper)
+    found = resolve(lowers, name)
+    for real in found:
+        os.close(real.fd)
+    return bool(found)

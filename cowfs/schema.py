@@ -1,0 +1,119 @@
+"""The cowfs layer format: every extended-attribute name and value, in one place.
+
+A cowfs upper directory is a valid overlayfs layer in the kernel's ``userxattr`` form
+(Documentation/filesystems/overlayfs.rst), so that the kernel can stack it as a lower:
+
+* whiteout: an empty regular file carrying ``user.overlay.whiteout``; its parent directory carries
+  ``user.overlay.opaque="x"`` (the kernel only looks for xattr whiteouts in directories so marked);
+* opaque directory: ``user.overlay.opaque="y"``;
+* cowfs's own metadata lives under ``user.cowfs.*`` (the upper root carries ``user.cowfs.format``).
+
+When reading lower layers, the kernel's other spellings are understood too, so that layers made by the
+kernel, Docker or podman stack under cowfs: character-device 0/0 whiteouts and ``trusted.overlay.*``.
+
+Users' own xattrs that collide with the private prefixes are stored escaped, as the kernel does:
+``user.overlay.foo`` set through the mount is stored as ``user.overlay.overlay.foo``.
+The precise specification is docs/layer-format.md; this module and that page must agree.
+"""
+
+from __future__ import annotations
+
+import stat
+from enum import Enum
+
+FORMAT_VERSION = b"1"
+
+#: Default name of the work directory inside the upper; hidden at the root of every layer.
+WORK_DIR_NAME = ".cowfs-work"
+
+USER_OVERLAY = "user.overlay."
+TRUSTED_OVERLAY = "trusted.overlay."
+COWFS_PREFIX = "user.cowfs."
+
+#: The private prefixes cowfs reads metadata from, most preferred first. cowfs writes only the first.
+OVERLAY_PREFIXES = (USER_OVERLAY, TRUSTED_OVERLAY)
+
+XATTR_OPAQUE = USER_OVERLAY + "opaque"
+XATTR_WHITEOUT = USER_OVERLAY + "whiteout"
+XATTR_FORMAT = COWFS_PREFIX + "format"
+
+OPAQUE_YES = b"y"
+#: "This directory is not opaque but holds xattr whiteouts" (kernel 6.7+ ``xwhiteouts``).
+OPAQUE_HAS_XWHITEOUTS = b"x"
+
+
+class DirMark(Enum):
+    """What a directory's opaque xattr says about it."""
+
+    PLAIN = "plain"
+    OPAQUE = "opaque"
+    XWHITEOUTS = "xwhiteouts"
+
+
+def overlay_xattr_names(suffix: str) -> tuple[str, ...]:
+    """Every spelling of an overlay xattr that cowfs honours when reading, preferred first."""
+    return tuple(prefix + suffix for prefix in OVERLAY_PREFIXES)
+
+
+def dir_mark(opaque_value: bytes | None) -> DirMark:
+    """Interpret the value of a directory's ``overlay.opaque`` xattr (None when absent)."""
+    if opaque_value == OPAQUE_YES:
+        return DirMark.OPAQUE
+    if opaque_value == OPAQUE_HAS_XWHITEOUTS:
+        return DirMark.XWHITEOUTS
+    return DirMark.PLAIN
+
+
+def is_device_whiteout(mode: int, rdev: int) -> bool:
+    """The kernel's native whiteout: a character device with device number 0/0."""
+    return stat.S_ISCHR(mode) and rdev == 0
+
+
+def may_be_xattr_whiteout(mode: int, size: int) -> bool:
+    """Only empty regular files can be xattr whiteouts; anything else needs no xattr read."""
+    return stat.S_ISREG(mode) and size == 0
+
+
+# --- user-visible xattr names -------------------------------------------------------------------
+
+
+def _private_prefix(name: str) -> str | None:
+    for prefix in OVERLAY_PREFIXES:
+        if name.startswith(prefix):
+            return prefix
+    return None
+
+
+def escape_xattr(name: str) -> str:
+    """The name under which a user's xattr is stored in a layer.
+
+    ``user.overlay.foo`` becomes ``user.overlay.overlay.foo`` (and likewise for ``trusted``), so a
+    user's attribute can never be mistaken for layer metadata.
+    """
+    prefix = _private_prefix(name)
+    if prefix is None:
+        return name
+    return prefix + "overlay." + name[len(prefix) :]
+
+
+def unescape_xattr(stored: str) -> str | None:
+    """The user-visible name of a stored xattr, or None when it is layer metadata to hide."""
+    if stored.startswith(COWFS_PREFIX):
+        return None
+    prefix = _private_prefix(stored)
+    if prefix is None:
+        return stored
+    rest = stored[len(prefix) :]
+    if rest.startswith("overlay."):
+        return prefix + rest[len("overlay.") :]
+    return None
+
+
+def is_reserved_xattr(name: str) -> bool:
+    """Names users may not set or remove through the mount: cowfs's own namespace."""
+    return name.startswith(COWFS_PREFIX)
+
+
+def is_copied_on_copy_up(stored: str) -> bool:
+    """Copy-up copies a user's xattrs (escaped ones included) but never the layer's metadata."""
+    return unescape_xattr(stored) is not None

@@ -1,0 +1,47 @@
+"""Extended attributes as users see them through the mount (the kernel's fs/overlayfs/xattrs.c).
+
+Layer metadata (``user.overlay.*``, ``trusted.overlay.*``) and cowfs's own ``user.cowfs.*`` are
+never listed or readable; a user's own attribute with an overlay prefix is stored escaped (see
+:func:`cowfs.schema.escape_xattr`). Setting or removing an attribute copies the object up first.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from . import realfs, schema
+from .copyup import CopyUp
+from .inodes import Inode
+
+
+def _refuse_reserved(name: str) -> None:
+    if schema.is_reserved_xattr(name):
+        raise OSError(errno.EPERM, "reserved for cowfs", name)
+
+
+def get_value(inode: Inode, name: str) -> bytes:
+    if schema.is_reserved_xattr(name):
+        raise OSError(errno.ENODATA, "no such attribute", name)
+    value = realfs.getxattr(inode.top.fd, schema.escape_xattr(name))
+    if value is None:
+        raise OSError(errno.ENODATA, "no such attribute", name)
+    return value
+
+
+def list_names(inode: Inode) -> list[str]:
+    visible = (schema.unescape_xattr(n) for n in realfs.listxattr(inode.top.fd))
+    return [n for n in visible if n is not None]
+
+
+def set_value(inode: Inode, name: str, value: bytes, copy_up: CopyUp) -> None:
+    _refuse_reserved(name)
+    upper = copy_up.ensure(inode)
+    realfs.setxattr(upper.fd, schema.escape_xattr(name), value)
+
+
+def remove_value(inode: Inode, name: str, copy_up: CopyUp) -> None:
+    _refuse_reserved(name)
+    if realfs.getxattr(inode.top.fd, schema.escape_xattr(name)) is None:
+        raise OSError(errno.ENODATA, "no such attribute", name)
+    upper = copy_up.ensure(inode)
+    realfs.removexattr(upper.fd, schema.escape_xattr(name))
