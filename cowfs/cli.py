@@ -117,7 +117,8 @@ def mount(lower: str, upper: str, mountpoint: str, *, work: str | None, options:
                lambda: _setup_logging(opts.debug, log_file, False))
 
 
-def _daemonize(run: Callable[[Callable[[], None]], None], setup_logging: Callable[[], None]) -> None:
+def _daemonize(run: Callable[[Callable[[], None]], None],
+               setup_logging: Callable[[], None]) -> None:
     """Run ``run`` in a detached child; return in the parent once it reports it is serving."""
     read_end, write_end = os.pipe()
     pid = os.fork()

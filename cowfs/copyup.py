@@ -6,8 +6,8 @@ visible; leftovers in the work directory are removed at the next mount.
 
 Data is copied by the kernel: a reflink (FICLONE) where the upper supports it, else
 ``copy_file_range`` over the data segments only (holes stay holes), else ``sendfile``. It never
-passes through Python buffers. Callers run copy-ups of regular files in worker threads; the per-inode
-lock makes concurrent openers share one copy-up.
+passes through Python buffers. Callers run copy-ups of regular files in worker threads; the
+per-inode lock makes concurrent openers share one copy-up.
 """
 
 from __future__ import annotations

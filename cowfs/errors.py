@@ -1,7 +1,8 @@
 """User-facing errors: a message and an exit status, printed without a traceback.
 
 Only the command line catches :class:`CowfsError`; inside the filesystem, failures travel as
-``OSError`` with an errno and become ``FUSEError`` at the pyfuse3 boundary (:mod:`cowfs.operations`).
+``OSError`` with an errno and become ``FUSEError`` at the pyfuse3 boundary
+(:mod:`cowfs.operations`).
 """
 
 

@@ -4,7 +4,8 @@ A file opened read-only from a lower layer keeps reading the lower copy until so
 after that, reads switch to the upper copy (as the kernel's overlayfs does since Linux 4.19), so a
 reader never sees stale data after another process wrote the file.
 
-An unlinked file stays readable and writable through its open handles: they hold the real descriptor.
+An unlinked file stays readable and writable through its open handles: they hold the real
+descriptor.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ PASSED_FLAGS = os.O_TRUNC | os.O_SYNC | os.O_DSYNC
 class FileHandle:
     """One open of a regular file."""
 
-    __slots__ = ("inode", "fd", "on_upper", "_stale_fds", "_lock")
+    __slots__ = ("_lock", "_stale_fds", "fd", "inode", "on_upper")
 
     def __init__(self, inode: Inode, fd: int, on_upper: bool) -> None:
         self.inode = inode

@@ -8,9 +8,9 @@ Inode numbers are never reused within a mount: the kernel may still hold a numbe
 was just unlinked. The number is also the ``st_ino`` the mount reports (pyfuse3 uses one for both),
 which makes ``st_ino`` unique within the mount.
 
-An inode is found again by the (st_dev, st_ino) of its topmost real object, so that hard links in the
-upper are one inode. State is freed only in :meth:`InodeTable.forget`, when the kernel's lookup count
-drops to zero.
+An inode is found again by the (st_dev, st_ino) of its topmost real object, so that hard links in
+the upper are one inode. State is freed only in :meth:`InodeTable.forget`, when the kernel's lookup
+count drops to zero.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def key_of(real: Real) -> Key:
 class Inode:
     """One object of the merged view."""
 
-    __slots__ = ("number", "reals", "links", "lookups", "copy_up_lock", "keys", "alive")
+    __slots__ = ("alive", "copy_up_lock", "keys", "links", "lookups", "number", "reals")
 
     def __init__(self, number: int, reals: tuple[Real, ...]) -> None:
         self.number = number
@@ -153,7 +153,7 @@ class InodeTable:
             self._register(inode, key_of(real))
 
     def drop_key(self, inode: Inode, real: Real) -> None:
-        """Forget that ``real`` leads to ``inode`` (a lower object no longer visible after copy-up)."""
+        """Forget that ``real`` leads to ``inode`` (a lower object hidden by its copy-up)."""
         key = key_of(real)
         with self._lock:
             if self._by_key.get(key) is inode:

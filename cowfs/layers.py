@@ -10,7 +10,9 @@ is undefined (the kernel caches cowfs's answers).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -127,20 +129,46 @@ def _validate_nesting(paths: LayerPaths, work: Path) -> None:
 
 
 def _prepare_work(paths: LayerPaths, upper_fd: int, upper_dev: int) -> tuple[Path, int]:
+    """Open (creating it if needed) the private temporary directory inside the work directory.
+
+    Only ``WORK/tmp`` is ever written or cleaned, so a work directory shared with other tools (the
+    kernel's ``work/`` and ``index/``) loses nothing. The work directory is locked, so that two
+    mounts can never use the same upper and work directories at once.
+    """
     work = paths.work_dir
     if paths.work is None:
-        try:
+        with contextlib.suppress(FileExistsError):
             realfs.mkdir(upper_fd, schema.WORK_DIR_NAME, 0o700)
-        except FileExistsError:
-            pass
     elif not work.exists():
         raise CowfsError(f"work directory {str(work)!r} does not exist")
     fd = _open_dir(work, "work")
-    if os.fstat(fd).st_dev != upper_dev:
+    try:
+        if os.fstat(fd).st_dev != upper_dev:
+            raise CowfsError(f"work directory {str(work)!r} is not on the same filesystem as the "
+                             f"upper directory {str(paths.upper)!r} (copy-up renames between "
+                             "them)")
+        _lock(fd, work)
+        with contextlib.suppress(FileExistsError):
+            realfs.mkdir(fd, schema.WORK_TMP_NAME, 0o700)
+        tmp_fd = realfs.open_path(fd, schema.WORK_TMP_NAME)
+        if tmp_fd is None or not stat.S_ISDIR(os.fstat(tmp_fd).st_mode):
+            raise CowfsError(f"{str(work / schema.WORK_TMP_NAME)!r} is not a directory")
+    except BaseException:
         os.close(fd)
-        raise CowfsError(f"work directory {str(work)!r} is not on the same filesystem as the "
-                         f"upper directory {str(paths.upper)!r} (copy-up renames between them)")
-    return work, fd
+        raise
+    return work, tmp_fd
+
+
+def _lock(fd: int, work: Path) -> None:
+    """Hold an exclusive lock on the work directory for the life of the process (and its child)."""
+    lock_fd = realfs.open_dir(fd)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        raise CowfsError(f"work directory {str(work)!r} is in use by another cowfs mount "
+                         "(an upper can be mounted only once at a time)") from None
+    # Deliberately kept open: the lock lives as long as the daemon.
 
 
 def open_stack(paths: LayerPaths) -> LayerStack:

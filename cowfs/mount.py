@@ -4,8 +4,8 @@ The lifecycle is one ``ExitStack``: whatever was set up is torn down in reverse 
 error. SIGINT and SIGTERM end the main loop through ``pyfuse3.terminate()``, and the filesystem is
 then unmounted by the daemon itself.
 
-Each running mount has a small state file (pid, mountpoint, layers) so that ``cowfs umount`` can wait
-for the daemon to exit and other tools can list the mounts.
+Each running mount has a small state file (pid, mountpoint, layers) so that ``cowfs umount`` can
+wait for the daemon to exit and other tools can list the mounts.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _parse_timeout(value: str) -> float:
     return seconds
 
 
-# --- mountpoint checks and state files --------------------------------------------------------------
+# --- mountpoint checks and state files ---------------------------------------------------------
 
 
 def fuse_mount_at(path: Path) -> str | None:
@@ -173,12 +173,12 @@ def _state_recorded(mountpoint: Path, paths: LayerPaths, stack: LayerStack) -> I
             path.unlink()
 
 
-# --- serving ----------------------------------------------------------------------------------------
+# --- serving -----------------------------------------------------------------------------------
 
 
 def _raise_fd_limit() -> None:
     """Every inode the kernel holds keeps a descriptor per layer: allow as many as we may."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or os.geteuid() == 0:
         with contextlib.suppress(OSError, ValueError):
             nr_open = int(Path("/proc/sys/fs/nr_open").read_text())

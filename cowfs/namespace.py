@@ -6,8 +6,8 @@ and swapped into place, so that no intermediate state is ever visible:
 
 * a new object over a whiteout is built in the work dir and renamed over it (a directory is
   exchanged with it, since rename cannot replace a file by a directory), and is made opaque;
-* a whiteout is built in the work dir (an empty file with ``user.overlay.whiteout``) and renamed into
-  place, after its parent has been marked ``user.overlay.opaque=x``;
+* a whiteout is built in the work dir (an empty file with ``user.overlay.whiteout``) and renamed
+  into place, after its parent has been marked ``user.overlay.opaque=x``;
 * a directory that is removed is first swapped out into the work dir, then deleted there.
 
 Known limits: renaming a directory that has content in a lower layer fails with EXDEV, as with the
@@ -97,7 +97,7 @@ class Namespace:
                 return False
         return True
 
-    # --- upper-layer primitives --------------------------------------------------------------------
+    # --- upper-layer primitives ---------------------------------------------------------------
 
     def _slot(self, parent_upper: Real, name: str) -> Slot:
         found = probe(parent_upper, name)

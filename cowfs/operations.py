@@ -13,8 +13,8 @@ import functools
 import itertools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
-from typing import ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -32,7 +32,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _errno_boundary(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _errno_boundary(
+        fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Translate OSError into FUSEError; anything else is a bug, logged with its traceback."""
 
     @functools.wraps(fn)

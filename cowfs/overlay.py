@@ -6,8 +6,8 @@ fs/overlayfs: lookup (:mod:`resolve`), copy-up (:mod:`copyup`), namespace change
 (:mod:`namespace`), listings (:mod:`readdir`), xattrs (:mod:`xattrs`), open files (:mod:`handles`).
 
 Methods may block in system calls. The adapter runs the ones that may copy up file data (or read and
-write it) in worker threads, so the rest of the filesystem keeps answering meanwhile; everything here
-is therefore safe to call from several threads at once.
+write it) in worker threads, so the rest of the filesystem keeps answering meanwhile; everything
+here is therefore safe to call from several threads at once.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Thin wrappers around the system calls cowfs makes on the real layers.
 
-Every object is reached relative to a directory file descriptor with ``O_NOFOLLOW``; no layer path is
-ever resolved as a string, so a symlink inside a layer can never lead cowfs outside its layers.
+Every object is reached relative to a directory file descriptor with ``O_NOFOLLOW``; no layer path
+is ever resolved as a string, so a symlink inside a layer can never lead cowfs outside its layers.
 Objects are held as ``O_PATH`` descriptors; operations that need a path (xattrs, chmod, utimes) use
 the ``/proc/self/fd/N`` magic link, which names the object itself and follows nothing further.
 
@@ -95,7 +95,7 @@ def list_names(fd: int) -> list[str]:
         os.close(dfd)
 
 
-# --- changing the upper layer -----------------------------------------------------------------------
+# --- changing the upper layer ------------------------------------------------------------------
 
 
 def setxattr(fd: int, name: str, value: bytes, flags: int = 0) -> None:
@@ -177,7 +177,7 @@ def rename(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: int 
 
 
 def remove_tree(dirfd: int, name: str) -> None:
-    """Remove ``name`` and everything under it, never following a symlink (work-dir cleanup only)."""
+    """Remove ``name`` and everything under it, never following a symlink (work dir only)."""
     try:
         os.unlink(name, dir_fd=dirfd)
         log.debug("unlink dirfd=%d %s", dirfd, name)

@@ -1,8 +1,9 @@
 """Resolving a name through the layer stack (the kernel's fs/overlayfs/namei.c).
 
-For one name in a merged directory, each layer of that directory is probed top-down. A whiteout hides
-the name in every layer below; a non-directory hides everything below it; directories merge until one
-is opaque. :func:`stack_for_name` is that rule alone, without any I/O, so it is unit-tested directly;
+For one name in a merged directory, each layer of that directory is probed top-down. A whiteout
+hides the name in every layer below; a non-directory hides everything below it; directories merge
+until one is opaque. :func:`stack_for_name` is that rule alone, without any I/O, so it is
+unit-tested directly;
 :class:`Resolver` feeds it probes of the real layers, lazily, so that layers hidden by a higher one
 are never touched.
 """

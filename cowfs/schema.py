@@ -8,8 +8,9 @@ A cowfs upper directory is a valid overlayfs layer in the kernel's ``userxattr``
 * opaque directory: ``user.overlay.opaque="y"``;
 * cowfs's own metadata lives under ``user.cowfs.*`` (the upper root carries ``user.cowfs.format``).
 
-When reading lower layers, the kernel's other spellings are understood too, so that layers made by the
-kernel, Docker or podman stack under cowfs: character-device 0/0 whiteouts and ``trusted.overlay.*``.
+When reading lower layers, the kernel's other spellings are understood too, so that layers made by
+the kernel, Docker or podman stack under cowfs: character-device 0/0 whiteouts and
+``trusted.overlay.*``.
 
 Users' own xattrs that collide with the private prefixes are stored escaped, as the kernel does:
 ``user.overlay.foo`` set through the mount is stored as ``user.overlay.overlay.foo``.
@@ -25,12 +26,15 @@ FORMAT_VERSION = b"1"
 
 #: Default name of the work directory inside the upper; hidden at the root of every layer.
 WORK_DIR_NAME = ".cowfs-work"
+#: The directory inside the work directory where objects are built before being renamed into place.
+#: Nothing else in the work directory is ever written or removed.
+WORK_TMP_NAME = "tmp"
 
 USER_OVERLAY = "user.overlay."
 TRUSTED_OVERLAY = "trusted.overlay."
 COWFS_PREFIX = "user.cowfs."
 
-#: The private prefixes cowfs reads metadata from, most preferred first. cowfs writes only the first.
+#: The private prefixes cowfs reads metadata from, most preferred first; it writes only the first.
 OVERLAY_PREFIXES = (USER_OVERLAY, TRUSTED_OVERLAY)
 
 XATTR_OPAQUE = USER_OVERLAY + "opaque"

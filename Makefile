@@ -1,0 +1,100 @@
+# cowfs: set up, test, lint and demo. README.md says which target to use when.
+#
+# Every target depends on `setup`, which is incremental: the Debian packages are checked with
+# dpkg on each run (cheap) and installed only when missing; the virtualenv is rebuilt only when
+# pyproject.toml is newer than its stamp file.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.cowfs-installed
+PYTEST_ARGS ?=
+
+# fuse3/libfuse3-dev/pkg-config: building and running pyfuse3. attr: getfattr/setfattr, used by
+# the tests and the demo to show the layer format. fuse-overlayfs: behaviour reference in tests.
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config attr fuse-overlayfs
+
+# mount(8) runs /sbin/mount.<type> for `mount -t fuse.cowfs`; on Debian /sbin is /usr/sbin.
+MOUNT_HELPER := /usr/sbin/mount.fuse.cowfs
+MOUNT_HELPER_TARGET := $(CURDIR)/$(VENV)/bin/mount.fuse.cowfs
+
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: help setup system-packages helper test lint check demo clean
+
+help:
+	@echo 'make demo    set up, then mount a small demo overlay under /tmp and show copy-up'
+	@echo 'make test    set up, install the mount helper (root), run the tests (PYTEST_ARGS=...)'
+	@echo 'make lint    ruff check cowfs tests; mypy cowfs'
+	@echo 'make check   lint + test'
+	@echo 'make setup   Debian packages + .venv with cowfs installed editable'
+	@echo 'make helper  symlink $(MOUNT_HELPER) for mount -t fuse.cowfs (root)'
+	@echo 'make clean   remove .venv and caches'
+
+setup: system-packages $(STAMP)
+
+system-packages:
+	@if ! command -v dpkg >/dev/null; then \
+	    echo "Not a Debian system: install the equivalents of: $(APT_PACKAGES)"; exit 0; \
+	fi; \
+	missing=""; \
+	for pkg in $(APT_PACKAGES); do \
+	    dpkg -s "$$pkg" 2>/dev/null | grep -q '^Status: install ok installed' \
+	        || missing="$$missing $$pkg"; \
+	done; \
+	if [[ -n "$$missing" ]]; then \
+	    echo "Installing Debian packages:$$missing"; \
+	    $(SUDO) apt-get update; \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
+	fi
+
+# Order-only on system-packages: pyfuse3 compiles against libfuse3-dev, but a package check
+# must not by itself force a reinstall of the venv.
+$(STAMP): pyproject.toml | system-packages
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	    echo "cowfs needs Python >= 3.11; '$(PYTHON)' is $$($(PYTHON) --version 2>&1)." \
+	         "Pass another: make PYTHON=python3.12 ..."; exit 1; }
+	@# A venv whose interpreter no longer runs (its base Python was removed) is rebuilt whole.
+	@if [[ -d $(VENV) ]] && ! $(VENV)/bin/python -c '' 2>/dev/null; then rm -rf $(VENV); fi
+	@if [[ ! -x $(VENV)/bin/python ]]; then \
+	    echo "Creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); fi
+	$(VENV)/bin/python -m pip install --disable-pip-version-check --no-input -e '.[test]'
+	@touch $@
+
+helper: setup
+	@if [[ "$$(id -u)" -ne 0 ]]; then \
+	    echo "Not root: mount -t fuse.cowfs needs the mount helper; to install it run:"; \
+	    echo "  sudo ln -sfn $(MOUNT_HELPER_TARGET) $(MOUNT_HELPER)"; \
+	elif [[ -e $(MOUNT_HELPER) && ! -L $(MOUNT_HELPER) ]]; then \
+	    echo "$(MOUNT_HELPER) exists and is not a symlink; leaving it alone."; \
+	elif [[ "$$(readlink $(MOUNT_HELPER) || true)" != "$(MOUNT_HELPER_TARGET)" ]]; then \
+	    ln -sfn $(MOUNT_HELPER_TARGET) $(MOUNT_HELPER); \
+	    echo "Installed mount helper: $(MOUNT_HELPER) -> $(MOUNT_HELPER_TARGET)"; \
+	fi
+
+test: setup helper
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Both tools run even when the first fails, so one run shows every finding.
+lint: setup
+	@status=0; \
+	echo '$(VENV)/bin/ruff check cowfs tests'; $(VENV)/bin/ruff check cowfs tests || status=1; \
+	echo '$(VENV)/bin/mypy cowfs'; $(VENV)/bin/mypy cowfs || status=1; \
+	exit $$status
+
+check: lint test
+
+demo: setup
+	bash scripts/demo.sh
+
+# Refuses while anything is mounted inside the work tree: rm -r would descend into it and delete
+# the files of the layers behind the mount. find -xdev stays on this filesystem for the same reason.
+clean:
+	@mounted=$$(awk -v top='$(CURDIR)/' 'index($$2, top) == 1 {print $$2}' /proc/mounts); \
+	if [[ -n "$$mounted" ]]; then \
+	    echo "Not cleaning: mounted inside the work tree:"; echo "$$mounted"; exit 1; fi
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
+	find . -xdev -name __pycache__ -type d -prune -exec rm -rf {} +
