@@ -1,0 +1,59 @@
+"""Command-line parsing without mounting: options, kernel-style helper arguments, layer lists."""
+
+from pathlib import Path
+
+import pytest
+
+from cowfs.cli import build_parser, helper_arguments
+from cowfs.errors import CowfsError
+from cowfs.layers import LayerPaths
+from cowfs.mount import MountOptions
+
+
+def test_mount_options_parse() -> None:
+    opts = MountOptions.parse(["allow_other,timeout=2.5", "ro,nosuid", "defaults"])
+    assert opts.allow_other
+    assert opts.timeout == 2.5
+    assert opts.read_only
+    assert opts.kernel == frozenset({"ro", "nosuid"})
+    assert not opts.debug
+
+
+@pytest.mark.parametrize("bad", ["bogus", "timeout=abc", "timeout=-1", "timeout=nan"])
+def test_bad_mount_options_are_user_errors(bad: str) -> None:
+    with pytest.raises(CowfsError):
+        MountOptions.parse([bad])
+
+
+def test_fuse_options_keep_default_permissions() -> None:
+    opts = MountOptions.parse(["allow_other"]).fuse_options("cowfs")
+    assert {"default_permissions", "allow_other", "fsname=cowfs", "subtype=cowfs"} <= opts
+
+
+def test_helper_splits_layer_options() -> None:
+    assert helper_arguments(["rw,lowerdir=/a:/b,upperdir=/u,workdir=/w,noatime"]) == (
+        "/a:/b", "/u", "/w", ["rw", "noatime"])
+
+
+def test_helper_without_upper_is_a_user_error() -> None:
+    with pytest.raises(CowfsError, match="upperdir"):
+        helper_arguments(["lowerdir=/a"])
+
+
+def test_layer_paths_topmost_first() -> None:
+    paths = LayerPaths.parse("/l2:/l1", "/u")
+    assert paths.lowers == (Path("/l2"), Path("/l1"))
+    assert paths.work_dir == Path("/u/.cowfs-work")
+
+
+@pytest.mark.parametrize("bad", ["", "/a::/b", ":/a", "/a:"])
+def test_empty_lower_elements_are_refused(bad: str) -> None:
+    with pytest.raises(CowfsError):
+        LayerPaths.parse(bad, "/u")
+
+
+def test_parser_requires_a_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([])
+    assert exc.value.code == 2
+    assert "COMMAND" in capsys.readouterr().err

@@ -1,0 +1,69 @@
+"""The layer format's pure rules: xattr escaping, whiteout and opaque recognition."""
+
+import stat
+
+import pytest
+
+from cowfs import schema
+
+
+@pytest.mark.parametrize(
+    ("user_name", "stored"),
+    [
+        ("user.foo", "user.foo"),
+        ("user.overlay.foo", "user.overlay.overlay.foo"),
+        ("user.overlay.overlay.foo", "user.overlay.overlay.overlay.foo"),
+        ("trusted.overlay.opaque", "trusted.overlay.overlay.opaque"),
+        ("security.selinux", "security.selinux"),
+        ("user.overlayfoo", "user.overlayfoo"),
+    ],
+)
+def test_escape_round_trips(user_name: str, stored: str) -> None:
+    assert schema.escape_xattr(user_name) == stored
+    assert schema.unescape_xattr(stored) == user_name
+
+
+@pytest.mark.parametrize(
+    "stored",
+    ["user.overlay.opaque", "user.overlay.whiteout", "trusted.overlay.redirect",
+     "user.cowfs.format", "user.cowfs.anything"],
+)
+def test_layer_metadata_is_hidden_and_not_copied(stored: str) -> None:
+    assert schema.unescape_xattr(stored) is None
+    assert not schema.is_copied_on_copy_up(stored)
+
+
+def test_users_xattrs_are_copied_up() -> None:
+    assert schema.is_copied_on_copy_up("user.overlay.overlay.x")
+    assert schema.is_copied_on_copy_up("security.capability")
+    assert schema.is_copied_on_copy_up("user.mime_type")
+
+
+def test_reserved_namespace() -> None:
+    assert schema.is_reserved_xattr("user.cowfs.format")
+    assert not schema.is_reserved_xattr("user.overlay.foo")
+
+
+@pytest.mark.parametrize(
+    ("value", "mark"),
+    [(b"y", schema.DirMark.OPAQUE), (b"x", schema.DirMark.XWHITEOUTS), (None, schema.DirMark.PLAIN),
+     (b"n", schema.DirMark.PLAIN), (b"", schema.DirMark.PLAIN)],
+)
+def test_dir_mark(value: bytes | None, mark: schema.DirMark) -> None:
+    assert schema.dir_mark(value) is mark
+
+
+def test_device_whiteout_is_char_device_zero_zero() -> None:
+    assert schema.is_device_whiteout(stat.S_IFCHR, 0)
+    assert not schema.is_device_whiteout(stat.S_IFCHR, 0x0103)  # /dev/null
+    assert not schema.is_device_whiteout(stat.S_IFREG, 0)
+
+
+def test_only_empty_regular_files_can_be_xattr_whiteouts() -> None:
+    assert schema.may_be_xattr_whiteout(stat.S_IFREG | 0o644, 0)
+    assert not schema.may_be_xattr_whiteout(stat.S_IFREG | 0o644, 1)
+    assert not schema.may_be_xattr_whiteout(stat.S_IFDIR | 0o755, 0)
+
+
+def test_reading_honours_both_spellings_user_first() -> None:
+    assert schema.overlay_xattr_names("opaque") == ("user.overlay.opaque", "trusted.overlay.opaque")
