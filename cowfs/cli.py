@@ -181,8 +181,14 @@ def umount(mountpoint: str, timeout: float = 30.0) -> None:
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
         raise CowfsError(f"cannot unmount {mountpoint!r}: {reason}")
-    if state is not None:
-        _wait_for_exit(state.pid, timeout)
+    if state is None:
+        log.warning("no state file for %s: unmounted without waiting for the daemon", path)
+        return
+    _wait_for_exit(state.pid, timeout)
+    after = MountState.load(path)
+    if after is not None and after.pid == state.pid:
+        raise CowfsError(f"unmounted, but the cowfs daemon (pid {state.pid}) ended with an error: "
+                         f"{after.error or 'it did not clean up'}")
 
 
 def _wait_for_exit(pid: int, timeout: float) -> None:

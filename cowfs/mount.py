@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import resource
 import signal
 import stat
@@ -101,16 +102,20 @@ def _parse_timeout(value: str) -> float:
 # --- mountpoint checks and state files ---------------------------------------------------------
 
 
+def _unescape_mountinfo(field: bytes) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal (``\\040``)."""
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
+
+
 def fuse_mount_at(path: Path) -> str | None:
     """The filesystem type mounted exactly at ``path`` if it is a FUSE mount, else None."""
     target = str(path)
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
-            sep = fields.index("-")
-            mount_point = fields[4].encode().decode("unicode_escape")
-            if mount_point == target and fields[sep + 1].startswith("fuse"):
-                return fields[sep + 1]
+            fstype = os.fsdecode(fields[fields.index(b"-") + 1])
+            if fstype.startswith("fuse") and _unescape_mountinfo(fields[4]) == target:
+                return fstype
     return None
 
 
@@ -149,6 +154,8 @@ class MountState:
     lowers: list[str]
     upper: str
     work: str
+    #: Set by a daemon that ended with an error; a clean exit removes the state file instead.
+    error: str | None = None
 
     @classmethod
     def load(cls, mountpoint: Path) -> MountState | None:
@@ -168,9 +175,11 @@ def _state_recorded(mountpoint: Path, paths: LayerPaths, stack: LayerStack) -> I
     path.write_text(json.dumps(dataclasses.asdict(state)), encoding="utf-8")
     try:
         yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    except BaseException as e:
+        failed = dataclasses.replace(state, error=f"{type(e).__name__}: {e}")
+        path.write_text(json.dumps(dataclasses.asdict(failed)), encoding="utf-8")
+        raise
+    path.unlink()
 
 
 # --- serving -----------------------------------------------------------------------------------
