@@ -109,10 +109,10 @@ def mount(lower: str, upper: str, mountpoint: str, *, work: str | None, options:
     paths = LayerPaths.parse(lower, upper, work)
     if foreground:
         _setup_logging(opts.debug, log_file, True)
-        stack, real_mountpoint = prepare(paths, Path(mountpoint))
+        paths, stack, real_mountpoint = prepare(paths, Path(mountpoint))
         serve(paths, stack, real_mountpoint, opts, ready=lambda: None)
         return
-    stack, real_mountpoint = prepare(paths, Path(mountpoint))
+    paths, stack, real_mountpoint = prepare(paths, Path(mountpoint))
     _daemonize(lambda ready: serve(paths, stack, real_mountpoint, opts, ready),
                lambda: _setup_logging(opts.debug, log_file, False))
 

@@ -55,6 +55,12 @@ class LayerPaths:
             raise CowfsError(f"invalid lower directory list {lower!r}: empty element")
         return cls(tuple(Path(n) for n in names), Path(upper), Path(work) if work else None)
 
+    def resolved(self) -> LayerPaths:
+        """Absolute, symlink-free paths. Taken before mounting: afterwards, a path under the
+        mountpoint would be answered by this very process, which would wait for itself."""
+        return LayerPaths(tuple(p.resolve() for p in self.lowers), self.upper.resolve(),
+                          self.work.resolve() if self.work is not None else None)
+
     @property
     def work_dir(self) -> Path:
         return self.work if self.work is not None else self.upper / schema.WORK_DIR_NAME

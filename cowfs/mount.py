@@ -30,7 +30,7 @@ import trio
 from .errors import CowfsError
 from .layers import LayerPaths, LayerStack, open_stack
 from .operations import Operations
-from .overlay import Overlay
+from .vfs import Overlay
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +170,8 @@ class MountState:
 def _state_recorded(mountpoint: Path, paths: LayerPaths, stack: LayerStack) -> Iterator[None]:
     path = state_file(mountpoint)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    state = MountState(os.getpid(), str(mountpoint), [str(p.resolve()) for p in paths.lowers],
-                       str(paths.upper.resolve()), str(stack.work_path.resolve()))
+    state = MountState(os.getpid(), str(mountpoint), [str(p) for p in paths.lowers],
+                       str(paths.upper), str(stack.work_path))
     path.write_text(json.dumps(dataclasses.asdict(state)), encoding="utf-8")
     try:
         yield
@@ -236,7 +236,12 @@ def serve(paths: LayerPaths, stack: LayerStack, mountpoint: Path, options: Mount
     log.info("unmounted %s", mountpoint)
 
 
-def prepare(paths: LayerPaths, mountpoint: Path) -> tuple[LayerStack, Path]:
-    """Everything that can fail because of user input, done before forking into the background."""
+def prepare(paths: LayerPaths, mountpoint: Path) -> tuple[LayerPaths, LayerStack, Path]:
+    """Everything that can fail because of user input, done before forking into the background.
+
+    Returns the layer paths resolved (nothing may resolve a path once mounted: the mountpoint may
+    be a layer's own path), the opened stack, and the resolved mountpoint.
+    """
     real_mountpoint = check_mountpoint(mountpoint)
-    return open_stack(paths), real_mountpoint
+    resolved = paths.resolved()
+    return resolved, open_stack(resolved), real_mountpoint

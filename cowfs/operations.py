@@ -1,6 +1,6 @@
 """The pyfuse3 adapter: a protocol translator and nothing else.
 
-What the filesystem looks like is decided in :mod:`cowfs.overlay`; this module converts requests
+What the filesystem looks like is decided in :mod:`cowfs.vfs`; this module converts requests
 and replies (bytes names, ``EntryAttributes``, file-handle numbers), turns ``OSError`` into
 ``FUSEError`` once, and decides what runs in a worker thread: anything that may copy file data up,
 or read, write or sync file data, so that a long copy-up never stops the rest of the filesystem.
@@ -23,7 +23,7 @@ from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 from . import xattrs
 from .handles import FileHandle, wants_write
 from .inodes import Inode
-from .overlay import Caller, Overlay, SetAttr
+from .vfs import Caller, Overlay, SetAttr
 from .readdir import DirHandle
 
 log = logging.getLogger(__name__)

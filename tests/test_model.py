@@ -18,7 +18,7 @@ from cowfs import realfs, schema
 from cowfs.inodes import Inode
 from cowfs.layers import LayerPaths, open_stack
 from cowfs.namespace import Caller
-from cowfs.overlay import Overlay, SetAttr
+from cowfs.vfs import Overlay, SetAttr
 
 ROOT = Caller(0, 0, 0o022)
 
