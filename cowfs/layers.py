@@ -34,6 +34,9 @@ class Layer:
     root_fd: int
     dev: int
 
+    #: Whether this is the lowest layer (its redirects point nowhere and are not read).
+    is_bottom: bool = False
+
     @property
     def is_upper(self) -> bool:
         return self.index == 0
@@ -74,6 +77,8 @@ class LayerStack:
     lowers: tuple[Layer, ...]
     work_fd: int
     work_path: Path
+    #: Holds the lock that keeps a second mount off these upper and work directories.
+    lock_fd: int
 
     @property
     def all(self) -> tuple[Layer, ...]:
@@ -83,6 +88,7 @@ class LayerStack:
         for layer in self.all:
             os.close(layer.root_fd)
         os.close(self.work_fd)
+        os.close(self.lock_fd)
 
 
 def _open_dir(path: Path, role: str) -> int:
@@ -134,7 +140,7 @@ def _validate_nesting(paths: LayerPaths, work: Path) -> None:
         raise CowfsError("upper directory is inside the work directory")
 
 
-def _prepare_work(paths: LayerPaths, upper_fd: int, upper_dev: int) -> tuple[Path, int]:
+def _prepare_work(paths: LayerPaths, upper_fd: int, upper_dev: int) -> tuple[Path, int, int]:
     """Open (creating it if needed) the private temporary directory inside the work directory.
 
     Only ``WORK/tmp`` is ever written or cleaned, so a work directory shared with other tools (the
@@ -153,20 +159,19 @@ def _prepare_work(paths: LayerPaths, upper_fd: int, upper_dev: int) -> tuple[Pat
             raise CowfsError(f"work directory {str(work)!r} is not on the same filesystem as the "
                              f"upper directory {str(paths.upper)!r} (copy-up renames between "
                              "them)")
-        _lock(fd, work)
+        lock_fd = _lock(fd, work)
         with contextlib.suppress(FileExistsError):
             realfs.mkdir(fd, schema.WORK_TMP_NAME, 0o700)
         tmp_fd = realfs.open_path(fd, schema.WORK_TMP_NAME)
         if tmp_fd is None or not stat.S_ISDIR(os.fstat(tmp_fd).st_mode):
             raise CowfsError(f"{str(work / schema.WORK_TMP_NAME)!r} is not a directory")
-    except BaseException:
+    finally:
         os.close(fd)
-        raise
-    return work, tmp_fd
+    return work, tmp_fd, lock_fd
 
 
-def _lock(fd: int, work: Path) -> None:
-    """Hold an exclusive lock on the work directory for the life of the process (and its child)."""
+def _lock(fd: int, work: Path) -> int:
+    """Lock the work directory for as long as the returned descriptor is open (in the daemon)."""
     lock_fd = realfs.open_dir(fd)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -174,7 +179,7 @@ def _lock(fd: int, work: Path) -> None:
         os.close(lock_fd)
         raise CowfsError(f"work directory {str(work)!r} is in use by another cowfs mount "
                          "(an upper can be mounted only once at a time)") from None
-    # Deliberately kept open: the lock lives as long as the daemon.
+    return lock_fd
 
 
 def open_stack(paths: LayerPaths) -> LayerStack:
@@ -184,12 +189,12 @@ def open_stack(paths: LayerPaths) -> LayerStack:
     _validate_nesting(paths, paths.work_dir.resolve())
     _check_user_xattrs(upper_fd, paths.upper)
     upper_dev = os.fstat(upper_fd).st_dev
-    work, work_fd = _prepare_work(paths, upper_fd, upper_dev)
+    work, work_fd, lock_fd = _prepare_work(paths, upper_fd, upper_dev)
     _mark_format(upper_fd, paths.upper)
     upper = Layer(0, paths.upper, upper_fd, upper_dev)
-    lowers = tuple(Layer(i + 1, p, fd, os.fstat(fd).st_dev)
+    lowers = tuple(Layer(i + 1, p, fd, os.fstat(fd).st_dev, is_bottom=i == len(lower_fds) - 1)
                    for i, (p, fd) in enumerate(zip(paths.lowers, lower_fds, strict=True)))
-    return LayerStack(upper, lowers, work_fd, work)
+    return LayerStack(upper, lowers, work_fd, work, lock_fd)
 
 
 def _mark_format(upper_fd: int, path: Path) -> None:

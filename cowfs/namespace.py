@@ -10,12 +10,13 @@ and swapped into place, so that no intermediate state is ever visible:
   into place, after its parent has been marked ``user.overlay.opaque=x``;
 * a directory that is removed is first swapped out into the work dir, then deleted there.
 
-Known limits: renaming a directory that has content in a lower layer fails with EXDEV, as with the
-kernel's default ``redirect_dir=off``.
+A directory that has lower content is renamed by copying up the directory alone and recording its
+lower location in ``user.overlay.redirect`` (the kernel's ``redirect_dir=on``), in O(1).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -80,7 +81,7 @@ class Namespace:
         """The real objects behind ``name`` (caller closes them); empty when it does not exist."""
         if is_hidden_name(parent is self.table.root, name):
             return ()
-        return resolve(parent.child_parents, name)
+        return resolve(parent.child_parents, self.table.root.reals, name)
 
     def lookup(self, parent: Inode, name: str) -> Inode | None:
         """Look a name up, counting one kernel lookup on the inode found."""
@@ -91,7 +92,7 @@ class Namespace:
 
     def is_empty_dir(self, directory: Inode) -> bool:
         for name in candidate_names(directory, ()):
-            reals = resolve(directory.child_parents, name)
+            reals = resolve(directory.child_parents, self.table.root.reals, name)
             close_reals(reals)
             if reals:
                 return False
@@ -313,23 +314,45 @@ class Namespace:
             raise OSError(errno.ENOTEMPTY, "directory not empty", new_name)
 
     def _movable_upper(self, inode: Inode) -> Real:
-        """Copy a non-directory up; a directory must be upper-only (else EXDEV, as the kernel)."""
-        if inode.is_dir:
-            if inode.lowers:
-                raise OSError(errno.EXDEV, "directory has lower content")
-            upper = inode.upper
-            assert upper is not None
+        """Copy the object up so that it can move; a directory with lower content is redirected.
+
+        Only the directory itself is copied up, never its tree: its redirect tells later lookups
+        where its lower content stays (O(1), where the kernel's default fails with EXDEV).
+        """
+        upper = self.copy_up.ensure(inode)
+        if inode.is_dir and inode.lowers:
+            return self._redirect(inode, upper)
+        return upper
+
+    def _redirect(self, inode: Inode, upper: Real) -> Real:
+        """Record the lower location of a directory about to move (absolute: parents may move)."""
+        origin = self._lower_path(inode.lowers[0])
+        if upper.redirect is not None and upper.redirect.components == origin:
             return upper
-        return self.copy_up.ensure(inode)
+        realfs.setxattr(upper.fd, schema.XATTR_REDIRECT, schema.format_redirect(origin))
+        upper = dataclasses.replace(upper, redirect=schema.Redirect(True, origin))
+        inode.reals = (upper, *inode.reals[1:])
+        return upper
+
+    @staticmethod
+    def _lower_path(real: Real) -> tuple[str, ...]:
+        """Where a lower object sits below its layer's root (layers never change, so this is its
+        permanent address)."""
+        root = os.readlink(realfs.proc_path(real.layer.root_fd))
+        path = os.readlink(realfs.proc_path(real.fd))
+        if not path.startswith(root.rstrip("/") + "/"):
+            raise OSError(errno.EIO, f"cannot locate {path!r} in lower layer {root!r}")
+        return tuple(path[len(root.rstrip("/")) + 1:].split("/"))
 
     def _make_opaque_if_needed(self, inode: Inode, parent: Inode, name: str) -> None:
-        """A directory moved over a name that lower layers have must not merge with them."""
+        """An upper-only directory moved over a name that lower layers have must not merge with
+        them. (A redirected one merges only with its redirect target.)"""
         upper = inode.upper
-        if upper is None or not inode.is_dir or upper.opaque:
+        if upper is None or not inode.is_dir or upper.opaque or inode.lowers:
             return
         if exists_below(parent.child_parents, name):
             realfs.setxattr(upper.fd, schema.XATTR_OPAQUE, schema.OPAQUE_YES)
-            inode.reals = (Real(upper.layer, upper.fd, upper.mode, schema.DirMark.OPAQUE),)
+            inode.reals = (dataclasses.replace(upper, mark=schema.DirMark.OPAQUE),)
 
     def _rename(self, old_parent: Inode, old_name: str, src: Inode, new_parent: Inode,
                 new_name: str, dst: Inode | None, flags: int) -> None:

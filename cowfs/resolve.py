@@ -4,12 +4,13 @@ For one name in a merged directory, each layer of that directory is probed top-d
 hides the name in every layer below; a non-directory hides everything below it; directories merge
 until one is opaque. :func:`stack_for_name` is that rule alone, without any I/O, so it is
 unit-tested directly;
-:class:`Resolver` feeds it probes of the real layers, lazily, so that layers hidden by a higher one
-are never touched.
+:func:`resolve` feeds it probes of the real layers, lazily, so that layers hidden by a higher one
+are never touched, and follows redirects of renamed directories (``redirect_dir=on`` semantics).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -33,6 +34,8 @@ class Real:
     fd: int
     mode: int
     mark: schema.DirMark = schema.DirMark.PLAIN
+    #: For a renamed directory: where its lower content is (see :func:`resolve`).
+    redirect: schema.Redirect | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -95,6 +98,20 @@ def read_dir_mark(fd: int, layer: Layer) -> schema.DirMark:
     return schema.DirMark.PLAIN
 
 
+def read_redirect(fd: int, layer: Layer) -> schema.Redirect | None:
+    """A directory's redirect. It is untrusted input: an invalid one is refused, never followed."""
+    names = (schema.XATTR_REDIRECT,) if layer.is_upper else schema.overlay_xattr_names("redirect")
+    for name in names:
+        value = realfs.getxattr(fd, name)
+        if value is not None:
+            try:
+                return schema.parse_redirect(value)
+            except ValueError as e:
+                log.warning("refusing invalid redirect in layer %s: %s", layer.path, e)
+                raise OSError(errno.EIO, "invalid redirect") from None
+    return None
+
+
 def _is_xattr_whiteout(fd: int, layer: Layer) -> bool:
     names = (schema.XATTR_WHITEOUT,) if layer.is_upper else schema.overlay_xattr_names("whiteout")
     return any(realfs.getxattr(fd, name) is not None for name in names)
@@ -114,8 +131,14 @@ def probe(parent: Real, name: str) -> Probe[Real]:
         os.close(fd)
         return WHITEOUT
     if stat.S_ISDIR(st.st_mode):
-        mark = read_dir_mark(fd, parent.layer)
-        return Found(Real(parent.layer, fd, st.st_mode, mark), True, mark is schema.DirMark.OPAQUE)
+        try:
+            mark = read_dir_mark(fd, parent.layer)
+            redirect = None if parent.layer.is_bottom else read_redirect(fd, parent.layer)
+        except BaseException:
+            os.close(fd)
+            raise
+        real = Real(parent.layer, fd, st.st_mode, mark, redirect)
+        return Found(real, True, mark is schema.DirMark.OPAQUE)
     return Found(Real(parent.layer, fd, st.st_mode), False)
 
 
@@ -124,26 +147,79 @@ def is_hidden_name(parent_is_root: bool, name: str) -> bool:
     return parent_is_root and name == schema.WORK_DIR_NAME
 
 
-def _probes(parents: Iterable[Real], name: str) -> Iterator[Probe[Real]]:
-    for parent in parents:
-        yield probe(parent, name)
+def walk(root: Real, components: tuple[str, ...]) -> Probe[Real]:
+    """Probe a path below a layer root, one component at a time, never following a symlink.
+
+    Only the last component's probe counts; anything but a directory on the way means "missing".
+    """
+    parent, opened = root, None
+    try:
+        for part in components[:-1]:
+            found = probe(parent, part)
+            if not isinstance(found, Found) or not found.is_dir:
+                if isinstance(found, Found):
+                    os.close(found.obj.fd)
+                return None
+            if opened is not None:
+                os.close(opened)
+            parent, opened = found.obj, found.obj.fd
+        return probe(parent, components[-1])
+    finally:
+        if opened is not None:
+            os.close(opened)
 
 
-def resolve(parents: tuple[Real, ...], name: str) -> tuple[Real, ...]:
+def _probes(parents: tuple[Real, ...], roots: tuple[Real, ...],
+            name: str) -> Iterator[Probe[Real]]:
+    """Probe ``name`` layer by layer, following redirects of the directories found on the way.
+
+    Without a redirect, a layer is probed in the parent's directory of that layer, and only the
+    parent's layers are probed. After an absolute redirect, each further layer is probed at that
+    path from its root, whether the parent exists there or not (as the kernel does). A relative
+    redirect replaces the name.
+    """
+    by_layer = {p.layer.index: p for p in parents}
+    path: tuple[str, ...] | None = None
+    lookup = name
+    for root in roots:
+        index = root.layer.index
+        if index < parents[0].layer.index:
+            continue
+        if path is not None:
+            found = walk(root, path)
+        elif index in by_layer:
+            found = probe(by_layer[index], lookup)
+        else:
+            continue
+        yield found
+        if isinstance(found, Found) and found.obj.redirect is not None:
+            redirect = found.obj.redirect
+            if redirect.absolute:
+                path = redirect.components
+            elif path is not None:
+                path = (*path[:-1], *redirect.components)
+            else:
+                lookup = redirect.components[0]
+
+
+def resolve(parents: tuple[Real, ...], roots: tuple[Real, ...], name: str) -> tuple[Real, ...]:
     """The real objects behind ``name`` in a merged directory made of ``parents`` (topmost first).
 
-    The caller owns the returned descriptors.
+    ``roots`` are the layer roots, for absolute redirects. The caller owns the returned
+    descriptors.
     """
-    taken, rejected = stack_for_name(_probes(parents, name))
+    taken, rejected = stack_for_name(_probes(parents, roots, name))
     if rejected is not None:
         os.close(rejected.fd)
     return tuple(taken)
 
 
 def exists_below(parents: tuple[Real, ...], name: str) -> bool:
-    """Whether ``name`` is visible in the lower layers of a directory (it then needs a whiteout)."""
-    lowers = tuple(p for p in parents if not p.layer.is_upper)
-    found = resolve(lowers, name)
-    for real in found:
+    """Whether a lower layer of a directory shows ``name`` there (it then needs a whiteout).
+
+    Redirects of what is found do not matter here: only whether the name itself is visible.
+    """
+    taken, rejected = stack_for_name(probe(p, name) for p in parents if not p.layer.is_upper)
+    for real in (*taken, *([rejected] if rejected is not None else [])):
         os.close(real.fd)
-    return bool(found)
+    return bool(taken)

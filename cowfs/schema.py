@@ -19,7 +19,9 @@ The precise specification is docs/layer-format.md; this module and that page mus
 
 from __future__ import annotations
 
+import os
 import stat
+from dataclasses import dataclass
 from enum import Enum
 
 FORMAT_VERSION = b"1"
@@ -29,6 +31,9 @@ WORK_DIR_NAME = ".cowfs-work"
 #: The directory inside the work directory where objects are built before being renamed into place.
 #: Nothing else in the work directory is ever written or removed.
 WORK_TMP_NAME = "tmp"
+#: The hard-link index inside the work directory: one entry per copied-up lower inode that has
+#: several names, named by :func:`index_name`, so that all its names stay one file.
+WORK_INDEX_NAME = "index"
 
 USER_OVERLAY = "user.overlay."
 TRUSTED_OVERLAY = "trusted.overlay."
@@ -39,7 +44,16 @@ OVERLAY_PREFIXES = (USER_OVERLAY, TRUSTED_OVERLAY)
 
 XATTR_OPAQUE = USER_OVERLAY + "opaque"
 XATTR_WHITEOUT = USER_OVERLAY + "whiteout"
+XATTR_REDIRECT = USER_OVERLAY + "redirect"
 XATTR_FORMAT = COWFS_PREFIX + "format"
+#: On an upper object copied up from a lower one: ``"<layer>:<inode>"`` of that lower object, so that
+#: the object keeps its inode number after copy-up and across mounts.
+XATTR_ORIGIN = COWFS_PREFIX + "origin"
+#: On a hard-link index entry: the number of names the object has in the merged view (decimal).
+XATTR_NLINK = COWFS_PREFIX + "nlink"
+
+#: Longest redirect followed, as the kernel's default ``redirect_max``.
+REDIRECT_MAX = 256
 
 OPAQUE_YES = b"y"
 #: "This directory is not opaque but holds xattr whiteouts" (kernel 6.7+ ``xwhiteouts``).
@@ -76,6 +90,57 @@ def is_device_whiteout(mode: int, rdev: int) -> bool:
 def may_be_xattr_whiteout(mode: int, size: int) -> bool:
     """Only empty regular files can be xattr whiteouts; anything else needs no xattr read."""
     return stat.S_ISREG(mode) and size == 0
+
+
+# --- redirects, origins, index -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """Where a renamed directory's lower content lives.
+
+    Absolute: a path from the root of each lower layer. Relative: a name in the parent's lower
+    directories (the kernel writes these for renames within one directory).
+    """
+
+    absolute: bool
+    components: tuple[str, ...]
+
+
+def parse_redirect(value: bytes) -> Redirect:
+    """Validate an (untrusted) redirect; ValueError says why it is refused."""
+    if not value or len(value) > REDIRECT_MAX:
+        raise ValueError(f"redirect of {len(value)} bytes")
+    if b"\0" in value:
+        raise ValueError("redirect contains a NUL byte")
+    text = os.fsdecode(value)
+    absolute = text.startswith("/")
+    components = tuple(text[1:].split("/")) if absolute else (text,)
+    for part in components:
+        if part in ("", ".", "..") or (not absolute and "/" in part):
+            raise ValueError(f"redirect {text!r} is not a plain path below the layer root")
+    return Redirect(absolute, components)
+
+
+def format_redirect(components: tuple[str, ...]) -> bytes:
+    """An absolute redirect (cowfs writes only these: they survive renames of the parents)."""
+    return os.fsencode("/" + "/".join(components))
+
+
+def format_origin(layer_index: int, ino: int) -> bytes:
+    return f"{layer_index}:{ino}".encode()
+
+
+def parse_origin(value: bytes) -> tuple[int, int] | None:
+    """``(layer index, inode)`` of an origin xattr, or None if it is malformed."""
+    layer, sep, ino = value.partition(b":")
+    if not sep or not layer.isdigit() or not ino.isdigit():
+        return None
+    return int(layer), int(ino)
+
+
+def index_name(layer_index: int, ino: int) -> str:
+    return f"{layer_index}-{ino}"
 
 
 # --- user-visible xattr names -------------------------------------------------------------------

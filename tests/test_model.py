@@ -237,11 +237,53 @@ def test_rename_exchange_and_noreplace(model: Model) -> None:
     assert model.read("dir/a") == b"lower:file"
 
 
-def test_rename_directory_with_lower_content_is_exdev(model: Model) -> None:
+def test_rename_directory_with_lower_content_redirects(model: Model) -> None:
     ov = model.start()
-    with pytest.raises(OSError, match="lower") as exc:
-        ov.namespace.rename(ov.table.root, "dir", ov.table.root, "dir2", 0)
-    assert exc.value.errno == errno.EXDEV
+    root = ov.table.root
+    ov.namespace.rename(root, "dir", root, "renamed", 0)
+    assert model.names("renamed") == {"a", "sub"}
+    assert model.read("renamed/sub/deep") == b"lower:deep"
+    assert "dir" not in model.names("")
+    assert os.getxattr(model.upper / "renamed", schema.XATTR_REDIRECT) == b"/dir"
+    assert schema.XATTR_WHITEOUT in os.listxattr(model.upper / "dir")
+    assert not (model.upper / "renamed" / "sub").exists(), "only the directory is copied up"
+
+
+def test_redirects_survive_further_renames_and_a_remount(model: Model) -> None:
+    ov = model.start()
+    ns, root = ov.namespace, ov.table.root
+    ns.mkdir(root, "p", 0o755, ROOT)
+    ns.rename(model.walk("dir"), "sub", model.walk("p"), "s1", 0)
+    ns.rename(root, "p", root, "q", 0)
+    ns.rename(model.walk("q"), "s1", root, "s2", 0)
+    assert model.read("s2/deep") == b"lower:deep"
+    assert model.names("dir") == {"a"}
+    ov.close()
+    model.overlay = Overlay(open_stack(LayerPaths((model.lower,), model.upper)))
+    assert model.read("s2/deep") == b"lower:deep"
+    assert model.names("dir") == {"a"}
+    assert model.names("q") == set()
+
+
+def test_a_renamed_directory_can_be_emptied_and_removed(model: Model) -> None:
+    ns = model.start().namespace
+    root = model.ov.table.root
+    ns.rename(root, "dir", root, "gone", 0)
+    ns.unlink(*model.parent_and_name("gone/sub/deep"))
+    ns.rmdir(*model.parent_and_name("gone/sub"))
+    ns.unlink(*model.parent_and_name("gone/a"))
+    ns.rmdir(root, "gone")
+    assert model.names("") == {"file", "link"}
+
+
+@pytest.mark.parametrize("bad", [b"/../outside", b"..", b"/dir/../..", b"a/b", b"/" + b"x" * 300])
+def test_an_escaping_redirect_is_refused(model: Model, bad: bytes) -> None:
+    (model.upper / "evil").mkdir()
+    os.setxattr(model.upper / "evil", schema.XATTR_REDIRECT, bad)
+    ov = model.start()
+    with pytest.raises(OSError, match="invalid redirect") as exc:
+        ov.namespace.lookup(ov.table.root, "evil")
+    assert exc.value.errno == errno.EIO
 
 
 def test_new_directory_renamed_over_lower_name_becomes_opaque(model: Model) -> None:
