@@ -46,8 +46,8 @@ XATTR_OPAQUE = USER_OVERLAY + "opaque"
 XATTR_WHITEOUT = USER_OVERLAY + "whiteout"
 XATTR_REDIRECT = USER_OVERLAY + "redirect"
 XATTR_FORMAT = COWFS_PREFIX + "format"
-#: On an upper object copied up from a lower one: ``"<layer>:<inode>"`` of that lower object, so that
-#: the object keeps its inode number after copy-up and across mounts.
+#: On an upper object copied up from a lower one: ``"<layer>:<inode>"`` of that lower object, so
+#: that the object keeps its inode number after copy-up and across mounts.
 XATTR_ORIGIN = COWFS_PREFIX + "origin"
 #: On a hard-link index entry: the number of names the object has in the merged view (decimal).
 XATTR_NLINK = COWFS_PREFIX + "nlink"
