@@ -4,13 +4,20 @@ An :class:`Inode` is one object of the merged view. It holds ``O_PATH`` descript
 objects, topmost first: for a directory, the upper (if any) and every lower directory that merges
 into it; for anything else, the upper copy (if any) and the lower object it came from.
 
-Inode numbers are never reused within a mount: the kernel may still hold a number for an object that
-was just unlinked. The number is also the ``st_ino`` the mount reports (pyfuse3 uses one for both),
-which makes ``st_ino`` unique within the mount.
+Inode numbers are stable: an object's number is derived from the real inode it *originates* from
+(a lower object, or, for an upper object, the lower object recorded in its ``user.cowfs.origin``
+at copy-up, else the upper object itself), so ``st_ino`` is the same before and after copy-up and
+across mounts. pyfuse3 uses the number both as the FUSE node id and as ``st_ino``. With all layers
+on one filesystem the number is that filesystem's inode number; otherwise the high byte says which
+filesystem (like the kernel's ``xino``), so numbers stay unique across filesystems.
 
-An inode is found again by the (st_dev, st_ino) of its topmost real object, so that hard links in
-the upper are one inode. State is freed only in :meth:`InodeTable.forget`, when the kernel's lookup
-count drops to zero.
+A number is never given to two live objects: the table holds a descriptor of every real object it
+knows, so the filesystem cannot reuse that inode while the kernel may still ask for it. State is
+freed only in :meth:`InodeTable.forget`, when the kernel's lookup count drops to zero.
+
+Known limits: an inode number above 2**56 on a layer whose filesystem is not the only one is folded
+into 56 bits, which could in principle collide. An origin xattr copied onto another upper object
+behind cowfs's back would give two objects one number: the layers must only be changed by cowfs.
 """
 
 from __future__ import annotations
@@ -21,22 +28,48 @@ import stat
 import threading
 from collections.abc import Iterable
 
+from . import realfs, schema
+from .layers import Layer
 from .resolve import Real
 
 ROOT_NUMBER = 1
+_FS_SHIFT = 56
+_INO_MASK = (1 << _FS_SHIFT) - 1
 
-Key = tuple[int, int]
 
+class InodeNumbers:
+    """Stable inode numbers for the objects of one layer stack."""
 
-def key_of(real: Real) -> Key:
-    st = real.stat()
-    return (st.st_dev, st.st_ino)
+    def __init__(self, layers: tuple[Layer, ...]) -> None:
+        devices: dict[int, int] = {}
+        for layer in layers:
+            devices.setdefault(layer.dev, len(devices))
+        self._fs_of_layer = {layer.index: devices[layer.dev] for layer in layers}
+        self._single_fs = len(devices) == 1
+
+    def number(self, layer_index: int, ino: int) -> int:
+        if self._single_fs and ino > ROOT_NUMBER:
+            return ino
+        folded = ino if ino <= _INO_MASK else hash(ino) & _INO_MASK
+        return ((self._fs_of_layer[layer_index] + 1) << _FS_SHIFT) | folded
+
+    def origin_of(self, real: Real) -> tuple[int, int]:
+        """``(layer index, inode)`` of the real inode an object originates from."""
+        if real.layer.is_upper:
+            value = realfs.getxattr(real.fd, schema.origin_xattr(real.mode))
+            origin = schema.parse_origin(value) if value is not None else None
+            if origin is not None and origin[0] in self._fs_of_layer and origin[0] != 0:
+                return origin
+        return real.layer.index, os.fstat(real.fd).st_ino
+
+    def of(self, real: Real) -> int:
+        return self.number(*self.origin_of(real))
 
 
 class Inode:
     """One object of the merged view."""
 
-    __slots__ = ("alive", "copy_up_lock", "keys", "links", "lookups", "number", "reals")
+    __slots__ = ("alive", "copy_up_lock", "links", "lookups", "number", "reals")
 
     def __init__(self, number: int, reals: tuple[Real, ...]) -> None:
         self.number = number
@@ -47,7 +80,6 @@ class Inode:
         self.links: dict[tuple[int, str], Inode] = {}
         self.lookups = 0
         self.copy_up_lock = threading.Lock()
-        self.keys: set[Key] = set()
         self.alive = True
 
     def __repr__(self) -> str:
@@ -104,22 +136,15 @@ class Inode:
 class InodeTable:
     """All inodes the kernel knows about. Thread-safe: copy-ups run in worker threads."""
 
-    def __init__(self, root_reals: tuple[Real, ...]) -> None:
+    def __init__(self, root_reals: tuple[Real, ...], numbers: InodeNumbers) -> None:
         self._lock = threading.Lock()
-        self._by_number: dict[int, Inode] = {}
-        self._by_key: dict[Key, Inode] = {}
-        self._next_number = ROOT_NUMBER + 1
+        self.numbers = numbers
         self.root = Inode(ROOT_NUMBER, root_reals)
         self.root.lookups = 1  # the kernel never forgets the root
-        self._register(self.root, key_of(root_reals[0]))
+        self._by_number: dict[int, Inode] = {ROOT_NUMBER: self.root}
 
     def __len__(self) -> int:
         return len(self._by_number)
-
-    def _register(self, inode: Inode, key: Key) -> None:
-        self._by_number[inode.number] = inode
-        self._by_key[key] = inode
-        inode.keys.add(key)
 
     def get(self, number: int) -> Inode:
         try:
@@ -130,35 +155,21 @@ class InodeTable:
     def remember(self, reals: tuple[Real, ...], parent: Inode | None, name: str) -> Inode:
         """The inode for freshly resolved ``reals`` (taking ownership of their descriptors).
 
-        Counts one kernel lookup. An object already known (same topmost real object) keeps its
-        inode, and the new descriptors are closed.
+        Counts one kernel lookup. An object already known keeps its inode (the new descriptors are
+        closed): the same number means the same object.
         """
-        key = key_of(reals[0])
+        number = self.numbers.of(reals[0])
         with self._lock:
-            inode = self._by_key.get(key)
+            inode = self._by_number.get(number)
             if inode is None:
-                inode = Inode(self._next_number, reals)
-                self._next_number += 1
-                self._register(inode, key)
+                inode = Inode(number, reals)
+                self._by_number[number] = inode
             else:
                 _close_all(reals)
             inode.lookups += 1
         if parent is not None:
             inode.add_link(parent, name)
         return inode
-
-    def add_key(self, inode: Inode, real: Real) -> None:
-        """Make ``inode`` findable by another real object (its new upper copy)."""
-        with self._lock:
-            self._register(inode, key_of(real))
-
-    def drop_key(self, inode: Inode, real: Real) -> None:
-        """Forget that ``real`` leads to ``inode`` (a lower object hidden by its copy-up)."""
-        key = key_of(real)
-        with self._lock:
-            if self._by_key.get(key) is inode:
-                del self._by_key[key]
-            inode.keys.discard(key)
 
     def forget(self, number: int, count: int) -> None:
         with self._lock:
@@ -169,9 +180,6 @@ class InodeTable:
             if inode.lookups > 0:
                 return
             del self._by_number[number]
-            for key in inode.keys:
-                if self._by_key.get(key) is inode:
-                    del self._by_key[key]
         inode.release()
 
 

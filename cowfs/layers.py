@@ -79,6 +79,8 @@ class LayerStack:
     work_path: Path
     #: Holds the lock that keeps a second mount off these upper and work directories.
     lock_fd: int
+    #: The hard-link index (``WORK/index``), see :class:`cowfs.copyup.CopyUp`.
+    index_fd: int
 
     @property
     def all(self) -> tuple[Layer, ...]:
@@ -89,6 +91,7 @@ class LayerStack:
             os.close(layer.root_fd)
         os.close(self.work_fd)
         os.close(self.lock_fd)
+        os.close(self.index_fd)
 
 
 def _open_dir(path: Path, role: str) -> int:
@@ -140,11 +143,21 @@ def _validate_nesting(paths: LayerPaths, work: Path) -> None:
         raise CowfsError("upper directory is inside the work directory")
 
 
-def _prepare_work(paths: LayerPaths, upper_fd: int, upper_dev: int) -> tuple[Path, int, int]:
-    """Open (creating it if needed) the private temporary directory inside the work directory.
+def _private_dir(work_fd: int, work: Path, name: str) -> int:
+    with contextlib.suppress(FileExistsError):
+        realfs.mkdir(work_fd, name, 0o700)
+    fd = realfs.open_path(work_fd, name)
+    if fd is None or not stat.S_ISDIR(os.fstat(fd).st_mode):
+        raise CowfsError(f"{str(work / name)!r} is not a directory")
+    return fd
 
-    Only ``WORK/tmp`` is ever written or cleaned, so a work directory shared with other tools (the
-    kernel's ``work/`` and ``index/``) loses nothing. The work directory is locked, so that two
+
+def _prepare_work(paths: LayerPaths, upper_fd: int,
+                  upper_dev: int) -> tuple[Path, int, int, int]:
+    """Open (creating them if needed) cowfs's directories inside the work directory.
+
+    Only ``WORK/tmp`` (cleaned at each mount) and ``WORK/index`` are ever written, so a work
+    directory shared with other tools loses nothing. The work directory is locked, so that two
     mounts can never use the same upper and work directories at once.
     """
     work = paths.work_dir
@@ -160,14 +173,11 @@ def _prepare_work(paths: LayerPaths, upper_fd: int, upper_dev: int) -> tuple[Pat
                              f"upper directory {str(paths.upper)!r} (copy-up renames between "
                              "them)")
         lock_fd = _lock(fd, work)
-        with contextlib.suppress(FileExistsError):
-            realfs.mkdir(fd, schema.WORK_TMP_NAME, 0o700)
-        tmp_fd = realfs.open_path(fd, schema.WORK_TMP_NAME)
-        if tmp_fd is None or not stat.S_ISDIR(os.fstat(tmp_fd).st_mode):
-            raise CowfsError(f"{str(work / schema.WORK_TMP_NAME)!r} is not a directory")
+        tmp_fd = _private_dir(fd, work, schema.WORK_TMP_NAME)
+        index_fd = _private_dir(fd, work, schema.WORK_INDEX_NAME)
     finally:
         os.close(fd)
-    return work, tmp_fd, lock_fd
+    return work, tmp_fd, lock_fd, index_fd
 
 
 def _lock(fd: int, work: Path) -> int:
@@ -189,12 +199,12 @@ def open_stack(paths: LayerPaths) -> LayerStack:
     _validate_nesting(paths, paths.work_dir.resolve())
     _check_user_xattrs(upper_fd, paths.upper)
     upper_dev = os.fstat(upper_fd).st_dev
-    work, work_fd, lock_fd = _prepare_work(paths, upper_fd, upper_dev)
+    work, work_fd, lock_fd, index_fd = _prepare_work(paths, upper_fd, upper_dev)
     _mark_format(upper_fd, paths.upper)
     upper = Layer(0, paths.upper, upper_fd, upper_dev)
     lowers = tuple(Layer(i + 1, p, fd, os.fstat(fd).st_dev, is_bottom=i == len(lower_fds) - 1)
                    for i, (p, fd) in enumerate(zip(paths.lowers, lower_fds, strict=True)))
-    return LayerStack(upper, lowers, work_fd, work, lock_fd)
+    return LayerStack(upper, lowers, work_fd, work, lock_fd, index_fd)
 
 
 def _mark_format(upper_fd: int, path: Path) -> None:

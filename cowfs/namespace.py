@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from . import realfs, schema
-from .copyup import CopyUp
+from .copyup import CopyUp, adjust_nlink
 from .inodes import Inode, InodeTable
 from .layers import LayerStack
 from .readdir import candidate_names
@@ -88,7 +88,7 @@ class Namespace:
         reals = self.resolve_child(parent, name)
         if not reals:
             return None
-        return self.table.remember(reals, parent, name)
+        return self.table.remember(self.copy_up.attach_index(reals), parent, name)
 
     def is_empty_dir(self, directory: Inode) -> bool:
         for name in candidate_names(directory, ()):
@@ -243,7 +243,7 @@ class Namespace:
         upper = self.copy_up.ensure(inode)
         result = self._new_object(parent, name, None, upper.mode,
                                   lambda d, n: realfs.link(upper.fd, d, n))
-        assert result is inode, "a hard link is the same upper object"
+        adjust_nlink(upper, +1)
         return result
 
     # --- removing -----------------------------------------------------------------------------
@@ -275,9 +275,16 @@ class Namespace:
             self.table.forget(child.number, 1)
 
     def _remove(self, parent: Inode, name: str, child: Inode) -> None:
-        self.copy_up.ensure(parent)
-        self._clear(parent, name, Slot.OBJECT if child.upper is not None else Slot.EMPTY)
+        parent_upper = self.copy_up.ensure(parent)
+        self._drop_name(child)
+        self._clear(parent, name, self._slot(parent_upper, name))
         child.drop_link(parent, name)
+
+    def _drop_name(self, inode: Inode) -> None:
+        """One name of ``inode`` is about to go: count it if it is a hard-linked lower object."""
+        entry = self.copy_up.ensure_index(inode)
+        if entry is not None:
+            adjust_nlink(entry, -1)
 
     # --- renaming -----------------------------------------------------------------------------
 
@@ -324,6 +331,16 @@ class Namespace:
             return self._redirect(inode, upper)
         return upper
 
+    def _named_upper(self, inode: Inode, parent: Inode, name: str) -> None:
+        """Make sure ``name`` is in the upper: a hard-linked object copied up under another name
+        is found through the index, and this name has no upper entry of its own yet."""
+        if inode.is_dir:
+            return
+        parent_upper = self.copy_up.ensure(parent)
+        upper = inode.upper
+        if upper is not None and self._slot(parent_upper, name) is Slot.EMPTY:
+            self.copy_up.link_name(upper, parent_upper, name)
+
     def _redirect(self, inode: Inode, upper: Real) -> Real:
         """Record the lower location of a directory about to move (absolute: parents may move)."""
         origin = self._lower_path(inode.lowers[0])
@@ -360,8 +377,12 @@ class Namespace:
         if dst is src:
             return  # the same object under both names: POSIX says do nothing
         self._movable_upper(src)
+        self._named_upper(src, old_parent, old_name)
         if dst is not None and flags & realfs.RENAME_EXCHANGE:
             self._movable_upper(dst)
+            self._named_upper(dst, new_parent, new_name)
+        elif dst is not None:
+            self._drop_name(dst)
         old_upper = self.copy_up.ensure(old_parent)
         new_upper = self.copy_up.ensure(new_parent)
         self._make_opaque_if_needed(src, new_parent, new_name)

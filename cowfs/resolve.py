@@ -36,6 +36,8 @@ class Real:
     mark: schema.DirMark = schema.DirMark.PLAIN
     #: For a renamed directory: where its lower content is (see :func:`resolve`).
     redirect: schema.Redirect | None = None
+    #: Link count when probed; for lower objects (which never change) it tells hard links apart.
+    nlink: int = 1
 
     @property
     def is_dir(self) -> bool:
@@ -139,7 +141,7 @@ def probe(parent: Real, name: str) -> Probe[Real]:
             raise
         real = Real(parent.layer, fd, st.st_mode, mark, redirect)
         return Found(real, True, mark is schema.DirMark.OPAQUE)
-    return Found(Real(parent.layer, fd, st.st_mode), False)
+    return Found(Real(parent.layer, fd, st.st_mode, nlink=st.st_nlink), False)
 
 
 def is_hidden_name(parent_is_root: bool, name: str) -> bool:

@@ -38,6 +38,8 @@ WORK_INDEX_NAME = "index"
 USER_OVERLAY = "user.overlay."
 TRUSTED_OVERLAY = "trusted.overlay."
 COWFS_PREFIX = "user.cowfs."
+#: cowfs's metadata on symlinks and special files, which cannot carry ``user.*`` xattrs (root only).
+TRUSTED_COWFS_PREFIX = "trusted.cowfs."
 
 #: The private prefixes cowfs reads metadata from, most preferred first; it writes only the first.
 OVERLAY_PREFIXES = (USER_OVERLAY, TRUSTED_OVERLAY)
@@ -49,6 +51,7 @@ XATTR_FORMAT = COWFS_PREFIX + "format"
 #: On an upper object copied up from a lower one: ``"<layer>:<inode>"`` of that lower object, so
 #: that the object keeps its inode number after copy-up and across mounts.
 XATTR_ORIGIN = COWFS_PREFIX + "origin"
+XATTR_ORIGIN_TRUSTED = TRUSTED_COWFS_PREFIX + "origin"
 #: On a hard-link index entry: the number of names the object has in the merged view (decimal).
 XATTR_NLINK = COWFS_PREFIX + "nlink"
 
@@ -165,9 +168,14 @@ def escape_xattr(name: str) -> str:
     return prefix + "overlay." + name[len(prefix) :]
 
 
+def origin_xattr(mode: int) -> str:
+    """Where an object of this type records its origin: ``user.*`` where the kernel allows it."""
+    return XATTR_ORIGIN if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else XATTR_ORIGIN_TRUSTED
+
+
 def unescape_xattr(stored: str) -> str | None:
     """The user-visible name of a stored xattr, or None when it is layer metadata to hide."""
-    if stored.startswith(COWFS_PREFIX):
+    if stored.startswith((COWFS_PREFIX, TRUSTED_COWFS_PREFIX)):
         return None
     prefix = _private_prefix(stored)
     if prefix is None:
@@ -180,7 +188,7 @@ def unescape_xattr(stored: str) -> str | None:
 
 def is_reserved_xattr(name: str) -> bool:
     """Names users may not set or remove through the mount: cowfs's own namespace."""
-    return name.startswith(COWFS_PREFIX)
+    return name.startswith((COWFS_PREFIX, TRUSTED_COWFS_PREFIX))
 
 
 def is_copied_on_copy_up(stored: str) -> bool:

@@ -19,9 +19,9 @@ import stat
 from dataclasses import dataclass
 
 from . import realfs, schema
-from .copyup import CopyUp
+from .copyup import CopyUp, tracked_nlink
 from .handles import FileHandle, real_flags, wants_write
-from .inodes import Inode, InodeTable
+from .inodes import Inode, InodeNumbers, InodeTable
 from .layers import LayerStack
 from .namespace import Caller, Namespace
 from .readdir import DirHandle
@@ -49,7 +49,7 @@ class Overlay:
 
     def __init__(self, stack: LayerStack, *, sync: bool = True) -> None:
         self.stack = stack
-        self.table = InodeTable(self._root_reals(stack))
+        self.table = InodeTable(self._root_reals(stack), InodeNumbers(stack.all))
         self.copy_up = CopyUp(stack, self.table, sync=sync)
         self.namespace = Namespace(stack, self.table, self.copy_up)
         self.copy_up.work.clean()
@@ -77,8 +77,12 @@ class Overlay:
         return inode.top.stat()
 
     def nlink(self, inode: Inode, st: os.stat_result) -> int:
-        """The kernel reports 1 for merged directories: counting subdirectories is not worth it."""
-        return 1 if inode.is_merged_dir else st.st_nlink
+        """Names in the merged view. The kernel reports 1 for merged directories: counting their
+        subdirectories is not worth it. Hard links copied up via the index keep their own count."""
+        if inode.is_merged_dir:
+            return 1
+        tracked = tracked_nlink(inode.top, st)
+        return st.st_nlink if tracked is None else tracked
 
     def setattr(self, inode: Inode, change: SetAttr, handle: FileHandle | None) -> None:
         upper = self.copy_up.ensure(inode, with_data=change.size != 0)

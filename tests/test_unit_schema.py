@@ -26,6 +26,7 @@ def test_escape_round_trips(user_name: str, stored: str) -> None:
 @pytest.mark.parametrize(
     "stored",
     ["user.overlay.opaque", "user.overlay.whiteout", "trusted.overlay.redirect",
+     "trusted.cowfs.origin",
      "user.cowfs.format", "user.cowfs.anything"],
 )
 def test_layer_metadata_is_hidden_and_not_copied(stored: str) -> None:

@@ -1,0 +1,498 @@
+"""``cowfs export`` and ``cowfs import``: an upper layer as an OCI image layer tar, and back.
+
+The OCI image-spec layer format (image-spec/layer.md) differs from the overlay format in how it
+records what a layer removes:
+
+=================================  ====================================================
+overlay (cowfs upper)              OCI layer tar
+=================================  ====================================================
+whiteout (xattr or char dev 0/0)   an empty file ``.wh.NAME`` beside it
+``user.overlay.opaque=y``          an empty file ``DIR/.wh..wh..opq``
+renamed dir (``overlay.redirect``) the whole directory at its new name, made opaque,
+                                   and a whiteout at its old name (OCI has no renames)
+hard links in the upper            tar hard links to the first name
+=================================  ====================================================
+
+User xattrs travel as PAX ``SCHILY.xattr.NAME`` records under the names users see (unescaped);
+import stores them escaped again. Import refuses unsafe members with a clear error: absolute
+names, ``..``, hard links that point outside the layer or to nothing before them, and anything
+that would be written through a symlink. Symlink *targets* are stored verbatim and never followed
+(``/usr/bin/awk -> /etc/alternatives/awk`` is normal in image layers). An import is built in a
+temporary directory beside DIR and renamed into place only when complete, so a corrupt archive
+leaves nothing behind.
+
+Known limits: gzip is the only compression (Python's tarfile has no zstd before 3.14); sockets
+are skipped on export (tar cannot hold them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import shutil
+import stat
+import sys
+import tarfile
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, TextIO
+
+from .. import realfs, schema
+from ..errors import CowfsError
+from ..walk import (
+    Added,
+    Anomaly,
+    Change,
+    Deleted,
+    Kind,
+    Modified,
+    Problem,
+    Renamed,
+    Replaced,
+    Unchanged,
+    merged_tree,
+    visible_xattrs,
+    walk,
+)
+from . import common
+from .diff import quote
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+#: aufs's own metadata names, which docker also skips.
+AUFS_META_PREFIX = ".wh..wh."
+XATTR_PAX_PREFIX = "SCHILY.xattr."
+
+_TAR_TYPES = {
+    stat.S_IFREG: tarfile.REGTYPE,
+    stat.S_IFDIR: tarfile.DIRTYPE,
+    stat.S_IFLNK: tarfile.SYMTYPE,
+    stat.S_IFIFO: tarfile.FIFOTYPE,
+    stat.S_IFCHR: tarfile.CHRTYPE,
+    stat.S_IFBLK: tarfile.BLKTYPE,
+}
+
+
+def _pax_text(value: bytes) -> str:
+    return value.decode("utf-8", "surrogateescape")
+
+
+# --- export --------------------------------------------------------------------------------------
+
+
+class _Writer:
+    """Adds layer objects to a tar; remembers what it added (parents, hard links)."""
+
+    def __init__(self, tar: tarfile.TarFile) -> None:
+        self.tar = tar
+        self.added: set[str] = set()
+        self.inodes: dict[tuple[int, int], str] = {}
+        self.count = 0
+
+    def object(self, path: str, fd: int, st: os.stat_result) -> None:
+        kind = stat.S_IFMT(st.st_mode)
+        if kind not in _TAR_TYPES:
+            print(f"cowfs: warning: {quote(path)}: sockets cannot be exported; skipped",
+                  file=sys.stderr)
+            return
+        info = tarfile.TarInfo("./" + path if path != "." else ".")
+        info.type = _TAR_TYPES[kind]
+        info.mode = stat.S_IMODE(st.st_mode)
+        info.uid, info.gid = st.st_uid, st.st_gid
+        info.uname = info.gname = ""
+        info.mtime = st.st_mtime
+        if kind != stat.S_IFLNK:
+            info.pax_headers = {XATTR_PAX_PREFIX + name: _pax_text(value)
+                                for name, value in sorted(visible_xattrs(fd).items())}
+        if kind == stat.S_IFLNK:
+            info.linkname = realfs.readlink(fd)
+        elif kind in (stat.S_IFCHR, stat.S_IFBLK):
+            info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        key = (st.st_dev, st.st_ino)
+        if kind != stat.S_IFDIR and st.st_nlink > 1 and key in self.inodes:
+            info.type = tarfile.LNKTYPE
+            info.linkname = "./" + self.inodes[key]
+            self._add(path, info)
+            return
+        if kind == stat.S_IFREG:
+            info.size = st.st_size
+            data = os.fdopen(realfs.reopen(fd, os.O_RDONLY), "rb")
+            with data:
+                self._add(path, info, data)
+        else:
+            self._add(path, info)
+        if kind != stat.S_IFDIR and st.st_nlink > 1:
+            self.inodes[key] = path
+
+    def marker(self, path: str) -> None:
+        """An empty regular file: a whiteout or the opaque marker."""
+        info = tarfile.TarInfo("./" + path)
+        info.mode = 0o644
+        self._add(path, info)
+
+    def _add(self, path: str, info: tarfile.TarInfo, data: IO[bytes] | None = None) -> None:
+        self.tar.addfile(info, data)
+        self.added.add(path)
+        self.count += 1
+
+
+def _parents(path: str) -> Iterator[str]:
+    parts = path.split("/")
+    for i in range(1, len(parts)):
+        yield "/".join(parts[:i])
+
+
+def _open_upper(upper_fd: int, path: str) -> int:
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=upper_fd)
+    return fd
+
+
+def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path],
+                    records: Sequence[Change], progress: common.Progress) -> None:
+    upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    materialized: list[str] = []
+    try:
+        def add_upper(path: str) -> None:
+            for parent in _parents(path):
+                if parent not in writer.added:
+                    add_upper(parent)
+            fd = _open_upper(upper_fd, path)
+            try:
+                writer.object(path, fd, os.fstat(fd))
+            finally:
+                os.close(fd)
+
+        for record in records:
+            progress.advance()
+            if any(record.path.startswith(m + "/") for m in materialized):
+                continue  # already written whole, with the rest of its renamed directory
+            match record:
+                case Deleted(path=path):
+                    parent, _, name = path.rpartition("/")
+                    if parent and parent not in writer.added:
+                        add_upper(parent)
+                    writer.marker(f"{parent}/{WHITEOUT_PREFIX}{name}" if parent
+                                  else WHITEOUT_PREFIX + name)
+                case Replaced(path=path, kind=Kind.DIR):
+                    add_upper(path)
+                    writer.marker(f"{path}/{OPAQUE_MARKER}")
+                case Renamed(path=path):
+                    add_upper(path)
+                    writer.marker(f"{path}/{OPAQUE_MARKER}")
+                    for visible in merged_tree(upper, lowers, path):
+                        writer.object(visible.path, visible.fd, visible.st)
+                    materialized.append(path)
+                case Added(path=path) | Modified(path=path) | Unchanged(path=path) | Replaced(
+                        path=path):
+                    if path == ".":
+                        add_upper_root(writer, upper_fd)
+                    else:
+                        add_upper(path)
+                case Anomaly():
+                    pass
+    finally:
+        os.close(upper_fd)
+
+
+def add_upper_root(writer: _Writer, upper_fd: int) -> None:
+    fd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=upper_fd)
+    try:
+        writer.object(".", fd, os.fstat(fd))
+    finally:
+        os.close(fd)
+
+
+def _wants_gzip(output: str, gzip_flag: bool) -> bool:
+    return gzip_flag or output.endswith((".gz", ".tgz"))
+
+
+def export_layer(upper: Path, lowers: Sequence[Path], output: str, *, gzip_flag: bool = False,
+                 out: TextIO | None = None) -> int:
+    """Write ``upper`` (against ``lowers``) as an OCI layer tar; returns the number of entries."""
+    if output.endswith((".zst", ".zstd")):
+        raise CowfsError("zstd compression is not supported; use .tar or .tar.gz")
+    records = list(walk(upper, lowers))
+    problems = [r for r in records
+                if isinstance(r, Anomaly) and r.problem is not Problem.STRAY_WHITEOUT]
+    if problems:
+        raise CowfsError(f"{str(upper)!r} has {len(problems)} problem(s), e.g. "
+                         f"{quote(problems[0].path)}: {problems[0].problem.value}; run "
+                         f"'cowfs check {upper}' first")
+    compress = _wants_gzip(output, gzip_flag)
+    if output == "-":
+        if sys.stdout.isatty():
+            raise CowfsError("refusing to write a tar archive to a terminal; use -o FILE")
+        with tarfile.open(fileobj=sys.stdout.buffer, mode="w|gz" if compress else "w|",
+                          format=tarfile.PAX_FORMAT) as tar, \
+                common.Progress(len(records), "export") as progress:
+            writer = _Writer(tar)
+            _export_records(writer, upper, lowers, records, progress)
+        return writer.count
+    target = Path(output)
+    if not target.parent.is_dir():
+        raise CowfsError(f"directory {str(target.parent)!r} does not exist")
+    temp = target.parent / f".{target.name}.cowfs-{os.getpid()}"
+    try:
+        with tarfile.open(temp, mode="w:gz" if compress else "w",
+                          format=tarfile.PAX_FORMAT) as tar, \
+                common.Progress(len(records), "export") as progress:
+            writer = _Writer(tar)
+            _export_records(writer, upper, lowers, records, progress)
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+    print(f"exported {writer.count} entries to {output}", file=out or sys.stderr)
+    return writer.count
+
+
+# --- import --------------------------------------------------------------------------------------
+
+
+class UnsafeMember(CowfsError):
+    pass
+
+
+def _member_path(name: str) -> str:
+    """A member's name as a path inside the layer; refuses absolute names and ``..``."""
+    if name.startswith("/"):
+        raise UnsafeMember(f"unsafe member {name!r}: absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeMember(f"unsafe member {name!r}: '..' leaves the layer")
+    return "/".join(parts) or "."
+
+
+class _Extractor:
+    """Creates members under ``root``, never following a symlink on the way."""
+
+    def __init__(self, root: Path) -> None:
+        self.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.files: set[str] = set()
+        self.whiteouts: set[str] = set()
+        self.opaque: set[str] = set()
+        self.dir_times: dict[str, float] = {}
+        self.is_root = os.geteuid() == 0
+
+    def close(self) -> None:
+        os.close(self.root_fd)
+
+    @contextlib.contextmanager
+    def parent(self, path: str, member: str) -> Iterator[tuple[int, str]]:
+        *dirs, name = path.split("/")
+        fd = os.dup(self.root_fd)
+        try:
+            for i, component in enumerate(dirs):
+                try:
+                    child = os.open(component, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+                                    | os.O_CLOEXEC, dir_fd=fd)
+                except FileNotFoundError:
+                    realfs.mkdir(fd, component, 0o755)
+                    child = os.open(component, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+                                    | os.O_CLOEXEC, dir_fd=fd)
+                except (NotADirectoryError, OSError) as e:
+                    where = "/".join(dirs[: i + 1])
+                    raise UnsafeMember(f"unsafe member {member!r}: {where!r} is not a directory "
+                                       f"({e.strerror}); refusing to write through it") from None
+                os.close(fd)
+                fd = child
+            yield fd, name
+        finally:
+            os.close(fd)
+
+    def _clear(self, dirfd: int, name: str, path: str, keep_dir: bool) -> bool:
+        """Make room for a new object; True when a directory is kept to be reused."""
+        fd = realfs.open_path(dirfd, name)
+        if fd is None:
+            return False
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        os.close(fd)
+        if is_dir and keep_dir:
+            return True
+        realfs.remove_tree(dirfd, name)
+        self.files.discard(path)
+        self.whiteouts.discard(path)
+        return False
+
+    def member(self, tar: tarfile.TarFile, info: tarfile.TarInfo) -> None:
+        path = _member_path(info.name)
+        base = path.rpartition("/")[2]
+        parent = path.rpartition("/")[0] or "."
+        if base == OPAQUE_MARKER:
+            self._make_dir(parent, info.name)
+            self.opaque.add(parent)
+            return
+        if base.startswith(AUFS_META_PREFIX):
+            return
+        if base.startswith(WHITEOUT_PREFIX):
+            hidden = base[len(WHITEOUT_PREFIX):]
+            if hidden in ("", ".", ".."):
+                raise UnsafeMember(f"unsafe member {info.name!r}: whiteout of {hidden!r}")
+            self._whiteout(f"{parent}/{hidden}" if parent != "." else hidden, info.name)
+            return
+        if path == ".":
+            if not info.isdir():
+                raise UnsafeMember(f"unsafe member {info.name!r}: the layer root must be a "
+                                   "directory")
+            self._attributes(self.root_fd, ".", info)
+            self.dir_times["."] = info.mtime
+            return
+        with self.parent(path, info.name) as (dirfd, name):
+            self._create(tar, info, path, dirfd, name)
+
+    def _make_dir(self, path: str, member: str) -> None:
+        if path == ".":
+            return
+        with self.parent(path, member) as (dirfd, name):
+            if not self._clear(dirfd, name, path, keep_dir=True):
+                realfs.mkdir(dirfd, name, 0o755)
+
+    def _whiteout(self, path: str, member: str) -> None:
+        with self.parent(path, member) as (dirfd, name):
+            self._clear(dirfd, name, path, keep_dir=False)
+            fd = realfs.create_file(dirfd, name, 0, os.O_WRONLY)
+            try:
+                os.setxattr(fd, schema.XATTR_WHITEOUT, b"")
+            finally:
+                os.close(fd)
+        self.whiteouts.add(path)
+
+    def _create(self, tar: tarfile.TarFile, info: tarfile.TarInfo, path: str, dirfd: int,
+                name: str) -> None:
+        if info.isdir():
+            if not self._clear(dirfd, name, path, keep_dir=True):
+                realfs.mkdir(dirfd, name, 0o700)
+            self.dir_times[path] = info.mtime
+        else:
+            self._clear(dirfd, name, path, keep_dir=False)
+            if info.islnk():
+                target = _member_path(info.linkname)
+                if target not in self.files:
+                    raise UnsafeMember(f"unsafe member {info.name!r}: hard link to "
+                                       f"{info.linkname!r}, which is not a file earlier in the "
+                                       "layer")
+                with self.parent(target, info.name) as (tfd, tname):
+                    os.link(tname, name, src_dir_fd=tfd, dst_dir_fd=dirfd,
+                            follow_symlinks=False)
+                self.files.add(path)
+                return
+            if info.isreg():
+                source = tar.extractfile(info)
+                assert source is not None, "a regular member has data"
+                fd = realfs.create_file(dirfd, name, 0o600, os.O_WRONLY)
+                with os.fdopen(fd, "wb") as dest, source:
+                    shutil.copyfileobj(source, dest, 1 << 20)
+                self.files.add(path)
+            elif info.issym():
+                realfs.symlink(dirfd, name, info.linkname)
+            elif info.ischr() or info.isblk():
+                kind = stat.S_IFCHR if info.ischr() else stat.S_IFBLK
+                realfs.mknod(dirfd, name, kind | 0o600, os.makedev(info.devmajor, info.devminor))
+            elif info.isfifo():
+                realfs.mknod(dirfd, name, stat.S_IFIFO | 0o600, 0)
+            else:
+                raise CowfsError(f"member {info.name!r}: unsupported tar entry type "
+                                 f"{info.type!r}")
+        self._attributes(dirfd, name, info)
+
+    def _attributes(self, dirfd: int, name: str, info: tarfile.TarInfo) -> None:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        try:
+            if not info.issym():
+                for key, value in info.pax_headers.items():
+                    if key.startswith(XATTR_PAX_PREFIX):
+                        xname = key[len(XATTR_PAX_PREFIX):]
+                        if schema.is_reserved_xattr(xname):
+                            continue
+                        with contextlib.suppress(OSError):
+                            realfs.setxattr(fd, schema.escape_xattr(xname),
+                                            value.encode("utf-8", "surrogateescape"))
+            if self.is_root:
+                realfs.chown(fd, info.uid, info.gid)
+            if not info.issym():
+                realfs.chmod(fd, info.mode & 0o7777)
+            if not info.isdir():
+                with contextlib.suppress(OSError):
+                    realfs.utimens(fd, int(info.mtime * 1e9), int(info.mtime * 1e9))
+        finally:
+            os.close(fd)
+
+    def finish(self) -> None:
+        """Mark whiteouts' parents (or drop whiteouts in opaque directories, where they would
+        show as files), mark opaque directories, then set directory times, deepest first."""
+        for path in sorted(self.whiteouts):
+            parent = path.rpartition("/")[0] or "."
+            with self.parent(path, path) as (dirfd, name):
+                if parent in self.opaque:
+                    realfs.unlink(dirfd, name)
+                    continue
+                pfd = os.open(".", os.O_PATH | os.O_CLOEXEC, dir_fd=dirfd)
+                try:
+                    realfs.setxattr(pfd, schema.XATTR_OPAQUE, schema.OPAQUE_HAS_XWHITEOUTS)
+                finally:
+                    os.close(pfd)
+        for path in sorted(self.opaque):
+            if path == ".":
+                continue  # opaque means nothing on a layer root
+            with self.parent(path, path) as (dirfd, name):
+                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+                try:
+                    realfs.setxattr(fd, schema.XATTR_OPAQUE, schema.OPAQUE_YES)
+                finally:
+                    os.close(fd)
+        for path in sorted(self.dir_times, key=lambda p: -p.count("/")):
+            ns = int(self.dir_times[path] * 1e9)
+            if path == ".":
+                realfs.utimens(self.root_fd, ns, ns)
+                continue
+            with self.parent(path, path) as (dirfd, name):
+                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+                try:
+                    realfs.utimens(fd, ns, ns)
+                finally:
+                    os.close(fd)
+
+
+_CORRUPT = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def import_layer(archive: str, dest: Path, *, out: TextIO | None = None) -> int:
+    """Unpack an OCI layer tar into a new cowfs layer directory ``dest``; returns the number of
+    members. ``dest`` must not exist or be an empty directory; it is complete or untouched."""
+    if archive != "-" and not Path(archive).is_file():
+        raise CowfsError(f"layer archive {archive!r} does not exist"
+                         if not Path(archive).exists() else f"{archive!r} is not a file")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise CowfsError(f"{str(dest)!r} exists and is not an empty directory")
+    if not dest.parent.is_dir():
+        raise CowfsError(f"directory {str(dest.parent)!r} does not exist")
+    temp = dest.parent / f".{dest.name}.cowfs-import-{os.getpid()}"
+    temp.mkdir(mode=0o755)
+    count = 0
+    try:
+        extractor = _Extractor(temp)
+        try:
+            try:
+                tar = tarfile.open(fileobj=sys.stdin.buffer, mode="r|*") if archive == "-" \
+                    else tarfile.open(archive, mode="r:*")
+                with tar:
+                    for info in tar:
+                        extractor.member(tar, info)
+                        count += 1
+            except _CORRUPT as e:
+                raise CowfsError(f"{archive}: corrupt or not a tar archive: {e}") from None
+            extractor.finish()
+            os.setxattr(temp, schema.XATTR_FORMAT, schema.FORMAT_VERSION)
+        finally:
+            extractor.close()
+        if dest.exists():
+            dest.rmdir()
+        os.rename(temp, dest)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    print(f"imported {count} members into {dest}", file=out or sys.stderr)
+    return count

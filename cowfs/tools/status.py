@@ -1,0 +1,135 @@
+"""``cowfs status``: every cowfs mount on this machine, its layers, the upper's size and how many
+objects were copied up, created and deleted.
+
+Mounts are found from the daemons' state files (see :class:`cowfs.mount.MountState`) and checked
+against the mount table; a cowfs mount without a state file is listed with unknown layers, and a
+state file whose daemon is gone is listed as stale. The counts come from the layer walk, read
+while the mount runs: they are a snapshot, exact only when nothing is writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from .. import schema
+from ..errors import CowfsError
+from ..walk import Added, Deleted, Modified, Renamed, Replaced, Unchanged, walk
+from . import common
+
+
+@dataclass(frozen=True, slots=True)
+class MountStatus:
+    mountpoint: str
+    pid: int | None
+    lowers: tuple[str, ...]
+    upper: str | None
+    state: str  # "mounted", "stale" or "no state file"
+    upper_bytes: int | None = None
+    copied_up: int = 0
+    created: int = 0
+    deleted: int = 0
+    renamed: int = 0
+    error: str | None = None
+
+
+def upper_size(upper: Path) -> int:
+    """Bytes the upper's objects occupy (each inode once), the work directory left out."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for directory, dirs, files in os.walk(upper):
+        if Path(directory) == upper and schema.WORK_DIR_NAME in dirs:
+            dirs.remove(schema.WORK_DIR_NAME)
+        for name in (*dirs, *files):
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(directory, name))
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+    return total
+
+
+def _status_of(mount: common.RunningMount) -> MountStatus:
+    base = MountStatus(str(mount.mountpoint), mount.pid, tuple(map(str, mount.lowers)),
+                       str(mount.upper), "mounted" if mount.alive else "stale")
+    if not mount.alive:
+        return base
+    try:
+        upper = common.reachable_layer(mount, mount.upper)
+        lowers = [common.reachable_layer(mount, p) for p in mount.lowers]
+        found: Counter[str] = Counter()
+        for record in walk(upper, lowers):
+            match record:
+                case Modified() | Unchanged() | Replaced():
+                    found["copied_up"] += 1
+                case Added():
+                    found["created"] += 1
+                case Deleted():
+                    found["deleted"] += 1
+                case Renamed():
+                    found["renamed"] += 1
+        return MountStatus(base.mountpoint, base.pid, base.lowers, base.upper, base.state,
+                           upper_size(upper), found["copied_up"], found["created"],
+                           found["deleted"], found["renamed"])
+    except (CowfsError, OSError) as e:
+        return MountStatus(base.mountpoint, base.pid, base.lowers, base.upper, base.state,
+                           error=str(e))
+
+
+def collect() -> list[MountStatus]:
+    mounts = common.running_mounts()
+    statuses = [_status_of(m) for m in mounts]
+    known = {str(m.mountpoint) for m in mounts if m.alive}
+    for mnt in common.cowfs_mountpoints():
+        if mnt not in known:
+            known.add(mnt)
+            statuses.append(MountStatus(mnt, None, (), None, "no state file"))
+    return sorted(statuses, key=lambda s: s.mountpoint)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def render(statuses: list[MountStatus]) -> str:
+    if not statuses:
+        return "no cowfs mounts\n"
+    lines = []
+    for s in statuses:
+        pid = f"pid {s.pid}, " if s.pid is not None else ""
+        lines.append(f"{s.mountpoint}  ({pid}{s.state})")
+        if s.upper is not None:
+            lines.append(f"  lowers:  {':'.join(s.lowers)}")
+            size = f"  ({_size(s.upper_bytes)})" if s.upper_bytes is not None else ""
+            lines.append(f"  upper:   {s.upper}{size}")
+        if s.error is not None:
+            lines.append(f"  error:   {s.error}")
+        elif s.state == "mounted" and s.upper is not None:
+            lines.append(f"  changes: {s.copied_up} copied up, {s.created} created, "
+                         f"{s.deleted} deleted, {s.renamed} renamed")
+    return "\n".join(lines) + "\n"
+
+
+def as_json(statuses: list[MountStatus]) -> str:
+    def one(s: MountStatus) -> dict[str, Any]:
+        return {"mountpoint": s.mountpoint, "pid": s.pid, "state": s.state,
+                "lowers": list(s.lowers), "upper": s.upper, "upper_bytes": s.upper_bytes,
+                "copied_up": s.copied_up, "created": s.created, "deleted": s.deleted,
+                "renamed": s.renamed, "error": s.error}
+    return json.dumps({"mounts": [one(s) for s in statuses]}, indent=2) + "\n"
+
+
+def status(*, as_json_output: bool, out: TextIO | None = None) -> None:
+    statuses = collect()
+    (out or sys.stdout).write(as_json(statuses) if as_json_output else render(statuses))
