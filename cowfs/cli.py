@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(metavar="COMMAND", required=True)
     _add_mount_parser(subparsers)
     _add_umount_parser(subparsers)
+    from .tools.commands import add_parsers  # run, diff, commit, reset, export, import, ...
+
+    add_parsers(subparsers)
     return parser
 
 

@@ -38,8 +38,6 @@ from pathlib import Path
 from . import realfs, schema
 from .errors import CowfsError
 
-#: The longest redirect accepted (the kernel's limit is PATH_MAX).
-MAX_REDIRECT = 4096
 _CHUNK = 1 << 20
 
 
@@ -201,17 +199,11 @@ class _Target:
 
 def parse_redirect(value: bytes) -> _Target | str:
     """A redirect's target, or why it is refused (it is untrusted input, as any layer content)."""
-    if not value or len(value) > MAX_REDIRECT or b"\0" in value:
-        return "empty, overlong or containing NUL"
-    text = os.fsdecode(value)
-    if text.startswith("/"):
-        parts = text[1:].split("/")
-        if not text[1:] or any(p in ("", ".", "..") for p in parts):
-            return f"{text!r} is not a normalised absolute path inside the layer"
-        return _Target("/".join(parts), True)
-    if "/" in text or text in (".", ".."):
-        return f"{text!r} is neither an absolute path nor a single name"
-    return _Target(text, False)
+    try:
+        parsed = schema.parse_redirect(value)
+    except ValueError as e:
+        return str(e)
+    return _Target("/".join(parsed.components), parsed.absolute)
 
 
 class _Layers:

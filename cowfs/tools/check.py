@@ -35,10 +35,8 @@ from .. import realfs, schema
 from ..errors import CowfsError
 from ..walk import Anomaly, Problem, walk
 from . import common
-from .commit import _parent, remove_if_present
 from .diff import quote
 
-_REDIRECT = schema.overlay_xattr_names("redirect")[0]
 _NEEDS_LOWERS = (Problem.STRAY_WHITEOUT, Problem.MISSING_REDIRECT)
 
 
@@ -105,7 +103,7 @@ def _set_xattr_at(root_fd: int, path: str, name: str, value: bytes) -> None:
     if path == ".":
         realfs.setxattr(root_fd, name, value)
         return
-    with _parent(root_fd, path) as (dirfd, leaf):
+    with common.parent_of(root_fd, path) as (dirfd, leaf):
         fd = os.open(leaf, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         try:
             realfs.setxattr(fd, name, value)
@@ -114,13 +112,13 @@ def _set_xattr_at(root_fd: int, path: str, name: str, value: bytes) -> None:
 
 
 def _drop_redirect(root_fd: int, path: str, opaque: bool) -> None:
-    with _parent(root_fd, path) as (dirfd, leaf):
+    with common.parent_of(root_fd, path) as (dirfd, leaf):
         fd = os.open(leaf, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         try:
             if opaque:
                 realfs.setxattr(fd, schema.XATTR_OPAQUE, schema.OPAQUE_YES)
             with contextlib.suppress(OSError):
-                realfs.removexattr(fd, _REDIRECT)
+                realfs.removexattr(fd, schema.XATTR_REDIRECT)
         finally:
             os.close(fd)
 
@@ -130,13 +128,13 @@ def _repair(upper: Path, finding_list: list[Finding], anomalies: list[Anomaly]) 
     try:
         for f in finding_list:
             if f.path.startswith(schema.WORK_DIR_NAME + "/"):
-                with _parent(root, f.path) as (dirfd, leaf):
-                    remove_if_present(dirfd, leaf)
+                with common.parent_of(root, f.path) as (dirfd, leaf):
+                    common.remove_if_present(dirfd, leaf)
         for a in anomalies:
             match a.problem:
                 case Problem.STRAY_WHITEOUT | Problem.WHITEOUT_IN_OPAQUE:
-                    with _parent(root, a.path) as (dirfd, leaf):
-                        remove_if_present(dirfd, leaf)
+                    with common.parent_of(root, a.path) as (dirfd, leaf):
+                        common.remove_if_present(dirfd, leaf)
                 case Problem.UNMARKED_WHITEOUT:
                     _set_xattr_at(root, a.path.rpartition("/")[0] or ".", schema.XATTR_OPAQUE,
                                   schema.OPAQUE_HAS_XWHITEOUTS)

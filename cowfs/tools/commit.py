@@ -20,7 +20,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -85,7 +85,10 @@ def plan_commit(records: Sequence[Change]) -> list[Step]:
     for r in sorted(renames, key=lambda r: -r.source.count("/")):
         steps.append(Step(Op.STAGE, r.source, slots[r.path]))
     dirs: list[str] = []
+    sources = {r.source for r in renames}  # moved away by their STAGE step already
     for record in records:
+        if isinstance(record, Deleted) and record.path in sources:
+            continue
         match record:
             case Added(path=path, kind=Kind.DIR) | Replaced(path=path, kind=Kind.DIR):
                 if isinstance(record, Replaced):
@@ -115,25 +118,6 @@ def plan_commit(records: Sequence[Change]) -> list[Step]:
 
 
 # --- applying steps to a base directory ----------------------------------------------------------
-
-
-def _open_dir_nofollow(dirfd: int, name: str) -> int:
-    return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-
-
-@contextlib.contextmanager
-def _parent(root_fd: int, path: str) -> Iterator[tuple[int, str]]:
-    """The parent directory of ``path`` under ``root_fd``, reached without following symlinks."""
-    *dirs, name = path.split("/")
-    fd = os.dup(root_fd)
-    try:
-        for component in dirs:
-            child = _open_dir_nofollow(fd, component)
-            os.close(fd)
-            fd = child
-        yield fd, name
-    finally:
-        os.close(fd)
 
 
 def copy_file_data(src: int, dst: int) -> None:
@@ -215,11 +199,6 @@ def build_copy(src_dirfd: int, src_name: str, dirfd: int, name: str) -> None:
         os.close(src)
 
 
-def remove_if_present(dirfd: int, name: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        realfs.remove_tree(dirfd, name)
-
-
 class _Applier:
     """Applies steps to BASE, reading objects from UPPER."""
 
@@ -239,24 +218,24 @@ class _Applier:
     def _stage(self, step: Step) -> None:
         if not self.staged:
             realfs.mkdir(self.base_fd, self.staging, 0o700)
-        with _parent(self.base_fd, step.path) as (dirfd, name), \
-                _parent(self.base_fd, f"{self.staging}/{step.arg}") as (sfd, slot):
+        with common.parent_of(self.base_fd, step.path) as (dirfd, name), \
+                common.parent_of(self.base_fd, f"{self.staging}/{step.arg}") as (sfd, slot):
             realfs.rename(dirfd, name, sfd, slot, realfs.RENAME_NOREPLACE)
         self.staged.append(step)
 
     def _move(self, step: Step) -> None:
-        with _parent(self.base_fd, step.path) as (dirfd, name), \
-                _parent(self.base_fd, f"{self.staging}/{step.arg}") as (sfd, slot):
-            remove_if_present(dirfd, name)
+        with common.parent_of(self.base_fd, step.path) as (dirfd, name), \
+                common.parent_of(self.base_fd, f"{self.staging}/{step.arg}") as (sfd, slot):
+            common.remove_if_present(dirfd, name)
             realfs.rename(sfd, slot, dirfd, name, realfs.RENAME_NOREPLACE)
         self.staged = [s for s in self.staged if s.arg != step.arg]
 
     def _remove(self, step: Step) -> None:
-        with _parent(self.base_fd, step.path) as (dirfd, name):
-            remove_if_present(dirfd, name)
+        with common.parent_of(self.base_fd, step.path) as (dirfd, name):
+            common.remove_if_present(dirfd, name)
 
     def _mkdir(self, step: Step) -> None:
-        with _parent(self.base_fd, step.path) as (dirfd, name):
+        with common.parent_of(self.base_fd, step.path) as (dirfd, name):
             found = realfs.open_path(dirfd, name)
             if found is not None:
                 is_dir = stat.S_ISDIR(os.fstat(found).st_mode)
@@ -267,21 +246,21 @@ class _Applier:
             realfs.mkdir(dirfd, name, 0o700)
 
     def _write(self, step: Step) -> None:
-        with _parent(self.upper_fd, step.path) as (ufd, uname), \
-                _parent(self.base_fd, step.path) as (dirfd, name):
+        with common.parent_of(self.upper_fd, step.path) as (ufd, uname), \
+                common.parent_of(self.base_fd, step.path) as (dirfd, name):
             build_copy(ufd, uname, dirfd, name)
 
     def _link(self, step: Step) -> None:
-        with _parent(self.base_fd, step.arg) as (tfd, tname), \
-                _parent(self.base_fd, step.path) as (dirfd, name):
+        with common.parent_of(self.base_fd, step.arg) as (tfd, tname), \
+                common.parent_of(self.base_fd, step.path) as (dirfd, name):
             temp = f".cowfs-commit.{os.getpid()}.{name}"[:255]
             os.link(tname, temp, src_dir_fd=tfd, dst_dir_fd=dirfd, follow_symlinks=False)
             realfs.rename(dirfd, temp, dirfd, name)
 
     def _attrs(self, step: Step) -> None:
-        with _parent(self.upper_fd, step.path) if step.path != "." else \
+        with common.parent_of(self.upper_fd, step.path) if step.path != "." else \
                 contextlib.nullcontext((self.upper_fd, ".")) as (ufd, uname), \
-                _parent(self.base_fd, step.path) if step.path != "." else \
+                common.parent_of(self.base_fd, step.path) if step.path != "." else \
                 contextlib.nullcontext((self.base_fd, ".")) as (dirfd, name):
             src = os.open(uname, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ufd)
             try:
@@ -302,18 +281,16 @@ class _Applier:
     def roll_back_staging(self) -> None:
         """After a failure: put staged directories back where they came from."""
         for step in reversed(self.staged):
-            with contextlib.suppress(OSError), _parent(self.base_fd, step.path) as (dirfd, name), \
-                    _parent(self.base_fd, f"{self.staging}/{step.arg}") as (sfd, slot):
+            slot_path = f"{self.staging}/{step.arg}"
+            with contextlib.suppress(OSError), \
+                    common.parent_of(self.base_fd, step.path) as (dirfd, name), \
+                    common.parent_of(self.base_fd, slot_path) as (sfd, slot):
                 realfs.rename(sfd, slot, dirfd, name, realfs.RENAME_NOREPLACE)
         with contextlib.suppress(OSError):
             realfs.rmdir(self.base_fd, self.staging)
 
 
 # --- emptying an upper ---------------------------------------------------------------------------
-
-#: The kernel's and cowfs's index of copied-up lower inodes, inside the work directory.
-INDEX_DIR_NAME = "index"
-
 
 def empty_upper(upper: Path) -> None:
     """Remove every change from ``upper``, keeping its format marker and its work directory.
@@ -332,7 +309,7 @@ def empty_upper(upper: Path) -> None:
         if work is not None:
             try:
                 if stat.S_ISDIR(os.fstat(work).st_mode):
-                    remove_if_present(work, INDEX_DIR_NAME)
+                    common.remove_if_present(work, schema.WORK_INDEX_NAME)
                     tmp = realfs.open_path(work, schema.WORK_TMP_NAME)
                     if tmp is not None:
                         try:
@@ -417,7 +394,7 @@ def _reset_targets(upper_fd: int, path: str) -> list[str]:
     """What resetting ``path`` removes from the upper: the object there, and for a renamed
     directory also the whiteout at its old name (so that the original shows again)."""
     try:
-        with _parent(upper_fd, path) as (dirfd, name):
+        with common.parent_of(upper_fd, path) as (dirfd, name):
             found = realfs.open_path(dirfd, name)
     except OSError:  # a missing or non-directory component: nothing of it is in the upper
         return []
@@ -425,7 +402,7 @@ def _reset_targets(upper_fd: int, path: str) -> list[str]:
         return []
     targets = [path]
     try:
-        redirect = realfs.getxattr(found, schema.overlay_xattr_names("redirect")[0]) \
+        redirect = realfs.getxattr(found, schema.XATTR_REDIRECT) \
             if stat.S_ISDIR(os.fstat(found).st_mode) else None
     finally:
         os.close(found)
@@ -435,7 +412,7 @@ def _reset_targets(upper_fd: int, path: str) -> list[str]:
             source = target.path if target.absolute else \
                 "/".join([*path.split("/")[:-1], target.path])
             try:
-                with _parent(upper_fd, source) as (dirfd, name):
+                with common.parent_of(upper_fd, source) as (dirfd, name):
                     old = realfs.open_path(dirfd, name)
             except OSError:
                 old = None
@@ -479,8 +456,8 @@ def reset(upper: Path, paths: Sequence[str], *, yes: bool, dry_run: bool,
             if common.confirm(plan, yes=yes, dry_run=dry_run, out=out,
                               question="Discard these changes?"):
                 for target in targets:
-                    with _parent(fd, target) as (dirfd, name):
-                        remove_if_present(dirfd, name)
+                    with common.parent_of(fd, target) as (dirfd, name):
+                        common.remove_if_present(dirfd, name)
                 print(f"reset {len(targets)} path(s) in {upper}", file=out)
         finally:
             os.close(fd)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .. import schema
+from .. import realfs, schema
 from ..errors import CowfsError
 
 # --- running mounts ------------------------------------------------------------------------------
@@ -184,6 +184,30 @@ def exclusive_upper(upper: Path, what: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _open_dir_nofollow(dirfd: int, name: str) -> int:
+    return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+
+
+@contextlib.contextmanager
+def parent_of(root_fd: int, path: str) -> Iterator[tuple[int, str]]:
+    """The parent directory of ``path`` under ``root_fd``, reached without following symlinks."""
+    *dirs, name = path.split("/")
+    fd = os.dup(root_fd)
+    try:
+        for component in dirs:
+            child = _open_dir_nofollow(fd, component)
+            os.close(fd)
+            fd = child
+        yield fd, name
+    finally:
+        os.close(fd)
+
+
+def remove_if_present(dirfd: int, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        realfs.remove_tree(dirfd, name)
 
 
 # --- plans ---------------------------------------------------------------------------------------

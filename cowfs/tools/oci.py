@@ -252,17 +252,17 @@ def export_layer(upper: Path, lowers: Sequence[Path], output: str, *, gzip_flag:
 # --- import --------------------------------------------------------------------------------------
 
 
-class UnsafeMember(CowfsError):
+class UnsafeMemberError(CowfsError):
     pass
 
 
 def _member_path(name: str) -> str:
     """A member's name as a path inside the layer; refuses absolute names and ``..``."""
     if name.startswith("/"):
-        raise UnsafeMember(f"unsafe member {name!r}: absolute path")
+        raise UnsafeMemberError(f"unsafe member {name!r}: absolute path")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise UnsafeMember(f"unsafe member {name!r}: '..' leaves the layer")
+        raise UnsafeMemberError(f"unsafe member {name!r}: '..' leaves the layer")
     return "/".join(parts) or "."
 
 
@@ -295,8 +295,9 @@ class _Extractor:
                                     | os.O_CLOEXEC, dir_fd=fd)
                 except (NotADirectoryError, OSError) as e:
                     where = "/".join(dirs[: i + 1])
-                    raise UnsafeMember(f"unsafe member {member!r}: {where!r} is not a directory "
-                                       f"({e.strerror}); refusing to write through it") from None
+                    raise UnsafeMemberError(
+                        f"unsafe member {member!r}: {where!r} is not a directory "
+                        f"({e.strerror}); refusing to write through it") from None
                 os.close(fd)
                 fd = child
             yield fd, name
@@ -330,12 +331,12 @@ class _Extractor:
         if base.startswith(WHITEOUT_PREFIX):
             hidden = base[len(WHITEOUT_PREFIX):]
             if hidden in ("", ".", ".."):
-                raise UnsafeMember(f"unsafe member {info.name!r}: whiteout of {hidden!r}")
+                raise UnsafeMemberError(f"unsafe member {info.name!r}: whiteout of {hidden!r}")
             self._whiteout(f"{parent}/{hidden}" if parent != "." else hidden, info.name)
             return
         if path == ".":
             if not info.isdir():
-                raise UnsafeMember(f"unsafe member {info.name!r}: the layer root must be a "
+                raise UnsafeMemberError(f"unsafe member {info.name!r}: the layer root must be a "
                                    "directory")
             self._attributes(self.root_fd, ".", info)
             self.dir_times["."] = info.mtime
@@ -371,7 +372,7 @@ class _Extractor:
             if info.islnk():
                 target = _member_path(info.linkname)
                 if target not in self.files:
-                    raise UnsafeMember(f"unsafe member {info.name!r}: hard link to "
+                    raise UnsafeMemberError(f"unsafe member {info.name!r}: hard link to "
                                        f"{info.linkname!r}, which is not a file earlier in the "
                                        "layer")
                 with self.parent(target, info.name) as (tfd, tname):
@@ -456,6 +457,12 @@ class _Extractor:
                     os.close(fd)
 
 
+def _open_archive(archive: str) -> tarfile.TarFile:
+    if archive == "-":
+        return tarfile.open(fileobj=sys.stdin.buffer, mode="r|*")
+    return tarfile.open(archive, mode="r:*")
+
+
 _CORRUPT = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 
 
@@ -476,9 +483,7 @@ def import_layer(archive: str, dest: Path, *, out: TextIO | None = None) -> int:
         extractor = _Extractor(temp)
         try:
             try:
-                tar = tarfile.open(fileobj=sys.stdin.buffer, mode="r|*") if archive == "-" \
-                    else tarfile.open(archive, mode="r:*")
-                with tar:
+                with _open_archive(archive) as tar:
                     for info in tar:
                         extractor.member(tar, info)
                         count += 1

@@ -1,0 +1,219 @@
+"""The Python API: a writable copy-on-write view of a directory, as a context manager.
+
+>>> import cowfs
+>>> with cowfs.overlay("/data/corpus") as view:          # doctest: +SKIP
+...     (view.path / "labels.csv").write_text("...")
+...     print(view.diff())                                # what changed, as walk records
+...     view.discard()                                    # or view.commit() into the base
+
+The view is a real cowfs mount (``cowfs mount``, run as a subprocess: the daemon never forks the
+caller's process), so any program can use ``view.path``. It is unmounted on leaving the ``with``
+block, also after an exception; a temporary upper is deleted then unless ``keep=True``.
+
+Known limits: ``commit`` and ``discard`` unmount and mount again (a commit must never run under a
+live mount), so files opened under ``view.path`` must be closed first, and inode numbers change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .errors import CowfsError
+from .walk import Change, walk
+
+PathLike = str | os.PathLike[str]
+UNMOUNT_TRIES = 50
+
+
+def _lower_list(base: PathLike | Sequence[PathLike]) -> tuple[Path, ...]:
+    if isinstance(base, str | os.PathLike):
+        return (Path(base),)
+    lowers = tuple(Path(p) for p in base)
+    if not lowers:
+        raise CowfsError("at least one lower directory is needed")
+    return lowers
+
+
+def match_root(upper: Path, base: Path) -> None:
+    """Give a fresh upper the base root's mode, owner and times: the mount shows the upper's root
+    as the view's root, and a ``mkdtemp`` directory (mode 0700) would hide the base's."""
+    if any(upper.iterdir()):
+        return
+    st = os.stat(base)
+    with contextlib.suppress(PermissionError):
+        os.chown(upper, st.st_uid, st.st_gid)
+    os.chmod(upper, st.st_mode & 0o7777)
+    os.utime(upper, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def mount(lowers: Sequence[Path], upper: Path, mountpoint: Path,
+          options: Sequence[str] = ()) -> None:
+    """``cowfs mount`` in a subprocess; returns once the filesystem serves requests."""
+    cmd = [sys.executable, "-m", "cowfs", "mount",
+           *(["-o", ",".join(options)] if options else []),
+           ":".join(map(str, lowers)), str(upper), str(mountpoint)]
+    result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            check=False)
+    if result.returncode != 0:
+        message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+        raise CowfsError(message.removeprefix("cowfs: error: ") or
+                         f"cowfs mount failed with status {result.returncode}")
+
+
+def unmount(mountpoint: Path) -> None:
+    """``cowfs umount``, retrying for a few seconds while the mount is busy."""
+    from .cli import umount
+
+    for attempt in range(UNMOUNT_TRIES):
+        try:
+            umount(str(mountpoint))
+            return
+        except CowfsError as e:
+            if "busy" not in str(e) or attempt == UNMOUNT_TRIES - 1:
+                raise
+            time.sleep(0.1)
+
+
+class View:
+    """A mounted copy-on-write view; see :func:`overlay`."""
+
+    def __init__(self, lowers: tuple[Path, ...], upper: Path, path: Path,
+                 options: Sequence[str] = ()) -> None:
+        self.lowers = lowers
+        #: Where the writable layer lives: exactly what changed.
+        self.upper = upper
+        #: Where the merged view is mounted.
+        self.path = path
+        self.options = tuple(options)
+        self.mounted = False
+
+    @property
+    def base(self) -> Path:
+        """The topmost lower directory (the one :meth:`commit` writes to by default)."""
+        return self.lowers[0]
+
+    def __repr__(self) -> str:
+        state = "mounted" if self.mounted else "unmounted"
+        return f"<cowfs.View {str(self.path)!r} over {str(self.base)!r} ({state})>"
+
+    def mount(self) -> None:
+        if not self.mounted:
+            mount(self.lowers, self.upper, self.path, self.options)
+            self.mounted = True
+
+    def unmount(self) -> None:
+        if self.mounted:
+            unmount(self.path)
+            self.mounted = False
+
+    def diff(self) -> list[Change]:
+        """What changed against the lowers: Added, Modified, Deleted, Replaced and Renamed
+        records of :mod:`cowfs.walk` (unchanged copies and anomalies left out)."""
+        from .tools import common
+        from .tools.diff import visible_changes
+
+        if self.mounted:
+            layers = common.layers_for(str(self.path), None)
+            return list(visible_changes(walk(layers.upper, layers.lowers)))
+        return list(visible_changes(walk(self.upper, self.lowers)))
+
+    def summary(self) -> str:
+        """``2 added, 1 modified`` (or ``no changes``)."""
+        from .tools.diff import summary
+
+        return summary(self.diff())  # type: ignore[arg-type]
+
+    def commit(self, into: PathLike | None = None) -> str:
+        """Apply the changes to ``into`` (default: the base), empty the upper, and mount again.
+        Returns the summary of what was committed."""
+        from .tools.commit import commit
+
+        target = Path(into) if into is not None else self.base
+        if len(self.lowers) > 1 and target == self.base:
+            raise CowfsError("commit into a stack of several lowers is not supported; "
+                             "give into= a single directory")
+        was_mounted = self.mounted
+        self.unmount()
+        try:
+            return commit(self.upper, target, yes=True, dry_run=False, out=io.StringIO())
+        finally:
+            if was_mounted:
+                self.mount()
+
+    def discard(self) -> None:
+        """Throw every change away (the view shows the lowers again)."""
+        from .tools.commit import empty_upper
+
+        was_mounted = self.mounted
+        self.unmount()
+        try:
+            empty_upper(self.upper)
+        finally:
+            if was_mounted:
+                self.mount()
+
+
+@contextlib.contextmanager
+def overlay(base: PathLike | Sequence[PathLike], upper: PathLike | None = None, *,
+            at: PathLike | None = None, keep: bool | None = None,
+            options: Sequence[str] = ()) -> Iterator[View]:
+    """Mount a writable copy-on-write view of ``base`` and yield it; unmount on exit.
+
+    ``base`` is a directory, or several (topmost first). ``upper`` receives the changes; without
+    it a temporary directory does, deleted on exit unless ``keep`` is true. ``at`` is where the
+    view is mounted (default: a temporary directory; it may be ``base`` itself, which then shows
+    the view to every process). ``options`` are ``cowfs mount -o`` options.
+    """
+    lowers = _lower_list(base)
+    for lower in lowers:
+        if not lower.is_dir():
+            raise CowfsError(f"lower directory {str(lower)!r} does not exist"
+                             if not lower.exists() else f"lower {str(lower)!r} is not a "
+                             "directory")
+    scratch = Path(tempfile.mkdtemp(prefix="cowfs-view-"))
+    temporary_upper = upper is None
+    keep = (not temporary_upper) if keep is None else keep
+    try:
+        upper_dir = Path(upper) if upper is not None else scratch / "upper"
+        upper_dir.mkdir(parents=True, exist_ok=True)
+        match_root(upper_dir, lowers[0])
+        mountpoint = Path(at) if at is not None else scratch / "view"
+        mountpoint.mkdir(exist_ok=True)
+        view = View(lowers, upper_dir.resolve(), mountpoint.resolve(), options)
+        view.mount()
+        try:
+            yield view
+        finally:
+            view.unmount()
+            if not keep:
+                from .tools.commit import empty_upper
+
+                empty_upper(upper_dir)
+    finally:
+        if temporary_upper and keep:
+            # Keep the upper, drop the rest of the scratch directory.
+            with contextlib.suppress(OSError):
+                (scratch / "view").rmdir()
+        else:
+            _remove_scratch(scratch)
+
+
+def _remove_scratch(scratch: Path) -> None:
+    """Delete the scratch directory, unless something is still mounted inside it (rmtree would
+    then delete through the mount)."""
+    from .tools.common import cowfs_mountpoints
+
+    inside = [m for m in cowfs_mountpoints() if Path(m) == scratch or scratch in Path(m).parents]
+    if inside:
+        raise CowfsError(f"{inside[0]!r} is still mounted; not removing {str(scratch)!r}")
+    shutil.rmtree(scratch, ignore_errors=True)
+

@@ -1,0 +1,107 @@
+"""``cowfs run [--upper DIR] [--keep|--discard] [--at PATH] BASE -- COMMAND...``: a disposable
+writable view.
+
+BASE is mounted (over itself, or at ``--at PATH``) with a fresh upper, COMMAND runs with its
+working directory in the view (the same place inside it when the caller's working directory is
+inside BASE), and the view is unmounted when COMMAND ends, whether it succeeded, failed, crashed
+or was interrupted. A summary of what changed goes to stderr; stdout belongs to COMMAND. The changes
+are then discarded (the default with a temporary upper) or kept (the default with ``--upper``).
+The exit status is COMMAND's (128+N when a signal N ended it; 127 when it was not found).
+
+While COMMAND runs, Ctrl-C reaches it directly (it is in the terminal's foreground process group)
+and ``cowfs run`` ignores it, as a shell does; SIGTERM and SIGHUP sent to ``cowfs run`` are passed
+on to COMMAND.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from ..api import overlay
+from ..errors import CowfsError
+from ..walk import walk
+from .diff import line, summary, visible_changes
+
+#: How many changes the summary lists one by one before it only counts them.
+SUMMARY_LINES = 20
+
+
+@contextlib.contextmanager
+def _signals_to(proc: subprocess.Popen[bytes]) -> Iterator[None]:
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+                signal.SIGHUP: signal.signal(signal.SIGHUP, forward)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def run_command(command: Sequence[str], cwd: Path) -> int:
+    try:
+        # Spawned before SIGINT is ignored here, so COMMAND gets the default disposition.
+        proc = subprocess.Popen(list(command), cwd=cwd)
+    except FileNotFoundError:
+        raise CowfsError(f"command not found: {command[0]}", 127) from None
+    except PermissionError:
+        raise CowfsError(f"command not executable: {command[0]}", 126) from None
+    with _signals_to(proc):
+        status = proc.wait()
+    return status if status >= 0 else 128 - status
+
+
+def _working_dir(base: Path, mountpoint: Path) -> Path:
+    """The caller's working directory, seen in the view when it is inside BASE."""
+    try:
+        here = Path.cwd()
+    except FileNotFoundError:
+        return mountpoint
+    if here == base or base in here.parents:
+        return mountpoint / here.relative_to(base)
+    return mountpoint
+
+
+def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | None,
+        at: Path | None, err: TextIO | None = None) -> int:
+    err = err or sys.stderr
+    if not command:
+        raise CowfsError("no command given: cowfs run BASE -- COMMAND...")
+    if not base.is_dir():
+        raise CowfsError(f"base directory {str(base)!r} does not exist"
+                         if not base.exists() else f"base {str(base)!r} is not a directory")
+    real_base = base.resolve()
+    keep_changes = (upper is not None) if keep is None else keep
+    mountpoint = at if at is not None else real_base
+    status = 0
+    with overlay(real_base, upper, at=mountpoint, keep=True) as view:
+        cwd = _working_dir(real_base, view.path)
+        status = run_command(command, cwd if cwd.is_dir() else view.path)
+    changes = visible_changes(walk(view.upper, view.lowers))
+    for change in changes[:SUMMARY_LINES]:
+        print(f"  {line(change)}", file=err)
+    if len(changes) > SUMMARY_LINES:
+        print(f"  ... and {len(changes) - SUMMARY_LINES} more", file=err)
+    what = summary(changes)
+    if keep_changes:
+        print(f"cowfs run: {what}; kept in {view.upper}", file=err)
+    else:
+        from .commit import empty_upper
+
+        empty_upper(view.upper)
+        if upper is None:
+            shutil.rmtree(view.upper.parent, ignore_errors=True)
+        print(f"cowfs run: {what}; discarded", file=err)
+    return status
+
