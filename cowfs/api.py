@@ -186,8 +186,15 @@ def overlay(base: PathLike | Sequence[PathLike], upper: PathLike | None = None, 
         upper_dir = Path(upper) if upper is not None else scratch / "upper"
         upper_dir.mkdir(parents=True, exist_ok=True)
         match_root(upper_dir, lowers[0])
-        mountpoint = Path(at) if at is not None else scratch / "view"
-        mountpoint.mkdir(exist_ok=True)
+        if at is None:
+            mountpoint = scratch / "view"
+            mountpoint.mkdir()
+        else:
+            mountpoint = Path(at)
+            if not mountpoint.is_dir():
+                raise CowfsError(f"mountpoint {str(mountpoint)!r} does not exist"
+                                 if not mountpoint.exists() else
+                                 f"mountpoint {str(mountpoint)!r} is not a directory")
         view = View(lowers, upper_dir.resolve(), mountpoint.resolve(), options)
         view.mount()
         try:

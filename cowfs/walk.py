@@ -92,6 +92,10 @@ class Modified:
     #: mode, owner, times or xattrs did.
     data: bool
     hardlink_of: str | None = None
+    #: Set for a name that the upper does not hold but the mount serves from the hard-link index
+    #: (another name of the same lower inode was copied up): the index entry's name in
+    #: ``WORK/index``, where the object's data and attributes are.
+    via_index: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +105,7 @@ class Unchanged:
     path: str
     kind: Kind
     hardlink_of: str | None = None
+    via_index: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +239,7 @@ class _Layers:
             os.close(fd)
         self._fds.clear()
 
-    def _keep(self, fd: int) -> int:
+    def keep(self, fd: int) -> int:
         self._fds.append(fd)
         return fd
 
@@ -280,7 +285,7 @@ class _Layers:
         fd = realfs.open_path(parent.fd, name)
         if fd is None:
             return None
-        return self._real(parent.layer, self._keep(fd), os.fstat(fd))
+        return self._real(parent.layer, self.keep(fd), os.fstat(fd))
 
     def probe(self, parent: _Real, name: str) -> _Real | _WhiteoutT | None:
         """Look ``name`` up in one layer's directory (the kernel's ovl_lookup_single)."""
@@ -415,12 +420,15 @@ def check_format(upper: Path) -> None:
                          f"this cowfs understands format {schema.FORMAT_VERSION!r}")
 
 
-def walk(upper: Path, lowers: Sequence[Path]) -> Iterator[Change]:
-    """Every change the upper makes to what the lowers (topmost first) show."""
+def walk(upper: Path, lowers: Sequence[Path], work: Path | None = None) -> Iterator[Change]:
+    """Every change the upper makes to what the lowers (topmost first) show. ``work`` is the
+    work directory (default: the upper's own), whose hard-link index serves some names."""
     check_format(upper)
     layers = _Layers(upper, lowers)
     try:
-        yield from _Walker(layers).run()
+        walker = _Walker(layers)
+        yield from walker.run()
+        yield from walker.indexed(work if work is not None else upper / schema.WORK_DIR_NAME)
     finally:
         layers.close()
 
@@ -429,6 +437,8 @@ class _Walker:
     def __init__(self, layers: _Layers) -> None:
         self.layers = layers
         self.links: dict[tuple[int, int], str] = {}
+        #: Upper paths seen by the walk, so that index-served names are not reported twice.
+        self.seen: set[str] = set()
 
     def run(self) -> Iterator[Change]:
         root, *lower_roots = self.layers.roots
@@ -510,6 +520,7 @@ class _Walker:
         yield from self._directory(path, real, below)
 
     def _nondir(self, path: str, real: _Real, lower: _Real | None) -> Change:
+        self.seen.add(path)
         first = None
         if real.st.st_nlink > 1:
             key = (real.st.st_dev, real.st.st_ino)
@@ -524,6 +535,97 @@ class _Walker:
         if not _same_metadata(real, lower):
             return Modified(path, real.kind, False, link)
         return Unchanged(path, real.kind, link)
+
+    # --- names served from the hard-link index --------------------------------------------------
+
+    def indexed(self, work: Path) -> Iterator[Change]:
+        """Records for the lower names of copied-up hard-linked inodes that the upper does not
+        hold: the mount serves them from the index entry (``WORK/index/<layer>-<ino>``).
+
+        Known limit: finding those names needs a scan of the lower layers for hard-linked files;
+        it is done only when the index has entries.
+        """
+        entries = _index_entries(work)
+        if not entries:
+            return
+        index_fd = os.open(work / schema.WORK_INDEX_NAME,
+                           os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for path, entry in self._indexed_names(entries):
+                mark = self.layers.mark()
+                try:
+                    record = self._indexed(path, entry, index_fd)
+                    if record is not None:
+                        yield record
+                finally:
+                    self.layers.release(mark)
+        finally:
+            os.close(index_fd)
+
+    def _indexed_names(self, entries: set[str]) -> list[tuple[str, str]]:
+        found = []
+        for root in self.layers.roots[1:]:
+            for path, st in _hard_linked_files(root.fd):
+                entry = schema.index_name(root.layer, st.st_ino)
+                if entry in entries and path not in self.seen:
+                    found.append((path, entry))
+        return sorted(set(found))
+
+    def _indexed(self, path: str, entry: str, index_fd: int) -> Change | None:
+        """The record for ``path`` if the merged view shows the indexed lower inode there."""
+        reals: tuple[_Real, ...] = tuple(self.layers.roots)
+        parts = path.split("/")
+        for i, name in enumerate(parts):
+            reals = self.layers.lookup(reals, name, "/".join(parts[: i + 1]))
+            if not reals:
+                return None
+        top = reals[0]
+        if top.layer == 0 or top.is_dir or \
+                schema.index_name(top.layer, top.st.st_ino) != entry:
+            return None
+        fd = realfs.open_path(index_fd, entry)
+        if fd is None:
+            return None
+        copy = _Real(0, self.layers.keep(fd), os.fstat(fd))
+        key = (copy.st.st_dev, copy.st.st_ino)
+        first = self.links.setdefault(key, path)
+        link = first if first != path else None
+        if not _same_data(copy, top):
+            return Modified(path, copy.kind, True, link, entry)
+        if not _same_metadata(copy, top):
+            return Modified(path, copy.kind, False, link, entry)
+        return Unchanged(path, copy.kind, link, entry)
+
+
+def _index_entries(work: Path) -> set[str]:
+    try:
+        return set(os.listdir(work / schema.WORK_INDEX_NAME))
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+def _hard_linked_files(root_fd: int) -> Iterator[tuple[str, os.stat_result]]:
+    """Regular files with several names under a layer root, by path (no symlink followed)."""
+    pending = [(".", os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd))]
+    try:
+        while pending:
+            path, fd = pending.pop()
+            try:
+                for name in realfs.list_names(fd):
+                    if path == "." and name == schema.WORK_DIR_NAME:
+                        continue
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        child = realfs.open_path(fd, name)
+                        if child is not None:
+                            pending.append((join(path, name), child))
+                    elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                        yield join(path, name), st
+            finally:
+                os.close(fd)
+    finally:
+        for _, fd in pending:
+            os.close(fd)
 
 
 # --- the merged view, read offline ---------------------------------------------------------------

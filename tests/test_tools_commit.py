@@ -125,3 +125,20 @@ def test_reset_paths(workspace: Workspace) -> None:
     assert "renamed" not in after
     assert after["new.txt"] == changed["new.txt"]
     assert_user_error(cowfs("reset", ws.upper, "../escape", "-y"), "'..'")
+
+
+def test_commit_keeps_lower_hard_links_one_file(workspace: Workspace) -> None:
+    """A copied-up lower hard link: the mount serves the other names from its index; the commit
+    must write every name, as one file."""
+    ws = workspace
+    with cowfs_mount([ws.base], ws.upper, ws.mnt):
+        with open(ws.mnt / "hard/one", "a") as f:
+            f.write("more\n")
+        before = merged_view(ws.mnt)
+    assert not (ws.upper / "hard/two").exists()  # served from the index
+    diff = cowfs("diff", "--lower", ws.base, ws.upper)
+    assert diff.out == "M  hard/one\nM  hard/two\n"
+    assert cowfs("commit", ws.upper, "--into", ws.base, "-y").status == 0
+    assert (ws.base / "hard/two").read_text() == "base:hard/one" + "more\n"
+    assert (ws.base / "hard/one").stat().st_ino == (ws.base / "hard/two").stat().st_ino
+    assert view_of([ws.base], ws.upper, ws.mnt) == before

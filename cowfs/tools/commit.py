@@ -65,6 +65,8 @@ class Step:
     #: STAGE/MOVE: the staging slot; LINK: the path linked to; MOVE: also the old path (shown).
     arg: str = ""
     shown_from: str = ""
+    #: WRITE/ATTRS of a name the mount served from the hard-link index: the index entry to read.
+    index: str | None = None
 
     def describe(self) -> str | None:
         if self.op is Op.STAGE:
@@ -102,12 +104,14 @@ def plan_commit(records: Sequence[Change]) -> list[Step]:
                   | Modified(path=path, hardlink_of=str(first))
                   | Unchanged(path=path, hardlink_of=str(first))):
                 steps.append(Step(Op.LINK, path, first))
-            case Added(path=path) | Modified(path=path, data=True):
+            case Added(path=path):
                 steps.append(Step(Op.WRITE, path))
+            case Modified(path=path, data=True, via_index=index):
+                steps.append(Step(Op.WRITE, path, index=index))
             case Modified(path=path, kind=Kind.DIR):
                 dirs.append(path)
-            case Modified(path=path):
-                steps.append(Step(Op.ATTRS, path))
+            case Modified(path=path, via_index=index):
+                steps.append(Step(Op.ATTRS, path, index=index))
             case Deleted(path=path):
                 steps.append(Step(Op.REMOVE, path))
             case Renamed(path=path, source=source):
@@ -205,6 +209,7 @@ class _Applier:
     def __init__(self, upper: Path, base: Path) -> None:
         self.upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.base_fd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.index_path = f"{schema.WORK_DIR_NAME}/{schema.WORK_INDEX_NAME}"
         self.staging = f".cowfs-commit-{os.getpid()}"
         self.staged: list[Step] = []
 
@@ -245,8 +250,12 @@ class _Applier:
                 realfs.unlink(dirfd, name)
             realfs.mkdir(dirfd, name, 0o700)
 
+    def _source(self, step: Step) -> str:
+        """Where the object to copy is, relative to the upper."""
+        return step.path if step.index is None else f"{self.index_path}/{step.index}"
+
     def _write(self, step: Step) -> None:
-        with common.parent_of(self.upper_fd, step.path) as (ufd, uname), \
+        with common.parent_of(self.upper_fd, self._source(step)) as (ufd, uname), \
                 common.parent_of(self.base_fd, step.path) as (dirfd, name):
             build_copy(ufd, uname, dirfd, name)
 
@@ -258,7 +267,7 @@ class _Applier:
             realfs.rename(dirfd, temp, dirfd, name)
 
     def _attrs(self, step: Step) -> None:
-        with common.parent_of(self.upper_fd, step.path) if step.path != "." else \
+        with common.parent_of(self.upper_fd, self._source(step)) if step.path != "." else \
                 contextlib.nullcontext((self.upper_fd, ".")) as (ufd, uname), \
                 common.parent_of(self.base_fd, step.path) if step.path != "." else \
                 contextlib.nullcontext((self.base_fd, ".")) as (dirfd, name):

@@ -184,6 +184,17 @@ def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path],
                     for visible in merged_tree(upper, lowers, path):
                         writer.object(visible.path, visible.fd, visible.st)
                     materialized.append(path)
+                case Modified(path=path, via_index=str(entry)) | Unchanged(
+                        path=path, via_index=str(entry)):
+                    for parent in _parents(path):
+                        if parent not in writer.added and os.path.lexists(upper / parent):
+                            add_upper(parent)  # a directory the upper lacks needs no entry
+                    fd = _open_upper(upper_fd, f"{schema.WORK_DIR_NAME}/"
+                                     f"{schema.WORK_INDEX_NAME}/{entry}")
+                    try:
+                        writer.object(path, fd, os.fstat(fd))
+                    finally:
+                        os.close(fd)
                 case Added(path=path) | Modified(path=path) | Unchanged(path=path) | Replaced(
                         path=path):
                     if path == ".":
@@ -488,7 +499,10 @@ def import_layer(archive: str, dest: Path, *, out: TextIO | None = None) -> int:
                         extractor.member(tar, info)
                         count += 1
             except _CORRUPT as e:
-                raise CowfsError(f"{archive}: corrupt or not a tar archive: {e}") from None
+                # tarfile's "r:*" lists every method it tried, one per line; the last is tar's.
+                reason = str(e).strip().splitlines()[-1].removeprefix("- ") if str(e) else \
+                    type(e).__name__
+                raise CowfsError(f"{archive}: corrupt or not a tar archive: {reason}") from None
             extractor.finish()
             os.setxattr(temp, schema.XATTR_FORMAT, schema.FORMAT_VERSION)
         finally:

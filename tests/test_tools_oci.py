@@ -1,0 +1,172 @@
+"""``cowfs export`` and ``cowfs import``: OCI layer tars out of an upper and back into a cowfs
+layer. Round trips (export, import, stack the imported layer on the base: the same view), the tar's
+whiteout conventions, a hand-made Docker-style layer, and corrupt or unsafe archives refused with
+nothing left behind."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import pytest
+from support import cowfs_mount, merged_view
+from tools_support import (
+    Workspace,
+    assert_user_error,
+    cowfs,
+    make_changes,
+    unchanged,
+    view_of,
+    workspace,
+)
+
+__all__ = ["workspace"]
+
+
+@pytest.mark.parametrize("name", ["layer.tar", "layer.tar.gz"])
+def test_export_import_round_trip(workspace: Workspace, name: str) -> None:
+    ws = workspace
+    with cowfs_mount([ws.base], ws.upper, ws.mnt):
+        make_changes(ws.mnt)
+        with open(ws.mnt / "hard/one", "a") as f:
+            f.write("more\n")
+        before = merged_view(ws.mnt)
+    archive = ws.root / name
+    with unchanged(ws.base, "the base"), unchanged(ws.upper, "the upper"):
+        exported = cowfs("export", "--lower", ws.base, ws.upper, "-o", archive)
+    assert exported.status == 0, exported
+    layer = ws.root / "imported"
+    imported = cowfs("import", archive, layer)
+    assert imported.status == 0, imported
+    empty = ws.fresh("empty-upper")
+    with unchanged(ws.base, "the base"), unchanged(layer, "the imported layer"):
+        assert view_of([layer, ws.base], empty, ws.mnt) == before
+
+
+def test_export_writes_oci_whiteouts_opaque_markers_and_hard_links(workspace: Workspace) -> None:
+    ws = workspace
+    with cowfs_mount([ws.base], ws.upper, ws.mnt):
+        make_changes(ws.mnt)
+    archive = ws.root / "layer.tar"
+    assert cowfs("export", "--lower", ws.base, ws.upper, "-o", archive).status == 0
+    with tarfile.open(archive) as tar:
+        members = {m.name.removeprefix("./"): m for m in tar.getmembers()}
+    assert members[".wh.b.txt"].isfile()
+    assert members[".wh.old"].size == 0  # the renamed directory's old name
+    assert "dir/.wh.sub" in members
+    assert "opq/.wh..wh..opq" in members
+    assert "renamed/.wh..wh..opq" in members  # renames are written whole: OCI has none
+    assert {"renamed/inner/z", "renamed/keep", "renamed/added"} <= set(members)
+    hardlink = members["newdir/nested/hardlink"]
+    assert hardlink.islnk()
+    assert hardlink.linkname.removeprefix("./") == "new.txt"
+    assert members["dir/x"].pax_headers["SCHILY.xattr.user.comment"] == "hello"
+    assert not any(".cowfs-work" in n or "overlay" in str(m.pax_headers)
+                   for n, m in members.items())
+
+
+def _tar(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in entries:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+def _entry(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    return info
+
+
+def test_import_of_a_docker_style_layer(workspace: Workspace) -> None:
+    """Whiteouts and opaque markers become the cowfs format; the kernel-style view results."""
+    ws = workspace
+    data = _tar([
+        (_entry("dir", tarfile.DIRTYPE), None),
+        (_entry("dir/.wh.x"), b""),
+        (_entry("opq", tarfile.DIRTYPE), None),
+        (_entry("opq/.wh..wh..opq"), b""),
+        (_entry("opq/only"), b"only\n"),
+        (_entry(".wh.b.txt"), b""),
+        (_entry("usr/bin/tool"), b"#!/bin/sh\n"),
+        (_entry("usr/bin/alias", tarfile.SYMTYPE, "/usr/bin/tool"), None),
+        (_entry("usr/bin/hard", tarfile.LNKTYPE, "usr/bin/tool"), None),
+        (_entry(".wh..wh.plnk", tarfile.DIRTYPE), None),
+    ])
+    archive = ws.root / "docker.tar"
+    archive.write_bytes(data)
+    layer = ws.root / "layer"
+    assert cowfs("import", archive, layer).status == 0
+    assert os.getxattr(layer / "dir", "user.overlay.opaque") == b"x"
+    assert os.getxattr(layer / "dir/x", "user.overlay.whiteout") == b""
+    assert os.getxattr(layer / "opq", "user.overlay.opaque") == b"y"
+    with cowfs_mount([layer, ws.base], ws.upper, ws.mnt):
+        assert not (ws.mnt / "b.txt").exists()
+        assert not (ws.mnt / "dir/x").exists()
+        assert (ws.mnt / "dir/sub/deep").exists()
+        assert os.listdir(ws.mnt / "opq") == ["only"]
+        assert os.readlink(ws.mnt / "usr/bin/alias") == "/usr/bin/tool"
+        assert (ws.mnt / "usr/bin/hard").stat().st_nlink == 2
+        assert not (ws.mnt / ".wh..wh.plnk").exists()
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([(_entry("/etc/passwd"), b"x")], "absolute path"),
+        ([(_entry("a/../../escape"), b"x")], "'..'"),
+        ([(_entry("h", tarfile.LNKTYPE, "../outside"), None)], "'..'"),
+        ([(_entry("h", tarfile.LNKTYPE, "/etc/passwd"), None)], "absolute path"),
+        ([(_entry("h", tarfile.LNKTYPE, "nothing"), None)], "hard link"),
+        ([(_entry("sl", tarfile.SYMTYPE, "/etc"), None), (_entry("sl/passwd"), b"x")],
+         "refusing to write through it"),
+        ([(_entry("ok"), b"x"), (_entry(".wh.."), b"")], "whiteout"),
+    ],
+    ids=["absolute", "dotdot", "link-dotdot", "link-absolute", "link-nothing",
+         "through-symlink", "whiteout-dotdot"],
+)
+def test_import_refuses_unsafe_members(workspace: Workspace, entries: list, message: str) -> None:
+    ws = workspace
+    archive = ws.root / "evil.tar"
+    archive.write_bytes(_tar(entries))
+    layer = ws.root / "layer"
+    with unchanged(ws.root / "base", "the base"):
+        assert_user_error(cowfs("import", archive, layer), "unsafe member", message)
+    assert not layer.exists()
+    assert sorted(os.listdir(ws.root)) == ["base", "evil.tar", "mnt", "upper"]
+
+
+def test_import_of_a_corrupt_or_missing_archive(workspace: Workspace) -> None:
+    ws = workspace
+    good = _tar([(_entry(f"f{i}"), os.urandom(3000)) for i in range(5)])
+    corrupt = ws.root / "corrupt.tar"
+    corrupt.write_bytes(good[: len(good) // 2])
+    layer = ws.root / "layer"
+    assert_user_error(cowfs("import", corrupt, layer), "corrupt")
+    (ws.root / "junk.tar").write_bytes(b"this is not a tar archive at all" * 40)
+    assert_user_error(cowfs("import", ws.root / "junk.tar", layer), "corrupt")
+    assert not layer.exists()
+    assert not any(n.startswith(".layer") for n in os.listdir(ws.root))
+    assert_user_error(cowfs("import", ws.root / "missing.tar", layer), "does not exist")
+    (ws.root / "full").mkdir()
+    (ws.root / "full/x").write_text("keep me")
+    (ws.root / "ok.tar").write_bytes(good)
+    assert_user_error(cowfs("import", ws.root / "ok.tar", ws.root / "full"), "not an empty")
+    assert (ws.root / "full/x").read_text() == "keep me"
+
+
+def test_export_bad_input(workspace: Workspace) -> None:
+    ws = workspace
+    assert_user_error(cowfs("export", ws.root / "nothing", "-o", ws.root / "x.tar"),
+                      "does not exist")
+    assert_user_error(cowfs("export", "--lower", ws.base, ws.upper, "-o",
+                            ws.root / "no/such/dir/x.tar"), "does not exist")
+    assert_user_error(cowfs("export", "--lower", ws.base, ws.upper, "-o", ws.root / "x.tar.zst"),
+                      "zstd")
+    assert not (ws.root / "x.tar").exists()

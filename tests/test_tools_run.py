@@ -1,0 +1,118 @@
+"""``cowfs run``: a disposable writable view around a command. The base is never modified, the
+command's exit status is passed on, the view is unmounted after success, failure, a crash, a
+command that does not exist and Ctrl-C, and the changes are kept or discarded as asked."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from support import find_cowfs, mounted_fstype, wait_until
+from tools_support import Workspace, assert_user_error, cowfs, unchanged, workspace
+
+__all__ = ["workspace"]
+
+
+def cowfs_mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f
+                if " - fuse.cowfs " in line and line.split()[4].startswith(str(path))]
+
+
+def test_run_over_the_base_discards_by_default(workspace: Workspace) -> None:
+    ws = workspace
+    script = "echo changed > a.txt; rm b.txt; mkdir new; pwd; exit 3"
+    with unchanged(ws.base, "the base"):
+        result = cowfs("run", ws.base, "--", "sh", "-c", script)
+    assert result.status == 3
+    assert result.out == f"{ws.base}\n"  # the command ran in the view, at the base's own path
+    assert result.err.splitlines() == ["  M  a.txt", "  D  b.txt", "  A  new/",
+                                       "cowfs run: 1 added, 1 modified, 1 deleted; discarded"]
+    assert mounted_fstype(ws.base) is None
+
+
+def test_run_keeps_changes_in_the_given_upper(workspace: Workspace) -> None:
+    ws = workspace
+    kept = ws.root / "kept"
+    with unchanged(ws.base, "the base"):
+        result = cowfs("run", "--upper", kept, ws.base, "--", "sh", "-c", "echo x > new.txt")
+    assert result.status == 0, result
+    assert f"kept in {kept}" in result.err
+    assert (kept / "new.txt").read_text() == "x\n"
+    assert cowfs("diff", "--lower", ws.base, kept).out == "A  new.txt\n"
+    discarded = cowfs("run", "--discard", "--upper", kept, ws.base, "--", "true")
+    assert "discarded" in discarded.err
+    assert sorted(os.listdir(kept)) == [".cowfs-work"]
+
+
+def test_run_at_another_mountpoint_keeps_a_temporary_upper(workspace: Workspace) -> None:
+    ws = workspace
+    with unchanged(ws.base, "the base"):
+        result = cowfs("run", "--keep", "--at", ws.mnt, ws.base, "--", "sh", "-c",
+                       "cat a.txt; touch made")
+    assert result.out == "base:a.txt"
+    upper = Path(result.err.rsplit("kept in ", 1)[1].strip())
+    try:
+        assert (upper / "made").exists()
+        assert oct(upper.stat().st_mode & 0o777) == oct(ws.base.stat().st_mode & 0o777)
+    finally:
+        import shutil
+
+        shutil.rmtree(upper.parent)
+    assert mounted_fstype(ws.mnt) is None
+
+
+def test_run_working_directory_follows_the_caller_inside_the_base(workspace: Workspace) -> None:
+    ws = workspace
+    result = cowfs("run", ws.base, "--", "pwd", cwd=ws.base / "dir")
+    assert result.out == f"{ws.base}/dir\n"
+
+
+def test_run_unmounts_after_a_crash_and_a_missing_command(workspace: Workspace) -> None:
+    ws = workspace
+    with unchanged(ws.base, "the base"):
+        crashed = cowfs("run", ws.base, "--", sys.executable, "-c",
+                        "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+        assert crashed.status == 128 + signal.SIGSEGV
+        missing = cowfs("run", ws.base, "--", "no-such-command-anywhere")
+    assert missing.status == 127
+    assert "command not found" in missing.err
+    assert "Traceback" not in missing.err
+    assert mounted_fstype(ws.base) is None
+
+
+def test_ctrl_c_reaches_the_command_and_still_unmounts(workspace: Workspace) -> None:
+    ws = workspace
+    marker = ws.root / "started"
+    script = f"touch {marker}; echo x > /dev/null; sleep 60"
+    with unchanged(ws.base, "the base"), tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([str(find_cowfs()), "run", "--at", ws.mnt, ws.base, "--", "sh",
+                                 "-c", script], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        try:
+            assert wait_until(marker.exists, 30)
+            time.sleep(0.2)
+            os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+            status = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        err.seek(0)
+        message = err.read().decode()
+    assert status == 128 + signal.SIGINT, message
+    assert "discarded" in message
+    assert mounted_fstype(ws.mnt) is None
+
+
+def test_run_bad_input(workspace: Workspace, tmp_path: Path) -> None:
+    assert_user_error(cowfs("run", tmp_path / "missing", "--", "true"), "does not exist")
+    assert_user_error(cowfs("run", workspace.base), "no command")
+    assert_user_error(cowfs("run", "--at", tmp_path / "no/such/dir", workspace.base, "--",
+                            "true"))
+    assert not cowfs_mounts_under(tmp_path)
