@@ -113,14 +113,17 @@ class Inode:
         return self.reals
 
     def add_link(self, parent: Inode, name: str) -> None:
+        """Remember a name, as the most recently used one (dicts keep insertion order)."""
+        self.links.pop((parent.number, name), None)
         self.links[(parent.number, name)] = parent
 
     def drop_link(self, parent: Inode, name: str) -> None:
         self.links.pop((parent.number, name), None)
 
     def any_link(self) -> tuple[Inode, str] | None:
-        """A live (parent, name) under which this object is visible, for copy-up."""
-        for (_, name), parent in self.links.items():
+        """A live (parent, name) under which this object is visible, for copy-up: the most
+        recently looked up, which is the likeliest to be the one being opened."""
+        for (_, name), parent in reversed(self.links.items()):
             if parent.alive:
                 return parent, name
         return None

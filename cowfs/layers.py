@@ -77,8 +77,8 @@ class LayerStack:
     lowers: tuple[Layer, ...]
     work_fd: int
     work_path: Path
-    #: Holds the lock that keeps a second mount off these upper and work directories.
-    lock_fd: int
+    #: Hold the locks that keep a second mount off these upper and work directories.
+    lock_fds: tuple[int, ...]
     #: The hard-link index (``WORK/index``), see :class:`cowfs.copyup.CopyUp`.
     index_fd: int
 
@@ -90,7 +90,8 @@ class LayerStack:
         for layer in self.all:
             os.close(layer.root_fd)
         os.close(self.work_fd)
-        os.close(self.lock_fd)
+        for fd in self.lock_fds:
+            os.close(fd)
         os.close(self.index_fd)
 
 
@@ -124,6 +125,16 @@ def _check_user_xattrs(fd: int, path: Path) -> None:
         raise CowfsError(f"cannot write to upper directory {str(path)!r}: {e.strerror}") from None
 
 
+def check_mountpoint_outside(paths: LayerPaths, mountpoint: Path) -> None:
+    """A mountpoint strictly inside a layer would make cowfs look itself up and wait for itself.
+    Mounting exactly over a layer (in place) is fine: the layers are opened before mounting."""
+    for role, layer in [*(("lower", p) for p in paths.lowers), ("upper", paths.upper),
+                        ("work", paths.work_dir)]:
+        if mountpoint != layer and _is_inside(mountpoint, layer):
+            raise CowfsError(f"mountpoint {str(mountpoint)!r} is inside the {role} directory "
+                             f"{str(layer)!r}; mount it over the directory itself or elsewhere")
+
+
 def _validate_nesting(paths: LayerPaths, work: Path) -> None:
     upper = paths.upper.resolve()
     for lower in paths.lowers:
@@ -153,12 +164,11 @@ def _private_dir(work_fd: int, work: Path, name: str) -> int:
 
 
 def _prepare_work(paths: LayerPaths, upper_fd: int,
-                  upper_dev: int) -> tuple[Path, int, int, int]:
+                  upper_dev: int) -> tuple[Path, int, int, int]:  # path, tmp, lock, index
     """Open (creating them if needed) cowfs's directories inside the work directory.
 
     Only ``WORK/tmp`` (cleaned at each mount) and ``WORK/index`` are ever written, so a work
-    directory shared with other tools loses nothing. The work directory is locked, so that two
-    mounts can never use the same upper and work directories at once.
+    directory shared with other tools loses nothing.
     """
     work = paths.work_dir
     if paths.work is None:
@@ -172,7 +182,7 @@ def _prepare_work(paths: LayerPaths, upper_fd: int,
             raise CowfsError(f"work directory {str(work)!r} is not on the same filesystem as the "
                              f"upper directory {str(paths.upper)!r} (copy-up renames between "
                              "them)")
-        lock_fd = _lock(fd, work)
+        lock_fd = _lock(fd, work, "work directory")
         tmp_fd = _private_dir(fd, work, schema.WORK_TMP_NAME)
         index_fd = _private_dir(fd, work, schema.WORK_INDEX_NAME)
     finally:
@@ -180,14 +190,18 @@ def _prepare_work(paths: LayerPaths, upper_fd: int,
     return work, tmp_fd, lock_fd, index_fd
 
 
-def _lock(fd: int, work: Path) -> int:
-    """Lock the work directory for as long as the returned descriptor is open (in the daemon)."""
+def _lock(fd: int, path: Path, role: str) -> int:
+    """Lock a directory for as long as the returned descriptor is open (in the daemon).
+
+    The upper and the work directory are both locked: two mounts sharing either would corrupt
+    each other (and each mount cleans its work directory's leftovers).
+    """
     lock_fd = realfs.open_dir(fd)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(lock_fd)
-        raise CowfsError(f"work directory {str(work)!r} is in use by another cowfs mount "
+        raise CowfsError(f"{role} {str(path)!r} is in use by another cowfs mount "
                          "(an upper can be mounted only once at a time)") from None
     return lock_fd
 
@@ -199,12 +213,13 @@ def open_stack(paths: LayerPaths) -> LayerStack:
     _validate_nesting(paths, paths.work_dir.resolve())
     _check_user_xattrs(upper_fd, paths.upper)
     upper_dev = os.fstat(upper_fd).st_dev
-    work, work_fd, lock_fd, index_fd = _prepare_work(paths, upper_fd, upper_dev)
+    upper_lock = _lock(upper_fd, paths.upper, "upper directory")
+    work, work_fd, work_lock, index_fd = _prepare_work(paths, upper_fd, upper_dev)
     _mark_format(upper_fd, paths.upper)
     upper = Layer(0, paths.upper, upper_fd, upper_dev)
     lowers = tuple(Layer(i + 1, p, fd, os.fstat(fd).st_dev, is_bottom=i == len(lower_fds) - 1)
                    for i, (p, fd) in enumerate(zip(paths.lowers, lower_fds, strict=True)))
-    return LayerStack(upper, lowers, work_fd, work, lock_fd, index_fd)
+    return LayerStack(upper, lowers, work_fd, work, (upper_lock, work_lock), index_fd)
 
 
 def _mark_format(upper_fd: int, path: Path) -> None:
@@ -212,5 +227,6 @@ def _mark_format(upper_fd: int, path: Path) -> None:
     if found is None:
         realfs.setxattr(upper_fd, schema.XATTR_FORMAT, schema.FORMAT_VERSION)
     elif found != schema.FORMAT_VERSION:
-        raise CowfsError(f"upper directory {str(path)!r} has cowfs layer format {found!r}; "
-                         f"this cowfs understands format {schema.FORMAT_VERSION!r}")
+        raise CowfsError(f"upper directory {str(path)!r} has cowfs layer format "
+                         f"{found.decode(errors='replace')!r}; this cowfs understands format "
+                         f"{schema.FORMAT_VERSION.decode()!r}")

@@ -28,7 +28,7 @@ import pyfuse3
 import trio
 
 from .errors import CowfsError
-from .layers import LayerPaths, LayerStack, open_stack
+from .layers import LayerPaths, LayerStack, check_mountpoint_outside, open_stack
 from .operations import Operations
 from .vfs import Overlay
 
@@ -244,4 +244,5 @@ def prepare(paths: LayerPaths, mountpoint: Path) -> tuple[LayerPaths, LayerStack
     """
     real_mountpoint = check_mountpoint(mountpoint)
     resolved = paths.resolved()
+    check_mountpoint_outside(resolved, real_mountpoint)
     return resolved, open_stack(resolved), real_mountpoint

@@ -229,6 +229,9 @@ class Namespace:
                                 lambda d, n: realfs.mkdir(d, n, stat.S_IMODE(mode)))
 
     def mknod(self, parent: Inode, name: str, mode: int, rdev: int, caller: Caller) -> Inode:
+        if schema.is_device_whiteout(mode, rdev):
+            # It would read back as a whiteout and vanish; the kernel refuses it too.
+            raise OSError(errno.EPERM, "a 0/0 character device is a whiteout", name)
         mode = stat.S_IFMT(mode) | (stat.S_IMODE(mode) & ~caller.umask)
         return self._new_object(parent, name, self._owner(parent, caller), mode,
                                 lambda d, n: realfs.mknod(d, n, mode, rdev))

@@ -23,8 +23,8 @@ from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 from . import xattrs
 from .handles import FileHandle, wants_write
 from .inodes import Inode
-from .vfs import Caller, Overlay, SetAttr
 from .readdir import DirHandle
+from .vfs import Caller, Overlay, SetAttr
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,9 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def unlink(self, parent_inode: InodeT, name: FileNameT,
                      ctx: pyfuse3.RequestContext) -> None:
-        self.overlay.namespace.unlink(self._inode(parent_inode), os.fsdecode(name))
+        # In a thread: unlinking a lower file with several names copies it into the index first.
+        await _in_thread(self.overlay.namespace.unlink, self._inode(parent_inode),
+                         os.fsdecode(name))
 
     @_errno_boundary
     async def rmdir(self, parent_inode: InodeT, name: FileNameT,
