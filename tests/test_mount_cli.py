@@ -317,6 +317,20 @@ def case_mountpoint_already_mounted(ls: LayerSet, stack: contextlib.ExitStack):
     return _standard(ls), [ls.lowers[0], ls.upper, ls.mnt]
 
 
+def case_mountpoint_inside_a_lower(ls: LayerSet, stack: contextlib.ExitStack):
+    # cowfs would look itself up through its own mount and wait for itself.
+    inner = ls.lowers[0] / "view"
+    inner.mkdir()
+    return [str(ls.lowers[0]), str(ls.upper), str(inner)], [ls.lowers[0], ls.upper]
+
+
+def case_upper_in_use_with_another_work_dir(ls: LayerSet, stack: contextlib.ExitStack):
+    other_mnt = ls.root / "other-mnt"
+    other_mnt.mkdir()
+    stack.enter_context(cowfs_mount(ls.lowers, ls.upper, other_mnt))
+    return ["--work", str(ls.work), *_standard(ls)], [ls.lowers[0]]
+
+
 BAD_INPUT: list[Case] = [
     case_lower_missing,
     case_one_of_several_lowers_missing,
@@ -329,6 +343,8 @@ BAD_INPUT: list[Case] = [
     case_work_inside_a_lower,
     case_work_on_another_filesystem,
     case_mountpoint_already_mounted,
+    case_mountpoint_inside_a_lower,
+    case_upper_in_use_with_another_work_dir,
 ]
 
 

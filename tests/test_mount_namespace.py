@@ -351,6 +351,13 @@ def test_fifo_passes_data(cowfs: CowfsMount) -> None:
     assert stat.S_ISFIFO(os.lstat(cowfs.mnt / "pipe").st_mode)
 
 
+def test_a_whiteout_device_cannot_be_made_through_the_mount(cowfs: CowfsMount) -> None:
+    with pytest.raises(PermissionError):
+        os.mknod(cowfs.mnt / "wh", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    assert not os.path.lexists(cowfs.mnt / "wh")
+    assert not os.path.lexists(cowfs.upper / "wh")
+
+
 def test_device_nodes(cowfs: CowfsMount) -> None:
     os.mknod(cowfs.mnt / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
     os.mknod(cowfs.mnt / "blk", stat.S_IFBLK | 0o600, os.makedev(7, 200))
