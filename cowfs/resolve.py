@@ -14,7 +14,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
@@ -90,28 +90,37 @@ def stack_for_name(probes: Iterable[Probe[T]]) -> tuple[list[T], T | None]:
     return taken, None
 
 
-def read_dir_mark(fd: int, layer: Layer) -> schema.DirMark:
-    """A directory's opaque mark. The upper holds only cowfs's own (user.*) spelling."""
-    names = (schema.XATTR_OPAQUE,) if layer.is_upper else schema.overlay_xattr_names("opaque")
+def _overlay_xattr(fd: int, layer: Layer, suffix: str, present: Container[str]) -> bytes | None:
+    """The value of an overlay xattr, in the spellings honoured for this layer (the upper holds
+    only cowfs's own ``user.*`` one). ``present`` is the object's listxattr: one system call
+    instead of one per spelling, for the usual directory that has none."""
+    names = (schema.USER_OVERLAY + suffix,) if layer.is_upper else (
+        schema.overlay_xattr_names(suffix))
     for name in names:
-        value = realfs.getxattr(fd, name)
-        if value is not None:
-            return schema.dir_mark(value)
-    return schema.DirMark.PLAIN
-
-
-def read_redirect(fd: int, layer: Layer) -> schema.Redirect | None:
-    """A directory's redirect. It is untrusted input: an invalid one is refused, never followed."""
-    names = (schema.XATTR_REDIRECT,) if layer.is_upper else schema.overlay_xattr_names("redirect")
-    for name in names:
-        value = realfs.getxattr(fd, name)
-        if value is not None:
-            try:
-                return schema.parse_redirect(value)
-            except ValueError as e:
-                log.warning("refusing invalid redirect in layer %s: %s", layer.path, e)
-                raise OSError(errno.EIO, "invalid redirect") from None
+        if name in present:
+            value = realfs.getxattr(fd, name)
+            if value is not None:
+                return value
     return None
+
+
+def read_dir_mark(fd: int, layer: Layer, present: Container[str] | None = None) -> schema.DirMark:
+    """A directory's opaque mark."""
+    if present is None:
+        present = set(realfs.listxattr(fd))
+    return schema.dir_mark(_overlay_xattr(fd, layer, "opaque", present))
+
+
+def read_redirect(fd: int, layer: Layer, present: Container[str]) -> schema.Redirect | None:
+    """A directory's redirect. It is untrusted input: an invalid one is refused, never followed."""
+    value = _overlay_xattr(fd, layer, "redirect", present)
+    if value is None:
+        return None
+    try:
+        return schema.parse_redirect(value)
+    except ValueError as e:
+        log.warning("refusing invalid redirect in layer %s: %s", layer.path, e)
+        raise OSError(errno.EIO, "invalid redirect") from None
 
 
 def _is_xattr_whiteout(fd: int, layer: Layer) -> bool:
@@ -134,8 +143,9 @@ def probe(parent: Real, name: str) -> Probe[Real]:
         return WHITEOUT
     if stat.S_ISDIR(st.st_mode):
         try:
-            mark = read_dir_mark(fd, parent.layer)
-            redirect = None if parent.layer.is_bottom else read_redirect(fd, parent.layer)
+            present = set(realfs.listxattr(fd))
+            mark = read_dir_mark(fd, parent.layer, present)
+            redirect = None if parent.layer.is_bottom else read_redirect(fd, parent.layer, present)
         except BaseException:
             os.close(fd)
             raise
