@@ -98,3 +98,18 @@ clean:
 	    echo "Not cleaning: mounted inside the work tree:"; echo "$$mounted"; exit 1; fi
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
 	find . -xdev -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# --- container image (docker/) -----------------------------------------------------------------
+# Builds the image with a private Docker daemon and runs docker/smoke-test.sh in a container. It
+# takes a few minutes (debootstrap, apt, pip), so it is not part of `make test`. Needs root and
+# the Debian packages docker.io and debootstrap (installed here when missing).
+.PHONY: docker-test
+docker-test:
+	@for pkg in docker.io debootstrap; do \
+	    [[ "$$(dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null || true)" == "install ok installed" ]] \
+	        || missing="$${missing:-} $$pkg"; \
+	done; \
+	if [[ -n "$${missing:-}" ]]; then \
+	    $(SUDO) apt-get update; \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; fi
+	$(SUDO) bash docker/test.sh
