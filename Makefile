@@ -42,7 +42,7 @@ system-packages:
 	fi; \
 	missing=""; \
 	for pkg in $(APT_PACKAGES); do \
-	    dpkg -s "$$pkg" 2>/dev/null | grep -q '^Status: install ok installed' \
+	    [[ "$$(dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null || true)" == "install ok installed" ]] \
 	        || missing="$$missing $$pkg"; \
 	done; \
 	if [[ -n "$$missing" ]]; then \
