@@ -32,6 +32,7 @@ help:
 	@echo 'make check   lint + test'
 	@echo 'make setup   Debian packages + .venv with cowfs installed editable'
 	@echo 'make helper  symlink $(MOUNT_HELPER) for mount -t fuse.cowfs (root)'
+	@echo 'make docker-test  build the container image and smoke-test it (own Docker engine)'
 	@echo 'make clean   remove .venv and caches'
 
 setup: system-packages $(STAMP)
