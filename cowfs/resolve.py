@@ -111,6 +111,15 @@ def read_dir_mark(fd: int, layer: Layer, present: Container[str] | None = None) 
     return schema.dir_mark(_overlay_xattr(fd, layer, "opaque", present))
 
 
+class InvalidRedirectError(OSError):
+    """A redirect that the lookup refuses: ``EIO``, as the kernel answers. ``reason`` says why, for
+    the offline tools, which report such a directory as a flaw of the layer instead of failing."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(errno.EIO, "invalid redirect")
+        self.reason = reason
+
+
 def read_redirect(fd: int, layer: Layer, present: Container[str]) -> schema.Redirect | None:
     """A directory's redirect. It is untrusted input: an invalid one is refused, never followed."""
     value = _overlay_xattr(fd, layer, "redirect", present)
@@ -120,10 +129,12 @@ def read_redirect(fd: int, layer: Layer, present: Container[str]) -> schema.Redi
         return schema.parse_redirect(value)
     except ValueError as e:
         log.warning("refusing invalid redirect in layer %s: %s", layer.path, e)
-        raise OSError(errno.EIO, "invalid redirect") from None
+        raise InvalidRedirectError(str(e)) from None
 
 
-def _is_xattr_whiteout(fd: int, layer: Layer) -> bool:
+def has_whiteout_xattr(fd: int, layer: Layer) -> bool:
+    """Whether an object carries the whiteout xattr. :func:`probe` honours it only in a directory
+    marked ``xwhiteouts``; the offline check also looks for it elsewhere, as a flaw."""
     names = (schema.XATTR_WHITEOUT,) if layer.is_upper else schema.overlay_xattr_names("whiteout")
     return any(realfs.getxattr(fd, name) is not None for name in names)
 
@@ -137,7 +148,7 @@ def probe(parent: Real, name: str) -> Probe[Real]:
     if schema.is_device_whiteout(st.st_mode, st.st_rdev) or (
         parent.mark is schema.DirMark.XWHITEOUTS
         and schema.may_be_xattr_whiteout(st.st_mode, st.st_size)
-        and _is_xattr_whiteout(fd, parent.layer)
+        and has_whiteout_xattr(fd, parent.layer)
     ):
         os.close(fd)
         return WHITEOUT
@@ -152,6 +163,16 @@ def probe(parent: Real, name: str) -> Probe[Real]:
         real = Real(parent.layer, fd, st.st_mode, mark, redirect)
         return Found(real, True, mark is schema.DirMark.OPAQUE)
     return Found(Real(parent.layer, fd, st.st_mode, nlink=st.st_nlink), False)
+
+
+def root_real(layer: Layer) -> Real:
+    """A layer root as a lookup parent, held by a descriptor of its own. The merged root merges
+    every layer's root whatever their marks say (as the kernel does): opaque has no meaning on a
+    layer root, only the ``xwhiteouts`` mark matters there."""
+    fd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.root_fd)
+    mark = read_dir_mark(fd, layer)
+    return Real(layer, fd, os.fstat(fd).st_mode,
+                schema.DirMark.PLAIN if mark is schema.DirMark.OPAQUE else mark)
 
 
 def is_hidden_name(parent_is_root: bool, name: str) -> bool:
@@ -218,9 +239,23 @@ def resolve(parents: tuple[Real, ...], roots: tuple[Real, ...], name: str) -> tu
     """The real objects behind ``name`` in a merged directory made of ``parents`` (topmost first).
 
     ``roots`` are the layer roots, for absolute redirects. The caller owns the returned
-    descriptors.
+    descriptors. A refused redirect raises :class:`InvalidRedirectError` after directories above
+    it were taken: what was opened is closed then, or each such lookup would leak descriptors.
     """
-    taken, rejected = stack_for_name(_probes(parents, roots, name))
+    opened: list[Real] = []
+
+    def probes() -> Iterator[Probe[Real]]:
+        for found in _probes(parents, roots, name):
+            if isinstance(found, Found):
+                opened.append(found.obj)
+            yield found
+
+    try:
+        taken, rejected = stack_for_name(probes())
+    except BaseException:
+        for real in opened:
+            os.close(real.fd)
+        raise
     if rejected is not None:
         os.close(rejected.fd)
     return tuple(taken)

@@ -25,7 +25,7 @@ from .inodes import Inode, InodeNumbers, InodeTable
 from .layers import LayerStack
 from .namespace import Caller, Namespace
 from .readdir import DirHandle
-from .resolve import Real, read_dir_mark
+from .resolve import root_real
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +49,11 @@ class Overlay:
 
     def __init__(self, stack: LayerStack, *, sync: bool = True) -> None:
         self.stack = stack
-        self.table = InodeTable(self._root_reals(stack), InodeNumbers(stack.all))
+        self.table = InodeTable(tuple(root_real(layer) for layer in stack.all),
+                                InodeNumbers(stack.all))
         self.copy_up = CopyUp(stack, self.table, sync=sync)
         self.namespace = Namespace(stack, self.table, self.copy_up)
         self.copy_up.work.clean()
-
-    @staticmethod
-    def _root_reals(stack: LayerStack) -> tuple[Real, ...]:
-        """The root merges every layer's root, whatever their marks say (as the kernel does)."""
-        reals = []
-        for layer in stack.all:
-            fd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.root_fd)
-            reals.append(Real(layer, fd, os.fstat(fd).st_mode, read_dir_mark(fd, layer)))
-        # Opaque has no meaning on a layer root; only the xwhiteouts mark matters there.
-        return tuple(r if r.mark is not schema.DirMark.OPAQUE else Real(r.layer, r.fd, r.mode)
-                     for r in reals)
 
     def close(self) -> None:
         self.stack.close()

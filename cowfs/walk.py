@@ -11,8 +11,9 @@ merge until one is opaque, and a directory's ``overlay.redirect`` sends the look
 below it to another path). Objects that are only in the lowers are never visited: they did not
 change.
 
-The layer format is read only through :mod:`cowfs.schema` (names and the interpretation of values);
-objects are reached by ``O_PATH`` descriptors relative to their parent, never following a symlink.
+What the layers show at a place is looked up with :mod:`cowfs.resolve`, the mount's own lookup, on
+layers opened read-only (no lock, no work directory); objects are reached by ``O_PATH`` descriptors
+relative to their parent, never following a symlink.
 
 Known limits:
 
@@ -21,7 +22,10 @@ Known limits:
 * directory times are not compared (creating or removing a child changes them, and copy-up of a
   child does not), so a directory is reported as modified only for its mode, owner or xattrs;
 * symlink times are not compared either (copy-up does not keep them on every filesystem);
-* the kernel's ``metacopy`` upper files (data still in a lower) are not understood.
+* the kernel's ``metacopy`` upper files (data still in a lower) are not understood;
+* a redirect that the lookup refuses is reported (:attr:`Problem.BAD_REDIRECT`); the directory
+  that holds it is then walked as if opaque (as ``cowfs check --repair`` leaves it), though the
+  mount answers ``EIO`` there; under a :class:`Renamed` directory, :func:`merged_tree` fails.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from . import realfs, schema
+from . import realfs, resolve, schema
 from .errors import CowfsError
+from .layers import Layer
+from .resolve import Found, Real
 
 _CHUNK = 1 << 20
 
@@ -164,80 +170,55 @@ def join(parent: str, name: str) -> str:
     return name if parent == "." else f"{parent}/{name}"
 
 
-# --- real objects of the layers ------------------------------------------------------------------
+def redirect_source(path: str, redirect: schema.Redirect) -> str:
+    """The path (from the layer root) whose lower content a directory at ``path`` with
+    ``redirect`` shows."""
+    if redirect.absolute:
+        return "/".join(redirect.components)
+    return join(posixpath.dirname(path) or ".", redirect.components[0])
 
 
-@dataclass(frozen=True, slots=True)
-class _Real:
-    """One real object of one layer, held by an ``O_PATH`` descriptor."""
-
-    layer: int  # 0: the upper; 1...: the lowers, topmost first
-    fd: int
-    st: os.stat_result
-    mark: schema.DirMark = schema.DirMark.PLAIN
-    redirect: bytes | None = None
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.st.st_mode)
-
-    @property
-    def kind(self) -> Kind:
-        return kind_of(self.st.st_mode)
+# --- the layers, opened read-only ----------------------------------------------------------------
 
 
-class _WhiteoutT:
-    pass
-
-
-_WHITEOUT = _WhiteoutT()
-
-
-@dataclass(frozen=True, slots=True)
-class _Target:
-    """Where the layers below a redirected directory look it up: an absolute path from the layer
-    root, or another name in the same parent."""
-
-    path: str
-    absolute: bool
-
-
-def parse_redirect(value: bytes) -> _Target | str:
-    """A redirect's target, or why it is refused (it is untrusted input, as any layer content)."""
+def _open_root(path: Path, role: str) -> int:
     try:
-        parsed = schema.parse_redirect(value)
-    except ValueError as e:
-        return str(e)
-    return _Target("/".join(parsed.components), parsed.absolute)
+        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CowfsError(f"{role} directory {str(path)!r} does not exist") from None
+    except NotADirectoryError:
+        raise CowfsError(f"{role} {str(path)!r} is not a directory") from None
+    except OSError as e:
+        raise CowfsError(f"cannot read {role} directory {str(path)!r}: {e.strerror}") from None
 
 
-class _Layers:
-    """The opened layer roots and the lookup rule over them. Owns every descriptor it opens."""
+class _Stack:
+    """The layers and their roots, for :mod:`cowfs.resolve`; owns every descriptor the walk holds.
+
+    Not :func:`cowfs.layers.open_stack`: that locks the upper and creates the work directory, and
+    the offline tools must not write.
+    """
 
     def __init__(self, upper: Path, lowers: Sequence[Path]) -> None:
         self._fds: list[int] = []
-        self.roots: list[_Real] = []
-        for index, path in enumerate((upper, *lowers)):
-            role = "upper" if index == 0 else "lower"
-            try:
-                fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                self.close()
-                raise CowfsError(f"{role} directory {str(path)!r} does not exist") from None
-            except NotADirectoryError:
-                self.close()
-                raise CowfsError(f"{role} {str(path)!r} is not a directory") from None
-            except OSError as e:
-                self.close()
-                raise CowfsError(f"cannot read {role} directory {str(path)!r}: {e.strerror}") \
-                    from None
-            self._fds.append(fd)
-            self.roots.append(self._real(index, fd, os.fstat(fd)))
+        paths = (upper, *lowers)
+        try:
+            layers = []
+            for index, path in enumerate(paths):
+                fd = self.keep(_open_root(path, "upper" if index == 0 else "lower"))
+                layers.append(Layer(index, path, fd, os.fstat(fd).st_dev,
+                                    is_bottom=0 < index == len(paths) - 1))
+            roots = []
+            for layer in layers:
+                roots.append(resolve.root_real(layer))
+                self.keep(roots[-1].fd)
+            self.roots = tuple(roots)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds.clear()
+        self.release(0)
 
     def keep(self, fd: int) -> int:
         self._fds.append(fd)
@@ -253,104 +234,39 @@ class _Layers:
             os.close(fd)
         del self._fds[mark:]
 
-    def _real(self, layer: int, fd: int, st: os.stat_result) -> _Real:
-        if not stat.S_ISDIR(st.st_mode):
-            return _Real(layer, fd, st)
-        mark = schema.DirMark.PLAIN
-        for name in self._names(layer, "opaque"):
-            value = realfs.getxattr(fd, name)
-            if value is not None:
-                mark = schema.dir_mark(value)
-                break
-        redirect = None
-        for name in self._names(layer, "redirect"):
-            redirect = realfs.getxattr(fd, name)
-            if redirect is not None:
-                break
-        return _Real(layer, fd, st, mark, redirect)
+    def probe(self, parent: Real, name: str) -> resolve.Probe[Real]:
+        """``name`` in one layer's directory, whiteouts included (see :func:`resolve.probe`)."""
+        found = resolve.probe(parent, name)
+        if isinstance(found, Found):
+            self.keep(found.obj.fd)
+        return found
 
-    @staticmethod
-    def _names(layer: int, suffix: str) -> tuple[str, ...]:
-        """The upper holds only cowfs's own spelling; lowers may come from the kernel too."""
-        names = schema.overlay_xattr_names(suffix)
-        return names[:1] if layer == 0 else names
-
-    def is_xattr_whiteout(self, real: _Real) -> bool:
-        return schema.may_be_xattr_whiteout(real.st.st_mode, real.st.st_size) and any(
-            realfs.getxattr(real.fd, n) is not None
-            for n in self._names(real.layer, "whiteout"))
-
-    def open(self, parent: _Real, name: str) -> _Real | None:
-        """The object ``name`` in one layer's directory, as it is (whiteouts included)."""
-        fd = realfs.open_path(parent.fd, name)
-        if fd is None:
-            return None
-        return self._real(parent.layer, self.keep(fd), os.fstat(fd))
-
-    def probe(self, parent: _Real, name: str) -> _Real | _WhiteoutT | None:
-        """Look ``name`` up in one layer's directory (the kernel's ovl_lookup_single)."""
-        real = self.open(parent, name)
-        if real is None:
-            return None
-        if schema.is_device_whiteout(real.st.st_mode, real.st.st_rdev):
-            return _WHITEOUT
-        if parent.mark is schema.DirMark.XWHITEOUTS and self.is_xattr_whiteout(real):
-            return _WHITEOUT
-        return real
-
-    def _open_path(self, layer: int, path: str) -> tuple[_Real, str] | None:
-        """The parent directory of ``path`` in one layer (reached without following symlinks),
-        and the last name; None when a component is missing or not a directory."""
-        parent = self.roots[layer]
-        *dirs, name = path.split("/")
-        for component in dirs:
-            child = self.open(parent, component)
-            if child is None or not child.is_dir:
-                return None
-            parent = child
-        return parent, name
-
-    def lookup(self, parents: Sequence[_Real], name: str, path: str,
-               target: _Target | None = None) -> tuple[_Real, ...]:
-        """The real objects that make up ``path`` (whose parent merges ``parents``, topmost
-        first), topmost first; empty when nothing is visible. With ``target``, the lookup starts
-        at a redirect's target instead (used for an upper directory's redirect)."""
-        if parents:
-            first = parents[0].layer
-        elif target is not None and target.absolute:
-            first = 1  # an absolute redirect reaches the lowers whatever the parent is
-        else:
+    def resolve(self, parents: tuple[Real, ...], name: str) -> tuple[Real, ...]:
+        """The real objects behind ``name`` in a merged directory of ``parents`` (topmost first),
+        as the mount shows them; may raise :class:`resolve.InvalidRedirectError`."""
+        if not parents:
             return ()
-        by_layer = {p.layer: p for p in parents}
-        taken: list[_Real] = []
-        for layer in range(first, len(self.roots)):
-            found = self._probe_in(layer, by_layer.get(layer), name, target)
-            if found is None:
-                continue
-            if isinstance(found, _WhiteoutT):
-                break
-            if taken and not found.is_dir:
-                break
-            taken.append(found)
-            if not found.is_dir or found.mark is schema.DirMark.OPAQUE:
-                break
-            if found.redirect is not None:
-                parsed = parse_redirect(found.redirect)
-                if isinstance(parsed, str):
-                    break  # the mount refuses such a redirect; nothing below is shown
-                target = parsed
-        return tuple(taken)
+        taken = resolve.resolve(parents, self.roots, name)
+        for real in taken:
+            self.keep(real.fd)
+        return taken
 
-    def _probe_in(self, layer: int, parent: _Real | None, name: str,
-                  target: _Target | None) -> _Real | _WhiteoutT | None:
-        if target is None:
-            return None if parent is None else self.probe(parent, name)
-        if not target.absolute:
-            return None if parent is None else self.probe(parent, target.path)
-        where = self._open_path(layer, target.path)
-        if where is None:
-            return None
-        return self.probe(*where)
+
+@dataclass(frozen=True, slots=True)
+class _Below:
+    """What the lowers show at one path."""
+
+    #: The objects the mount merges there, topmost first; empty when nothing is there.
+    reals: tuple[Real, ...] = ()
+    #: Why what is there cannot be merged (a redirect the lookup refuses). The lookup refuses
+    #: one only on a directory, after taking nothing but directories: so it is a directory.
+    refused: str | None = None
+
+    @property
+    def kind(self) -> Kind | None:
+        if self.refused is not None:
+            return Kind.DIR
+        return kind_of(self.reals[0].mode) if self.reals else None
 
 
 # --- comparing an upper object with its lower copy -----------------------------------------------
@@ -370,40 +286,48 @@ def visible_xattrs(fd: int) -> dict[str, bytes]:
     return found
 
 
-def _same_data(upper: _Real, lower: _Real) -> bool:
-    kind = upper.kind
+def _same_data(upper: Real, lower: Real) -> bool:
+    kind = kind_of(upper.mode)
     if kind is Kind.SYMLINK:
         return realfs.readlink(upper.fd) == realfs.readlink(lower.fd)
+    a, b = upper.stat(), lower.stat()
     if kind in (Kind.CHAR, Kind.BLOCK):
-        return upper.st.st_rdev == lower.st.st_rdev
+        return a.st_rdev == b.st_rdev
     if kind is not Kind.FILE:
         return True
-    if upper.st.st_size != lower.st.st_size:
+    if a.st_size != b.st_size:
         return False
-    a = realfs.reopen(upper.fd, os.O_RDONLY)
+    x = realfs.reopen(upper.fd, os.O_RDONLY)
     try:
-        b = realfs.reopen(lower.fd, os.O_RDONLY)
+        y = realfs.reopen(lower.fd, os.O_RDONLY)
         try:
             while True:
-                x, y = os.read(a, _CHUNK), os.read(b, _CHUNK)
-                if x != y:
+                chunk = os.read(x, _CHUNK)
+                if chunk != os.read(y, _CHUNK):
                     return False
-                if not x:
+                if not chunk:
                     return True
         finally:
-            os.close(b)
+            os.close(y)
     finally:
-        os.close(a)
+        os.close(x)
 
 
-def _same_metadata(upper: _Real, lower: _Real) -> bool:
-    a, b = upper.st, lower.st
+def _same_metadata(upper: Real, lower: Real) -> bool:
+    a, b = upper.stat(), lower.stat()
     if (stat.S_IMODE(a.st_mode), a.st_uid, a.st_gid) != (stat.S_IMODE(b.st_mode), b.st_uid,
                                                           b.st_gid):
         return False
-    if upper.kind not in (Kind.DIR, Kind.SYMLINK) and a.st_mtime_ns != b.st_mtime_ns:
+    if kind_of(upper.mode) not in (Kind.DIR, Kind.SYMLINK) and a.st_mtime_ns != b.st_mtime_ns:
         return False
     return visible_xattrs(upper.fd) == visible_xattrs(lower.fd)
+
+
+def _is_xattr_whiteout(real: Real) -> bool:
+    """Whether an object that the lookup shows carries the whiteout xattr all the same."""
+    st = real.stat()
+    return schema.may_be_xattr_whiteout(st.st_mode, st.st_size) and resolve.has_whiteout_xattr(
+        real.fd, real.layer)
 
 
 # --- the walk ------------------------------------------------------------------------------------
@@ -424,117 +348,135 @@ def walk(upper: Path, lowers: Sequence[Path], work: Path | None = None) -> Itera
     """Every change the upper makes to what the lowers (topmost first) show. ``work`` is the
     work directory (default: the upper's own), whose hard-link index serves some names."""
     check_format(upper)
-    layers = _Layers(upper, lowers)
+    stack = _Stack(upper, lowers)
     try:
-        walker = _Walker(layers)
+        walker = _Walker(stack)
         yield from walker.run()
         yield from walker.indexed(work if work is not None else upper / schema.WORK_DIR_NAME)
     finally:
-        layers.close()
+        stack.close()
 
 
 class _Walker:
-    def __init__(self, layers: _Layers) -> None:
-        self.layers = layers
+    def __init__(self, stack: _Stack) -> None:
+        self.stack = stack
         self.links: dict[tuple[int, int], str] = {}
         #: Upper paths seen by the walk, so that index-served names are not reported twice.
         self.seen: set[str] = set()
 
     def run(self) -> Iterator[Change]:
-        root, *lower_roots = self.layers.roots
-        # The root merges every layer's root whatever their marks say, as the mount does.
-        lowers = tuple(_Real(r.layer, r.fd, r.st, r.mark) if r.mark is not schema.DirMark.OPAQUE
-                       else _Real(r.layer, r.fd, r.st) for r in lower_roots)
+        root, *lowers = self.stack.roots
         if lowers and not _same_metadata(root, lowers[0]):
             yield Modified(".", Kind.DIR, data=False)
-        yield from self._directory(".", root, lowers)
+        yield from self._directory(".", root, tuple(lowers))
 
-    def _directory(self, path: str, upper: _Real, lowers: tuple[_Real, ...]) -> Iterator[Change]:
+    def _directory(self, path: str, upper: Real, lowers: tuple[Real, ...]) -> Iterator[Change]:
         for name in sorted(realfs.list_names(upper.fd)):
-            if path == "." and name == schema.WORK_DIR_NAME:
+            if resolve.is_hidden_name(path == ".", name):
                 continue
-            mark = self.layers.mark()
+            mark = self.stack.mark()
             try:
-                child = self.layers.open(upper, name)
-                if child is None:
-                    continue  # removed while we looked: the walk describes a layer at rest
-                yield from self._entry(join(path, name), name, upper, child, lowers)
+                yield from self._entry(join(path, name), name, upper, lowers)
             finally:
-                self.layers.release(mark)
+                self.stack.release(mark)
 
-    def _entry(self, path: str, name: str, parent: _Real, real: _Real,
-               lowers: tuple[_Real, ...]) -> Iterator[Change]:
-        if self._is_whiteout(parent, real):
-            below = self.layers.lookup(lowers, name, path)
-            if below:
-                yield Deleted(path, below[0].kind)
-            else:
-                yield Anomaly(path, Problem.STRAY_WHITEOUT)
-            return
-        if self.layers.is_xattr_whiteout(real):
-            problem = (Problem.WHITEOUT_IN_OPAQUE if parent.mark is schema.DirMark.OPAQUE
-                       else Problem.UNMARKED_WHITEOUT)
-            yield Anomaly(path, problem)
-        if real.is_dir:
-            yield from self._dir_entry(path, name, real, lowers)
-            return
-        if real.redirect is not None:
-            yield Anomaly(path, Problem.NONDIR_REDIRECT)
-        below = self.layers.lookup(lowers, name, path)
-        yield self._nondir(path, real, below[0] if below else None)
+    def _below(self, lowers: tuple[Real, ...], name: str) -> _Below:
+        try:
+            return _Below(self.stack.resolve(lowers, name))
+        except resolve.InvalidRedirectError as e:
+            return _Below(refused=e.reason)
 
-    def _is_whiteout(self, parent: _Real, real: _Real) -> bool:
-        if schema.is_device_whiteout(real.st.st_mode, real.st.st_rdev):
-            return True
-        return parent.mark is schema.DirMark.XWHITEOUTS and self.layers.is_xattr_whiteout(real)
-
-    def _dir_entry(self, path: str, name: str, real: _Real,
-                   lowers: tuple[_Real, ...]) -> Iterator[Change]:
-        at = self.layers.lookup(lowers, name, path)
-        below: tuple[_Real, ...] = ()
-        if real.mark is schema.DirMark.OPAQUE:
-            yield Replaced(path, Kind.DIR, at[0].kind) if at else Added(path, Kind.DIR)
-        elif real.redirect is not None:
-            parsed = parse_redirect(real.redirect)
-            if isinstance(parsed, str):
-                yield Anomaly(path, Problem.BAD_REDIRECT, parsed)
-                yield Added(path, Kind.DIR)
-            else:
-                below = self.layers.lookup(lowers, name, path, parsed)
-                source = parsed.path if parsed.absolute else join(posixpath.dirname(path) or ".",
-                                                                  parsed.path)
-                if below and below[0].is_dir:
-                    yield Renamed(path, source, not _same_metadata(real, below[0]))
-                else:
-                    yield Anomaly(path, Problem.MISSING_REDIRECT, source)
-                    yield Added(path, Kind.DIR)
-                    below = ()
-        elif not at:
+    def _entry(self, path: str, name: str, parent: Real,
+               lowers: tuple[Real, ...]) -> Iterator[Change]:
+        try:
+            found = self.stack.probe(parent, name)
+        except resolve.InvalidRedirectError as e:
+            yield Anomaly(path, Problem.BAD_REDIRECT, e.reason)
             yield Added(path, Kind.DIR)
-        elif not at[0].is_dir:
-            yield Replaced(path, Kind.DIR, at[0].kind)
-        else:
-            if not _same_metadata(real, at[0]):
-                yield Modified(path, Kind.DIR, data=False)
-            below = at
-        yield from self._directory(path, real, below)
+            yield from self._refused_dir(path, name, parent)
+            return
+        if found is None:
+            return  # removed while we looked: the walk describes a layer at rest
+        if not isinstance(found, Found):
+            kind = self._below(lowers, name).kind
+            yield Deleted(path, kind) if kind is not None else Anomaly(path,
+                                                                       Problem.STRAY_WHITEOUT)
+            return
+        real = found.obj
+        if real.is_dir:
+            records, below = self._dir_records(path, name, parent, real, lowers)
+            yield from records
+            yield from self._directory(path, real, below)
+            return
+        if _is_xattr_whiteout(real):
+            yield Anomaly(path, Problem.WHITEOUT_IN_OPAQUE if parent.opaque
+                          else Problem.UNMARKED_WHITEOUT)
+        yield self._nondir(path, real, self._below(lowers, name))
 
-    def _nondir(self, path: str, real: _Real, lower: _Real | None) -> Change:
+    def _refused_dir(self, path: str, name: str, parent: Real) -> Iterator[Change]:
+        """The content of an upper directory whose own redirect the lookup refuses."""
+        fd = realfs.open_path(parent.fd, name)
+        if fd is None:
+            return
+        self.stack.keep(fd)
+        real = Real(parent.layer, fd, os.fstat(fd).st_mode,
+                    resolve.read_dir_mark(fd, parent.layer))
+        yield from self._directory(path, real, ())
+
+    def _dir_records(self, path: str, name: str, parent: Real, real: Real,
+                     lowers: tuple[Real, ...]) -> tuple[list[Change], tuple[Real, ...]]:
+        """An upper directory's records, and the lower directories merged into it."""
+        if real.redirect is not None and not real.opaque:
+            return self._renamed(path, name, parent, real.redirect, lowers)
+        at = self._below(lowers, name)
+        if real.opaque:
+            return [Added(path, Kind.DIR) if at.kind is None
+                    else Replaced(path, Kind.DIR, at.kind)], ()
+        if at.refused is not None:
+            return [Anomaly(path, Problem.BAD_REDIRECT, at.refused),
+                    Replaced(path, Kind.DIR, Kind.DIR)], ()
+        if not at.reals:
+            return [Added(path, Kind.DIR)], ()
+        top = at.reals[0]
+        if not top.is_dir:
+            return [Replaced(path, Kind.DIR, kind_of(top.mode))], ()
+        if _same_metadata(real, top):
+            return [], at.reals
+        return [Modified(path, Kind.DIR, data=False)], at.reals
+
+    def _renamed(self, path: str, name: str, parent: Real, redirect: schema.Redirect,
+                 lowers: tuple[Real, ...]) -> tuple[list[Change], tuple[Real, ...]]:
+        """A directory whose lower content comes from elsewhere: looked up as the mount does,
+        through the upper directory itself, whose redirect the lookup follows."""
+        source = redirect_source(path, redirect)
+        try:
+            merged = self.stack.resolve((parent, *lowers), name)
+        except resolve.InvalidRedirectError as e:
+            return [Anomaly(path, Problem.BAD_REDIRECT, e.reason), Added(path, Kind.DIR)], ()
+        below = merged[1:]  # only directories are merged below a directory
+        if not below:
+            return [Anomaly(path, Problem.MISSING_REDIRECT, source), Added(path, Kind.DIR)], ()
+        return [Renamed(path, source, not _same_metadata(merged[0], below[0]))], below
+
+    def _link(self, path: str, st: os.stat_result) -> str | None:
+        """For a further name of an inode that the walk met before: the first name."""
+        first = self.links.setdefault((st.st_dev, st.st_ino), path)
+        return first if first != path else None
+
+    def _nondir(self, path: str, real: Real, below: _Below) -> Change:
         self.seen.add(path)
-        first = None
-        if real.st.st_nlink > 1:
-            key = (real.st.st_dev, real.st.st_ino)
-            first = self.links.setdefault(key, path)
-        link = first if first != path else None
-        if lower is None:
-            return Added(path, real.kind, link)
-        if lower.kind is not real.kind:
-            return Replaced(path, real.kind, lower.kind)
+        link = self._link(path, real.stat()) if real.nlink > 1 else None
+        kind = kind_of(real.mode)
+        if below.kind is None:
+            return Added(path, kind, link)
+        if below.kind is not kind:
+            return Replaced(path, kind, below.kind)
+        lower = below.reals[0]
         if not _same_data(real, lower):
-            return Modified(path, real.kind, True, link)
+            return Modified(path, kind, True, link)
         if not _same_metadata(real, lower):
-            return Modified(path, real.kind, False, link)
-        return Unchanged(path, real.kind, link)
+            return Modified(path, kind, False, link)
+        return Unchanged(path, kind, link)
 
     # --- names served from the hard-link index --------------------------------------------------
 
@@ -552,49 +494,51 @@ class _Walker:
                            os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for path, entry in self._indexed_names(entries):
-                mark = self.layers.mark()
+                mark = self.stack.mark()
                 try:
                     record = self._indexed(path, entry, index_fd)
                     if record is not None:
                         yield record
                 finally:
-                    self.layers.release(mark)
+                    self.stack.release(mark)
         finally:
             os.close(index_fd)
 
     def _indexed_names(self, entries: set[str]) -> list[tuple[str, str]]:
         found = []
-        for root in self.layers.roots[1:]:
+        for root in self.stack.roots[1:]:
             for path, st in _hard_linked_files(root.fd):
-                entry = schema.index_name(root.layer, st.st_ino)
+                entry = schema.index_name(root.layer.index, st.st_ino)
                 if entry in entries and path not in self.seen:
                     found.append((path, entry))
         return sorted(set(found))
 
     def _indexed(self, path: str, entry: str, index_fd: int) -> Change | None:
         """The record for ``path`` if the merged view shows the indexed lower inode there."""
-        reals: tuple[_Real, ...] = tuple(self.layers.roots)
-        parts = path.split("/")
-        for i, name in enumerate(parts):
-            reals = self.layers.lookup(reals, name, "/".join(parts[: i + 1]))
+        reals = self.stack.roots
+        for name in path.split("/"):
+            try:
+                reals = self.stack.resolve(reals, name)
+            except resolve.InvalidRedirectError:
+                return None  # the mount answers EIO there: it shows no index entry
             if not reals:
                 return None
         top = reals[0]
-        if top.layer == 0 or top.is_dir or \
-                schema.index_name(top.layer, top.st.st_ino) != entry:
+        if top.layer.is_upper or top.is_dir or \
+                schema.index_name(top.layer.index, top.stat().st_ino) != entry:
             return None
         fd = realfs.open_path(index_fd, entry)
         if fd is None:
             return None
-        copy = _Real(0, self.layers.keep(fd), os.fstat(fd))
-        key = (copy.st.st_dev, copy.st.st_ino)
-        first = self.links.setdefault(key, path)
-        link = first if first != path else None
+        st = os.fstat(self.stack.keep(fd))
+        copy = Real(self.stack.roots[0].layer, fd, st.st_mode)
+        kind = kind_of(st.st_mode)
+        link = self._link(path, st)
         if not _same_data(copy, top):
-            return Modified(path, copy.kind, True, link, entry)
+            return Modified(path, kind, True, link, entry)
         if not _same_metadata(copy, top):
-            return Modified(path, copy.kind, False, link, entry)
-        return Unchanged(path, copy.kind, link, entry)
+            return Modified(path, kind, False, link, entry)
+        return Unchanged(path, kind, link, entry)
 
 
 def _index_entries(work: Path) -> set[str]:
@@ -612,7 +556,7 @@ def _hard_linked_files(root_fd: int) -> Iterator[tuple[str, os.stat_result]]:
             path, fd = pending.pop()
             try:
                 for name in realfs.list_names(fd):
-                    if path == "." and name == schema.WORK_DIR_NAME:
+                    if resolve.is_hidden_name(path == ".", name):
                         continue
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                     if stat.S_ISDIR(st.st_mode):
@@ -646,38 +590,38 @@ class Visible:
 def merged_tree(upper: Path, lowers: Sequence[Path], path: str) -> Iterator[Visible]:
     """Every object the overlay shows at and under ``path`` (a directory), parents first, names
     sorted: what a mount would show there, computed from the layers alone."""
-    layers = _Layers(upper, lowers)
+    stack = _Stack(upper, lowers)
     try:
-        reals: tuple[_Real, ...] = (layers.roots[0], *(
-            _Real(r.layer, r.fd, r.st, r.mark) for r in layers.roots[1:]))
+        reals = stack.roots
         if path != ".":
-            parts = path.split("/")
-            for i, name in enumerate(parts):
-                reals = layers.lookup(reals, name, "/".join(parts[: i + 1]))
+            for name in path.split("/"):
+                reals = stack.resolve(reals, name)
                 if not reals or not reals[0].is_dir:
                     raise CowfsError(f"{path!r} is not a directory of the merged view")
-        yield from _merged_children(layers, path, reals)
+        yield from _merged_children(stack, path, reals)
+    except resolve.InvalidRedirectError as e:
+        raise CowfsError(f"cannot read {path!r} of the merged view: a layer has a redirect "
+                         f"that the mount refuses ({e.reason})") from None
     finally:
-        layers.close()
+        stack.close()
 
 
-def _merged_children(layers: _Layers, path: str,
-                     reals: tuple[_Real, ...]) -> Iterator[Visible]:
+def _merged_children(stack: _Stack, path: str, reals: tuple[Real, ...]) -> Iterator[Visible]:
     names: dict[str, None] = {}
     for real in reals:
         names.update(dict.fromkeys(realfs.list_names(real.fd)))
     for name in sorted(names):
-        if path == "." and name == schema.WORK_DIR_NAME:
+        if resolve.is_hidden_name(path == ".", name):
             continue
         child = join(path, name)
-        mark = layers.mark()
+        mark = stack.mark()
         try:
-            taken = layers.lookup(reals, name, child)
+            taken = stack.resolve(reals, name)
             if not taken:
                 continue
             top = taken[0]
-            yield Visible(child, top.fd, top.st, top.layer)
+            yield Visible(child, top.fd, top.stat(), top.layer.index)
             if top.is_dir:
-                yield from _merged_children(layers, child, taken)
+                yield from _merged_children(stack, child, taken)
         finally:
-            layers.release(mark)
+            stack.release(mark)

@@ -39,7 +39,7 @@ from ..walk import (
     Renamed,
     Replaced,
     Unchanged,
-    parse_redirect,
+    redirect_source,
     walk,
 )
 from . import common
@@ -415,21 +415,23 @@ def _reset_targets(upper_fd: int, path: str) -> list[str]:
             if stat.S_ISDIR(os.fstat(found).st_mode) else None
     finally:
         os.close(found)
-    if redirect is not None:
-        target = parse_redirect(redirect)
-        if not isinstance(target, str):
-            source = target.path if target.absolute else \
-                "/".join([*path.split("/")[:-1], target.path])
-            try:
-                with common.parent_of(upper_fd, source) as (dirfd, name):
-                    old = realfs.open_path(dirfd, name)
-            except OSError:
-                old = None
-            if old is not None:
-                st = os.fstat(old)
-                os.close(old)
-                if st.st_size == 0 and not stat.S_ISDIR(st.st_mode):
-                    targets.append(source)
+    try:
+        target = schema.parse_redirect(redirect) if redirect is not None else None
+    except ValueError:
+        target = None  # the mount refuses it: it hides nothing at another name
+    if target is None:
+        return targets
+    source = redirect_source(path, target)
+    try:
+        with common.parent_of(upper_fd, source) as (dirfd, name):
+            old = realfs.open_path(dirfd, name)
+    except OSError:
+        old = None
+    if old is not None:
+        st = os.fstat(old)
+        os.close(old)
+        if st.st_size == 0 and not stat.S_ISDIR(st.st_mode):
+            targets.append(source)
     return targets
 
 
