@@ -150,7 +150,6 @@ class Problem(Enum):
     WHITEOUT_IN_OPAQUE = "whiteout in an opaque directory (shown as a file)"
     BAD_REDIRECT = "malformed or escaping redirect"
     MISSING_REDIRECT = "redirect to a directory the lowers do not have"
-    NONDIR_REDIRECT = "redirect on something that is not a directory"
 
 
 @dataclass(frozen=True, slots=True)

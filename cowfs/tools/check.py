@@ -78,7 +78,6 @@ _REPAIRS = {
     Problem.WHITEOUT_IN_OPAQUE: "delete it",
     Problem.BAD_REDIRECT: "drop the redirect and make the directory opaque",
     Problem.MISSING_REDIRECT: "drop the redirect and make the directory opaque",
-    Problem.NONDIR_REDIRECT: "drop the redirect",
 }
 
 
@@ -111,12 +110,13 @@ def _set_xattr_at(root_fd: int, path: str, name: str, value: bytes) -> None:
             os.close(fd)
 
 
-def _drop_redirect(root_fd: int, path: str, opaque: bool) -> None:
+def _drop_redirect(root_fd: int, path: str) -> None:
+    """An unusable redirect: the directory keeps only its upper content (opaque), as the mount
+    cannot show any lower content for it either."""
     with common.parent_of(root_fd, path) as (dirfd, leaf):
         fd = os.open(leaf, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         try:
-            if opaque:
-                realfs.setxattr(fd, schema.XATTR_OPAQUE, schema.OPAQUE_YES)
+            realfs.setxattr(fd, schema.XATTR_OPAQUE, schema.OPAQUE_YES)
             with contextlib.suppress(OSError):
                 realfs.removexattr(fd, schema.XATTR_REDIRECT)
         finally:
@@ -139,9 +139,7 @@ def _repair(upper: Path, finding_list: list[Finding], anomalies: list[Anomaly]) 
                     _set_xattr_at(root, a.path.rpartition("/")[0] or ".", schema.XATTR_OPAQUE,
                                   schema.OPAQUE_HAS_XWHITEOUTS)
                 case Problem.BAD_REDIRECT | Problem.MISSING_REDIRECT:
-                    _drop_redirect(root, a.path, opaque=True)
-                case Problem.NONDIR_REDIRECT:
-                    _drop_redirect(root, a.path, opaque=False)
+                    _drop_redirect(root, a.path)
     finally:
         os.close(root)
 
