@@ -55,11 +55,6 @@ def reopen(fd: int, flags: int) -> int:
     return os.open(proc_path(fd), flags | os.O_CLOEXEC)
 
 
-def close_quietly(fd: int | None) -> None:
-    if fd is not None:
-        os.close(fd)
-
-
 # --- reading --------------------------------------------------------------------------------------
 
 
