@@ -28,11 +28,13 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 help:
 	@echo 'make demo    set up, then mount a small demo overlay under /tmp and show copy-up'
 	@echo 'make test    set up, install the mount helper (root), run the tests (PYTEST_ARGS=...)'
-	@echo 'make lint    ruff check cowfs tests; mypy cowfs'
+	@echo 'make lint    ruff check cowfs tests bench; mypy cowfs'
 	@echo 'make check   lint + test'
 	@echo 'make setup   Debian packages + .venv with cowfs installed editable'
 	@echo 'make helper  symlink $(MOUNT_HELPER) for mount -t fuse.cowfs (root)'
 	@echo 'make docker-test  build the container image and smoke-test it (own Docker engine)'
+	@echo 'make bench   compare cowfs with native, overlayfs, fuse-overlayfs (root; BENCH_MODE=full)'
+	@echo 'make bench-full   the same, larger and with more repetitions (about 15 minutes)'
 	@echo 'make clean   remove .venv and caches'
 
 setup: system-packages $(STAMP)
@@ -82,7 +84,8 @@ test: setup helper
 # Both tools run even when the first fails, so one run shows every finding.
 lint: setup
 	@status=0; \
-	echo '$(VENV)/bin/ruff check cowfs tests'; $(VENV)/bin/ruff check cowfs tests || status=1; \
+	echo '$(VENV)/bin/ruff check cowfs tests bench'; \
+	$(VENV)/bin/ruff check cowfs tests bench || status=1; \
 	echo '$(VENV)/bin/mypy cowfs'; $(VENV)/bin/mypy cowfs || status=1; \
 	exit $$status
 
@@ -114,3 +117,33 @@ docker-test:
 	    $(SUDO) apt-get update; \
 	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; fi
 	$(SUDO) bash docker/test.sh
+
+# --- benchmark (bench/, docs/performance.md) ---------------------------------------------------
+# Needs root (mount -t overlay, drop_caches). Installs what cowfs is compared with: fuse-overlayfs
+# always, unionfs-fuse where the Debian mirror has it (the benchmark skips targets it lacks).
+BENCH_MODE ?= quick
+BENCH_ARGS ?=
+BENCH_APT_PACKAGES := fuse-overlayfs git tar
+.PHONY: bench bench-full bench-packages
+
+bench: setup bench-packages
+	$(VENV)/bin/python bench/run.py --mode $(BENCH_MODE) $(BENCH_ARGS)
+
+bench-full:
+	$(MAKE) bench BENCH_MODE=full
+
+bench-packages:
+	@command -v dpkg >/dev/null || exit 0; \
+	installed() { dpkg -s "$$1" 2>/dev/null | grep -q '^Status: install ok installed'; }; \
+	missing=""; \
+	for pkg in $(BENCH_APT_PACKAGES); do installed "$$pkg" || missing="$$missing $$pkg"; done; \
+	if [[ -n "$$missing" ]]; then \
+	    echo "Installing Debian packages for the benchmark:$$missing"; \
+	    $(SUDO) apt-get update; \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
+	fi; \
+	if ! installed unionfs-fuse; then \
+	    if apt-cache show unionfs-fuse >/dev/null 2>&1; then \
+	        $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y unionfs-fuse; \
+	    else echo "unionfs-fuse is not available here; the benchmark leaves it out"; fi; \
+	fi

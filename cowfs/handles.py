@@ -6,10 +6,17 @@ reader never sees stale data after another process wrote the file.
 
 An unlinked file stays readable and writable through its open handles: they hold the real
 descriptor.
+
+:meth:`FileHandle.read_cached` serves a read only if it cannot block (``RWF_NOWAIT``: the data is
+in the page cache), so the adapter can answer it without the cost of a worker thread.
+
+Known limits: ``read_cached`` declines every read on filesystems without non-blocking buffered reads
+(tmpfs, for one); those reads always take the worker-thread path.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
@@ -24,7 +31,7 @@ PASSED_FLAGS = os.O_TRUNC | os.O_SYNC | os.O_DSYNC
 class FileHandle:
     """One open of a regular file."""
 
-    __slots__ = ("_lock", "_stale_fds", "fd", "inode", "on_upper")
+    __slots__ = ("_lock", "_nowait", "_stale_fds", "fd", "inode", "on_upper")
 
     def __init__(self, inode: Inode, fd: int, on_upper: bool) -> None:
         self.inode = inode
@@ -32,6 +39,7 @@ class FileHandle:
         self.on_upper = on_upper
         self._stale_fds: list[int] = []
         self._lock = threading.Lock()
+        self._nowait = True  # until the real filesystem says it has no non-blocking reads
 
     def read_fd(self) -> int:
         """The descriptor to read from: the upper copy as soon as there is one."""
@@ -49,6 +57,26 @@ class FileHandle:
 
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self.read_fd(), size, offset)
+
+    def read_cached(self, offset: int, buf: memoryview) -> int | None:
+        """Fill ``buf`` if the page cache holds all of it: the bytes read, or None if reading
+        might block (the data is not cached, or only part of it is)."""
+        if not self._nowait:
+            return None
+        fd = self.read_fd()
+        try:
+            n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            self._nowait = False
+            return None
+        # A short read is either the end of the file or the end of what is cached.
+        if n < len(buf) and offset + n < os.fstat(fd).st_size:
+            return None
+        return n
 
     def write(self, offset: int, data: bytes) -> int:
         return os.pwrite(self.fd, data, offset)

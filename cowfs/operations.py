@@ -2,8 +2,20 @@
 
 What the filesystem looks like is decided in :mod:`cowfs.vfs`; this module converts requests
 and replies (bytes names, ``EntryAttributes``, file-handle numbers), turns ``OSError`` into
-``FUSEError`` once, and decides what runs in a worker thread: anything that may copy file data up,
-or read, write or sync file data, so that a long copy-up never stops the rest of the filesystem.
+``FUSEError`` once, and decides what runs in a worker thread: anything that may copy file data up
+or sync it, and reads that may wait for the disk, so that a long copy-up never stops the rest of the
+filesystem.
+
+Everything else runs inline on the trio loop, because a worker thread is expensive: handing a call
+to one and back costs about 100-150 µs of CPU on the benchmark machine (docs/performance.md),
+against 2-20 µs for a ``pread`` served from the page cache. So reads are first tried without
+blocking (:meth:`FileHandle.read_cached`, into one reused buffer), and writes of up to
+:data:`INLINE_WRITE_MAX` bytes go straight into the page cache of the upper file; the price is that
+a write the kernel throttles (too many dirty pages) holds up the other requests meanwhile.
+
+With the writeback cache (``writeback=True``, off by default) the kernel collects writes in its page
+cache and sends them in large batches, and it may read a file to fill a partly written page: every
+open for writing is then read-write on the real file.
 """
 
 from __future__ import annotations
@@ -14,7 +26,7 @@ import itertools
 import logging
 import os
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -63,18 +75,33 @@ async def _in_thread(fn: Callable[..., R], *args: object) -> R:
     return await trio.to_thread.run_sync(fn, *args)
 
 
+#: Writes up to this size run inline: copying them into the page cache costs less than a thread
+#: hand-off. The kernel sends at most max_write (1 MiB) per request.
+INLINE_WRITE_MAX = 1 << 20
+
+
 class Operations(pyfuse3.Operations):
     """pyfuse3 handlers for one :class:`Overlay`."""
 
     supports_dot_lookup = False
 
-    def __init__(self, overlay: Overlay, *, timeout: float) -> None:
+    def __init__(self, overlay: Overlay, *, timeout: float, writeback: bool = False,
+                 after_init: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.overlay = overlay
         self.timeout = timeout
+        #: Read by pyfuse3 when the kernel connects.
+        self.enable_writeback_cache = writeback
+        self._after_init = after_init
+        self._read_buf = bytearray(1 << 20)  # see read()
         self._numbers = itertools.count(1)
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, DirHandle] = {}
+
+    def init(self) -> None:
+        """Called while the kernel's INIT is answered; ``after_init`` runs once the answer is in."""
+        if self._after_init is not None:
+            trio.lowlevel.current_trio_token().run_sync_soon(self._after_init)
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -97,6 +124,11 @@ class Operations(pyfuse3.Operations):
         entry.st_mtime_ns = st.st_mtime_ns
         entry.st_ctime_ns = st.st_ctime_ns
         return entry
+
+    def _read_buffer(self, size: int) -> memoryview:
+        if size > len(self._read_buf):
+            self._read_buf = bytearray(size)
+        return memoryview(self._read_buf)[:size]
 
     def _negative(self) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
@@ -227,6 +259,9 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: InodeT, flags: FlagT,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._inode(inode)
+        if self.enable_writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY:
+            # The kernel reads around partial-page writes through any open handle of the file.
+            flags = FlagT(flags & ~os.O_ACCMODE | os.O_RDWR)
         if wants_write(flags) and self.overlay.needs_copy_up(node):
             handle = await _in_thread(self.overlay.open, node, int(flags))
         else:
@@ -244,11 +279,21 @@ class Operations(pyfuse3.Operations):
 
     @_errno_boundary
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
-        return await _in_thread(self._file(fh).read, off, size)
+        handle = self._file(fh)
+        view = self._read_buffer(size)
+        n = handle.read_cached(off, view)
+        if n is not None:
+            # pyfuse3 replies with any buffer, before another request can run (there is no
+            # await in between), so one buffer serves every inline read without a copy.
+            return cast(bytes, view[:n])
+        return await _in_thread(handle.read, off, size)
 
     @_errno_boundary
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
-        return await _in_thread(self._file(fh).write, off, buf)
+        handle = self._file(fh)
+        if len(buf) <= INLINE_WRITE_MAX:
+            return handle.write(off, buf)
+        return await _in_thread(handle.write, off, buf)
 
     @_errno_boundary
     async def flush(self, fh: FileHandleT) -> None:

@@ -1,0 +1,286 @@
+#!/usr/bin/env python3
+"""cowfs against native, the kernel's overlayfs, fuse-overlayfs and unionfs-fuse, side by side.
+
+Run as root (``make bench``, ``make bench-full``, or ``python bench/run.py --help``). For each
+repetition and each target, in an order rotated every repetition, it mounts the target fresh over
+one cached lower fixture with an empty upper, runs every workload in one fixed order, and unmounts.
+It prints markdown tables of medians and ratios and writes them, with every sample, to
+``bench/results/``. docs/performance.md explains the method and how to read the tables.
+
+Independent of the cowfs package on purpose: it drives ``cowfs mount`` like any user would.
+
+Known limits:
+- Numbers are wall-clock on a shared machine: compare ratios from the same run, never absolute
+  times across runs.
+- Every workload runs in a forked child with a time limit; a hung FUSE daemon is aborted through
+  /sys/fs/fuse/connections, and every mount is unmounted in ``finally`` (lazily as a last resort).
+"""
+
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from common import HERE, MODES, WORKLOAD_TIMEOUT, Params, log, run
+from fixture import Fixture, fixture
+from report import Samples, machine, median, report
+from targets import (
+    Cowfs,
+    FuseOverlayfs,
+    KernelOverlay,
+    Mounted,
+    Native,
+    Target,
+    Unionfs,
+    fuse_abort,
+    mounts_under,
+)
+from workloads import (
+    Ctx,
+    Workload,
+    drop_caches,
+    in_child,
+    open_fds,
+    proc_status,
+    settle,
+    walk,
+    workloads,
+)
+
+# --- one session: mount, every workload, unmount ---------------------------------------------
+
+
+@contextlib.contextmanager
+def mounted(target: Target, fx: Fixture, scratch: Path) -> Iterator[Mounted]:
+    session = Path(tempfile.mkdtemp(prefix=f"{target.name}-", dir=scratch))
+    m: Mounted | None = None
+    try:
+        m = target.mount(fx, session)
+        yield m
+    finally:
+        try:
+            if m is not None:
+                target.unmount(m)
+        finally:
+            left = mounts_under(session)
+            for point in left:  # last resort: never leave a mount behind
+                log(f"still mounted: {point}; unmounting lazily")
+                subprocess.run(["umount", "-l", point], timeout=60, check=False)
+            if mounts_under(session):
+                log(f"not removing {session}: something is still mounted in it")
+            else:
+                shutil.rmtree(session, ignore_errors=True)
+
+
+def abort_if_fuse(m: Mounted) -> None:
+    if m.fuse:
+        fuse_abort(m.view)
+
+
+def session(target: Target, fx: Fixture, params: Params, scratch: Path, samples: Samples,
+            selected: list[Workload], profile: Path | None, rep: int) -> None:
+    with mounted(target, fx, scratch) as m:
+        ctx = Ctx(m.view, fx, params, m.pid)
+        for w in selected:
+            if w.cold:
+                drop_caches()
+                settle(m.pid)
+            else:
+                run(["sync"], timeout=600)
+            spy = start_profile(profile, target, m, w, rep)
+            try:
+                result = in_child(functools.partial(w.fn, ctx, w.warm), WORKLOAD_TIMEOUT,
+                                  functools.partial(abort_if_fuse, m))
+            except Exception as e:
+                samples.errors.append(f"{target.name} {w.name}: {e}")
+                log(f"{target.name} {w.name}: FAILED: {e}")
+                continue
+            finally:
+                stop_profile(spy)
+            samples.add(w.name, target.name, result)
+            log(f"  {target.name:15} {w.name:16} {result['seconds']:8.3f} s"
+                f"  daemon cpu {result['cpu']:6.2f} s")
+        if m.pid is not None:
+            samples.peak_rss.setdefault(target.name, []).append(proc_status(m.pid, "VmHWM"))
+
+
+def start_profile(profile: Path | None, target: Target, m: Mounted, w: Workload,
+                  rep: int) -> subprocess.Popen[bytes] | None:
+    """With --profile, py-spy records the cowfs daemon during each workload (collapsed stacks)."""
+    if profile is None or not isinstance(target, Cowfs) or m.pid is None:
+        return None
+    spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    if spy is None:
+        raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
+    profile.mkdir(parents=True, exist_ok=True)
+    out = profile / f"{w.name}.{rep}.txt"
+    proc = subprocess.Popen([spy, "record", "--pid", str(m.pid), "--rate", "250", "--format",
+                             "raw", "--threads", "--native", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # let it attach
+    return proc
+
+
+def stop_profile(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+# --- the memory step ----------------------------------------------------------------------------
+
+
+def fd_limit(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    return 0
+
+
+def memory_step(target: Target, fx: Fixture, params: Params, scratch: Path) -> dict[str, Any]:
+    """RSS and open descriptors of the daemon before and after walking the 100,000-file tree,
+    after the kernel forgets (drop_caches=2 sends FORGET), and after walking it again. A walk
+    that fails is reported with the state the daemon was in."""
+    with mounted(target, fx, scratch) as m:
+        assert m.pid is not None
+        pid = m.pid
+        ctx = Ctx(m.view, fx, params, pid)
+
+        def snap() -> dict[str, int]:
+            return {"rss": proc_status(pid, "VmRSS"), "hwm": proc_status(pid, "VmHWM"),
+                    "fds": open_fds(pid)}
+
+        result: dict[str, Any] = {"files": params.many_files, "fd_limit": fd_limit(pid),
+                                  "before": snap()}
+        for step in ("", "second_"):
+            try:
+                walked = in_child(functools.partial(walk, ctx, False, "many"), WORKLOAD_TIMEOUT,
+                                  functools.partial(fuse_abort, m.view))
+                result.setdefault("walk_seconds", walked["seconds"])
+            except Exception as e:
+                result["error"] = f"walk failed: {e}"
+            result[f"after_{step}walk"] = snap()
+            drop_caches(2)
+            settle(pid, 30)
+            result[f"after_{step}forget"] = snap()
+            if "error" in result:
+                break
+        return result
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=MODES, default=os.environ.get("BENCH_MODE", "quick"))
+    p.add_argument("--reps", type=int, help="repetitions (default: the mode's)")
+    p.add_argument("--targets", help="comma-separated subset of: native,overlayfs,"
+                   "fuse-overlayfs,cowfs,unionfs-fuse")
+    p.add_argument("--workloads", help="comma-separated subset of the workload names")
+    p.add_argument("--no-memory", action="store_true", help="skip the 100,000-file memory step")
+    p.add_argument("--cowfs", default=str(Path(sys.executable).parent / "cowfs"),
+                   help="the cowfs command (default: the one beside this Python)")
+    p.add_argument("--cowfs-options", default="", help="-o options for cowfs mount")
+    p.add_argument("--fixture-dir", type=Path, default=Path("/var/tmp/cowfs-bench"),
+                   help="where the lower fixture is built once and cached")
+    p.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()),
+                   help="where uppers and mountpoints go (default: %(default)s); a tmpfs here "
+                   "keeps other disk traffic out of the write workloads")
+    p.add_argument("--out", type=Path, default=HERE / "results",
+                   help="where latest.json and latest.md go")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="record the cowfs daemon with py-spy during each workload (slows it)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: needs root (mount -t overlay, drop_caches)", file=sys.stderr)
+        return 2
+    params = MODES[args.mode]
+    if args.reps:
+        params = dataclasses.replace(params, reps=args.reps)
+    every: list[Target] = [Native(), KernelOverlay(), FuseOverlayfs(),
+                           Cowfs(args.cowfs, args.cowfs_options), Unionfs()]
+    wanted = set(args.targets.split(",")) if args.targets else {t.name for t in every}
+    targets = []
+    for t in every:
+        why = t.available() if t.name in wanted else "not selected"
+        if why is None:
+            targets.append(t)
+        elif t.name in wanted:
+            log(f"skipping {t.name}: {why}")
+    wls = workloads(params)
+    if args.workloads:
+        chosen = set(args.workloads.split(","))
+        wls = [w for w in wls if w.name in chosen]
+    fx = fixture(args.fixture_dir, params)
+    meta = {"mode": args.mode, "reps": params.reps, "params": dataclasses.asdict(params),
+            "many_files": params.many_files, "cowfs_options": args.cowfs_options, **machine()}
+    samples = Samples()
+    memory: dict[str, Any] = {}
+    scratch = Path(tempfile.mkdtemp(prefix="cowfs-bench-", dir=args.scratch))
+    started = time.monotonic()
+    try:
+        for rep in range(params.reps):
+            order = targets[rep % len(targets):] + targets[:rep % len(targets)]
+            log(f"repetition {rep + 1}/{params.reps}: {', '.join(t.name for t in order)}")
+            for t in order:
+                try:
+                    session(t, fx, params, scratch, samples, wls, args.profile, rep)
+                except Exception as e:
+                    samples.errors.append(f"{t.name} session {rep + 1}: {e}")
+                    log(f"{t.name}: session failed: {e}")
+        if not args.no_memory:
+            for t in targets:
+                if t.fuse:
+                    log(f"memory step: {t.name}, walking {params.many_files} files")
+                    try:
+                        memory[t.name] = memory_step(t, fx, params, scratch)
+                    except Exception as e:
+                        memory[t.name] = {"error": str(e)}
+    finally:
+        if mounts_under(scratch):
+            log(f"leaving {scratch}: something is still mounted in it")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    meta["seconds"] = round(time.monotonic() - started)
+    names = [t.name for t in targets]
+    text = report(samples, names, wls, memory, meta)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.md").write_text(text)
+    (args.out / "latest.json").write_text(json.dumps(
+        {"meta": meta, "targets": names, "workloads": {w.name: w.label for w in wls},
+         "seconds": samples.seconds, "daemon_cpu": samples.cpu, "peak_rss": samples.peak_rss,
+         "memory": memory, "errors": samples.errors,
+         "median_seconds": {w: {t: median(v) for t, v in row.items()}
+                            for w, row in samples.seconds.items()}}, indent=1))
+    log(f"done in {meta['seconds']} s; wrote {args.out / 'latest.json'} and latest.md")
+    return 1 if samples.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
