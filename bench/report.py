@@ -41,7 +41,8 @@ def fmt_ratio(x: float) -> str:
 def report(samples: Samples, names: list[str], wls: list[Workload], memory: dict[str, Any],
            meta: dict[str, Any]) -> str:
     lines = [f"Mode {meta['mode']}, {meta['reps']} repetitions, medians. Machine: "
-             f"{meta['nproc']} cores, {meta['cpu']}, Linux {meta['kernel']}, {meta['date']}.", ""]
+             f"{meta['nproc']} cores, {meta['cpu']}, Linux {meta['kernel']}, {meta['date']}.",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".", ""]
     head = "| workload | " + " | ".join(names) + " |"
     rule = "| --- |" + " ---: |" * len(names)
     lines += ["Wall time in seconds (ratio to native):", "", head, rule]
@@ -100,10 +101,12 @@ def machine() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     versions = {}
-    for name, cmd in (("fuse-overlayfs", ["fuse-overlayfs", "--version"]),
-                      ("unionfs-fuse", ["unionfs", "--version"]), ("git", ["git", "--version"])):
+    for name in ("fuse-overlayfs", "unionfs-fuse", "fuse3", "git"):
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
-            versions[name] = (out.stdout or out.stderr).strip().splitlines()[0]
+            out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", name],
+                                 capture_output=True, text=True, timeout=10, check=False)
+            if out.returncode == 0 and out.stdout:
+                versions[name] = out.stdout.strip()
+    versions["python"] = platform.python_version()
     return {"nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
             "date": datetime.date.today().isoformat(), "versions": versions}

@@ -17,6 +17,7 @@ Known limits: ``read_cached`` declines every read on filesystems without non-blo
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import threading
 
@@ -31,7 +32,7 @@ PASSED_FLAGS = os.O_TRUNC | os.O_SYNC | os.O_DSYNC
 class FileHandle:
     """One open of a regular file."""
 
-    __slots__ = ("_lock", "_nowait", "_stale_fds", "fd", "inode", "on_upper")
+    __slots__ = ("_lock", "_nowait", "_stale_fds", "_sync", "fd", "inode", "on_upper")
 
     def __init__(self, inode: Inode, fd: int, on_upper: bool) -> None:
         self.inode = inode
@@ -40,6 +41,7 @@ class FileHandle:
         self._stale_fds: list[int] = []
         self._lock = threading.Lock()
         self._nowait = True  # until the real filesystem says it has no non-blocking reads
+        self._sync: bool | None = None
 
     def read_fd(self) -> int:
         """The descriptor to read from: the upper copy as soon as there is one."""
@@ -77,6 +79,13 @@ class FileHandle:
         if n < len(buf) and offset + n < os.fstat(fd).st_size:
             return None
         return n
+
+    @property
+    def writes_sync(self) -> bool:
+        """Whether every write waits for the disk (opened ``O_SYNC`` or ``O_DSYNC``)."""
+        if self._sync is None:
+            self._sync = bool(fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_DSYNC)
+        return self._sync
 
     def write(self, offset: int, data: bytes) -> int:
         return os.pwrite(self.fd, data, offset)

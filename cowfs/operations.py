@@ -10,8 +10,9 @@ Everything else runs inline on the trio loop, because a worker thread is expensi
 to one and back costs about 100-150 µs of CPU on the benchmark machine (docs/performance.md),
 against 2-20 µs for a ``pread`` served from the page cache. So reads are first tried without
 blocking (:meth:`FileHandle.read_cached`, into one reused buffer), and writes of up to
-:data:`INLINE_WRITE_MAX` bytes go straight into the page cache of the upper file; the price is that
-a write the kernel throttles (too many dirty pages) holds up the other requests meanwhile.
+:data:`INLINE_WRITE_MAX` bytes go straight into the page cache of the upper file (unless the file
+is open ``O_SYNC``/``O_DSYNC``, when every write waits for the disk); the price is that a write the
+kernel throttles (too many dirty pages) holds up the other requests meanwhile.
 
 With the writeback cache (``writeback=True``, off by default) the kernel collects writes in its page
 cache and sends them in large batches, and it may read a file to fill a partly written page: every
@@ -101,7 +102,12 @@ class Operations(pyfuse3.Operations):
     def init(self) -> None:
         """Called while the kernel's INIT is answered; ``after_init`` runs once the answer is in."""
         if self._after_init is not None:
-            trio.lowlevel.current_trio_token().run_sync_soon(self._after_init)
+            try:
+                token = trio.lowlevel.current_trio_token()
+            except RuntimeError:  # not under trio (the handlers are being called directly)
+                self._after_init()
+                return
+            token.run_sync_soon(self._after_init)
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -291,7 +297,7 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         handle = self._file(fh)
-        if len(buf) <= INLINE_WRITE_MAX:
+        if len(buf) <= INLINE_WRITE_MAX and not handle.writes_sync:
             return handle.write(off, buf)
         return await _in_thread(handle.write, off, buf)
 
