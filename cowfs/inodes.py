@@ -23,9 +23,11 @@ behind cowfs's back would give two objects one number: the layers must only be c
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from . import realfs, schema
@@ -145,6 +147,8 @@ class InodeTable:
         self.root = Inode(ROOT_NUMBER, root_reals)
         self.root.lookups = 1  # the kernel never forgets the root
         self._by_number: dict[int, Inode] = {ROOT_NUMBER: self.root}
+        #: Every other inode, least recently looked up first: what to ask the kernel to drop.
+        self._recent: OrderedDict[int, Inode] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._by_number)
@@ -170,6 +174,8 @@ class InodeTable:
             else:
                 _close_all(reals)
             inode.lookups += 1
+            self._recent[number] = inode
+            self._recent.move_to_end(number)
         if parent is not None:
             inode.add_link(parent, name)
         return inode
@@ -183,7 +189,20 @@ class InodeTable:
             if inode.lookups > 0:
                 return
             del self._by_number[number]
+            self._recent.pop(number, None)
         inode.release()
+
+    def least_recent(self, count: int) -> list[tuple[Inode, str]]:
+        """The (parent, name) of the ``count`` least recently looked-up inodes, for the kernel to
+        drop: each inode holds descriptors until the kernel forgets it."""
+        with self._lock:
+            oldest = list(itertools.islice(self._recent.values(), count))
+        found = []
+        for inode in oldest:
+            link = inode.any_link()
+            if link is not None:
+                found.append(link)
+        return found
 
 
 def _close_all(reals: Iterable[Real]) -> None:

@@ -26,6 +26,7 @@ import functools
 import itertools
 import logging
 import os
+import resource
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -94,6 +95,10 @@ class Operations(pyfuse3.Operations):
         #: Read by pyfuse3 when the kernel connects.
         self.enable_writeback_cache = writeback
         self._after_init = after_init
+        #: Inodes held before asking the kernel to drop some (see _shed_inodes): the descriptor
+        #: limit, less a reserve, over the descriptors an inode may hold.
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_inodes = max((limit - 1024) // (len(overlay.stack.all) + 1), 256)
         self._read_buf = bytearray(1 << 20)  # see read()
         self._numbers = itertools.count(1)
         self._files: dict[int, FileHandle] = {}
@@ -164,7 +169,23 @@ class Operations(pyfuse3.Operations):
         inode = self.overlay.namespace.lookup(self._inode(parent_inode), os.fsdecode(name))
         if inode is None:
             return self._negative()
+        self._shed_inodes()
         return self._attrs(inode)
+
+    def _shed_inodes(self) -> None:
+        """Keep the descriptors cowfs holds below its limit.
+
+        Every inode the kernel holds keeps a descriptor per layer open, and the kernel forgets
+        inodes only under memory pressure, so a walk of a large tree would run out of
+        descriptors. Past a high-water mark, the least recently used quarter of the names is
+        invalidated: the kernel then drops those it can (unused ones) and sends FORGET.
+        """
+        table = self.overlay.table
+        if len(table) <= self.max_inodes:
+            return
+        for parent, name in table.least_recent(self.max_inodes // 4):
+            pyfuse3.invalidate_entry_async(InodeT(parent.number), FileNameT(os.fsencode(name)),
+                                           ignore_enoent=True)
 
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         for number, count in inode_list:
@@ -321,6 +342,7 @@ class Operations(pyfuse3.Operations):
 
     @_errno_boundary
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        self._shed_inodes()
         handle = self._dirs[fh]
         directory = handle.inode
         names = handle.snapshot(start_id, self.overlay.hidden_names(directory))
