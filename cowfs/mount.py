@@ -12,9 +12,10 @@ negative lookups for ``timeout`` seconds, a day by default. That is safe because
 to the layers goes through cowfs while it is mounted, and the kernel drops what a change through
 the mount makes stale; changing a layer behind cowfs's back is not supported (``timeout=0`` makes
 such changes visible at once, at a large cost). A daemon running as root raises the mount's
-readahead to the largest request size. The kernel's writeback cache is off unless ``-o writeback``:
-it gathers small writes into large requests (2x faster for 4 KiB writes), but makes creating many
-small files 35% slower, and that is the more common case.
+readahead to the largest request size. The kernel's writeback cache is off unless ``-o writeback``
+(experimental): it gathers small writes into large requests (2x faster for 4 KiB writes) but
+gained nothing on the benchmark's workloads, and with it ``close`` of a lower file unlinked while
+open fails with EIO (the kernel sends the times, and the object has no name left to copy up to).
 """
 
 from __future__ import annotations
