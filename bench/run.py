@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: needs root (mount -t overlay, drop_caches)", file=sys.stderr)
         return 2
     params = MODES[args.mode]
-    if args.reps:
+    if args.reps is not None:
         params = dataclasses.replace(params, reps=args.reps)
     every: list[Target] = [Native(), KernelOverlay(), FuseOverlayfs(),
                            Cowfs(args.cowfs, args.cowfs_options), Unionfs()]
