@@ -29,8 +29,11 @@ options (-o, comma-separated, may be repeated):
   allow_other     let users other than the mounting one access the mount
   ro              mount read-only
   debug           log every request (implies --log to stderr in the foreground)
-  timeout=SECS    how long the kernel may cache names and attributes (default 1)
+  timeout=SECS    how long the kernel may cache names, attributes and negative lookups
+                  (default 86400: the layers must not change behind cowfs's back; 0 shows
+                  such changes at once, at a large cost)
   volatile        skip fsync on copy-up (faster; a crash may lose copied-up data)
+  writeback       the kernel's writeback cache (experimental; nowriteback is the default)
   nosuid,nodev,noexec,noatime,...  passed to the kernel
 
 The default work directory is UPPER/.cowfs-work; it is never shown in the merged view.

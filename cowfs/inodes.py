@@ -62,7 +62,7 @@ class InodeNumbers:
             origin = schema.parse_origin(value) if value is not None else None
             if origin is not None and origin[0] in self._fs_of_layer and origin[0] != 0:
                 return origin
-        return real.layer.index, os.fstat(real.fd).st_ino
+        return real.layer.index, real.ino or os.fstat(real.fd).st_ino
 
     def of(self, real: Real) -> int:
         return self.number(*self.origin_of(real))

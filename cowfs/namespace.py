@@ -114,7 +114,7 @@ class Namespace:
         upper = self.copy_up.ensure(directory)
         if upper.mark is schema.DirMark.PLAIN:
             realfs.setxattr(upper.fd, schema.XATTR_OPAQUE, schema.OPAQUE_HAS_XWHITEOUTS)
-            upper = Real(upper.layer, upper.fd, upper.mode, schema.DirMark.XWHITEOUTS)
+            upper = dataclasses.replace(upper, mark=schema.DirMark.XWHITEOUTS)
             directory.reals = (upper, *directory.reals[1:])
         return upper
 

@@ -96,9 +96,10 @@ class Operations(pyfuse3.Operations):
         self.enable_writeback_cache = writeback
         self._after_init = after_init
         #: Inodes held before asking the kernel to drop some (see _shed_inodes): the descriptor
-        #: limit, less a reserve, over the descriptors an inode may hold.
+        #: limit, less a reserve, over two descriptors an inode (most hold one: a lower-only or
+        #: upper-only object; copied-up objects two; only merged directories more).
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.max_inodes = max((limit - 1024) // (len(overlay.stack.all) + 1), 256)
+        self.max_inodes = max((limit - 1024) // 2, 256)
         self._read_buf = bytearray(1 << 20)  # see read()
         self._numbers = itertools.count(1)
         self._files: dict[int, FileHandle] = {}

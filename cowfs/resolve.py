@@ -38,6 +38,8 @@ class Real:
     redirect: schema.Redirect | None = None
     #: Link count when probed; for lower objects (which never change) it tells hard links apart.
     nlink: int = 1
+    #: Inode number when probed (0: unknown), which saves inode numbering an fstat per lookup.
+    ino: int = 0
 
     @property
     def is_dir(self) -> bool:
@@ -160,9 +162,9 @@ def probe(parent: Real, name: str) -> Probe[Real]:
         except BaseException:
             os.close(fd)
             raise
-        real = Real(parent.layer, fd, st.st_mode, mark, redirect)
+        real = Real(parent.layer, fd, st.st_mode, mark, redirect, ino=st.st_ino)
         return Found(real, True, mark is schema.DirMark.OPAQUE)
-    return Found(Real(parent.layer, fd, st.st_mode, nlink=st.st_nlink), False)
+    return Found(Real(parent.layer, fd, st.st_mode, nlink=st.st_nlink, ino=st.st_ino), False)
 
 
 def root_real(layer: Layer) -> Real:
