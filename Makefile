@@ -147,3 +147,15 @@ bench-packages:
 	        $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y unionfs-fuse; \
 	    else echo "unionfs-fuse is not available here; the benchmark leaves it out"; fi; \
 	fi
+
+# --- conformance -------------------------------------------------------------------------------
+# The random operation sequences against the kernel's overlayfs (tests/test_conformance_stateful.py)
+# run far longer than in `make test`: profile "long" (thousands of examples, each failure shrunk to
+# a minimal sequence: paste it into tests/test_conformance_regressions.py). CONFORMANCE_PROFILE=
+# explore stops at the first failure without shrinking it. PYTEST_ARGS='-x' etc. pass to pytest.
+.PHONY: conformance
+CONFORMANCE_PROFILE ?= long
+conformance: setup helper
+	HYPOTHESIS_PROFILE=$(CONFORMANCE_PROFILE) $(VENV)/bin/python -m pytest \
+	    -o faulthandler_timeout=0 \
+	    tests/test_conformance_stateful.py tests/test_conformance_regressions.py $(PYTEST_ARGS)

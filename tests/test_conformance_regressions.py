@@ -1,0 +1,69 @@
+"""Regression tests: the minimal failing sequences found by test_conformance_stateful.py (and
+the bugs found while writing the POSIX tests), each replayed on the kernel's overlayfs and cowfs
+in lockstep, with a remount at the end.
+
+A sequence is the ``lowers = ...`` and step tuples that hypothesis printed, pasted as is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conformance_support import HardLink, Step, reference, started_pair
+from support import Dir, File
+
+pytestmark = pytest.mark.kernel
+
+
+def replay(base: Path, lowers: list[dict[str, Any]], steps: list[Step]) -> None:
+    with started_pair(base, lowers, **reference()) as pair:
+        pair.run_all(steps)
+        pair.run(("remount",))
+        pair.check("after remount")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cowfs bug: unlinking one name of a lower hard-link set of 3+ names that was not "
+    "copied up leaves st_nlink 1 on the others (kernel, index=on: n-1)",
+)
+def test_unlinking_one_name_of_a_lower_hard_link_set_of_three(tmp_path: Path) -> None:
+    """Kernel (index=on): the two names left report st_nlink 2. cowfs reported 1."""
+    replay(tmp_path, [{"d": File(), "b": HardLink("d"), "e": HardLink("d")}], [("unlink", "d")])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cowfs bug: unlinking one name of a lower hard-link set of 3+ names that was not "
+    "copied up leaves st_nlink 1 on the others (kernel, index=on: n-1)",
+)
+def test_unlinking_one_name_of_a_lower_hard_link_set_with_a_hidden_name(tmp_path: Path) -> None:
+    """The set a, b, c of the lower layer, c hidden by the layer above: after unlinking a, the
+    kernel (index=on) reports st_nlink 2 for b (3 - 1); cowfs reported 1."""
+    lowers = [{"c": File()}, {"a": File(), "b": HardLink("a"), "c": HardLink("a")}]
+    replay(tmp_path, lowers, [("pwrite", "a", 0, b"X"), ("unlink", "a")])
+
+
+#: A minimal POSIX access ACL (user::rwx, group::---, other::---): what cp -a and setfacl write to
+#: set a mode; on a filesystem without ACLs stored, it changes the mode bits only.
+ACL_0700 = bytes.fromhex(
+    "02000000010007 00ffffffff04000000ffffffff20000000ffffffff".replace(" ", "")
+)
+
+
+@pytest.mark.parametrize("rel", ["d", "f", "new"])
+def test_setting_a_mode_through_an_access_acl_shows_at_once(tmp_path: Path, rel: str) -> None:
+    """cp -a sets modes this way. (cp -a onto a lower directory still showed the old mode in
+    test_tools_real's cp -a test; this shorter sequence does not show that bug.)"""
+    lowers = [{"d": Dir(mode=0o755), "f": File(mode=0o644)}]
+    replay(
+        tmp_path,
+        lowers,
+        [
+            ("mkdir", "new", 0o755),
+            ("stat", rel),
+            ("setxattr", rel, "system.posix_acl_access", ACL_0700, 0),
+            ("stat", rel),
+        ],
+    )
