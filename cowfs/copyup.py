@@ -179,7 +179,7 @@ class CopyUp:
                                                                    os.fstat(top.fd).st_ino))
         if entry is None:
             return reals
-        return (Real(self.stack.upper, entry, os.fstat(entry).st_mode), *reals)
+        return (Real(self.stack.upper, entry, os.fstat(entry).st_mode, indexed=True), *reals)
 
     def link_name(self, real: Real, parent: Real, name: str) -> None:
         """Give an index entry the name it is copied up under (parent times unchanged)."""
@@ -202,7 +202,7 @@ class CopyUp:
                 os.close(fd)
                 realfs.remove_tree(self.work.fd, temp)
                 raise
-        return Real(self.stack.upper, fd, st.st_mode)
+        return Real(self.stack.upper, fd, st.st_mode, indexed=True)
 
     def _copy_up(self, inode: Inode, parent: Real, name: str, with_data: bool) -> Real:
         lower = inode.top
@@ -292,8 +292,10 @@ def adjust_nlink(real: Real, delta: int) -> None:
 
 
 def tracked_nlink(real: Real, st: os.stat_result) -> int | None:
-    """The merged view's name count of an index entry (None for other objects)."""
-    if not real.layer.is_upper or st.st_nlink <= 1 or stat.S_ISDIR(st.st_mode):
+    """The merged view's name count of an index entry (None for other objects). An entry that no
+    upper name links to yet has st_nlink 1; one found through an upper name has more."""
+    if not real.layer.is_upper or stat.S_ISDIR(st.st_mode) or (
+            st.st_nlink <= 1 and not real.indexed):
         return None
     value = realfs.getxattr(real.fd, schema.XATTR_NLINK)
     return int(value) if value is not None and value.isdigit() else None

@@ -393,9 +393,18 @@ class Operations(pyfuse3.Operations):
                        ctx: pyfuse3.RequestContext) -> None:
         await _in_thread(xattrs.set_value, self._inode(inode), os.fsdecode(name), value,
                          self.overlay.copy_up)
+        self._acl_changed_mode(inode, name)
 
     @_errno_boundary
     async def removexattr(self, inode: InodeT, name: XAttrNameT,
                           ctx: pyfuse3.RequestContext) -> None:
         await _in_thread(xattrs.remove_value, self._inode(inode), os.fsdecode(name),
                          self.overlay.copy_up)
+        self._acl_changed_mode(inode, name)
+
+    @staticmethod
+    def _acl_changed_mode(inode: InodeT, name: XAttrNameT) -> None:
+        """Setting an access ACL changes the mode bits (``cp -a`` and ``setfacl`` set modes so),
+        but the kernel keeps its cached attributes after a setxattr: drop them."""
+        if name == b"system.posix_acl_access":
+            pyfuse3.invalidate_inode(inode, attr_only=True)

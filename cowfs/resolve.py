@@ -40,6 +40,8 @@ class Real:
     nlink: int = 1
     #: Inode number when probed (0: unknown), which saves inode numbering an fstat per lookup.
     ino: int = 0
+    #: A hard-link index entry (its name count is kept in ``user.cowfs.nlink``).
+    indexed: bool = False
 
     @property
     def is_dir(self) -> bool:

@@ -23,21 +23,11 @@ def replay(base: Path, lowers: list[dict[str, Any]], steps: list[Step]) -> None:
         pair.check("after remount")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cowfs bug: unlinking one name of a lower hard-link set of 3+ names that was not "
-    "copied up leaves st_nlink 1 on the others (kernel, index=on: n-1)",
-)
 def test_unlinking_one_name_of_a_lower_hard_link_set_of_three(tmp_path: Path) -> None:
     """Kernel (index=on): the two names left report st_nlink 2. cowfs reported 1."""
     replay(tmp_path, [{"d": File(), "b": HardLink("d"), "e": HardLink("d")}], [("unlink", "d")])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cowfs bug: unlinking one name of a lower hard-link set of 3+ names that was not "
-    "copied up leaves st_nlink 1 on the others (kernel, index=on: n-1)",
-)
 def test_unlinking_one_name_of_a_lower_hard_link_set_with_a_hidden_name(tmp_path: Path) -> None:
     """The set a, b, c of the lower layer, c hidden by the layer above: after unlinking a, the
     kernel (index=on) reports st_nlink 2 for b (3 - 1); cowfs reported 1."""

@@ -105,29 +105,9 @@ class KnownBug:
     failure: Callable[[str], bool]  # is this failure message the bug?
 
 
-def _lower_hard_link_set_of_three(stack: list[dict[str, Any]]) -> bool:
-    """A lower layer holds a hard-link set of three or more names."""
-    for spec in stack:
-        targets = [o.target for o in spec.values() if isinstance(o, HardLink)]
-        if any(targets.count(t) >= 2 for t in targets):
-            return True
-    return False
-
-
-def _only_nlink_differs(message: str) -> bool:
-    lines = [ln.strip() for ln in message.splitlines()[1:] if ln.startswith("  ")]
-    return bool(lines) and all(
-        ";" not in ln and ln.split(": ", 1)[-1].startswith("nlink:") for ln in lines
-    )
-
-
-KNOWN_BUGS: dict[str, KnownBug] = {
-    "unlink-in-a-lower-hard-link-set": KnownBug(
-        "test_unlinking_one_name_of_a_lower_hard_link_set_of_three",
-        _lower_hard_link_set_of_three,
-        _only_nlink_differs,
-    ),
-}
+#: None pinned at the moment (the last one, nlink after unlinking one name of a lower hard-link
+#: set, is fixed and kept as a regression test).
+KNOWN_BUGS: dict[str, KnownBug] = {}
 
 # =============================================================================================
 # Fixtures: random layers.

@@ -195,17 +195,13 @@ def test_tar_extract_then_diff_against_the_source(
     same_views(pair)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cowfs bug: after cp -a onto a lower directory, stat of the directory shows its old "
-    "mode (755) while the upper and ls -l show the mode cp set (700) through an access ACL",
-)
 def test_cp_a_keeps_hard_links_sparse_files_and_metadata(tree: Path, make_pair: Any) -> None:
     pair = make_pair([OLD_TREE])
     both(pair, f"cp -a {tree}/. dest/")
     both(pair, "stat -c '%n %h %a %s' dest/top-link dest/src/a/b/hardlink dest/sparse dest/private")
     both(pair, f"diff -r --no-dereference {tree} dest | grep -v '^Only in dest: stale$' || true")
-    both(pair, "cp -a dest copy && diff -r --no-dereference dest copy && echo same")
+    # diff reports FIFOs as differing even when both are FIFOs: leave them out.
+    both(pair, "cp -a dest copy && diff -r --no-dereference -x fifo dest copy && echo same")
     same_views(pair)
     pair.run(("remount",))
     same_views(pair)
