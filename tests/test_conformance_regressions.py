@@ -35,6 +35,17 @@ def test_unlinking_one_name_of_a_lower_hard_link_set_with_a_hidden_name(tmp_path
     replay(tmp_path, lowers, [("pwrite", "a", 0, b"X"), ("unlink", "a")])
 
 
+@pytest.mark.parametrize("first", [("unlink", "d"), ("rename", "b", "d")], ids=["unlink", "rename"])
+def test_an_open_lower_hard_link_whose_names_are_all_unlinked_has_no_links(
+    tmp_path: Path, first: Step
+) -> None:
+    """Found by the state machine (shrunk by hand): the set d, c of the lower layer; d goes (an
+    unlink, or a rename over it), c is opened and unlinked: fstat says st_nlink 0 on the kernel.
+    cowfs said 1 before the nlink fix of lower hard-link sets."""
+    lowers = [{"d": File(b"d"), "c": HardLink("d"), "b": File(b"b")}]
+    replay(tmp_path, lowers, [first, ("hold", "c", "r"), ("unlink", "c"), ("fd_stat", 0)])
+
+
 #: A minimal POSIX access ACL (user::rwx, group::---, other::---): what cp -a and setfacl write to
 #: set a mode; on a filesystem without ACLs stored, it changes the mode bits only.
 ACL_0700 = bytes.fromhex(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +29,8 @@ from conformance_support import (
     OLD_NS,
     Entry,
     HardLink,
-    Outcome,
     Pair,
     Sparse,
-    Step,
     Tolerated,
     fresh_dir,
     remove_tree,
@@ -65,33 +63,13 @@ pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 KERNEL_OPTIONS = ("redirect_dir=on", "index=on", "metacopy=off")
 
 
-def _is_dir(view_before: Mapping[str, Entry], rel: str) -> bool:
-    entry = view_before.get(rel)
-    return entry is not None and entry.kind == "dir"
-
-
-def _dir_rename_exdev(step: Step, before: Mapping[str, Entry], got: Outcome) -> bool:
-    if step[0] != "rename" or got != "EXDEV":
-        return False
-    flags = step[3] if len(step) > 3 else 0
-    return _is_dir(before, step[1]) or (bool(flags & RENAME_EXCHANGE) and _is_dir(before, step[2]))
-
-
-#: Outcomes where cowfs may differ from the reference; when one applies, the kernel does not run
-#: the step (so both sides stay in the same state) and the run goes on.
-TOLERATED: dict[str, Tolerated] = {
-    t.name: t
-    for t in [
-        Tolerated(
-            "dir-rename-exdev",
-            "Renaming a directory that has lower content: cowfs may still answer EXDEV (the "
-            "kernel's redirect_dir=off behaviour) until its redirect support (issue 3) lands; "
-            "once it does, this never applies and the rename is compared in full.",
-            frozenset({"rename"}),
-            _dir_rename_exdev,
-        ),
-    ]
-}
+#: Outcomes where cowfs may differ from the reference on purpose; when one applies, the kernel
+#: does not run the step (so both sides stay in the same state) and the run goes on. None today:
+#: the one there was (renaming a directory with lower content: cowfs answered EXDEV, the kernel's
+#: redirect_dir=off behaviour) ended when cowfs's redirects (issue 3) landed; dir renames are now
+#: compared in full against redirect_dir=on. A new entry looks like:
+#:   Tolerated("name", "reason", frozenset({"rename"}), lambda step, view_before, got: ...)
+TOLERATED: dict[str, Tolerated] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +83,8 @@ class KnownBug:
     failure: Callable[[str], bool]  # is this failure message the bug?
 
 
-#: None pinned at the moment (the last one, nlink after unlinking one name of a lower hard-link
-#: set, is fixed and kept as a regression test).
+#: None pinned at the moment. Fixed ones are deleted here and stay as regression tests (nlink
+#: of lower hard-link sets after unlinking one name, and of an open one after unlinking all).
 KNOWN_BUGS: dict[str, KnownBug] = {}
 
 # =============================================================================================
