@@ -203,8 +203,10 @@ class Namespace:
         assert fd is not None, "just created"
         if owner is not None and owner != (0, 0):  # cowfs runs as root: (0, 0) it is already
             realfs.chown(fd, *owner)
-            if mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(mode):
-                realfs.chmod(fd, stat.S_IMODE(mode))  # chown cleared the set-ID bits
+        if mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(mode) and owner is not None:
+            # chown clears the set-ID bits, and mkdir ignores them (it inherits S_ISGID from
+            # its parent, which a directory built in the work directory does not have).
+            realfs.chmod(fd, stat.S_IMODE(mode))
         return fd
 
     def create(self, parent: Inode, name: str, mode: int, caller: Caller) -> tuple[Inode, int]:
@@ -225,6 +227,8 @@ class Namespace:
 
     def mkdir(self, parent: Inode, name: str, mode: int, caller: Caller) -> Inode:
         mode = stat.S_IFDIR | (stat.S_IMODE(mode) & ~caller.umask)
+        if parent.top.stat().st_mode & stat.S_ISGID:
+            mode |= stat.S_ISGID  # inherited, as the kernel does for directories
         return self._new_object(parent, name, self._owner(parent, caller), mode,
                                 lambda d, n: realfs.mkdir(d, n, stat.S_IMODE(mode)))
 

@@ -46,11 +46,6 @@ def test_an_open_lower_hard_link_whose_names_are_all_unlinked_has_no_links(
     replay(tmp_path, lowers, [first, ("hold", "c", "r"), ("unlink", "c"), ("fd_stat", 0)])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cowfs bug: a directory made over a deleted lower name in a set-group-ID directory "
-    "lacks the S_ISGID bit it inherits (kernel: drwxr-sr-x, cowfs: drwxr-xr-x)",
-)
 @pytest.mark.parametrize("gid", [0, 1000])
 def test_mkdir_over_a_whiteout_in_a_set_group_id_directory_inherits_the_bit(
     tmp_path: Path, gid: int

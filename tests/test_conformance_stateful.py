@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,26 +83,8 @@ class KnownBug:
     failure: Callable[[str], bool]  # is this failure message the bug?
 
 
-def _setgid_lower_dir(stack: list[dict[str, Any]]) -> bool:
-    return any(isinstance(o, Dir) and o.mode & 0o2000 for spec in stack for o in spec.values())
-
-
-def _only_setgid_bits_differ(message: str) -> bool:
-    """View differences that are all "mode: A != B" with A and B apart by S_ISGID alone."""
-    lines = [ln.strip() for ln in message.splitlines()[1:] if ln.startswith("  ")]
-    modes = [re.fullmatch(r".*?: mode: (\d+) != (\d+)", ln) for ln in lines]
-    return bool(modes) and all(m and int(m[1]) ^ int(m[2]) == 0o2000 for m in modes)
-
-
-#: Fixed ones are deleted here and stay as regression tests (e.g. nlink of lower hard-link sets
-#: after unlinking one name, and of an open one after unlinking all its names).
-KNOWN_BUGS: dict[str, KnownBug] = {
-    "mkdir-over-whiteout-setgid": KnownBug(
-        "test_mkdir_over_a_whiteout_in_a_set_group_id_directory_inherits_the_bit",
-        _setgid_lower_dir,
-        _only_setgid_bits_differ,
-    ),
-}
+#: None pinned at the moment (the last ones are fixed and kept as regression tests).
+KNOWN_BUGS: dict[str, KnownBug] = {}
 
 # =============================================================================================
 # Fixtures: random layers.
