@@ -115,10 +115,10 @@ def mount(lower: str, upper: str, mountpoint: str, *, work: str | None, options:
     paths = LayerPaths.parse(lower, upper, work)
     if foreground:
         _setup_logging(opts.debug, log_file, True)
-        paths, stack, real_mountpoint = prepare(paths, Path(mountpoint))
+        paths, stack, real_mountpoint = prepare(paths, Path(mountpoint), read_only=opts.read_only)
         serve(paths, stack, real_mountpoint, opts, ready=lambda: None)
         return
-    paths, stack, real_mountpoint = prepare(paths, Path(mountpoint))
+    paths, stack, real_mountpoint = prepare(paths, Path(mountpoint), read_only=opts.read_only)
     _daemonize(lambda ready: serve(paths, stack, real_mountpoint, opts, ready),
                lambda: _setup_logging(opts.debug, log_file, False))
 

@@ -1,93 +1,37 @@
 """Copy-up: promoting a lower object into the upper layer (the kernel's fs/overlayfs/copy_up.c).
 
-The copy is built in the work directory — data first, then xattrs, then owner, mode and times, then
-fsync — and renamed into place, parents first. A crash therefore never leaves a half-copied object
-visible; leftovers in the work directory are removed at the next mount.
+The copy is built in the work directory — data first, then xattrs (writing data after xattrs would
+drop ``security.capability``), then owner, mode and times (each step would undo what follows it),
+then fsync — and renamed into place with one ``renameat2(RENAME_NOREPLACE)``, parents first. A
+crash therefore never leaves a half-copied object visible, and a step that fails leaves nothing but
+a temporary object, which is removed at once (or at the next mount).
 
-Data is copied by the kernel: a reflink (FICLONE) where the upper supports it, else
-``copy_file_range`` over the data segments only (holes stay holes), else ``sendfile``. It never
-passes through Python buffers. Callers run copy-ups of regular files in worker threads; the
-per-inode lock makes concurrent openers share one copy-up.
+Data is copied by the kernel (:func:`cowfs.realfs.copy_data`): a reflink where the upper supports
+it, else ``copy_file_range`` over the data segments only (holes stay holes). It never passes through
+Python buffers. Callers run copy-ups of regular files in worker threads; the per-inode lock makes
+concurrent openers share one copy-up.
+
+A lower non-directory with several names (hard links) is copied once, into the hard-link index
+(``WORK/index/<layer>-<inode>``), and not linked to any name: a lookup of any of its names finds
+the entry (:meth:`CopyUp.attach_index`), so the names stay one file, also across mounts. A name is
+linked to the entry only when it has to exist in the upper (it is renamed: see
+:mod:`cowfs.namespace`); :mod:`cowfs.nlink` keeps the entry's link count.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
-import itertools
 import logging
 import os
 import stat
 
-from . import realfs, schema
-from .inodes import Inode, InodeTable
-from .layers import LayerStack
+from . import nlink, realfs, schema
+from .inodes import Inode
+from .layers import Layer
 from .resolve import Real
+from .workdir import WorkDir
 
 log = logging.getLogger(__name__)
-
-FICLONE = 0x40049409
-_NO_REFLINK = (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF)
-_NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
-
-
-class WorkDir:
-    """Unique temporary names in the work directory."""
-
-    def __init__(self, stack: LayerStack) -> None:
-        self.fd = stack.work_fd
-        self._counter = itertools.count()
-
-    def temp_name(self) -> str:
-        return f"#{os.getpid()}.{next(self._counter)}"
-
-    def clean(self) -> None:
-        """Remove what an interrupted copy-up or removal left behind."""
-        dfd = realfs.open_dir(self.fd)
-        try:
-            names = os.listdir(dfd)
-        finally:
-            os.close(dfd)
-        for name in names:
-            log.info("removing leftover %r from the work directory", name)
-            realfs.remove_tree(self.fd, name)
-
-
-def copy_data(src: int, dst: int, size: int) -> None:
-    """Copy a file's data in the kernel, keeping holes."""
-    try:
-        fcntl.ioctl(dst, FICLONE, src)
-        return
-    except OSError as e:
-        if e.errno not in _NO_REFLINK:
-            raise
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(src, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # only a hole is left
-                break
-            raise
-        end = os.lseek(src, start, os.SEEK_HOLE)
-        _copy_range(src, dst, start, end)
-        pos = end
-    os.ftruncate(dst, size)
-
-
-def _copy_range(src: int, dst: int, start: int, end: int) -> None:
-    pos = start
-    while pos < end:
-        try:
-            n = os.copy_file_range(src, dst, end - pos, pos, pos)
-        except OSError as e:
-            if e.errno not in _NO_COPY_RANGE:
-                raise
-            os.lseek(dst, pos, os.SEEK_SET)
-            n = os.sendfile(dst, src, pos, end - pos)
-        if n == 0:  # the source shrank under us; the final ftruncate fixes the size
-            return
-        pos += n
 
 
 def copy_xattrs(src: Real, dst_fd: int) -> None:
@@ -107,8 +51,10 @@ def copy_xattrs(src: Real, dst_fd: int) -> None:
 
 
 def copy_attributes(st: os.stat_result, fd: int) -> None:
-    """Owner before mode (chown clears set-id bits), times last (everything else changes them)."""
-    realfs.chown(fd, st.st_uid, st.st_gid)
+    """Owner before mode (chown clears set-id bits), times last (everything else changes them).
+    A daemon that is not root cannot give objects away: they stay its own, as its files are."""
+    if os.geteuid() == 0:
+        realfs.chown(fd, st.st_uid, st.st_gid)
     if not stat.S_ISLNK(st.st_mode):
         realfs.chmod(fd, stat.S_IMODE(st.st_mode))
     realfs.utimens(fd, st.st_atime_ns, st.st_mtime_ns)
@@ -120,21 +66,17 @@ def _origin_xattrs(lower: Real, st: os.stat_result) -> dict[str, bytes]:
 
 
 class CopyUp:
-    """Copies objects up; one instance per mount.
+    """Copies objects up; one instance per mount."""
 
-    A lower non-directory with several names (hard links) is copied once, into the index
-    (``WORK/index/<layer>-<inode>``), and each of its names that is copied up becomes a hard link
-    to that entry; names not yet copied up find the entry on lookup (:meth:`attach_index`). So the
-    names stay one file, also across mounts. The entry carries the number of names in the merged
-    view (``user.cowfs.nlink``), kept up to date by the namespace operations.
-    """
-
-    def __init__(self, stack: LayerStack, table: InodeTable, *, sync: bool = True) -> None:
-        self.stack = stack
-        self.table = table
-        self.work = WorkDir(stack)
-        self.index_fd = stack.index_fd
+    def __init__(self, upper: Layer, work: WorkDir, *, sync: bool = True) -> None:
+        self.upper = upper
+        self.work = work
         self.sync = sync
+
+    @staticmethod
+    def is_hard_linked_lower(inode: Inode) -> bool:
+        """A lower non-directory with several names: copied up through the index."""
+        return not inode.is_dir and inode.upper is None and inode.top.nlink > 1
 
     def ensure(self, inode: Inode, *, with_data: bool = True) -> Real:
         """The upper copy of ``inode``, copying it (and its parents) up first if needed."""
@@ -145,64 +87,55 @@ class CopyUp:
             upper = inode.upper
             if upper is not None:
                 return upper
-            link = inode.any_link()
-            if link is None:
-                raise OSError(errno.ESTALE, "object has no name left to copy up to")
-            parent, name = link
-            parent_upper = self.ensure(parent)
-            if not inode.is_dir and inode.top.nlink > 1:
+            if self.is_hard_linked_lower(inode):
                 real = self._index_entry(inode)
-                self.link_name(real, parent_upper, name)
             else:
+                link = inode.any_link()
+                if link is None:
+                    raise OSError(errno.ESTALE, "object has no name left to copy up to")
+                parent, name = link
+                parent_upper = self.ensure(parent)
                 real = self._copy_up(inode, parent_upper, name, with_data)
-            inode.reals = (real, *inode.reals)
+            inode.push_upper(real)
             return real
-
-    def ensure_index(self, inode: Inode) -> Real | None:
-        """Copy a hard-linked lower object into the index without giving it a name (so that its
-        name count can be tracked before one of its names goes away). None if not hard-linked."""
-        if inode.is_dir or (inode.upper is None and inode.top.nlink <= 1):
-            return None
-        with inode.copy_up_lock:
-            upper = inode.upper
-            if upper is None:
-                upper = self._index_entry(inode)
-                inode.reals = (upper, *inode.reals)
-        return upper
 
     def attach_index(self, reals: tuple[Real, ...]) -> tuple[Real, ...]:
         """For a lower object with several names: its index entry on top, if it was copied up."""
         top = reals[0]
-        if top.layer.is_upper or top.is_dir or top.nlink <= 1:
+        index_fd = self.work.index_fd
+        if top.layer.is_upper or top.is_dir or top.nlink <= 1 or index_fd is None:
             return reals
-        entry = realfs.open_path(self.index_fd, schema.index_name(top.layer.index,
-                                                                   os.fstat(top.fd).st_ino))
+        entry = realfs.open_path(index_fd, schema.index_name(top.layer.index,
+                                                              top.ino or os.fstat(top.fd).st_ino))
         if entry is None:
             return reals
-        return (Real(self.stack.upper, entry, os.fstat(entry).st_mode, indexed=True), *reals)
+        return (Real(self.upper, entry, os.fstat(entry).st_mode, indexed=True), *reals)
 
     def link_name(self, real: Real, parent: Real, name: str) -> None:
-        """Give an index entry the name it is copied up under (parent times unchanged)."""
+        """Give an index entry a name in the upper (parent times unchanged: this is a copy-up)."""
         parent_times = parent.stat()
         realfs.link(real.fd, parent.fd, name)
-        realfs.utimens(parent.fd, parent_times.st_atime_ns, parent_times.st_mtime_ns)
+        self._restore_times(parent, parent_times)
 
     def _index_entry(self, inode: Inode) -> Real:
         lower = inode.top
         st = lower.stat()
         entry = schema.index_name(lower.layer.index, st.st_ino)
-        fd = realfs.open_path(self.index_fd, entry)
+        index_fd = self.work.index_fd
+        if index_fd is None:
+            raise OSError(errno.EROFS, "read-only mount")
+        fd = realfs.open_path(index_fd, entry)
         if fd is None:
             temp = self.work.temp_name()
-            extra = {**_origin_xattrs(lower, st), schema.XATTR_NLINK: str(st.st_nlink).encode()}
+            extra = {**_origin_xattrs(lower, st), **nlink.initial(st.st_nlink)}
             fd = self._build(lower, st, temp, with_data=True, extra=extra)
             try:
-                realfs.rename(self.work.fd, temp, self.index_fd, entry, realfs.RENAME_NOREPLACE)
+                realfs.rename(self.work.tmp_fd, temp, index_fd, entry, realfs.RENAME_NOREPLACE)
             except BaseException:
                 os.close(fd)
-                realfs.remove_tree(self.work.fd, temp)
+                self.work.discard(temp)
                 raise
-        return Real(self.stack.upper, fd, st.st_mode, indexed=True)
+        return Real(self.upper, fd, st.st_mode, indexed=True)
 
     def _copy_up(self, inode: Inode, parent: Real, name: str, with_data: bool) -> Real:
         lower = inode.top
@@ -212,36 +145,49 @@ class CopyUp:
         fd = self._build(lower, st, temp, with_data, _origin_xattrs(lower, st))
         try:
             parent_times = parent.stat()
-            realfs.rename(self.work.fd, temp, parent.fd, name, realfs.RENAME_NOREPLACE)
+            realfs.rename(self.work.tmp_fd, temp, parent.fd, name, realfs.RENAME_NOREPLACE)
         except BaseException:
             os.close(fd)
-            realfs.remove_tree(self.work.fd, temp)
+            self.work.discard(temp)
             raise
-        # Copy-up is not a change of the parent as far as users can see.
-        realfs.utimens(parent.fd, parent_times.st_atime_ns, parent_times.st_mtime_ns)
-        return Real(self.stack.upper, fd, st.st_mode)
+        self._restore_times(parent, parent_times)
+        return Real(self.upper, fd, st.st_mode)
+
+    @staticmethod
+    def _restore_times(parent: Real, times: os.stat_result) -> None:
+        """Copy-up is not a change of the parent as far as users can see. Best effort: the copy-up
+        itself is complete, and failing it now would leave a complete change reported as failed."""
+        try:
+            realfs.utimens(parent.fd, times.st_atime_ns, times.st_mtime_ns)
+        except OSError as e:
+            log.warning("copy-up: cannot restore the parent's times: %s", e.strerror)
 
     def _build(self, lower: Real, st: os.stat_result, temp: str, with_data: bool,
                extra: dict[str, bytes]) -> int:
         """Build the copy at ``temp`` in the work dir; return an O_PATH descriptor for it."""
-        wfd = self.work.fd
+        wfd = self.work.tmp_fd
         kind = stat.S_IFMT(st.st_mode)
-        if kind == stat.S_IFREG:
-            self._build_file(lower, st, temp, with_data, extra)
-        elif kind == stat.S_IFDIR:
-            realfs.mkdir(wfd, temp, 0o700)
-        elif kind == stat.S_IFLNK:
-            realfs.symlink(wfd, temp, realfs.readlink(lower.fd))
-        else:
-            realfs.mknod(wfd, temp, st.st_mode, st.st_rdev)
-        fd = realfs.open_path(wfd, temp)
-        assert fd is not None, "the object was just created in the private work directory"
+        try:
+            if kind == stat.S_IFREG:
+                self._build_file(lower, st, temp, with_data, extra)
+            elif kind == stat.S_IFDIR:
+                realfs.mkdir(wfd, temp, 0o700)
+            elif kind == stat.S_IFLNK:
+                realfs.symlink(wfd, temp, realfs.readlink(lower.fd))
+            else:
+                realfs.mknod(wfd, temp, st.st_mode, st.st_rdev)
+            fd = realfs.open_path(wfd, temp)
+            if fd is None:
+                raise OSError(errno.ENOENT, "copy-up object vanished from the work directory")
+        except BaseException:
+            self.work.discard(temp)
+            raise
         try:
             if kind != stat.S_IFREG:
                 self._finish(lower, st, fd, extra)
         except BaseException:
             os.close(fd)
-            realfs.remove_tree(wfd, temp)
+            self.work.discard(temp)
             raise
         return fd
 
@@ -253,6 +199,8 @@ class CopyUp:
             try:
                 realfs.setxattr(fd, name, value)
             except PermissionError:
+                if name.startswith(schema.COWFS_PREFIX):
+                    raise  # user.* on a file or directory: must work (checked at mount)
                 # trusted.* needs CAP_SYS_ADMIN: without it, a copied-up symlink or special file
                 # gets a new inode number (a known limit of unprivileged mounts).
                 log.debug("cannot record %s (not privileged)", name)
@@ -260,42 +208,31 @@ class CopyUp:
 
     def _build_file(self, lower: Real, st: os.stat_result, temp: str, with_data: bool,
                     extra: dict[str, bytes]) -> None:
-        dst = realfs.create_file(self.work.fd, temp, 0o600, os.O_WRONLY)
+        """Called with ``temp`` not existing; on failure the caller discards it."""
+        dst = realfs.create_file(self.work.tmp_fd, temp, 0o600, os.O_WRONLY)
         try:
             if with_data and st.st_size:
-                src = realfs.reopen(lower.fd, os.O_RDONLY)
+                src = realfs.reopen(lower.fd, os.O_RDONLY | os.O_NOATIME) if _may_noatime(
+                    st) else realfs.reopen(lower.fd, os.O_RDONLY)
                 try:
-                    copy_data(src, dst, st.st_size)
+                    realfs.copy_data(src, dst, st.st_size)
                 finally:
                     os.close(src)
-            dst_path_fd = realfs.open_path(self.work.fd, temp)
-            assert dst_path_fd is not None
+            dst_path_fd = realfs.open_path(self.work.tmp_fd, temp)
+            if dst_path_fd is None:
+                raise OSError(errno.ENOENT, "copy-up file vanished from the work directory")
             try:
                 self._finish(lower, st, dst_path_fd, extra)
             finally:
                 os.close(dst_path_fd)
             if self.sync:
-                os.fsync(dst)
-        except BaseException:
+                realfs.fsync(dst)
+        finally:
             os.close(dst)
-            realfs.remove_tree(self.work.fd, temp)
-            raise
-        os.close(dst)
 
 
-def adjust_nlink(real: Real, delta: int) -> None:
-    """Count a name added to or removed from a hard-linked object copied up via the index."""
-    value = realfs.getxattr(real.fd, schema.XATTR_NLINK)
-    if value is None or not value.isdigit():
-        return
-    realfs.setxattr(real.fd, schema.XATTR_NLINK, str(max(int(value) + delta, 0)).encode())
-
-
-def tracked_nlink(real: Real, st: os.stat_result) -> int | None:
-    """The merged view's name count of an index entry (None for other objects). An entry that no
-    upper name links to yet has st_nlink 1; one found through an upper name has more."""
-    if not real.layer.is_upper or stat.S_ISDIR(st.st_mode) or (
-            st.st_nlink <= 1 and not real.indexed):
-        return None
-    value = realfs.getxattr(real.fd, schema.XATTR_NLINK)
-    return int(value) if value is not None and value.isdigit() else None
+def _may_noatime(st: os.stat_result) -> bool:
+    """``O_NOATIME`` is allowed to the file's owner and to root: reading a lower file to copy it
+    must not change its access time (the lower layers are never modified)."""
+    uid = os.geteuid()
+    return uid == 0 or uid == st.st_uid

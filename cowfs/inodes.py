@@ -69,19 +69,26 @@ class InodeNumbers:
 
 
 class Inode:
-    """One object of the merged view."""
+    """One object of the merged view.
 
-    __slots__ = ("alive", "copy_up_lock", "links", "lookups", "number", "reals")
+    Shared between the trio thread and worker threads: ``reals`` and ``links`` change only under
+    the inode's short state lock (never held across a system call), and ``reals`` is replaced as a
+    whole, so readers that take no lock see either the old or the new stack.
+    """
+
+    __slots__ = ("_links", "_state", "alive", "copy_up_lock", "lookups", "number", "reals")
 
     def __init__(self, number: int, reals: tuple[Real, ...]) -> None:
         self.number = number
-        #: Topmost first. Replaced as a whole (never mutated), so readers on other threads see
-        #: either the old or the new stack.
+        #: Topmost first. Replaced as a whole (never mutated): see :meth:`replace_top`.
         self.reals = reals
         #: Names this object is known by, as {(parent number, name): parent}; copy-up needs one.
-        self.links: dict[tuple[int, str], Inode] = {}
+        self._links: dict[tuple[int, str], Inode] = {}
         self.lookups = 0
+        #: Held for the whole of a copy-up (which may take long): a second opener waits for it.
         self.copy_up_lock = threading.Lock()
+        #: Held only while ``reals`` or ``links`` is read-modify-written.
+        self._state = threading.Lock()
         self.alive = True
 
     def __repr__(self) -> str:
@@ -114,28 +121,54 @@ class Inode:
         """The real directories a child name is looked up in (all of them, for a directory)."""
         return self.reals
 
+    def push_upper(self, upper: Real) -> None:
+        """The object got an upper copy: it goes on top of the stack."""
+        with self._state:
+            self.reals = (upper, *self.reals)
+
+    def replace_top(self, top: Real) -> None:
+        """The topmost real object changed (a mark or a redirect was added to it)."""
+        with self._state:
+            self.reals = (top, *self.reals[1:])
+
+    def replace_reals(self, reals: tuple[Real, ...]) -> None:
+        with self._state:
+            self.reals = reals
+
     def add_link(self, parent: Inode, name: str) -> None:
         """Remember a name, as the most recently used one (dicts keep insertion order)."""
-        self.links.pop((parent.number, name), None)
-        self.links[(parent.number, name)] = parent
+        with self._state:
+            self._links.pop((parent.number, name), None)
+            self._links[(parent.number, name)] = parent
 
     def drop_link(self, parent: Inode, name: str) -> None:
-        self.links.pop((parent.number, name), None)
+        with self._state:
+            self._links.pop((parent.number, name), None)
+
+    def move_link(self, old_parent: Inode, old_name: str, new_parent: Inode,
+                  new_name: str) -> None:
+        with self._state:
+            self._links.pop((old_parent.number, old_name), None)
+            self._links.pop((new_parent.number, new_name), None)
+            self._links[(new_parent.number, new_name)] = new_parent
 
     def any_link(self) -> tuple[Inode, str] | None:
         """A live (parent, name) under which this object is visible, for copy-up: the most
         recently looked up, which is the likeliest to be the one being opened."""
-        for (_, name), parent in reversed(self.links.items()):
+        with self._state:
+            links = list(self._links.items())
+        for (_, name), parent in reversed(links):
             if parent.alive:
                 return parent, name
         return None
 
     def release(self) -> None:
         self.alive = False
-        for real in self.reals:
+        with self._state:
+            reals, self.reals = self.reals, ()
+            self._links.clear()
+        for real in reals:
             os.close(real.fd)
-        self.reals = ()
-        self.links.clear()
 
 
 class InodeTable:

@@ -10,7 +10,6 @@ is undefined (the kernel caches cowfs's answers).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import logging
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from . import realfs, schema
 from .errors import CowfsError
+from .workdir import WorkDir, open_work
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,11 @@ class LayerStack:
 
     upper: Layer
     lowers: tuple[Layer, ...]
-    work_fd: int
-    work_path: Path
-    #: Hold the locks that keep a second mount off these upper and work directories.
-    lock_fds: tuple[int, ...]
-    #: The hard-link index (``WORK/index``), see :class:`cowfs.copyup.CopyUp`.
-    index_fd: int
+    #: ``WORK`` with its ``tmp/`` and ``index/`` (:mod:`cowfs.workdir`).
+    work: WorkDir
+    #: Holds the lock that keeps a second mount off this upper.
+    upper_lock_fd: int
+    read_only: bool = False
 
     @property
     def all(self) -> tuple[Layer, ...]:
@@ -89,10 +88,8 @@ class LayerStack:
     def close(self) -> None:
         for layer in self.all:
             os.close(layer.root_fd)
-        os.close(self.work_fd)
-        for fd in self.lock_fds:
-            os.close(fd)
-        os.close(self.index_fd)
+        self.work.close()
+        os.close(self.upper_lock_fd)
 
 
 def _open_dir(path: Path, role: str) -> int:
@@ -135,67 +132,29 @@ def check_mountpoint_outside(paths: LayerPaths, mountpoint: Path) -> None:
                              f"{str(layer)!r}; mount it over the directory itself or elsewhere")
 
 
-def _validate_nesting(paths: LayerPaths, work: Path) -> None:
+def _validate_nesting(paths: LayerPaths, work: Path | None) -> None:
     upper = paths.upper.resolve()
     for lower in paths.lowers:
         lower = lower.resolve()
         if _is_inside(upper, lower):
             raise CowfsError(f"upper directory {str(paths.upper)!r} is inside lower directory "
                              f"{str(lower)!r}; lower layers must never be written")
-        if _is_inside(work, lower):
+        if work is not None and _is_inside(work, lower):
             raise CowfsError(f"work directory {str(work)!r} is inside lower directory "
                              f"{str(lower)!r}; lower layers must never be written")
         if _is_inside(lower, upper):
             raise CowfsError(f"lower directory {str(lower)!r} is inside the upper directory")
-    if paths.work is not None and _is_inside(work, upper):
+    if work is not None and _is_inside(work, upper):
         raise CowfsError(f"work directory {str(work)!r} is inside the upper directory, where it "
                          "would be visible; leave --work out to use the default hidden one")
-    if paths.work is not None and _is_inside(upper, work):
+    if work is not None and _is_inside(upper, work):
         raise CowfsError("upper directory is inside the work directory")
 
 
-def _private_dir(work_fd: int, work: Path, name: str) -> int:
-    with contextlib.suppress(FileExistsError):
-        realfs.mkdir(work_fd, name, 0o700)
-    fd = realfs.open_path(work_fd, name)
-    if fd is None or not stat.S_ISDIR(os.fstat(fd).st_mode):
-        raise CowfsError(f"{str(work / name)!r} is not a directory")
-    return fd
-
-
-def _prepare_work(paths: LayerPaths, upper_fd: int,
-                  upper_dev: int) -> tuple[Path, int, int, int]:  # path, tmp, lock, index
-    """Open (creating them if needed) cowfs's directories inside the work directory.
-
-    Only ``WORK/tmp`` (cleaned at each mount) and ``WORK/index`` are ever written, so a work
-    directory shared with other tools loses nothing.
-    """
-    work = paths.work_dir
-    if paths.work is None:
-        with contextlib.suppress(FileExistsError):
-            realfs.mkdir(upper_fd, schema.WORK_DIR_NAME, 0o700)
-    elif not work.exists():
-        raise CowfsError(f"work directory {str(work)!r} does not exist")
-    fd = _open_dir(work, "work")
-    try:
-        if os.fstat(fd).st_dev != upper_dev:
-            raise CowfsError(f"work directory {str(work)!r} is not on the same filesystem as the "
-                             f"upper directory {str(paths.upper)!r} (copy-up renames between "
-                             "them)")
-        lock_fd = _lock(fd, work, "work directory")
-        tmp_fd = _private_dir(fd, work, schema.WORK_TMP_NAME)
-        index_fd = _private_dir(fd, work, schema.WORK_INDEX_NAME)
-    finally:
-        os.close(fd)
-    return work, tmp_fd, lock_fd, index_fd
-
-
 def _lock(fd: int, path: Path, role: str) -> int:
-    """Lock a directory for as long as the returned descriptor is open (in the daemon).
-
-    The upper and the work directory are both locked: two mounts sharing either would corrupt
-    each other (and each mount cleans its work directory's leftovers).
-    """
+    """Lock the upper for as long as the returned descriptor is open (in the daemon). The work
+    directory is locked too (:mod:`cowfs.workdir`): two mounts sharing either would corrupt each
+    other (and each mount cleans its work directory's leftovers)."""
     lock_fd = realfs.open_dir(fd)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -206,27 +165,42 @@ def _lock(fd: int, path: Path, role: str) -> int:
     return lock_fd
 
 
-def open_stack(paths: LayerPaths) -> LayerStack:
-    """Check the layers and open them; every problem becomes a one-line :class:`CowfsError`."""
+def open_stack(paths: LayerPaths, *, read_only: bool = False) -> LayerStack:
+    """Check the layers and open them; every problem becomes a one-line :class:`CowfsError`.
+
+    A read-only stack writes nothing: no format marker, no work directory, no xattr probe.
+    """
     lower_fds = [_open_dir(p, "lower") for p in paths.lowers]
     upper_fd = _open_dir(paths.upper, "upper")
-    _validate_nesting(paths, paths.work_dir.resolve())
-    _check_user_xattrs(upper_fd, paths.upper)
+    _validate_nesting(paths, paths.work.resolve() if paths.work is not None else None)
+    if not read_only:
+        _check_user_xattrs(upper_fd, paths.upper)
     upper_dev = os.fstat(upper_fd).st_dev
     upper_lock = _lock(upper_fd, paths.upper, "upper directory")
-    work, work_fd, work_lock, index_fd = _prepare_work(paths, upper_fd, upper_dev)
-    _mark_format(upper_fd, paths.upper)
+    try:
+        work = open_work(upper_fd, paths.upper, paths.work, read_only=read_only)
+    except BaseException:
+        os.close(upper_lock)
+        raise
+    if read_only:
+        _check_format(upper_fd, paths.upper)
+    else:
+        _mark_format(upper_fd, paths.upper)
     upper = Layer(0, paths.upper, upper_fd, upper_dev)
     lowers = tuple(Layer(i + 1, p, fd, os.fstat(fd).st_dev, is_bottom=i == len(lower_fds) - 1)
                    for i, (p, fd) in enumerate(zip(paths.lowers, lower_fds, strict=True)))
-    return LayerStack(upper, lowers, work_fd, work, (upper_lock, work_lock), index_fd)
+    return LayerStack(upper, lowers, work, upper_lock, read_only)
 
 
-def _mark_format(upper_fd: int, path: Path) -> None:
+def _check_format(upper_fd: int, path: Path) -> None:
     found = realfs.getxattr(upper_fd, schema.XATTR_FORMAT)
-    if found is None:
-        realfs.setxattr(upper_fd, schema.XATTR_FORMAT, schema.FORMAT_VERSION)
-    elif found != schema.FORMAT_VERSION:
+    if found is not None and found != schema.FORMAT_VERSION:
         raise CowfsError(f"upper directory {str(path)!r} has cowfs layer format "
                          f"{found.decode(errors='replace')!r}; this cowfs understands format "
                          f"{schema.FORMAT_VERSION.decode()!r}")
+
+
+def _mark_format(upper_fd: int, path: Path) -> None:
+    _check_format(upper_fd, path)
+    if realfs.getxattr(upper_fd, schema.XATTR_FORMAT) is None:
+        realfs.setxattr(upper_fd, schema.XATTR_FORMAT, schema.FORMAT_VERSION)

@@ -209,7 +209,7 @@ def _state_recorded(mountpoint: Path, paths: LayerPaths, stack: LayerStack) -> I
     path = state_file(mountpoint)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     state = MountState(os.getpid(), str(mountpoint), [str(p) for p in paths.lowers],
-                       str(paths.upper), str(stack.work_path))
+                       str(paths.upper), str(stack.work.path))
     path.write_text(json.dumps(dataclasses.asdict(state)), encoding="utf-8")
     try:
         yield
@@ -275,7 +275,8 @@ def serve(paths: LayerPaths, stack: LayerStack, mountpoint: Path, options: Mount
     log.info("unmounted %s", mountpoint)
 
 
-def prepare(paths: LayerPaths, mountpoint: Path) -> tuple[LayerPaths, LayerStack, Path]:
+def prepare(paths: LayerPaths, mountpoint: Path, *,
+            read_only: bool = False) -> tuple[LayerPaths, LayerStack, Path]:
     """Everything that can fail because of user input, done before forking into the background.
 
     Returns the layer paths resolved (nothing may resolve a path once mounted: the mountpoint may
@@ -284,4 +285,4 @@ def prepare(paths: LayerPaths, mountpoint: Path) -> tuple[LayerPaths, LayerStack
     real_mountpoint = check_mountpoint(mountpoint)
     resolved = paths.resolved()
     check_mountpoint_outside(resolved, real_mountpoint)
-    return resolved, open_stack(resolved), real_mountpoint
+    return resolved, open_stack(resolved, read_only=read_only), real_mountpoint

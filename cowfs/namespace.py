@@ -1,17 +1,30 @@
 """Changes to the merged namespace (the kernel's fs/overlayfs/dir.c).
 
 Creating, removing and renaming names: every change lands in the upper layer, and a name that still
-exists in a lower layer is hidden by a whiteout. Multi-step changes are built in the work directory
-and swapped into place, so that no intermediate state is ever visible:
+exists in a lower layer is hidden by a whiteout. Every operation changes what users see with exactly
+one system call on the upper — its *commit point* — so that a crash or a failing step leaves the
+view as it was before or as it is after, never a mixture (docs/layer-format.md, section 13):
 
-* a new object over a whiteout is built in the work dir and renamed over it (a directory is
-  exchanged with it, since rename cannot replace a file by a directory), and is made opaque;
-* a whiteout is built in the work dir (an empty file with ``user.overlay.whiteout``) and renamed
-  into place, after its parent has been marked ``user.overlay.opaque=x``;
-* a directory that is removed is first swapped out into the work dir, then deleted there.
+* steps before the commit point change nothing users can see: copy-ups, a redirect or an opaque
+  mark on a directory about to move, a hard-link count's pending record (:mod:`cowfs.nlink`),
+  objects built in ``WORK/tmp`` (a new object that must belong to someone else than the daemon,
+  or that replaces a whiteout, is created, chowned and marked there, then renamed into place);
+* the commit point: ``mknod`` of a 0/0 whiteout, ``renameat2`` (with ``RENAME_WHITEOUT`` when the
+  old name must stay hidden, ``RENAME_EXCHANGE`` to replace a whiteout by a directory), ``linkat``,
+  ``unlink``, or a ``rename`` of a finished object out of the work directory;
+* after it, only cleanup that users cannot see: removing what was swapped out into ``WORK/tmp``
+  (else removed at the next mount), settling a pending count.
+
+Whiteouts are 0/0 character devices, made in one step with the move that needs them
+(``RENAME_WHITEOUT``), as the kernel makes them. On an upper filesystem without them (probed at
+mount, :mod:`cowfs.workdir`), cowfs falls back to xattr whiteouts, and a rename that leaves a
+whiteout is then two steps (known limit).
 
 A directory that has lower content is renamed by copying up the directory alone and recording its
 lower location in ``user.overlay.redirect`` (the kernel's ``redirect_dir=on``), in O(1).
+
+Namespace changes hold one lock (:attr:`Namespace.lock`) for their few system calls, so that paths
+recorded in pending counts stay still; copy-ups of file data happen before it is taken.
 """
 
 from __future__ import annotations
@@ -21,16 +34,18 @@ import errno
 import logging
 import os
 import stat
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from . import realfs, schema
-from .copyup import CopyUp, adjust_nlink
+from . import nlink, realfs, schema
+from .copyup import CopyUp, copy_attributes, copy_xattrs
 from .inodes import Inode, InodeTable
-from .layers import LayerStack
+from .layers import Layer
 from .readdir import candidate_names
 from .resolve import Found, Real, exists_below, is_hidden_name, probe, read_dir_mark, resolve
+from .workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +84,13 @@ def close_reals(reals: tuple[Real, ...]) -> None:
 class Namespace:
     """The namespace operations of one mount."""
 
-    def __init__(self, stack: LayerStack, table: InodeTable, copy_up: CopyUp) -> None:
-        self.stack = stack
+    def __init__(self, upper: Layer, work: WorkDir, table: InodeTable, copy_up: CopyUp) -> None:
+        self.upper = upper
+        self.work = work
         self.table = table
         self.copy_up = copy_up
-        self.work = copy_up.work
+        #: Held by every namespace change around its system calls (never across a data copy).
+        self.lock = threading.RLock()
 
     # --- looking names up ---------------------------------------------------------------------
 
@@ -98,9 +115,18 @@ class Namespace:
                 return False
         return True
 
+    def _looked_up(self, parent: Inode, name: str) -> Inode:
+        """The inode at ``name``, with one lookup counted that the caller must give back
+        (``table.forget(number, 1)``): it keeps the inode alive while the change runs."""
+        inode = self.lookup(parent, name)
+        if inode is None:
+            raise OSError(errno.ENOENT, "no such file or directory", name)
+        return inode
+
     # --- upper-layer primitives ---------------------------------------------------------------
 
-    def _slot(self, parent_upper: Real, name: str) -> Slot:
+    @staticmethod
+    def _slot(parent_upper: Real, name: str) -> Slot:
         found = probe(parent_upper, name)
         if found is None:
             return Slot.EMPTY
@@ -109,36 +135,94 @@ class Namespace:
             return Slot.OBJECT
         return Slot.WHITEOUT
 
+    def _upper_path(self, parent_upper: Real, name: str) -> tuple[str, ...]:
+        """Where ``name`` in an upper directory is, below the upper root (for pending records)."""
+        root = os.readlink(realfs.proc_path(self.upper.root_fd)).rstrip("/")
+        path = os.readlink(realfs.proc_path(parent_upper.fd))
+        if path == root:
+            return (name,)
+        if not path.startswith(root + "/"):
+            raise OSError(errno.EIO, f"cannot locate {path!r} in the upper layer {root!r}")
+        return (*path[len(root) + 1:].split("/"), name)
+
+    def _count_change(self, entry: Real, parent_upper: Real, name: str,
+                      expect: schema.Expect) -> schema.Pending | None:
+        """Record that one lower name of a hard-link set is about to leave the lower layer's count
+        (see :mod:`cowfs.nlink`); None when ``entry`` is not an index entry."""
+        old = nlink.current(entry.fd, self.upper.root_fd)
+        if old is None:
+            return None
+        pending = schema.Pending(max(old - 1, 0), old, expect, self._upper_path(parent_upper, name))
+        nlink.begin(entry.fd, pending, self.upper.root_fd)
+        return pending
+
+    def _counted(self, entry: Real | None, parent_upper: Real, name: str, expect: schema.Expect,
+                 change: Callable[[], None]) -> None:
+        """Run ``change`` (one commit point) with the count of ``entry`` following it."""
+        pending = None if entry is None else self._count_change(entry, parent_upper, name, expect)
+        try:
+            change()
+        except BaseException:
+            if pending is not None and entry is not None:
+                nlink.abort(entry.fd)
+            raise
+        if pending is not None and entry is not None:
+            nlink.finish(entry.fd, pending)
+
     def _mark_xwhiteouts(self, directory: Inode) -> Real:
-        """Mark a directory's upper as holding xattr whiteouts, before the first one is placed."""
+        """Mark a directory's upper as holding xattr whiteouts, before the first one is placed
+        (only without device whiteouts)."""
         upper = self.copy_up.ensure(directory)
         if upper.mark is schema.DirMark.PLAIN:
             realfs.setxattr(upper.fd, schema.XATTR_OPAQUE, schema.OPAQUE_HAS_XWHITEOUTS)
             upper = dataclasses.replace(upper, mark=schema.DirMark.XWHITEOUTS)
-            directory.reals = (upper, *directory.reals[1:])
+            directory.replace_top(upper)
         return upper
 
-    def _new_whiteout(self) -> str:
+    def _new_xattr_whiteout(self) -> str:
         temp = self.work.temp_name()
-        fd = realfs.create_file(self.work.fd, temp, 0, os.O_WRONLY)
+        fd = realfs.create_file(self.work.tmp_fd, temp, 0o600, os.O_WRONLY)
+        os.close(fd)
         try:
-            os.setxattr(fd, schema.XATTR_WHITEOUT, b"")
-        finally:
-            os.close(fd)
+            path_fd = realfs.open_path(self.work.tmp_fd, temp)
+            if path_fd is None:
+                raise OSError(errno.ENOENT, "whiteout vanished from the work directory")
+            try:
+                realfs.setxattr(path_fd, schema.XATTR_WHITEOUT, b"")
+            finally:
+                os.close(path_fd)
+        except BaseException:
+            self.work.discard(temp)
+            raise
         return temp
 
-    def _place_whiteout(self, parent: Inode, name: str, over: Slot) -> None:
-        """Hide ``name`` of the lower layers; ``over`` is what the upper holds there now."""
+    def _whiteout_at(self, parent: Inode, name: str, over: Slot) -> None:
+        """Hide ``name`` of the lower layers in one step; ``over`` is what the upper holds there."""
+        if over is Slot.WHITEOUT:
+            return
+        if self.work.features.device_whiteouts:
+            parent_upper = self.copy_up.ensure(parent)
+            if over is Slot.EMPTY:
+                realfs.mknod_whiteout(parent_upper.fd, name)
+                return
+            temp = self.work.temp_name()
+            realfs.rename(parent_upper.fd, name, self.work.tmp_fd, temp,
+                          realfs.RENAME_WHITEOUT | realfs.RENAME_NOREPLACE)
+            self.work.discard(temp)
+            return
         parent_upper = self._mark_xwhiteouts(parent)
-        temp = self._new_whiteout()
-        if over is Slot.EMPTY:
-            realfs.rename(self.work.fd, temp, parent_upper.fd, name, realfs.RENAME_NOREPLACE)
-        else:
-            realfs.rename(self.work.fd, temp, parent_upper.fd, name, realfs.RENAME_EXCHANGE)
-            realfs.remove_tree(self.work.fd, temp)
+        temp = self._new_xattr_whiteout()
+        try:
+            flags = realfs.RENAME_NOREPLACE if over is Slot.EMPTY else realfs.RENAME_EXCHANGE
+            realfs.rename(self.work.tmp_fd, temp, parent_upper.fd, name, flags)
+        except BaseException:
+            self.work.discard(temp)
+            raise
+        self.work.discard(temp)
 
     def _remove_upper(self, parent_upper: Real, name: str) -> None:
-        """Delete an upper object; a directory (maybe holding whiteouts) goes via the work dir."""
+        """Delete an upper object that hides nothing below; a directory (which may hold
+        whiteouts) leaves in one rename into the work dir and is deleted there."""
         try:
             realfs.unlink(parent_upper.fd, name)
             return
@@ -150,17 +234,8 @@ class Namespace:
             if e.errno != errno.ENOTEMPTY:
                 raise
             temp = self.work.temp_name()
-            realfs.rename(parent_upper.fd, name, self.work.fd, temp, realfs.RENAME_NOREPLACE)
-            realfs.remove_tree(self.work.fd, temp)
-
-    def _clear(self, parent: Inode, name: str, slot: Slot) -> None:
-        """Make ``name`` absent from the merged view: whiteout if a lower has it, else delete."""
-        if exists_below(parent.child_parents, name):
-            self._place_whiteout(parent, name, slot)
-        elif slot is not Slot.EMPTY:
-            parent_upper = parent.upper
-            assert parent_upper is not None, "an upper object implies an upper parent"
-            self._remove_upper(parent_upper, name)
+            realfs.rename(parent_upper.fd, name, self.work.tmp_fd, temp, realfs.RENAME_NOREPLACE)
+            self.work.discard(temp)
 
     # --- creating -----------------------------------------------------------------------------
 
@@ -170,43 +245,76 @@ class Namespace:
         gid = st.st_gid if st.st_mode & stat.S_ISGID else caller.gid
         return caller.uid, gid
 
+    @staticmethod
+    def _natural_owner(parent_upper: Real) -> tuple[int, int]:
+        """Who owns what the daemon creates directly in ``parent_upper``."""
+        st = parent_upper.stat()
+        return os.geteuid(), st.st_gid if st.st_mode & stat.S_ISGID else os.getegid()
+
     def _new_object(self, parent: Inode, name: str, owner: tuple[int, int] | None, mode: int,
                     make: Callable[[int, str], None]) -> Inode:
-        """Create an object with ``make(dirfd, name)``, owned by ``owner`` unless None."""
+        """Create an object with ``make(dirfd, name)``, owned by ``owner`` unless None.
+
+        Where the daemon would give it its right owner and mode anyway and nothing is in the way,
+        it is made in place: one system call. Otherwise it is made in the work directory, given
+        owner, mode and (over a whiteout, for a directory) its opaque mark, and renamed into place.
+        """
         check_name(name)
         if is_hidden_name(parent is self.table.root, name):
             raise OSError(errno.EPERM, "name reserved for the work directory", name)
         parent_upper = self.copy_up.ensure(parent)
-        slot = self._slot(parent_upper, name)
-        if slot is Slot.OBJECT:
-            raise OSError(errno.EEXIST, "file exists", name)
-        if slot is Slot.EMPTY:
-            make(parent_upper.fd, name)
-            fd = self._finish_new(parent_upper.fd, name, owner, mode)
-        else:
-            temp = self.work.temp_name()
-            make(self.work.fd, temp)
-            fd = self._finish_new(self.work.fd, temp, owner, mode)
-            if stat.S_ISDIR(mode):
-                realfs.setxattr(fd, schema.XATTR_OPAQUE, schema.OPAQUE_YES)
-                realfs.rename(self.work.fd, temp, parent_upper.fd, name, realfs.RENAME_EXCHANGE)
-                realfs.remove_tree(self.work.fd, temp)
+        with self.lock:
+            slot = self._slot(parent_upper, name)
+            if slot is Slot.OBJECT:
+                raise OSError(errno.EEXIST, "file exists", name)
+            setid = mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(mode)
+            if slot is Slot.EMPTY and not setid and (
+                    owner is None or owner == self._natural_owner(parent_upper)):
+                make(parent_upper.fd, name)
+                fd = realfs.open_path(parent_upper.fd, name)
+                if fd is None:
+                    raise OSError(errno.ENOENT, "new object vanished", name)
             else:
-                realfs.rename(self.work.fd, temp, parent_upper.fd, name)
+                fd = self._build_new(parent_upper, name, slot, owner, mode, make)
         st = os.fstat(fd)
-        mark = read_dir_mark(fd, self.stack.upper) if stat.S_ISDIR(st.st_mode) else (
+        mark = read_dir_mark(fd, self.upper) if stat.S_ISDIR(st.st_mode) else (
             schema.DirMark.PLAIN)
-        return self.table.remember((Real(self.stack.upper, fd, st.st_mode, mark),), parent, name)
+        return self.table.remember((Real(self.upper, fd, st.st_mode, mark),), parent, name)
 
-    def _finish_new(self, dirfd: int, name: str, owner: tuple[int, int] | None, mode: int) -> int:
-        fd = realfs.open_path(dirfd, name)
-        assert fd is not None, "just created"
-        if owner is not None and owner != (0, 0):  # cowfs runs as root: (0, 0) it is already
-            realfs.chown(fd, *owner)
-        if mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(mode) and owner is not None:
-            # chown clears the set-ID bits, and mkdir ignores them (it inherits S_ISGID from
-            # its parent, which a directory built in the work directory does not have).
-            realfs.chmod(fd, stat.S_IMODE(mode))
+    def _build_new(self, parent_upper: Real, name: str, slot: Slot, owner: tuple[int, int] | None,
+                   mode: int, make: Callable[[int, str], None]) -> int:
+        temp = self.work.temp_name()
+        tmp = self.work.tmp_fd
+        try:
+            make(tmp, temp)
+        except BaseException:
+            self.work.discard(temp)
+            raise
+        fd = realfs.open_path(tmp, temp)
+        try:
+            if fd is None:
+                raise OSError(errno.ENOENT, "new object vanished from the work directory")
+            if owner is not None:
+                realfs.chown(fd, *owner)
+            if mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(mode):
+                # chown clears the set-ID bits, and mkdir ignores them (it inherits S_ISGID from
+                # its parent, which a directory built in the work directory does not have).
+                realfs.chmod(fd, stat.S_IMODE(mode))
+            if slot is Slot.EMPTY:
+                realfs.rename(tmp, temp, parent_upper.fd, name, realfs.RENAME_NOREPLACE)
+            elif stat.S_ISDIR(mode):
+                realfs.setxattr(fd, schema.XATTR_OPAQUE, schema.OPAQUE_YES)
+                # rename cannot put a directory over a non-directory: swap, then drop the whiteout
+                realfs.rename(tmp, temp, parent_upper.fd, name, realfs.RENAME_EXCHANGE)
+            else:
+                realfs.rename(tmp, temp, parent_upper.fd, name)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            self.work.discard(temp)
+            raise
+        if slot is not Slot.EMPTY and stat.S_ISDIR(mode):
+            self.work.discard(temp)
         return fd
 
     def create(self, parent: Inode, name: str, mode: int, caller: Caller) -> tuple[Inode, int]:
@@ -245,24 +353,18 @@ class Namespace:
                                 lambda d, n: realfs.symlink(d, n, target))
 
     def link(self, inode: Inode, parent: Inode, name: str) -> Inode:
+        """A new name for an object. Its upper copy gains a link (for a lower hard-link set, its
+        index entry), which the merged link count follows with no write of its own."""
         if inode.is_dir:
             raise OSError(errno.EPERM, "hard links to directories are not allowed", name)
         upper = self.copy_up.ensure(inode)
-        result = self._new_object(parent, name, None, upper.mode,
-                                  lambda d, n: realfs.link(upper.fd, d, n))
-        adjust_nlink(upper, +1)
-        return result
+        return self._new_object(parent, name, None, upper.mode,
+                                lambda d, n: realfs.link(upper.fd, d, n))
 
     # --- removing -----------------------------------------------------------------------------
 
-    def _child(self, parent: Inode, name: str) -> Inode:
-        inode = self.lookup(parent, name)
-        if inode is None:
-            raise OSError(errno.ENOENT, "no such file or directory", name)
-        return inode
-
     def unlink(self, parent: Inode, name: str) -> None:
-        child = self._child(parent, name)
+        child = self._looked_up(parent, name)
         try:
             if child.is_dir:
                 raise OSError(errno.EISDIR, "is a directory", name)
@@ -271,7 +373,7 @@ class Namespace:
             self.table.forget(child.number, 1)
 
     def rmdir(self, parent: Inode, name: str) -> None:
-        child = self._child(parent, name)
+        child = self._looked_up(parent, name)
         try:
             if not child.is_dir:
                 raise OSError(errno.ENOTDIR, "not a directory", name)
@@ -281,17 +383,27 @@ class Namespace:
         finally:
             self.table.forget(child.number, 1)
 
-    def _remove(self, parent: Inode, name: str, child: Inode) -> None:
-        parent_upper = self.copy_up.ensure(parent)
-        self._drop_name(child)
-        self._clear(parent, name, self._slot(parent_upper, name))
-        child.drop_link(parent, name)
+    def _prepare_departure(self, inode: Inode) -> None:
+        """One name of ``inode`` is about to go. If it is a lower hard-link set, copy it into the
+        index first (outside the lock: this copies data), so that its count can follow."""
+        if self.copy_up.is_hard_linked_lower(inode):
+            self.copy_up.ensure(inode)
 
-    def _drop_name(self, inode: Inode) -> None:
-        """One name of ``inode`` is about to go: count it if it is a hard-linked lower object."""
-        entry = self.copy_up.ensure_index(inode)
-        if entry is not None:
-            adjust_nlink(entry, -1)
+    def _remove(self, parent: Inode, name: str, child: Inode) -> None:
+        self._prepare_departure(child)
+        parent_upper = self.copy_up.ensure(parent)
+        with self.lock:
+            slot = self._slot(parent_upper, name)
+            below = exists_below(parent.child_parents, name)
+            # A visible name with nothing in the upper is a lower name; if the object has an
+            # upper copy all the same, that is its index entry, whose count loses this name.
+            entry = child.upper if slot is Slot.EMPTY and not child.is_dir else None
+            if below:
+                self._counted(entry, parent_upper, name, schema.Expect.PRESENT,
+                              lambda: self._whiteout_at(parent, name, slot))
+            elif slot is not Slot.EMPTY:
+                self._remove_upper(parent_upper, name)
+            child.drop_link(parent, name)
 
     # --- renaming -----------------------------------------------------------------------------
 
@@ -302,10 +414,19 @@ class Namespace:
         check_name(new_name)
         if is_hidden_name(new_parent is self.table.root, new_name):
             raise OSError(errno.EPERM, "name reserved for the work directory", new_name)
-        src = self._child(old_parent, old_name)
+        src = self._looked_up(old_parent, old_name)
         dst = self.lookup(new_parent, new_name)
         try:
-            self._rename(old_parent, old_name, src, new_parent, new_name, dst, flags)
+            self._check_rename(src, dst, flags, new_name)
+            if dst is src:
+                return  # the same object under both names: POSIX says do nothing
+            self._prepare_rename(src, dst, old_parent, new_parent, flags)
+            with self.lock:
+                if flags & realfs.RENAME_EXCHANGE:
+                    assert dst is not None
+                    self._exchange(old_parent, old_name, src, new_parent, new_name, dst)
+                else:
+                    self._move(old_parent, old_name, src, new_parent, new_name, dst)
         finally:
             self.table.forget(src.number, 1)
             if dst is not None:
@@ -327,26 +448,31 @@ class Namespace:
         if dst.is_dir and not self.is_empty_dir(dst):
             raise OSError(errno.ENOTEMPTY, "directory not empty", new_name)
 
-    def _movable_upper(self, inode: Inode) -> Real:
-        """Copy the object up so that it can move; a directory with lower content is redirected.
+    def _prepare_rename(self, src: Inode, dst: Inode | None, old_parent: Inode,
+                        new_parent: Inode, flags: int) -> None:
+        """Copy-ups that may copy data, before the lock is taken."""
+        self.copy_up.ensure(old_parent)
+        self.copy_up.ensure(new_parent)
+        self.copy_up.ensure(src)
+        if dst is not None and flags & realfs.RENAME_EXCHANGE:
+            self.copy_up.ensure(dst)
+        elif dst is not None:
+            self._prepare_departure(dst)
 
-        Only the directory itself is copied up, never its tree: its redirect tells later lookups
-        where its lower content stays (O(1), where the kernel's default fails with EXDEV).
+    def _movable_upper(self, inode: Inode, parent_upper: Real, name: str) -> Real:
+        """Make ``name`` an upper object that can move, without changing what users see.
+
+        A directory with lower content records where that content is (its redirect: O(1), where
+        the kernel's default fails with EXDEV). A lower name of a hard-link set is linked to its
+        index entry, the count following (see :mod:`cowfs.nlink`).
         """
         upper = self.copy_up.ensure(inode)
-        if inode.is_dir and inode.lowers:
-            return self._redirect(inode, upper)
-        return upper
-
-    def _named_upper(self, inode: Inode, parent: Inode, name: str) -> None:
-        """Make sure ``name`` is in the upper: a hard-linked object copied up under another name
-        is found through the index, and this name has no upper entry of its own yet."""
         if inode.is_dir:
-            return
-        parent_upper = self.copy_up.ensure(parent)
-        upper = inode.upper
-        if upper is not None and self._slot(parent_upper, name) is Slot.EMPTY:
-            self.copy_up.link_name(upper, parent_upper, name)
+            return self._redirect(inode, upper) if inode.lowers else upper
+        if self._slot(parent_upper, name) is Slot.EMPTY:
+            self._counted(upper, parent_upper, name, schema.Expect.LINKED,
+                          lambda: self.copy_up.link_name(upper, parent_upper, name))
+        return upper
 
     def _redirect(self, inode: Inode, upper: Real) -> Real:
         """Record the lower location of a directory about to move (absolute: parents may move)."""
@@ -355,7 +481,7 @@ class Namespace:
             return upper
         realfs.setxattr(upper.fd, schema.XATTR_REDIRECT, schema.format_redirect(origin))
         upper = dataclasses.replace(upper, redirect=schema.Redirect(True, origin))
-        inode.reals = (upper, *inode.reals[1:])
+        inode.replace_top(upper)
         return upper
 
     @staticmethod
@@ -370,63 +496,94 @@ class Namespace:
 
     def _make_opaque_if_needed(self, inode: Inode, parent: Inode, name: str) -> None:
         """An upper-only directory moved over a name that lower layers have must not merge with
-        them. (A redirected one merges only with its redirect target.)"""
+        them. (A redirected one merges only with its redirect target.) Invisible where it is."""
         upper = inode.upper
         if upper is None or not inode.is_dir or upper.opaque or inode.lowers:
             return
         if exists_below(parent.child_parents, name):
             realfs.setxattr(upper.fd, schema.XATTR_OPAQUE, schema.OPAQUE_YES)
-            inode.reals = (dataclasses.replace(upper, mark=schema.DirMark.OPAQUE),)
+            inode.replace_top(dataclasses.replace(upper, mark=schema.DirMark.OPAQUE))
 
-    def _rename(self, old_parent: Inode, old_name: str, src: Inode, new_parent: Inode,
-                new_name: str, dst: Inode | None, flags: int) -> None:
-        self._check_rename(src, dst, flags, new_name)
-        if dst is src:
-            return  # the same object under both names: POSIX says do nothing
-        self._movable_upper(src)
-        self._named_upper(src, old_parent, old_name)
-        if dst is not None and flags & realfs.RENAME_EXCHANGE:
-            self._movable_upper(dst)
-            self._named_upper(dst, new_parent, new_name)
-        elif dst is not None:
-            self._drop_name(dst)
+    def _exchange(self, old_parent: Inode, old_name: str, src: Inode, new_parent: Inode,
+                  new_name: str, dst: Inode) -> None:
         old_upper = self.copy_up.ensure(old_parent)
         new_upper = self.copy_up.ensure(new_parent)
+        self._movable_upper(src, old_upper, old_name)
+        self._movable_upper(dst, new_upper, new_name)
         self._make_opaque_if_needed(src, new_parent, new_name)
-        if flags & realfs.RENAME_EXCHANGE:
-            assert dst is not None
-            self._make_opaque_if_needed(dst, old_parent, old_name)
-            realfs.rename(old_upper.fd, old_name, new_upper.fd, new_name, realfs.RENAME_EXCHANGE)
-            dst.drop_link(new_parent, new_name)
-            dst.add_link(old_parent, old_name)
-        else:
-            self._move(old_parent, old_upper, old_name, new_upper, new_name, src.is_dir)
-            if dst is not None:
-                dst.drop_link(new_parent, new_name)
-        src.drop_link(old_parent, old_name)
-        src.add_link(new_parent, new_name)
+        self._make_opaque_if_needed(dst, old_parent, old_name)
+        realfs.rename(old_upper.fd, old_name, new_upper.fd, new_name, realfs.RENAME_EXCHANGE)
+        src.move_link(old_parent, old_name, new_parent, new_name)
+        dst.move_link(new_parent, new_name, old_parent, old_name)
 
-    def _move(self, old_parent: Inode, old_upper: Real, old_name: str, new_upper: Real,
-              new_name: str, is_dir: bool) -> None:
-        """Move an upper object to a new name, then hide or clear what is left at the old one."""
+    def _move(self, old_parent: Inode, old_name: str, src: Inode, new_parent: Inode,
+              new_name: str, dst: Inode | None) -> None:
+        """Move ``src`` to the new name in one ``renameat2``, leaving a whiteout at the old name if
+        a lower layer has it there."""
+        old_upper = self.copy_up.ensure(old_parent)
+        new_upper = self.copy_up.ensure(new_parent)
+        self._movable_upper(src, old_upper, old_name)
+        self._make_opaque_if_needed(src, new_parent, new_name)
         slot = self._slot(new_upper, new_name)
-        if slot is Slot.EMPTY:
-            realfs.rename(old_upper.fd, old_name, new_upper.fd, new_name,
-                          realfs.RENAME_NOREPLACE)
-            left = Slot.EMPTY
-        elif not is_dir and not self._is_dir_at(new_upper, new_name):
-            realfs.rename(old_upper.fd, old_name, new_upper.fd, new_name)
-            left = Slot.EMPTY
-        else:
-            # Replace atomically: swap, then deal with what now sits at the old name.
-            realfs.rename(old_upper.fd, old_name, new_upper.fd, new_name, realfs.RENAME_EXCHANGE)
-            left = Slot.OBJECT
-        if exists_below(old_parent.child_parents, old_name):
-            self._place_whiteout(old_parent, old_name, left)
-        elif left is Slot.OBJECT:
-            self._remove_upper(old_upper, old_name)
+        if dst is not None and dst.is_dir and slot is Slot.OBJECT:
+            self._clear_empty(dst, new_upper, new_name)
+        # A lower name of a hard-link set replaced here leaves the set's count.
+        entry = dst.upper if dst is not None and not dst.is_dir and slot is Slot.EMPTY else None
+        below = exists_below(old_parent.child_parents, old_name)
+        device = self.work.features.device_whiteouts
 
-    @staticmethod
-    def _is_dir_at(parent_upper: Real, name: str) -> bool:
-        st = os.stat(name, dir_fd=parent_upper.fd, follow_symlinks=False)
-        return stat.S_ISDIR(st.st_mode)
+        def commit() -> None:
+            whiteout = realfs.RENAME_WHITEOUT if below and device else 0
+            if slot is Slot.WHITEOUT and src.is_dir:
+                # A directory cannot replace a whiteout (a non-directory): swap them. The
+                # whiteout then sits at the old name, where it is needed or hides nothing.
+                realfs.rename(old_upper.fd, old_name, new_upper.fd, new_name,
+                              realfs.RENAME_EXCHANGE)
+            elif slot is Slot.EMPTY:
+                realfs.rename(old_upper.fd, old_name, new_upper.fd, new_name,
+                              realfs.RENAME_NOREPLACE | whiteout)
+            else:
+                realfs.rename(old_upper.fd, old_name, new_upper.fd, new_name, whiteout)
+
+        self._counted(entry, new_upper, new_name, schema.Expect.PRESENT, commit)
+        if slot is Slot.WHITEOUT and src.is_dir and not below:
+            self._drop_stray_whiteout(old_upper, old_name)
+        elif below and not device:  # two steps: see the module docstring
+            self._whiteout_at(old_parent, old_name, self._slot(old_upper, old_name))
+        src.move_link(old_parent, old_name, new_parent, new_name)
+        if dst is not None:
+            dst.drop_link(new_parent, new_name)
+
+    def _drop_stray_whiteout(self, parent_upper: Real, name: str) -> None:
+        """A whiteout over nothing hides nothing: removing it is cleanup, not a change."""
+        try:
+            realfs.unlink(parent_upper.fd, name)
+        except OSError as e:
+            log.warning("cannot remove a whiteout that hides nothing (%s): %s", name, e.strerror)
+
+    def _clear_empty(self, directory: Inode, parent_upper: Real, name: str) -> None:
+        """Make the upper of an empty-looking directory really empty, so that a rename can
+        replace it (the kernel's ``ovl_clear_empty``): an opaque empty copy is built in the work
+        dir and exchanged with it. Users see the same empty directory before and after."""
+        upper = self.copy_up.ensure(directory)
+        if not realfs.list_names(upper.fd):
+            return
+        st = upper.stat()
+        temp = self.work.temp_name()
+        tmp = self.work.tmp_fd
+        realfs.mkdir(tmp, temp, 0o700)
+        try:
+            fd = realfs.open_path(tmp, temp)
+            if fd is None:
+                raise OSError(errno.ENOENT, "directory vanished from the work directory")
+            try:
+                copy_xattrs(upper, fd)
+                realfs.setxattr(fd, schema.XATTR_OPAQUE, schema.OPAQUE_YES)
+                copy_attributes(st, fd)
+            finally:
+                os.close(fd)
+            realfs.rename(tmp, temp, parent_upper.fd, name, realfs.RENAME_EXCHANGE)
+        except BaseException:
+            self.work.discard(temp)
+            raise
+        self.work.discard(temp)

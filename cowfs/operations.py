@@ -26,7 +26,6 @@ import functools
 import itertools
 import logging
 import os
-import resource
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -34,7 +33,6 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
-from . import xattrs
 from .handles import FileHandle, wants_write
 from .inodes import Inode
 from .readdir import DirHandle
@@ -95,11 +93,6 @@ class Operations(pyfuse3.Operations):
         #: Read by pyfuse3 when the kernel connects.
         self.enable_writeback_cache = writeback
         self._after_init = after_init
-        #: Inodes held before asking the kernel to drop some (see _shed_inodes): the descriptor
-        #: limit, less a reserve, over two descriptors an inode (most hold one: a lower-only or
-        #: upper-only object; copied-up objects two; only merged directories more).
-        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.max_inodes = max((limit - 1024) // 2, 256)
         self._read_buf = bytearray(1 << 20)  # see read()
         self._numbers = itertools.count(1)
         self._files: dict[int, FileHandle] = {}
@@ -167,30 +160,21 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def lookup(self, parent_inode: InodeT, name: FileNameT,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        inode = self.overlay.namespace.lookup(self._inode(parent_inode), os.fsdecode(name))
+        inode = self.overlay.lookup(self._inode(parent_inode), os.fsdecode(name))
         if inode is None:
             return self._negative()
         self._shed_inodes()
         return self._attrs(inode)
 
     def _shed_inodes(self) -> None:
-        """Keep the descriptors cowfs holds below its limit.
-
-        Every inode the kernel holds keeps a descriptor per layer open, and the kernel forgets
-        inodes only under memory pressure, so a walk of a large tree would run out of
-        descriptors. Past a high-water mark, the least recently used quarter of the names is
-        invalidated: the kernel then drops those it can (unused ones) and sends FORGET.
-        """
-        table = self.overlay.table
-        if len(table) <= self.max_inodes:
-            return
-        for parent, name in table.least_recent(self.max_inodes // 4):
-            pyfuse3.invalidate_entry_async(InodeT(parent.number), FileNameT(os.fsencode(name)),
+        """Ask the kernel to drop the names the model says hold too many descriptors."""
+        for parent, name in self.overlay.names_to_shed():
+            pyfuse3.invalidate_entry_async(InodeT(parent), FileNameT(os.fsencode(name)),
                                            ignore_enoent=True)
 
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         for number, count in inode_list:
-            self.overlay.table.forget(number, count)
+            self.overlay.forget(number, count)
 
     @_errno_boundary
     async def getattr(self, inode: InodeT,
@@ -235,28 +219,28 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def mknod(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        inode = self.overlay.namespace.mknod(self._inode(parent_inode), os.fsdecode(name), mode,
+        inode = self.overlay.mknod(self._inode(parent_inode), os.fsdecode(name), mode,
                                              rdev, _caller(ctx))
         return self._attrs(inode)
 
     @_errno_boundary
     async def mkdir(self, parent_inode: InodeT, name: FileNameT, mode: ModeT,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        inode = self.overlay.namespace.mkdir(self._inode(parent_inode), os.fsdecode(name), mode,
+        inode = self.overlay.mkdir(self._inode(parent_inode), os.fsdecode(name), mode,
                                              _caller(ctx))
         return self._attrs(inode)
 
     @_errno_boundary
     async def symlink(self, parent_inode: InodeT, name: FileNameT, target: FileNameT,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        inode = self.overlay.namespace.symlink(self._inode(parent_inode), os.fsdecode(name),
+        inode = self.overlay.symlink(self._inode(parent_inode), os.fsdecode(name),
                                                os.fsdecode(target), _caller(ctx))
         return self._attrs(inode)
 
     @_errno_boundary
     async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        linked = await _in_thread(self.overlay.namespace.link, self._inode(inode),
+        linked = await _in_thread(self.overlay.link, self._inode(inode),
                                   self._inode(new_parent_inode), os.fsdecode(new_name))
         return self._attrs(linked)
 
@@ -264,20 +248,20 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: InodeT, name: FileNameT,
                      ctx: pyfuse3.RequestContext) -> None:
         # In a thread: unlinking a lower file with several names copies it into the index first.
-        await _in_thread(self.overlay.namespace.unlink, self._inode(parent_inode),
+        await _in_thread(self.overlay.unlink, self._inode(parent_inode),
                          os.fsdecode(name))
 
     @_errno_boundary
     async def rmdir(self, parent_inode: InodeT, name: FileNameT,
                     ctx: pyfuse3.RequestContext) -> None:
-        await _in_thread(self.overlay.namespace.rmdir, self._inode(parent_inode),
+        await _in_thread(self.overlay.rmdir, self._inode(parent_inode),
                          os.fsdecode(name))
 
     @_errno_boundary
     async def rename(self, parent_inode_old: InodeT, name_old: FileNameT,
                      parent_inode_new: InodeT, name_new: FileNameT, flags: FlagT,
                      ctx: pyfuse3.RequestContext) -> None:
-        await _in_thread(self.overlay.namespace.rename, self._inode(parent_inode_old),
+        await _in_thread(self.overlay.rename, self._inode(parent_inode_old),
                          os.fsdecode(name_old), self._inode(parent_inode_new),
                          os.fsdecode(name_new), int(flags))
 
@@ -347,27 +331,22 @@ class Operations(pyfuse3.Operations):
         handle = self._dirs[fh]
         directory = handle.inode
         names = handle.snapshot(start_id, self.overlay.hidden_names(directory))
-        namespace = self.overlay.namespace
         for index in range(start_id, len(names)):
             name = names[index]
             if name in (".", ".."):
                 # The kernel ignores the attributes of these and counts no lookup for them.
-                target = directory if name == "." else self._dotdot(directory)
+                target = directory if name == "." else self.overlay.dotdot(directory)
                 if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)),
                                              self._attrs(target), index + 1):
                     return
                 continue
-            child = namespace.lookup(directory, name)
+            child = self.overlay.lookup(directory, name)
             if child is None:
                 continue  # whited out, or hidden below a non-directory
             if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)),
                                          self._attrs(child), index + 1):
-                self.overlay.table.forget(child.number, 1)
+                self.overlay.forget(child.number, 1)
                 return
-
-    def _dotdot(self, directory: Inode) -> Inode:
-        link = directory.any_link()
-        return link[0] if link is not None else self.overlay.table.root
 
     @_errno_boundary
     async def releasedir(self, fh: FileHandleT) -> None:
@@ -382,24 +361,22 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def getxattr(self, inode: InodeT, name: XAttrNameT,
                        ctx: pyfuse3.RequestContext) -> bytes:
-        return xattrs.get_value(self._inode(inode), os.fsdecode(name))
+        return self.overlay.getxattr(self._inode(inode), os.fsdecode(name))
 
     @_errno_boundary
     async def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> Sequence[XAttrNameT]:
-        return [XAttrNameT(os.fsencode(n)) for n in xattrs.list_names(self._inode(inode))]
+        return [XAttrNameT(os.fsencode(n)) for n in self.overlay.listxattr(self._inode(inode))]
 
     @_errno_boundary
     async def setxattr(self, inode: InodeT, name: XAttrNameT, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        await _in_thread(xattrs.set_value, self._inode(inode), os.fsdecode(name), value,
-                         self.overlay.copy_up)
+        await _in_thread(self.overlay.setxattr, self._inode(inode), os.fsdecode(name), value)
         self._acl_changed_mode(inode, name)
 
     @_errno_boundary
     async def removexattr(self, inode: InodeT, name: XAttrNameT,
                           ctx: pyfuse3.RequestContext) -> None:
-        await _in_thread(xattrs.remove_value, self._inode(inode), os.fsdecode(name),
-                         self.overlay.copy_up)
+        await _in_thread(self.overlay.removexattr, self._inode(inode), os.fsdecode(name))
         self._acl_changed_mode(inode, name)
 
     @staticmethod

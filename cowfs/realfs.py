@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
+import stat
 
 log = logging.getLogger(__name__)
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+#: Move the object and leave a 0/0 character-device whiteout at the old name, in one step.
+RENAME_WHITEOUT = 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = _libc.renameat2
@@ -27,6 +31,10 @@ _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_cha
 _renameat2.restype = ctypes.c_int
 
 _NO_XATTR = (errno.ENODATA, errno.ENOTSUP)
+
+FICLONE = 0x40049409
+_NO_REFLINK = (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF)
+_NO_COPY_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
 
 
 def proc_path(fd: int) -> str:
@@ -141,6 +149,61 @@ def mknod(dirfd: int, name: str, mode: int, rdev: int) -> None:
     os.mknod(name, mode, rdev, dir_fd=dirfd)
 
 
+def mknod_whiteout(dirfd: int, name: str) -> None:
+    """A whiteout as the kernel makes it: a 0/0 character device (unprivileged since Linux 5.8)."""
+    log.debug("whiteout dirfd=%d %s", dirfd, name)
+    os.mknod(name, stat.S_IFCHR, 0, dir_fd=dirfd)
+
+
+def fsync(fd: int) -> None:
+    log.debug("fsync fd=%d", fd)
+    os.fsync(fd)
+
+
+def ftruncate(fd: int, size: int) -> None:
+    log.debug("ftruncate fd=%d %d", fd, size)
+    os.ftruncate(fd, size)
+
+
+def copy_data(src: int, dst: int, size: int) -> None:
+    """Copy a file's data into a new file, in the kernel, keeping holes: a reflink where the
+    filesystem has them, else ``copy_file_range`` over the data segments, else ``sendfile``."""
+    log.debug("copy data fd=%d -> fd=%d (%d bytes)", src, dst, size)
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+        return
+    except OSError as e:
+        if e.errno not in _NO_REFLINK:
+            raise
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                break
+            raise
+        end = os.lseek(src, start, os.SEEK_HOLE)
+        _copy_range(src, dst, start, end)
+        pos = end
+    os.ftruncate(dst, size)
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+    pos = start
+    while pos < end:
+        try:
+            n = os.copy_file_range(src, dst, end - pos, pos, pos)
+        except OSError as e:
+            if e.errno not in _NO_COPY_RANGE:
+                raise
+            os.lseek(dst, pos, os.SEEK_SET)
+            n = os.sendfile(dst, src, pos, end - pos)
+        if n == 0:  # the source shrank under us; the final ftruncate fixes the size
+            return
+        pos += n
+
+
 def symlink(dirfd: int, name: str, target: str) -> None:
     log.debug("symlink dirfd=%d %s -> %s", dirfd, name, target)
     os.symlink(target, name, dir_fd=dirfd)
@@ -163,7 +226,7 @@ def rmdir(dirfd: int, name: str) -> None:
 
 
 def rename(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: int = 0) -> None:
-    """``renameat2``: plain, ``RENAME_NOREPLACE`` or ``RENAME_EXCHANGE``."""
+    """``renameat2``: plain, ``RENAME_NOREPLACE``, ``RENAME_EXCHANGE`` or ``RENAME_WHITEOUT``."""
     log.debug("rename dirfd=%d %s -> dirfd=%d %s flags=%d", olddirfd, oldname, newdirfd, newname,
               flags)
     if _renameat2(olddirfd, os.fsencode(oldname), newdirfd, os.fsencode(newname), flags) != 0:

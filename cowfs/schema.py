@@ -52,8 +52,18 @@ XATTR_FORMAT = COWFS_PREFIX + "format"
 #: that the object keeps its inode number after copy-up and across mounts.
 XATTR_ORIGIN = COWFS_PREFIX + "origin"
 XATTR_ORIGIN_TRUSTED = TRUSTED_COWFS_PREFIX + "origin"
-#: On a hard-link index entry: the number of names the object has in the merged view (decimal).
+#: Format 1 before 0.2: on a hard-link index entry, the number of names in the merged view. Read
+#: once at mount and converted to :data:`XATTR_LOWER_LINKS`; never written.
 XATTR_NLINK = COWFS_PREFIX + "nlink"
+#: On a hard-link index entry: how many names of the lower hard-link set are still seen through
+#: the lower layer (neither removed nor linked into the upper). The merged view's link count is
+#: this plus the entry's upper names (its st_nlink less the index's own name), so that linking and
+#: unlinking upper names needs no write here (the kernel keeps its count relative to the upper's
+#: too, ``"U%+i"``).
+XATTR_LOWER_LINKS = COWFS_PREFIX + "lowerlinks"
+#: On a hard-link index entry while a change of :data:`XATTR_LOWER_LINKS` is under way:
+#: ``"<new> <old> <expect> <path>"``; see :func:`format_pending` and docs/layer-format.md.
+XATTR_PENDING = COWFS_PREFIX + "pending"
 
 #: Longest redirect followed, as the kernel's default ``redirect_max``.
 REDIRECT_MAX = 256
@@ -135,15 +145,81 @@ def format_origin(layer_index: int, ino: int) -> bytes:
 
 
 def parse_origin(value: bytes) -> tuple[int, int] | None:
-    """``(layer index, inode)`` of an origin xattr, or None if it is malformed."""
+    """``(layer index, inode)`` of an origin xattr, or None if it is malformed or out of range."""
     layer, sep, ino = value.partition(b":")
-    if not sep or not layer.isdigit() or not ino.isdigit():
+    if not sep:
         return None
-    return int(layer), int(ino)
+    parsed = parse_number(layer, MAX_COUNT), parse_number(ino, MAX_INO)
+    return None if parsed[0] is None or parsed[1] is None else (parsed[0], parsed[1])
 
 
 def index_name(layer_index: int, ino: int) -> str:
     return f"{layer_index}-{ino}"
+
+
+#: Largest number accepted from a layer where an inode number or a count is expected: anything
+#: larger was not written by cowfs (and would overflow the kernel's 64-bit fields).
+MAX_INO = (1 << 64) - 1
+MAX_COUNT = (1 << 32) - 1
+
+
+def parse_number(value: bytes | str, maximum: int) -> int | None:
+    """A decimal number read from a layer, or None when it is malformed or out of range."""
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    if not text.isascii() or not text.isdigit() or len(text) > 20:
+        return None
+    number = int(text)
+    return number if number <= maximum else None
+
+
+def parse_index_name(name: str) -> tuple[int, int] | None:
+    """``(layer, inode)`` of an index entry's name, or None when it is not one."""
+    layer, sep, ino = name.partition("-")
+    if not sep:
+        return None
+    parsed = parse_number(layer, MAX_COUNT), parse_number(ino, MAX_INO)
+    return None if parsed[0] is None or parsed[1] is None else (parsed[0], parsed[1])
+
+
+class Expect(Enum):
+    """What a pending link-count change expects to find at its path once it has happened."""
+
+    #: the name is a hard link to the index entry (a lower name linked into the upper)
+    LINKED = "linked"
+    #: the upper holds something at the name (a whiteout, or another object renamed over it)
+    PRESENT = "present"
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A change of an index entry's :data:`XATTR_LOWER_LINKS` from ``old`` to ``new`` that takes
+    effect with one change of the upper at ``path`` (components below the upper root)."""
+
+    new: int
+    old: int
+    expect: Expect
+    path: tuple[str, ...]
+
+
+def format_pending(pending: Pending) -> bytes:
+    return os.fsencode(f"{pending.new} {pending.old} {pending.expect.value} "
+                       + "/".join(pending.path))
+
+
+def parse_pending(value: bytes) -> Pending | None:
+    """A pending record, or None when it is malformed (then it is ignored: the count stays)."""
+    fields = os.fsdecode(value).split(" ", 3)
+    if len(fields) != 4:
+        return None
+    new, old = parse_number(fields[0], MAX_COUNT), parse_number(fields[1], MAX_COUNT)
+    try:
+        expect = Expect(fields[2])
+    except ValueError:
+        return None
+    path = tuple(fields[3].split("/"))
+    if new is None or old is None or any(p in ("", ".", "..") for p in path):
+        return None
+    return Pending(new, old, expect, path)
 
 
 # --- user-visible xattr names -------------------------------------------------------------------

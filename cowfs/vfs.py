@@ -15,17 +15,20 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import stat
 from dataclasses import dataclass
 
-from . import realfs, schema
-from .copyup import CopyUp, tracked_nlink
+from . import realfs, schema, xattrs
+from .copyup import CopyUp
 from .handles import FileHandle, real_flags, wants_write
 from .inodes import Inode, InodeNumbers, InodeTable
 from .layers import LayerStack
 from .namespace import Caller, Namespace
+from .nlink import merged_nlink
 from .readdir import DirHandle
 from .resolve import root_real
+from .workdir import recover
 
 log = logging.getLogger(__name__)
 
@@ -49,36 +52,114 @@ class Overlay:
 
     def __init__(self, stack: LayerStack, *, sync: bool = True) -> None:
         self.stack = stack
+        if not stack.read_only:
+            recover(stack)
         self.table = InodeTable(tuple(root_real(layer) for layer in stack.all),
                                 InodeNumbers(stack.all))
-        self.copy_up = CopyUp(stack, self.table, sync=sync)
-        self.namespace = Namespace(stack, self.table, self.copy_up)
-        self.copy_up.work.clean()
+        self.copy_up = CopyUp(stack.upper, stack.work, sync=sync)
+        self.namespace = Namespace(stack.upper, stack.work, self.table, self.copy_up)
+
+        #: Inodes held before asking the kernel to drop some (:meth:`names_to_shed`): the
+        #: descriptor limit, less a reserve, over two descriptors an inode (most hold one: a
+        #: lower-only or upper-only object; copied-up objects two; only merged directories more).
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_inodes = max((limit - 1024) // 2, 256)
 
     def close(self) -> None:
         self.stack.close()
 
-    # --- attributes ---------------------------------------------------------------------------
+    # --- lookups and the inode lifecycle ------------------------------------------------------
 
     def inode(self, number: int) -> Inode:
         return self.table.get(number)
+
+    def lookup(self, parent: Inode, name: str) -> Inode | None:
+        """The object at ``name``, counting one kernel lookup; None when there is none."""
+        return self.namespace.lookup(parent, name)
+
+    def forget(self, number: int, count: int) -> None:
+        """The kernel dropped ``count`` lookups of an inode; at zero its descriptors are closed."""
+        self.table.forget(number, count)
+
+    def names_to_shed(self) -> list[tuple[int, str]]:
+        """Keep the descriptors cowfs holds below its limit.
+
+        Every inode the kernel holds keeps a descriptor per layer open, and the kernel forgets
+        inodes only under memory pressure, so a walk of a large tree would run out of
+        descriptors. Past a high-water mark, the least recently used quarter of the names is
+        returned, as (parent number, name), for the kernel to be asked to drop: it then drops
+        those it can (unused ones) and sends FORGET.
+        """
+        if len(self.table) <= self.max_inodes:
+            return []
+        return [(parent.number, name)
+                for parent, name in self.table.least_recent(self.max_inodes // 4)]
+
+    def dotdot(self, directory: Inode) -> Inode:
+        link = directory.any_link()
+        return link[0] if link is not None else self.table.root
+
+    # --- namespace ----------------------------------------------------------------------------
+
+    def mknod(self, parent: Inode, name: str, mode: int, rdev: int, caller: Caller) -> Inode:
+        return self.namespace.mknod(parent, name, mode, rdev, caller)
+
+    def mkdir(self, parent: Inode, name: str, mode: int, caller: Caller) -> Inode:
+        return self.namespace.mkdir(parent, name, mode, caller)
+
+    def symlink(self, parent: Inode, name: str, target: str, caller: Caller) -> Inode:
+        return self.namespace.symlink(parent, name, target, caller)
+
+    def link(self, inode: Inode, parent: Inode, name: str) -> Inode:
+        return self.namespace.link(inode, parent, name)
+
+    def unlink(self, parent: Inode, name: str) -> None:
+        self.namespace.unlink(parent, name)
+
+    def rmdir(self, parent: Inode, name: str) -> None:
+        self.namespace.rmdir(parent, name)
+
+    def rename(self, old_parent: Inode, old_name: str, new_parent: Inode, new_name: str,
+               flags: int) -> None:
+        self.namespace.rename(old_parent, old_name, new_parent, new_name, flags)
+
+    # --- xattrs -------------------------------------------------------------------------------
+
+    def getxattr(self, inode: Inode, name: str) -> bytes:
+        return xattrs.get_value(inode, name)
+
+    def listxattr(self, inode: Inode) -> list[str]:
+        return xattrs.list_names(inode)
+
+    def setxattr(self, inode: Inode, name: str, value: bytes) -> None:
+        xattrs.set_value(inode, name, value, self.copy_up)
+
+    def removexattr(self, inode: Inode, name: str) -> None:
+        xattrs.remove_value(inode, name, self.copy_up)
+
+    # --- attributes ---------------------------------------------------------------------------
 
     def stat(self, inode: Inode) -> os.stat_result:
         return inode.top.stat()
 
     def nlink(self, inode: Inode, st: os.stat_result) -> int:
         """Names in the merged view. The kernel reports 1 for merged directories: counting their
-        subdirectories is not worth it. Hard links copied up via the index keep their own count."""
+        subdirectories is not worth it. Hard links copied up via the index keep their own count
+        (:mod:`cowfs.nlink`)."""
         if inode.is_merged_dir:
             return 1
-        tracked = tracked_nlink(inode.top, st)
-        return st.st_nlink if tracked is None else tracked
+        top = inode.top
+        if not top.layer.is_upper or stat.S_ISDIR(st.st_mode) or (
+                st.st_nlink <= 1 and not top.indexed):
+            return st.st_nlink
+        merged = merged_nlink(top.fd, st, self.stack.upper.root_fd)
+        return st.st_nlink if merged is None else merged
 
     def setattr(self, inode: Inode, change: SetAttr, handle: FileHandle | None) -> None:
         upper = self.copy_up.ensure(inode, with_data=change.size != 0)
         if change.size is not None:
             if handle is not None and handle.on_upper:
-                os.ftruncate(handle.fd, change.size)
+                realfs.ftruncate(handle.fd, change.size)
             else:
                 realfs.truncate(upper.fd, change.size)
         if change.uid is not None or change.gid is not None:

@@ -1073,9 +1073,12 @@ def getxattr_or_none(path: Path, name: str) -> bytes | None:
         raise
 
 
-def is_xattr_whiteout(path: Path) -> bool:
-    """A cowfs whiteout: an empty regular file with user.overlay.whiteout, parent opaque=x."""
+def is_whiteout(path: Path) -> bool:
+    """A whiteout as cowfs writes it: the kernel's 0/0 character device, or (on an upper without
+    RENAME_WHITEOUT) an empty regular file with user.overlay.whiteout in a directory marked x."""
     st = os.lstat(path)
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+        return True
     return (
         stat.S_ISREG(st.st_mode)
         and st.st_size == 0

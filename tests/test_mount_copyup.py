@@ -24,7 +24,7 @@ from support import (
     Dir,
     Fifo,
     File,
-    is_xattr_whiteout,
+    is_whiteout,
     sha256_of,
     tree_state,
     wait_until,
@@ -206,7 +206,7 @@ def test_link_copy_up_gives_one_inode_with_two_names(source: CowfsMount) -> None
 
 def test_rename_copy_up_leaves_a_whiteout(source: CowfsMount) -> None:
     os.rename(source.mnt / F, source.mnt / "other/moved")
-    assert is_xattr_whiteout(source.upper / F)
+    assert is_whiteout(source.upper / F)
     assert not (source.mnt / F).exists()
     assert (source.mnt / "other/moved").read_bytes() == DATA
 

@@ -19,7 +19,7 @@ from support import (
     RENAME_NOREPLACE,
     CowfsMount,
     getxattr_or_none,
-    is_xattr_whiteout,
+    is_whiteout,
     renameat2,
     run_step,
 )
@@ -47,7 +47,7 @@ def gone(mount: CowfsMount, rel: str) -> bool:
 def test_unlink_of_a_lower_name_leaves_a_whiteout(cowfs: CowfsMount, rel: str) -> None:
     os.unlink(cowfs.mnt / rel)
     assert gone(cowfs, rel)
-    assert is_xattr_whiteout(cowfs.upper / rel)
+    assert is_whiteout(cowfs.upper / rel)
     cowfs.remount()
     assert gone(cowfs, rel)
 
@@ -56,7 +56,7 @@ def test_unlink_of_a_copied_up_file_leaves_a_whiteout(cowfs: CowfsMount) -> None
     (cowfs.mnt / "a.txt").write_text("changed")
     os.unlink(cowfs.mnt / "a.txt")
     assert gone(cowfs, "a.txt")
-    assert is_xattr_whiteout(cowfs.upper / "a.txt")
+    assert is_whiteout(cowfs.upper / "a.txt")
     cowfs.remount()
     assert gone(cowfs, "a.txt")
 
@@ -71,7 +71,7 @@ def test_unlink_of_an_upper_only_file(cowfs: CowfsMount) -> None:
 def test_rmdir_of_an_empty_lower_directory_leaves_a_whiteout(cowfs: CowfsMount) -> None:
     os.rmdir(cowfs.mnt / "empty1")
     assert gone(cowfs, "empty1")
-    assert is_xattr_whiteout(cowfs.upper / "empty1")
+    assert is_whiteout(cowfs.upper / "empty1")
     cowfs.remount()
     assert gone(cowfs, "empty1")
 
@@ -92,7 +92,7 @@ def test_rmdir_succeeds_once_every_lower_entry_is_whited_out(cowfs: CowfsMount) 
     assert names(cowfs, "dir") == []
     os.rmdir(cowfs.mnt / "dir")
     assert gone(cowfs, "dir")
-    assert is_xattr_whiteout(cowfs.upper / "dir")
+    assert is_whiteout(cowfs.upper / "dir")
     cowfs.remount()
     assert gone(cowfs, "dir")
 
@@ -135,7 +135,7 @@ def test_a_file_created_over_a_whiteout_replaces_it(cowfs: CowfsMount, rel: str)
     os.unlink(cowfs.mnt / rel)
     (cowfs.mnt / rel).write_text("reborn")
     assert read(cowfs, rel) == "reborn"
-    assert not is_xattr_whiteout(cowfs.upper / rel)
+    assert not is_whiteout(cowfs.upper / rel)
     cowfs.remount()
     assert read(cowfs, rel) == "reborn"
 

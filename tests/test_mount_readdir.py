@@ -16,7 +16,7 @@ from support import (
     Dir,
     DirStream,
     Whiteout,
-    is_xattr_whiteout,
+    is_whiteout,
     kind_of,
     run_step,
 )
@@ -128,7 +128,7 @@ def test_rm_rf_of_a_large_merged_directory(big: CowfsMount) -> None:
     result = subprocess.run(["rm", "-rf", str(big.mnt / "big")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert run_step(big.mnt, ("stat", "big")) == "ENOENT"
-    assert is_xattr_whiteout(big.upper / "big")
+    assert is_whiteout(big.upper / "big")
     big.remount()
     assert run_step(big.mnt, ("stat", "big")) == "ENOENT"
 

@@ -1,0 +1,281 @@
+"""The work directory: where changes are built before they become visible, and the hard-link index
+(the kernel's fs/overlayfs/super.c owns the same: work and index directories, feature probes and
+the cleanup at mount).
+
+Layout (docs/layer-format.md, section 4): ``WORK/tmp`` holds objects under construction and objects
+on their way out; ``WORK/index`` holds the hard-link index. Nothing else in ``WORK`` is written.
+
+The work directory is untrusted input like every layer: it is opened without following symlinks,
+and it and its ``tmp/`` and ``index/`` must be real directories owned by the mounting user on the
+upper's filesystem; anything else is refused before anything is deleted or created there.
+
+Crash recovery happens here, at mount, before the filesystem serves its first request:
+
+* everything in ``tmp/`` is removed: an object there was either not yet renamed into place (the
+  change never happened) or already swapped out of place (the change is complete);
+* every index entry with a pending link-count change (see :mod:`cowfs.nlink`) is settled by looking
+  at the upper: the change it records either happened or it did not;
+* index entries that no name uses any more are removed.
+
+A read-only mount does none of this: it writes nothing (a crash's leftovers in ``tmp/`` are
+invisible anyway, and pending link counts are settled when they are read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import nlink, realfs, schema
+from .errors import CowfsError
+
+if TYPE_CHECKING:
+    from .layers import LayerStack
+
+log = logging.getLogger(__name__)
+
+_SAFE_MODE_MASK = 0o022  # group- or world-writable work directories are refused
+
+
+@dataclass(frozen=True, slots=True)
+class Features:
+    """What the upper's filesystem can do, probed once at mount in ``WORK/tmp``."""
+
+    #: ``renameat2(RENAME_WHITEOUT)`` and 0/0 character-device whiteouts (Linux >= 5.8 lets a
+    #: plain user make both). Without them, whiteouts are xattr-marked empty files.
+    device_whiteouts: bool
+    #: ``O_TMPFILE`` in the work directory.
+    tmpfile: bool
+
+
+class WorkDir:
+    """The opened work directory of one mount (or of an offline tool)."""
+
+    def __init__(self, path: Path, fd: int | None, tmp_fd: int | None, index_fd: int | None,
+                 lock_fd: int | None, features: Features) -> None:
+        self.path = path
+        self.fd = fd
+        #: ``WORK/tmp``; None on a read-only mount whose work directory did not exist.
+        self._tmp_fd = tmp_fd
+        #: ``WORK/index``; None when there is none (read-only mount).
+        self.index_fd = index_fd
+        self.lock_fd = lock_fd
+        self.features = features
+        self._counter = itertools.count()
+
+    @property
+    def tmp_fd(self) -> int:
+        if self._tmp_fd is None:
+            raise OSError(errno.EROFS, "read-only mount: no work directory")
+        return self._tmp_fd
+
+    def temp_name(self) -> str:
+        """A name in ``WORK/tmp`` that nothing else uses (pid and counter: unique per mount)."""
+        return f"#{os.getpid()}.{next(self._counter)}"
+
+    def discard(self, name: str) -> None:
+        """Remove a temporary object once the change it belonged to is complete or abandoned.
+
+        Failing here changes nothing that users see: the next mount removes what is left.
+        """
+        try:
+            realfs.remove_tree(self.tmp_fd, name)
+        except OSError as e:
+            log.warning("cannot remove %r from the work directory (removed at the next mount): "
+                        "%s", name, e.strerror)
+
+    def close(self) -> None:
+        for fd in (self.fd, self._tmp_fd, self.index_fd, self.lock_fd):
+            if fd is not None:
+                os.close(fd)
+
+    # --- recovery at mount ------------------------------------------------------------------
+
+    def clean_tmp(self) -> None:
+        """Remove what an interrupted change left in ``WORK/tmp``."""
+        for name in realfs.list_names(self.tmp_fd):
+            log.info("removing leftover %r from the work directory", name)
+            realfs.remove_tree(self.tmp_fd, name)
+
+    def recover_index(self, upper_root: int) -> None:
+        """Settle pending link counts and drop entries that no name uses any more."""
+        if self.index_fd is None:
+            return
+        for name in realfs.list_names(self.index_fd):
+            fd = realfs.open_path(self.index_fd, name)
+            if fd is None:
+                continue
+            try:
+                self._recover_entry(upper_root, name, fd)
+            finally:
+                os.close(fd)
+
+    def _recover_entry(self, upper_root: int, name: str, fd: int) -> None:
+        assert self.index_fd is not None
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode) or schema.parse_index_name(name) is None:
+            log.warning("ignoring %r in the hard-link index: not an index entry", name)
+            return
+        count = nlink.settle(fd, upper_root)
+        if count is not None and count <= 0 and st.st_nlink == 1:
+            log.info("removing index entry %r: no name uses it any more", name)
+            realfs.unlink(self.index_fd, name)
+
+
+def recover(stack: LayerStack) -> None:
+    """Finish or roll back what a crash interrupted (see the module docstring); at mount, before
+    the first request, read-write mounts only."""
+    stack.work.clean_tmp()
+    stack.work.recover_index(stack.upper.root_fd)
+
+
+# --- opening ---------------------------------------------------------------------------------
+
+
+def _check_private_dir(fd: int, path: Path, role: str, upper_dev: int) -> None:
+    st = os.fstat(fd)
+    if not stat.S_ISDIR(st.st_mode):
+        raise CowfsError(f"{role} {str(path)!r} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise CowfsError(f"{role} {str(path)!r} is owned by uid {st.st_uid}, not by the mounting "
+                         f"user (uid {os.geteuid()}); refusing to use it")
+    if st.st_mode & _SAFE_MODE_MASK:
+        raise CowfsError(f"{role} {str(path)!r} is writable by other users (mode "
+                         f"{stat.S_IMODE(st.st_mode):o}); refusing to use it")
+    if st.st_dev != upper_dev:
+        raise CowfsError(f"{role} {str(path)!r} is not on the same filesystem as the upper "
+                         "directory (copy-up renames between them)")
+
+
+def _open_child_dir(dirfd: int, name: str, path: Path, role: str, *, create: bool,
+                    upper_dev: int) -> int | None:
+    """Open ``name`` in ``dirfd`` as a directory, never following a symlink; create it (0700)
+    when asked and missing. None when missing and not created."""
+    if create:
+        with contextlib.suppress(FileExistsError):
+            realfs.mkdir(dirfd, name, 0o700)
+    try:
+        fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dirfd)
+    except FileNotFoundError:
+        if create:
+            raise CowfsError(f"{role} {str(path)!r} vanished while it was being set up") from None
+        return None
+    except OSError as e:
+        if e.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise CowfsError(f"{role} {str(path)!r} is not a directory (a symlink or a file); "
+                             "refusing to use it") from None
+        raise CowfsError(f"cannot open {role} {str(path)!r}: {e.strerror}") from None
+    try:
+        _check_private_dir(fd, path, role, upper_dev)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_given_work(path: Path, upper_dev: int) -> int:
+    """A ``--work DIR`` named by the user: its path was resolved by the user's intent; the
+    directory itself must still be a real, private directory."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CowfsError(f"work directory {str(path)!r} does not exist") from None
+    except OSError as e:
+        raise CowfsError(f"cannot use work directory {str(path)!r}: {e.strerror}") from None
+    try:
+        _check_private_dir(fd, path, "work directory", upper_dev)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _lock(fd: int, path: Path) -> int:
+    """Lock the work directory for as long as the returned descriptor is open (in the daemon)."""
+    lock_fd = realfs.open_dir(fd)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        raise CowfsError(f"work directory {str(path)!r} is in use by another cowfs mount "
+                         "(an upper can be mounted only once at a time)") from None
+    return lock_fd
+
+
+def open_work(upper_fd: int, upper_path: Path, given: Path | None, *,
+              read_only: bool) -> WorkDir:
+    """Open (read-write: create) the work directory of an upper and check it.
+
+    ``given`` is ``--work DIR``, or None for the default ``UPPER/.cowfs-work``, which is reached
+    from the upper's descriptor without following a symlink.
+    """
+    upper_dev = os.fstat(upper_fd).st_dev
+    if given is None:
+        path = upper_path / schema.WORK_DIR_NAME
+        fd = _open_child_dir(upper_fd, schema.WORK_DIR_NAME, path, "work directory",
+                             create=not read_only, upper_dev=upper_dev)
+    else:
+        path = given
+        fd = _open_given_work(given, upper_dev)
+    if fd is None:  # read-only, and never mounted read-write: nothing to read
+        return WorkDir(path, None, None, None, None, Features(False, False))
+    try:
+        lock_fd = _lock(fd, path)
+        tmp_fd = _open_child_dir(fd, schema.WORK_TMP_NAME, path / schema.WORK_TMP_NAME,
+                                 "work directory", create=not read_only, upper_dev=upper_dev)
+        index_fd = _open_child_dir(fd, schema.WORK_INDEX_NAME, path / schema.WORK_INDEX_NAME,
+                                   "hard-link index", create=not read_only, upper_dev=upper_dev)
+    except BaseException:
+        os.close(fd)
+        raise
+    features = probe_features(tmp_fd) if tmp_fd is not None and not read_only else (
+        Features(False, False))
+    return WorkDir(path, fd, tmp_fd, index_fd, lock_fd, features)
+
+
+# --- feature probes ----------------------------------------------------------------------------
+
+
+def probe_features(tmp_fd: int) -> Features:
+    """Try, in ``WORK/tmp``, what the upper's filesystem supports (cleaned up at once)."""
+    return Features(_probe_device_whiteouts(tmp_fd), _probe_tmpfile(tmp_fd))
+
+
+def _probe_device_whiteouts(tmp_fd: int) -> bool:
+    probe = f"#probe.{os.getpid()}"
+    moved = probe + ".w"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                         dir_fd=tmp_fd))
+    except OSError:
+        return False
+    try:
+        realfs.rename(tmp_fd, probe, tmp_fd, moved, realfs.RENAME_WHITEOUT)
+    except OSError as e:
+        log.info("no RENAME_WHITEOUT on the upper's filesystem (%s): xattr whiteouts", e.strerror)
+        with contextlib.suppress(OSError):
+            os.unlink(probe, dir_fd=tmp_fd)
+        return False
+    for name in (probe, moved):
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=tmp_fd)
+    return True
+
+
+def _probe_tmpfile(tmp_fd: int) -> bool:
+    try:
+        fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=tmp_fd)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
