@@ -5,8 +5,9 @@ is ever resolved as a string, so a symlink inside a layer can never lead cowfs o
 Objects are held as ``O_PATH`` descriptors; operations that need a path (xattrs, chmod, utimes) use
 the ``/proc/self/fd/N`` magic link, which names the object itself and follows nothing further.
 
-Every call that changes a layer is one syscall and one debug log line, so that a debug log is a
-complete record of what cowfs did to the upper layer.
+Every call that changes a layer is one syscall (``copy_data``: one copy) and one debug log line,
+so that a debug log is a complete record of what cowfs did to the upper layer; nothing in cowfs
+changes a layer except through this module (data written through open files aside).
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ def is_hidden_name(parent_is_root: bool, name: str) -> bool:
     return parent_is_root and name == schema.WORK_DIR_NAME
 
 
-def walk(root: Real, components: tuple[str, ...]) -> Probe[Real]:
+def probe_path(root: Real, components: tuple[str, ...]) -> Probe[Real]:
     """Probe a path below a layer root, one component at a time, never following a symlink.
 
     Only the last component's probe counts; anything but a directory on the way means "missing".
@@ -223,7 +223,7 @@ def _probes(parents: tuple[Real, ...], roots: tuple[Real, ...],
         if index < parents[0].layer.index:
             continue
         if path is not None:
-            found = walk(root, path)
+            found = probe_path(root, path)
         elif index in by_layer:
             found = probe(by_layer[index], lookup)
         else:

@@ -28,8 +28,9 @@ FORMAT_VERSION = b"1"
 
 #: Default name of the work directory inside the upper; hidden at the root of every layer.
 WORK_DIR_NAME = ".cowfs-work"
-#: The directory inside the work directory where objects are built before being renamed into place.
-#: Nothing else in the work directory is ever written or removed.
+#: The directory inside the work directory where objects are built before being renamed into place,
+#: and where removed objects are deleted. With ``WORK_INDEX_NAME``, the only place in the work
+#: directory that cowfs writes (see :mod:`cowfs.workdir`).
 WORK_TMP_NAME = "tmp"
 #: The hard-link index inside the work directory: one entry per copied-up lower inode that has
 #: several names, named by :func:`index_name`, so that all its names stay one file.
