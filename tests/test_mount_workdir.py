@@ -1,4 +1,4 @@
-"""The work directory as untrusted input, recovery at mount, and read-only mounts that write nothing.
+"""The work directory as untrusted input, recovery at mount, read-only mounts that write nothing.
 
 A work directory that is a symlink, belongs to another user, is writable by others or holds a
 symlinked ``tmp/`` or ``index/`` is refused before anything is deleted or created there. At a
@@ -45,7 +45,8 @@ def test_a_symlinked_work_directory_is_refused_and_its_target_untouched(
     (ls.upper / WORK).symlink_to(victim)
     before = tree_state(victim)
     message = mount_fails(cowfs_cmd, ls.lowers, ls.upper, ls.mnt)
-    assert "symlink" in message and WORK in message
+    assert "symlink" in message
+    assert WORK in message
     assert tree_state(victim) == before
 
 
