@@ -545,21 +545,32 @@ class Namespace:
             else:
                 realfs.rename(old_upper.fd, old_name, new_upper.fd, new_name, whiteout)
 
-        self._counted(entry, new_upper, new_name, schema.Expect.PRESENT, commit)
+        stray = None
         if slot is Slot.WHITEOUT and src.is_dir and not below:
-            self._drop_stray_whiteout(old_upper, old_name)
+            stray = self.work.note_stray_whiteout(self._upper_path(old_upper, old_name))
+        try:
+            self._counted(entry, new_upper, new_name, schema.Expect.PRESENT, commit)
+        except BaseException:
+            if stray is not None:
+                self.work.discard(stray)
+            raise
+        if stray is not None and self._drop_stray_whiteout(old_upper, old_name):
+            self.work.discard(stray)
         elif below and not device:  # two steps: see the module docstring
             self._whiteout_at(old_parent, old_name, self._slot(old_upper, old_name))
         src.move_link(old_parent, old_name, new_parent, new_name)
         if dst is not None:
             dst.drop_link(new_parent, new_name)
 
-    def _drop_stray_whiteout(self, parent_upper: Real, name: str) -> None:
-        """A whiteout over nothing hides nothing: removing it is cleanup, not a change."""
+    def _drop_stray_whiteout(self, parent_upper: Real, name: str) -> bool:
+        """A whiteout over nothing hides nothing: removing it is cleanup, not a change (after a
+        crash, the note in the work directory has the next mount remove it)."""
         try:
             realfs.unlink(parent_upper.fd, name)
         except OSError as e:
             log.warning("cannot remove a whiteout that hides nothing (%s): %s", name, e.strerror)
+            return False
+        return True
 
     def _clear_empty(self, directory: Inode, parent_upper: Real, name: str) -> None:
         """Make the upper of an empty-looking directory really empty, so that a rename can

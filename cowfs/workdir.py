@@ -12,7 +12,8 @@ upper's filesystem; anything else is refused before anything is deleted or creat
 Crash recovery happens here, at mount, before the filesystem serves its first request:
 
 * everything in ``tmp/`` is removed: an object there was either not yet renamed into place (the
-  change never happened) or already swapped out of place (the change is complete);
+  change never happened) or already swapped out of place (the change is complete); a note there
+  that a whiteout will hide nothing for a moment removes that whiteout if it is there;
 * every index entry with a pending link-count change (see :mod:`cowfs.nlink`) is settled by looking
   at the upper: the change it records either happened or it did not;
 * index entries that no name uses any more are removed.
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SAFE_MODE_MASK = 0o022  # group- or world-writable work directories are refused
+#: A note in ``WORK/tmp``: a whiteout at the path it holds hides nothing (see
+#: :meth:`WorkDir.note_stray_whiteout`).
+STRAY_SUFFIX = ".stray"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +96,18 @@ class WorkDir:
             log.warning("cannot remove %r from the work directory (removed at the next mount): "
                         "%s", name, e.strerror)
 
+    def note_stray_whiteout(self, path: tuple[str, ...]) -> str:
+        """Record, before a change that leaves a whiteout hiding nothing at ``path`` (below the
+        upper root) for a moment, that a whiteout found there after a crash is to be removed.
+        Returns the note's name, to :meth:`discard` once the whiteout is gone."""
+        name = self.temp_name() + STRAY_SUFFIX
+        fd = realfs.create_file(self.tmp_fd, name, 0o600, os.O_WRONLY)
+        try:
+            os.write(fd, os.fsencode("/".join(path)))
+        finally:
+            os.close(fd)
+        return name
+
     def close(self) -> None:
         for fd in (self.fd, self._tmp_fd, self.index_fd, self.lock_fd):
             if fd is not None:
@@ -99,11 +115,49 @@ class WorkDir:
 
     # --- recovery at mount ------------------------------------------------------------------
 
-    def clean_tmp(self) -> None:
-        """Remove what an interrupted change left in ``WORK/tmp``."""
-        for name in realfs.list_names(self.tmp_fd):
+    def clean_tmp(self, upper_root: int) -> None:
+        """Remove what an interrupted change left in ``WORK/tmp`` (and the whiteouts that notes
+        there say hide nothing)."""
+        names = realfs.list_names(self.tmp_fd)
+        for name in names:
+            if name.endswith(STRAY_SUFFIX):
+                self._remove_stray_whiteout(name, upper_root)
+        for name in names:
             log.info("removing leftover %r from the work directory", name)
             realfs.remove_tree(self.tmp_fd, name)
+
+    def _remove_stray_whiteout(self, note: str, upper_root: int) -> None:
+        fd = realfs.open_path(self.tmp_fd, note)
+        if fd is None:
+            return
+        try:
+            with open(realfs.proc_path(fd), "rb") as f:
+                path = tuple(os.fsdecode(f.read(4096)).split("/"))
+        finally:
+            os.close(fd)
+        if any(part in ("", ".", "..") for part in path):
+            return  # an empty note: the crash came before the change
+        parent = os.dup(upper_root)
+        try:
+            for part in path[:-1]:
+                child = realfs.open_path(parent, part)
+                if child is None or not stat.S_ISDIR(os.fstat(child).st_mode):
+                    if child is not None:
+                        os.close(child)
+                    return
+                os.close(parent)
+                parent = child
+            try:
+                st = os.stat(path[-1], dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if schema.is_device_whiteout(st.st_mode, st.st_rdev) or (
+                    schema.may_be_xattr_whiteout(st.st_mode, st.st_size)
+                    and _has_xattr(parent, path[-1], schema.XATTR_WHITEOUT)):
+                log.info("removing a whiteout that hides nothing: %s", "/".join(path))
+                realfs.unlink(parent, path[-1])
+        finally:
+            os.close(parent)
 
     def recover_index(self, upper_root: int) -> None:
         """Settle pending link counts and drop entries that no name uses any more."""
@@ -130,10 +184,20 @@ class WorkDir:
             realfs.unlink(self.index_fd, name)
 
 
+def _has_xattr(dirfd: int, name: str, xattr: str) -> bool:
+    fd = realfs.open_path(dirfd, name)
+    if fd is None:
+        return False
+    try:
+        return realfs.getxattr(fd, xattr) is not None
+    finally:
+        os.close(fd)
+
+
 def recover(stack: LayerStack) -> None:
     """Finish or roll back what a crash interrupted (see the module docstring); at mount, before
     the first request, read-write mounts only."""
-    stack.work.clean_tmp()
+    stack.work.clean_tmp(stack.upper.root_fd)
     stack.work.recover_index(stack.upper.root_fd)
 
 

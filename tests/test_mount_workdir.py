@@ -179,3 +179,32 @@ def test_unused_index_entries_are_dropped_and_old_counts_converted(
     assert os.getxattr(entry, schema.XATTR_LOWER_LINKS) == b"2"
     assert schema.XATTR_NLINK not in os.listxattr(entry)
     assert os.stat(mount.mnt / "a").st_nlink == 2
+
+
+def test_a_directory_renamed_over_a_whiteout_leaves_no_stray_whiteout(
+        layers: LayerFactory, mount_cowfs: MountFactory) -> None:
+    ls = layers({"x": None})
+    mount = mount_cowfs(ls)
+    os.unlink(mount.mnt / "x")
+    os.mkdir(mount.mnt / "d")
+    os.rename(mount.mnt / "d", mount.mnt / "x")
+    assert sorted(os.listdir(mount.mnt)) == ["x"]
+    assert sorted(os.listdir(ls.upper)) == [WORK, "x"]
+    assert os.listdir(ls.upper / WORK / "tmp") == []
+
+
+def test_a_noted_stray_whiteout_is_removed_at_mount(layers: LayerFactory,
+                                                    mount_cowfs: MountFactory) -> None:
+    """As a daemon killed between the exchange and the removal of the whiteout leaves it."""
+    ls = layers({"x": None})
+    mount_cowfs(ls).stop()
+    (ls.upper / "sub").mkdir()
+    os.mknod(ls.upper / "sub" / "d", 0o20000, 0)
+    os.mknod(ls.upper / "x", 0o20000, 0)  # a whiteout that is not noted, and hides x
+    (ls.upper / WORK / "tmp" / "#1.1.stray").write_text("sub/d")
+    (ls.upper / WORK / "tmp" / "#1.2.stray").write_text("")  # killed while writing the note
+    mount = mount_cowfs(ls)
+    assert os.listdir(ls.upper / "sub") == []
+    assert os.path.lexists(ls.upper / "x")
+    assert os.listdir(ls.upper / WORK / "tmp") == []
+    assert sorted(os.listdir(mount.mnt)) == ["sub"]
