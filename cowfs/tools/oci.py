@@ -111,7 +111,9 @@ class _Writer:
         elif kind in (stat.S_IFCHR, stat.S_IFBLK):
             info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
         key = (st.st_dev, st.st_ino)
-        if kind != stat.S_IFDIR and st.st_nlink > 1 and key in self.inodes:
+        # One inode met twice is a hard link (an index entry serves several names while its
+        # st_nlink counts only its upper names, so st_nlink cannot tell).
+        if kind != stat.S_IFDIR and key in self.inodes:
             info.type = tarfile.LNKTYPE
             info.linkname = "./" + self.inodes[key]
             self._add(path, info)
@@ -123,7 +125,7 @@ class _Writer:
                 self._add(path, info, data)
         else:
             self._add(path, info)
-        if kind != stat.S_IFDIR and st.st_nlink > 1:
+        if kind != stat.S_IFDIR:
             self.inodes[key] = path
 
     def marker(self, path: str) -> None:
