@@ -186,6 +186,15 @@ class InodeTable:
     def __len__(self) -> int:
         return len(self._by_number)
 
+    def release_all(self) -> None:
+        """Drop every inode, the root included (the mount is gone: nobody can ask any more)."""
+        with self._lock:
+            inodes = list(self._by_number.values())
+            self._by_number.clear()
+            self._recent.clear()
+        for inode in inodes:
+            inode.release()
+
     def get(self, number: int) -> Inode:
         try:
             return self._by_number[number]

@@ -66,6 +66,9 @@ class Overlay:
         self.max_inodes = max((limit - 1024) // 2, 256)
 
     def close(self) -> None:
+        """Release every inode (the root included) and the layers: after unmount, nothing of the
+        mount holds a descriptor."""
+        self.table.release_all()
         self.stack.close()
 
     # --- lookups and the inode lifecycle ------------------------------------------------------
