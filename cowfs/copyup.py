@@ -215,7 +215,8 @@ class CopyUp:
                 src = realfs.reopen(lower.fd, os.O_RDONLY | os.O_NOATIME) if _may_noatime(
                     st) else realfs.reopen(lower.fd, os.O_RDONLY)
                 try:
-                    realfs.copy_data(src, dst, st.st_size)
+                    realfs.copy_data(src, dst, st.st_size,
+                                     reflink=self.work.features.reflink)
                 finally:
                     os.close(src)
             dst_path_fd = realfs.open_path(self.work.tmp_fd, temp)

@@ -166,16 +166,24 @@ def ftruncate(fd: int, size: int) -> None:
     os.ftruncate(fd, size)
 
 
-def copy_data(src: int, dst: int, size: int) -> None:
-    """Copy a file's data into a new file, in the kernel, keeping holes: a reflink where the
-    filesystem has them, else ``copy_file_range`` over the data segments, else ``sendfile``."""
-    log.debug("copy data fd=%d -> fd=%d (%d bytes)", src, dst, size)
+def can_clone(src: int, dst: int) -> bool:
+    """Whether ``FICLONE`` works between these two files (a probe: changes nothing visible)."""
     try:
         fcntl.ioctl(dst, FICLONE, src)
-        return
     except OSError as e:
         if e.errno not in _NO_REFLINK:
             raise
+        return False
+    return True
+
+
+def copy_data(src: int, dst: int, size: int, *, reflink: bool = True) -> None:
+    """Copy a file's data into a new file, in the kernel, keeping holes: a reflink where the
+    filesystem has them (``reflink``: as probed), else ``copy_file_range`` over the data
+    segments, else ``sendfile``."""
+    log.debug("copy data fd=%d -> fd=%d (%d bytes)", src, dst, size)
+    if reflink and can_clone(src, dst):
+        return
     pos = 0
     while pos < size:
         try:

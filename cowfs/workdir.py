@@ -58,6 +58,9 @@ class Features:
     device_whiteouts: bool
     #: ``O_TMPFILE`` in the work directory.
     tmpfile: bool
+    #: Reflinks (``FICLONE``): a copy-up of file data is then a clone. Probed once, so that a
+    #: filesystem without them (ext4) is not asked again at every copy-up.
+    reflink: bool = False
 
 
 class WorkDir:
@@ -302,7 +305,7 @@ def open_work(upper_fd: int, upper_path: Path, given: Path | None, *,
         os.close(fd)
         raise
     features = probe_features(tmp_fd) if tmp_fd is not None and not read_only else (
-        Features(False, False))
+        Features(False, False, False))
     return WorkDir(path, fd, tmp_fd, index_fd, lock_fd, features)
 
 
@@ -311,7 +314,8 @@ def open_work(upper_fd: int, upper_path: Path, given: Path | None, *,
 
 def probe_features(tmp_fd: int) -> Features:
     """Try, in ``WORK/tmp``, what the upper's filesystem supports (cleaned up at once)."""
-    return Features(_probe_device_whiteouts(tmp_fd), _probe_tmpfile(tmp_fd))
+    return Features(_probe_device_whiteouts(tmp_fd), _probe_tmpfile(tmp_fd),
+                    _probe_reflink(tmp_fd))
 
 
 def _probe_device_whiteouts(tmp_fd: int) -> bool:
@@ -333,6 +337,30 @@ def _probe_device_whiteouts(tmp_fd: int) -> bool:
         with contextlib.suppress(OSError):
             os.unlink(name, dir_fd=tmp_fd)
     return True
+
+
+def _probe_reflink(tmp_fd: int) -> bool:
+    probe = f"#probe.{os.getpid()}.r"
+    try:
+        src = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=tmp_fd)
+    except OSError:
+        try:
+            src = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                          dir_fd=tmp_fd)
+        except OSError:
+            return False
+        os.unlink(probe, dir_fd=tmp_fd)
+    try:
+        os.write(src, b"cowfs")
+        dst = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=tmp_fd)
+    except OSError:
+        os.close(src)
+        return False
+    try:
+        return realfs.can_clone(src, dst)
+    finally:
+        os.close(src)
+        os.close(dst)
 
 
 def _probe_tmpfile(tmp_fd: int) -> bool:
