@@ -25,7 +25,7 @@ import logging
 import os
 import stat
 
-from . import nlink, realfs, schema
+from . import nlink, origins, realfs, schema
 from .inodes import Inode
 from .layers import Layer
 from .resolve import Real
@@ -61,8 +61,10 @@ def copy_attributes(st: os.stat_result, fd: int) -> None:
 
 
 def _origin_xattrs(lower: Real, st: os.stat_result) -> dict[str, bytes]:
-    """What an upper copy records about its origin, so that it keeps its inode number."""
-    return {schema.origin_xattr(st.st_mode): schema.format_origin(lower.layer.index, st.st_ino)}
+    """What an upper copy records about its origin, so that it keeps its inode number: with the
+    lower path, by which the origin is verified after the copy is renamed (cowfs.origins)."""
+    value = schema.format_origin(lower.layer.index, st.st_ino, origins.lower_path(lower))
+    return {schema.origin_xattr(st.st_mode): value}
 
 
 class CopyUp:

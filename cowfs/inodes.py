@@ -15,39 +15,53 @@ A number is never given to two live objects: the table holds a descriptor of eve
 knows, so the filesystem cannot reuse that inode while the kernel may still ask for it. State is
 freed only in :meth:`InodeTable.forget`, when the kernel's lookup count drops to zero.
 
+An origin is untrusted input: it is used only once verified (:mod:`cowfs.origins`), and even a
+verified one never makes two different real objects one inode (:func:`same_object`): the second
+gets a number of its own.
+
 Known limits: an inode number above 2**56 on a layer whose filesystem is not the only one is folded
-into 56 bits, which could in principle collide. An origin xattr copied onto another upper object
-behind cowfs's back would give two objects one number: the layers must only be changed by cowfs.
+into 56 bits, which could in principle collide. Numbers given to the losers of such a collision
+(forged origins that passed verification) are stable only within one mount.
 """
 
 from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import os
 import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from . import realfs, schema
+from . import origins
 from .layers import Layer
 from .resolve import Real
+
+log = logging.getLogger(__name__)
 
 ROOT_NUMBER = 1
 _FS_SHIFT = 56
 _INO_MASK = (1 << _FS_SHIFT) - 1
+#: Where numbers for colliding objects start: the high byte no filesystem index reaches.
+_SPARE_BASE = 0xFF << _FS_SHIFT
 
 
 class InodeNumbers:
     """Stable inode numbers for the objects of one layer stack."""
 
-    def __init__(self, layers: tuple[Layer, ...]) -> None:
+    def __init__(self, layers: tuple[Layer, ...], *, index_fd: int | None = None) -> None:
         devices: dict[int, int] = {}
         for layer in layers:
             devices.setdefault(layer.dev, len(devices))
         self._fs_of_layer = {layer.index: devices[layer.dev] for layer in layers}
         self._single_fs = len(devices) == 1
+        #: The layer roots by index, for verifying origins (set by :class:`InodeTable`).
+        self.roots: tuple[Real, ...] = ()
+        self._index_fd = index_fd
+        #: Upper objects (device, inode) whose refused origin was logged: once each.
+        self._logged: set[tuple[int, int]] = set()
 
     def number(self, layer_index: int, ino: int) -> int:
         if self._single_fs and ino > ROOT_NUMBER:
@@ -55,17 +69,62 @@ class InodeNumbers:
         folded = ino if ino <= _INO_MASK else hash(ino) & _INO_MASK
         return ((self._fs_of_layer[layer_index] + 1) << _FS_SHIFT) | folded
 
-    def origin_of(self, real: Real) -> tuple[int, int]:
-        """``(layer index, inode)`` of the real inode an object originates from."""
-        if real.layer.is_upper:
-            value = realfs.getxattr(real.fd, schema.origin_xattr(real.mode))
-            origin = schema.parse_origin(value) if value is not None else None
-            if origin is not None and origin[0] in self._fs_of_layer and origin[0] != 0:
-                return origin
-        return real.layer.index, real.ino or os.fstat(real.fd).st_ino
+    def own(self, real: Real) -> int:
+        """The number of a real object itself, whatever its origin says."""
+        return self.number(real.layer.index, origins.ino_of(real))
 
-    def of(self, real: Real) -> int:
-        return self.number(*self.origin_of(real))
+    def origin_of(self, reals: tuple[Real, ...], parents: tuple[Real, ...] = (),
+                  name: str | None = None) -> tuple[int, int]:
+        """``(layer index, inode)`` of the real inode an object originates from: its verified
+        origin (:mod:`cowfs.origins`), else itself. ``reals`` are what a lookup of ``name`` in
+        the directory made of ``parents`` found."""
+        real = reals[0]
+        if real.layer.is_upper:
+            try:
+                origin = origins.read(real)
+                reason = None if origin is None else origins.verify(
+                    origin, real, roots=self.roots, below=reals[1:], parents=parents, name=name,
+                    index_fd=self._index_fd)
+            except ValueError as e:
+                origin, reason = None, str(e)
+            if reason is not None:
+                self._log_refused(real, reason)
+            elif origin is not None:
+                return origin.layer, origin.ino
+        return real.layer.index, origins.ino_of(real)
+
+    def _log_refused(self, real: Real, reason: str) -> None:
+        key = (real.layer.dev, origins.ino_of(real))
+        if key not in self._logged:
+            self._logged.add(key)
+            log.warning("ignoring the origin of upper inode %d ('cowfs check' reports it): %s",
+                        key[1], reason)
+
+    def of(self, reals: tuple[Real, ...], parents: tuple[Real, ...] = (),
+           name: str | None = None) -> int:
+        return self.number(*self.origin_of(reals, parents, name))
+
+
+def _identity(real: Real) -> tuple[int, int]:
+    return real.layer.dev, origins.ino_of(real)
+
+
+def same_object(known: tuple[Real, ...], found: tuple[Real, ...]) -> bool:
+    """Whether a lookup's ``found`` reals are the object ``known`` (with the same number) is.
+
+    The same topmost real object is. So is an upper copy whose origin was verified
+    (:mod:`cowfs.origins`) when ``known`` was not copied up yet (a lookup that saw the copy-up
+    before the inode did), and a lower object among ``known``'s lower ones (a lookup that
+    resolved before the copy-up). Two different upper objects never are, whatever their origins
+    say: the second gets a number of its own (:meth:`InodeTable.remember`).
+    """
+    if not known or not found or _identity(known[0]) == _identity(found[0]):
+        return True
+    if not known[0].layer.is_upper:
+        return found[0].layer.is_upper
+    if not found[0].layer.is_upper:
+        return _identity(found[0]) in {_identity(r) for r in known[1:]}
+    return False
 
 
 class Inode:
@@ -182,6 +241,9 @@ class InodeTable:
         self._by_number: dict[int, Inode] = {ROOT_NUMBER: self.root}
         #: Every other inode, least recently looked up first: what to ask the kernel to drop.
         self._recent: OrderedDict[int, Inode] = OrderedDict()
+        numbers.roots = root_reals
+        #: Numbers given to objects whose number was claimed by another (see remember).
+        self._spare: dict[tuple[int, int], int] = {}
 
     def __len__(self) -> int:
         return len(self._by_number)
@@ -205,11 +267,15 @@ class InodeTable:
         """The inode for freshly resolved ``reals`` (taking ownership of their descriptors).
 
         Counts one kernel lookup. An object already known keeps its inode (the new descriptors are
-        closed): the same number means the same object.
+        closed): the same number means the same object, unless :func:`same_object` says the real
+        objects differ (a forged origin), when the newcomer gets a number of its own.
         """
-        number = self.numbers.of(reals[0])
+        number = self.numbers.of(reals, parent.child_parents if parent is not None else (), name)
         with self._lock:
             inode = self._by_number.get(number)
+            if inode is not None and not same_object(inode.reals, reals):
+                number = self._distinct_number(reals, number)
+                inode = self._by_number.get(number)
             if inode is None:
                 inode = Inode(number, reals)
                 self._by_number[number] = inode
@@ -221,6 +287,20 @@ class InodeTable:
         if parent is not None:
             inode.add_link(parent, name)
         return inode
+
+    def _distinct_number(self, reals: tuple[Real, ...], taken: int) -> int:
+        """A number for an object whose number (from its origin) belongs to another object: its
+        own, or else one from a range no layer's numbers fall in. Called with the lock held."""
+        own = self.numbers.own(reals[0])
+        known = self._by_number.get(own)
+        if own != taken and (known is None or same_object(known.reals, reals)):
+            number = own
+        else:
+            key = _identity(reals[0])
+            number = self._spare.setdefault(key, _SPARE_BASE + len(self._spare))
+        log.warning("inode %d is claimed by two different objects; the one in layer %d gets "
+                    "inode %d", taken, reals[0].layer.index, number)
+        return number
 
     def forget(self, number: int, count: int) -> None:
         with self._lock:

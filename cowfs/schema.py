@@ -14,6 +14,9 @@ the kernel, Docker or podman stack under cowfs: character-device 0/0 whiteouts a
 
 Users' own xattrs that collide with the private prefixes are stored escaped, as the kernel does:
 ``user.overlay.foo`` set through the mount is stored as ``user.overlay.overlay.foo``.
+Everything read from a layer is untrusted input, parsed here: redirects and origins are validated
+(:func:`parse_redirect`, :func:`parse_origin`) and every number is range-checked
+(:func:`parse_number`); a value that fails is ignored by the caller.
 The precise specification is docs/layer-format.md; this module and that page must agree.
 """
 
@@ -49,8 +52,8 @@ XATTR_OPAQUE = USER_OVERLAY + "opaque"
 XATTR_WHITEOUT = USER_OVERLAY + "whiteout"
 XATTR_REDIRECT = USER_OVERLAY + "redirect"
 XATTR_FORMAT = COWFS_PREFIX + "format"
-#: On an upper object copied up from a lower one: ``"<layer>:<inode>"`` of that lower object, so
-#: that the object keeps its inode number after copy-up and across mounts.
+#: On an upper object copied up from a lower one: ``"<layer>:<inode>:<path>"`` of that lower object
+#: (see :class:`Origin`), so that the object keeps its inode number after copy-up and across mounts.
 XATTR_ORIGIN = COWFS_PREFIX + "origin"
 XATTR_ORIGIN_TRUSTED = TRUSTED_COWFS_PREFIX + "origin"
 #: Format 1 before 0.2: on a hard-link index entry, the number of names in the merged view. Read
@@ -141,17 +144,54 @@ def format_redirect(components: tuple[str, ...]) -> bytes:
     return os.fsencode("/" + "/".join(components))
 
 
-def format_origin(layer_index: int, ino: int) -> bytes:
-    return f"{layer_index}:{ino}".encode()
+#: Longest lower path an origin may record (the kernel's ``PATH_MAX``).
+ORIGIN_PATH_MAX = 4096
+#: Most lower layers an origin may name (the kernel's ``OVL_MAX_STACK``).
+LAYERS_MAX = 500
 
 
-def parse_origin(value: bytes) -> tuple[int, int] | None:
-    """``(layer index, inode)`` of an origin xattr, or None if it is malformed or out of range."""
-    layer, sep, ino = value.partition(b":")
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """The lower object an upper object was copied up from (``user.cowfs.origin``).
+
+    ``path`` is where that object sits below its layer's root, as recorded at copy-up; None in
+    the two-field form written by cowfs before it recorded paths.
+    """
+
+    layer: int
+    ino: int
+    path: tuple[str, ...] | None = None
+
+
+def format_origin(layer_index: int, ino: int, path: tuple[str, ...] | None) -> bytes:
+    """``<layer>:<inode>:<path>``, or ``<layer>:<inode>`` when the path is not known."""
+    head = f"{layer_index}:{ino}".encode()
+    return head if path is None else head + b":" + os.fsencode("/" + "/".join(path))
+
+
+def parse_origin(value: bytes) -> Origin:
+    """Validate an (untrusted) origin; ValueError says why it is refused."""
+    layer_text, sep, rest = value.partition(b":")
     if not sep:
-        return None
-    parsed = parse_number(layer, MAX_COUNT), parse_number(ino, MAX_INO)
-    return None if parsed[0] is None or parsed[1] is None else (parsed[0], parsed[1])
+        raise ValueError(f"origin {value[:40]!r} has no ':'")
+    ino_text, sep, path = rest.partition(b":")
+    layer = parse_number(layer_text, LAYERS_MAX)
+    ino = parse_number(ino_text, MAX_INO)
+    if layer is None or ino is None:
+        raise ValueError(f"origin {value[:60]!r}: the layer must be a decimal number up to "
+                         f"{LAYERS_MAX}, the inode one up to {MAX_INO}")
+    if layer == 0:
+        raise ValueError("origin names layer 0, the upper layer")
+    if not sep:
+        return Origin(layer, ino)
+    if len(path) > ORIGIN_PATH_MAX or b"\0" in path or not path.startswith(b"/"):
+        raise ValueError("origin path is not an absolute path of at most "
+                         f"{ORIGIN_PATH_MAX} bytes")
+    components = tuple(os.fsdecode(path)[1:].split("/"))
+    if any(part in ("", ".", "..") for part in components):
+        raise ValueError(f"origin path {os.fsdecode(path)!r} is not a plain path below the "
+                         "layer root")
+    return Origin(layer, ino, components)
 
 
 def index_name(layer_index: int, ino: int) -> str:

@@ -55,7 +55,7 @@ class Overlay:
         if not stack.read_only:
             recover(stack)
         self.table = InodeTable(tuple(root_real(layer) for layer in stack.all),
-                                InodeNumbers(stack.all))
+                                InodeNumbers(stack.all, index_fd=stack.work.index_fd))
         self.copy_up = CopyUp(stack.upper, stack.work, sync=sync)
         self.namespace = Namespace(stack.upper, stack.work, self.table, self.copy_up)
 

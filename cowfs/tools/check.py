@@ -15,6 +15,10 @@ whiteout over nothing       clutter (needs ``--lower``)                  delete 
 bad or missing redirect     the directory's lower content cannot be      drop the redirect, make
                             found (or would be outside the layer)        the directory opaque
 redirect on a non-dir       meaningless                                  drop the redirect
+bad origin or name count    malformed, out of range, or (with            drop the xattr
+                            ``--lower``) an origin that does not name
+                            the lower object it was copied from: the
+                            mount ignores it (cowfs.tools.identity)
 ==========================  ===========================================  =========================
 
 Repairs keep what the mount shows wherever the mount showed something well-defined. They need the
@@ -34,7 +38,7 @@ from typing import TextIO
 from .. import realfs, schema
 from ..errors import CowfsError
 from ..walk import Anomaly, Problem, walk
-from . import common
+from . import common, identity
 from .diff import quote
 
 _NEEDS_LOWERS = (Problem.STRAY_WHITEOUT, Problem.MISSING_REDIRECT)
@@ -45,6 +49,8 @@ class Finding:
     path: str
     what: str
     repair: str | None  # what --repair does, or None when it cannot
+    #: An ignored origin or name count (repaired by removing it), see cowfs.tools.identity.
+    bad_value: identity.BadValue | None = None
 
 
 def _format_finding(upper: Path) -> Finding | None:
@@ -95,6 +101,9 @@ def findings(upper: Path, lowers: Sequence[Path] | None) -> tuple[list[Finding],
     for a in anomalies:
         detail = f" ({a.detail})" if a.detail else ""
         found.append(Finding(a.path, a.problem.value + detail, _REPAIRS[a.problem]))
+    for bad in identity.problems(upper, lowers):
+        found.append(Finding(bad.path, f"{bad.xattr} ignored: {bad.reason}",
+                             f"remove {bad.xattr}", bad))
     return found, anomalies
 
 
@@ -127,7 +136,9 @@ def _repair(upper: Path, finding_list: list[Finding], anomalies: list[Anomaly]) 
     root = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for f in finding_list:
-            if f.path.startswith(schema.WORK_DIR_NAME + "/"):
+            if f.bad_value is not None:
+                identity.drop(upper, f.bad_value)
+            elif f.path.startswith(schema.WORK_DIR_NAME + "/"):
                 with common.parent_of(root, f.path) as (dirfd, leaf):
                     common.remove_if_present(dirfd, leaf)
         for a in anomalies:

@@ -1,0 +1,158 @@
+"""Layer metadata is untrusted input (issue 9, section 2): origins, numbers, one bad entry.
+
+Each test plants hand-made metadata in an upper, as anyone who can write files there can, mounts
+it for real, and checks that the mount neither merges unrelated objects nor fails more than the
+one bad entry; then that ``cowfs check`` reports the planted value and ``--repair`` removes it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import LayerFactory, LayerSet
+from support import CowfsMount, File
+from tools_support import cowfs
+
+MountFactory = Callable[..., CowfsMount]
+LOWER = {"a": File(b"lower a"), "b": File(b"lower b"), "d/": None, "d/f": File(b"lower f")}
+TOO_BIG = str(1 << 64).encode()
+
+
+def _origin(path: Path) -> bytes:
+    return os.getxattr(path, "user.cowfs.origin", follow_symlinks=False)
+
+
+def _check(layer_set: LayerSet, *args: str) -> tuple[int, str]:
+    lowers = [a for p in layer_set.lowers for a in ("--lower", str(p))]
+    result = cowfs("check", *args, *lowers, layer_set.upper)
+    return result.status, result.out + result.err
+
+
+def _assert_check_reports_and_repairs(layer_set: LayerSet, expected: list[str]) -> None:
+    status, out = _check(layer_set)
+    assert status == 1, out
+    for text in expected:
+        assert text in out, out
+    status, out = _check(layer_set, "--repair", "--yes")
+    assert status == 0, out
+    status, out = _check(layer_set)
+    assert status == 0, out
+
+
+# --- origins ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["two-field", "with-path"])
+@pytest.mark.parametrize("first", ["forged", "victim"])
+def test_a_forged_origin_does_not_merge_two_files(
+    layers: LayerFactory, mount_cowfs: MountFactory, form: str, first: str
+) -> None:
+    """The issue's attack: an upper file claims to be a copy of the unrelated lower file ``b``."""
+    layer_set = layers(LOWER, upper={"evil": File(b"evil")})
+    ino_b = os.lstat(layer_set.lowers[0] / "b").st_ino
+    forged = f"1:{ino_b}" + (":/b" if form == "with-path" else "")
+    os.setxattr(layer_set.upper / "evil", "user.cowfs.origin", forged.encode())
+    mount = mount_cowfs(layer_set)
+    order = ["evil", "b"] if first == "forged" else ["b", "evil"]
+    inos = {name: os.lstat(mount.mnt / name).st_ino for name in order}
+    assert inos["evil"] != inos["b"]
+    assert inos["b"] == ino_b  # the lower file keeps its number
+    (mount.mnt / "evil").write_bytes(b"written to evil")
+    assert (mount.mnt / "b").read_bytes() == b"lower b"
+    (mount.mnt / "b").write_bytes(b"written to b")
+    assert (mount.mnt / "evil").read_bytes() == b"written to evil"
+    assert "ignoring the origin of upper inode" in mount.output()
+    mount.stop()
+    _assert_check_reports_and_repairs(layer_set, ["evil: user.cowfs.origin ignored"])
+
+
+def test_two_upper_files_with_one_origin_stay_two(
+    layers: LayerFactory, mount_cowfs: MountFactory
+) -> None:
+    """Defence in depth: an origin that verifies (it names the lower file below the same name)
+    copied onto a second upper file does not make the two one inode."""
+    layer_set = layers(LOWER, upper={"a": File(b"upper a"), "twin": File(b"twin")})
+    ino_a = os.lstat(layer_set.lowers[0] / "a").st_ino
+    for name in ("a", "twin"):
+        os.setxattr(layer_set.upper / name, "user.cowfs.origin", f"1:{ino_a}:/a".encode())
+    mount = mount_cowfs(layer_set)
+    assert os.lstat(mount.mnt / "a").st_ino == ino_a
+    assert os.lstat(mount.mnt / "twin").st_ino != ino_a
+    (mount.mnt / "twin").write_bytes(b"twin changed")
+    assert (mount.mnt / "a").read_bytes() == b"upper a"
+
+
+def test_origins_record_the_lower_path_and_survive_renames(
+    layers: LayerFactory, mount_cowfs: MountFactory
+) -> None:
+    layer_set = layers(LOWER)
+    lower = layer_set.lowers[0]
+    mount = mount_cowfs(layer_set)
+    mnt = mount.mnt
+    before = {n: os.lstat(mnt / n).st_ino for n in ("a", "d/f", "d")}
+    (mnt / "d" / "f").write_bytes(b"copied up")
+    os.rename(mnt / "d" / "f", mnt / "moved")
+    os.rename(mnt / "a", mnt / "d" / "a2")  # a lower file renamed: copied up, then moved
+    os.rename(mnt / "d", mnt / "e")  # a directory with lower content: redirected
+    assert _origin(layer_set.upper / "moved") == f"1:{os.lstat(lower / 'd/f').st_ino}:/d/f".encode()
+    assert _origin(layer_set.upper / "e/a2") == f"1:{os.lstat(lower / 'a').st_ino}:/a".encode()
+    after = {"a": "e/a2", "d/f": "moved", "d": "e"}
+    for _ in range(2):
+        assert {n: os.lstat(mnt / after[n]).st_ino for n in before} == before
+        mount.remount()
+    assert "ignoring the origin" not in mount.output()
+    mount.stop()
+    status, out = _check(layer_set)
+    assert status == 0, out
+
+
+def test_an_old_two_field_origin_is_still_honoured(
+    layers: LayerFactory, mount_cowfs: MountFactory
+) -> None:
+    layer_set = layers(LOWER, upper={"a": File(b"copied up by an older cowfs")})
+    ino_a = os.lstat(layer_set.lowers[0] / "a").st_ino
+    os.setxattr(layer_set.upper / "a", "user.cowfs.origin", f"1:{ino_a}".encode())
+    mount = mount_cowfs(layer_set)
+    assert os.lstat(mount.mnt / "a").st_ino == ino_a
+    mount.stop()
+    assert _check(layer_set)[0] == 0
+
+
+# --- numbers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("xattr", "value"),
+    [
+        ("user.cowfs.origin", b"1:" + TOO_BIG),
+        ("user.cowfs.origin", b"1:" + TOO_BIG + b":/a"),
+        ("user.cowfs.origin", str(1 << 64).encode() + b":5"),
+        ("user.cowfs.origin", b"1:-5"),
+        ("user.cowfs.origin", b"1: 5"),
+        ("user.cowfs.origin", b"0:5"),
+        ("user.cowfs.nlink", TOO_BIG),
+        ("user.cowfs.nlink", str(1 << 32).encode()),
+        ("user.cowfs.nlink", b"-1"),
+    ],
+)
+def test_out_of_range_numbers_are_ignored_and_reported(
+    layers: LayerFactory, mount_cowfs: MountFactory, xattr: str, value: bytes
+) -> None:
+    layer_set = layers(LOWER, upper={"a": File(b"upper a")})
+    os.link(layer_set.upper / "a", layer_set.upper / "a-link")  # so that nlink is consulted
+    for name in ("a", "a-link"):
+        assert os.lstat(layer_set.upper / name).st_nlink == 2
+    os.setxattr(layer_set.upper / "a", xattr, value)
+    mount = mount_cowfs(layer_set)
+    st = os.lstat(mount.mnt / "a")  # no EIO
+    assert st.st_nlink == 2
+    assert st.st_ino == os.lstat(layer_set.upper / "a").st_ino
+    assert (mount.mnt / "a").read_bytes() == b"upper a"
+    assert sorted(os.listdir(mount.mnt)) == ["a", "a-link", "b", "d"]
+    mount.stop()
+    _assert_check_reports_and_repairs(layer_set, [f"a: {xattr} ignored"])
