@@ -21,6 +21,7 @@ open for writing is then read-write on the real file.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import itertools
@@ -35,7 +36,7 @@ from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
 from .handles import FileHandle, wants_write
 from .inodes import Inode
-from .readdir import DirHandle
+from .readdir import DirHandle, entry_type
 from .vfs import Caller, Overlay, SetAttr
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,29 @@ async def _in_thread(fn: Callable[..., R], *args: object) -> R:
 #: Writes up to this size run inline: copying them into the page cache costs less than a thread
 #: hand-off. The kernel sends at most max_write (1 MiB) per request.
 INLINE_WRITE_MAX = 1 << 20
+
+
+#: Where pyfuse3 keeps ``fuse_param.ino`` in an ``EntryAttributes`` object: right after the object
+#: header (a Cython class without methods of its own has no vtable pointer).
+_NODE_ID_OFFSET = object.__basicsize__
+
+
+def _clear_node_id(entry: pyfuse3.EntryAttributes) -> bool:
+    """Set the FUSE node id of ``entry`` to 0 and leave its ``st_ino`` (the dirent's ``d_ino``).
+
+    pyfuse3 has no way to set one without the other, so this writes the field in place, after
+    checking that it is where expected: ``st_ino`` reads ``fuse_param.ino`` back, so a layout that
+    differs shows (then nothing is written, and False is returned).
+    """
+    wanted = entry.st_ino
+    field = ctypes.c_uint64.from_address(id(entry) + _NODE_ID_OFFSET)
+    if wanted == 0 or field.value != wanted:
+        return False
+    field.value = 0
+    if entry.st_ino != 0:  # pragma: no cover  (the layout check above passed)
+        field.value = wanted
+        return False
+    return True
 
 
 class Operations(pyfuse3.Operations):
@@ -340,13 +364,38 @@ class Operations(pyfuse3.Operations):
                                              self._attrs(target), index + 1):
                     return
                 continue
-            child = self.overlay.lookup(directory, name)
+            try:
+                child = self.overlay.lookup(directory, name)
+            except OSError as e:
+                # One bad entry (a refused redirect) must not make the directory unlistable: list
+                # it without attributes, as the kernel lists it; its own lookup then fails.
+                log.debug("readdir: listing %r without attributes: %s", name, e)
+                unlooked = self._unlooked(directory, name)
+                if unlooked is not None and not pyfuse3.readdir_reply(
+                        token, FileNameT(os.fsencode(name)), unlooked, index + 1):
+                    return
+                continue
             if child is None:
                 continue  # whited out, or hidden below a non-directory
             if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)),
                                          self._attrs(child), index + 1):
                 self.overlay.forget(child.number, 1)
                 return
+
+    def _unlooked(self, directory: Inode, name: str) -> pyfuse3.EntryAttributes | None:
+        """A readdirplus entry for a name whose lookup failed: listed, but with no inode.
+
+        Node id 0 tells the kernel to link nothing (and count no lookup); it lists the name with
+        the entry's own ``d_ino`` and type, and looks the name up (which fails again) only when
+        it is used, as the kernel's overlayfs does. pyfuse3 sets the node id and ``d_ino`` from
+        one field, and glibc skips entries whose ``d_ino`` is 0, so :func:`_clear_node_id` sets
+        the node id alone. None where that is not possible: the entry is then left out.
+        """
+        kind, layer, ino = entry_type(directory, name)
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = InodeT(self.overlay.table.numbers.number(layer, ino) if ino else 1)
+        entry.st_mode = ModeT(kind)
+        return entry if _clear_node_id(entry) else None
 
     @_errno_boundary
     async def releasedir(self, fh: FileHandleT) -> None:

@@ -7,10 +7,15 @@ per entry by the same resolution as a lookup, since readdirplus must look every 
 The listing is taken once per open directory (and again on rewind), and offsets index into that
 snapshot, so they stay valid while the directory changes: ``rm -rf`` of a large merged directory,
 and ``telldir``/``seekdir``, see every entry exactly once.
+
+An entry whose lookup fails (a refused redirect) is still listed, without attributes, as the
+kernel lists it; only using it fails. One bad entry never makes its directory unlistable.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Container, Iterable
 
 from . import realfs
@@ -30,6 +35,19 @@ def merge_names(listings: Iterable[Iterable[str]], hidden: Container[str] = ()) 
 def candidate_names(directory: Inode, hidden: Container[str]) -> list[str]:
     """Every name that may be visible in ``directory`` (whiteouts are filtered by the caller)."""
     return merge_names((realfs.list_names(real.fd) for real in directory.reals), hidden)
+
+
+def entry_type(directory: Inode, name: str) -> tuple[int, int, int]:
+    """The file type (``S_IFMT`` bits), layer index and inode number of the topmost real object
+    named ``name`` (zeros if none): what a listing shows for an entry whose lookup fails (the
+    kernel shows the real entry's type)."""
+    for real in directory.reals:
+        try:
+            st = os.stat(name, dir_fd=real.fd, follow_symlinks=False)
+        except OSError:
+            continue
+        return stat.S_IFMT(st.st_mode), real.layer.index, st.st_ino
+    return 0, 0, 0
 
 
 class DirHandle:

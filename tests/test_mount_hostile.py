@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import LayerFactory, LayerSet
-from support import CowfsMount, File
+from support import CowfsMount, File, kernel_overlay
 from tools_support import cowfs
 
 MountFactory = Callable[..., CowfsMount]
@@ -156,3 +156,76 @@ def test_out_of_range_numbers_are_ignored_and_reported(
     assert sorted(os.listdir(mount.mnt)) == ["a", "a-link", "b", "d"]
     mount.stop()
     _assert_check_reports_and_repairs(layer_set, [f"a: {xattr} ignored"])
+
+
+# --- one bad entry, one failure -------------------------------------------------------------------
+
+BAD_REDIRECT = b"/../../etc"
+
+
+def _ls_l(directory: Path) -> tuple[int, list[str]]:
+    """``ls -l`` of a directory: its status and each entry's first column and name."""
+    result = subprocess.run(["ls", "-l", str(directory)], capture_output=True, text=True,
+                            check=False, env={"LC_ALL": "C", "PATH": os.environ["PATH"]})
+    lines = [line.split() for line in result.stdout.splitlines()[1:]]
+    return result.returncode, sorted(f"{fields[0]} {fields[-1]}" for fields in lines)
+
+
+def _rm_rf(path: Path) -> int:
+    return subprocess.run(["rm", "-rf", str(path)], capture_output=True, check=False).returncode
+
+
+def test_an_entry_with_a_bad_redirect_fails_alone(
+    layers: LayerFactory, mount_cowfs: MountFactory
+) -> None:
+    layer_set = layers(LOWER, upper={"d/ok": File(b"ok"), "d/evil/inner": File(b"inner")})
+    os.setxattr(layer_set.upper / "d" / "evil", "user.overlay.redirect", BAD_REDIRECT)
+    mount = mount_cowfs(layer_set)
+    d = mount.mnt / "d"
+    assert sorted(os.listdir(d)) == ["evil", "f", "ok"]
+    entries = {e.name: e for e in os.scandir(d)}
+    assert entries["evil"].is_dir(follow_symlinks=False)  # the dirent's type, without a stat
+    assert entries["evil"].inode() != 0
+    with pytest.raises(OSError) as exc:
+        os.stat(d / "evil")
+    assert exc.value.errno == errno.EIO
+    status, listing = _ls_l(d)
+    assert status == 1
+    assert listing == ["-rw-r--r-- f", "-rw-r--r-- ok", "d????????? evil"]
+    assert (d / "ok").read_bytes() == b"ok"  # the rest still works
+    assert _rm_rf(d) == 1
+    assert os.listdir(d) == ["evil"]
+    mount.remount()
+    assert os.listdir(mount.mnt / "d") == ["evil"]
+
+
+def test_a_bad_entry_behaves_as_under_the_kernel(
+    tmp_path: Path, layers: LayerFactory, mount_cowfs: MountFactory
+) -> None:
+    """The same lower layers (a root-made one with a bad ``trusted.overlay.redirect``) under the
+    kernel's overlayfs and under cowfs: the same listing, ``ls -l`` and ``rm -rf`` outcome."""
+    mid, bottom = tmp_path / "mid", tmp_path / "bottom"
+    for rel, data in [("mid/d/ok", b"ok"), ("mid/d/evil/inner", b"i"), ("bottom/d/b", b"b")]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    os.setxattr(mid / "d" / "evil", "trusted.overlay.redirect", BAD_REDIRECT)
+    outcomes = []
+    ref = layers({})
+    with kernel_overlay([mid, bottom], ref.upper, ref.work, ref.mnt):
+        outcomes.append(_bad_entry_outcome(ref.mnt))
+    mount = mount_cowfs(layers({}), lowers=[mid, bottom])
+    outcomes.append(_bad_entry_outcome(mount.mnt))
+    assert outcomes[0] == outcomes[1]
+
+
+def _bad_entry_outcome(mnt: Path) -> tuple[object, ...]:
+    d = mnt / "d"
+    names = sorted(os.listdir(d))
+    try:
+        os.stat(d / "evil")
+        stat_fails = False
+    except OSError:
+        stat_fails = True
+    ls = _ls_l(d)
+    rm = _rm_rf(d)
+    return names, stat_fails, ls, rm, sorted(os.listdir(d)), sorted(os.listdir(mnt))
