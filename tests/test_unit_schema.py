@@ -68,3 +68,35 @@ def test_only_empty_regular_files_can_be_xattr_whiteouts() -> None:
 
 def test_reading_honours_both_spellings_user_first() -> None:
     assert schema.overlay_xattr_names("opaque") == ("user.overlay.opaque", "trusted.overlay.opaque")
+
+
+@pytest.mark.parametrize(
+    ("value", "origin"),
+    [
+        (b"1:42", schema.Origin(1, 42)),
+        (b"2:42:/a/b", schema.Origin(2, 42, ("a", "b"))),
+        (b"1:18446744073709551615:/x:y", schema.Origin(1, (1 << 64) - 1, ("x:y",))),
+    ],
+)
+def test_origins_parse_and_round_trip(value: bytes, origin: schema.Origin) -> None:
+    assert schema.parse_origin(value) == origin
+    assert schema.format_origin(origin.layer, origin.ino, origin.path) == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"", b"1", b"1:", b":5", b"0:5", b"1:-5", b"1:+5", b"1: 5", b"1:5 ", b"1:1_0", b"x:5",
+     b"1:\xd9\xa3", b"1:18446744073709551616", b"501:5", b"1:" + b"9" * 40, b"1:5:",
+     b"1:5:a", b"1:5:/", b"1:5:/a//b", b"1:5:/a/../b", b"1:5:/a/\0", b"1:5:/" + b"a" * 5000],
+)
+def test_bad_origins_are_refused(value: bytes) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011  (the message is for logs and check)
+        schema.parse_origin(value)
+
+
+def test_name_counts_are_range_checked() -> None:
+    assert schema.parse_nlink(b"0") == 0
+    assert schema.parse_nlink(b"4294967295") == (1 << 32) - 1
+    for bad in (b"4294967296", b"18446744073709551616", b"-1", b"", b"1.0", b"\xd9\xa3"):
+        with pytest.raises(ValueError):  # noqa: PT011
+            schema.parse_nlink(bad)
