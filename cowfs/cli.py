@@ -109,10 +109,12 @@ def _setup_logging(debug: bool, log_file: str | None, foreground: bool) -> None:
 
 def mount(lower: str, upper: str, mountpoint: str, *, work: str | None, options: list[str],
           foreground: bool, log_file: str | None) -> None:
+    from . import fusecheck
     from .mount import MountOptions, prepare, serve  # pyfuse3 only where it is needed
 
     opts = MountOptions.parse(options)
     paths = LayerPaths.parse(lower, upper, work)
+    fusecheck.preflight(Path(mountpoint), allow_other=opts.allow_other)
     if foreground:
         _setup_logging(opts.debug, log_file, True)
         paths, stack, real_mountpoint = prepare(paths, Path(mountpoint), read_only=opts.read_only)

@@ -37,6 +37,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from . import fusecheck
 from .errors import CowfsError
 from .layers import LayerPaths, LayerStack, check_mountpoint_outside, open_stack
 from .operations import Operations
@@ -264,7 +265,7 @@ def serve(paths: LayerPaths, stack: LayerStack, mountpoint: Path, options: Mount
         cleanup.callback(overlay.close)
         operations = Operations(overlay, timeout=options.timeout, writeback=options.writeback,
                                 after_init=lambda: raise_readahead(mountpoint))
-        pyfuse3.init(operations, str(mountpoint), options.fuse_options("cowfs"))
+        fusecheck.init(operations, str(mountpoint), options.fuse_options("cowfs"))
         unmount = True
         cleanup.callback(lambda: pyfuse3.close(unmount=unmount))
         cleanup.enter_context(_state_recorded(mountpoint, paths, stack))
