@@ -9,13 +9,14 @@ is verified against the lower object it names, as the kernel verifies its origin
 
 1. the object at the same name one layer down (what a copy-up in place leaves) has the recorded
    layer and inode: verified, at the cost of one probe;
-2. otherwise (the object was renamed after copy-up) the recorded path is walked in the recorded
-   layer, never following symlinks, and must lead to an object of the same type with the recorded
-   inode; and the merged view must not show at that path the lower object itself (after a
-   rename, a whiteout or another object hides it; a lower hard link may show there through this
-   very object as its index entry), nor another upper object claiming the same origin (the copy
-   that never moved wins). An origin in the old two-field form (no path) can only be verified
-   by rule 1.
+2. otherwise (the object was renamed after copy-up; a directory with a redirect always was) the
+   recorded path is walked in the recorded layer, never following symlinks, and must lead to an
+   object of the same type with the recorded inode; and the merged view must not show at that
+   path the lower object itself (after a rename, a whiteout or another object hides it; a lower
+   hard link may show there through this very object as its index entry), nor another upper
+   object claiming the same origin (the copy that never moved wins). An origin in the old
+   two-field form (no path) is verified by rule 1 only, or for a directory by rule 2 with its
+   absolute redirect as the path.
 
 What fails is ignored: the object gets a number of its own. :func:`verify` is the rule alone (no
 logging); the mount logs a refused origin once per object, and ``cowfs check`` reports it.
@@ -131,14 +132,20 @@ def verify(origin: schema.Origin, upper: Real, *, roots: tuple[Real, ...],
     """
     if not 0 < origin.layer < len(roots):
         return f"origin names layer {origin.layer}, which is not a lower layer of this stack"
-    if _same_name_matches(origin, upper, below, parents, name):
+    # A redirected directory finds its lower directories at the redirect, not at its name: it
+    # was renamed, so it is verified as a renamed object is (by rule 2).
+    redirect = upper.redirect if stat.S_ISDIR(upper.mode) else None
+    if redirect is None and _same_name_matches(origin, upper, below, parents, name):
         return None
     where = f"layer {origin.layer}"
-    if origin.path is None:
+    components = origin.path
+    if components is None and redirect is not None and redirect.absolute:
+        components = redirect.components  # an old two-field origin: where the copy-up was
+    if components is None:
         return f"no object with inode {origin.ino} at this name in {where}"
-    path = "/" + "/".join(origin.path)
+    path = "/" + "/".join(components)
     try:
-        found = walk(roots[origin.layer], origin.path)
+        found = walk(roots[origin.layer], components)
     except OSError as e:
         return f"cannot walk {path} in {where}: {e.strerror}"
     if not isinstance(found, Found):
@@ -147,7 +154,7 @@ def verify(origin: schema.Origin, upper: Real, *, roots: tuple[Real, ...],
     if found.obj.ino != origin.ino or stat.S_IFMT(found.obj.mode) != stat.S_IFMT(upper.mode):
         return f"the object at {path} in {where} is not inode {origin.ino} of the same type"
     try:
-        shown = merged_lookup(roots, origin.path)
+        shown = merged_lookup(roots, components)
     except OSError:
         # The merged view cannot be read there (a refused redirect, no permission): the path and
         # the inode matched, and the inode table still never merges two different objects.

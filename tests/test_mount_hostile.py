@@ -87,6 +87,26 @@ def test_two_upper_files_with_one_origin_stay_two(
     assert (mount.mnt / "a").read_bytes() == b"upper a"
 
 
+def test_a_redirect_to_a_visible_directory_does_not_merge_the_two(
+    layers: LayerFactory, mount_cowfs: MountFactory
+) -> None:
+    """An upper directory redirected to a lower directory that still shows under its own name
+    (no whiteout: hand-made, or a rename cut short) merges with its lower content, as redirects
+    do, but stays a directory of its own."""
+    layer_set = layers(LOWER, upper={"d2/": None})
+    ino_d = os.lstat(layer_set.lowers[0] / "d").st_ino
+    os.setxattr(layer_set.upper / "d2", "user.overlay.redirect", b"/d")
+    os.setxattr(layer_set.upper / "d2", "user.cowfs.origin", f"1:{ino_d}:/d".encode())
+    mount = mount_cowfs(layer_set)
+    assert os.lstat(mount.mnt / "d").st_ino == ino_d
+    assert os.lstat(mount.mnt / "d2").st_ino != ino_d
+    assert os.listdir(mount.mnt / "d2") == ["f"]
+    (mount.mnt / "d" / "new").write_bytes(b"new")
+    assert os.listdir(mount.mnt / "d2") == ["f"]
+    mount.stop()
+    _assert_check_reports_and_repairs(layer_set, ["d2: user.cowfs.origin ignored"])
+
+
 def test_origins_record_the_lower_path_and_survive_renames(
     layers: LayerFactory, mount_cowfs: MountFactory
 ) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import origins, realfs, schema
 from ..errors import CowfsError
 from ..layers import Layer
-from ..resolve import Real, resolve, root_real
+from ..resolve import Real, read_redirect, resolve, root_real
 from ..walk import join
 
 
@@ -62,6 +62,14 @@ def _index_dir(upper: Path, work: Path | None, stack: contextlib.ExitStack) -> i
     return fd
 
 
+def _redirect(fd: int, layer: Layer) -> schema.Redirect | None:
+    """A directory's redirect as the mount reads it (a refused one: none, as check reports it)."""
+    try:
+        return read_redirect(fd, layer, set(realfs.listxattr(fd)))
+    except OSError:
+        return None
+
+
 class _Scan:
     def __init__(self, roots: tuple[Real, ...], verify: bool, index_fd: int | None) -> None:
         self.roots = roots
@@ -80,7 +88,9 @@ class _Scan:
                 continue
             try:
                 st = os.fstat(fd)
-                real = Real(upper.layer, fd, st.st_mode, nlink=st.st_nlink, ino=st.st_ino)
+                real = Real(upper.layer, fd, st.st_mode, nlink=st.st_nlink, ino=st.st_ino,
+                            redirect=_redirect(fd, upper.layer) if stat.S_ISDIR(st.st_mode)
+                            else None)
                 yield from self._entry(join(path, name), name, real, merged)
             finally:
                 os.close(fd)
