@@ -35,7 +35,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from . import origins
+from . import origins, realfs, schema
 from .layers import Layer
 from .resolve import Real
 
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 ROOT_NUMBER = 1
 _FS_SHIFT = 56
 _INO_MASK = (1 << _FS_SHIFT) - 1
+#: Verified origins remembered (a few MB at most); the cache is emptied when it is full.
+_VERIFIED_MAX = 1 << 16
 #: Where numbers for colliding objects start: the high byte no filesystem index reaches.
 _SPARE_BASE = 0xFF << _FS_SHIFT
 
@@ -62,6 +64,8 @@ class InodeNumbers:
         self._index_fd = index_fd
         #: Upper objects (device, inode) whose refused origin was logged: once each.
         self._logged: set[tuple[int, int]] = set()
+        #: Origins verified, by upper object: the next lookup of one needs no probe.
+        self._verified: dict[tuple[int, int], tuple[bytes, schema.Origin]] = {}
 
     def number(self, layer_index: int, ino: int) -> int:
         if self._single_fs and ino > ROOT_NUMBER:
@@ -80,18 +84,34 @@ class InodeNumbers:
         the directory made of ``parents`` found."""
         real = reals[0]
         if real.layer.is_upper:
-            try:
-                origin = origins.read(real)
-                reason = None if origin is None else origins.verify(
-                    origin, real, roots=self.roots, below=reals[1:], parents=parents, name=name,
-                    index_fd=self._index_fd)
-            except ValueError as e:
-                origin, reason = None, str(e)
-            if reason is not None:
-                self._log_refused(real, reason)
-            elif origin is not None:
+            origin = self._verified_origin(reals, parents, name)
+            if origin is not None:
                 return origin.layer, origin.ino
         return real.layer.index, origins.ino_of(real)
+
+    def _verified_origin(self, reals: tuple[Real, ...], parents: tuple[Real, ...],
+                         name: str | None) -> schema.Origin | None:
+        real = reals[0]
+        value = realfs.getxattr(real.fd, schema.origin_xattr(real.mode))
+        if value is None:
+            return None
+        key = (real.layer.dev, origins.ino_of(real))
+        known = self._verified.get(key)
+        if known is not None and known[0] == value:
+            return known[1]  # an object's verified origin stays its origin: lowers never change
+        try:
+            origin = schema.parse_origin(value)
+            reason = origins.verify(origin, real, roots=self.roots, below=reals[1:],
+                                    parents=parents, name=name, index_fd=self._index_fd)
+        except ValueError as e:
+            reason = str(e)
+        if reason is not None:
+            self._log_refused(real, reason)
+            return None
+        if len(self._verified) >= _VERIFIED_MAX:
+            self._verified.clear()
+        self._verified[key] = (value, origin)
+        return origin
 
     def _log_refused(self, real: Real, reason: str) -> None:
         key = (real.layer.dev, origins.ino_of(real))
