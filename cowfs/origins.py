@@ -34,7 +34,7 @@ import stat
 from collections.abc import Sequence
 
 from . import realfs, schema
-from .resolve import Found, Real, probe, resolve, walk
+from .resolve import Found, Real, probe, probe_path, resolve
 
 
 def lower_path(real: Real) -> tuple[str, ...] | None:
@@ -145,7 +145,7 @@ def verify(origin: schema.Origin, upper: Real, *, roots: tuple[Real, ...],
         return f"no object with inode {origin.ino} at this name in {where}"
     path = "/" + "/".join(components)
     try:
-        found = walk(roots[origin.layer], components)
+        found = probe_path(roots[origin.layer], components)
     except OSError as e:
         return f"cannot walk {path} in {where}: {e.strerror}"
     if not isinstance(found, Found):
