@@ -1,7 +1,8 @@
 """A plain user's failed mount says why, in one line, in the background and with -f (issue 9, §3).
 
 Run as root, each test runs ``cowfs mount`` as uid 65534 ('nobody') on layers of its own, inside a
-private mount namespace (``unshare -m``) that gives the plain user what the test needs without
+mount namespace of its own (``unshare -m``, a slave of the machine's: other tests' unmounts reach
+it, nothing done in it leaves it) that gives the plain user what the test needs without
 changing anything outside it (other tests, also a plain user's, run at the same time): a
 ``/dev/fuse`` of the mode the test wants (these machines ship it 0600), and a searchable path to
 the interpreter (the virtualenv's Python may live under /root, mode 0700): a directory the plain
@@ -74,7 +75,7 @@ class PlainUser:
                 f"sh -c {shlex.quote(command)}")
         stage.mkdir()
         try:
-            return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-ec",
+            return subprocess.run(["unshare", "--mount", "--propagation", "slave", "sh", "-ec",
                                    "\n".join([*setup, user])], env=env, cwd=self.base,
                                   capture_output=True, text=True, timeout=60, check=False)
         finally:
@@ -163,7 +164,7 @@ def test_the_same_user_can_mount_once_allowed(plain_user: PlainUser) -> None:
     """The control: with /dev/fuse usable, the same command mounts, serves and unmounts."""
     result = plain_user.shell(
         '"$COWFS" mount lower upper mnt; cat mnt/file; echo;'
-        ' grep -c fuse.cowfs /proc/self/mountinfo;'
+        ' awk -v m="$PWD/mnt" \'$5 == m\' /proc/self/mountinfo | grep -c fuse.cowfs;'
         ' "$COWFS" umount mnt || fusermount3 -u -z mnt', device_mode=0o666)
     assert result.returncode == 0, result
     assert result.stdout.split() == ["lower", "1"], result
