@@ -6,11 +6,29 @@ specified in docs/layer-format.md and implemented in :mod:`cowfs.schema`.
 The Python API (:mod:`cowfs.api`): ``with cowfs.overlay(base) as view:`` mounts a writable
 copy-on-write view of ``base`` at ``view.path``; ``view.diff()``, ``view.commit()`` and
 ``view.discard()`` work on its changes. It is unmounted on leaving the block.
+
+The API's names are loaded on first use (PEP 562), so that importing the package (as the daemon
+and every submodule do) does not import the API and the layer walk.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .api import View, overlay
-from .errors import CowfsError
+if TYPE_CHECKING:
+    from .api import View, overlay
+    from .errors import CowfsError
 
 __all__ = ["CowfsError", "View", "overlay"]
+
+_LAZY = {"View": "api", "overlay": "api", "CowfsError": "errors"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

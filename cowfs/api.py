@@ -27,8 +27,11 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from . import mounts
+from .changes import summary, visible_changes
 from .errors import CowfsError
 from .walk import Change, walk
+from .workspace import commit, empty_upper
 
 PathLike = str | os.PathLike[str]
 UNMOUNT_TRIES = 50
@@ -55,14 +58,30 @@ def match_root(upper: Path, base: Path) -> None:
     os.utime(upper, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def daemon_command() -> list[str]:
+    """How to start this very cowfs in a subprocess, whatever the caller's working directory:
+    ``-P`` keeps ``python -m`` from putting the working directory first on ``sys.path`` (where a
+    folder named ``cowfs`` would be imported instead); :func:`daemon_environment` says where this
+    cowfs is."""
+    return [sys.executable, "-P", "-m", "cowfs"]
+
+
+def daemon_environment() -> dict[str, str]:
+    """The environment with this cowfs package's directory first on ``PYTHONPATH``."""
+    here = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    return env
+
+
 def mount(lowers: Sequence[Path], upper: Path, mountpoint: Path,
           options: Sequence[str] = ()) -> None:
     """``cowfs mount`` in a subprocess; returns once the filesystem serves requests."""
-    cmd = [sys.executable, "-m", "cowfs", "mount",
-           *(["-o", ",".join(options)] if options else []),
-           ":".join(map(str, lowers)), str(upper), str(mountpoint)]
+    cmd = [*daemon_command(), "mount", *(["-o", ",".join(options)] if options else []),
+           ":".join(os.path.abspath(p) for p in lowers), os.path.abspath(upper),
+           os.path.abspath(mountpoint)]
     result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                            check=False)
+                            check=False, env=daemon_environment())
     if result.returncode != 0:
         message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
         raise CowfsError(message.removeprefix("cowfs: error: ") or
@@ -71,11 +90,9 @@ def mount(lowers: Sequence[Path], upper: Path, mountpoint: Path,
 
 def unmount(mountpoint: Path) -> None:
     """``cowfs umount``, retrying for a few seconds while the mount is busy."""
-    from .cli import umount
-
     for attempt in range(UNMOUNT_TRIES):
         try:
-            umount(str(mountpoint))
+            mounts.unmount(str(mountpoint))
             return
         except CowfsError as e:
             if "busy" not in str(e) or attempt == UNMOUNT_TRIES - 1:
@@ -118,25 +135,18 @@ class View:
     def diff(self) -> list[Change]:
         """What changed against the lowers: Added, Modified, Deleted, Replaced and Renamed
         records of :mod:`cowfs.walk` (unchanged copies and anomalies left out)."""
-        from .tools import common
-        from .tools.diff import visible_changes
-
         if self.mounted:
-            layers = common.layers_for(str(self.path), None)
-            return list(visible_changes(walk(layers.upper, layers.lowers)))
+            layers = mounts.layers_for(str(self.path), None)
+            return list(visible_changes(walk(layers.upper, layers.lowers, layers.work)))
         return list(visible_changes(walk(self.upper, self.lowers)))
 
     def summary(self) -> str:
         """``2 added, 1 modified`` (or ``no changes``)."""
-        from .tools.diff import summary
-
         return summary(self.diff())  # type: ignore[arg-type]
 
     def commit(self, into: PathLike | None = None) -> str:
         """Apply the changes to ``into`` (default: the base), empty the upper, and mount again.
         Returns the summary of what was committed."""
-        from .tools.commit import commit
-
         target = Path(into) if into is not None else self.base
         if len(self.lowers) > 1 and target == self.base:
             raise CowfsError("commit into a stack of several lowers is not supported; "
@@ -151,8 +161,6 @@ class View:
 
     def discard(self) -> None:
         """Throw every change away (the view shows the lowers again)."""
-        from .tools.commit import empty_upper
-
         was_mounted = self.mounted
         self.unmount()
         try:
@@ -202,8 +210,6 @@ def overlay(base: PathLike | Sequence[PathLike], upper: PathLike | None = None, 
         finally:
             view.unmount()
             if not keep:
-                from .tools.commit import empty_upper
-
                 empty_upper(upper_dir)
     finally:
         if temporary_upper and keep:
@@ -217,9 +223,7 @@ def overlay(base: PathLike | Sequence[PathLike], upper: PathLike | None = None, 
 def _remove_scratch(scratch: Path) -> None:
     """Delete the scratch directory, unless something is still mounted inside it (rmtree would
     then delete through the mount)."""
-    from .tools.common import cowfs_mountpoints
-
-    inside = [m for m in cowfs_mountpoints() if Path(m) == scratch or scratch in Path(m).parents]
+    inside = [m for m in mounts.cowfs_mountpoints() if mounts.is_inside(Path(m), scratch)]
     if inside:
         raise CowfsError(f"{inside[0]!r} is still mounted; not removing {str(scratch)!r}")
     shutil.rmtree(scratch, ignore_errors=True)

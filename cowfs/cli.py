@@ -10,11 +10,7 @@ import argparse
 import contextlib
 import logging
 import os
-import select
-import shutil
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,9 +30,13 @@ options (-o, comma-separated, may be repeated):
                   such changes at once, at a large cost)
   volatile        skip fsync on copy-up (faster; a crash may lose copied-up data)
   writeback       the kernel's writeback cache (experimental; nowriteback is the default)
+  relocate        the lower layers were moved on purpose: accept a lower stack other than
+                  the one recorded on the upper at its last mount, and record the new one
   nosuid,nodev,noexec,noatime,...  passed to the kernel
 
 The default work directory is UPPER/.cowfs-work; it is never shown in the merged view.
+A read-write mount records the lower stack (paths and identities) on the upper; a later mount
+or commit over another stack is refused (see -o relocate), and 'cowfs diff UPPER' uses it.
 LOWER may name several directories separated by ':', topmost first, as the kernel's lowerdir.
 The layers must not be changed by anything but cowfs while mounted.
 
@@ -117,10 +117,10 @@ def mount(lower: str, upper: str, mountpoint: str, *, work: str | None, options:
     fusecheck.preflight(Path(mountpoint), allow_other=opts.allow_other)
     if foreground:
         _setup_logging(opts.debug, log_file, True)
-        paths, stack, real_mountpoint = prepare(paths, Path(mountpoint), read_only=opts.read_only)
+        paths, stack, real_mountpoint = prepare(paths, Path(mountpoint), opts)
         serve(paths, stack, real_mountpoint, opts, ready=lambda: None)
         return
-    paths, stack, real_mountpoint = prepare(paths, Path(mountpoint), read_only=opts.read_only)
+    paths, stack, real_mountpoint = prepare(paths, Path(mountpoint), opts)
     _daemonize(lambda ready: serve(paths, stack, real_mountpoint, opts, ready),
                lambda: _setup_logging(opts.debug, log_file, False))
 
@@ -177,44 +177,9 @@ def _cmd_mount(args: argparse.Namespace) -> None:
 
 
 def umount(mountpoint: str, timeout: float = 30.0) -> None:
-    from .mount import MountState, fuse_mount_at
+    from .mounts import unmount
 
-    path = Path(mountpoint).resolve()
-    if fuse_mount_at(path) != "fuse.cowfs":
-        raise CowfsError(f"{mountpoint!r} is not a cowfs mountpoint")
-    state = MountState.load(path)
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    cmd = [tool, "-u", str(path)] if tool else ["umount", str(path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
-        raise CowfsError(f"cannot unmount {mountpoint!r}: {reason}")
-    if state is None:
-        log.warning("no state file for %s: unmounted without waiting for the daemon", path)
-        return
-    _wait_for_exit(state.pid, timeout)
-    after = MountState.load(path)
-    if after is not None and after.pid == state.pid:
-        raise CowfsError(f"unmounted, but the cowfs daemon (pid {state.pid}) ended with an error: "
-                         f"{after.error or 'it did not clean up'}")
-
-
-def _wait_for_exit(pid: int, timeout: float) -> None:
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise CowfsError(f"unmounted, but the cowfs daemon (pid {pid}) has not exited "
-                                 f"after {timeout:g} s")
-            if select.select([pidfd], [], [], remaining)[0]:
-                return
-    finally:
-        os.close(pidfd)
+    unmount(mountpoint, timeout)
 
 
 def _cmd_umount(args: argparse.Namespace) -> None:

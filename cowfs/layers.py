@@ -18,7 +18,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import realfs, schema
+from . import realfs, schema, upperinfo
 from .errors import CowfsError
 from .workdir import WorkDir, open_work
 
@@ -42,6 +42,14 @@ class Layer:
         return self.index == 0
 
 
+def parse_lowers(spec: str) -> tuple[Path, ...]:
+    """``LOWER[:LOWER...]`` (topmost first, as the kernel's lowerdir): the one parser of it."""
+    names = spec.split(":")
+    if not spec or any(not n for n in names):
+        raise CowfsError(f"invalid lower directory list {spec!r}: empty element")
+    return tuple(Path(n) for n in names)
+
+
 @dataclass(frozen=True, slots=True)
 class LayerPaths:
     """The directories named on the command line, before anything is opened."""
@@ -53,10 +61,7 @@ class LayerPaths:
     @classmethod
     def parse(cls, lower: str, upper: str, work: str | None = None) -> LayerPaths:
         """Parse ``LOWER[:LOWER...]`` (topmost first, as the kernel's lowerdir) and the others."""
-        names = lower.split(":")
-        if not lower or any(not n for n in names):
-            raise CowfsError(f"invalid lower directory list {lower!r}: empty element")
-        return cls(tuple(Path(n) for n in names), Path(upper), Path(work) if work else None)
+        return cls(parse_lowers(lower), Path(upper), Path(work) if work else None)
 
     def resolved(self) -> LayerPaths:
         """Absolute, symlink-free paths. Taken before mounting: afterwards, a path under the
@@ -193,14 +198,9 @@ def open_stack(paths: LayerPaths, *, read_only: bool = False) -> LayerStack:
 
 
 def _check_format(upper_fd: int, path: Path) -> None:
-    found = realfs.getxattr(upper_fd, schema.XATTR_FORMAT)
-    if found is not None and found != schema.FORMAT_VERSION:
-        raise CowfsError(f"upper directory {str(path)!r} has cowfs layer format "
-                         f"{found.decode(errors='replace')!r}; this cowfs understands format "
-                         f"{schema.FORMAT_VERSION.decode()!r}")
+    upperinfo.upper_format(upper_fd, path)
 
 
 def _mark_format(upper_fd: int, path: Path) -> None:
-    _check_format(upper_fd, path)
-    if realfs.getxattr(upper_fd, schema.XATTR_FORMAT) is None:
+    if not upperinfo.upper_format(upper_fd, path):
         realfs.setxattr(upper_fd, schema.XATTR_FORMAT, schema.FORMAT_VERSION)

@@ -4,8 +4,10 @@ The lifecycle is one ``ExitStack``: whatever was set up is torn down in reverse 
 error. SIGINT and SIGTERM end the main loop through ``pyfuse3.terminate()``, and the filesystem is
 then unmounted by the daemon itself.
 
-Each running mount has a small state file (pid, mountpoint, layers) so that ``cowfs umount`` can
-wait for the daemon to exit and other tools can list the mounts.
+Each running mount has a small state file (:class:`cowfs.schema.MountState`, written with
+:mod:`cowfs.mounts`) so that ``cowfs umount`` can wait for the daemon to exit and other tools can
+list the mounts. A read-write mount records its lower stack on the upper, and a mount over another
+stack than the recorded one is refused unless ``-o relocate`` (:mod:`cowfs.upperinfo`).
 
 Caching, chosen by measurement (docs/performance.md): the kernel may keep names, attributes and
 negative lookups for ``timeout`` seconds, a day by default. That is safe because every change
@@ -22,14 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
-import re
 import resource
 import signal
 import stat
-import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +36,11 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import fusecheck
+from . import fusecheck, mounts, upperinfo
 from .errors import CowfsError
 from .layers import LayerPaths, LayerStack, check_mountpoint_outside, open_stack
 from .operations import Operations
+from .schema import MountState
 from .vfs import Overlay
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ class MountOptions:
     volatile: bool = False
     kernel: frozenset[str] = field(default_factory=frozenset)
     writeback: bool = False
+    #: The layers were moved on purpose: accept a stack other than the one recorded on the upper.
+    relocate: bool = False
 
     @property
     def read_only(self) -> bool:
@@ -77,7 +79,7 @@ class MountOptions:
     @classmethod
     def parse(cls, specs: list[str]) -> MountOptions:
         """Parse ``-o a,b=c`` strings (given once or several times)."""
-        allow_other = debug = volatile = writeback = False
+        allow_other = debug = volatile = writeback = relocate = False
         timeout = DEFAULT_TIMEOUT
         kernel: set[str] = set()
         for spec in specs:
@@ -89,6 +91,8 @@ class MountOptions:
                     debug = True
                 elif key == "volatile":
                     volatile = True
+                elif key == "relocate":
+                    relocate = True
                 elif key in ("writeback", "nowriteback"):
                     writeback = key == "writeback"
                 elif key == "timeout":
@@ -97,7 +101,7 @@ class MountOptions:
                     kernel.add(key)
                 elif key not in IGNORED_OPTIONS:
                     raise CowfsError(f"unknown mount option {opt!r} (see 'cowfs mount --help')")
-        return cls(allow_other, debug, timeout, volatile, frozenset(kernel), writeback)
+        return cls(allow_other, debug, timeout, volatile, frozenset(kernel), writeback, relocate)
 
     def fuse_options(self, source: str) -> set[str]:
         opts = set(pyfuse3.default_options) | {f"fsname={source}", "subtype=cowfs"} | self.kernel
@@ -121,39 +125,15 @@ def _parse_timeout(value: str) -> float:
 # --- mountpoint checks and state files ---------------------------------------------------------
 
 
-def _unescape_mountinfo(field: bytes) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal (``\\040``)."""
-    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
-
-
-def _fuse_mounts_at(path: Path) -> list[tuple[str, str]]:
-    """(filesystem type, ``major:minor``) of the FUSE mounts at ``path``, the topmost last."""
-    target = str(path)
-    found = []
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            fstype = os.fsdecode(fields[fields.index(b"-") + 1])
-            if fstype.startswith("fuse") and _unescape_mountinfo(fields[4]) == target:
-                found.append((fstype, os.fsdecode(fields[2])))
-    return found
-
-
-def fuse_mount_at(path: Path) -> str | None:
-    """The filesystem type mounted exactly at ``path`` if it is a FUSE mount, else None."""
-    found = _fuse_mounts_at(path)
-    return found[0][0] if found else None
-
-
 def raise_readahead(mountpoint: Path, kib: int = READAHEAD_KIB) -> None:
     """Set the readahead of our mount (its bdi); only root may, so failing is not an error.
 
     Called after the kernel has processed INIT, which would otherwise lower it again.
     """
     try:
-        found = _fuse_mounts_at(mountpoint)
+        found = mounts.fuse_mounts_at(mountpoint)
         if found:
-            Path(f"/sys/class/bdi/{found[-1][1]}/read_ahead_kb").write_text(f"{kib}\n")
+            Path(f"/sys/class/bdi/{found[-1].device}/read_ahead_kb").write_text(f"{kib}\n")
     except OSError as e:
         log.debug("readahead of %s left as it is: %s", mountpoint, e)
 
@@ -166,57 +146,22 @@ def check_mountpoint(path: Path) -> Path:
     if not stat.S_ISDIR(st.st_mode):
         raise CowfsError(f"mountpoint {str(path)!r} is not a directory")
     real = path.resolve()
-    found = fuse_mount_at(real)
+    found = mounts.fuse_mount_at(real)
     if found is not None:
         raise CowfsError(f"mountpoint {str(path)!r} is already mounted ({found}); "
                          f"unmount it first with 'cowfs umount {path}'")
     return real
 
 
-def state_dir() -> Path:
-    if os.geteuid() == 0:
-        return Path("/run/cowfs")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime) / "cowfs" if runtime else Path(f"/tmp/cowfs-{os.geteuid()}")
-
-
-def state_file(mountpoint: Path) -> Path:
-    return state_dir() / (urllib.parse.quote(str(mountpoint), safe="") + ".json")
-
-
-@dataclass(frozen=True, slots=True)
-class MountState:
-    """What ``cowfs umount`` (and ``cowfs status``) need to know about a running mount."""
-
-    pid: int
-    mountpoint: str
-    lowers: list[str]
-    upper: str
-    work: str
-    #: Set by a daemon that ended with an error; a clean exit removes the state file instead.
-    error: str | None = None
-
-    @classmethod
-    def load(cls, mountpoint: Path) -> MountState | None:
-        try:
-            data = json.loads(state_file(mountpoint).read_text(encoding="utf-8"))
-            return cls(**data)
-        except (OSError, ValueError, TypeError):
-            return None
-
-
 @contextlib.contextmanager
 def _state_recorded(mountpoint: Path, paths: LayerPaths, stack: LayerStack) -> Iterator[None]:
-    path = state_file(mountpoint)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    state = MountState(os.getpid(), str(mountpoint), [str(p) for p in paths.lowers],
+    state = MountState(os.getpid(), str(mountpoint), tuple(str(p) for p in paths.lowers),
                        str(paths.upper), str(stack.work.path))
-    path.write_text(json.dumps(dataclasses.asdict(state)), encoding="utf-8")
+    path = mounts.write_state(state)
     try:
         yield
     except BaseException as e:
-        failed = dataclasses.replace(state, error=f"{type(e).__name__}: {e}")
-        path.write_text(json.dumps(dataclasses.asdict(failed)), encoding="utf-8")
+        mounts.write_state(dataclasses.replace(state, error=f"{type(e).__name__}: {e}"))
         raise
     path.unlink()
 
@@ -276,8 +221,8 @@ def serve(paths: LayerPaths, stack: LayerStack, mountpoint: Path, options: Mount
     log.info("unmounted %s", mountpoint)
 
 
-def prepare(paths: LayerPaths, mountpoint: Path, *,
-            read_only: bool = False) -> tuple[LayerPaths, LayerStack, Path]:
+def prepare(paths: LayerPaths, mountpoint: Path,
+            options: MountOptions | None = None) -> tuple[LayerPaths, LayerStack, Path]:
     """Everything that can fail because of user input, done before forking into the background.
 
     Returns the layer paths resolved (nothing may resolve a path once mounted: the mountpoint may
@@ -286,4 +231,14 @@ def prepare(paths: LayerPaths, mountpoint: Path, *,
     real_mountpoint = check_mountpoint(mountpoint)
     resolved = paths.resolved()
     check_mountpoint_outside(resolved, real_mountpoint)
-    return resolved, open_stack(resolved, read_only=read_only), real_mountpoint
+    options = options or MountOptions()
+    stack = open_stack(resolved, read_only=options.read_only)
+    try:
+        upperinfo.settle_stack(stack.upper.root_fd, resolved.upper,
+                               [(layer.path, layer.root_fd) for layer in stack.lowers],
+                               resolved.work, read_only=options.read_only,
+                               relocate=options.relocate)
+    except BaseException:
+        stack.close()
+        raise
+    return resolved, stack, real_mountpoint

@@ -22,10 +22,12 @@ The precise specification is docs/layer-format.md; this module and that page mus
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
 FORMAT_VERSION = b"1"
 
@@ -311,3 +313,110 @@ def is_reserved_xattr(name: str) -> bool:
 def is_copied_on_copy_up(stored: str) -> bool:
     """Copy-up copies a user's xattrs (escaped ones included) but never the layer's metadata."""
     return unescape_xattr(stored) is not None
+
+
+# --- the work directory's place, the mount state file, the recorded lower stack -----------------
+# (Read by the offline tools as well as written by the daemon: one definition for both.)
+
+
+def default_work_dir(upper: Path) -> Path:
+    """Where the work directory is when ``--work`` is not given: hidden inside the upper."""
+    return upper / WORK_DIR_NAME
+
+
+#: A running mount's state file: ``STATE_DIR/<quoted mountpoint>.json`` holding one
+#: :class:`MountState` as a JSON object (see :mod:`cowfs.mounts` for the directory).
+STATE_FILE_SUFFIX = ".json"
+
+
+@dataclass(frozen=True, slots=True)
+class MountState:
+    """What a running daemon tells ``cowfs umount``, ``cowfs status`` and the offline tools."""
+
+    pid: int
+    mountpoint: str
+    #: Absolute, symlink-free paths, topmost lower first.
+    lowers: tuple[str, ...]
+    upper: str
+    work: str
+    #: Set by a daemon that ended with an error; a clean exit removes the state file instead.
+    error: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({"pid": self.pid, "mountpoint": self.mountpoint,
+                           "lowers": list(self.lowers), "upper": self.upper, "work": self.work,
+                           "error": self.error})
+
+    @classmethod
+    def from_json(cls, text: str) -> MountState:
+        """Parse a state file; ValueError when it is not one."""
+        try:
+            data = json.loads(text)
+            lowers = data["lowers"]
+            state = cls(int(data["pid"]), str(data["mountpoint"]),
+                        tuple(str(p) for p in lowers), str(data["upper"]), str(data["work"]),
+                        None if data.get("error") is None else str(data["error"]))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"not a cowfs state file: {e}") from None
+        if not isinstance(lowers, list):
+            raise ValueError("not a cowfs state file: lowers is not a list")
+        return state
+
+
+#: On the upper root: the lower stack the upper was made on, written at each read-write mount
+#: (see :class:`StackRecord`). Origins, redirects and the index only mean something over it.
+XATTR_STACK = COWFS_PREFIX + "stack"
+#: Version of the stack record's JSON.
+STACK_RECORD_VERSION = 1
+#: The largest stack record written (the smallest xattr value limit of common filesystems,
+#: ext4's 4 KiB block less its headers); a longer one is refused at mount with a clear error.
+STACK_RECORD_MAX = 3800
+
+
+@dataclass(frozen=True, slots=True)
+class LayerIdentity:
+    """A lower layer as recorded: its absolute path and the identity of its root directory.
+
+    ``dev`` and ``ino`` change when the layer is copied or moved to another filesystem (a move
+    within a filesystem keeps them, a path change then shows in ``path`` alone).
+    """
+
+    path: str
+    dev: int
+    ino: int
+
+
+@dataclass(frozen=True, slots=True)
+class StackRecord:
+    """The lower stack (topmost first) an upper was made on: ``user.cowfs.stack``, JSON
+    ``{"version": 1, "lowers": [{"path": "/abs", "dev": 2049, "ino": 1234}, ...],
+    "work": "/abs" or null}``."""
+
+    lowers: tuple[LayerIdentity, ...]
+    #: The work directory of the mount when it was not the default one (``--work``), whose
+    #: hard-link index the offline tools must read; None for the default.
+    work: str | None = None
+
+    def to_json(self) -> bytes:
+        return json.dumps({"version": STACK_RECORD_VERSION,
+                           "lowers": [{"path": i.path, "dev": i.dev, "ino": i.ino}
+                                      for i in self.lowers], "work": self.work},
+                          separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, value: bytes) -> StackRecord:
+        """Parse an (untrusted) record; ValueError says why it is refused."""
+        try:
+            data = json.loads(value)
+            if data["version"] != STACK_RECORD_VERSION:
+                raise ValueError(f"unknown stack record version {data['version']!r}")
+            lowers = tuple(LayerIdentity(str(i["path"]), int(i["dev"]), int(i["ino"]))
+                           for i in data["lowers"])
+            work = data.get("work")
+        except (KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise ValueError(f"malformed stack record: {e}") from None
+        if not lowers or any(not i.path.startswith("/") for i in lowers):
+            raise ValueError("malformed stack record: no lowers, or a relative path")
+        if work is not None and not (isinstance(work, str) and work.startswith("/")):
+            raise ValueError("malformed stack record: the work directory is not absolute")
+        return cls(lowers, work)

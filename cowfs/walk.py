@@ -39,9 +39,10 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from . import realfs, resolve, schema
+from . import realfs, resolve, schema, upperinfo
 from .errors import CowfsError
 from .layers import Layer
+from .readdir import merge_names
 from .resolve import Found, Real
 
 _CHUNK = 1 << 20
@@ -332,26 +333,16 @@ def _is_xattr_whiteout(real: Real) -> bool:
 # --- the walk ------------------------------------------------------------------------------------
 
 
-def check_format(upper: Path) -> None:
-    """Refuse an upper written by a cowfs with another layer format."""
-    try:
-        found = os.getxattr(upper, schema.XATTR_FORMAT)
-    except OSError:
-        return
-    if found != schema.FORMAT_VERSION:
-        raise CowfsError(f"upper directory {str(upper)!r} has cowfs layer format {found!r}; "
-                         f"this cowfs understands format {schema.FORMAT_VERSION!r}")
-
-
 def walk(upper: Path, lowers: Sequence[Path], work: Path | None = None) -> Iterator[Change]:
     """Every change the upper makes to what the lowers (topmost first) show. ``work`` is the
-    work directory (default: the upper's own), whose hard-link index serves some names."""
-    check_format(upper)
+    work directory (default: the upper's own), whose hard-link index serves some names.
+    Refuses an upper written by a cowfs with another layer format."""
     stack = _Stack(upper, lowers)
     try:
+        upperinfo.upper_format(stack.roots[0].fd, upper)
         walker = _Walker(stack)
         yield from walker.run()
-        yield from walker.indexed(work if work is not None else upper / schema.WORK_DIR_NAME)
+        yield from walker.indexed(work if work is not None else schema.default_work_dir(upper))
     finally:
         stack.close()
 
@@ -606,10 +597,7 @@ def merged_tree(upper: Path, lowers: Sequence[Path], path: str) -> Iterator[Visi
 
 
 def _merged_children(stack: _Stack, path: str, reals: tuple[Real, ...]) -> Iterator[Visible]:
-    names: dict[str, None] = {}
-    for real in reals:
-        names.update(dict.fromkeys(realfs.list_names(real.fd)))
-    for name in sorted(names):
+    for name in sorted(merge_names(realfs.list_names(real.fd) for real in reals)):
         if resolve.is_hidden_name(path == ".", name):
             continue
         child = join(path, name)

@@ -19,7 +19,7 @@ from tools_support import (
     workspace,
 )
 
-from cowfs.tools.diff import quote
+from cowfs.changes import quote
 from cowfs.walk import Added, Anomaly, Deleted, Kind, Problem, walk
 
 __all__ = ["workspace"]  # the fixture, used by name

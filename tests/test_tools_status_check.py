@@ -102,6 +102,6 @@ def test_check_refuses_an_unknown_format_and_bad_input(workspace: Workspace,
     os.setxattr(ws.upper, "user.cowfs.format", b"7")
     result = cowfs("check", ws.upper)
     assert result.status == 1
-    assert "format b'7'" in result.out
+    assert "format '7'" in result.out
     assert_user_error(cowfs("check", "--repair", "--yes", ws.upper), "none can be repaired")
     assert_user_error(cowfs("check", tmp_path / "missing"), "does not exist")

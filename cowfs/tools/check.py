@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .. import realfs, schema
+from .. import mounts, plans, realfs, schema, upperinfo
+from ..changes import quote
 from ..errors import CowfsError
 from ..walk import Anomaly, Problem, walk
-from . import common, identity
-from .diff import quote
+from . import identity
 
 _NEEDS_LOWERS = (Problem.STRAY_WHITEOUT, Problem.MISSING_REDIRECT)
 
@@ -55,17 +55,14 @@ class Finding:
 
 def _format_finding(upper: Path) -> Finding | None:
     try:
-        found = os.getxattr(upper, schema.XATTR_FORMAT)
-    except OSError:
-        return None
-    if found != schema.FORMAT_VERSION:
-        return Finding(".", f"cowfs layer format {found!r}, this cowfs understands "
-                       f"{schema.FORMAT_VERSION!r}", None)
+        upperinfo.upper_format_at(upper)
+    except CowfsError as e:
+        return Finding(".", str(e), None)
     return None
 
 
 def _work_findings(upper: Path) -> list[Finding]:
-    work = upper / schema.WORK_DIR_NAME
+    work = schema.default_work_dir(upper)
     if not os.path.lexists(work):
         return []
     if work.is_symlink() or not work.is_dir():
@@ -111,7 +108,7 @@ def _set_xattr_at(root_fd: int, path: str, name: str, value: bytes) -> None:
     if path == ".":
         realfs.setxattr(root_fd, name, value)
         return
-    with common.parent_of(root_fd, path) as (dirfd, leaf):
+    with plans.parent_of(root_fd, path) as (dirfd, leaf):
         fd = os.open(leaf, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         try:
             realfs.setxattr(fd, name, value)
@@ -122,7 +119,7 @@ def _set_xattr_at(root_fd: int, path: str, name: str, value: bytes) -> None:
 def _drop_redirect(root_fd: int, path: str) -> None:
     """An unusable redirect: the directory keeps only its upper content (opaque), as the mount
     cannot show any lower content for it either."""
-    with common.parent_of(root_fd, path) as (dirfd, leaf):
+    with plans.parent_of(root_fd, path) as (dirfd, leaf):
         fd = os.open(leaf, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         try:
             realfs.setxattr(fd, schema.XATTR_OPAQUE, schema.OPAQUE_YES)
@@ -139,13 +136,13 @@ def _repair(upper: Path, finding_list: list[Finding], anomalies: list[Anomaly]) 
             if f.bad_value is not None:
                 identity.drop(upper, f.bad_value)
             elif f.path.startswith(schema.WORK_DIR_NAME + "/"):
-                with common.parent_of(root, f.path) as (dirfd, leaf):
-                    common.remove_if_present(dirfd, leaf)
+                with plans.parent_of(root, f.path) as (dirfd, leaf):
+                    plans.remove_if_present(dirfd, leaf)
         for a in anomalies:
             match a.problem:
                 case Problem.STRAY_WHITEOUT | Problem.WHITEOUT_IN_OPAQUE:
-                    with common.parent_of(root, a.path) as (dirfd, leaf):
-                        common.remove_if_present(dirfd, leaf)
+                    with plans.parent_of(root, a.path) as (dirfd, leaf):
+                        plans.remove_if_present(dirfd, leaf)
                 case Problem.UNMARKED_WHITEOUT:
                     _set_xattr_at(root, a.path.rpartition("/")[0] or ".", schema.XATTR_OPAQUE,
                                   schema.OPAQUE_HAS_XWHITEOUTS)
@@ -159,7 +156,7 @@ def check(upper: Path, lowers: Sequence[Path] | None, *, repair: bool, yes: bool
           dry_run: bool, out: TextIO | None = None) -> int:
     """Print the findings; repair them if asked. Returns the exit status (0: layer is fine)."""
     out = out or sys.stdout
-    with common.exclusive_upper(upper, "repair") if repair else contextlib.nullcontext():
+    with mounts.exclusive_upper(upper, "repair") if repair else contextlib.nullcontext():
         found, anomalies = findings(upper, lowers)
         if lowers is None:
             print("note: without --lower, whiteouts over nothing and redirect targets are not "
@@ -180,7 +177,7 @@ def check(upper: Path, lowers: Sequence[Path] | None, *, repair: bool, yes: bool
             for line in lines:
                 print(line, file=out)
             raise CowfsError(f"{len(found)} problem(s) found, none can be repaired")
-        if not common.confirm(lines, yes=yes, dry_run=dry_run, out=out,
+        if not plans.confirm(lines, yes=yes, dry_run=dry_run, out=out,
                               question="Repair these problems?"):
             return 1
         _repair(upper, fixable, anomalies)

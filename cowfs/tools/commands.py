@@ -82,12 +82,12 @@ codes: A added, M modified (content), m metadata only, D deleted,
 
 
 def _cmd_diff(args: argparse.Namespace) -> None:
+    from ..changes import anomaly_lines, render_json, render_text, visible_changes
+    from ..mounts import layers_for
     from ..walk import walk
-    from . import common
-    from .diff import anomaly_lines, render_json, render_text, visible_changes
 
-    layers = common.layers_for(args.target, args.lower)
-    records = list(walk(layers.upper, layers.lowers))
+    layers = layers_for(args.target, args.lower)
+    records = list(walk(layers.upper, layers.lowers, layers.work))
     changes = visible_changes(records)
     sys.stdout.write(render_json(changes) if args.json else render_text(changes))
     for problem in anomaly_lines(records):
@@ -112,7 +112,7 @@ def _add_diff(subparsers: Subparsers) -> None:
 
 
 def _cmd_commit(args: argparse.Namespace) -> None:
-    from .commit import commit
+    from ..workspace import commit
 
     commit(Path(args.upper), Path(args.into), yes=args.yes, dry_run=args.dry_run)
 
@@ -131,7 +131,7 @@ def _add_commit(subparsers: Subparsers) -> None:
 
 
 def _cmd_reset(args: argparse.Namespace) -> None:
-    from .commit import reset
+    from ..workspace import reset
 
     reset(Path(args.upper), args.paths, yes=args.yes, dry_run=args.dry_run)
 
@@ -151,11 +151,11 @@ def _add_reset(subparsers: Subparsers) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from . import common
+    from ..mounts import layers_for
     from .oci import export_layer
 
-    layers = common.layers_for(args.target, args.lower)
-    export_layer(layers.upper, layers.lowers, args.output, gzip_flag=args.gzip)
+    layers = layers_for(args.target, args.lower)
+    export_layer(layers.upper, layers.lowers, args.output, gzip_flag=args.gzip, work=layers.work)
 
 
 def _add_export(subparsers: Subparsers) -> None:
@@ -207,10 +207,10 @@ def _add_status(subparsers: Subparsers) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> None:
-    from . import common
+    from ..layers import parse_lowers
     from .check import check
 
-    lowers = common.parse_lowers(args.lower) if args.lower else None
+    lowers = parse_lowers(args.lower) if args.lower else None
     _exit(check(Path(args.upper), lowers, repair=args.repair, yes=args.yes,
                 dry_run=args.dry_run))
 

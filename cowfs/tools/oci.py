@@ -39,7 +39,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, TextIO
 
-from .. import realfs, schema
+from .. import plans, realfs, schema
+from ..changes import quote
 from ..errors import CowfsError
 from ..walk import (
     Added,
@@ -56,8 +57,6 @@ from ..walk import (
     visible_xattrs,
     walk,
 )
-from . import common
-from .diff import quote
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -151,9 +150,10 @@ def _open_upper(upper_fd: int, path: str) -> int:
     return fd
 
 
-def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path],
-                    records: Sequence[Change], progress: common.Progress) -> None:
+def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path], work: Path,
+                    records: Sequence[Change], progress: plans.Progress) -> None:
     upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    index = work / schema.WORK_INDEX_NAME
     materialized: list[str] = []
     try:
         def add_upper(path: str) -> None:
@@ -191,8 +191,7 @@ def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path],
                     for parent in _parents(path):
                         if parent not in writer.added and os.path.lexists(upper / parent):
                             add_upper(parent)  # a directory the upper lacks needs no entry
-                    fd = _open_upper(upper_fd, f"{schema.WORK_DIR_NAME}/"
-                                     f"{schema.WORK_INDEX_NAME}/{entry}")
+                    fd = os.open(index / entry, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
                     try:
                         writer.object(path, fd, os.fstat(fd))
                     finally:
@@ -222,11 +221,13 @@ def _wants_gzip(output: str, gzip_flag: bool) -> bool:
 
 
 def export_layer(upper: Path, lowers: Sequence[Path], output: str, *, gzip_flag: bool = False,
-                 out: TextIO | None = None) -> int:
-    """Write ``upper`` (against ``lowers``) as an OCI layer tar; returns the number of entries."""
+                 out: TextIO | None = None, work: Path | None = None) -> int:
+    """Write ``upper`` (against ``lowers``) as an OCI layer tar; returns the number of entries.
+    ``work``: the work directory whose hard-link index serves some names (default: the upper's)."""
     if output.endswith((".zst", ".zstd")):
         raise CowfsError("zstd compression is not supported; use .tar or .tar.gz")
-    records = list(walk(upper, lowers))
+    work = work if work is not None else schema.default_work_dir(upper)
+    records = list(walk(upper, lowers, work))
     problems = [r for r in records
                 if isinstance(r, Anomaly) and r.problem is not Problem.STRAY_WHITEOUT]
     if problems:
@@ -239,9 +240,9 @@ def export_layer(upper: Path, lowers: Sequence[Path], output: str, *, gzip_flag:
             raise CowfsError("refusing to write a tar archive to a terminal; use -o FILE")
         with tarfile.open(fileobj=sys.stdout.buffer, mode="w|gz" if compress else "w|",
                           format=tarfile.PAX_FORMAT) as tar, \
-                common.Progress(len(records), "export") as progress:
+                plans.Progress(len(records), "export") as progress:
             writer = _Writer(tar)
-            _export_records(writer, upper, lowers, records, progress)
+            _export_records(writer, upper, lowers, work, records, progress)
         return writer.count
     target = Path(output)
     if not target.parent.is_dir():
@@ -250,9 +251,9 @@ def export_layer(upper: Path, lowers: Sequence[Path], output: str, *, gzip_flag:
     try:
         with tarfile.open(temp, mode="w:gz" if compress else "w",
                           format=tarfile.PAX_FORMAT) as tar, \
-                common.Progress(len(records), "export") as progress:
+                plans.Progress(len(records), "export") as progress:
             writer = _Writer(tar)
-            _export_records(writer, upper, lowers, records, progress)
+            _export_records(writer, upper, lowers, work, records, progress)
         os.replace(temp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import TextIO
 
 from ..api import overlay
+from ..changes import line, summary, visible_changes
 from ..errors import CowfsError
 from ..walk import walk
-from .diff import line, summary, visible_changes
+from ..workspace import empty_upper
 
 #: How many changes the summary lists one by one before it only counts them.
 SUMMARY_LINES = 20
@@ -97,8 +98,6 @@ def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | 
     if keep_changes:
         print(f"cowfs run: {what}; kept in {view.upper}", file=err)
     else:
-        from .commit import empty_upper
-
         empty_upper(view.upper)
         if upper is None:
             shutil.rmtree(view.upper.parent, ignore_errors=True)

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .. import schema
+from .. import mounts, schema
 from ..errors import CowfsError
 from ..walk import Added, Deleted, Modified, Renamed, Replaced, Unchanged, walk
-from . import common
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,14 +54,14 @@ def upper_size(upper: Path) -> int:
     return total
 
 
-def _status_of(mount: common.RunningMount) -> MountStatus:
+def _status_of(mount: mounts.RunningMount) -> MountStatus:
     base = MountStatus(str(mount.mountpoint), mount.pid, tuple(map(str, mount.lowers)),
                        str(mount.upper), "mounted" if mount.alive else "stale")
     if not mount.alive:
         return base
     try:
-        upper = common.reachable_layer(mount, mount.upper)
-        lowers = [common.reachable_layer(mount, p) for p in mount.lowers]
+        upper = mounts.reachable_layer(mount, mount.upper)
+        lowers = [mounts.reachable_layer(mount, p) for p in mount.lowers]
         found: Counter[str] = Counter()
         for record in walk(upper, lowers):
             match record:
@@ -83,10 +82,10 @@ def _status_of(mount: common.RunningMount) -> MountStatus:
 
 
 def collect() -> list[MountStatus]:
-    mounts = common.running_mounts()
-    statuses = [_status_of(m) for m in mounts]
-    known = {str(m.mountpoint) for m in mounts if m.alive}
-    for mnt in common.cowfs_mountpoints():
+    running = mounts.running_mounts()
+    statuses = [_status_of(m) for m in running]
+    known = {str(m.mountpoint) for m in running if m.alive}
+    for mnt in mounts.cowfs_mountpoints():
         if mnt not in known:
             known.add(mnt)
             statuses.append(MountStatus(mnt, None, (), None, "no state file"))

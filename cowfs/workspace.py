@@ -26,9 +26,10 @@ from enum import Enum
 from pathlib import Path
 from typing import TextIO
 
-from .. import realfs, schema
-from ..errors import CowfsError
-from ..walk import (
+from . import mounts, plans, realfs, schema
+from .changes import quote, summary, visible_changes
+from .errors import CowfsError
+from .walk import (
     Added,
     Anomaly,
     Change,
@@ -42,8 +43,6 @@ from ..walk import (
     redirect_source,
     walk,
 )
-from . import common
-from .diff import quote, summary, visible_changes
 
 _CHUNK = 1 << 20
 
@@ -223,24 +222,24 @@ class _Applier:
     def _stage(self, step: Step) -> None:
         if not self.staged:
             realfs.mkdir(self.base_fd, self.staging, 0o700)
-        with common.parent_of(self.base_fd, step.path) as (dirfd, name), \
-                common.parent_of(self.base_fd, f"{self.staging}/{step.arg}") as (sfd, slot):
+        with plans.parent_of(self.base_fd, step.path) as (dirfd, name), \
+                plans.parent_of(self.base_fd, f"{self.staging}/{step.arg}") as (sfd, slot):
             realfs.rename(dirfd, name, sfd, slot, realfs.RENAME_NOREPLACE)
         self.staged.append(step)
 
     def _move(self, step: Step) -> None:
-        with common.parent_of(self.base_fd, step.path) as (dirfd, name), \
-                common.parent_of(self.base_fd, f"{self.staging}/{step.arg}") as (sfd, slot):
-            common.remove_if_present(dirfd, name)
+        with plans.parent_of(self.base_fd, step.path) as (dirfd, name), \
+                plans.parent_of(self.base_fd, f"{self.staging}/{step.arg}") as (sfd, slot):
+            plans.remove_if_present(dirfd, name)
             realfs.rename(sfd, slot, dirfd, name, realfs.RENAME_NOREPLACE)
         self.staged = [s for s in self.staged if s.arg != step.arg]
 
     def _remove(self, step: Step) -> None:
-        with common.parent_of(self.base_fd, step.path) as (dirfd, name):
-            common.remove_if_present(dirfd, name)
+        with plans.parent_of(self.base_fd, step.path) as (dirfd, name):
+            plans.remove_if_present(dirfd, name)
 
     def _mkdir(self, step: Step) -> None:
-        with common.parent_of(self.base_fd, step.path) as (dirfd, name):
+        with plans.parent_of(self.base_fd, step.path) as (dirfd, name):
             found = realfs.open_path(dirfd, name)
             if found is not None:
                 is_dir = stat.S_ISDIR(os.fstat(found).st_mode)
@@ -255,21 +254,21 @@ class _Applier:
         return step.path if step.index is None else f"{self.index_path}/{step.index}"
 
     def _write(self, step: Step) -> None:
-        with common.parent_of(self.upper_fd, self._source(step)) as (ufd, uname), \
-                common.parent_of(self.base_fd, step.path) as (dirfd, name):
+        with plans.parent_of(self.upper_fd, self._source(step)) as (ufd, uname), \
+                plans.parent_of(self.base_fd, step.path) as (dirfd, name):
             build_copy(ufd, uname, dirfd, name)
 
     def _link(self, step: Step) -> None:
-        with common.parent_of(self.base_fd, step.arg) as (tfd, tname), \
-                common.parent_of(self.base_fd, step.path) as (dirfd, name):
+        with plans.parent_of(self.base_fd, step.arg) as (tfd, tname), \
+                plans.parent_of(self.base_fd, step.path) as (dirfd, name):
             temp = f".cowfs-commit.{os.getpid()}.{name}"[:255]
             os.link(tname, temp, src_dir_fd=tfd, dst_dir_fd=dirfd, follow_symlinks=False)
             realfs.rename(dirfd, temp, dirfd, name)
 
     def _attrs(self, step: Step) -> None:
-        with common.parent_of(self.upper_fd, self._source(step)) if step.path != "." else \
+        with plans.parent_of(self.upper_fd, self._source(step)) if step.path != "." else \
                 contextlib.nullcontext((self.upper_fd, ".")) as (ufd, uname), \
-                common.parent_of(self.base_fd, step.path) if step.path != "." else \
+                plans.parent_of(self.base_fd, step.path) if step.path != "." else \
                 contextlib.nullcontext((self.base_fd, ".")) as (dirfd, name):
             src = os.open(uname, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ufd)
             try:
@@ -292,8 +291,8 @@ class _Applier:
         for step in reversed(self.staged):
             slot_path = f"{self.staging}/{step.arg}"
             with contextlib.suppress(OSError), \
-                    common.parent_of(self.base_fd, step.path) as (dirfd, name), \
-                    common.parent_of(self.base_fd, slot_path) as (sfd, slot):
+                    plans.parent_of(self.base_fd, step.path) as (dirfd, name), \
+                    plans.parent_of(self.base_fd, slot_path) as (sfd, slot):
                 realfs.rename(sfd, slot, dirfd, name, realfs.RENAME_NOREPLACE)
         with contextlib.suppress(OSError):
             realfs.rmdir(self.base_fd, self.staging)
@@ -318,7 +317,7 @@ def empty_upper(upper: Path) -> None:
         if work is not None:
             try:
                 if stat.S_ISDIR(os.fstat(work).st_mode):
-                    common.remove_if_present(work, schema.WORK_INDEX_NAME)
+                    plans.remove_if_present(work, schema.WORK_INDEX_NAME)
                     tmp = realfs.open_path(work, schema.WORK_TMP_NAME)
                     if tmp is not None:
                         try:
@@ -344,7 +343,7 @@ def _check_base(base: Path, upper: Path) -> None:
     if real_base == real_upper or real_base in real_upper.parents \
             or real_upper in real_base.parents:
         raise CowfsError("the upper and the base must not contain each other")
-    for mount in common.running_mounts():
+    for mount in mounts.running_mounts():
         if not mount.alive:
             continue
         if mount.mountpoint == real_base or mount.mountpoint in real_base.parents:
@@ -358,7 +357,7 @@ def _check_base(base: Path, upper: Path) -> None:
 def commit(upper: Path, base: Path, *, yes: bool, dry_run: bool,
            out: TextIO | None = None) -> str:
     """Apply ``upper``'s changes to ``base``, then empty it. Returns the summary line."""
-    with common.exclusive_upper(upper, "commit"):
+    with mounts.exclusive_upper(upper, "commit"):
         _check_base(base, upper)
         records = list(walk(upper, [base]))
         problems = [r for r in records
@@ -374,12 +373,12 @@ def commit(upper: Path, base: Path, *, yes: bool, dry_run: bool,
             return "no changes"
         plan = [line for step in steps if (line := step.describe()) is not None]
         plan.append(f"then empty {str(upper)!r}")
-        if not common.confirm(plan, yes=yes, dry_run=dry_run, out=out,
+        if not plans.confirm(plan, yes=yes, dry_run=dry_run, out=out,
                               question=f"Apply these changes to {str(base)!r}?"):
             return summary(changes)
         applier = _Applier(upper, base)
         try:
-            with common.Progress(len(steps), "commit") as progress:
+            with plans.Progress(len(steps), "commit") as progress:
                 for step in steps:
                     try:
                         applier.apply(step)
@@ -403,7 +402,7 @@ def _reset_targets(upper_fd: int, path: str) -> list[str]:
     """What resetting ``path`` removes from the upper: the object there, and for a renamed
     directory also the whiteout at its old name (so that the original shows again)."""
     try:
-        with common.parent_of(upper_fd, path) as (dirfd, name):
+        with plans.parent_of(upper_fd, path) as (dirfd, name):
             found = realfs.open_path(dirfd, name)
     except OSError:  # a missing or non-directory component: nothing of it is in the upper
         return []
@@ -423,7 +422,7 @@ def _reset_targets(upper_fd: int, path: str) -> list[str]:
         return targets
     source = redirect_source(path, target)
     try:
-        with common.parent_of(upper_fd, source) as (dirfd, name):
+        with plans.parent_of(upper_fd, source) as (dirfd, name):
             old = realfs.open_path(dirfd, name)
     except OSError:
         old = None
@@ -438,8 +437,8 @@ def _reset_targets(upper_fd: int, path: str) -> list[str]:
 def reset(upper: Path, paths: Sequence[str], *, yes: bool, dry_run: bool,
           out: TextIO | None = None) -> None:
     """Throw away all of ``upper``'s changes, or those at and under ``paths``."""
-    with common.exclusive_upper(upper, "reset"):
-        wanted = [common.relative_path(p) for p in paths]
+    with mounts.exclusive_upper(upper, "reset"):
+        wanted = [plans.relative_path(p) for p in paths]
         fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             if not wanted or "." in wanted:
@@ -448,7 +447,7 @@ def reset(upper: Path, paths: Sequence[str], *, yes: bool, dry_run: bool,
                     print("nothing to reset", file=out)
                     return
                 plan = [f"discard {quote(n)}" for n in sorted(names)]
-                if common.confirm(plan, yes=yes, dry_run=dry_run, out=out,
+                if plans.confirm(plan, yes=yes, dry_run=dry_run, out=out,
                                   question=f"Discard every change in {str(upper)!r}?"):
                     empty_upper(upper)
                     print(f"reset {upper}: all changes discarded", file=out)
@@ -464,11 +463,11 @@ def reset(upper: Path, paths: Sequence[str], *, yes: bool, dry_run: bool,
             if not targets:
                 return
             plan = [f"discard {quote(t)}" for t in targets]
-            if common.confirm(plan, yes=yes, dry_run=dry_run, out=out,
+            if plans.confirm(plan, yes=yes, dry_run=dry_run, out=out,
                               question="Discard these changes?"):
                 for target in targets:
-                    with common.parent_of(fd, target) as (dirfd, name):
-                        common.remove_if_present(dirfd, name)
+                    with plans.parent_of(fd, target) as (dirfd, name):
+                        plans.remove_if_present(dirfd, name)
                 print(f"reset {len(targets)} path(s) in {upper}", file=out)
         finally:
             os.close(fd)

@@ -1,5 +1,5 @@
-"""``cowfs diff``: the walk's records as text (like ``docker diff`` / ``git status --porcelain``)
-or JSON, and the one-line summary that ``cowfs run`` prints.
+"""The walk's records as a user sees them (``cowfs diff``): as text (like ``docker diff`` /
+``git status --porcelain``) or JSON, and the one-line summary that ``cowfs run`` prints.
 
 Text: one line per change, a code letter, a space, the path (directories end in ``/``):
 
@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ..walk import (
+from .walk import (
     Added,
     Anomaly,
     Change,

@@ -1,0 +1,315 @@
+"""Running cowfs mounts, seen from outside the daemon: state files, the mount table, unmounting,
+finding the layers of a mount or of an upper, and exclusive use of an upper.
+
+Free of pyfuse3 and trio: the daemon (:mod:`cowfs.mount`) writes the state files with the
+functions here, and the command line, the Python API and the offline tools read them.
+
+Each running mount has a state file (:class:`cowfs.schema.MountState`) in :func:`state_dir`. A mount
+is *alive* when its state file names a live daemon and the mount table has a ``fuse.cowfs`` mount at
+its mountpoint. An upper is *in use* while a daemon holds the ``flock`` on it (every mount locks its
+upper and its work directory, see :mod:`cowfs.layers`); the tools that change an upper take the
+same lock on the upper for as long as they change it, so that nothing can mount it meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import select
+import shutil
+import stat
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import schema, upperinfo
+from .errors import CowfsError
+from .layers import parse_lowers
+
+log = logging.getLogger(__name__)
+
+# --- the mount table -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo."""
+
+    mountpoint: str
+    fstype: str
+    #: ``major:minor`` of the mounted filesystem.
+    device: str
+
+
+def _unescape(field: bytes) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal (``\\040``)."""
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
+
+
+def mount_table() -> list[MountEntry]:
+    """Every mount this process sees, in mount order."""
+    found = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            fstype = os.fsdecode(fields[fields.index(b"-") + 1])
+            found.append(MountEntry(_unescape(fields[4]), fstype, os.fsdecode(fields[2])))
+    return found
+
+
+def fuse_mounts_at(path: Path) -> list[MountEntry]:
+    """The FUSE mounts exactly at ``path``, the topmost last."""
+    return [m for m in mount_table() if m.fstype.startswith("fuse") and m.mountpoint == str(path)]
+
+
+def fuse_mount_at(path: Path) -> str | None:
+    """The filesystem type mounted exactly at ``path`` if it is a FUSE mount, else None."""
+    found = fuse_mounts_at(path)
+    return found[0].fstype if found else None
+
+
+def cowfs_mountpoints() -> list[str]:
+    """Where fuse.cowfs filesystems are mounted, in mount order."""
+    return [m.mountpoint for m in mount_table() if m.fstype == "fuse.cowfs"]
+
+
+# --- state files ---------------------------------------------------------------------------------
+
+
+def state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/cowfs")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "cowfs" if runtime else Path(f"/tmp/cowfs-{os.geteuid()}")
+
+
+def state_file(mountpoint: Path) -> Path:
+    return state_dir() / (urllib.parse.quote(str(mountpoint), safe="") + schema.STATE_FILE_SUFFIX)
+
+
+def write_state(state: schema.MountState) -> Path:
+    """Write (or replace) the state file of ``state.mountpoint``, atomically."""
+    path = state_file(Path(state.mountpoint))
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}")
+    temp.write_text(state.to_json(), encoding="utf-8")
+    os.replace(temp, path)
+    return path
+
+
+def load_state(mountpoint: Path) -> schema.MountState | None:
+    try:
+        return schema.MountState.from_json(state_file(mountpoint).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+# --- running mounts ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RunningMount:
+    """A cowfs mount on this machine, from its state file, checked against the mount table."""
+
+    pid: int
+    mountpoint: Path
+    lowers: tuple[Path, ...]
+    upper: Path
+    work: Path
+    #: False when the state file outlived its daemon or its mount (a crash).
+    alive: bool
+
+
+def _state_dirs() -> list[Path]:
+    dirs = [state_dir()]
+    if os.geteuid() == 0:  # root sees the other users' mounts too
+        dirs += sorted(Path("/run/user").glob("*/cowfs")) + sorted(Path("/tmp").glob("cowfs-*"))
+    return dirs
+
+
+def running_mounts() -> list[RunningMount]:
+    """Every mount with a state file, sorted by mountpoint."""
+    mounted = set(cowfs_mountpoints())
+    found = []
+    for directory in _state_dirs():
+        with contextlib.suppress(OSError):
+            for path in sorted(directory.glob("*" + schema.STATE_FILE_SUFFIX)):
+                try:
+                    state = schema.MountState.from_json(path.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue
+                alive = (state.mountpoint in mounted and Path(f"/proc/{state.pid}").exists()
+                         and state.error is None)
+                found.append(RunningMount(state.pid, Path(state.mountpoint),
+                                          tuple(Path(p) for p in state.lowers),
+                                          Path(state.upper), Path(state.work), alive))
+    return sorted(found, key=lambda m: str(m.mountpoint))
+
+
+def mount_at(path: Path) -> RunningMount | None:
+    real = path.resolve()
+    for mount in running_mounts():
+        if mount.alive and mount.mountpoint == real:
+            return mount
+    return None
+
+
+def mounts_of_upper(upper: Path) -> list[RunningMount]:
+    real = upper.resolve()
+    return [m for m in running_mounts() if m.alive and m.upper == real]
+
+
+def is_inside(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def reachable_layer(mount: RunningMount, layer: Path) -> Path:
+    """A path that reaches ``layer`` itself even when the mount hides it (a mount over its own
+    base): the daemon's descriptor for the layer root, through /proc (root, or the same user)."""
+    if not is_inside(layer, mount.mountpoint):
+        return layer
+    fuse_dev = os.stat(mount.mountpoint).st_dev
+    fd_dir = Path(f"/proc/{mount.pid}/fd")
+    with contextlib.suppress(OSError):
+        for fd in sorted(fd_dir.iterdir(), key=lambda p: int(p.name)):
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) != str(layer):
+                    continue
+                st = os.stat(fd)
+                if stat.S_ISDIR(st.st_mode) and st.st_dev != fuse_dev:
+                    return fd
+    raise CowfsError(f"layer {str(layer)!r} is hidden by the mount at {str(mount.mountpoint)!r} "
+                     "and its daemon's descriptors cannot be read (run as root)")
+
+
+# --- the layers named on a command line ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Layers:
+    """An upper, its lowers and its work directory, ready to walk."""
+
+    upper: Path
+    lowers: tuple[Path, ...]
+    #: The work directory whose hard-link index serves some names (``--work`` of the mount).
+    work: Path
+    mount: RunningMount | None = None
+
+
+def _work_of(upper: Path) -> Path:
+    """The work directory of an unmounted upper: the one recorded at its last mount, else the
+    default."""
+    record = upperinfo.recorded_stack(upper)
+    if record is not None and record.work is not None:
+        return Path(record.work)
+    return schema.default_work_dir(upper)
+
+
+def layers_for(target: str, lower: str | None) -> Layers:
+    """The layers named by ``UPPER|MOUNTPOINT`` (and ``--lower``): those of the running mount,
+    else the lowers given, else those recorded on the upper at its last mount."""
+    path = Path(target)
+    if not path.exists():
+        raise CowfsError(f"{target!r} does not exist")
+    if not path.is_dir():
+        raise CowfsError(f"{target!r} is not a directory")
+    mount = mount_at(path)
+    if mount is None:
+        running = mounts_of_upper(path)
+        mount = running[0] if running else None
+    if mount is not None:
+        lowers = parse_lowers(lower) if lower else mount.lowers
+        return Layers(reachable_layer(mount, mount.upper),
+                      tuple(reachable_layer(mount, p) for p in lowers),
+                      reachable_layer(mount, mount.work), mount)
+    if lower:
+        return Layers(path, parse_lowers(lower), _work_of(path))
+    record = upperinfo.recorded_stack(path)
+    if record is not None:
+        return Layers(path, tuple(Path(i.path) for i in record.lowers), _work_of(path))
+    raise CowfsError(f"{target!r} is not a cowfs mountpoint, a mounted upper or an upper with a "
+                     "recorded lower stack: give its lower layers with --lower LOWER[:LOWER...]")
+
+
+# --- exclusive use of an upper -------------------------------------------------------------------
+
+
+def refuse_if_mounted(path: Path, what: str) -> None:
+    """Refuse to ``what`` a directory that is an upper of a live mount, or a live view."""
+    for mount in mounts_of_upper(path):
+        raise CowfsError(f"cannot {what}: {str(path)!r} is the upper of the cowfs mount at "
+                         f"{str(mount.mountpoint)!r}; unmount it first "
+                         f"('cowfs umount {mount.mountpoint}')")
+    real = path.resolve()
+    if str(real) in cowfs_mountpoints():
+        raise CowfsError(f"cannot {what}: {str(path)!r} is a cowfs mountpoint (the live view, "
+                         "not an upper); give the upper directory, and unmount it first")
+
+
+@contextlib.contextmanager
+def exclusive_upper(upper: Path, what: str) -> Iterator[None]:
+    """Hold the upper's lock (the one every cowfs mount holds on its upper) while changing it;
+    refuse with a clear error while it is mounted or is a mountpoint."""
+    if not upper.is_dir():
+        raise CowfsError(f"upper directory {str(upper)!r} does not exist"
+                         if not upper.exists() else f"upper {str(upper)!r} is not a directory")
+    refuse_if_mounted(upper, what)
+    fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CowfsError(f"cannot {what}: {str(upper)!r} is in use by a cowfs mount; unmount "
+                             "it first") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+# --- unmounting ----------------------------------------------------------------------------------
+
+
+def unmount(mountpoint: str, timeout: float = 30.0) -> None:
+    """Unmount the cowfs mount at ``mountpoint`` and wait until its daemon has exited."""
+    path = Path(mountpoint).resolve()
+    if fuse_mount_at(path) != "fuse.cowfs":
+        raise CowfsError(f"{mountpoint!r} is not a cowfs mountpoint")
+    state = load_state(path)
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmd = [tool, "-u", str(path)] if tool else ["umount", str(path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        raise CowfsError(f"cannot unmount {mountpoint!r}: {reason}")
+    if state is None:
+        log.warning("no state file for %s: unmounted without waiting for the daemon", path)
+        return
+    _wait_for_exit(state.pid, timeout)
+    after = load_state(path)
+    if after is not None and after.pid == state.pid:
+        raise CowfsError(f"unmounted, but the cowfs daemon (pid {state.pid}) ended with an error: "
+                         f"{after.error or 'it did not clean up'}")
+
+
+def _wait_for_exit(pid: int, timeout: float) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CowfsError(f"unmounted, but the cowfs daemon (pid {pid}) has not exited "
+                                 f"after {timeout:g} s")
+            if select.select([pidfd], [], [], remaining)[0]:
+                return
+    finally:
+        os.close(pidfd)

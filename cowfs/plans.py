@@ -1,0 +1,124 @@
+"""What the commands that change layers offline share: reaching a path under a layer root
+without following symlinks, a plan shown and confirmed, and a progress bar that shows only on a
+terminal.
+
+Destructive commands compute a plan first and apply it only when asked (``--yes``, or a "y" typed
+at a terminal), as overlayfs-tools do. Finding the layers of a mount and refusing a mounted upper
+is :mod:`cowfs.mounts`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from typing import TextIO
+
+from . import realfs
+from .errors import CowfsError
+
+
+def _open_dir_nofollow(dirfd: int, name: str) -> int:
+    return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+
+
+@contextlib.contextmanager
+def parent_of(root_fd: int, path: str) -> Iterator[tuple[int, str]]:
+    """The parent directory of ``path`` under ``root_fd``, reached without following symlinks."""
+    *dirs, name = path.split("/")
+    fd = os.dup(root_fd)
+    try:
+        for component in dirs:
+            child = _open_dir_nofollow(fd, component)
+            os.close(fd)
+            fd = child
+        yield fd, name
+    finally:
+        os.close(fd)
+
+
+def remove_if_present(dirfd: int, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        realfs.remove_tree(dirfd, name)
+
+
+# --- plans ---------------------------------------------------------------------------------------
+
+
+def confirm(plan: Sequence[str], *, yes: bool, dry_run: bool, question: str,
+            out: TextIO | None = None) -> bool:
+    """Show ``plan``; True when it is to be applied. Raises when nobody said yes."""
+    out = out or sys.stdout
+    for line in plan:
+        print(line, file=out)
+    if dry_run:
+        return False
+    if yes:
+        return True
+    if sys.stdin.isatty() and out.isatty():
+        try:
+            answer = input(f"{question} [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() in ("y", "yes"):
+            return True
+        raise CowfsError("cancelled; nothing was changed")
+    raise CowfsError("not applied: pass --yes to apply this plan (or --dry-run to only show it)")
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+
+class Progress:
+    """A progress bar on stderr, only when stderr is a terminal (tqdm's when it is installed)."""
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.total = max(total, 1)
+        self.label = label
+        self.done = 0
+        self.enabled = self.stream.isatty() and total > 0
+        self._tqdm: object | None = None
+        if self.enabled:
+            with contextlib.suppress(ImportError):
+                from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
+
+                self._tqdm = tqdm(total=total, desc=label, unit="obj", file=self.stream,
+                                  leave=False)
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        if self._tqdm is not None:
+            self._tqdm.update(n)  # type: ignore[attr-defined]
+            return
+        width = 30
+        filled = width * min(self.done, self.total) // self.total
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                          f"{self.done}/{self.total}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._tqdm is not None:
+            self._tqdm.close()  # type: ignore[attr-defined]
+            return
+        self.stream.write("\r\x1b[K")
+        self.stream.flush()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def relative_path(path: str) -> str:
+    """A user-given path inside the view, normalised; refuses anything that leaves it."""
+    parts = [p for p in path.strip("/").split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise CowfsError(f"path {path!r} leaves the layer ('..' is not allowed)")
+    return "/".join(parts) or "."
