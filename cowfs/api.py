@@ -31,7 +31,14 @@ from . import mounts
 from .changes import summary, visible_changes
 from .errors import CowfsError
 from .walk import Change, walk
-from .workspace import commit, empty_upper
+from .workspace import (
+    UpperOrigin,
+    commit,
+    discard_upper,
+    empty_upper,
+    refuse_to_discard,
+    upper_origin,
+)
 
 PathLike = str | os.PathLike[str]
 UNMOUNT_TRIES = 50
@@ -187,9 +194,12 @@ def overlay(base: PathLike | Sequence[PathLike], upper: PathLike | None = None, 
             raise CowfsError(f"lower directory {str(lower)!r} does not exist"
                              if not lower.exists() else f"lower {str(lower)!r} is not a "
                              "directory")
-    scratch = Path(tempfile.mkdtemp(prefix="cowfs-view-"))
     temporary_upper = upper is None
     keep = (not temporary_upper) if keep is None else keep
+    origin = upper_origin(Path(upper)) if upper is not None else UpperOrigin.NEW
+    if not keep and upper is not None:
+        refuse_to_discard(Path(upper), origin)
+    scratch = Path(tempfile.mkdtemp(prefix="cowfs-view-"))
     try:
         upper_dir = Path(upper) if upper is not None else scratch / "upper"
         upper_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +220,7 @@ def overlay(base: PathLike | Sequence[PathLike], upper: PathLike | None = None, 
         finally:
             view.unmount()
             if not keep:
-                empty_upper(upper_dir)
+                discard_upper(upper_dir, origin)
     finally:
         if temporary_upper and keep:
             # Keep the upper, drop the rest of the scratch directory.

@@ -202,7 +202,7 @@ class Layers:
     mount: RunningMount | None = None
 
 
-def _work_of(upper: Path) -> Path:
+def work_of(upper: Path) -> Path:
     """The work directory of an unmounted upper: the one recorded at its last mount, else the
     default."""
     record = upperinfo.recorded_stack(upper)
@@ -229,10 +229,10 @@ def layers_for(target: str, lower: str | None) -> Layers:
                       tuple(reachable_layer(mount, p) for p in lowers),
                       reachable_layer(mount, mount.work), mount)
     if lower:
-        return Layers(path, parse_lowers(lower), _work_of(path))
+        return Layers(path, parse_lowers(lower), work_of(path))
     record = upperinfo.recorded_stack(path)
     if record is not None:
-        return Layers(path, tuple(Path(i.path) for i in record.lowers), _work_of(path))
+        return Layers(path, tuple(Path(i.path) for i in record.lowers), work_of(path))
     raise CowfsError(f"{target!r} is not a cowfs mountpoint, a mounted upper or an upper with a "
                      "recorded lower stack: give its lower layers with --lower LOWER[:LOWER...]")
 

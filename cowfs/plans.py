@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TextIO
 
 from . import realfs
@@ -122,3 +125,80 @@ def relative_path(path: str) -> str:
     if any(p == ".." for p in parts):
         raise CowfsError(f"path {path!r} leaves the layer ('..' is not allowed)")
     return "/".join(parts) or "."
+
+
+# --- interruption --------------------------------------------------------------------------------
+
+
+class Interrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP arrived while a command was changing layers; raised in the main
+    thread so that ``finally`` blocks remove temporary files."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Turn SIGINT, SIGTERM and SIGHUP into :class:`Interrupted` for the block (SIGTERM would
+    otherwise end the process without running any cleanup)."""
+
+    def raise_interrupted(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, raise_interrupted) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def temporary_name(final: str, what: str) -> str:
+    """The name of a temporary file or directory built beside ``final``: hidden, and carrying
+    this process's id, so that :func:`remove_stale_temporaries` can tell a leftover of a killed
+    run from one in progress."""
+    return f".{final}.cowfs-{what}-{os.getpid()}"
+
+
+def remove_stale_temporaries(directory: Path, final: str, what: str) -> None:
+    """Remove what a killed run (SIGKILL, a crash) left beside ``final``: the temporaries named
+    by :func:`temporary_name` whose process is gone."""
+    prefix = f".{final}.cowfs-{what}-"
+    with contextlib.suppress(OSError):
+        for entry in directory.iterdir():
+            pid = entry.name.removeprefix(prefix)
+            if entry.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        entry.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fault_point(variable: str, count: int) -> None:
+    """A seam for the tests only: when the environment variable ``variable`` is ``N:SIGNAL``
+    and ``count`` is N, send SIGNAL (e.g. KILL, INT, TERM) to this process, as a user or a crash
+    would at that point."""
+    spec = os.environ.get(variable)
+    if not spec:
+        return
+    at, _, name = spec.partition(":")
+    if at.isdigit() and int(at) == count:
+        os.kill(os.getpid(), signal.Signals["SIG" + (name or "KILL")])

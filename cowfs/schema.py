@@ -366,6 +366,9 @@ class MountState:
 #: On the upper root: the lower stack the upper was made on, written at each read-write mount
 #: (see :class:`StackRecord`). Origins, redirects and the index only mean something over it.
 XATTR_STACK = COWFS_PREFIX + "stack"
+#: On the upper root while a commit of it is unfinished: the base it is committed into (the
+#: commit's journal is in that base, see :mod:`cowfs.journal`). Such an upper is not mounted.
+XATTR_COMMITTING = COWFS_PREFIX + "committing"
 #: Version of the stack record's JSON.
 STACK_RECORD_VERSION = 1
 #: The largest stack record written (the smallest xattr value limit of common filesystems,

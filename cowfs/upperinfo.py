@@ -68,6 +68,43 @@ def require_upper(path: Path, what: str) -> None:
                          f"no {schema.XATTR_FORMAT} marker; an upper gets it when first mounted)")
 
 
+# --- an unfinished commit ------------------------------------------------------------------------
+
+
+def committing_into(upper: Path) -> str | None:
+    """The base an unfinished commit of ``upper`` writes into (see :mod:`cowfs.journal`)."""
+    try:
+        return os.fsdecode(os.getxattr(upper, schema.XATTR_COMMITTING, follow_symlinks=False))
+    except OSError:
+        return None
+
+
+def mark_committing(upper: Path, base: str) -> None:
+    fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        realfs.setxattr(fd, schema.XATTR_COMMITTING, os.fsencode(base))
+    finally:
+        os.close(fd)
+
+
+def clear_committing(upper: Path) -> None:
+    if committing_into(upper) is None:
+        return
+    fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        realfs.removexattr(fd, schema.XATTR_COMMITTING)
+    finally:
+        os.close(fd)
+
+
+def refuse_if_committing(upper: Path, what: str) -> None:
+    into = committing_into(upper)
+    if into is not None:
+        raise CowfsError(f"cannot {what}: an interrupted commit of {str(upper)!r} into {into!r} "
+                         f"is unfinished; finish it first: cowfs commit {upper} --into {into} "
+                         "--yes")
+
+
 # --- the recorded lower stack --------------------------------------------------------------------
 
 
@@ -103,6 +140,12 @@ def recorded_stack(upper: Path) -> schema.StackRecord | None:
     except ValueError as e:
         raise CowfsError(f"upper {str(upper)!r}: {e}; give the lower layers with --lower") \
             from None
+
+
+def recorded_lowers(upper: Path) -> tuple[Path, ...] | None:
+    """The lower paths recorded on ``upper`` (None without a record)."""
+    record = recorded_stack(upper)
+    return None if record is None else tuple(Path(i.path) for i in record.lowers)
 
 
 def _describe(identity: schema.LayerIdentity) -> str:
@@ -157,6 +200,7 @@ def settle_stack(upper_fd: int, upper: Path, lowers: Sequence[tuple[Path, int]],
     """At mount: refuse a stack other than the recorded one (unless ``relocate``), and record
     the stack (and ``work``, the ``--work`` directory or None) on a read-write mount.
     ``lowers``: (resolved path, open descriptor), topmost first."""
+    refuse_if_committing(upper, "mount")
     current = tuple(identity_of(path, fd) for path, fd in lowers)
     verify_stack(upper, current, relocate=relocate, what="mount",
                  override="-o relocate to record the new stack")

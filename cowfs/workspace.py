@@ -1,34 +1,37 @@
 """``cowfs commit UPPER --into BASE`` and ``cowfs reset UPPER [PATH...]``.
 
-Commit turns the walk's records into a plan of steps on BASE and applies it, then empties the
-upper. Each non-directory is built next to its final name (data, xattrs, owner, mode, times, fsync)
-and renamed over it, so a reader of BASE sees either the old or the new file, never a partial one.
-Renamed directories are first moved, deepest source first, into a staging directory inside BASE
-and from there to their new names, so that renames of a directory and of something inside it do
-not depend on each other's order. Directory attributes are set last, deepest first, so that the
-changes below them do not disturb their times. While it runs, the upper's work-directory lock is
-held, so it cannot be mounted.
+Commit turns the walk's records into a plan of steps on BASE, writes it as a journal and applies
+it, then empties the upper (:mod:`cowfs.journal`). Each non-directory is built next to its final
+name (data, xattrs, owner, mode, times, fsync) and renamed over it, so a reader of BASE sees either
+the old or the new file, never a partial one. Renamed directories are first moved, deepest source
+first, into the journal's staging directory inside BASE and from there to their new names, so that
+renames of a directory and of something inside it do not depend on each other's order. Directory
+attributes are set last, deepest first, so that the changes below them do not disturb their
+times. While it runs, the upper's lock is held, so it cannot be mounted.
 
-Known limits: the commit as a whole is not atomic. If a step fails, the staged directories are
-moved back, the upper is left as it was, and running the same commit again finishes the job
-(what was already applied no longer differs). Only a single lower (BASE) is supported.
+Both commands check their targets first: UPPER must be a cowfs upper (the format marker), not
+mounted and not a mountpoint; BASE must not be a cowfs upper (swapped arguments), nor under or
+below a live mount, and it must be the stack recorded on UPPER (unless ``--relocate``).
+
+Known limits: the commit as a whole is not atomic: until it is finished (by itself, or by running
+the same command again after an interruption or a failed step), BASE is half-committed. Only a
+single lower (BASE) is supported.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TextIO
 
-from . import mounts, plans, realfs, schema
-from .changes import quote, summary, visible_changes
+from . import journal, mounts, plans, realfs, schema, upperinfo
+from .changes import Visible, quote, summary, visible_changes
 from .errors import CowfsError
+from .journal import Op, Step
 from .walk import (
     Added,
     Anomaly,
@@ -43,39 +46,6 @@ from .walk import (
     redirect_source,
     walk,
 )
-
-_CHUNK = 1 << 20
-
-
-class Op(Enum):
-    STAGE = "stage"  # move a renamed directory's source into the staging directory
-    REMOVE = "delete"
-    WRITE = "write"  # a non-directory, built beside its name and renamed over it
-    MKDIR = "create"
-    MOVE = "rename"  # from the staging directory to the new name
-    LINK = "link"
-    ATTRS = "set attributes of"
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    op: Op
-    path: str
-    #: STAGE/MOVE: the staging slot; LINK: the path linked to; MOVE: also the old path (shown).
-    arg: str = ""
-    shown_from: str = ""
-    #: WRITE/ATTRS of a name the mount served from the hard-link index: the index entry to read.
-    index: str | None = None
-
-    def describe(self) -> str | None:
-        if self.op is Op.STAGE:
-            return None
-        if self.op is Op.MOVE:
-            return f"rename  {quote(self.shown_from)}/ -> {quote(self.path)}/"
-        if self.op is Op.LINK:
-            return f"link    {quote(self.path)} => {quote(self.arg)}"
-        return f"{self.op.value:<7} {quote(self.path)}" if self.op is not Op.ATTRS else \
-            f"attrs   {quote(self.path)}"
 
 
 def plan_commit(records: Sequence[Change]) -> list[Step]:
@@ -120,184 +90,6 @@ def plan_commit(records: Sequence[Change]) -> list[Step]:
     return steps
 
 
-# --- applying steps to a base directory ----------------------------------------------------------
-
-
-def copy_file_data(src: int, dst: int) -> None:
-    """Copy a whole file between two descriptors in the kernel where it can."""
-    while True:
-        try:
-            n = os.copy_file_range(src, dst, _CHUNK)
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            n = os.write(dst, os.read(src, _CHUNK))
-        if n == 0:
-            return
-
-
-def _copyable_xattrs(fd: int) -> dict[str, bytes]:
-    """The xattrs of a layer object that belong to the user, by their stored (escaped) names."""
-    found = {}
-    for name in realfs.listxattr(fd):
-        if schema.is_copied_on_copy_up(name):
-            value = realfs.getxattr(fd, name)
-            if value is not None:
-                found[name] = value
-    return found
-
-
-def copy_attributes(src_fd: int, st: os.stat_result, dst_fd: int) -> None:
-    """xattrs, then owner (chown clears set-id bits), then mode, then times."""
-    if not stat.S_ISLNK(st.st_mode):
-        wanted = _copyable_xattrs(src_fd)
-        for name in set(_copyable_xattrs(dst_fd)) - set(wanted):
-            realfs.removexattr(dst_fd, name)
-        for name, value in wanted.items():
-            realfs.setxattr(dst_fd, name, value)
-    realfs.chown(dst_fd, st.st_uid, st.st_gid)  # the object itself, also a symlink
-    if not stat.S_ISLNK(st.st_mode):
-        realfs.chmod(dst_fd, stat.S_IMODE(st.st_mode))
-    realfs.utimens(dst_fd, st.st_atime_ns, st.st_mtime_ns)
-
-
-def build_copy(src_dirfd: int, src_name: str, dirfd: int, name: str) -> None:
-    """Make ``name`` in ``dirfd`` a copy of a non-directory: built under a temporary name in the
-    same directory (data, xattrs, owner, mode, times, fsync), then renamed over ``name``."""
-    src = realfs.open_path(src_dirfd, src_name)
-    if src is None:
-        raise CowfsError(f"{src_name!r} vanished from the upper while committing")
-    try:
-        st = os.fstat(src)
-        temp = f".cowfs-commit.{os.getpid()}.{name}"[:255]
-        kind = stat.S_IFMT(st.st_mode)
-        if kind == stat.S_IFREG:
-            dst = realfs.create_file(dirfd, temp, 0o600, os.O_WRONLY)
-            try:
-                data = realfs.reopen(src, os.O_RDONLY)
-                try:
-                    copy_file_data(data, dst)
-                finally:
-                    os.close(data)
-                os.fsync(dst)
-            finally:
-                os.close(dst)
-        elif kind == stat.S_IFLNK:
-            realfs.symlink(dirfd, temp, realfs.readlink(src))
-        else:
-            realfs.mknod(dirfd, temp, st.st_mode, st.st_rdev)
-        try:
-            fd = realfs.open_path(dirfd, temp)
-            assert fd is not None, "just created"
-            try:
-                copy_attributes(src, st, fd)
-            finally:
-                os.close(fd)
-            realfs.rename(dirfd, temp, dirfd, name)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                realfs.unlink(dirfd, temp)
-            raise
-    finally:
-        os.close(src)
-
-
-class _Applier:
-    """Applies steps to BASE, reading objects from UPPER."""
-
-    def __init__(self, upper: Path, base: Path) -> None:
-        self.upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.base_fd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.index_path = f"{schema.WORK_DIR_NAME}/{schema.WORK_INDEX_NAME}"
-        self.staging = f".cowfs-commit-{os.getpid()}"
-        self.staged: list[Step] = []
-
-    def close(self) -> None:
-        os.close(self.upper_fd)
-        os.close(self.base_fd)
-
-    def apply(self, step: Step) -> None:
-        getattr(self, "_" + step.op.name.lower())(step)
-
-    def _stage(self, step: Step) -> None:
-        if not self.staged:
-            realfs.mkdir(self.base_fd, self.staging, 0o700)
-        with plans.parent_of(self.base_fd, step.path) as (dirfd, name), \
-                plans.parent_of(self.base_fd, f"{self.staging}/{step.arg}") as (sfd, slot):
-            realfs.rename(dirfd, name, sfd, slot, realfs.RENAME_NOREPLACE)
-        self.staged.append(step)
-
-    def _move(self, step: Step) -> None:
-        with plans.parent_of(self.base_fd, step.path) as (dirfd, name), \
-                plans.parent_of(self.base_fd, f"{self.staging}/{step.arg}") as (sfd, slot):
-            plans.remove_if_present(dirfd, name)
-            realfs.rename(sfd, slot, dirfd, name, realfs.RENAME_NOREPLACE)
-        self.staged = [s for s in self.staged if s.arg != step.arg]
-
-    def _remove(self, step: Step) -> None:
-        with plans.parent_of(self.base_fd, step.path) as (dirfd, name):
-            plans.remove_if_present(dirfd, name)
-
-    def _mkdir(self, step: Step) -> None:
-        with plans.parent_of(self.base_fd, step.path) as (dirfd, name):
-            found = realfs.open_path(dirfd, name)
-            if found is not None:
-                is_dir = stat.S_ISDIR(os.fstat(found).st_mode)
-                os.close(found)
-                if is_dir:
-                    return
-                realfs.unlink(dirfd, name)
-            realfs.mkdir(dirfd, name, 0o700)
-
-    def _source(self, step: Step) -> str:
-        """Where the object to copy is, relative to the upper."""
-        return step.path if step.index is None else f"{self.index_path}/{step.index}"
-
-    def _write(self, step: Step) -> None:
-        with plans.parent_of(self.upper_fd, self._source(step)) as (ufd, uname), \
-                plans.parent_of(self.base_fd, step.path) as (dirfd, name):
-            build_copy(ufd, uname, dirfd, name)
-
-    def _link(self, step: Step) -> None:
-        with plans.parent_of(self.base_fd, step.arg) as (tfd, tname), \
-                plans.parent_of(self.base_fd, step.path) as (dirfd, name):
-            temp = f".cowfs-commit.{os.getpid()}.{name}"[:255]
-            os.link(tname, temp, src_dir_fd=tfd, dst_dir_fd=dirfd, follow_symlinks=False)
-            realfs.rename(dirfd, temp, dirfd, name)
-
-    def _attrs(self, step: Step) -> None:
-        with plans.parent_of(self.upper_fd, self._source(step)) if step.path != "." else \
-                contextlib.nullcontext((self.upper_fd, ".")) as (ufd, uname), \
-                plans.parent_of(self.base_fd, step.path) if step.path != "." else \
-                contextlib.nullcontext((self.base_fd, ".")) as (dirfd, name):
-            src = os.open(uname, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ufd)
-            try:
-                dst = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-                try:
-                    copy_attributes(src, os.fstat(src), dst)
-                finally:
-                    os.close(dst)
-            finally:
-                os.close(src)
-
-    def finish(self) -> None:
-        if self.staged:
-            raise AssertionError("staged directories were not all placed")
-        with contextlib.suppress(FileNotFoundError):
-            realfs.rmdir(self.base_fd, self.staging)
-
-    def roll_back_staging(self) -> None:
-        """After a failure: put staged directories back where they came from."""
-        for step in reversed(self.staged):
-            slot_path = f"{self.staging}/{step.arg}"
-            with contextlib.suppress(OSError), \
-                    plans.parent_of(self.base_fd, step.path) as (dirfd, name), \
-                    plans.parent_of(self.base_fd, slot_path) as (sfd, slot):
-                realfs.rename(sfd, slot, dirfd, name, realfs.RENAME_NOREPLACE)
-        with contextlib.suppress(OSError):
-            realfs.rmdir(self.base_fd, self.staging)
-
-
 # --- emptying an upper ---------------------------------------------------------------------------
 
 def empty_upper(upper: Path) -> None:
@@ -331,6 +123,59 @@ def empty_upper(upper: Path) -> None:
         os.close(fd)
 
 
+class UpperOrigin(Enum):
+    """What a directory given as the upper of a disposable view was before cowfs used it: what
+    discarding the view's changes may remove afterwards."""
+
+    NEW = "new"  # did not exist: removed whole
+    EMPTY = "empty"  # an empty directory: emptied again (work directory and markers too)
+    CLEAN = "clean"  # a cowfs upper without changes: emptied again
+    USED = "used"  # holds something else: nothing may be discarded
+
+
+def upper_origin(path: Path) -> UpperOrigin:
+    if not os.path.lexists(path):
+        return UpperOrigin.NEW
+    if not path.is_dir() or path.is_symlink():
+        return UpperOrigin.USED
+    names = os.listdir(path)
+    if not names:
+        return UpperOrigin.EMPTY
+    if names == [schema.WORK_DIR_NAME] and upperinfo.upper_format_at(path):
+        return UpperOrigin.CLEAN
+    return UpperOrigin.USED
+
+
+def refuse_to_discard(path: Path, origin: UpperOrigin) -> None:
+    if origin is UpperOrigin.USED:
+        raise CowfsError(f"{str(path)!r} already holds files (or earlier changes), which "
+                         "discarding the changes would delete; give a new or empty directory "
+                         "as the upper, or keep the changes")
+
+
+def discard_upper(path: Path, origin: UpperOrigin) -> None:
+    """Throw a disposable view's changes away, leaving ``path`` as it was before (see
+    :class:`UpperOrigin`)."""
+    refuse_to_discard(path, origin)
+    if origin is UpperOrigin.NEW:
+        parent = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            plans.remove_if_present(parent, path.name)
+        finally:
+            os.close(parent)
+        return
+    empty_upper(path)
+    if origin is UpperOrigin.EMPTY:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            plans.remove_if_present(fd, schema.WORK_DIR_NAME)
+            for name in (schema.XATTR_FORMAT, schema.XATTR_STACK):
+                with contextlib.suppress(OSError):
+                    realfs.removexattr(fd, name)
+        finally:
+            os.close(fd)
+
+
 # --- the commands --------------------------------------------------------------------------------
 
 
@@ -343,6 +188,9 @@ def _check_base(base: Path, upper: Path) -> None:
     if real_base == real_upper or real_base in real_upper.parents \
             or real_upper in real_base.parents:
         raise CowfsError("the upper and the base must not contain each other")
+    if upperinfo.upper_format_at(real_base):
+        raise CowfsError(f"cannot commit into {str(base)!r}: it is a cowfs upper directory, not "
+                         "a base (are the arguments swapped? 'cowfs commit UPPER --into BASE')")
     for mount in mounts.running_mounts():
         if not mount.alive:
             continue
@@ -354,48 +202,124 @@ def _check_base(base: Path, upper: Path) -> None:
                              f"at {str(mount.mountpoint)!r}; unmount it first")
 
 
-def commit(upper: Path, base: Path, *, yes: bool, dry_run: bool,
-           out: TextIO | None = None) -> str:
-    """Apply ``upper``'s changes to ``base``, then empty it. Returns the summary line."""
+def _pending(upper: Path, base: Path) -> journal.Journal | None:
+    """The journal of an unfinished commit of ``upper`` into ``base`` (to resume), or None;
+    refuses when either is in the middle of another commit."""
+    real_upper, real_base = upper.resolve(), base.resolve()
+    found = journal.load(real_base)
+    if found is not None and found.upper != str(real_upper):
+        raise CowfsError(f"an interrupted commit of {found.upper!r} into {str(base)!r} is "
+                         f"unfinished; finish it first: cowfs commit {found.upper} --into "
+                         f"{found.base} --yes")
+    into = upperinfo.committing_into(real_upper)
+    if into is not None and into != str(real_base):
+        raise CowfsError(f"an interrupted commit of {str(upper)!r} into {into!r} is unfinished; "
+                         f"finish it first: cowfs commit {upper} --into {into} --yes")
+    return found
+
+
+def _fresh_plan(upper: Path, base: Path, work: Path,
+                relocate: bool) -> tuple[list[journal.Step], list[Visible]]:
+    upperinfo.verify_stack(upper, upperinfo.identities([base.resolve()]), relocate=relocate,
+                           what="commit", override="--relocate to commit all the same")
+    records = list(walk(upper, [base], work))
+    problems = [r for r in records
+                if isinstance(r, Anomaly) and r.problem is not Problem.STRAY_WHITEOUT]
+    if problems:
+        raise CowfsError(f"{str(upper)!r} has {len(problems)} problem(s), e.g. "
+                         f"{quote(problems[0].path)}: {problems[0].problem.value}; "
+                         f"run 'cowfs check {upper}' first")
+    return plan_commit(records), visible_changes(records)
+
+
+def commit(upper: Path, base: Path, *, yes: bool, dry_run: bool, out: TextIO | None = None,
+           work: Path | None = None, relocate: bool = False) -> str:
+    """Apply ``upper``'s changes to ``base``, then empty it; or finish the commit that an
+    interruption cut short. Returns the summary line. ``work``: the upper's work directory
+    (default: the one recorded at its last mount, else the default)."""
     with mounts.exclusive_upper(upper, "commit"):
+        upperinfo.require_upper(upper, "commit")
         _check_base(base, upper)
-        records = list(walk(upper, [base]))
-        problems = [r for r in records
-                    if isinstance(r, Anomaly) and r.problem is not Problem.STRAY_WHITEOUT]
-        if problems:
-            raise CowfsError(f"{str(upper)!r} has {len(problems)} problem(s), e.g. "
-                             f"{quote(problems[0].path)}: {problems[0].problem.value}; "
-                             f"run 'cowfs check {upper}' first")
-        changes = visible_changes(records)
-        steps = plan_commit(records)
-        if not changes:
-            print("nothing to commit", file=out)
-            return "no changes"
-        plan = [line for step in steps if (line := step.describe()) is not None]
-        plan.append(f"then empty {str(upper)!r}")
-        if not plans.confirm(plan, yes=yes, dry_run=dry_run, out=out,
-                              question=f"Apply these changes to {str(base)!r}?"):
-            return summary(changes)
-        applier = _Applier(upper, base)
-        try:
-            with plans.Progress(len(steps), "commit") as progress:
-                for step in steps:
-                    try:
-                        applier.apply(step)
-                    except OSError as e:
-                        applier.roll_back_staging()
-                        raise CowfsError(f"commit stopped at {step.op.value} "
-                                         f"{quote(step.path)}: {e.strerror}; the upper is "
-                                         "unchanged, run the same commit again to finish") \
-                            from None
-                    progress.advance()
-            applier.finish()
-        finally:
-            applier.close()
-        empty_upper(upper)
-    result = summary(changes)
-    print(f"committed into {base}: {result}", file=out)
-    return result
+        work = work if work is not None else mounts.work_of(upper)
+        pending = _pending(upper, base)
+        if pending is not None:
+            done = journal.steps_done(base)
+            lines = [f"resume the interrupted commit of {str(upper)!r} into {str(base)!r} "
+                     f"({done} of {len(pending.steps)} steps done: {pending.summary})"]
+            if not plans.confirm(lines, yes=yes, dry_run=dry_run, out=out,
+                                 question="Finish it?"):
+                return pending.summary
+            _apply(upper, base, pending, done)
+        else:
+            upperinfo.clear_committing(upper)  # set, then interrupted before the journal
+            steps, changes = _fresh_plan(upper, base, work, relocate)
+            if not changes:
+                print("nothing to commit", file=out)
+                return "no changes"
+            plan = [line for step in steps if (line := step.describe()) is not None]
+            plan.append(f"then empty {str(upper)!r}")
+            if not plans.confirm(plan, yes=yes, dry_run=dry_run, out=out,
+                                 question=f"Apply these changes to {str(base)!r}?"):
+                return summary(changes)
+            pending = journal.Journal(str(upper.resolve()), str(base.resolve()),
+                                      str(work.resolve()), tuple(steps), summary(changes))
+            _apply(upper, base, pending, None)
+    print(f"committed into {base}: {pending.summary}", file=out)
+    return pending.summary
+
+
+def _apply(upper: Path, base: Path, plan: journal.Journal, done: int | None) -> None:
+    """Write the journal (``done`` None: a fresh commit), apply the steps not done yet, empty
+    the upper, remove the journal. Interruptions and failures leave the journal to resume."""
+    total = len(plan.steps)
+    count = done or 0
+    try:
+        with plans.interruptible():
+            base_fd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                if done is None:
+                    upperinfo.mark_committing(upper, plan.base)
+                    journal.write(base_fd, plan)
+                    plans.fault_point(journal.FAULT_VARIABLE, 0)
+                _apply_steps(upper, base, base_fd, plan, count)
+                count = total
+                empty_upper(upper)
+                plans.fault_point(journal.FAULT_VARIABLE, total + 1)
+                journal.remove(base_fd)
+                plans.fault_point(journal.FAULT_VARIABLE, total + 2)
+                upperinfo.clear_committing(upper)
+            finally:
+                os.close(base_fd)
+    except plans.Interrupted as e:
+        raise CowfsError(f"commit into {str(base)!r} interrupted ({e}) after "
+                         f"{journal.steps_done(base)} of {total} steps; run the same command "
+                         "again to finish it", e.exit_code) from None
+    except journal.StepFailedError as e:
+        raise CowfsError(f"commit into {str(base)!r} stopped at step {e.number} of {total} "
+                         f"({e.step.op.value} {quote(e.step.path)}): {e.reason}; fix the cause "
+                         "and run the same command again to finish it") from None
+    except OSError as e:
+        raise CowfsError(f"commit into {str(base)!r} stopped: {e.strerror}; fix the cause and "
+                         "run the same command again to finish it") from None
+
+
+def _apply_steps(upper: Path, base: Path, base_fd: int, plan: journal.Journal,
+                 done: int) -> None:
+    applier = journal.Applier(upper, base, Path(plan.work))
+    progress = journal.Progress(base_fd)
+    try:
+        with plans.Progress(len(plan.steps) - done, "commit") as bar:
+            for number, step in enumerate(plan.steps[done:], start=done + 1):
+                try:
+                    applier.apply(number, step)
+                except OSError as e:
+                    raise journal.StepFailedError(number, step, e.strerror or str(e)) from None
+                progress.done(number)
+                plans.fault_point(journal.FAULT_VARIABLE, number)
+                bar.advance()
+    finally:
+        progress.close()
+        applier.close()
 
 
 def _reset_targets(upper_fd: int, path: str) -> list[str]:
@@ -438,6 +362,8 @@ def reset(upper: Path, paths: Sequence[str], *, yes: bool, dry_run: bool,
           out: TextIO | None = None) -> None:
     """Throw away all of ``upper``'s changes, or those at and under ``paths``."""
     with mounts.exclusive_upper(upper, "reset"):
+        upperinfo.require_upper(upper, "reset")
+        upperinfo.refuse_if_committing(upper, "reset")
         wanted = [plans.relative_path(p) for p in paths]
         fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:

@@ -81,6 +81,7 @@ def test_commit_refuses_while_the_upper_is_mounted(workspace: Workspace) -> None
 def test_commit_refuses_a_base_in_use_and_bad_input(workspace: Workspace, tmp_path: Path) -> None:
     ws = workspace
     (ws.upper / "x").write_text("x")
+    os.setxattr(ws.upper, "user.cowfs.format", b"1")  # an upper made by hand
     other_upper = ws.fresh("other-upper")
     with unchanged(ws.upper, "the upper"):
         with cowfs_mount([ws.base], other_upper, ws.mnt), unchanged(ws.base, "the base"):

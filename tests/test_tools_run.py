@@ -45,7 +45,12 @@ def test_run_keeps_changes_in_the_given_upper(workspace: Workspace) -> None:
     assert f"kept in {kept}" in result.err
     assert (kept / "new.txt").read_text() == "x\n"
     assert cowfs("diff", "--lower", ws.base, kept).out == "A  new.txt\n"
-    discarded = cowfs("run", "--discard", "--upper", kept, ws.base, "--", "true")
+    # --discard would delete the changes kept before: refused, nothing lost.
+    refused = cowfs("run", "--discard", "--upper", kept, ws.base, "--", "true")
+    assert_user_error(refused, "already holds")
+    assert (kept / "new.txt").read_text() == "x\n"
+    assert cowfs("reset", kept, "--yes").status == 0
+    discarded = cowfs("run", "--discard", "--upper", kept, ws.base, "--", "touch", "more")
     assert "discarded" in discarded.err
     assert sorted(os.listdir(kept)) == [".cowfs-work"]
 

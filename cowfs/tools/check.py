@@ -92,6 +92,10 @@ def findings(upper: Path, lowers: Sequence[Path] | None) -> tuple[list[Finding],
     bad_format = _format_finding(upper)
     if bad_format is not None:
         return [bad_format], []
+    into = upperinfo.committing_into(upper)
+    if into is not None:  # the walk would compare the upper with a half-committed base
+        return [Finding(".", f"an interrupted commit into {into!r} is unfinished; finish it: "
+                        f"cowfs commit {upper} --into {into} --yes", None)], []
     found = _work_findings(upper)
     anomalies = [r for r in walk(upper, lowers or []) if isinstance(r, Anomaly)
                  and (lowers is not None or r.problem not in _NEEDS_LOWERS)]
@@ -157,6 +161,8 @@ def check(upper: Path, lowers: Sequence[Path] | None, *, repair: bool, yes: bool
     """Print the findings; repair them if asked. Returns the exit status (0: layer is fine)."""
     out = out or sys.stdout
     with mounts.exclusive_upper(upper, "repair") if repair else contextlib.nullcontext():
+        if repair:
+            upperinfo.refuse_if_committing(upper, "repair")
         found, anomalies = findings(upper, lowers)
         if lowers is None:
             print("note: without --lower, whiteouts over nothing and redirect targets are not "

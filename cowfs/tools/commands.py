@@ -114,7 +114,8 @@ def _add_diff(subparsers: Subparsers) -> None:
 def _cmd_commit(args: argparse.Namespace) -> None:
     from ..workspace import commit
 
-    commit(Path(args.upper), Path(args.into), yes=args.yes, dry_run=args.dry_run)
+    commit(Path(args.upper), Path(args.into), yes=args.yes, dry_run=args.dry_run,
+           relocate=args.relocate)
 
 
 def _add_commit(subparsers: Subparsers) -> None:
@@ -122,10 +123,16 @@ def _add_commit(subparsers: Subparsers) -> None:
                 "Apply UPPER's changes to BASE (deletions, opaque directories, renamed "
                 "directories and hard links included; each file replaced atomically), then empty "
                 "UPPER. Shows the plan; applies it with --yes or when confirmed at a terminal. "
-                "Refuses while UPPER is mounted or BASE is in use by a mount.")
+                "Refuses while UPPER is mounted or BASE is in use by a mount, when UPPER is not "
+                "a cowfs upper or BASE is one, and when BASE is not the lower stack recorded on "
+                "UPPER. Interrupted (Ctrl-C, SIGTERM, a crash, a failed step), it is finished by "
+                "running the same command again; until then BASE is half-committed.")
     p.add_argument("upper", metavar="UPPER")
     p.add_argument("--into", metavar="BASE", required=True,
                    help="the directory the upper was layered on")
+    p.add_argument("--relocate", action="store_true",
+                   help="commit although BASE is not the lower stack recorded on UPPER (the "
+                   "layers were moved on purpose)")
     _confirm_options(p)
     p.set_defaults(func=_cmd_commit)
 
@@ -140,7 +147,8 @@ def _add_reset(subparsers: Subparsers) -> None:
     p = _parser(subparsers, "reset", "throw away changes",
                 "Throw away every change in UPPER, or those at and under each PATH (relative to "
                 "the view's root). Shows the plan; applies it with --yes or when confirmed at a "
-                "terminal. Refuses while UPPER is mounted.")
+                "terminal. Refuses while UPPER is mounted, and a directory that is not a cowfs "
+                "upper.")
     p.add_argument("upper", metavar="UPPER")
     p.add_argument("paths", metavar="PATH", nargs="*")
     _confirm_options(p)
@@ -208,9 +216,10 @@ def _add_status(subparsers: Subparsers) -> None:
 
 def _cmd_check(args: argparse.Namespace) -> None:
     from ..layers import parse_lowers
+    from ..upperinfo import recorded_lowers
     from .check import check
 
-    lowers = parse_lowers(args.lower) if args.lower else None
+    lowers = parse_lowers(args.lower) if args.lower else recorded_lowers(Path(args.upper))
     _exit(check(Path(args.upper), lowers, repair=args.repair, yes=args.yes,
                 dry_run=args.dry_run))
 
@@ -222,7 +231,8 @@ def _add_check(subparsers: Subparsers) -> None:
                 "--lower), an unknown format version. Exit status 1 when problems remain.")
     p.add_argument("upper", metavar="UPPER")
     p.add_argument("--lower", metavar="LOWER[:LOWER...]",
-                   help="the lower layers, to check whiteouts and redirect targets against")
+                   help="the lower layers, to check whiteouts and redirect targets against "
+                   "(default: the stack recorded on UPPER at its last mount)")
     p.add_argument("--repair", action="store_true", help="repair what can be repaired")
     _confirm_options(p)
     p.set_defaults(func=_cmd_check)

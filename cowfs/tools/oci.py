@@ -74,6 +74,12 @@ _TAR_TYPES = {
 }
 
 
+#: Test seams (see :func:`cowfs.plans.fault_point`): ``N:SIGNAL`` after the N-th record exported
+#: or member imported.
+EXPORT_FAULT = "COWFS_TEST_EXPORT_FAULT"
+IMPORT_FAULT = "COWFS_TEST_IMPORT_FAULT"
+
+
 def _pax_text(value: bytes) -> str:
     return value.decode("utf-8", "surrogateescape")
 
@@ -166,8 +172,9 @@ def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path], work: 
             finally:
                 os.close(fd)
 
-        for record in records:
+        for number, record in enumerate(records, start=1):
             progress.advance()
+            plans.fault_point(EXPORT_FAULT, number)
             if any(record.path.startswith(m + "/") for m in materialized):
                 continue  # already written whole, with the rest of its renamed directory
             match record:
@@ -247,7 +254,18 @@ def export_layer(upper: Path, lowers: Sequence[Path], output: str, *, gzip_flag:
     target = Path(output)
     if not target.parent.is_dir():
         raise CowfsError(f"directory {str(target.parent)!r} does not exist")
-    temp = target.parent / f".{target.name}.cowfs-{os.getpid()}"
+    plans.remove_stale_temporaries(target.parent, target.name, "export")
+    temp = target.parent / plans.temporary_name(target.name, "export")
+    with _interruption_reported("export", f"{output!r} was not written"):
+        count = _export_to(temp, target, upper, lowers, work, records, compress)
+    print(f"exported {count} entries to {output}", file=out or sys.stderr)
+    return count
+
+
+def _export_to(temp: Path, target: Path, upper: Path, lowers: Sequence[Path], work: Path,
+               records: Sequence[Change], compress: bool) -> int:
+    """Write the tar to ``temp``, then rename it to ``target``; ``temp`` is removed on any
+    failure."""
     try:
         with tarfile.open(temp, mode="w:gz" if compress else "w",
                           format=tarfile.PAX_FORMAT) as tar, \
@@ -259,7 +277,6 @@ def export_layer(upper: Path, lowers: Sequence[Path], output: str, *, gzip_flag:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
         raise
-    print(f"exported {writer.count} entries to {output}", file=out or sys.stderr)
     return writer.count
 
 
@@ -490,9 +507,29 @@ def import_layer(archive: str, dest: Path, *, out: TextIO | None = None) -> int:
         raise CowfsError(f"{str(dest)!r} exists and is not an empty directory")
     if not dest.parent.is_dir():
         raise CowfsError(f"directory {str(dest.parent)!r} does not exist")
-    temp = dest.parent / f".{dest.name}.cowfs-import-{os.getpid()}"
-    temp.mkdir(mode=0o755)
+    plans.remove_stale_temporaries(dest.parent, dest.name, "import")
+    temp = dest.parent / plans.temporary_name(dest.name, "import")
     count = 0
+    with _interruption_reported("import", f"{str(dest)!r} was not created"):
+        count = _import_into(archive, dest, temp)
+    print(f"imported {count} members into {dest}", file=out or sys.stderr)
+    return count
+
+
+@contextlib.contextmanager
+def _interruption_reported(what: str, result: str) -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP end the block through its cleanup, then as one line."""
+    try:
+        with plans.interruptible():
+            yield
+    except plans.Interrupted as e:
+        raise CowfsError(f"{what} interrupted ({e}); {result}", e.exit_code) from None
+
+
+def _import_into(archive: str, dest: Path, temp: Path) -> int:
+    """Unpack into ``temp``, then rename it to ``dest``; ``temp`` is removed on any failure."""
+    count = 0
+    temp.mkdir(mode=0o755)
     try:
         extractor = _Extractor(temp)
         try:
@@ -501,6 +538,7 @@ def import_layer(archive: str, dest: Path, *, out: TextIO | None = None) -> int:
                     for info in tar:
                         extractor.member(tar, info)
                         count += 1
+                        plans.fault_point(IMPORT_FAULT, count)
             except _CORRUPT as e:
                 # tarfile's "r:*" lists every method it tried, one per line; the last is tar's.
                 reason = str(e).strip().splitlines()[-1].removeprefix("- ") if str(e) else \
@@ -516,5 +554,4 @@ def import_layer(archive: str, dest: Path, *, out: TextIO | None = None) -> int:
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
-    print(f"imported {count} members into {dest}", file=out or sys.stderr)
     return count

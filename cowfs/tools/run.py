@@ -24,11 +24,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from .. import upperinfo
 from ..api import overlay
 from ..changes import line, summary, visible_changes
 from ..errors import CowfsError
 from ..walk import walk
-from ..workspace import empty_upper
+from ..workspace import UpperOrigin, discard_upper, refuse_to_discard, upper_origin
 
 #: How many changes the summary lists one by one before it only counts them.
 SUMMARY_LINES = 20
@@ -85,6 +86,12 @@ def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | 
     real_base = base.resolve()
     keep_changes = (upper is not None) if keep is None else keep
     mountpoint = at if at is not None else real_base
+    origin = upper_origin(upper) if upper is not None else UpperOrigin.NEW
+    if upper is not None and origin is UpperOrigin.USED and not upperinfo.upper_format_at(upper):
+        raise CowfsError(f"upper {str(upper)!r} is neither empty nor a cowfs upper directory; "
+                         "give a new or empty directory")
+    if not keep_changes and upper is not None:
+        refuse_to_discard(upper, origin)
     status = 0
     with overlay(real_base, upper, at=mountpoint, keep=True) as view:
         cwd = _working_dir(real_base, view.path)
@@ -98,9 +105,10 @@ def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | 
     if keep_changes:
         print(f"cowfs run: {what}; kept in {view.upper}", file=err)
     else:
-        empty_upper(view.upper)
         if upper is None:
             shutil.rmtree(view.upper.parent, ignore_errors=True)
+        else:
+            discard_upper(view.upper, origin)
         print(f"cowfs run: {what}; discarded", file=err)
     return status
 

@@ -1,0 +1,362 @@
+"""The commit journal, and the steps of a commit applied to a base directory.
+
+A commit is planned in full (:func:`cowfs.workspace.plan_commit`), then written as a journal in
+``BASE/.cowfs-commit/`` before the first change: ``plan.json`` (the steps, written to a temporary
+name, fsynced and renamed into place) and ``done`` (one line appended per finished step). The same
+directory holds the staging slots of renamed directories. Every step is idempotent from any
+state an interruption can leave it in (see :class:`Applier`), so a commit cut short at any point,
+by a signal, SIGKILL or a failed step, is finished by running the same command again: it finds the
+journal, re-applies the step that was in flight and goes on. While the journal exists, the upper
+carries ``user.cowfs.committing`` (the base), and mounting it, resetting it or repairing it is
+refused: they would change what the journal describes.
+
+Temporary objects built beside their final names are ``.cowfs-commit.<step>``, replaced when the
+step runs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import stat
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from . import plans, realfs, schema
+from .changes import quote
+from .errors import CowfsError
+
+#: The journal directory in BASE; also the staging directory of renamed directories.
+JOURNAL_DIR = ".cowfs-commit"
+PLAN_NAME = "plan.json"
+DONE_NAME = "done"
+JOURNAL_VERSION = 1
+#: Test seam (see :func:`cowfs.plans.fault_point`): ``N:SIGNAL`` sends SIGNAL to the committing
+#: process after the N-th journal event (0: the journal is written; 1..M: step N is done;
+#: M+1: the upper is emptied; M+2: the journal is removed).
+FAULT_VARIABLE = "COWFS_TEST_COMMIT_FAULT"
+
+_CHUNK = 1 << 20
+
+
+class Op(Enum):
+    STAGE = "stage"  # move a renamed directory's source into the staging directory
+    REMOVE = "delete"
+    WRITE = "write"  # a non-directory, built beside its name and renamed over it
+    MKDIR = "create"
+    MOVE = "rename"  # from the staging directory to the new name
+    LINK = "link"
+    ATTRS = "set attributes of"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    op: Op
+    path: str
+    #: STAGE/MOVE: the staging slot; LINK: the path linked to; MOVE: also the old path (shown).
+    arg: str = ""
+    shown_from: str = ""
+    #: WRITE/ATTRS of a name the mount served from the hard-link index: the index entry to read.
+    index: str | None = None
+
+    def describe(self) -> str | None:
+        if self.op is Op.STAGE:
+            return None
+        if self.op is Op.MOVE:
+            return f"rename  {quote(self.shown_from)}/ -> {quote(self.path)}/"
+        if self.op is Op.LINK:
+            return f"link    {quote(self.path)} => {quote(self.arg)}"
+        return f"{self.op.value:<7} {quote(self.path)}" if self.op is not Op.ATTRS else \
+            f"attrs   {quote(self.path)}"
+
+
+
+
+class StepFailedError(Exception):
+    """Step ``number`` failed with ``reason``; the journal stays, to be resumed."""
+
+    def __init__(self, number: int, step: Step, reason: str) -> None:
+        super().__init__(f"step {number}: {reason}")
+        self.number = number
+        self.step = step
+        self.reason = reason
+
+
+# --- the journal ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Journal:
+    """A commit in progress: what it was asked to do, and every step it takes."""
+
+    upper: str
+    base: str
+    work: str
+    steps: tuple[Step, ...]
+    summary: str
+
+    def to_json(self) -> str:
+        return json.dumps({"version": JOURNAL_VERSION, "upper": self.upper, "base": self.base,
+                           "work": self.work, "summary": self.summary,
+                           "steps": [[s.op.name, s.path, s.arg, s.shown_from, s.index]
+                                     for s in self.steps]})
+
+    @classmethod
+    def from_json(cls, text: str) -> Journal:
+        try:
+            data = json.loads(text)
+            if data["version"] != JOURNAL_VERSION:
+                raise ValueError(f"unknown journal version {data['version']!r}")
+            steps = tuple(Step(Op[op], path, arg, shown, index)
+                          for op, path, arg, shown, index in data["steps"])
+            return cls(str(data["upper"]), str(data["base"]), str(data["work"]), steps,
+                       str(data["summary"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"unreadable commit journal: {e}") from None
+
+
+def load(base: Path) -> Journal | None:
+    """The journal of an unfinished commit into ``base``, or None."""
+    try:
+        text = (base / JOURNAL_DIR / PLAN_NAME).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CowfsError(f"cannot read the commit journal in {str(base)!r}: {e.strerror}") \
+            from None
+    try:
+        return Journal.from_json(text)
+    except ValueError as e:
+        raise CowfsError(f"{str(base / JOURNAL_DIR)!r}: {e}") from None
+
+
+def steps_done(base: Path) -> int:
+    """How many steps the journal records as finished."""
+    try:
+        lines = (base / JOURNAL_DIR / DONE_NAME).read_text(encoding="utf-8").split("\n")
+    except FileNotFoundError:
+        return 0
+    complete = [n for n in lines[:-1] if n.isdigit()]  # the last line may be cut short
+    return int(complete[-1]) if complete else 0
+
+
+def write(base_fd: int, journal: Journal) -> None:
+    """Create the journal directory and its plan, durably, before the first change."""
+    with contextlib.suppress(FileExistsError):
+        realfs.mkdir(base_fd, JOURNAL_DIR, 0o700)
+    with plans.parent_of(base_fd, f"{JOURNAL_DIR}/{PLAN_NAME}") as (dirfd, name):
+        temp = name + ".new"
+        fd = realfs.create_file(dirfd, temp, 0o600, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, journal.to_json().encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        realfs.rename(dirfd, temp, dirfd, name)
+        fd = realfs.open_dir(dirfd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class Progress:
+    """Appends one line per finished step to ``done``."""
+
+    def __init__(self, base_fd: int) -> None:
+        self.fd = os.open(f"{JOURNAL_DIR}/{DONE_NAME}", os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                          os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=base_fd)
+
+    def done(self, count: int) -> None:
+        os.write(self.fd, f"{count}\n".encode())
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def remove(base_fd: int) -> None:
+    """Remove the journal (the commit is complete). Staging slots are all empty by then."""
+    with contextlib.suppress(FileNotFoundError):
+        realfs.remove_tree(base_fd, JOURNAL_DIR)
+
+
+# --- applying steps to a base directory ----------------------------------------------------------
+
+
+def copy_file_data(src: int, dst: int) -> None:
+    """Copy a whole file between two descriptors in the kernel where it can."""
+    while True:
+        try:
+            n = os.copy_file_range(src, dst, _CHUNK)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            n = os.write(dst, os.read(src, _CHUNK))
+        if n == 0:
+            return
+
+
+def _copyable_xattrs(fd: int) -> dict[str, bytes]:
+    """The xattrs of a layer object that belong to the user, by their stored (escaped) names."""
+    found = {}
+    for name in realfs.listxattr(fd):
+        if schema.is_copied_on_copy_up(name):
+            value = realfs.getxattr(fd, name)
+            if value is not None:
+                found[name] = value
+    return found
+
+
+def copy_attributes(src_fd: int, st: os.stat_result, dst_fd: int) -> None:
+    """xattrs, then owner (chown clears set-id bits), then mode, then times."""
+    if not stat.S_ISLNK(st.st_mode):
+        wanted = _copyable_xattrs(src_fd)
+        for name in set(_copyable_xattrs(dst_fd)) - set(wanted):
+            realfs.removexattr(dst_fd, name)
+        for name, value in wanted.items():
+            realfs.setxattr(dst_fd, name, value)
+    realfs.chown(dst_fd, st.st_uid, st.st_gid)  # the object itself, also a symlink
+    if not stat.S_ISLNK(st.st_mode):
+        realfs.chmod(dst_fd, stat.S_IMODE(st.st_mode))
+    realfs.utimens(dst_fd, st.st_atime_ns, st.st_mtime_ns)
+
+
+def build_copy(src_dirfd: int, src_name: str, dirfd: int, name: str, temp: str) -> None:
+    """Make ``name`` in ``dirfd`` a copy of a non-directory: built under the name ``temp`` in the
+    same directory (data, xattrs, owner, mode, times, fsync), then renamed over ``name``. A
+    ``temp`` left by an interrupted run is replaced."""
+    src = realfs.open_path(src_dirfd, src_name)
+    if src is None:
+        raise CowfsError(f"{src_name!r} vanished from the upper while committing")
+    try:
+        st = os.fstat(src)
+        plans.remove_if_present(dirfd, temp)
+        kind = stat.S_IFMT(st.st_mode)
+        if kind == stat.S_IFREG:
+            dst = realfs.create_file(dirfd, temp, 0o600, os.O_WRONLY)
+            try:
+                data = realfs.reopen(src, os.O_RDONLY)
+                try:
+                    copy_file_data(data, dst)
+                finally:
+                    os.close(data)
+                os.fsync(dst)
+            finally:
+                os.close(dst)
+        elif kind == stat.S_IFLNK:
+            realfs.symlink(dirfd, temp, realfs.readlink(src))
+        else:
+            realfs.mknod(dirfd, temp, st.st_mode, st.st_rdev)
+        try:
+            fd = realfs.open_path(dirfd, temp)
+            assert fd is not None, "just created"
+            try:
+                copy_attributes(src, st, fd)
+            finally:
+                os.close(fd)
+            realfs.rename(dirfd, temp, dirfd, name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                realfs.unlink(dirfd, temp)
+            raise
+    finally:
+        os.close(src)
+
+
+class Applier:
+    """Applies steps to BASE, reading objects from UPPER. Every step can be applied again after
+    it was cut short (or after it completed), with the same result: that is what lets a re-run
+    resume a journal at the step that was in flight."""
+
+    def __init__(self, upper: Path, base: Path, work: Path) -> None:
+        self.upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.base_fd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.index_fd = os.open(work / schema.WORK_INDEX_NAME,
+                                os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) \
+            if (work / schema.WORK_INDEX_NAME).is_dir() else -1
+
+    def close(self) -> None:
+        os.close(self.upper_fd)
+        os.close(self.base_fd)
+        if self.index_fd >= 0:
+            os.close(self.index_fd)
+
+    def apply(self, number: int, step: Step) -> None:
+        """Apply step ``number`` (its temporary names derive from it)."""
+        getattr(self, "_" + step.op.name.lower())(step, f"{JOURNAL_DIR}.{number}")
+
+    def _stage(self, step: Step, _temp: str) -> None:
+        with plans.parent_of(self.base_fd, f"{JOURNAL_DIR}/{step.arg}") as (sfd, slot):
+            if _exists(sfd, slot):
+                return  # staged before an interruption
+            with plans.parent_of(self.base_fd, step.path) as (dirfd, name):
+                realfs.rename(dirfd, name, sfd, slot, realfs.RENAME_NOREPLACE)
+
+    def _move(self, step: Step, _temp: str) -> None:
+        with plans.parent_of(self.base_fd, f"{JOURNAL_DIR}/{step.arg}") as (sfd, slot):
+            if not _exists(sfd, slot):
+                return  # moved before an interruption
+            with plans.parent_of(self.base_fd, step.path) as (dirfd, name):
+                plans.remove_if_present(dirfd, name)
+                realfs.rename(sfd, slot, dirfd, name, realfs.RENAME_NOREPLACE)
+
+    def _remove(self, step: Step, _temp: str) -> None:
+        with plans.parent_of(self.base_fd, step.path) as (dirfd, name):
+            plans.remove_if_present(dirfd, name)
+
+    def _mkdir(self, step: Step, _temp: str) -> None:
+        with plans.parent_of(self.base_fd, step.path) as (dirfd, name):
+            found = realfs.open_path(dirfd, name)
+            if found is not None:
+                is_dir = stat.S_ISDIR(os.fstat(found).st_mode)
+                os.close(found)
+                if is_dir:
+                    return
+                realfs.unlink(dirfd, name)
+            realfs.mkdir(dirfd, name, 0o700)
+
+    def _source(self, step: Step) -> contextlib.AbstractContextManager[tuple[int, str]]:
+        """Where the object to copy is: in the upper, or in the work directory's index."""
+        if step.index is None:
+            return plans.parent_of(self.upper_fd, step.path)
+        if self.index_fd < 0:
+            raise CowfsError(f"the hard-link index entry {step.index!r} is missing")
+        return contextlib.nullcontext((self.index_fd, step.index))
+
+    def _write(self, step: Step, temp: str) -> None:
+        with self._source(step) as (ufd, uname), \
+                plans.parent_of(self.base_fd, step.path) as (dirfd, name):
+            build_copy(ufd, uname, dirfd, name, temp)
+
+    def _link(self, step: Step, temp: str) -> None:
+        with plans.parent_of(self.base_fd, step.arg) as (tfd, tname), \
+                plans.parent_of(self.base_fd, step.path) as (dirfd, name):
+            plans.remove_if_present(dirfd, temp)
+            os.link(tname, temp, src_dir_fd=tfd, dst_dir_fd=dirfd, follow_symlinks=False)
+            realfs.rename(dirfd, temp, dirfd, name)
+
+    def _attrs(self, step: Step, _temp: str) -> None:
+        with self._source(step) if step.path != "." else \
+                contextlib.nullcontext((self.upper_fd, ".")) as (ufd, uname), \
+                plans.parent_of(self.base_fd, step.path) if step.path != "." else \
+                contextlib.nullcontext((self.base_fd, ".")) as (dirfd, name):
+            src = os.open(uname, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ufd)
+            try:
+                dst = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+                try:
+                    copy_attributes(src, os.fstat(src), dst)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+
+
+def _exists(dirfd: int, name: str) -> bool:
+    fd = realfs.open_path(dirfd, name)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
