@@ -1,0 +1,186 @@
+"""An upper remembers the lower stack it was made on (issue 9, section 5), the offline tools read
+the hard-link index of a mount made with ``--work`` (issue 10, section 2), and the package's
+structure: importing cowfs loads neither the API nor the walk, and the daemon started by the API
+does not depend on the caller's working directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from support import cowfs_mount, find_cowfs, tree_state
+from tools_support import Workspace, assert_user_error, cowfs, unchanged, workspace
+
+__all__ = ["workspace"]
+
+WORKTREE = Path(__file__).resolve().parent.parent
+
+
+def stack_record(upper: Path) -> dict[str, object]:
+    return json.loads(os.getxattr(upper, "user.cowfs.stack"))  # type: ignore[no-any-return]
+
+
+# --- the recorded stack --------------------------------------------------------------------------
+
+
+def test_a_mount_records_its_stack_and_diff_uses_it_after_unmount(workspace: Workspace) -> None:
+    ws = workspace
+    with cowfs_mount([ws.base], ws.upper, ws.mnt):
+        (ws.mnt / "new.txt").write_text("new\n")
+        (ws.mnt / "b.txt").unlink()
+    st = os.stat(ws.base)
+    assert stack_record(ws.upper) == {
+        "version": 1, "work": None,
+        "lowers": [{"path": str(ws.base.resolve()), "dev": st.st_dev, "ino": st.st_ino}]}
+    # The README's example: no --lower after unmount.
+    diff = cowfs("diff", ws.upper)
+    assert (diff.status, diff.out) == (0, "D  b.txt\nA  new.txt\n"), diff
+    assert cowfs("check", ws.upper).status == 0
+    out = ws.fresh("out")
+    assert cowfs("export", ws.upper, "-o", out / "layer.tar").status == 0
+    with tarfile.open(out / "layer.tar") as tar:
+        assert sorted(n.removeprefix("./") for n in tar.getnames()) == [".wh.b.txt", "new.txt"]
+
+
+def test_a_mount_over_another_stack_is_refused_unless_relocated(workspace: Workspace) -> None:
+    ws = workspace
+    with cowfs_mount([ws.base], ws.upper, ws.mnt):
+        (ws.mnt / "new.txt").write_text("new\n")
+    other = ws.fresh("other")
+    before = tree_state(ws.upper, times=False)
+    # (A refused mount still probes the upper for user xattrs first: its ctime changes.)
+    refused = cowfs("mount", other, ws.upper, ws.mnt)
+    assert_user_error(refused, "another lower stack", str(ws.base), str(other), "-o relocate")
+    refused = cowfs("mount", f"{ws.base}:{other}", ws.upper, ws.mnt)
+    assert_user_error(refused, "1 lower layer(s)", "not 2")
+    assert tree_state(ws.upper, times=False) == before
+    # A deliberate move: the same content at a new place.
+    moved = ws.root / "moved"
+    os.rename(ws.base, moved)
+    assert_user_error(cowfs("mount", moved, ws.upper, ws.mnt), "was '", "now it is '")
+    assert_user_error(cowfs("diff", ws.upper), "does not exist")  # the recorded path is gone
+    with cowfs_mount([moved], ws.upper, ws.mnt, options=["relocate"]):
+        assert (ws.mnt / "new.txt").read_text() == "new\n"
+    assert stack_record(ws.upper)["lowers"][0]["path"] == str(moved)  # type: ignore[index]
+    assert cowfs("diff", ws.upper).out == "A  new.txt\n"
+    os.rename(moved, ws.base)  # for the workspace fixture's teardown
+
+
+def test_a_commit_into_another_base_is_refused_unless_relocated(workspace: Workspace) -> None:
+    ws = workspace
+    with cowfs_mount([ws.base], ws.upper, ws.mnt):
+        (ws.mnt / "new.txt").write_text("new\n")
+    other = ws.fresh("other")
+    with unchanged(other, "the other base"), unchanged(ws.upper, "the upper"):
+        assert_user_error(cowfs("commit", ws.upper, "--into", other, "--yes"),
+                          "another lower stack", "--relocate")
+    done = cowfs("commit", ws.upper, "--into", other, "--relocate", "--yes")
+    assert done.status == 0, done
+    assert (other / "new.txt").read_text() == "new\n"
+
+
+def test_a_read_only_mount_records_nothing(workspace: Workspace) -> None:
+    ws = workspace
+    with cowfs_mount([ws.base], ws.upper, ws.mnt, options=["ro"]):
+        assert (ws.mnt / "a.txt").exists()
+    assert "user.cowfs.stack" not in os.listxattr(ws.upper)
+    # Over a recorded stack, a read-only mount verifies it but does not rewrite it.
+    with cowfs_mount([ws.base], ws.upper, ws.mnt):
+        pass
+    record = os.getxattr(ws.upper, "user.cowfs.stack")
+    other = ws.fresh("other")
+    with cowfs_mount([other], ws.upper, ws.mnt, options=["ro", "relocate"]):
+        pass
+    assert os.getxattr(ws.upper, "user.cowfs.stack") == record
+
+
+def test_a_malformed_record_is_a_clear_error(workspace: Workspace) -> None:
+    ws = workspace
+    with cowfs_mount([ws.base], ws.upper, ws.mnt):
+        pass
+    os.setxattr(ws.upper, "user.cowfs.stack", b'{"version": 1, "lowers": "x"}')
+    assert_user_error(cowfs("diff", ws.upper), "malformed stack record", "--lower")
+    assert cowfs("diff", "--lower", ws.base, ws.upper).status == 0
+
+
+# --- the work directory of a mount made with --work ----------------------------------------------
+
+
+def test_diff_and_export_read_the_index_of_a_mount_with_its_own_work_dir(
+        workspace: Workspace) -> None:
+    """A lower hard link written through a mount made with --work: the other name is served
+    from WORK/index, which diff, export and commit must read (walk's ``work`` was never
+    passed)."""
+    ws = workspace
+    work = ws.fresh("work")
+    with cowfs_mount([ws.base], ws.upper, ws.mnt, work=work), \
+            open(ws.mnt / "hard/one", "a") as f:
+        f.write("more\n")
+    assert not (ws.upper / "hard/two").exists()  # served from the index
+    assert os.listdir(work / "index")
+    for args in (["diff", ws.upper], ["diff", "--lower", ws.base, ws.upper]):
+        diff = cowfs(*args)
+        assert diff.out == "M  hard/one\nM  hard/two\n", (args, diff)
+    out = ws.fresh("out")
+    assert cowfs("export", ws.upper, "-o", out / "layer.tar").status == 0
+    with tarfile.open(out / "layer.tar") as tar:
+        members = {m.name.removeprefix("./"): m for m in tar.getmembers()}
+        assert sorted(members) == ["hard", "hard/one", "hard/two"]
+        one, two = members["hard/one"], members["hard/two"]
+        first, second = (one, two) if one.isfile() else (two, one)
+        assert second.islnk()
+        assert second.linkname.removeprefix("./") == first.name.removeprefix("./")
+        data = tar.extractfile(first)
+        assert data is not None
+        assert data.read() == b"base:hard/one" + b"more\n"
+    assert cowfs("commit", ws.upper, "--into", ws.base, "--yes").status == 0
+    assert (ws.base / "hard/two").read_text() == "base:hard/one" + "more\n"
+    assert (ws.base / "hard/one").stat().st_ino == (ws.base / "hard/two").stat().st_ino
+
+
+# --- structure -----------------------------------------------------------------------------------
+
+
+def _python(code: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(WORKTREE)}
+    return subprocess.run([sys.executable, "-P", "-c", code], env=env, cwd=cwd,
+                          capture_output=True, text=True, check=False, timeout=60)
+
+
+def test_importing_cowfs_or_the_daemon_loads_neither_the_api_nor_the_walk() -> None:
+    result = _python("import sys, cowfs, cowfs.mount, cowfs.cli\n"
+                     "print(sorted(m for m in sys.modules if m in ('cowfs.api', 'cowfs.walk', "
+                     "'cowfs.tools.run', 'cowfs.workspace')))\n"
+                     "assert cowfs.overlay is not None and cowfs.CowfsError is not None\n"
+                     "print('cowfs.api' in sys.modules)")
+    assert result.stdout == "[]\nTrue\n", result.stderr
+
+
+def test_every_module_imports_first_without_a_cycle() -> None:
+    """Each module imported first in a fresh interpreter: a cycle shows up as an ImportError
+    for some order."""
+    modules = sorted(f"cowfs.{p.stem}" for p in (WORKTREE / "cowfs").glob("*.py")
+                     if p.stem not in ("__main__",)) + sorted(
+        f"cowfs.tools.{p.stem}" for p in (WORKTREE / "cowfs/tools").glob("*.py"))
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+    for name in modules:
+        result = _python(code.replace("sys.argv[1:]", repr([name])))
+        assert result.returncode == 0, (name, result.stderr)
+
+
+def test_cowfs_run_started_next_to_a_folder_named_cowfs(workspace: Workspace) -> None:
+    """``python -m cowfs`` puts the working directory first on sys.path: a folder named cowfs
+    there was imported instead of cowfs (ImportError)."""
+    ws = workspace
+    decoy = ws.fresh("project")
+    (decoy / "cowfs").mkdir()
+    (decoy / "cowfs/__init__.py").write_text("raise ImportError('the wrong cowfs')\n")
+    result = subprocess.run([str(find_cowfs()), "run", "--at", str(ws.mnt), str(ws.base), "--",
+                             "cat", "a.txt"], cwd=decoy, capture_output=True, text=True,
+                            check=False, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "base:a.txt"
