@@ -62,7 +62,7 @@ def _format_finding(upper: Path) -> Finding | None:
 
 
 def _work_findings(upper: Path) -> list[Finding]:
-    work = schema.default_work_dir(upper)
+    work = mounts.work_of(upper)
     if not os.path.lexists(work):
         return []
     if work.is_symlink() or not work.is_dir():

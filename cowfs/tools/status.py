@@ -63,7 +63,7 @@ def _status_of(mount: mounts.RunningMount) -> MountStatus:
         upper = mounts.reachable_layer(mount, mount.upper)
         lowers = [mounts.reachable_layer(mount, p) for p in mount.lowers]
         found: Counter[str] = Counter()
-        for record in walk(upper, lowers):
+        for record in walk(upper, lowers, mounts.reachable_layer(mount, mount.work)):
             match record:
                 case Modified() | Unchanged() | Replaced():
                     found["copied_up"] += 1
