@@ -411,13 +411,14 @@ class StackRecord:
         """Parse an (untrusted) record; ValueError says why it is refused."""
         try:
             data = json.loads(value)
-            if data["version"] != STACK_RECORD_VERSION:
-                raise ValueError(f"unknown stack record version {data['version']!r}")
+            version = data["version"]
             lowers = tuple(LayerIdentity(str(i["path"]), int(i["dev"]), int(i["ino"]))
                            for i in data["lowers"])
             work = data.get("work")
-        except (KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"malformed stack record: {e}") from None
+        if version != STACK_RECORD_VERSION:
+            raise ValueError(f"unknown stack record version {version!r}")
         if not lowers or any(not i.path.startswith("/") for i in lowers):
             raise ValueError("malformed stack record: no lowers, or a relative path")
         if work is not None and not (isinstance(work, str) and work.startswith("/")):

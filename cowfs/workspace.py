@@ -92,12 +92,14 @@ def plan_commit(records: Sequence[Change]) -> list[Step]:
 
 # --- emptying an upper ---------------------------------------------------------------------------
 
-def empty_upper(upper: Path) -> None:
-    """Remove every change from ``upper``, keeping its format marker and its work directory.
+def empty_upper(upper: Path, work: Path | None = None) -> None:
+    """Remove every change from ``upper``, keeping its format marker, its recorded stack and its
+    work directory (``work``: default, the one recorded on the upper at its last mount).
 
-    The work directory's scratch area and index go too: the index names copies in the upper, and
-    there are none left.
+    The work directory's scratch area and index are emptied too: the index names copies in the
+    upper, and there are none left.
     """
+    work = work if work is not None else mounts.work_of(upper)
     fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for name in realfs.list_names(fd):
@@ -105,20 +107,28 @@ def empty_upper(upper: Path) -> None:
                 realfs.remove_tree(fd, name)
         with contextlib.suppress(OSError):
             realfs.removexattr(fd, schema.XATTR_OPAQUE)
-        work = realfs.open_path(fd, schema.WORK_DIR_NAME)
-        if work is not None:
+    finally:
+        os.close(fd)
+    _clear_work(work)
+
+
+def _clear_work(work: Path) -> None:
+    """Empty ``WORK/tmp`` and remove ``WORK/index``; nothing else in a work directory is
+    cowfs's. A work directory that is a symlink or missing is left alone."""
+    try:
+        fd = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        plans.remove_if_present(fd, schema.WORK_INDEX_NAME)
+        tmp = realfs.open_path(fd, schema.WORK_TMP_NAME)
+        if tmp is not None:
             try:
-                if stat.S_ISDIR(os.fstat(work).st_mode):
-                    plans.remove_if_present(work, schema.WORK_INDEX_NAME)
-                    tmp = realfs.open_path(work, schema.WORK_TMP_NAME)
-                    if tmp is not None:
-                        try:
-                            for name in realfs.list_names(tmp):
-                                realfs.remove_tree(tmp, name)
-                        finally:
-                            os.close(tmp)
+                if stat.S_ISDIR(os.fstat(tmp).st_mode):
+                    for name in realfs.list_names(tmp):
+                        realfs.remove_tree(tmp, name)
             finally:
-                os.close(work)
+                os.close(tmp)
     finally:
         os.close(fd)
 
@@ -283,7 +293,7 @@ def _apply(upper: Path, base: Path, plan: journal.Journal, done: int | None) -> 
                     plans.fault_point(journal.FAULT_VARIABLE, 0)
                 _apply_steps(upper, base, base_fd, plan, count)
                 count = total
-                empty_upper(upper)
+                empty_upper(upper, Path(plan.work))
                 plans.fault_point(journal.FAULT_VARIABLE, total + 1)
                 journal.remove(base_fd)
                 plans.fault_point(journal.FAULT_VARIABLE, total + 2)

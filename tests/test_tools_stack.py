@@ -140,6 +140,7 @@ def test_diff_and_export_read_the_index_of_a_mount_with_its_own_work_dir(
     assert cowfs("commit", ws.upper, "--into", ws.base, "--yes").status == 0
     assert (ws.base / "hard/two").read_text() == "base:hard/one" + "more\n"
     assert (ws.base / "hard/one").stat().st_ino == (ws.base / "hard/two").stat().st_ino
+    assert not (work / "index").exists()  # emptied with the upper: it named copies now gone
 
 
 # --- structure -----------------------------------------------------------------------------------

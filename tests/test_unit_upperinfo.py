@@ -1,0 +1,108 @@
+"""Unit tests (no FUSE) of what an upper records about itself and of the mount state file: the
+formats in :mod:`cowfs.schema`, the checks in :mod:`cowfs.upperinfo`, the journal's records."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cowfs import schema, upperinfo
+from cowfs.errors import CowfsError
+from cowfs.journal import Journal, Op, Step
+from cowfs.mount import MountOptions
+
+A = schema.LayerIdentity("/a", 1, 10)
+B = schema.LayerIdentity("/b", 1, 20)
+
+
+def test_stack_record_round_trip() -> None:
+    record = schema.StackRecord((A, B), "/w")
+    assert schema.StackRecord.from_json(record.to_json()) == record
+    assert schema.StackRecord.from_json(schema.StackRecord((A,)).to_json()).work is None
+
+
+@pytest.mark.parametrize("value", [
+    b"", b"not json", b"[]", b'{"version": 2, "lowers": []}', b'{"version": 1}',
+    b'{"version": 1, "lowers": []}', b'{"version": 1, "lowers": [{"path": "rel", "dev": 1, '
+    b'"ino": 2}]}', b'{"version": 1, "lowers": [{"path": "/a", "dev": "x", "ino": 2}]}',
+    b'{"version": 1, "lowers": [{"path": "/a", "dev": 1, "ino": 2}], "work": "rel"}', b"\xff",
+])
+def test_malformed_stack_records_are_refused(value: bytes) -> None:
+    with pytest.raises(ValueError, match="stack record"):
+        schema.StackRecord.from_json(value)
+
+
+def test_stack_difference_says_what_differs() -> None:
+    record = schema.StackRecord((A, B))
+    assert upperinfo.stack_difference(record, (A, B)) is None
+    assert "2 lower layer(s)" in (upperinfo.stack_difference(record, (A,)) or "")
+    moved = schema.LayerIdentity("/moved", 1, 20)
+    found = upperinfo.stack_difference(record, (A, moved)) or ""
+    assert found.startswith("lower layer 2 was '/b'")
+    assert "'/moved'" in found
+    copied = schema.LayerIdentity("/b", 1, 21)
+    assert "inode 21" in (upperinfo.stack_difference(record, (A, copied)) or "")
+
+
+def test_mount_state_round_trip_and_refusal() -> None:
+    state = schema.MountState(42, "/m", ("/a", "/b"), "/u", "/u/.cowfs-work")
+    assert schema.MountState.from_json(state.to_json()) == state
+    for text in ("{}", "[]", '{"pid": 1, "mountpoint": "/m", "lowers": "x", "upper": "/u", '
+                 '"work": "/w"}', "nope"):
+        with pytest.raises(ValueError):  # noqa: PT011 (json's and ours, both ValueError)
+            schema.MountState.from_json(text)
+
+
+def test_default_work_dir() -> None:
+    assert schema.default_work_dir(Path("/u")) == Path("/u/.cowfs-work")
+
+
+def test_journal_round_trip() -> None:
+    journal = Journal("/u", "/b", "/u/.cowfs-work", (Step(Op.STAGE, "old", "0"),
+                      Step(Op.MOVE, "new", "0", "old"), Step(Op.WRITE, "f", index="1-2")),
+                      "1 renamed")
+    assert Journal.from_json(journal.to_json()) == journal
+    with pytest.raises(ValueError, match="journal"):
+        Journal.from_json('{"version": 1, "steps": [["NOPE", "", "", "", null]]}')
+
+
+def test_upper_format(tmp_path: Path) -> None:
+    assert not upperinfo.upper_format_at(tmp_path)
+    assert not upperinfo.upper_format_at(tmp_path / "missing")
+    with pytest.raises(CowfsError, match="not a cowfs upper"):
+        upperinfo.require_upper(tmp_path, "reset")
+    os.setxattr(tmp_path, schema.XATTR_FORMAT, schema.FORMAT_VERSION)
+    assert upperinfo.upper_format_at(tmp_path)
+    upperinfo.require_upper(tmp_path, "reset")
+    os.setxattr(tmp_path, schema.XATTR_FORMAT, b"7")
+    with pytest.raises(CowfsError, match="format '7'"):
+        upperinfo.upper_format_at(tmp_path)
+
+
+def test_record_and_verify_stack(tmp_path: Path) -> None:
+    lower, other, upper = tmp_path / "l", tmp_path / "o", tmp_path / "u"
+    for d in (lower, other, upper):
+        d.mkdir()
+    fd = os.open(upper, os.O_PATH | os.O_DIRECTORY)
+    try:
+        upperinfo.record_stack(fd, upper, upperinfo.identities([lower]), None)
+        assert upperinfo.recorded_lowers(upper) == (lower,)
+        upperinfo.verify_stack(upper, upperinfo.identities([lower]), relocate=False,
+                               what="mount", override="-o relocate")
+        with pytest.raises(CowfsError, match="another lower stack"):
+            upperinfo.verify_stack(upper, upperinfo.identities([other]), relocate=False,
+                                   what="mount", override="-o relocate")
+        upperinfo.verify_stack(upper, upperinfo.identities([other]), relocate=True,
+                               what="mount", override="-o relocate")
+        too_long = [schema.LayerIdentity("/" + "x" * 200, 1, n) for n in range(20)]
+        with pytest.raises(CowfsError, match="too long to record"):
+            upperinfo.record_stack(fd, upper, too_long, None)
+    finally:
+        os.close(fd)
+
+
+def test_relocate_is_a_mount_option() -> None:
+    assert MountOptions.parse(["relocate"]).relocate
+    assert not MountOptions.parse(["ro"]).relocate
