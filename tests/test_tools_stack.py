@@ -129,7 +129,7 @@ def test_diff_and_export_read_the_index_of_a_mount_with_its_own_work_dir(
     assert cowfs("export", ws.upper, "-o", out / "layer.tar").status == 0
     with tarfile.open(out / "layer.tar") as tar:
         members = {m.name.removeprefix("./"): m for m in tar.getmembers()}
-        assert sorted(members) == ["hard", "hard/one", "hard/two"]
+        assert sorted(set(members) - {"hard"}) == ["hard/one", "hard/two"]
         one, two = members["hard/one"], members["hard/two"]
         first, second = (one, two) if one.isfile() else (two, one)
         assert second.islnk()
