@@ -1,5 +1,8 @@
-"""The offline tools (diff, commit, reset, export, import, status, check) and ``cowfs run``.
+"""The command line of the offline tools (diff, commit, reset, export, import, status, check) and
+``cowfs run``: :mod:`cowfs.tools.commands` wires one sub-parser and one handler per command.
 
-Each is a consumer of the one layer walk in :mod:`cowfs.walk`; the command-line wiring is in
-:mod:`cowfs.tools.commands`. None of them needs FUSE except ``run``, which mounts.
+The tools sit on top of the library: the layer walk (:mod:`cowfs.walk`), its records as text
+(:mod:`cowfs.changes`), the workspace operations (:mod:`cowfs.workspace`), the running mounts
+(:mod:`cowfs.mounts`) and the Python API (:mod:`cowfs.api`, for ``run``). Nothing below imports
+this package. None of the tools needs FUSE except ``run``, which mounts.
 """
