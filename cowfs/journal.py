@@ -38,6 +38,9 @@ JOURNAL_VERSION = 1
 #: process after the N-th journal event (0: the journal is written; 1..M: step N is done;
 #: M+1: the upper is emptied; M+2: the journal is removed).
 FAULT_VARIABLE = "COWFS_TEST_COMMIT_FAULT"
+#: Test seam: ``N:SIGNAL`` after step N was applied but before it was recorded as done (the
+#: re-run applies it again).
+UNRECORDED_FAULT_VARIABLE = "COWFS_TEST_COMMIT_FAULT_UNRECORDED"
 
 _CHUNK = 1 << 20
 
@@ -335,6 +338,11 @@ class Applier:
         with plans.parent_of(self.base_fd, step.arg) as (tfd, tname), \
                 plans.parent_of(self.base_fd, step.path) as (dirfd, name):
             plans.remove_if_present(dirfd, temp)
+            target = os.stat(tname, dir_fd=tfd, follow_symlinks=False)
+            with contextlib.suppress(FileNotFoundError):
+                found = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                if (found.st_dev, found.st_ino) == (target.st_dev, target.st_ino):
+                    return  # linked before an interruption (rename would keep ``temp``)
             os.link(tname, temp, src_dir_fd=tfd, dst_dir_fd=dirfd, follow_symlinks=False)
             realfs.rename(dirfd, temp, dirfd, name)
 

@@ -324,6 +324,7 @@ def _apply_steps(upper: Path, base: Path, base_fd: int, plan: journal.Journal,
                     applier.apply(number, step)
                 except OSError as e:
                     raise journal.StepFailedError(number, step, e.strerror or str(e)) from None
+                plans.fault_point(journal.UNRECORDED_FAULT_VARIABLE, number)
                 progress.done(number)
                 plans.fault_point(journal.FAULT_VARIABLE, number)
                 bar.advance()

@@ -6,6 +6,7 @@ leaves no temporary files."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ from cowfs.workspace import commit
 __all__ = ["workspace"]
 
 COMMIT_FAULT = "COWFS_TEST_COMMIT_FAULT"
+UNRECORDED_FAULT = "COWFS_TEST_COMMIT_FAULT_UNRECORDED"
 
 
 def cowfs_env(*args: str | Path, env: dict[str, str]) -> Result:
@@ -169,6 +171,42 @@ def test_commit_killed_at_every_step_is_finished_by_running_it_again(
         n += 1
     with cowfs_mount([base], upper, ws.mnt, options=["relocate"]):
         assert merged_view(ws.mnt) == expected_view
+
+
+def test_commit_killed_inside_a_step_of_each_kind_is_finished_by_running_it_again(
+        workspace: Workspace) -> None:
+    """Killed after a step took effect but before the journal says so: the re-run applies it
+    again, which must give the same result (one step of each kind)."""
+    ws = workspace
+    _scenario(ws)
+    base, upper = _copy(ws, "reference")
+    with tempfile.TemporaryDirectory() as scratch:
+        steps = journal_steps(base, upper, Path(scratch))
+    assert commit(upper, base, yes=True, dry_run=False, relocate=True, out=io.StringIO())
+    expected = tree_state(base, times=False)
+    firsts = {op: n for n, op in reversed(list(enumerate(steps, start=1)))}
+    assert len(firsts) >= 6, firsts  # every kind of step but, perhaps, one
+    for op, n in sorted(firsts.items()):
+        base, upper = _copy(ws, f"unrecorded-{op}")
+        killed = cowfs_env("commit", upper, "--into", base, "--relocate", "--yes",
+                           env={UNRECORDED_FAULT: f"{n}:KILL"})
+        assert killed.status == -9, (op, killed)
+        assert commit(upper, base, yes=True, dry_run=False, relocate=True, out=io.StringIO())
+        assert tree_state(base, times=False) == expected, op
+        assert _leftovers(base) == [], op
+        shutil.rmtree(base.parent)
+
+
+def journal_steps(base: Path, upper: Path, scratch: Path) -> list[str]:
+    """The kinds of the steps a commit of ``upper`` into ``base`` takes, in order (read from
+    the journal of a commit killed before its first step, in a copy)."""
+    subprocess.run(["cp", "-a", str(base), str(scratch / "base")], check=True)
+    subprocess.run(["cp", "-a", str(upper), str(scratch / "upper")], check=True)
+    killed = cowfs_env("commit", scratch / "upper", "--into", scratch / "base", "--relocate",
+                       "--yes", env={COMMIT_FAULT: "0:KILL"})
+    assert killed.status == -9, killed
+    plan = json.loads((scratch / "base/.cowfs-commit/plan.json").read_text())
+    return [step[0] for step in plan["steps"]]
 
 
 @pytest.mark.parametrize("signal_name", ["INT", "TERM"])
