@@ -5,6 +5,7 @@ does not depend on the caller's working directory."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -159,6 +160,60 @@ def test_importing_cowfs_or_the_daemon_loads_neither_the_api_nor_the_walk() -> N
                      "assert cowfs.overlay is not None and cowfs.CowfsError is not None\n"
                      "print('cowfs.api' in sys.modules)")
     assert result.stdout == "[]\nTrue\n", result.stderr
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Which cowfs modules (and pyfuse3/trio) each cowfs module imports, anywhere in it (also
+    inside functions), leaving out ``if TYPE_CHECKING:`` blocks."""
+    files = [*(WORKTREE / "cowfs").glob("*.py"), *(WORKTREE / "cowfs/tools").glob("*.py")]
+    paths = {".".join(("cowfs", *p.with_suffix("").relative_to(WORKTREE / "cowfs").parts))
+             .removesuffix(".__init__"): p for p in files}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):  # drop type-only imports
+            if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+                node.body = []
+        found: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = package
+                for _ in range(max(node.level - 1, 0)):
+                    base = base.rpartition(".")[0]
+                target = (f"{base}.{node.module}" if node.module else base) if node.level \
+                    else node.module or ""
+                found |= {t for t in (target, *(f"{target}.{a.name}" for a in node.names))
+                          if t in paths or t in ("pyfuse3", "trio")}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name in paths or a.name in
+                          ("pyfuse3", "trio")}
+        graph[name] = found - {name, "cowfs", "cowfs.tools"}  # a package's own __init__
+    return graph
+
+
+def test_imports_point_down() -> None:
+    """No import cycle between cowfs's modules; FUSE only in the adapter and the daemon; the
+    library never imports the command line or the tools."""
+    graph = _import_graph()
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join((*path, name))}"
+        if name in done or name not in graph:
+            return
+        for dep in sorted(graph[name]):
+            visit(dep, (*path, name))
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+    assert {n for n, deps in graph.items() if deps & {"pyfuse3", "trio"}} == {
+        "cowfs.operations", "cowfs.mount"}
+    upward = {n: deps for n, deps in graph.items() if not n.startswith("cowfs.tools")
+              and n not in ("cowfs.cli", "cowfs.__main__")
+              and any(d.startswith("cowfs.tools") or d == "cowfs.cli" for d in deps)}
+    assert upward == {}
 
 
 def test_every_module_imports_first_without_a_cycle() -> None:
