@@ -170,27 +170,36 @@ def _lock(fd: int, path: Path, role: str) -> int:
     return lock_fd
 
 
-def open_stack(paths: LayerPaths, *, read_only: bool = False) -> LayerStack:
+def open_stack(paths: LayerPaths, *, read_only: bool = False,
+               relocate: bool = False) -> LayerStack:
     """Check the layers and open them; every problem becomes a one-line :class:`CowfsError`.
 
-    A read-only stack writes nothing: no format marker, no work directory, no xattr probe.
+    Everything that can refuse the stack is checked before anything is written: the format, the
+    lower stack recorded on the upper (``relocate`` accepts another one and records it), an
+    unfinished commit. A read-only stack writes nothing at all: no format marker, no work
+    directory, no xattr probe, no stack record.
     """
     lower_fds = [_open_dir(p, "lower") for p in paths.lowers]
     upper_fd = _open_dir(paths.upper, "upper")
     _validate_nesting(paths, paths.work.resolve() if paths.work is not None else None)
-    if not read_only:
-        _check_user_xattrs(upper_fd, paths.upper)
+    _check_format(upper_fd, paths.upper)
+    upperinfo.refuse_if_committing(paths.upper, "mount")
+    identities = tuple(upperinfo.identity_of(p, fd)
+                       for p, fd in zip(paths.lowers, lower_fds, strict=True))
+    upperinfo.verify_stack(paths.upper, identities, relocate=relocate, what="mount",
+                           override="-o relocate to record the new stack")
     upper_dev = os.fstat(upper_fd).st_dev
     upper_lock = _lock(upper_fd, paths.upper, "upper directory")
     try:
+        if not read_only:
+            _check_user_xattrs(upper_fd, paths.upper)
         work = open_work(upper_fd, paths.upper, paths.work, read_only=read_only)
     except BaseException:
         os.close(upper_lock)
         raise
-    if read_only:
-        _check_format(upper_fd, paths.upper)
-    else:
+    if not read_only:
         _mark_format(upper_fd, paths.upper)
+        upperinfo.record_stack(upper_fd, paths.upper, identities, paths.work)
     upper = Layer(0, paths.upper, upper_fd, upper_dev)
     lowers = tuple(Layer(i + 1, p, fd, os.fstat(fd).st_dev, is_bottom=i == len(lower_fds) - 1)
                    for i, (p, fd) in enumerate(zip(paths.lowers, lower_fds, strict=True)))

@@ -36,7 +36,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import fusecheck, mounts, upperinfo
+from . import fusecheck, mounts
 from .errors import CowfsError
 from .layers import LayerPaths, LayerStack, check_mountpoint_outside, open_stack
 from .operations import Operations
@@ -232,13 +232,5 @@ def prepare(paths: LayerPaths, mountpoint: Path,
     resolved = paths.resolved()
     check_mountpoint_outside(resolved, real_mountpoint)
     options = options or MountOptions()
-    stack = open_stack(resolved, read_only=options.read_only)
-    try:
-        upperinfo.settle_stack(stack.upper.root_fd, resolved.upper,
-                               [(layer.path, layer.root_fd) for layer in stack.lowers],
-                               resolved.work, read_only=options.read_only,
-                               relocate=options.relocate)
-    except BaseException:
-        stack.close()
-        raise
+    stack = open_stack(resolved, read_only=options.read_only, relocate=options.relocate)
     return resolved, stack, real_mountpoint

@@ -5,8 +5,9 @@ docs/layer-format.md):
 
 * ``user.cowfs.format``: :func:`upper_format` is the one check of it, used by the mount, the walk,
   ``cowfs check`` and the commands that change or delete an upper;
-* ``user.cowfs.stack``: the lower stack, written at each read-write mount (:func:`settle_stack`),
-  read by the offline commands when no ``--lower`` is given (:func:`recorded_stack`), and checked
+* ``user.cowfs.stack``: the lower stack, written at each read-write mount (:func:`record_stack`,
+  called by :func:`cowfs.layers.open_stack` after it checked everything), read by the offline
+  commands when no ``--lower`` is given (:func:`recorded_stack`), and checked
   by a mount and a commit, which refuse another stack unless told that the layers were moved
   (``-o relocate``, ``--relocate``).
 
@@ -195,14 +196,3 @@ def record_stack(upper_fd: int, upper: Path, current: Sequence[schema.LayerIdent
             from None
 
 
-def settle_stack(upper_fd: int, upper: Path, lowers: Sequence[tuple[Path, int]],
-                 work: Path | None, *, read_only: bool, relocate: bool) -> None:
-    """At mount: refuse a stack other than the recorded one (unless ``relocate``), and record
-    the stack (and ``work``, the ``--work`` directory or None) on a read-write mount.
-    ``lowers``: (resolved path, open descriptor), topmost first."""
-    refuse_if_committing(upper, "mount")
-    current = tuple(identity_of(path, fd) for path, fd in lowers)
-    verify_stack(upper, current, relocate=relocate, what="mount",
-                 override="-o relocate to record the new stack")
-    if not read_only:
-        record_stack(upper_fd, upper, current, work)
