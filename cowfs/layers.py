@@ -71,7 +71,7 @@ class LayerPaths:
 
     @property
     def work_dir(self) -> Path:
-        return self.work if self.work is not None else self.upper / schema.WORK_DIR_NAME
+        return self.work if self.work is not None else schema.default_work_dir(self.upper)
 
 
 @dataclass(frozen=True, slots=True)

@@ -287,7 +287,7 @@ def open_work(upper_fd: int, upper_path: Path, given: Path | None, *,
     """
     upper_dev = os.fstat(upper_fd).st_dev
     if given is None:
-        path = upper_path / schema.WORK_DIR_NAME
+        path = schema.default_work_dir(upper_path)
         fd = _open_child_dir(upper_fd, schema.WORK_DIR_NAME, path, "work directory",
                              create=not read_only, upper_dev=upper_dev)
     else:
