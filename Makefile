@@ -35,6 +35,7 @@ help:
 	@echo 'make docker-test  build the container image and smoke-test it (own Docker engine)'
 	@echo 'make bench   compare cowfs with native, overlayfs, fuse-overlayfs (root; BENCH_MODE=full)'
 	@echo 'make bench-full   the same, larger and with more repetitions (about 15 minutes)'
+	@echo 'make faults  the full fault-injection enumeration (tests/test_faults.py, long)'
 	@echo 'make clean   remove .venv and caches'
 
 setup: system-packages $(STAMP)
@@ -159,3 +160,11 @@ conformance: setup helper
 	HYPOTHESIS_PROFILE=$(CONFORMANCE_PROFILE) $(VENV)/bin/python -m pytest \
 	    -o faulthandler_timeout=0 \
 	    tests/test_conformance_stateful.py tests/test_conformance_regressions.py $(PYTEST_ARGS)
+
+# --- fault injection -----------------------------------------------------------------------------
+# tests/test_faults.py in full: every situation, every injection point, every action (kill-before,
+# kill-after, ENOSPC, EIO, EACCES, EDQUOT), about an hour and a half on two cores. `make test` runs
+# a smoke subset. The counts are printed at the end. PYTEST_ARGS='-x' etc. pass to pytest.
+.PHONY: faults
+faults: setup helper
+	$(VENV)/bin/python -m pytest -m '' tests/test_faults.py $(PYTEST_ARGS)

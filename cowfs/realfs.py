@@ -8,6 +8,20 @@ the ``/proc/self/fd/N`` magic link, which names the object itself and follows no
 Every call that changes a layer is one syscall (``copy_data``: one copy) and one debug log line,
 so that a debug log is a complete record of what cowfs did to the upper layer; nothing in cowfs
 changes a layer except through this module (data written through open files aside).
+
+Fault injection (tests only). Every wrapper that changes a layer carries the :func:`change`
+decorator; a wrapper added later must carry it too, or the fault-injection tests
+(tests/test_faults.py) cannot reach it. The decorator costs one ``if`` per change unless the
+daemon was started with ``COWFS_FAULT`` in its environment; :func:`arm_faults_from_env`, called
+once the mount is ready (after recovery at mount), reads it. From then on every change is counted
+(1-based, across threads) and the variable says what happens to which one, as comma-separated
+directives:
+
+* ``N:kill-before`` / ``N:kill-after``: SIGKILL the daemon just before / just after the N-th
+  change's syscall;
+* ``N:ENOSPC`` (any errno name): the N-th change raises ``OSError(ENOSPC)`` instead of its
+  syscall;
+* ``count:FILE``: append ``<n> <wrapper> <args>`` to FILE for every change, flushed at once.
 """
 
 from __future__ import annotations
@@ -15,9 +29,17 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import logging
 import os
+import signal
 import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, ParamSpec, TypeVar
+
+from .errors import CowfsError
 
 log = logging.getLogger(__name__)
 
@@ -99,40 +121,134 @@ def list_names(fd: int) -> list[str]:
         os.close(dfd)
 
 
-# --- changing the upper layer ------------------------------------------------------------------
+# --- the fault-injection seam (tests only; see the module docstring) -----------------------------
+
+FAULT_ENV = "COWFS_FAULT"
+KILL_BEFORE = "kill-before"
+KILL_AFTER = "kill-after"
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
+@dataclass(slots=True)
+class _Faults:
+    """What ``COWFS_FAULT`` asked for, and how many changes have been made since arming."""
+
+    at: int | None = None  # the change that gets ``action``
+    action: str | None = None  # KILL_BEFORE, KILL_AFTER or an errno name
+    count_file: IO[str] | None = None
+    done: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def before(self, name: str, args: tuple[object, ...]) -> bool:
+        """Count a change about to be made; True if it must be followed by a kill."""
+        with self.lock:
+            self.done += 1
+            n = self.done
+            if self.count_file is not None:
+                self.count_file.write(f"{n} {name} {' '.join(map(repr, args))}\n")
+                self.count_file.flush()
+        if n != self.at:
+            return False
+        log.warning("%s: change %d (%s) gets %s", FAULT_ENV, n, name, self.action)
+        if self.action == KILL_BEFORE:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.action == KILL_AFTER:
+            return True
+        code = getattr(errno, self.action or "")
+        raise OSError(code, f"{os.strerror(code)} (injected by {FAULT_ENV})")
+
+
+_faults: _Faults | None = None
+
+
+def parse_faults(spec: str) -> _Faults:
+    """Parse a ``COWFS_FAULT`` value (see the module docstring)."""
+    faults = _Faults()
+    for directive in filter(None, spec.split(",")):
+        key, _, value = directive.partition(":")
+        if key == "count" and value:
+            faults.count_file = open(value, "a", encoding="utf-8")  # noqa: SIM115 (daemon-long)
+        elif key.isdigit() and int(key) >= 1 and (
+                value in (KILL_BEFORE, KILL_AFTER)
+                or (value.startswith("E") and isinstance(getattr(errno, value, None), int))):
+            faults.at, faults.action = int(key), value
+        else:
+            raise CowfsError(f"invalid {FAULT_ENV} directive {directive!r}: give N:kill-before, "
+                             "N:kill-after, N:ERRNO (e.g. 3:ENOSPC) or count:FILE")
+    return faults
+
+
+def arm_faults_from_env() -> None:
+    """Start counting changes if ``COWFS_FAULT`` is set (tests only); called once, when the mount
+    is ready, so that what mounting itself changes (recovery, the work dir) is not counted."""
+    global _faults
+    spec = os.environ.get(FAULT_ENV)
+    if spec:
+        _faults = parse_faults(spec)
+        log.warning("%s=%s: fault injection armed", FAULT_ENV, spec)
+
+
+def change(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Mark a wrapper that changes a layer: counted, and failed or killed, by ``COWFS_FAULT``."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        faults = _faults
+        if faults is None:
+            return fn(*args, **kwargs)
+        kill_after = faults.before(name, (*args, *kwargs.values()))
+        result = fn(*args, **kwargs)
+        if kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    return wrapper
+
+
+# --- changing the upper layer (every wrapper here carries @change) -----------------------------
+
+
+@change
 def setxattr(fd: int, name: str, value: bytes, flags: int = 0) -> None:
     log.debug("setxattr fd=%d %s=%r", fd, name, value)
     os.setxattr(proc_path(fd), name, value, flags)
 
 
+@change
 def removexattr(fd: int, name: str) -> None:
     log.debug("removexattr fd=%d %s", fd, name)
     os.removexattr(proc_path(fd), name)
 
 
+@change
 def chmod(fd: int, mode: int) -> None:
     log.debug("chmod fd=%d %o", fd, mode)
     os.chmod(proc_path(fd), mode)
 
 
+@change
 def chown(fd: int, uid: int, gid: int) -> None:
     """Change owner of the object itself (a symlink's own owner when fd is a symlink)."""
     log.debug("chown fd=%d %d:%d", fd, uid, gid)
     os.chown(proc_path(fd), uid, gid)
 
 
+@change
 def utimens(fd: int, atime_ns: int, mtime_ns: int) -> None:
     log.debug("utimens fd=%d %d %d", fd, atime_ns, mtime_ns)
     os.utime(proc_path(fd), ns=(atime_ns, mtime_ns))
 
 
+@change
 def truncate(fd: int, size: int) -> None:
     log.debug("truncate fd=%d %d", fd, size)
     os.truncate(proc_path(fd), size)
 
 
+@change
 def create_file(dirfd: int, name: str, mode: int, flags: int = os.O_RDWR) -> int:
     """Create a new regular file (it must not exist) and return it open with ``flags``."""
     log.debug("create dirfd=%d %s %o", dirfd, name, mode)
@@ -140,27 +256,32 @@ def create_file(dirfd: int, name: str, mode: int, flags: int = os.O_RDWR) -> int
                    dir_fd=dirfd)
 
 
+@change
 def mkdir(dirfd: int, name: str, mode: int) -> None:
     log.debug("mkdir dirfd=%d %s %o", dirfd, name, mode)
     os.mkdir(name, mode, dir_fd=dirfd)
 
 
+@change
 def mknod(dirfd: int, name: str, mode: int, rdev: int) -> None:
     log.debug("mknod dirfd=%d %s %o %d", dirfd, name, mode, rdev)
     os.mknod(name, mode, rdev, dir_fd=dirfd)
 
 
+@change
 def mknod_whiteout(dirfd: int, name: str) -> None:
     """A whiteout as the kernel makes it: a 0/0 character device (unprivileged since Linux 5.8)."""
     log.debug("whiteout dirfd=%d %s", dirfd, name)
     os.mknod(name, stat.S_IFCHR, 0, dir_fd=dirfd)
 
 
+@change
 def fsync(fd: int) -> None:
     log.debug("fsync fd=%d", fd)
     os.fsync(fd)
 
 
+@change
 def ftruncate(fd: int, size: int) -> None:
     log.debug("ftruncate fd=%d %d", fd, size)
     os.ftruncate(fd, size)
@@ -177,6 +298,7 @@ def can_clone(src: int, dst: int) -> bool:
     return True
 
 
+@change
 def copy_data(src: int, dst: int, size: int, *, reflink: bool = True) -> None:
     """Copy a file's data into a new file, in the kernel, keeping holes: a reflink where the
     filesystem has them (``reflink``: as probed), else ``copy_file_range`` over the data
@@ -213,27 +335,32 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
         pos += n
 
 
+@change
 def symlink(dirfd: int, name: str, target: str) -> None:
     log.debug("symlink dirfd=%d %s -> %s", dirfd, name, target)
     os.symlink(target, name, dir_fd=dirfd)
 
 
+@change
 def link(fd: int, dirfd: int, name: str) -> None:
     """Give the object behind ``fd`` a new name (``linkat`` through /proc follows to the object)."""
     log.debug("link fd=%d -> dirfd=%d %s", fd, dirfd, name)
     os.link(proc_path(fd), name, dst_dir_fd=dirfd, follow_symlinks=True)
 
 
+@change
 def unlink(dirfd: int, name: str) -> None:
     log.debug("unlink dirfd=%d %s", dirfd, name)
     os.unlink(name, dir_fd=dirfd)
 
 
+@change
 def rmdir(dirfd: int, name: str) -> None:
     log.debug("rmdir dirfd=%d %s", dirfd, name)
     os.rmdir(name, dir_fd=dirfd)
 
 
+@change
 def rename(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: int = 0) -> None:
     """``renameat2``: plain, ``RENAME_NOREPLACE``, ``RENAME_EXCHANGE`` or ``RENAME_WHITEOUT``."""
     log.debug("rename dirfd=%d %s -> dirfd=%d %s flags=%d", olddirfd, oldname, newdirfd, newname,
@@ -244,16 +371,14 @@ def rename(olddirfd: int, oldname: str, newdirfd: int, newname: str, flags: int 
 
 
 def remove_tree(dirfd: int, name: str) -> None:
-    """Remove ``name`` and everything under it, never following a symlink (work dir only)."""
-    try:
-        os.unlink(name, dir_fd=dirfd)
-        log.debug("unlink dirfd=%d %s", dirfd, name)
+    """Remove ``name`` and everything under it, never following a symlink (work dir only).
+
+    Each removal is one ``unlink`` or ``rmdir`` wrapper call (so each is counted as a change).
+    """
+    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        unlink(dirfd, name)
         return
-    except IsADirectoryError:
-        pass
-    except OSError as e:
-        if e.errno != errno.EPERM:  # unlink of a directory is EISDIR on Linux, EPERM elsewhere
-            raise
     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
     try:
         for child in os.listdir(fd):

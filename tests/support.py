@@ -758,8 +758,11 @@ class CowfsMount:
         command: Path | None = None,
         log_dir: Path | None = None,
         watchdog: float | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.lowers = list(lowers)
+        #: Added to the daemon's environment (e.g. COWFS_FAULT for tests/test_faults.py).
+        self.env = dict(env or {})
         self.upper = upper
         self.mnt = mnt
         self.work = work
@@ -819,7 +822,11 @@ class CowfsMount:
 
     def _start_foreground(self) -> None:
         self.proc = subprocess.Popen(
-            self.command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+            self.command,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env} if self.env else None,
         )
 
         def ready() -> bool:
@@ -846,6 +853,7 @@ class CowfsMount:
                 stderr=subprocess.STDOUT,
                 timeout=MOUNT_TIMEOUT * 2,
                 check=False,
+                env={**os.environ, **self.env} if self.env else None,
             )
         except subprocess.TimeoutExpired:
             unmount(self.mnt, fuse=True)
@@ -903,6 +911,28 @@ class CowfsMount:
         assert "Traceback" not in result.stderr, self._fail(f"cowfs umount: {result.stderr}")
         running = {pid for pid in self.daemon_pids if not process_gone(pid)}
         assert not running, self._fail(f"daemon still running after cowfs umount: {running}")
+
+    def detach_dead(self) -> int:
+        """Clean up after a daemon that was killed (foreground only): lazily detach its dead
+        mount, reap it and return its exit status (-9 after SIGKILL). Never hangs."""
+        assert self.foreground, "foreground mounts only"
+        assert self.proc is not None, "not started"
+        self.mounted = False
+        stop_watchdog(self._watchdog)
+        self._watchdog = None
+        try:
+            subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True,
+                           timeout=EXIT_TIMEOUT, check=False)
+            if mounted_fstype(self.mnt) is not None:
+                subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True,
+                               timeout=EXIT_TIMEOUT, check=False)
+            try:
+                return self.proc.wait(timeout=EXIT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait()
+        finally:
+            self._close_log()
 
     def remount(self) -> None:
         """Unmount (checking a clean exit) and mount again with the same command."""
