@@ -14,10 +14,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import io
 import os
 import shutil
 import stat
-import subprocess
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -42,6 +42,8 @@ from support import (
     tree_state,
     walk,
 )
+
+from cowfs import cli
 
 KILL_BEFORE = "kill-before"
 KILL_AFTER = "kill-after"
@@ -249,7 +251,7 @@ def _situations() -> list[Situation]:
         s("rename/file/upper/across-dirs", _rename("uf", "ld/new")),
         s("rename/symlink/lower/new", _rename("lsym", "new")),
         s("rename/file/lower/noreplace-new", _rename("lf", "new", RENAME_NOREPLACE)),
-        s("rename/file/lower-upper/exchange", _rename("lf", "uf", RENAME_EXCHANGE), smoke=True),
+        s("rename/file/lower-upper/exchange", _rename("lf", "uf", RENAME_EXCHANGE)),
         s("rename/file/lower-merged/exchange", _rename("lf", "mf", RENAME_EXCHANGE)),
         s("rename/file-dir/lower-lower/exchange", _rename("lf", "ld", RENAME_EXCHANGE)),
         # renaming directories
@@ -271,7 +273,7 @@ def _situations() -> list[Situation]:
         s("copyup-data/file/lower/append", _append("lf")),
         s("copyup-data/file/lower-dir/write-1-byte", _pwrite("ld/sub/y")),
         # copy-up of metadata only
-        s("copyup-meta/file/lower/chmod", _call(os.chmod, "lf", mode=0o600), smoke=True),
+        s("copyup-meta/file/lower/chmod", _call(os.chmod, "lf", mode=0o600)),
         s("copyup-meta/file/lower/chown", lambda r: os.chown(r / "lf", USER, USER)),
         s("copyup-meta/file/lower/utime", _call(os.utime, "lf", ns=(UTIME_NS, UTIME_NS))),
         s("copyup-meta/file/lower/truncate", lambda r: os.truncate(r / "lf", 3)),
@@ -391,12 +393,9 @@ class Runner:
             diff = diff_trees(state, tree_state(path), ("before", "after"))
             if diff:
                 problems.append(f"lower layer {path} changed:\n{diff}")
-        cmd = [str(self.command), "check", str(layers.upper),
-               "--lower", ":".join(map(str, layers.lowers))]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-        if result.returncode != 0 or "no problems found" not in result.stdout:
-            problems.append(f"cowfs check exited {result.returncode}: "
-                            f"{(result.stdout + result.stderr).strip()}")
+        status, output = cowfs_check(layers)
+        if status != 0 or "no problems found" not in output:
+            problems.append(f"cowfs check exited {status}: {output.strip()}")
         if layers.tmp.is_dir() and (left := sorted(os.listdir(layers.tmp))):
             problems.append(f"work dir tmp/ not empty after a clean remount: {left}")
         return problems
@@ -479,6 +478,19 @@ class Runner:
         with contextlib.suppress(OSError):
             layers.mnt.rmdir()
         return CaseResult(situation.id, n, action, kind, tuple(problems), ref.changes[n - 1])
+
+
+def cowfs_check(layers: Layers) -> tuple[int, str]:
+    """``cowfs check UPPER --lower LOWER`` (offline): exit status and output. Run in this process,
+    by the command's own entry point: a new interpreter per case would double the cost."""
+    out = io.StringIO()
+    argv = ["check", str(layers.upper), "--lower", ":".join(map(str, layers.lowers))]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            status = cli.main(argv)
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else 1
+    return status, out.getvalue()
 
 
 def _errno_kind(outcome: str, action: str, ref: Reference,
