@@ -1,0 +1,98 @@
+"""The fault-injection seam of cowfs/realfs.py, without FUSE (tests/test_faults.py uses it on
+real mounts): parsing COWFS_FAULT, counting changes, failing the N-th, killing at it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cowfs import realfs
+from cowfs.errors import CowfsError
+
+MUTATING = ("setxattr", "removexattr", "chmod", "chown", "utimens", "truncate", "create_file",
+            "mkdir", "mknod", "symlink", "link", "unlink", "rmdir", "rename")
+
+
+@pytest.fixture
+def armed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Arm from COWFS_FAULT as the daemon does; disarmed again afterwards."""
+    monkeypatch.setattr(realfs, "_faults", None)
+    yield
+    faults = realfs._faults
+    if faults is not None and faults.count_file is not None:
+        faults.count_file.close()
+
+
+def _dirfd(path: Path) -> int:
+    return os.open(path, os.O_PATH | os.O_DIRECTORY)
+
+
+def test_every_mutating_wrapper_carries_the_decorator() -> None:
+    for name in MUTATING:
+        assert getattr(realfs, name).__wrapped__, f"realfs.{name} is not marked @change"
+
+
+@pytest.mark.parametrize("spec", ["0:ENOSPC", "x:ENOSPC", "3:ENOPE", "3:kill", "count:", "3"])
+def test_bad_specs_are_refused_in_one_line(spec: str) -> None:
+    with pytest.raises(CowfsError, match="invalid COWFS_FAULT directive"):
+        realfs.parse_faults(spec)
+
+
+def test_unarmed_changes_are_not_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(realfs, "_faults", None)
+    monkeypatch.delenv(realfs.FAULT_ENV, raising=False)
+    realfs.arm_faults_from_env()
+    fd = _dirfd(tmp_path)
+    try:
+        realfs.mkdir(fd, "d", 0o755)
+    finally:
+        os.close(fd)
+    assert realfs._faults is None
+    assert (tmp_path / "d").is_dir()
+
+
+def test_count_and_fail_the_nth_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       armed: None) -> None:
+    count = tmp_path / "count"
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv(realfs.FAULT_ENV, f"3:EDQUOT,count:{count}")
+    realfs.arm_faults_from_env()
+    fd = _dirfd(work)
+    try:
+        realfs.mkdir(fd, "a", 0o755)
+        realfs.remove_tree(fd, "a")  # one change: the rmdir
+        with pytest.raises(OSError) as raised:
+            realfs.mkdir(fd, "b", 0o755)
+        assert raised.value.errno == errno.EDQUOT
+        realfs.symlink(fd, "c", "target")
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(work)) == ["c"], "the failed change must not have been made"
+    lines = count.read_text().splitlines()
+    assert [line.split()[:2] for line in lines] == [
+        ["1", "mkdir"], ["2", "rmdir"], ["3", "mkdir"], ["4", "symlink"]]
+
+
+@pytest.mark.parametrize(("action", "made"), [("kill-before", False), ("kill-after", True)])
+def test_kill_before_and_after_the_nth_change(tmp_path: Path, action: str, made: bool) -> None:
+    pid = os.fork()
+    if pid == 0:  # the child arms, makes two changes and is killed at the second
+        try:
+            os.environ[realfs.FAULT_ENV] = f"2:{action}"
+            realfs.arm_faults_from_env()
+            fd = _dirfd(tmp_path)
+            realfs.mkdir(fd, "first", 0o755)
+            realfs.mkdir(fd, "second", 0o755)
+        finally:
+            os._exit(3)  # reached only if the kill did not happen
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status), f"not killed: {status}"
+    assert os.WTERMSIG(status) == signal.SIGKILL
+    assert (tmp_path / "first").is_dir()
+    assert (tmp_path / "second").is_dir() is made
