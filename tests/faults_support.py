@@ -413,7 +413,11 @@ class Runner:
             outcome = outcome_of(situation, layers.mnt)
             assert outcome == "ok", f"{situation.id} failed without a fault: {outcome}"
         finally:
-            mount.stop()
+            try:
+                mount.stop()
+            finally:
+                if mount.mounted:
+                    mount.detach_dead()
         changes = _lines(count_file)
         with self._mounted(layers, situation) as mount:
             after = view(layers.mnt)
@@ -426,11 +430,19 @@ class Runner:
         """Fresh layers; mount with COWFS_FAULT=<n>:<action>; run the operation; judge."""
         layers = self._fresh(situation)
         lowers_before = [tree_state(p) for p in layers.lowers]
+        env = {"COWFS_FAULT": f"{n}:{action},count:{layers.root / 'count'}"}
+        mount = self._mount(layers, situation, env)
+        try:
+            return self._judge(situation, ref, n, action, layers, mount, lowers_before)
+        finally:
+            if mount.mounted:  # interrupted (Ctrl-C, timeout): never leave a mount behind
+                mount.detach_dead()
+
+    def _judge(self, situation: Situation, ref: Reference, n: int, action: str, layers: Layers,
+               mount: CowfsMount, lowers_before: list[View]) -> CaseResult:
         count_file = layers.root / "count"
-        env = {"COWFS_FAULT": f"{n}:{action},count:{count_file}"}
         problems: list[str] = []
         kind = "error"
-        mount = self._mount(layers, situation, env)
         try:
             outcome = outcome_of(situation, layers.mnt)
             if action in KILLS:
