@@ -15,7 +15,8 @@ from cowfs import realfs
 from cowfs.errors import CowfsError
 
 MUTATING = ("setxattr", "removexattr", "chmod", "chown", "utimens", "truncate", "create_file",
-            "mkdir", "mknod", "symlink", "link", "unlink", "rmdir", "rename")
+            "mkdir", "mknod", "mknod_whiteout", "fsync", "ftruncate", "copy_data", "symlink",
+            "link", "unlink", "rmdir", "rename")
 
 
 @pytest.fixture
