@@ -168,4 +168,4 @@ conformance: setup helper
 # the end. PYTEST_ARGS='-x' etc. pass to pytest.
 .PHONY: faults
 faults: setup helper
-	$(VENV)/bin/python -m pytest -m '' tests/test_faults.py $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m '' -o faulthandler_timeout=0 tests/test_faults.py $(PYTEST_ARGS)
