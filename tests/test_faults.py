@@ -38,14 +38,15 @@ the page cache's view of a file open across the crash.
 
 Not counted as changes (they do not go through a realfs change wrapper): file data written through
 an open handle (handles.py: pwrite, fdatasync, fsync), the truncation done by opening an upper file
-with O_TRUNC (vfs.py, through ``realfs.reopen``), fsyncdir (vfs.py), and what mounting does (the
-work dir probe and recovery, before arming). A fault can therefore not be placed inside those.
+with O_TRUNC (vfs.py, through ``realfs.reopen``), fsyncdir (vfs.py), the content of a stray-whiteout
+note (workdir.py, written into a file made by ``realfs.create_file``), and what mounting does (the
+work dir probes and recovery, before arming). A fault can therefore not be placed inside those.
 
 Selection: kill-after N is the same layer state as kill-before N+1, so kill-before at every N plus
 kill-after at K already reaches every crash state. ``make test`` runs the smoke situations
 (``smoke=True``, one or two per kind of operation, among them every case the issue reports) with
-kill-before at every N, and kill-after and ENOSPC at the last change: 75 cases, about three to four
-minutes on two idle cores (ten minutes measured on two cores shared with a load of 10).
+kill-before at every N, and kill-after and ENOSPC at the last change: 75 cases, measured at 100
+to 195 seconds on two shared cores (ten minutes under a load average of 10).
 Everything else, every situation with every action at every N (about 3,000 cases), is marked
 ``faults_full`` and runs with ``make faults`` (hours; ``PYTEST_ARGS='-k kill-before'`` and the like
 select a part). The counts (operations, situations, injection points, cases passed and failed by
