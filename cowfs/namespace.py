@@ -157,8 +157,10 @@ class Namespace:
         return pending
 
     def _counted(self, entry: Real | None, parent_upper: Real, name: str, expect: schema.Expect,
-                 change: Callable[[], None]) -> None:
-        """Run ``change`` (one commit point) with the count of ``entry`` following it."""
+                 change: Callable[[], None], *, strict: bool = False) -> None:
+        """Run ``change`` with the count of ``entry`` following it. ``strict``: ``change`` is a
+        step before the operation's commit point, and the operation fails unless the count is
+        written (the record's path is about to move)."""
         pending = None if entry is None else self._count_change(entry, parent_upper, name, expect)
         try:
             change()
@@ -167,7 +169,14 @@ class Namespace:
                 nlink.abort(entry.fd)
             raise
         if pending is not None and entry is not None:
-            nlink.finish(entry.fd, pending)
+            nlink.finish(entry.fd, pending, strict=strict)
+
+    def _settle_count(self, inode: Inode) -> None:
+        """Before a name of an index entry moves or goes: a pending record left by an earlier
+        change whose last write failed names a path, which must not change under it."""
+        upper = inode.upper
+        if upper is not None and not inode.is_dir:
+            nlink.settle_pending(upper.fd, self.upper.root_fd)
 
     def _mark_xwhiteouts(self, directory: Inode) -> Real:
         """Mark a directory's upper as holding xattr whiteouts, before the first one is placed
@@ -398,6 +407,7 @@ class Namespace:
             # A visible name with nothing in the upper is a lower name; if the object has an
             # upper copy all the same, that is its index entry, whose count loses this name.
             entry = child.upper if slot is Slot.EMPTY and not child.is_dir else None
+            self._settle_count(child)
             if below:
                 self._counted(entry, parent_upper, name, schema.Expect.PRESENT,
                               lambda: self._whiteout_at(parent, name, slot))
@@ -469,9 +479,10 @@ class Namespace:
         upper = self.copy_up.ensure(inode)
         if inode.is_dir:
             return self._redirect(inode, upper) if inode.lowers else upper
+        self._settle_count(inode)
         if self._slot(parent_upper, name) is Slot.EMPTY:
             self._counted(upper, parent_upper, name, schema.Expect.LINKED,
-                          lambda: self.copy_up.link_name(upper, parent_upper, name))
+                          lambda: self.copy_up.link_name(upper, parent_upper, name), strict=True)
         return upper
 
     def _redirect(self, inode: Inode, upper: Real) -> Real:
@@ -527,6 +538,8 @@ class Namespace:
         slot = self._slot(new_upper, new_name)
         if dst is not None and dst.is_dir and slot is Slot.OBJECT:
             self._clear_empty(dst, new_upper, new_name)
+        if dst is not None:
+            self._settle_count(dst)
         # A lower name of a hard-link set replaced here leaves the set's count.
         entry = dst.upper if dst is not None and not dst.is_dir and slot is Slot.EMPTY else None
         below = exists_below(old_parent.child_parents, old_name)

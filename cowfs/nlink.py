@@ -106,15 +106,25 @@ def begin(fd: int, pending: Pending, upper_root: int) -> None:
     realfs.setxattr(fd, schema.XATTR_PENDING, schema.format_pending(pending))
 
 
-def finish(fd: int, pending: Pending) -> None:
-    """The upper change happened: write the new count, then drop the record. A failure here is
-    harmless (the record still says what happened) and is only logged."""
+def finish(fd: int, pending: Pending, *, strict: bool = False) -> None:
+    """The upper change happened: write the new count, then drop the record. A failure here
+    leaves the record, which still says what happened: it is logged, and raised if ``strict``
+    (the caller is about to move the record's path, which must not happen first)."""
     try:
         realfs.setxattr(fd, schema.XATTR_LOWER_LINKS, str(pending.new).encode())
         realfs.removexattr(fd, schema.XATTR_PENDING)
     except OSError as e:
-        log.warning("cannot settle a link count now (settled when next read or at the next "
-                    "mount): %s", e.strerror)
+        if strict:
+            raise
+        log.warning("cannot settle a link count now (settled when next read, before the next "
+                    "change of one of its names, or at the next mount): %s", e.strerror)
+
+
+def settle_pending(fd: int, upper_root: int) -> None:
+    """Settle a record left behind by a change whose last write failed (one xattr read when
+    there is none). Raises when it cannot be settled."""
+    if realfs.getxattr(fd, schema.XATTR_PENDING) is not None:
+        settle(fd, upper_root)
 
 
 def abort(fd: int) -> None:
