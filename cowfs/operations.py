@@ -36,7 +36,7 @@ from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
 from .handles import FileHandle, wants_write
 from .inodes import Inode
-from .readdir import DirHandle, entry_type
+from .readdir import DirHandle
 from .vfs import Caller, Overlay, SetAttr
 
 log = logging.getLogger(__name__)
@@ -391,9 +391,9 @@ class Operations(pyfuse3.Operations):
         one field, and glibc skips entries whose ``d_ino`` is 0, so :func:`_clear_node_id` sets
         the node id alone. None where that is not possible: the entry is then left out.
         """
-        kind, layer, ino = entry_type(directory, name)
+        kind, number = self.overlay.unresolved_entry(directory, name)
         entry = pyfuse3.EntryAttributes()
-        entry.st_ino = InodeT(self.overlay.table.numbers.number(layer, ino) if ino else 1)
+        entry.st_ino = InodeT(number)
         entry.st_mode = ModeT(kind)
         return entry if _clear_node_id(entry) else None
 

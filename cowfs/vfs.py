@@ -26,7 +26,7 @@ from .inodes import Inode, InodeNumbers, InodeTable
 from .layers import LayerStack
 from .namespace import Caller, Namespace
 from .nlink import merged_nlink
-from .readdir import DirHandle
+from .readdir import DirHandle, entry_type
 from .resolve import root_real
 from .workdir import recover
 
@@ -97,6 +97,12 @@ class Overlay:
             return []
         return [(parent.number, name)
                 for parent, name in self.table.least_recent(self.max_inodes // 4)]
+
+    def unresolved_entry(self, directory: Inode, name: str) -> tuple[int, int]:
+        """For listing a name whose lookup fails: its file type bits and the number its
+        ``d_ino`` shows (1 when unknown)."""
+        kind, layer, ino = entry_type(directory, name)
+        return kind, self.table.numbers.number(layer, ino) if ino else 1
 
     def dotdot(self, directory: Inode) -> Inode:
         link = directory.any_link()
