@@ -2,7 +2,11 @@
 
 Every fixture that mounts also unmounts in its teardown, whether the test passed or not, and the
 cowfs fixtures check there that the lower layers were not modified (tree_state before == after,
-ctime included). The helpers behind them are in support.py, importable without pytest.
+ctime included) and that the layer is sound: the offline ``cowfs check`` finds nothing and the work
+directory's tmp/ is empty (support.layer_problems; s3ql runs fsck after every test the same way).
+A test that builds a broken or hostile layer on purpose opts out with
+``@pytest.mark.layer_check(False, reason="...")``. The helpers behind the fixtures are in
+support.py, importable without pytest.
 
 Choosing layers: ``@pytest.mark.layers(lower0_spec, lower1_spec, ..., upper=spec, options=(...),
 public=False)`` sets what the ``cowfs`` and ``twin`` fixtures mount (topmost lower first); without
@@ -29,6 +33,8 @@ from support import (
     assert_same_tree,
     build_layer,
     find_cowfs,
+    layer_check_disabled,
+    layer_check_enabled,
     tree_state,
 )
 
@@ -80,6 +86,21 @@ def pytest_configure(config: pytest.Config) -> None:
         "layers(*lower_specs, upper=None, options=(), public=False): what the cowfs and twin "
         "fixtures mount",
     )
+
+
+@pytest.fixture(autouse=True)
+def _layer_check_marker(request: pytest.FixtureRequest) -> Iterator[None]:
+    """``@pytest.mark.layer_check(False, reason=...)`` turns the layer check off for every mount
+    of the test (fixtures and support.cowfs_mount alike); the reason is required."""
+    marker = request.node.get_closest_marker("layer_check")
+    if marker is None or (marker.args[0] if marker.args else True):
+        yield
+        return
+    reason = marker.kwargs.get("reason")
+    if not reason:
+        raise pytest.UsageError(f"{request.node.nodeid}: layer_check(False) needs a reason=")
+    with layer_check_disabled(reason):
+        yield
 
 
 @dataclass(slots=True)
@@ -168,7 +189,8 @@ def mount_cowfs(
 ) -> Iterator[MountFactory]:
     """``mount_cowfs(layer_set, options=(), work=None, foreground=True, lowers=None, mnt=None)``:
     a started mount (``lowers`` and ``mnt`` override the layer set's). At teardown every mount is
-    stopped (clean exit checked) and its lowers compared with their state before the mount."""
+    stopped (clean exit checked), its layer checked (``CowfsMount.check_layer``) and its lowers
+    compared with their state before the mount."""
     with contextlib.ExitStack() as stack:
 
         def start(
@@ -194,12 +216,19 @@ def mount_cowfs(
                 watchdog=watchdog_seconds(request),
             )
             stack.callback(_check_lowers, before)
+            stack.callback(_check_layer, mount)
             stack.callback(mount.stop)
             request.node.stash.setdefault(MOUNTS, []).append(mount)
             mount.start()
             return mount
 
         yield start
+
+
+def _check_layer(mount: CowfsMount) -> None:
+    # A mount that never came up (a test expecting the mount to be refused) changed nothing.
+    if layer_check_enabled() and mount.was_mounted and not mount.mounted:
+        mount.check_layer()
 
 
 def _check_lowers(before: dict[Path, Any]) -> None:

@@ -7,6 +7,9 @@ Known limits:
 - ``tree_state`` and ``merged_view`` read every regular file whole to hash it; keep layers small
   except in the tests that are about size.
 - ``run_steps_as`` forks the test process; outcomes come back pickled.
+- ``layer_problems`` runs the offline checker in the test process (``cowfs check`` as a subprocess
+  costs 0.22 s, too much to pay after each of ~500 mount tests); it is the function the command
+  calls, so it finds what the command finds.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import io
 import os
 import pickle
 import re
@@ -785,6 +789,7 @@ class CowfsMount:
         self.proc: subprocess.Popen[bytes] | None = None
         self.daemon_pids: set[int] = set()
         self.mounted = False
+        self.was_mounted = False  # at least one start succeeded
         self._runs = 0
         self._log_path: Path | None = None
         self._log: BinaryIO | None = None
@@ -816,7 +821,7 @@ class CowfsMount:
         else:
             self._start_background()
         self.daemon_pids = fuse_device_holders() - holders_before
-        self.mounted = True
+        self.mounted = self.was_mounted = True
         if self.watchdog_seconds is not None:
             self._watchdog = start_watchdog(self.mnt, self.watchdog_seconds)
 
@@ -944,6 +949,62 @@ class CowfsMount:
             self._log.close()
             self._log = None
 
+    def check_layer(self) -> None:
+        """Assert that the (unmounted) layers are sound: see :func:`layer_problems`."""
+        assert not self.mounted, "check_layer needs the layers unmounted"
+        problems = layer_problems(self.upper, self.lowers, self.work)
+        if problems:
+            raise self._fail("the layer is not sound after unmounting:\n" + "\n".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer check after every mount (as s3ql runs fsck after every test).
+
+#: Why the running test turned the layer check off (the ``layer_check`` marker); empty: it is on.
+_LAYER_CHECK_OFF: list[str] = []
+
+
+@contextlib.contextmanager
+def layer_check_disabled(reason: str) -> Iterator[None]:
+    """No layer check for the mounts stopped inside the block (a test that builds a broken or
+    hostile layer on purpose); conftest.py enters it for tests marked ``layer_check(False)``."""
+    _LAYER_CHECK_OFF.append(reason)
+    try:
+        yield
+    finally:
+        _LAYER_CHECK_OFF.pop()
+
+
+def layer_check_enabled() -> bool:
+    return not _LAYER_CHECK_OFF
+
+
+def layer_problems(upper: Path, lowers: Sequence[Path], work: Path | None = None) -> list[str]:
+    """What is wrong with an unmounted layer, one line each; empty when it is sound.
+
+    Two checks: ``cowfs check UPPER --lower L1:L2...`` finds nothing (exit status 0 and only its
+    "no problems found" line), and the work directory's ``tmp/`` is empty (``--work DIR`` or the
+    default ``UPPER/.cowfs-work``; the checker itself looks only at the default one): a clean
+    unmount leaves nothing half-built behind.
+    """
+    from cowfs.errors import CowfsError
+    from cowfs.tools.check import check
+
+    out = io.StringIO()
+    try:
+        status = check(upper, list(lowers), repair=False, yes=False, dry_run=False, out=out)
+    except CowfsError as e:
+        status, out = 2, io.StringIO(f"error: {e}\n")
+    problems = []
+    if status != 0 or out.getvalue() != f"{upper}: no problems found\n":
+        lowers_arg = ":".join(str(p) for p in lowers)
+        problems.append(f"cowfs check {upper} --lower {lowers_arg}: exit {status}")
+        problems += [f"  {line}" for line in out.getvalue().splitlines()]
+    tmp = (work if work is not None else upper / DEFAULT_WORK_NAME) / "tmp"
+    with contextlib.suppress(FileNotFoundError):
+        problems += [f"left in {tmp}: {name}" for name in sorted(os.listdir(tmp))]
+    return problems
+
 
 @contextlib.contextmanager
 def cowfs_mount(
@@ -958,7 +1019,9 @@ def cowfs_mount(
 ) -> Iterator[CowfsMount]:
     """A started cowfs mount that is always unmounted, whatever the body does.
 
-    A failure inside the body gets the reproducer command and cowfs's output attached.
+    A failure inside the body gets the reproducer command and cowfs's output attached. When the
+    body and the unmount succeed, the layer is checked (``CowfsMount.check_layer``) unless the
+    running test turned that off (``layer_check_disabled``).
     """
     mount = CowfsMount(
         lowers, upper, mnt, work=work, options=options, foreground=foreground, command=command
@@ -971,6 +1034,8 @@ def cowfs_mount(
         raise
     finally:
         mount.stop()
+    if layer_check_enabled():
+        mount.check_layer()
 
 
 # ---------------------------------------------------------------------------------------------
