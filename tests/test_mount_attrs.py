@@ -16,13 +16,16 @@ from pathlib import Path
 import pytest
 from conftest import LayerFactory, MountFactory
 from support import (
+    DEFAULT_WORK_NAME,
     CowfsMount,
     Dir,
     File,
+    assert_same_tree,
     build_layer,
     run_step,
     run_steps_as,
     scratch_mount,
+    tree_state,
     walk,
 )
 
@@ -114,12 +117,22 @@ def test_fsync_and_fdatasync_of_files(cowfs: CowfsMount, rel: str) -> None:
 
 @pytest.mark.parametrize("rel", [".", "dir", "only1", "empty1"])
 def test_fsync_of_directories(cowfs: CowfsMount, rel: str) -> None:
+    """fsync of a merged or a lower-only directory succeeds and changes no layer: a lower-only
+    directory is not copied up (the kernel's ovl_dir_fsync syncs only an upper directory), and
+    what was created before it stays."""
     (cowfs.mnt / "dir" / "fresh").write_text("f")
+    listing = sorted(os.listdir(cowfs.mnt / rel))
+    upper_before = tree_state(cowfs.upper, skip=[DEFAULT_WORK_NAME])
     fd = os.open(cowfs.mnt / rel, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+        os.fdatasync(fd)
     finally:
         os.close(fd)
+    assert_same_tree(upper_before, tree_state(cowfs.upper, skip=[DEFAULT_WORK_NAME]), "upper")
+    assert sorted(os.listdir(cowfs.mnt / rel)) == listing
+    assert (cowfs.upper / rel).is_dir() == (rel in (".", "dir"))
+    assert (cowfs.upper / "dir" / "fresh").read_text() == "f"
 
 
 @pytest.mark.parametrize(
