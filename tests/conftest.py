@@ -35,6 +35,7 @@ from support import (
     find_cowfs,
     layer_check_disabled,
     layer_check_enabled,
+    needs_root,
     tree_state,
 )
 
@@ -78,6 +79,13 @@ def pytest_runtest_makereport(
         for mount in item.stash.get(MOUNTS, []):
             report.sections.append((f"cowfs at {mount.mnt}", mount.describe()))
     return report
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """As a plain user (scripts/test-as-user.sh), tests that compare with the kernel's overlayfs
+    skip: mounting it needs root."""
+    if item.get_closest_marker("kernel") is not None:
+        needs_root("compares with the kernel's overlayfs (mount -t overlay)")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -62,8 +62,8 @@ RENAME_EXCHANGE = 2
 class File:
     content: bytes | str | None = None
     mode: int = 0o644
-    uid: int = 0
-    gid: int = 0
+    uid: int | None = None  # None: whoever builds the layer (root, or the plain user)
+    gid: int | None = None
     xattrs: Mapping[str, bytes | str] = field(default_factory=dict)
     times_ns: tuple[int, int] | None = None  # (atime, mtime)
 
@@ -71,8 +71,8 @@ class File:
 @dataclass(frozen=True, slots=True)
 class Dir:
     mode: int = 0o755
-    uid: int = 0
-    gid: int = 0
+    uid: int | None = None
+    gid: int | None = None
     xattrs: Mapping[str, bytes | str] = field(default_factory=dict)
     times_ns: tuple[int, int] | None = None
 
@@ -109,6 +109,15 @@ class Whiteout:
 
 
 Spec = Mapping[str, Any]
+
+
+def needs_root(what: str) -> None:
+    """Skip the running test when not root: ``what`` needs privileges a plain user lacks (the
+    mount tests also run as uid 65534, see scripts/test-as-user.sh)."""
+    if os.geteuid() != 0:
+        import pytest
+
+        pytest.skip(f"needs root: {what}")
 
 
 def _normalise(key: str, value: Any) -> tuple[str, Any]:
@@ -154,10 +163,13 @@ def _create(root: Path, rel: str, obj: Any, layer: str) -> None:
             os.mkfifo(path, mode)
         case Device(kind=kind, major=major, minor=minor, mode=mode):
             kind_bits = stat.S_IFCHR if kind == "c" else stat.S_IFBLK
+            needs_root("a device node in a layer")
             os.mknod(path, kind_bits | mode, os.makedev(major, minor))
         case Whiteout(form="chardev"):
             os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
         case Whiteout(form="xattr", namespace=ns, mark_parent=mark):
+            if ns == "trusted":
+                needs_root("trusted.* xattrs")
             path.write_bytes(b"")
             os.setxattr(path, f"{ns}.overlay.whiteout", b"")
             if mark:
@@ -169,8 +181,14 @@ def _create(root: Path, rel: str, obj: Any, layer: str) -> None:
 def _apply_metadata(path: Path, obj: Any) -> None:
     if isinstance(obj, File | Dir):
         for name, value in obj.xattrs.items():
+            if name.startswith("trusted."):
+                needs_root("trusted.* xattrs")
             os.setxattr(path, name, _as_bytes(value))
-        os.chown(path, obj.uid, obj.gid)
+        if obj.uid is not None or obj.gid is not None:
+            st = os.lstat(path)
+            if (obj.uid, obj.gid) != (st.st_uid, st.st_gid):
+                needs_root("objects owned by another user")
+            os.chown(path, -1 if obj.uid is None else obj.uid, -1 if obj.gid is None else obj.gid)
         os.chmod(path, obj.mode)
         if obj.times_ns is not None:
             os.utime(path, ns=obj.times_ns)
@@ -738,6 +756,15 @@ def find_cowfs() -> Path:
     return path
 
 
+def user_allow_other() -> bool:
+    """Whether /etc/fuse.conf lets plain users mount with allow_other."""
+    try:
+        text = Path("/etc/fuse.conf").read_text()
+    except OSError:
+        return False
+    return any(line.strip() == "user_allow_other" for line in text.splitlines())
+
+
 def tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
@@ -812,6 +839,8 @@ class CowfsMount:
 
     def start(self) -> None:
         assert not self.mounted, "already mounted"
+        if "allow_other" in self.options and not user_allow_other():
+            needs_root("allow_other (a plain user needs user_allow_other in /etc/fuse.conf)")
         self._runs += 1
         self._log_path = self.log_dir / f"cowfs-{self.mnt.name}-{self._runs}.log"
         self._log = open(self._log_path, "wb")  # noqa: SIM115  (closed in stop)
@@ -1079,6 +1108,7 @@ class KernelOverlay:
         return shlex.join(self.command)
 
     def start(self) -> None:
+        needs_root("the kernel's overlayfs (mount -t overlay)")
         result = subprocess.run(self.command, capture_output=True, text=True, check=False)
         assert result.returncode == 0, f"{self.reproducer} failed: {result.stderr}"
         self.mounted = True
@@ -1115,6 +1145,7 @@ def kernel_overlay(
 @contextlib.contextmanager
 def scratch_mount(fstype: str, mnt: Path, options: str = "") -> Iterator[Path]:
     """A tmpfs or ramfs at ``mnt`` (under a temporary directory), always unmounted."""
+    needs_root(f"mount -t {fstype}")
     cmd = ["mount", "-t", fstype, *(["-o", options] if options else []), fstype, str(mnt)]
     subprocess.run(cmd, check=True, capture_output=True)
     try:

@@ -22,6 +22,7 @@ from support import (
     File,
     assert_same_tree,
     build_layer,
+    needs_root,
     run_step,
     run_steps_as,
     scratch_mount,
@@ -140,6 +141,7 @@ def test_fsync_of_directories(cowfs: CowfsMount, rel: str) -> None:
     [("a.txt", 0o600, 12, 34), ("dir", 0o700, 56, 78), ("only1/f", 0o4755, 0, 9)],
 )
 def test_chmod_and_chown(cowfs: CowfsMount, rel: str, mode: int, uid: int, gid: int) -> None:
+    needs_root("chown to another user")
     os.chown(cowfs.mnt / rel, uid, gid)
     os.chmod(cowfs.mnt / rel, mode)
     for when in ("now", "after remount"):
