@@ -474,6 +474,7 @@ def run_steps_as(
     A fork rather than a new interpreter: the interpreter may live where that user cannot read
     (a pyenv under /root).
     """
+    needs_root("running steps as another user (setuid)")
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns
@@ -726,8 +727,11 @@ def start_watchdog(mnt: Path, seconds: float) -> subprocess.Popen[bytes]:
     connection fails the request and lets the test (and its teardown) run on. A process, not a
     thread, so that forking the test process stays safe.
     """
+    # Not measured by coverage (make test): a process per mount, and none of cowfs runs in it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
     return subprocess.Popen(
         [sys.executable, "-c", _WATCHDOG, str(seconds), str(mnt)],
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

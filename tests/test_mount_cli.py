@@ -22,6 +22,7 @@ from support import (
     fuse_device_holders,
     mount_table,
     mounted_fstype,
+    needs_root,
     process_gone,
     run_step,
     run_steps_as,
@@ -196,6 +197,7 @@ def test_without_allow_other_other_users_are_kept_out(
 
 
 def test_mount_t_fuse_cowfs(layers: LayerFactory) -> None:
+    needs_root("mount -t fuse.cowfs (mount(8) lets a plain user mount only what fstab allows)")
     if not MOUNT_HELPER.exists():
         pytest.fail(f"{MOUNT_HELPER} is missing: run `make helper` (make test does it)")
     layer_set = layers(*DEFAULT_LOWERS, upper=DEFAULT_UPPER)
