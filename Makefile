@@ -29,6 +29,7 @@ help:
 	@echo 'make demo    set up, then mount a small demo overlay under /tmp and show copy-up'
 	@echo 'make test    set up, install the mount helper (root), run the tests (PYTEST_ARGS=...)'
 	@echo 'make test-user   the mount tests again as uid 65534 (root sets it up; make test runs it)'
+	@echo 'make coverage    the tests with the coverage of the daemons too (a report; slower)'
 	@echo 'make lint    ruff check cowfs tests bench; mypy cowfs'
 	@echo 'make check   lint + test'
 	@echo 'make setup   Debian packages + .venv with cowfs installed editable'
@@ -80,8 +81,8 @@ helper: setup
 	    echo "Installed mount helper: $(MOUNT_HELPER) -> $(MOUNT_HELPER_TARGET)"; \
 	fi
 
-# `make test` runs the whole suite as root, measuring the coverage of cowfs (daemons included, see
-# [tool.coverage.run] in pyproject.toml) and failing below COVERAGE_FLOOR, then the mount tests
+# `make test` runs the whole suite as root, measuring the coverage of cowfs in the test process
+# ([tool.coverage.run] in pyproject.toml) and failing below COVERAGE_FLOOR, then the mount tests
 # again as a plain user (test-user). With PYTEST_ARGS (a targeted run) it runs only the first pass,
 # and the floor is not enforced.
 # COVERAGE_FLOOR: a few points under the coverage measured by a full run (README, "Development").
@@ -100,6 +101,13 @@ test: setup helper
 
 # The mount tests as uid 65534 (issue 9: rootless use); needs root to set up what that user needs
 # (scripts/test-as-user.sh says what, and restores it).
+# The whole suite with the coverage of the daemons too (slower: every daemon runs traced); a
+# report, no floor. PYTEST_ARGS='tests/test_mount_namespace.py' narrows it.
+.PHONY: coverage
+coverage: setup helper
+	$(VENV)/bin/python -m pytest --cov --cov-config=tests/coverage-daemons.toml --cov-report=term \
+	    $(PYTEST_ARGS)
+
 test-user: setup
 	@if [[ "$$(id -u)" -ne 0 ]]; then \
 	    echo "test-user: not root, so the mount tests as a plain user are not run" \
