@@ -20,6 +20,7 @@ from support import (
     CowfsMount,
     getxattr_or_none,
     is_whiteout,
+    needs_root,
     renameat2,
     run_step,
 )
@@ -353,6 +354,7 @@ def test_a_whiteout_device_cannot_be_made_through_the_mount(cowfs: CowfsMount) -
 
 
 def test_device_nodes(cowfs: CowfsMount) -> None:
+    needs_root("mknod of a device (CAP_MKNOD)")
     os.mknod(cowfs.mnt / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
     os.mknod(cowfs.mnt / "blk", stat.S_IFBLK | 0o600, os.makedev(7, 200))
     null = os.lstat(cowfs.mnt / "null")
