@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import LayerFactory, LayerSet, MountFactory
-from support import tree_state
+from support import needs_root, tree_state
 
 from cowfs import schema
 
@@ -66,6 +66,7 @@ def test_a_symlinked_tmp_or_index_is_refused(layers: LayerFactory, cowfs_cmd: Pa
 
 def test_a_work_directory_of_another_user_or_open_to_others_is_refused(
         layers: LayerFactory, cowfs_cmd: Path) -> None:
+    needs_root("a work directory owned by another user (chown)")
     ls = layers({"a": None})
     work = ls.upper / WORK
     work.mkdir(mode=0o700)
