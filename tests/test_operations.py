@@ -228,8 +228,6 @@ def fs(
     fds_before = open_fds()
     umask = os.umask(0)  # as the daemon runs: modes are the caller's (RequestContext.umask)
     overlay = Overlay(open_stack(LayerPaths(tuple(lowers), upper)))
-    # Known bug, see test_close_releases_every_descriptor: the root inode's descriptors stay open.
-    root_fds = {str(real.fd) for real in overlay.table.root.reals}
     try:
         kernel = Kernel(Operations(overlay, timeout=1.0))
         yield kernel
@@ -238,8 +236,6 @@ def fs(
     finally:
         overlay.close()
         os.umask(umask)
-        for fd in root_fds & open_fds():
-            os.close(int(fd))
     assert open_fds() == fds_before, "descriptors left open"
     assert layer_problems(upper, lowers) == []
     for path, state in lowers_before.items():
@@ -250,18 +246,11 @@ def upper_of(layer_dirs: tuple[list[Path], Path]) -> Path:
     return layer_dirs[1]
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: Overlay.close leaves the root inode's "
-                   "descriptors open, one per layer (vfs.py: only the stack is closed)")
 def test_close_releases_every_descriptor(layer_dirs: tuple[list[Path], Path]) -> None:
     lowers, upper = layer_dirs
     before = open_fds()
-    overlay = Overlay(open_stack(LayerPaths(tuple(lowers), upper)))
-    root_fds = {str(real.fd) for real in overlay.table.root.reals}
-    overlay.close()
-    left = open_fds() - before
-    for fd in left & root_fds:
-        os.close(int(fd))
-    assert left == set()
+    Overlay(open_stack(LayerPaths(tuple(lowers), upper))).close()
+    assert open_fds() == before
 
 
 # --- lookup and getattr -------------------------------------------------------------------------
