@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import LayerFactory, LayerSet
-from support import CowfsMount, File, kernel_overlay
+from support import CowfsMount, File, kernel_overlay, needs_root
 from tools_support import cowfs
 
 MountFactory = Callable[..., CowfsMount]
@@ -235,6 +235,7 @@ def test_a_bad_entry_behaves_as_under_the_kernel(
 ) -> None:
     """The same lower layers (a root-made one with a bad ``trusted.overlay.redirect``) under the
     kernel's overlayfs and under cowfs: the same listing, ``ls -l`` and ``rm -rf`` outcome."""
+    needs_root("trusted.* xattrs and the kernel's overlayfs")
     mid, bottom = tmp_path / "mid", tmp_path / "bottom"
     for rel, data in [("mid/d/ok", b"ok"), ("mid/d/evil/inner", b"i"), ("bottom/d/b", b"b")]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
