@@ -123,6 +123,10 @@ def mount(lower: str, upper: str, mountpoint: str, *, work: str | None, options:
     paths, stack, real_mountpoint = prepare(paths, Path(mountpoint), opts)
     _daemonize(lambda ready: serve(paths, stack, real_mountpoint, opts, ready),
                lambda: _setup_logging(opts.debug, log_file, False))
+    # The kernel gives a FUSE root inode uid 0 until its first GETATTR and checks ownership on
+    # that (a plain user's utimensat on the mount root would fail EPERM): ask once, now.
+    with contextlib.suppress(OSError):
+        os.stat(real_mountpoint)
 
 
 def _daemonize(run: Callable[[Callable[[], None]], None],

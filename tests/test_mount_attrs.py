@@ -86,9 +86,10 @@ def test_inode_numbers_are_unique_and_the_device_is_one(
 
 ROOT_UID_BEFORE_GETATTR = pytest.mark.xfail(
     os.geteuid() != 0, strict=True, raises=PermissionError,
-    reason="known bug: as a plain user, setting the mount root's times before anything stat()s it "
-    "fails EPERM: the kernel gives the FUSE root inode uid 0 until its first GETATTR and checks "
-    "ownership on those cached attributes (cowfs could stat the root once mounted)")
+    reason="known limit of `cowfs mount -f` (which these tests use): as a plain user, setting the "
+    "mount root's times before anything stat()s it fails EPERM: the kernel gives the FUSE root "
+    "inode uid 0 until its first GETATTR. `cowfs mount` (background) stats the root before it "
+    "returns; test_root_times_as_a_plain_user_after_cowfs_mount checks that")
 
 
 @pytest.mark.parametrize(
@@ -103,6 +104,15 @@ def test_utimens_keeps_nanoseconds(cowfs: CowfsMount, rel: str) -> None:
     cowfs.remount()
     st = os.lstat(cowfs.mnt / rel)
     assert (st.st_atime_ns, st.st_mtime_ns) == (atime, mtime)
+
+
+def test_root_times_as_a_plain_user_after_cowfs_mount(layers: LayerFactory,
+                                                      mount_cowfs: MountFactory) -> None:
+    """The background `cowfs mount` has the kernel fetch the root's attributes before it returns
+    (the plain-user pass of make test is where this matters)."""
+    mount = mount_cowfs(layers({"a": None}), foreground=False)
+    os.utime(mount.mnt, ns=(1_000_000_001, 2_000_000_002))
+    assert os.stat(mount.mnt).st_mtime_ns == 2_000_000_002
 
 
 def test_utime_now_sets_the_current_time(cowfs: CowfsMount) -> None:
