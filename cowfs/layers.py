@@ -11,7 +11,6 @@ is undefined (the kernel caches cowfs's answers).
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import stat
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from . import realfs, schema, upperinfo
 from .errors import CowfsError
-from .workdir import WorkDir, open_work
+from .workdir import WorkDir, lock_directory, open_work
 
 log = logging.getLogger(__name__)
 
@@ -156,20 +155,6 @@ def _validate_nesting(paths: LayerPaths, work: Path | None) -> None:
         raise CowfsError("upper directory is inside the work directory")
 
 
-def _lock(fd: int, path: Path, role: str) -> int:
-    """Lock the upper for as long as the returned descriptor is open (in the daemon). The work
-    directory is locked too (:mod:`cowfs.workdir`): two mounts sharing either would corrupt each
-    other (and each mount cleans its work directory's leftovers)."""
-    lock_fd = realfs.open_dir(fd)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock_fd)
-        raise CowfsError(f"{role} {str(path)!r} is in use by another cowfs mount "
-                         "(an upper can be mounted only once at a time)") from None
-    return lock_fd
-
-
 def open_stack(paths: LayerPaths, *, read_only: bool = False,
                relocate: bool = False) -> LayerStack:
     """Check the layers and open them; every problem becomes a one-line :class:`CowfsError`.
@@ -189,7 +174,7 @@ def open_stack(paths: LayerPaths, *, read_only: bool = False,
     upperinfo.verify_stack(paths.upper, identities, relocate=relocate, what="mount",
                            override="-o relocate to record the new stack")
     upper_dev = os.fstat(upper_fd).st_dev
-    upper_lock = _lock(upper_fd, paths.upper, "upper directory")
+    upper_lock = lock_directory(upper_fd, paths.upper, "upper directory")
     try:
         if not read_only:
             _check_user_xattrs(upper_fd, paths.upper)

@@ -266,14 +266,16 @@ def _open_given_work(path: Path, upper_dev: int) -> int:
     return fd
 
 
-def _lock(fd: int, path: Path) -> int:
-    """Lock the work directory for as long as the returned descriptor is open (in the daemon)."""
+def lock_directory(fd: int, path: Path, role: str) -> int:
+    """Lock a directory (the upper, the work directory) for as long as the returned descriptor is
+    open (in the daemon): two mounts sharing either would corrupt each other, and each mount
+    cleans its work directory's leftovers."""
     lock_fd = realfs.open_dir(fd)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(lock_fd)
-        raise CowfsError(f"work directory {str(path)!r} is in use by another cowfs mount "
+        raise CowfsError(f"{role} {str(path)!r} is in use by another cowfs mount "
                          "(an upper can be mounted only once at a time)") from None
     return lock_fd
 
@@ -296,7 +298,7 @@ def open_work(upper_fd: int, upper_path: Path, given: Path | None, *,
     if fd is None:  # read-only, and never mounted read-write: nothing to read
         return WorkDir(path, None, None, None, None, Features(False, False))
     try:
-        lock_fd = _lock(fd, path)
+        lock_fd = lock_directory(fd, path, "work directory")
         tmp_fd = _open_child_dir(fd, schema.WORK_TMP_NAME, path / schema.WORK_TMP_NAME,
                                  "work directory", create=not read_only, upper_dev=upper_dev)
         index_fd = _open_child_dir(fd, schema.WORK_INDEX_NAME, path / schema.WORK_INDEX_NAME,
