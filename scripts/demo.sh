@@ -69,12 +69,12 @@ show 'cat base/hello.txt'
 show 'ls -la upper'
 show 'cat upper/hello.txt'
 
-say 'Delete through the mount: upper/ gets a whiteout (an empty file marked by an xattr),' \
-    'and its directory is marked as holding whiteouts; base/ still has the file.'
+say 'Delete through the mount: upper/ gets a whiteout (a 0/0 character device, as the' \
+    "kernel's overlayfs makes it); base/ still has the file."
 show 'rm mnt/docs/draft.txt'
 show 'ls -la mnt/docs base/docs'
 show 'ls -laR upper'
-show 'getfattr -d -m - upper/docs/draft.txt upper/docs'
+show "stat -c '%n: %F %t:%T' upper/docs/draft.txt"
 
 cat <<EOF
 
