@@ -229,14 +229,12 @@ class Namespace:
             raise
         self.work.discard(temp)
 
-    def _remove_upper(self, parent_upper: Real, name: str) -> None:
+    def _remove_upper(self, parent_upper: Real, name: str, is_dir: bool) -> None:
         """Delete an upper object that hides nothing below; a directory (which may hold
         whiteouts) leaves in one rename into the work dir and is deleted there."""
-        try:
+        if not is_dir:
             realfs.unlink(parent_upper.fd, name)
             return
-        except IsADirectoryError:
-            pass
         try:
             realfs.rmdir(parent_upper.fd, name)
         except OSError as e:
@@ -412,7 +410,7 @@ class Namespace:
                 self._counted(entry, parent_upper, name, schema.Expect.PRESENT,
                               lambda: self._whiteout_at(parent, name, slot))
             elif slot is not Slot.EMPTY:
-                self._remove_upper(parent_upper, name)
+                self._remove_upper(parent_upper, name, child.is_dir)
             child.drop_link(parent, name)
 
     # --- renaming -----------------------------------------------------------------------------
