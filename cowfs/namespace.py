@@ -175,7 +175,8 @@ class Namespace:
         """Before a name of an index entry moves or goes: a pending record left by an earlier
         change whose last write failed names a path, which must not change under it."""
         upper = inode.upper
-        if upper is not None and not inode.is_dir:
+        # Only an index entry carries a record: it is indexed, or has several upper names.
+        if upper is not None and not inode.is_dir and (upper.indexed or upper.nlink > 1):
             nlink.settle_pending(upper.fd, self.upper.root_fd)
 
     def _mark_xwhiteouts(self, directory: Inode) -> Real:

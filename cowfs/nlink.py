@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 
 from . import realfs, schema
 from .schema import Expect, Pending
@@ -55,20 +54,13 @@ def _pending(fd: int) -> Pending | None:
 
 def _happened(pending: Pending, entry_ino: int, upper_root: int) -> bool:
     """Whether the upper shows the change a pending record waits for."""
-    parent = os.dup(upper_root)
+    parent = realfs.open_parent(upper_root, pending.path)
+    if parent is None:
+        return False
     try:
-        for part in pending.path[:-1]:
-            child = realfs.open_path(parent, part)
-            if child is None:
-                return False
-            os.close(parent)
-            parent = child
-            if not stat.S_ISDIR(os.fstat(parent).st_mode):
-                return False
-        try:
-            st = os.stat(pending.path[-1], dir_fd=parent, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
+        st = os.stat(pending.path[-1], dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
     finally:
         os.close(parent)
     if pending.expect is Expect.LINKED:

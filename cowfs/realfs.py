@@ -73,6 +73,23 @@ def open_path(dirfd: int, name: str) -> int | None:
         return None
 
 
+def open_parent(root_fd: int, components: tuple[str, ...]) -> int | None:
+    """An ``O_PATH`` descriptor of the directory that holds ``components[-1]`` below ``root_fd``,
+    reached one component at a time without following a symlink; None when something on the way
+    is missing or not a directory. The caller closes it."""
+    parent = os.dup(root_fd)
+    for part in components[:-1]:
+        child = open_path(parent, part)
+        os.close(parent)
+        if child is None:
+            return None
+        parent = child
+        if not stat.S_ISDIR(os.fstat(parent).st_mode):
+            os.close(parent)
+            return None
+    return parent
+
+
 def open_dir(fd: int) -> int:
     """A readable descriptor for the directory behind an ``O_PATH`` descriptor (for listing)."""
     return os.open(proc_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -140,16 +140,10 @@ class WorkDir:
             os.close(fd)
         if any(part in ("", ".", "..") for part in path):
             return  # an empty note: the crash came before the change
-        parent = os.dup(upper_root)
+        parent = realfs.open_parent(upper_root, path)
+        if parent is None:
+            return
         try:
-            for part in path[:-1]:
-                child = realfs.open_path(parent, part)
-                if child is None or not stat.S_ISDIR(os.fstat(child).st_mode):
-                    if child is not None:
-                        os.close(child)
-                    return
-                os.close(parent)
-                parent = child
             try:
                 st = os.stat(path[-1], dir_fd=parent, follow_symlinks=False)
             except FileNotFoundError:
