@@ -13,9 +13,10 @@ VENV := .venv
 STAMP := $(VENV)/.cowfs-installed
 PYTEST_ARGS ?=
 
-# fuse3/libfuse3-dev/pkg-config: building and running pyfuse3. attr: getfattr/setfattr, used by
-# the tests and the demo to show the layer format. fuse-overlayfs: behaviour reference in tests.
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config attr fuse-overlayfs
+# fuse3/libfuse3-dev/pkg-config/patch: building (with patches/pyfuse3/) and running pyfuse3.
+# attr: getfattr/setfattr, used by the tests and the demo to show the layer format.
+# fuse-overlayfs: behaviour reference in tests.
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config patch attr fuse-overlayfs
 
 # mount(8) runs /sbin/mount.<type> for `mount -t fuse.cowfs`; on Debian /sbin is /usr/sbin.
 MOUNT_HELPER := /usr/sbin/mount.fuse.cowfs
@@ -59,7 +60,7 @@ system-packages:
 
 # Order-only on system-packages: pyfuse3 compiles against libfuse3-dev, but a package check
 # must not by itself force a reinstall of the venv.
-$(STAMP): pyproject.toml | system-packages
+$(STAMP): pyproject.toml scripts/build-pyfuse3.sh $(wildcard patches/pyfuse3/*.patch) | system-packages
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
 	    echo "cowfs needs Python >= 3.11; '$(PYTHON)' is $$($(PYTHON) --version 2>&1)." \
 	         "Pass another: make PYTHON=python3.12 ..."; exit 1; }
@@ -67,6 +68,9 @@ $(STAMP): pyproject.toml | system-packages
 	@if [[ -d $(VENV) ]] && ! $(VENV)/bin/python -c '' 2>/dev/null; then rm -rf $(VENV); fi
 	@if [[ ! -x $(VENV)/bin/python ]]; then \
 	    echo "Creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); fi
+	@# pyfuse3 first, built from its pinned source with our patches (patches/pyfuse3/README.md),
+	@# so that installing cowfs finds it satisfied.
+	bash scripts/build-pyfuse3.sh $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install --disable-pip-version-check --no-input -e '.[test]'
 	@touch $@
 

@@ -104,8 +104,31 @@ def _clear_node_id(entry: pyfuse3.EntryAttributes) -> bool:
     return True
 
 
+def can_cache_listings() -> bool:
+    """Whether this pyfuse3 lets ``opendir`` ask the kernel to cache listings.
+
+    A pyfuse3 built with ``patches/pyfuse3/0001`` (``make setup`` builds one) accepts a
+    ``FileInfo`` with ``cache_readdir`` from ``opendir``; a stock pyfuse3 does not, and cowfs then
+    serves every listing itself. ``COWFS_STOCK_PYFUSE3=1`` makes cowfs behave as on a stock
+    pyfuse3 (the tests use it to check that path).
+    """
+    if os.environ.get("COWFS_STOCK_PYFUSE3") == "1":
+        return False
+    return hasattr(pyfuse3.FileInfo(), "cache_readdir")
+
+
 class Operations(pyfuse3.Operations):
-    """pyfuse3 handlers for one :class:`Overlay`."""
+    """pyfuse3 handlers for one :class:`Overlay`.
+
+    Listings are cached by the kernel (``cache_readdir`` and ``keep_cache`` on every
+    ``opendir``) when pyfuse3 allows it (:func:`can_cache_listings`) and the mount caches at all
+    (``timeout`` above 0). That is exact, because every change to a directory's entries reaches
+    cowfs as a request on that directory (create, unlink, rename, link, mkdir, rmdir, mknod,
+    symlink), and the kernel drops its cached listing of a directory when such a request
+    succeeds, or when its mtime changes; what cowfs changes on its own (whiteouts, opaque marks,
+    the copy-up of a directory, the index) is either hidden from listings or done within one
+    of those requests.
+    """
 
     supports_dot_lookup = False
 
@@ -116,6 +139,8 @@ class Operations(pyfuse3.Operations):
         self.timeout = timeout
         #: Read by pyfuse3 when the kernel connects.
         self.enable_writeback_cache = writeback
+        #: Whether opendir lets the kernel cache the listing (see the class docstring).
+        self.cache_listings = timeout > 0 and can_cache_listings()
         self._after_init = after_init
         self._read_buf = bytearray(1 << 20)  # see read()
         self._numbers = itertools.count(1)
@@ -346,8 +371,12 @@ class Operations(pyfuse3.Operations):
     # --- directories --------------------------------------------------------------------------
 
     @_errno_boundary
-    async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
-        return self._new_fh(self._dirs, self.overlay.opendir(self._inode(inode)))
+    async def opendir(self, inode: InodeT,
+                      ctx: pyfuse3.RequestContext) -> FileHandleT | pyfuse3.FileInfo:
+        fh = self._new_fh(self._dirs, self.overlay.opendir(self._inode(inode)))
+        if not self.cache_listings:
+            return fh
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
 
     @_errno_boundary
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,7 +195,8 @@ def watchdog_seconds(request: pytest.FixtureRequest) -> float:
 def mount_cowfs(
     request: pytest.FixtureRequest, layers: LayerFactory, cowfs_cmd: Path
 ) -> Iterator[MountFactory]:
-    """``mount_cowfs(layer_set, options=(), work=None, foreground=True, lowers=None, mnt=None)``:
+    """``mount_cowfs(layer_set, options=(), work=None, foreground=True, lowers=None, mnt=None,
+    env=None)`` (``env``: extra environment of the daemon):
     a started mount (``lowers`` and ``mnt`` override the layer set's). At teardown every mount is
     stopped (clean exit checked), its layer checked (``CowfsMount.check_layer``) and its lowers
     compared with their state before the mount."""
@@ -209,6 +210,7 @@ def mount_cowfs(
             foreground: bool = True,
             lowers: Sequence[Path] | None = None,
             mnt: Path | None = None,
+            env: Mapping[str, str] | None = None,
         ) -> CowfsMount:
             lower_dirs = list(lowers if lowers is not None else layer_set.lowers)
             before = {p: tree_state(p) for p in lower_dirs}
@@ -222,6 +224,7 @@ def mount_cowfs(
                 command=cowfs_cmd,
                 log_dir=layer_set.root,
                 watchdog=watchdog_seconds(request),
+                env=env,
             )
             stack.callback(_check_lowers, before)
             stack.callback(_check_layer, mount)

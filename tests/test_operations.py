@@ -152,7 +152,9 @@ class Kernel:
                  flags, CTX)
 
     def opendir(self, number: int) -> int:
-        fh = self.run(self.ops.opendir, number, CTX)
+        reply = self.run(self.ops.opendir, number, CTX)
+        # A FileInfo where pyfuse3 lets the kernel cache listings (patches/pyfuse3/0001).
+        fh = int(reply.fh) if isinstance(reply, pyfuse3.FileInfo) else int(reply)
         self.dirs.add(fh)
         return fh
 
