@@ -36,7 +36,7 @@ from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
 from .handles import FileHandle, wants_write
 from .inodes import Inode
-from .readdir import DirHandle
+from .readdir import DirHandle, Snapshots, offset_of
 from .vfs import Caller, Overlay, SetAttr
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,12 @@ def _clear_node_id(entry: pyfuse3.EntryAttributes) -> bool:
     return True
 
 
+def kernel_can_open_dirs() -> bool:
+    """Whether this pyfuse3 passes the directory's inode to ``readdir`` (``ReaddirToken.inode``,
+    ``patches/pyfuse3/0001``), so that ``opendir`` can be left to the kernel."""
+    return can_cache_listings() and hasattr(pyfuse3.ReaddirToken, "inode")
+
+
 def can_cache_listings() -> bool:
     """Whether this pyfuse3 lets ``opendir`` ask the kernel to cache listings.
 
@@ -120,14 +126,19 @@ def can_cache_listings() -> bool:
 class Operations(pyfuse3.Operations):
     """pyfuse3 handlers for one :class:`Overlay`.
 
-    Listings are cached by the kernel (``cache_readdir`` and ``keep_cache`` on every
-    ``opendir``) when pyfuse3 allows it (:func:`can_cache_listings`) and the mount caches at all
-    (``timeout`` above 0). That is exact, because every change to a directory's entries reaches
-    cowfs as a request on that directory (create, unlink, rename, link, mkdir, rmdir, mknod,
-    symlink), and the kernel drops its cached listing of a directory when such a request
-    succeeds, or when its mtime changes; what cowfs changes on its own (whiteouts, opaque marks,
-    the copy-up of a directory, the index) is either hidden from listings or done within one
-    of those requests.
+    Listings are cached by the kernel when pyfuse3 allows it (:func:`can_cache_listings`) and the
+    mount caches at all (``timeout`` above 0). Where pyfuse3 passes ``readdir`` the directory's
+    inode (:func:`kernel_can_open_dirs`), the first ``opendir`` answers ENOSYS: the kernel then
+    opens directories by itself, with its listing cache on, and sends no more ``opendir`` and
+    ``releasedir`` requests (two of the three requests a warm directory walk made per directory);
+    listings are then served from :class:`Snapshots`, and ``fsyncdir``, which gets no inode,
+    syncs the upper's filesystem. Otherwise ``opendir`` returns ``cache_readdir`` and
+    ``keep_cache``. Either way the cache is exact, because every change to a directory's
+    entries reaches cowfs as a request on that directory (create, unlink, rename, link, mkdir,
+    rmdir, mknod, symlink), and the kernel drops its cached listing of a directory when such a
+    request succeeds, or when its mtime changes; what cowfs changes on its own (whiteouts,
+    opaque marks, the copy-up of a directory, the index) is either hidden from listings or done
+    within one of those requests.
     """
 
     supports_dot_lookup = False
@@ -141,6 +152,9 @@ class Operations(pyfuse3.Operations):
         self.enable_writeback_cache = writeback
         #: Whether opendir lets the kernel cache the listing (see the class docstring).
         self.cache_listings = timeout > 0 and can_cache_listings()
+        #: Whether the kernel opens directories itself (see the class docstring).
+        self.kernel_opens_dirs = self.cache_listings and kernel_can_open_dirs()
+        self._snapshots = Snapshots()
         self._after_init = after_init
         self._read_buf = bytearray(1 << 20)  # see read()
         self._numbers = itertools.count(1)
@@ -373,7 +387,10 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def opendir(self, inode: InodeT,
                       ctx: pyfuse3.RequestContext) -> FileHandleT | pyfuse3.FileInfo:
-        fh = self._new_fh(self._dirs, self.overlay.opendir(self._inode(inode)))
+        handle = self.overlay.opendir(self._inode(inode))
+        if self.kernel_opens_dirs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        fh = self._new_fh(self._dirs, handle)
         if not self.cache_listings:
             return fh
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
@@ -381,16 +398,23 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         self._shed_inodes()
-        handle = self._dirs[fh]
-        directory = handle.inode
-        names = handle.snapshot(start_id, self.overlay.hidden_names(directory))
-        for index in range(start_id, len(names)):
+        if fh == 0 and self.kernel_opens_dirs:
+            directory = self._inode(token.inode)
+            snapshot, start, names = self._snapshots.names(
+                directory, start_id, self.overlay.hidden_names(directory))
+        else:
+            handle = self._dirs[fh]
+            directory = handle.inode
+            snapshot, start = 0, start_id
+            names = handle.snapshot(start_id, self.overlay.hidden_names(directory))
+        for index in range(start, len(names)):
             name = names[index]
+            next_id = offset_of(snapshot, index + 1)
             if name in (".", ".."):
                 # The kernel ignores the attributes of these and counts no lookup for them.
                 target = directory if name == "." else self.overlay.dotdot(directory)
                 if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)),
-                                             self._attrs(target), index + 1):
+                                             self._attrs(target), next_id):
                     return
                 continue
             try:
@@ -401,13 +425,13 @@ class Operations(pyfuse3.Operations):
                 log.debug("readdir: listing %r without attributes: %s", name, e)
                 unlooked = self._unlooked(directory, name)
                 if unlooked is not None and not pyfuse3.readdir_reply(
-                        token, FileNameT(os.fsencode(name)), unlooked, index + 1):
+                        token, FileNameT(os.fsencode(name)), unlooked, next_id):
                     return
                 continue
             if child is None:
                 continue  # whited out, or hidden below a non-directory
             if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)),
-                                         self._attrs(child), index + 1):
+                                         self._attrs(child), next_id):
                 self.overlay.forget(child.number, 1)
                 return
 
@@ -432,6 +456,10 @@ class Operations(pyfuse3.Operations):
 
     @_errno_boundary
     async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
+        if fh == 0 and self.kernel_opens_dirs:
+            # Which directory is not said (the kernel opened it): make the whole upper durable.
+            await _in_thread(self.overlay.sync_upper)
+            return
         await _in_thread(self.overlay.fsyncdir, self._dirs[fh].inode)
 
     # --- xattrs -------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Container, Iterable
 
 from . import realfs
@@ -64,3 +65,57 @@ class DirHandle:
         if offset == 0 or self.names is None:
             self.names = [".", "..", *candidate_names(self.inode, hidden)]
         return self.names
+
+
+#: A ``readdir`` offset (the cookie the kernel passes back, ``d_off``) of a handle-less listing:
+#: the snapshot's number in the high bits, the index of the next entry in the low ones.
+_INDEX_BITS = 32
+_INDEX_MASK = (1 << _INDEX_BITS) - 1
+#: Snapshot numbers wrap below this, so that offsets stay positive 63-bit values.
+_MAX_SNAPSHOT = 1 << 30
+
+
+class Snapshots:
+    """Listings for a kernel that opens directories by itself (no ``opendir`` requests, so no
+    directory handles): each read at offset 0 takes a snapshot, and the offsets handed out name it,
+    so that a reader continuing at an offset gets the snapshot it started from, as with a
+    :class:`DirHandle`. Two readers of one directory never share one.
+
+    Snapshots are kept least recently used first, within ``max_names`` names in all. A reader
+    whose snapshot was dropped (after that many names of other listings) continues in a fresh
+    one at the same index: changes made meanwhile may then show or hide entries near the offset.
+    """
+
+    def __init__(self, max_names: int = 1 << 20) -> None:
+        self._snapshots: OrderedDict[int, tuple[int, list[str]]] = OrderedDict()
+        self._names = 0
+        self._max_names = max_names
+        self._counter = 0
+
+    def names(self, directory: Inode, offset: int,
+              hidden: Container[str]) -> tuple[int, int, list[str]]:
+        """``(snapshot number, index to start at, names)`` for a read of ``directory`` at
+        ``offset``; the entry at index ``i`` gets the offset ``offset_of(number, i + 1)``."""
+        number, index = offset >> _INDEX_BITS, offset & _INDEX_MASK
+        if offset != 0:
+            kept = self._snapshots.get(number)
+            if kept is not None and kept[0] == directory.number:
+                self._snapshots.move_to_end(number)
+                return number, index, kept[1]
+        names = [".", "..", *candidate_names(directory, hidden)]
+        self._counter = self._counter % (_MAX_SNAPSHOT - 1) + 1
+        number = self._counter
+        self._snapshots[number] = (directory.number, names)
+        self._names += len(names)
+        while self._names > self._max_names and len(self._snapshots) > 1:
+            _, (_, dropped) = self._snapshots.popitem(last=False)
+            self._names -= len(dropped)
+        return number, index, names
+
+    def clear(self) -> None:
+        self._snapshots.clear()
+        self._names = 0
+
+
+def offset_of(number: int, index: int) -> int:
+    return (number << _INDEX_BITS) | index

@@ -50,6 +50,9 @@ RENAME_WHITEOUT = 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = _libc.renameat2
+_syncfs = _libc.syncfs
+_syncfs.argtypes = [ctypes.c_int]
+_syncfs.restype = ctypes.c_int
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _renameat2.restype = ctypes.c_int
 
@@ -403,3 +406,10 @@ def remove_tree(dirfd: int, name: str) -> None:
     finally:
         os.close(fd)
     rmdir(dirfd, name)
+
+
+def syncfs(fd: int) -> None:
+    """``syncfs(2)``: commit the filesystem that ``fd`` is on (writes nothing of its own)."""
+    if _syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

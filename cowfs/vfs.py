@@ -224,6 +224,10 @@ class Overlay:
         finally:
             os.close(fd)
 
+    def sync_upper(self) -> None:
+        """Make everything written to the upper's filesystem durable (``syncfs``)."""
+        realfs.syncfs(self.stack.upper.root_fd)
+
     def statfs(self) -> os.statvfs_result:
         """Statistics of the upper's filesystem: that is where writes go."""
         return os.statvfs(realfs.proc_path(self.stack.upper.root_fd))

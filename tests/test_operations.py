@@ -65,8 +65,9 @@ def open_fds() -> set[str]:
 class FakeToken:
     """Stands for the kernel's readdir buffer: room for ``capacity`` entries."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, inode: int = 0) -> None:
         self.capacity = capacity
+        self.inode = inode  # the directory (ReaddirToken.inode, patches/pyfuse3/0001)
         self.entries: list[tuple[str, int, int]] = []  # (name, st_ino, next_id)
 
 
@@ -87,6 +88,9 @@ class Kernel:
         self.lookups: Counter[int] = Counter()
         self.files: set[int] = set()
         self.dirs: set[int] = set()
+        #: Directories the kernel opened by itself (opendir answered ENOSYS): our own negative
+        #: handle -> inode; the handlers then see handle 0 and the token's inode.
+        self.kernel_dirs: dict[int, int] = {}
 
     def run(self, handler: Callable[..., Any], *args: Any) -> Any:
         return trio.run(handler, *args)
@@ -152,20 +156,31 @@ class Kernel:
                  flags, CTX)
 
     def opendir(self, number: int) -> int:
-        reply = self.run(self.ops.opendir, number, CTX)
+        try:
+            reply = self.run(self.ops.opendir, number, CTX)
+        except pyfuse3.FUSEError as e:
+            if e.errno != errno.ENOSYS:
+                raise
+            assert self.ops.kernel_opens_dirs, "ENOSYS from opendir, so the kernel opens dirs"
+            fh = -1 - len(self.kernel_dirs)
+            self.kernel_dirs[fh] = number
+            return fh
         # A FileInfo where pyfuse3 lets the kernel cache listings (patches/pyfuse3/0001).
         fh = int(reply.fh) if isinstance(reply, pyfuse3.FileInfo) else int(reply)
         self.dirs.add(fh)
         return fh
 
     def releasedir(self, fh: int) -> None:
+        if fh < 0:
+            del self.kernel_dirs[fh]  # the kernel sends no releasedir then
+            return
         self.dirs.remove(fh)
         self.run(self.ops.releasedir, fh)
 
     def readdir(self, fh: int, start_id: int, capacity: int) -> list[tuple[str, int, int]]:
         """One readdir request with room for ``capacity`` entries (needs fake_readdir_reply)."""
-        token = FakeToken(capacity)
-        self.run(self.ops.readdir, fh, start_id, token)
+        token = FakeToken(capacity, self.kernel_dirs.get(fh, 0))
+        self.run(self.ops.readdir, max(fh, 0), start_id, token)
         for name, ino, _ in token.entries:
             if name not in (".", ".."):  # readdirplus counts a lookup for every other entry
                 self.lookups[ino] += 1
@@ -220,10 +235,13 @@ def layer_dirs(tmp_path: Path) -> tuple[list[Path], Path]:
     return lowers, build_layer(tmp_path / "upper", UPPER, "upper")
 
 
-@pytest.fixture
+@pytest.fixture(params=["handles", "kernel-opens-dirs"])
 def fs(
-    layer_dirs: tuple[list[Path], Path], monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest, layer_dirs: tuple[list[Path], Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Kernel]:
+    """Both ways of listing: directory handles from opendir (a stock pyfuse3), and the kernel
+    opening directories itself (ReaddirToken.inode, patches/pyfuse3/0001)."""
     lowers, upper = layer_dirs
     monkeypatch.setattr(pyfuse3, "readdir_reply", fake_readdir_reply)
     lowers_before = {p: tree_state(p) for p in lowers}
@@ -231,7 +249,9 @@ def fs(
     umask = os.umask(0)  # as the daemon runs: modes are the caller's (RequestContext.umask)
     overlay = Overlay(open_stack(LayerPaths(tuple(lowers), upper)))
     try:
-        kernel = Kernel(Operations(overlay, timeout=1.0))
+        ops = Operations(overlay, timeout=1.0)
+        ops.kernel_opens_dirs = request.param == "kernel-opens-dirs"
+        kernel = Kernel(ops)
         yield kernel
         kernel.unmount()
         assert len(overlay.table) == 1, "inodes left after every lookup was forgotten"
@@ -379,6 +399,27 @@ def test_readdir_goes_on_at_each_offset_it_gave(fs: Kernel, capacity: int) -> No
     assert sorted(names) == sorted(ROOT_NAMES)
 
 
+def test_two_readers_of_a_changing_directory_each_see_every_name_once(fs: Kernel) -> None:
+    """Each reader goes on in the listing it started (its offsets name it), also when the kernel
+    opens directories itself and every request carries handle 0."""
+    first, second = fs.opendir(ROOT), fs.opendir(ROOT)
+    try:
+        part = fs.readdir(first, 0, 3)
+        fs.mkdir(ROOT, "made-between")
+        other = fs.readdir(second, 0, 1000)
+        fs.unlink(ROOT, "b.txt")
+        rest = fs.readdir(first, part[-1][2], 1000)
+    finally:
+        fs.releasedir(first)
+        fs.releasedir(second)
+    names = [n for n, _, _ in part + rest]
+    assert len(names) == len(set(names)), names
+    # The listing taken before both changes: without the new name, and with every other name
+    # (the removed one may or may not be listed, as POSIX allows).
+    assert set(names) - {"b.txt"} == ROOT_NAMES - {"b.txt"}
+    assert sorted(n for n, _, _ in other) == sorted(ROOT_NAMES | {"made-between"})
+
+
 def test_readdir_entries_carry_the_lookup_attributes(fs: Kernel) -> None:
     fh = fs.opendir(ROOT)
     entries = {name: ino for name, ino, _ in fs.readdir(fh, 0, 100)}
@@ -392,6 +433,8 @@ def test_readdir_with_a_token_from_outside_a_request(
 ) -> None:
     """A real ReaddirToken made in Python has a buffer of size 0: nothing fits, and the handler
     must stop at once, without counting a lookup the kernel never got."""
+    if fs.ops.kernel_opens_dirs:
+        pytest.skip("a ReaddirToken made in Python names no directory (inode 0)")
     monkeypatch.undo()  # the real readdir_reply
     fh = fs.opendir(fs.ino("dir"))
     inodes_before = len(fs.ops.overlay.table)
