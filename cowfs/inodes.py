@@ -283,14 +283,20 @@ class InodeTable:
         except KeyError:
             raise OSError(errno.ESTALE, "unknown inode") from None
 
-    def remember(self, reals: tuple[Real, ...], parent: Inode | None, name: str) -> Inode:
+    def remember(self, reals: tuple[Real, ...], parent: Inode | None, name: str, *,
+                 new: bool = False) -> Inode:
         """The inode for freshly resolved ``reals`` (taking ownership of their descriptors).
 
         Counts one kernel lookup. An object already known keeps its inode (the new descriptors are
         closed): the same number means the same object, unless :func:`same_object` says the real
-        objects differ (a forged origin), when the newcomer gets a number of its own.
+        objects differ (a forged origin), when the newcomer gets a number of its own. ``new``: an
+        object just created, which has no origin to read.
         """
-        number = self.numbers.of(reals, parent.child_parents if parent is not None else (), name)
+        if new:
+            number = self.numbers.number(reals[0].layer.index, origins.ino_of(reals[0]))
+        else:
+            number = self.numbers.of(reals, parent.child_parents if parent is not None else (),
+                                     name)
         with self._lock:
             inode = self._by_number.get(number)
             if inode is not None and not same_object(inode.reals, reals):

@@ -247,47 +247,56 @@ class Namespace:
 
     # --- creating -----------------------------------------------------------------------------
 
-    def _owner(self, parent: Inode, caller: Caller) -> tuple[int, int]:
-        """The owner of a new object: the caller, with the group of a set-group-ID directory."""
-        st = parent.top.stat()
-        gid = st.st_gid if st.st_mode & stat.S_ISGID else caller.gid
-        return caller.uid, gid
-
-    @staticmethod
-    def _natural_owner(parent_upper: Real) -> tuple[int, int]:
-        """Who owns what the daemon creates directly in ``parent_upper``."""
-        st = parent_upper.stat()
-        return os.geteuid(), st.st_gid if st.st_mode & stat.S_ISGID else os.getegid()
-
-    def _new_object(self, parent: Inode, name: str, owner: tuple[int, int] | None, mode: int,
+    def _new_object(self, parent: Inode, name: str, caller: Caller | None, mode: int,
                     make: Callable[[int, str], None]) -> Inode:
-        """Create an object with ``make(dirfd, name)``, owned by ``owner`` unless None.
+        """Create an object with ``make(dirfd, name)``: a new one, owned by ``caller`` (with the
+        group of a set-group-ID directory, and inheriting its set-group-ID bit if it is a
+        directory), or, with ``caller`` None, a new name of an existing one (a hard link).
 
-        Where the daemon would give it its right owner and mode anyway and nothing is in the way,
-        it is made in place: one system call. Otherwise it is made in the work directory, given
-        owner, mode and (over a whiteout, for a directory) its opaque mark, and renamed into place.
+        Where the daemon would give it its right owner and mode anyway, it is made in place: one
+        system call, which also tells whether anything is in the way (EEXIST). Otherwise, or over
+        a whiteout, it is made in the work directory, given owner, mode and (over a whiteout, for
+        a directory) its opaque mark, and renamed into place.
         """
         check_name(name)
         if is_hidden_name(parent is self.table.root, name):
             raise OSError(errno.EPERM, "name reserved for the work directory", name)
         parent_upper = self.copy_up.ensure(parent)
+        owner: tuple[int, int] | None = None
+        natural = True
+        if caller is not None:
+            # One fstat of the parent for the owner, the daemon's own, and an inherited S_ISGID.
+            st = parent_upper.stat()
+            sgid = bool(st.st_mode & stat.S_ISGID)
+            owner = (caller.uid, st.st_gid if sgid else caller.gid)
+            natural = owner == (os.geteuid(), st.st_gid if sgid else os.getegid())
+            if sgid and stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID  # inherited, as the kernel does for directories
+        setid = mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(mode)
         with self.lock:
-            slot = self._slot(parent_upper, name)
-            if slot is Slot.OBJECT:
-                raise OSError(errno.EEXIST, "file exists", name)
-            setid = mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(mode)
-            if slot is Slot.EMPTY and not setid and (
-                    owner is None or owner == self._natural_owner(parent_upper)):
-                make(parent_upper.fd, name)
-                fd = realfs.open_path(parent_upper.fd, name)
-                if fd is None:
-                    raise OSError(errno.ENOENT, "new object vanished", name)
+            fd = None
+            slot = Slot.EMPTY
+            if natural and not setid:
+                try:
+                    make(parent_upper.fd, name)
+                except FileExistsError:
+                    slot = self._slot(parent_upper, name)  # a whiteout, or an object
+                else:
+                    fd = realfs.open_path(parent_upper.fd, name)
+                    if fd is None:
+                        raise OSError(errno.ENOENT, "new object vanished", name)
             else:
+                slot = self._slot(parent_upper, name)
+            if fd is None:
+                if slot is Slot.OBJECT:
+                    raise OSError(errno.EEXIST, "file exists", name)
                 fd = self._build_new(parent_upper, name, slot, owner, mode, make)
         st = os.fstat(fd)
         mark = read_dir_mark(fd, self.upper) if stat.S_ISDIR(st.st_mode) else (
             schema.DirMark.PLAIN)
-        return self.table.remember((Real(self.upper, fd, st.st_mode, mark),), parent, name)
+        real = Real(self.upper, fd, st.st_mode, mark, nlink=st.st_nlink, ino=st.st_ino)
+        # A new object has no origin to read; a new name of an existing one may have one.
+        return self.table.remember((real,), parent, name, new=caller is not None)
 
     def _build_new(self, parent_upper: Real, name: str, slot: Slot, owner: tuple[int, int] | None,
                    mode: int, make: Callable[[int, str], None]) -> int:
@@ -334,7 +343,7 @@ class Namespace:
             opened.append(realfs.create_file(dirfd, fname, stat.S_IMODE(mode)))
 
         try:
-            inode = self._new_object(parent, name, self._owner(parent, caller), mode, make)
+            inode = self._new_object(parent, name, caller, mode, make)
         except BaseException:
             for fd in opened:
                 os.close(fd)
@@ -343,9 +352,7 @@ class Namespace:
 
     def mkdir(self, parent: Inode, name: str, mode: int, caller: Caller) -> Inode:
         mode = stat.S_IFDIR | (stat.S_IMODE(mode) & ~caller.umask)
-        if parent.top.stat().st_mode & stat.S_ISGID:
-            mode |= stat.S_ISGID  # inherited, as the kernel does for directories
-        return self._new_object(parent, name, self._owner(parent, caller), mode,
+        return self._new_object(parent, name, caller, mode,
                                 lambda d, n: realfs.mkdir(d, n, stat.S_IMODE(mode)))
 
     def mknod(self, parent: Inode, name: str, mode: int, rdev: int, caller: Caller) -> Inode:
@@ -353,11 +360,11 @@ class Namespace:
             # It would read back as a whiteout and vanish; the kernel refuses it too.
             raise OSError(errno.EPERM, "a 0/0 character device is a whiteout", name)
         mode = stat.S_IFMT(mode) | (stat.S_IMODE(mode) & ~caller.umask)
-        return self._new_object(parent, name, self._owner(parent, caller), mode,
+        return self._new_object(parent, name, caller, mode,
                                 lambda d, n: realfs.mknod(d, n, mode, rdev))
 
     def symlink(self, parent: Inode, name: str, target: str, caller: Caller) -> Inode:
-        return self._new_object(parent, name, self._owner(parent, caller), stat.S_IFLNK | 0o777,
+        return self._new_object(parent, name, caller, stat.S_IFLNK | 0o777,
                                 lambda d, n: realfs.symlink(d, n, target))
 
     def link(self, inode: Inode, parent: Inode, name: str) -> Inode:
