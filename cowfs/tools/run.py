@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .. import upperinfo
+from .. import outputs, upperinfo
 from ..api import overlay
 from ..changes import line, summary, visible_changes
 from ..errors import CowfsError
@@ -86,6 +86,9 @@ def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | 
     real_base = base.resolve()
     keep_changes = (upper is not None) if keep is None else keep
     mountpoint = at if at is not None else real_base
+    if upper is not None and upper.exists() and not upper.is_dir():
+        raise CowfsError(f"upper {str(upper)!r} is not a directory; give a new or empty "
+                         "directory")
     origin = upper_origin(upper) if upper is not None else UpperOrigin.NEW
     if upper is not None and origin is UpperOrigin.USED and not upperinfo.upper_format_at(upper):
         raise CowfsError(f"upper {str(upper)!r} is neither empty nor a cowfs upper directory; "
@@ -109,6 +112,7 @@ def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | 
             shutil.rmtree(view.upper.parent, ignore_errors=True)
         else:
             discard_upper(view.upper, origin)
+            outputs.remove_dirs(view.made_for_upper)
         print(f"cowfs run: {what}; discarded", file=err)
     return status
 
