@@ -32,7 +32,9 @@ options (-o, comma-separated, may be repeated):
   writeback       the kernel's writeback cache (experimental; nowriteback is the default)
   relocate        the lower layers were moved on purpose: accept a lower stack other than
                   the one recorded on the upper at its last mount, and record the new one
-  nosuid,nodev,noexec,noatime,...  passed to the kernel
+  suid,dev        let set-user-ID programs and device files work (the default is nosuid,nodev)
+  noexec,sync,dirsync,...  passed to the kernel
+  relatime,noatime,strictatime,nodiratime  access times, as on any mount (relatime: default)
 
 The default work directory is UPPER/.cowfs-work; it is never shown in the merged view.
 A read-write mount records the lower stack (paths and identities) on the upper; a later mount

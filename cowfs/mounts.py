@@ -42,6 +42,8 @@ class MountEntry:
     fstype: str
     #: ``major:minor`` of the mounted filesystem.
     device: str
+    #: The mount's own flags (``rw,nosuid,nodev,relatime``).
+    options: str = ""
 
 
 def _unescape(field: bytes) -> str:
@@ -56,7 +58,8 @@ def mount_table() -> list[MountEntry]:
         for line in f:
             fields = line.split()
             fstype = os.fsdecode(fields[fields.index(b"-") + 1])
-            found.append(MountEntry(_unescape(fields[4]), fstype, os.fsdecode(fields[2])))
+            found.append(MountEntry(_unescape(fields[4]), fstype, os.fsdecode(fields[2]),
+                                    os.fsdecode(fields[5])))
     return found
 
 
@@ -69,6 +72,12 @@ def fuse_mount_at(path: Path) -> str | None:
     """The filesystem type mounted exactly at ``path`` if it is a FUSE mount, else None."""
     found = fuse_mounts_at(path)
     return found[0].fstype if found else None
+
+
+def mount_flags(path: Path) -> tuple[str, ...]:
+    """The flags of the topmost cowfs mount at ``path`` (``rw``, ``nosuid``, ...), or ()."""
+    found = [m for m in mount_table() if m.fstype == "fuse.cowfs" and m.mountpoint == str(path)]
+    return tuple(found[-1].options.split(",")) if found else ()
 
 
 def cowfs_mountpoints() -> list[str]:
