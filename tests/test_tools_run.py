@@ -156,12 +156,14 @@ def test_refused_run_changes_nothing(workspace: Workspace, tmp_path: Path) -> No
     inner = [str(find_cowfs()), "run", "--at", str(view), str(workspace.base), "--", "true"]
     result = subprocess.run(inner[:-1] + inner, env={**os.environ, "TMPDIR": str(scratch)},
                             capture_output=True, text=True, check=False, timeout=120)
-    assert result.returncode != 0 and "already mounted" in result.stderr, result.stderr
+    assert result.returncode != 0, result.stderr
+    assert "already mounted" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     result = subprocess.run([str(find_cowfs()), "run", "--at", str(tmp_path / "proc"),
                              "--upper", "/proc/self/nope", workspace.base, "--", "true"],
                             env={**os.environ, "TMPDIR": str(scratch)},
                             capture_output=True, text=True, check=False, timeout=60)
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode != 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
     assert os.listdir(scratch) == []
     assert not (tmp_path / "proc").exists()
