@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from support import build_layer, mounted_fstype
+from support import build_layer, mounted_fstype, wait_until
 from tools_support import unchanged
 
 import cowfs
@@ -147,3 +147,24 @@ def test_pytest_plugin_from_a_test_suite(tmp_path: Path, dataset: Path) -> None:
                                 timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
+
+
+def test_a_busy_view_is_detached_lazily_on_exit(dataset: Path, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A process left inside the view (a background job of the caller's) keeps it busy: after
+    a few seconds of retries the view is detached lazily, with a warning, so it never outlives
+    the ``with`` block; its daemon exits once the last process leaves."""
+    from cowfs import lifecycle, mounts
+
+    with cowfs.overlay(dataset, at=tmp_path / "view") as view:
+        state = mounts.load_state(view.path)
+        assert state is not None
+        lingering = subprocess.Popen(["sleep", "60"], cwd=view.path)
+    try:
+        assert mounted_fstype(tmp_path / "view") is None
+        assert any("detached lazily" in r.getMessage() for r in caplog.records
+                   if r.name == lifecycle.__name__)
+    finally:
+        lingering.kill()
+        lingering.wait()
+    assert wait_until(lambda: not Path(f"/proc/{state.pid}").exists(), timeout=30)
