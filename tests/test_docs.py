@@ -186,3 +186,54 @@ def test_blocks_are_found_with_their_markers() -> None:
     assert [(b.code, b.expected, b.skip, b.setup) for b in found] == [
         ("echo a\n", "a\n", None, None), ("docker ps\n", None, "needs docker", None),
         ("ls p\n", None, None, "mkdir -p p")]
+
+
+def _docker_save(img: Path, layout: str) -> None:
+    """What ``docker save`` writes, extracted: two layers, bottom first in manifest.json."""
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    layers = []
+    for n, (name, data) in enumerate([("etc/motd", b"l1:etc/motd\n"),
+                                      ("etc/issue", b"l2:etc/issue\n")]):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        blob = buf.getvalue()
+        if layout == "oci":  # Docker 25 and later
+            digest = hashlib.sha256(blob).hexdigest()
+            path = f"blobs/sha256/{digest}"
+        else:  # Docker before 25 (Debian 12's docker.io 20.10)
+            path = f"{n:064x}/layer.tar"
+        (img / path).parent.mkdir(parents=True, exist_ok=True)
+        (img / path).write_bytes(blob)
+        layers.append(path)
+    (img / "manifest.json").write_text(json.dumps([{"Config": "config.json",
+                                                    "RepoTags": ["myimage:latest"],
+                                                    "Layers": layers}]))
+    if layout == "oci":
+        (img / "index.json").write_text('{"schemaVersion": 2, "manifests": []}')
+        (img / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+
+@pytest.mark.parametrize("layout", ["oci", "legacy"])
+def test_tutorial_3_imports_either_docker_save_layout(layout: str, tmp_path: Path) -> None:
+    """docs/workspaces.md's import loop, as written, on both layouts ``docker save`` writes."""
+    text = (WORKTREE / "docs/workspaces.md").read_text()
+    block = next(b for b in blocks_of(text) if "manifest.json" in b.code and b.skip is None)
+    loop = block.code.split("\nmkdir ", 1)[0]
+    scratch = tmp_path / "scratch"
+    for prefix in REDIRECTED:
+        (scratch / prefix.strip("/")).mkdir(parents=True, exist_ok=True)
+    _docker_save(scratch / "tmp/img", layout)
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", redirect(loop, scratch)],
+                            env={**os.environ, "PATH": f"{find_cowfs().parent}:"
+                                 f"{os.environ['PATH']}"}, capture_output=True, text=True,
+                            check=False, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (scratch / "srv/layers/l1/etc/motd").read_text() == "l1:etc/motd\n"
+    assert (scratch / "srv/layers/l2/etc/issue").read_text() == "l2:etc/issue\n"
