@@ -38,8 +38,8 @@ def age(path: Path) -> None:
 def mounted(layers: LayerFactory, mount_cowfs: MountFactory, *options: str) -> CowfsMount:
     layer_set = layers({"a.txt": None, "tool": File(mode=0o755, content=b"#!/bin/sh\necho ran\n"),
                         "d/x": None}, upper={"u.txt": None})
-    age(layer_set.lowers[0] / "a.txt")
-    age(layer_set.lowers[0] / "tool")
+    for name in ("a.txt", "tool", "d"):
+        age(layer_set.lowers[0] / name)
     age(layer_set.upper / "u.txt")
     return mount_cowfs(layer_set, options=options)
 
@@ -48,6 +48,8 @@ def atimes_after_reading(mount: CowfsMount) -> tuple[int, int]:
     """Read a lower and an upper file through the view; their real access times after."""
     assert (mount.mnt / "a.txt").read_text() == "lower0:a.txt"
     assert (mount.mnt / "u.txt").read_text() == "upper:u.txt"
+    assert os.listdir(mount.mnt / "d") == ["x"]
+    assert int(os.stat(mount.lowers[0] / "d").st_atime) == OLD, "listing changed a lower dir"
     return (int(os.stat(mount.lowers[0] / "a.txt").st_atime),
             int(os.stat(mount.upper / "u.txt").st_atime))
 
