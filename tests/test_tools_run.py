@@ -167,3 +167,10 @@ def test_refused_run_changes_nothing(workspace: Workspace, tmp_path: Path) -> No
     assert "Traceback" not in result.stderr, result.stderr
     assert os.listdir(scratch) == []
     assert not (tmp_path / "proc").exists()
+    for keep in ("--keep", "--discard"):
+        result = subprocess.run([str(find_cowfs()), "run", keep, "--at", str(view),
+                                 str(workspace.base), "--", "no-such-command"],
+                                env={**os.environ, "TMPDIR": str(scratch)},
+                                capture_output=True, text=True, check=False, timeout=120)
+        assert result.returncode == 127, result.stderr
+        assert os.listdir(scratch) == [], keep

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .. import outputs, upperinfo
-from ..api import overlay
+from ..api import View, overlay
 from ..changes import line, summary, visible_changes
 from ..errors import CowfsError
 from ..walk import walk
@@ -96,9 +96,19 @@ def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | 
     if not keep_changes and upper is not None:
         refuse_to_discard(upper, origin)
     status = 0
-    with overlay(real_base, upper, at=mountpoint, keep=True) as view:
-        cwd = _working_dir(real_base, view.path)
-        status = run_command(command, cwd if cwd.is_dir() else view.path)
+    started: list[View] = []
+    try:
+        with overlay(real_base, upper, at=mountpoint, keep=True) as view:
+            started.append(view)
+            cwd = _working_dir(real_base, view.path)
+            status = run_command(command, cwd if cwd.is_dir() else view.path)
+    except BaseException:
+        # COMMAND not found or not executable, or the view could not be unmounted: a temporary
+        # upper goes unless it holds changes that were to be kept.
+        if started and upper is None and not (
+                keep_changes and visible_changes(walk(started[0].upper, started[0].lowers))):
+            shutil.rmtree(started[0].upper.parent, ignore_errors=True)
+        raise
     changes = visible_changes(walk(view.upper, view.lowers))
     for change in changes[:SUMMARY_LINES]:
         print(f"  {line(change)}", file=err)
