@@ -30,6 +30,20 @@ def flags_of(mnt: Path) -> tuple[set[str], set[str]]:
     return found
 
 
+def status_of(mnt: Path) -> str:
+    """The lines ``cowfs status`` prints for the mount at ``mnt`` (other mounts may be listed)."""
+    result = subprocess.run([str(find_cowfs()), "status"], capture_output=True, text=True,
+                            check=True, timeout=60)
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{mnt}  ("))
+    block = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.startswith("  "):
+            break
+        block.append(line)
+    return "\n".join(block)
+
+
 def age(path: Path) -> None:
     """Access time far in the past, modification time later: relatime would update it."""
     os.utime(path, ns=(OLD * 10**9, (OLD + 3600) * 10**9), follow_symlinks=False)
@@ -118,11 +132,9 @@ def test_nosuid_nodev_by_default_and_status_says_how_to_restore(
     mount = mount_cowfs(layers({"a.txt": None}), foreground=False)
     flags, _ = flags_of(mount.mnt)
     assert {"nosuid", "nodev"} <= flags
-    result = subprocess.run([str(find_cowfs()), "status"], capture_output=True, text=True,
-                            check=True, timeout=60)
-    block = result.stdout.split(str(mount.mnt), 1)[1].split("\n\n")[0]
-    assert "nosuid" in block, result.stdout
-    assert "-o suid,dev restores" in block, result.stdout
+    block = status_of(mount.mnt)
+    assert "flags:   rw,nosuid,nodev" in block, block
+    assert "-o suid,dev restores" in block, block
 
 
 def test_suid_dev_restore_what_the_kernel_overlay_has(layers: LayerFactory,
@@ -131,10 +143,9 @@ def test_suid_dev_restore_what_the_kernel_overlay_has(layers: LayerFactory,
     mount = mount_cowfs(layers({"a.txt": None}), options=("suid", "dev"), foreground=False)
     flags, _ = flags_of(mount.mnt)
     assert not {"nosuid", "nodev"} & flags
-    result = subprocess.run([str(find_cowfs()), "status"], capture_output=True, text=True,
-                            check=True, timeout=60)
-    assert "-o suid,dev restores" not in result.stdout.split(str(mount.mnt), 1)[1].split(
-        "\n\n")[0]
+    block = status_of(mount.mnt)
+    assert "flags:   rw," in block, block
+    assert "-o suid,dev restores" not in block, block
 
 
 def test_nodev_keeps_device_files_closed(layers: LayerFactory,
