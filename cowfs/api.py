@@ -20,16 +20,14 @@ import contextlib
 import io
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import mounts
+from . import lifecycle, mounts, outputs
 from .changes import summary, visible_changes
 from .errors import CowfsError
+from .layers import LayerPaths, check_nesting
 from .walk import Change, walk
 from .workspace import (
     UpperOrigin,
@@ -41,7 +39,6 @@ from .workspace import (
 )
 
 PathLike = str | os.PathLike[str]
-UNMOUNT_TRIES = 50
 
 
 def _lower_list(base: PathLike | Sequence[PathLike]) -> tuple[Path, ...]:
@@ -65,46 +62,15 @@ def match_root(upper: Path, base: Path) -> None:
     os.utime(upper, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def daemon_command() -> list[str]:
-    """How to start this very cowfs in a subprocess, whatever the caller's working directory:
-    ``-P`` keeps ``python -m`` from putting the working directory first on ``sys.path`` (where a
-    folder named ``cowfs`` would be imported instead); :func:`daemon_environment` says where this
-    cowfs is."""
-    return [sys.executable, "-P", "-m", "cowfs"]
-
-
-def daemon_environment() -> dict[str, str]:
-    """The environment with this cowfs package's directory first on ``PYTHONPATH``."""
-    here = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-    return env
-
-
 def mount(lowers: Sequence[Path], upper: Path, mountpoint: Path,
           options: Sequence[str] = ()) -> None:
     """``cowfs mount`` in a subprocess; returns once the filesystem serves requests."""
-    cmd = [*daemon_command(), "mount", *(["-o", ",".join(options)] if options else []),
-           ":".join(os.path.abspath(p) for p in lowers), os.path.abspath(upper),
-           os.path.abspath(mountpoint)]
-    result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                            check=False, env=daemon_environment())
-    if result.returncode != 0:
-        message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
-        raise CowfsError(message.removeprefix("cowfs: error: ") or
-                         f"cowfs mount failed with status {result.returncode}")
+    lifecycle.mount_in_subprocess(lowers, upper, mountpoint, options)
 
 
 def unmount(mountpoint: Path) -> None:
-    """``cowfs umount``, retrying for a few seconds while the mount is busy."""
-    for attempt in range(UNMOUNT_TRIES):
-        try:
-            mounts.unmount(str(mountpoint))
-            return
-        except CowfsError as e:
-            if "busy" not in str(e) or attempt == UNMOUNT_TRIES - 1:
-                raise
-            time.sleep(0.1)
+    """``cowfs umount``, retrying for a few seconds while the mount is busy, then detaching it."""
+    lifecycle.unmount_when_idle(mountpoint)
 
 
 class View:
@@ -119,6 +85,9 @@ class View:
         self.path = path
         self.options = tuple(options)
         self.mounted = False
+        #: The directories created for a given upper (it and its missing parents), which
+        #: discarding the changes removes again.
+        self.made_for_upper: tuple[Path, ...] = ()
 
     @property
     def base(self) -> Path:
@@ -194,40 +163,56 @@ def overlay(base: PathLike | Sequence[PathLike], upper: PathLike | None = None, 
             raise CowfsError(f"lower directory {str(lower)!r} does not exist"
                              if not lower.exists() else f"lower {str(lower)!r} is not a "
                              "directory")
+    # Every refusal comes before anything is created.
+    for role, given in (("upper", upper), ("mountpoint", at)):
+        if given is not None and os.path.lexists(given) and not Path(given).is_dir():
+            raise CowfsError(f"{role} {str(given)!r} is not a directory")
+    if upper is not None:
+        check_nesting(LayerPaths(lowers, Path(upper)))
     temporary_upper = upper is None
     keep = (not temporary_upper) if keep is None else keep
     origin = upper_origin(Path(upper)) if upper is not None else UpperOrigin.NEW
     if not keep and upper is not None:
         refuse_to_discard(Path(upper), origin)
     scratch = Path(tempfile.mkdtemp(prefix="cowfs-view-"))
+    made_upper: list[Path] = []  # directories created here, removed again on failure
+    made_at: list[Path] = []
     try:
         upper_dir = Path(upper) if upper is not None else scratch / "upper"
-        upper_dir.mkdir(parents=True, exist_ok=True)
+        made_upper = outputs.make_dirs(upper_dir)
         match_root(upper_dir, lowers[0])
         if at is None:
             mountpoint = scratch / "view"
             mountpoint.mkdir()
         else:
             mountpoint = Path(at)
-            if not mountpoint.is_dir():
-                raise CowfsError(f"mountpoint {str(mountpoint)!r} does not exist"
-                                 if not mountpoint.exists() else
-                                 f"mountpoint {str(mountpoint)!r} is not a directory")
+            made_at = outputs.make_dirs(mountpoint)
         view = View(lowers, upper_dir.resolve(), mountpoint.resolve(), options)
+        view.made_for_upper = tuple(made_upper) if upper is not None else ()
         view.mount()
+    except BaseException:
+        if upper is not None and origin is not UpperOrigin.USED:
+            with contextlib.suppress(CowfsError, OSError):
+                discard_upper(Path(upper), origin)
+        outputs.remove_dirs(made_upper + made_at)
+        _remove_scratch(scratch)
+        raise
+    try:
+        yield view
+    finally:
         try:
-            yield view
-        finally:
             view.unmount()
             if not keep:
                 discard_upper(upper_dir, origin)
-    finally:
-        if temporary_upper and keep:
-            # Keep the upper, drop the rest of the scratch directory.
-            with contextlib.suppress(OSError):
-                (scratch / "view").rmdir()
-        else:
-            _remove_scratch(scratch)
+                outputs.remove_dirs(made_upper)
+        finally:
+            outputs.remove_dirs(made_at)  # still mounted (the unmount failed): left alone
+            if temporary_upper and keep:
+                # Keep the upper, drop the rest of the scratch directory.
+                with contextlib.suppress(OSError):
+                    (scratch / "view").rmdir()
+            else:
+                _remove_scratch(scratch)
 
 
 def _remove_scratch(scratch: Path) -> None:

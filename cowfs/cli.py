@@ -11,10 +11,10 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
+from . import __version__, lifecycle
 from .errors import CowfsError
 from .layers import LayerPaths
 
@@ -32,7 +32,9 @@ options (-o, comma-separated, may be repeated):
   writeback       the kernel's writeback cache (experimental; nowriteback is the default)
   relocate        the lower layers were moved on purpose: accept a lower stack other than
                   the one recorded on the upper at its last mount, and record the new one
-  nosuid,nodev,noexec,noatime,...  passed to the kernel
+  suid,dev        let set-user-ID programs and device files work (the default is nosuid,nodev)
+  noexec,sync,dirsync,...  passed to the kernel
+  relatime,noatime,strictatime,nodiratime  access times, as on any mount (relatime: default)
 
 The default work directory is UPPER/.cowfs-work; it is never shown in the merged view.
 A read-write mount records the lower stack (paths and identities) on the upper; a later mount
@@ -78,13 +80,50 @@ def _add_umount_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p.set_defaults(func=_cmd_umount)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser: options and positionals mix in any order (``cowfs reset UPPER
+    --yes PATH`` as well as ``cowfs reset --yes UPPER PATH``), as in git and coreutils.
+
+    A command that takes a command line of its own (``run BASE -- COMMAND...``) mixes them before
+    ``--``; without ``--``, everything after BASE is the command, as for ``env`` and ``sudo``.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None,
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        if self._intermixing:  # parse_known_intermixed_args calls back here
+            return super().parse_known_args(args, namespace)
+        arguments = list(sys.argv[1:] if args is None else args)
+        rest = [a for a in self._get_positional_actions() if a.nargs == argparse.REMAINDER]
+        if rest and "--" not in arguments:
+            return super().parse_known_args(arguments, namespace)
+        tail: list[str] = []
+        if rest:
+            split = arguments.index("--")
+            arguments, tail = arguments[:split], arguments[split + 1:]
+            rest[0].nargs = argparse.ZERO_OR_MORE
+        self._intermixing = True
+        try:
+            parsed, extra = self.parse_known_intermixed_args(arguments, namespace)
+        finally:
+            self._intermixing = False
+            if rest:
+                rest[0].nargs = argparse.REMAINDER
+        if rest:
+            setattr(parsed, rest[0].dest, [*(getattr(parsed, rest[0].dest) or []), *tail])
+        return parsed, extra
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cowfs", description="cowfs: a copy-on-write overlay filesystem (FUSE). Reads come "
         "from the topmost layer that has a name; all changes go to the upper layer; the lower "
         "layers are never modified.")
     parser.add_argument("--version", action="version", version=f"cowfs {__version__}")
-    subparsers = parser.add_subparsers(metavar="COMMAND", required=True)
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser] = parser.add_subparsers(
+        metavar="COMMAND", required=True, parser_class=CommandParser)
     _add_mount_parser(subparsers)
     _add_umount_parser(subparsers)
     from .tools.commands import add_parsers  # run, diff, commit, reset, export, import, ...
@@ -121,55 +160,12 @@ def mount(lower: str, upper: str, mountpoint: str, *, work: str | None, options:
         serve(paths, stack, real_mountpoint, opts, ready=lambda: None)
         return
     paths, stack, real_mountpoint = prepare(paths, Path(mountpoint), opts)
-    _daemonize(lambda ready: serve(paths, stack, real_mountpoint, opts, ready),
-               lambda: _setup_logging(opts.debug, log_file, False))
+    lifecycle.daemonize(lambda ready: serve(paths, stack, real_mountpoint, opts, ready),
+                        lambda: _setup_logging(opts.debug, log_file, False))
     # The kernel gives a FUSE root inode uid 0 until its first GETATTR and checks ownership on
     # that (a plain user's utimensat on the mount root would fail EPERM): ask once, now.
     with contextlib.suppress(OSError):
         os.stat(real_mountpoint)
-
-
-def _daemonize(run: Callable[[Callable[[], None]], None],
-               setup_logging: Callable[[], None]) -> None:
-    """Run ``run`` in a detached child; return in the parent once it reports it is serving."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(write_end)
-        with os.fdopen(read_end, "rb") as pipe:
-            message = pipe.read().decode(errors="replace")
-        if message != "ok":
-            raise CowfsError(message or "the cowfs daemon exited before mounting")
-        return
-    os.close(read_end)
-    os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-    setup_logging()
-    status = 0
-
-    def ready() -> None:
-        os.write(write_end, b"ok")
-        os.close(write_end)
-
-    try:
-        run(ready)
-    except CowfsError as e:
-        _report_to_parent(write_end, str(e))
-        status = e.exit_code
-    except BaseException as e:
-        log.exception("cowfs daemon failed")
-        _report_to_parent(write_end, f"the cowfs daemon failed: {e}")
-        status = 1
-    os._exit(status)
-
-
-def _report_to_parent(fd: int, message: str) -> None:
-    with contextlib.suppress(OSError):  # already closed once the mount was reported ready
-        os.write(fd, message.encode())
-        os.close(fd)
 
 
 def _cmd_mount(args: argparse.Namespace) -> None:
@@ -181,9 +177,7 @@ def _cmd_mount(args: argparse.Namespace) -> None:
 
 
 def umount(mountpoint: str, timeout: float = 30.0) -> None:
-    from .mounts import unmount
-
-    unmount(mountpoint, timeout)
+    lifecycle.unmount(mountpoint, timeout)
 
 
 def _cmd_umount(args: argparse.Namespace) -> None:
@@ -207,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _helper_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="mount.fuse.cowfs",
         description="mount(8) helper: mount -t fuse.cowfs -o lowerdir=A:B,upperdir=U,workdir=W "
         "cowfs MOUNTPOINT")

@@ -155,6 +155,11 @@ def _validate_nesting(paths: LayerPaths, work: Path | None) -> None:
         raise CowfsError("upper directory is inside the work directory")
 
 
+def check_nesting(paths: LayerPaths) -> None:
+    """The nesting rules alone, for a caller that creates the upper: checked before it does."""
+    _validate_nesting(paths, paths.work.resolve() if paths.work is not None else None)
+
+
 def open_stack(paths: LayerPaths, *, read_only: bool = False,
                relocate: bool = False) -> LayerStack:
     """Check the layers and open them; every problem becomes a one-line :class:`CowfsError`.

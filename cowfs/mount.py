@@ -23,12 +23,14 @@ open fails with EIO (the kernel sends the times, and the object has no name left
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import os
 import resource
 import signal
 import stat
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,14 +51,23 @@ log = logging.getLogger(__name__)
 IGNORED_OPTIONS = frozenset({"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users",
                              "nouser", "owner", "group", "rw"})
 #: Options handed to the kernel through libfuse unchanged.
-KERNEL_OPTIONS = frozenset({"ro", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime",
-                            "atime", "relatime", "nodiratime", "sync", "async", "dirsync"})
+KERNEL_OPTIONS = frozenset({"ro", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "sync",
+                            "async", "dirsync"})
+#: The access-time policy of the mount (one of them; the last given wins). libfuse knows only
+#: ``noatime``; ``relatime`` is what every new mount gets; ``strictatime`` is set after mounting.
+ATIME_OPTIONS = frozenset({"atime", "noatime", "relatime", "strictatime"})
+#: ``mount_setattr(2)``: the call and the flags of ``struct mount_attr`` (linux/mount.h).
+SYS_MOUNT_SETATTR = 442  # the same on every architecture (after the syscall table unification)
+MOUNT_ATTR_ATIME_MASK = 0x70
+MOUNT_ATTR_STRICTATIME = 0x20
+MOUNT_ATTR_NODIRATIME = 0x80
 #: A day: the kernel may cache names and attributes that long (see the module docstring).
 DEFAULT_TIMEOUT = 86400.0
 #: Readahead of the mount in KiB: the largest read request (libfuse's 1 MiB max_pages). The kernel
 #: offers 128 KiB at INIT and a FUSE daemon may only lower that there; root can raise it in sysfs
 #: afterwards. Sequential reads then take 8x fewer requests (3x faster cold, measured).
 READAHEAD_KIB = 1024
+AT_FDCWD = -100
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +82,18 @@ class MountOptions:
     writeback: bool = False
     #: The layers were moved on purpose: accept a stack other than the one recorded on the upper.
     relocate: bool = False
+    #: ``noatime``, ``relatime`` (the default) or ``strictatime``.
+    atime: str = "relatime"
+    nodiratime: bool = False
+
+    @property
+    def noatime(self) -> bool:
+        return self.atime == "noatime"
+
+    @property
+    def set_after_mount(self) -> bool:
+        """Whether some flag is set with mount_setattr(2) once mounted (root only)."""
+        return self.atime == "strictatime" or self.nodiratime
 
     @property
     def read_only(self) -> bool:
@@ -79,8 +102,9 @@ class MountOptions:
     @classmethod
     def parse(cls, specs: list[str]) -> MountOptions:
         """Parse ``-o a,b=c`` strings (given once or several times)."""
-        allow_other = debug = volatile = writeback = relocate = False
+        allow_other = debug = volatile = writeback = relocate = nodiratime = False
         timeout = DEFAULT_TIMEOUT
+        atime = "relatime"
         kernel: set[str] = set()
         for spec in specs:
             for opt in filter(None, spec.split(",")):
@@ -97,11 +121,16 @@ class MountOptions:
                     writeback = key == "writeback"
                 elif key == "timeout":
                     timeout = _parse_timeout(value)
+                elif key in ATIME_OPTIONS:
+                    atime = "relatime" if key == "atime" else key
+                elif key in ("nodiratime", "diratime"):
+                    nodiratime = key == "nodiratime"
                 elif key in KERNEL_OPTIONS:
                     kernel.add(key)
                 elif key not in IGNORED_OPTIONS:
                     raise CowfsError(f"unknown mount option {opt!r} (see 'cowfs mount --help')")
-        return cls(allow_other, debug, timeout, volatile, frozenset(kernel), writeback, relocate)
+        return cls(allow_other, debug, timeout, volatile, frozenset(kernel), writeback, relocate,
+                   atime, nodiratime)
 
     def fuse_options(self, source: str) -> set[str]:
         opts = set(pyfuse3.default_options) | {f"fsname={source}", "subtype=cowfs"} | self.kernel
@@ -109,7 +138,16 @@ class MountOptions:
             opts.add("allow_other")
         if self.debug:
             opts.add("debug")
+        if self.noatime:
+            opts.add("noatime")
         return opts
+
+    def describe(self) -> str:
+        """The flags a user may want to know about, e.g. ``nosuid,nodev,relatime``."""
+        flags: list[str] = [f for f in ("ro", "noexec") if f in self.kernel]
+        flags += ["suid" if "suid" in self.kernel else "nosuid",
+                  "dev" if "dev" in self.kernel else "nodev", self.atime]
+        return ",".join([*flags, *(["nodiratime"] if self.nodiratime else [])])
 
 
 def _parse_timeout(value: str) -> float:
@@ -120,6 +158,31 @@ def _parse_timeout(value: str) -> float:
     if not seconds >= 0:
         raise CowfsError(f"invalid timeout {value!r}: give a number of seconds, e.g. timeout=1")
     return seconds
+
+
+def set_mount_flags(mountpoint: Path, options: MountOptions) -> None:
+    """Set the access-time flags libfuse cannot pass (``strictatime``, ``nodiratime``) on the
+    mount, as ``mount -o remount,bind`` would, with mount_setattr(2) (root only)."""
+    if not options.set_after_mount:
+        return
+    attr_set = MOUNT_ATTR_STRICTATIME if options.atime == "strictatime" else 0
+    attr_clr = MOUNT_ATTR_ATIME_MASK if options.atime == "strictatime" else 0
+    if options.nodiratime:
+        attr_set |= MOUNT_ATTR_NODIRATIME
+    attr = struct.pack("QQQQ", attr_set, attr_clr, 0, 0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, os.fsencode(mountpoint), 0,
+                    ctypes.c_char_p(attr), len(attr)) != 0:
+        err = ctypes.get_errno()
+        raise CowfsError(f"cannot set {options.describe()} on {str(mountpoint)!r}: "
+                         f"{os.strerror(err)}")
+
+
+def check_privileges(options: MountOptions) -> None:
+    if options.set_after_mount and os.geteuid() != 0:
+        raise CowfsError("-o strictatime and -o nodiratime need root: the kernel takes them only "
+                         "after mounting (mount_setattr), which a plain user may not call; "
+                         "leave them out (relatime is the default)")
 
 
 # --- mountpoint checks and state files ---------------------------------------------------------
@@ -206,13 +269,14 @@ def serve(paths: LayerPaths, stack: LayerStack, mountpoint: Path, options: Mount
     os.umask(0)  # modes of new objects are exactly what the caller asked for
     _raise_fd_limit()
     with contextlib.ExitStack() as cleanup:
-        overlay = Overlay(stack, sync=not options.volatile)
+        overlay = Overlay(stack, sync=not options.volatile, noatime=options.noatime)
         cleanup.callback(overlay.close)
         operations = Operations(overlay, timeout=options.timeout, writeback=options.writeback,
                                 after_init=lambda: raise_readahead(mountpoint))
         fusecheck.init(operations, str(mountpoint), options.fuse_options("cowfs"))
         unmount = True
         cleanup.callback(lambda: pyfuse3.close(unmount=unmount))
+        set_mount_flags(mountpoint, options)
         cleanup.enter_context(_state_recorded(mountpoint, paths, stack))
         log.info("mounted %s (upper %s, lowers %s)", mountpoint, paths.upper,
                  ":".join(map(str, paths.lowers)))
@@ -229,9 +293,10 @@ def prepare(paths: LayerPaths, mountpoint: Path,
     Returns the layer paths resolved (nothing may resolve a path once mounted: the mountpoint may
     be a layer's own path), the opened stack, and the resolved mountpoint.
     """
+    options = options or MountOptions()
+    check_privileges(options)
     real_mountpoint = check_mountpoint(mountpoint)
     resolved = paths.resolved()
     check_mountpoint_outside(resolved, real_mountpoint)
-    options = options or MountOptions()
     stack = open_stack(resolved, read_only=options.read_only, relocate=options.relocate)
     return resolved, stack, real_mountpoint

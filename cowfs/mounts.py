@@ -1,5 +1,6 @@
 """Running cowfs mounts, seen from outside the daemon: state files, the mount table, unmounting,
-finding the layers of a mount or of an upper, and exclusive use of an upper.
+finding the layers of a mount or of an upper, and exclusive use of an upper (unmounting is
+:mod:`cowfs.lifecycle`).
 
 Free of pyfuse3 and trio: the daemon (:mod:`cowfs.mount`) writes the state files with the
 functions here, and the command line, the Python API and the offline tools read them.
@@ -18,11 +19,7 @@ import fcntl
 import logging
 import os
 import re
-import select
-import shutil
 import stat
-import subprocess
-import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +42,8 @@ class MountEntry:
     fstype: str
     #: ``major:minor`` of the mounted filesystem.
     device: str
+    #: The mount's own flags (``rw,nosuid,nodev,relatime``).
+    options: str = ""
 
 
 def _unescape(field: bytes) -> str:
@@ -59,7 +58,8 @@ def mount_table() -> list[MountEntry]:
         for line in f:
             fields = line.split()
             fstype = os.fsdecode(fields[fields.index(b"-") + 1])
-            found.append(MountEntry(_unescape(fields[4]), fstype, os.fsdecode(fields[2])))
+            found.append(MountEntry(_unescape(fields[4]), fstype, os.fsdecode(fields[2]),
+                                    os.fsdecode(fields[5])))
     return found
 
 
@@ -72,6 +72,12 @@ def fuse_mount_at(path: Path) -> str | None:
     """The filesystem type mounted exactly at ``path`` if it is a FUSE mount, else None."""
     found = fuse_mounts_at(path)
     return found[0].fstype if found else None
+
+
+def mount_flags(path: Path) -> tuple[str, ...]:
+    """The flags of the topmost cowfs mount at ``path`` (``rw``, ``nosuid``, ...), or ()."""
+    found = [m for m in mount_table() if m.fstype == "fuse.cowfs" and m.mountpoint == str(path)]
+    return tuple(found[-1].options.split(",")) if found else ()
 
 
 def cowfs_mountpoints() -> list[str]:
@@ -273,46 +279,3 @@ def exclusive_upper(upper: Path, what: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-# --- unmounting ----------------------------------------------------------------------------------
-
-
-def unmount(mountpoint: str, timeout: float = 30.0) -> None:
-    """Unmount the cowfs mount at ``mountpoint`` and wait until its daemon has exited."""
-    path = Path(mountpoint).resolve()
-    if fuse_mount_at(path) != "fuse.cowfs":
-        raise CowfsError(f"{mountpoint!r} is not a cowfs mountpoint")
-    state = load_state(path)
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    cmd = [tool, "-u", str(path)] if tool else ["umount", str(path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
-        raise CowfsError(f"cannot unmount {mountpoint!r}: {reason}")
-    if state is None:
-        log.warning("no state file for %s: unmounted without waiting for the daemon", path)
-        return
-    _wait_for_exit(state.pid, timeout)
-    after = load_state(path)
-    if after is not None and after.pid == state.pid:
-        raise CowfsError(f"unmounted, but the cowfs daemon (pid {state.pid}) ended with an error: "
-                         f"{after.error or 'it did not clean up'}")
-
-
-def _wait_for_exit(pid: int, timeout: float) -> None:
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise CowfsError(f"unmounted, but the cowfs daemon (pid {pid}) has not exited "
-                                 f"after {timeout:g} s")
-            if select.select([pidfd], [], [], remaining)[0]:
-                return
-    finally:
-        os.close(pidfd)

@@ -35,7 +35,10 @@ def merge_names(listings: Iterable[Iterable[str]], hidden: Container[str] = ()) 
 
 def candidate_names(directory: Inode, hidden: Container[str]) -> list[str]:
     """Every name that may be visible in ``directory`` (whiteouts are filtered by the caller)."""
-    return merge_names((realfs.list_names(real.fd) for real in directory.reals), hidden)
+    # Listing a lower directory leaves its access time alone (the kernel's overlayfs mounts its
+    # lowers noatime).
+    return merge_names((realfs.list_names(real.fd, noatime=not real.layer.is_upper)
+                        for real in directory.reals), hidden)
 
 
 def entry_type(directory: Inode, name: str) -> tuple[int, int, int]:

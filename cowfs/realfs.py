@@ -106,6 +106,15 @@ def reopen(fd: int, flags: int) -> int:
     return os.open(proc_path(fd), flags | os.O_CLOEXEC)
 
 
+def reopen_noatime(fd: int, flags: int) -> int:
+    """:func:`reopen` with ``O_NOATIME`` (reads leave the access time alone), which only the
+    file's owner or a holder of CAP_FOWNER may ask for; anyone else opens without it."""
+    try:
+        return os.open(proc_path(fd), flags | os.O_NOATIME | os.O_CLOEXEC)
+    except PermissionError:
+        return os.open(proc_path(fd), flags | os.O_CLOEXEC)
+
+
 # --- reading --------------------------------------------------------------------------------------
 
 
@@ -132,9 +141,16 @@ def readlink(fd: int) -> str:
     return os.readlink("", dir_fd=fd)
 
 
-def list_names(fd: int) -> list[str]:
-    """The names in the directory behind an ``O_PATH`` descriptor."""
-    dfd = open_dir(fd)
+def list_names(fd: int, *, noatime: bool = False) -> list[str]:
+    """The names in the directory behind an ``O_PATH`` descriptor; ``noatime``: without changing
+    its access time (where permitted, as :func:`reopen_noatime`)."""
+    if noatime:
+        try:
+            dfd = os.open(proc_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_NOATIME | os.O_CLOEXEC)
+        except PermissionError:
+            dfd = open_dir(fd)
+    else:
+        dfd = open_dir(fd)
     try:
         return os.listdir(dfd)
     finally:

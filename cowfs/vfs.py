@@ -50,8 +50,10 @@ class SetAttr:
 class Overlay:
     """One mounted overlay."""
 
-    def __init__(self, stack: LayerStack, *, sync: bool = True) -> None:
+    def __init__(self, stack: LayerStack, *, sync: bool = True, noatime: bool = False) -> None:
         self.stack = stack
+        #: ``-o noatime``: reading an upper file does not change its access time either.
+        self.noatime = noatime
         if not stack.read_only:
             recover(stack)
         self.table = InodeTable(tuple(root_real(layer) for layer in stack.all),
@@ -197,7 +199,12 @@ class Overlay:
             upper = self.copy_up.ensure(inode, with_data=not flags & os.O_TRUNC)
             return FileHandle(inode, realfs.reopen(upper.fd, real_flags(flags)), on_upper=True)
         top = inode.top
-        fd = realfs.reopen(top.fd, real_flags(flags))
+        # A lower file's access time never changes (the kernel's overlayfs mounts its lowers
+        # noatime); an upper file's follows the upper's filesystem, unless -o noatime.
+        if top.layer.is_upper and not self.noatime:
+            fd = realfs.reopen(top.fd, real_flags(flags))
+        else:
+            fd = realfs.reopen_noatime(top.fd, real_flags(flags))
         return FileHandle(inode, fd, on_upper=top.layer.is_upper)
 
     def create(self, parent: Inode, name: str, mode: int, caller: Caller) -> FileHandle:

@@ -232,8 +232,14 @@ def kind_of(st: os.stat_result) -> str:
 
 
 def sha256_of(path: Path) -> str:
+    """The content's digest, read without changing the access time where permitted (so that a
+    test can check that a mount leaves access times alone)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
@@ -244,13 +250,25 @@ def xattrs_of(path: Path, prefix: str = "") -> tuple[tuple[str, bytes], ...]:
     return tuple((n, os.getxattr(path, n, follow_symlinks=False)) for n in names)
 
 
+def _list_noatime(directory: Path) -> list[str]:
+    """os.listdir without changing the directory's access time where permitted (as sha256_of)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOATIME | os.O_CLOEXEC)
+    except PermissionError:
+        return os.listdir(directory)
+    try:
+        return os.listdir(fd)
+    finally:
+        os.close(fd)
+
+
 def walk(root: Path) -> Iterator[tuple[str, Path, os.stat_result]]:
     """Every object under ``root`` (itself as "."), parents before children, by lstat."""
     yield ".", root, os.lstat(root)
     pending = [(root, "")]
     while pending:
         directory, prefix = pending.pop()
-        for name in sorted(os.listdir(directory)):
+        for name in sorted(_list_noatime(directory)):
             path = directory / name
             rel = prefix + name
             st = os.lstat(path)

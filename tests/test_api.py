@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from support import build_layer, mounted_fstype
+from support import build_layer, mounted_fstype, wait_until
 from tools_support import unchanged
 
 import cowfs
@@ -73,9 +73,41 @@ def test_overlay_of_several_lowers_and_bad_input(tmp_path: Path, dataset: Path) 
     with pytest.raises(cowfs.CowfsError, match="does not exist"), \
             cowfs.overlay(tmp_path / "missing"):
         pass
-    with pytest.raises(cowfs.CowfsError, match="mountpoint"), \
-            cowfs.overlay(dataset, at=tmp_path / "nowhere"):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(cowfs.CowfsError, match=r"mountpoint .* is not a directory"), \
+            cowfs.overlay(dataset, at=tmp_path / "file"):
         pass
+    with unchanged(dataset, "the dataset"), \
+            pytest.raises(cowfs.CowfsError, match="inside lower"), \
+            cowfs.overlay(dataset, dataset / "changes"):
+        pass
+    assert not (dataset / "changes").exists()
+
+
+def test_overlay_creates_a_missing_mountpoint_and_removes_it(dataset: Path,
+                                                             tmp_path: Path) -> None:
+    with cowfs.overlay(dataset, at=tmp_path / "new/view") as view:
+        assert (view.path / "a.csv").read_text() == "data:a.csv"
+    assert not (tmp_path / "new").exists()
+
+
+def test_api_started_next_to_a_folder_named_cowfs(dataset: Path, tmp_path: Path) -> None:
+    """The daemon is started as ``python -P -m cowfs``: a folder named cowfs in the caller's
+    working directory is not imported instead of cowfs."""
+    decoy = tmp_path / "project"
+    (decoy / "cowfs").mkdir(parents=True)
+    (decoy / "cowfs/__init__.py").write_text("raise ImportError('the wrong cowfs')\n")
+    script = tmp_path / "use_api.py"
+    script.write_text(textwrap.dedent(f"""\
+        import cowfs
+        with cowfs.overlay({str(dataset)!r}) as view:
+            print((view.path / "a.csv").read_text())
+        """))
+    env = {**os.environ, "PYTHONPATH": str(Path(cowfs.__file__).parent.parent)}
+    result = subprocess.run([sys.executable, str(script)], cwd=decoy, env=env,
+                            capture_output=True, text=True, check=False, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "data:a.csv\n"
 
 
 def test_cowfs_overlay_fixture(cowfs_overlay, dataset: Path) -> None:  # type: ignore[no-untyped-def]
@@ -115,3 +147,24 @@ def test_pytest_plugin_from_a_test_suite(tmp_path: Path, dataset: Path) -> None:
                                 timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
+
+
+def test_a_busy_view_is_detached_lazily_on_exit(dataset: Path, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A process left inside the view (a background job of the caller's) keeps it busy: after
+    a few seconds of retries the view is detached lazily, with a warning, so it never outlives
+    the ``with`` block; its daemon exits once the last process leaves."""
+    from cowfs import lifecycle, mounts
+
+    with cowfs.overlay(dataset, at=tmp_path / "view") as view:
+        state = mounts.load_state(view.path)
+        assert state is not None
+        lingering = subprocess.Popen(["sleep", "60"], cwd=view.path)
+    try:
+        assert mounted_fstype(tmp_path / "view") is None
+        assert any("detached lazily" in r.getMessage() for r in caplog.records
+                   if r.name == lifecycle.__name__)
+    finally:
+        lingering.kill()
+        lingering.wait()
+    assert wait_until(lambda: not Path(f"/proc/{state.pid}").exists(), timeout=30)

@@ -165,8 +165,23 @@ def test_export_bad_input(workspace: Workspace) -> None:
     ws = workspace
     assert_user_error(cowfs("export", ws.root / "nothing", "-o", ws.root / "x.tar"),
                       "does not exist")
+    (ws.root / "file").write_text("x")
     assert_user_error(cowfs("export", "--lower", ws.base, ws.upper, "-o",
-                            ws.root / "no/such/dir/x.tar"), "does not exist")
+                            ws.root / "file/dir/x.tar"), "is not a directory")
+    (ws.root / "out").mkdir()
+    assert_user_error(cowfs("export", "--lower", ws.base, ws.upper, "-o", ws.root / "out"),
+                      "is a directory")
     assert_user_error(cowfs("export", "--lower", ws.base, ws.upper, "-o", ws.root / "x.tar.zst"),
                       "zstd")
     assert not (ws.root / "x.tar").exists()
+    assert os.listdir(ws.root / "out") == []
+
+
+def test_export_and_import_create_missing_parents(workspace: Workspace) -> None:
+    """Like ``mkdir -p``: the directories named for the output are created."""
+    ws = workspace
+    result = cowfs("export", "--lower", ws.base, ws.upper, "-o", ws.root / "new/dir/x.tar")
+    assert result.status == 0, result
+    result = cowfs("import", ws.root / "new/dir/x.tar", ws.root / "layers/deep/l1")
+    assert result.status == 0, result
+    assert (ws.root / "layers/deep/l1").is_dir()

@@ -118,6 +118,59 @@ def test_ctrl_c_reaches_the_command_and_still_unmounts(workspace: Workspace) -> 
 def test_run_bad_input(workspace: Workspace, tmp_path: Path) -> None:
     assert_user_error(cowfs("run", tmp_path / "missing", "--", "true"), "does not exist")
     assert_user_error(cowfs("run", workspace.base), "no command")
-    assert_user_error(cowfs("run", "--at", tmp_path / "no/such/dir", workspace.base, "--",
-                            "true"))
+    (tmp_path / "file").write_text("x")
+    assert_user_error(cowfs("run", "--at", tmp_path / "file", workspace.base, "--", "true"),
+                      "not a directory")
+    assert_user_error(cowfs("run", "--upper", tmp_path / "file", workspace.base, "--", "true"),
+                      "not a directory")
     assert not cowfs_mounts_under(tmp_path)
+
+
+def test_run_creates_a_missing_mountpoint_and_removes_it(workspace: Workspace,
+                                                         tmp_path: Path) -> None:
+    """``--at`` and ``--upper`` are created with their parents (as ``mkdir -p``), and what was
+    created for the view is gone afterwards; a kept upper stays."""
+    result = cowfs("run", "--at", tmp_path / "no/such/view", "--upper", tmp_path / "new/upper",
+                   workspace.base, "--", "sh", "-c", "cat a.txt; echo x > added")
+    assert result.status == 0, result
+    assert result.out == "base:a.txt"
+    assert not (tmp_path / "no").exists()
+    assert (tmp_path / "new/upper/added").read_text() == "x\n"
+    result = cowfs("run", "--at", tmp_path / "v2", "--upper", tmp_path / "gone/upper",
+                   "--discard", workspace.base, "--", "sh", "-c", "echo x > added")
+    assert result.status == 0, result
+    assert not (tmp_path / "v2").exists()
+    assert not (tmp_path / "gone").exists()
+
+
+def test_refused_run_changes_nothing(workspace: Workspace, tmp_path: Path) -> None:
+    """An upper inside the base is refused before it is created; a failed mount leaves no
+    ``cowfs-view-*`` scratch directory behind."""
+    before = sorted(os.listdir(workspace.base))
+    assert_user_error(cowfs("run", "--upper", workspace.base / "x", workspace.base, "--", "true"),
+                      "inside lower")
+    assert sorted(os.listdir(workspace.base)) == before
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    view = tmp_path / "view"
+    inner = [str(find_cowfs()), "run", "--at", str(view), str(workspace.base), "--", "true"]
+    result = subprocess.run(inner[:-1] + inner, env={**os.environ, "TMPDIR": str(scratch)},
+                            capture_output=True, text=True, check=False, timeout=120)
+    assert result.returncode != 0, result.stderr
+    assert "already mounted" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    result = subprocess.run([str(find_cowfs()), "run", "--at", str(tmp_path / "proc"),
+                             "--upper", "/proc/self/nope", workspace.base, "--", "true"],
+                            env={**os.environ, "TMPDIR": str(scratch)},
+                            capture_output=True, text=True, check=False, timeout=60)
+    assert result.returncode != 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert os.listdir(scratch) == []
+    assert not (tmp_path / "proc").exists()
+    for keep in ("--keep", "--discard"):
+        result = subprocess.run([str(find_cowfs()), "run", keep, "--at", str(view),
+                                 str(workspace.base), "--", "no-such-command"],
+                                env={**os.environ, "TMPDIR": str(scratch)},
+                                capture_output=True, text=True, check=False, timeout=120)
+        assert result.returncode == 127, result.stderr
+        assert os.listdir(scratch) == [], keep

@@ -208,7 +208,7 @@ def test_imports_point_down() -> None:
     for name in sorted(graph):
         visit(name, ())
     # The core (up to the model, vfs), the library and the offline tools need no FUSE.
-    for top in ("cowfs.vfs", "cowfs.api", "cowfs.workspace", "cowfs.tools.check",
+    for top in ("cowfs.vfs", "cowfs.api", "cowfs.lifecycle", "cowfs.workspace", "cowfs.tools.check",
                 "cowfs.tools.oci", "cowfs.tools.status"):
         reached, pending = set(), [top]
         while pending:
@@ -217,6 +217,9 @@ def test_imports_point_down() -> None:
                 reached.add(name)
                 pending += graph.get(name, set())
         assert not reached & {"pyfuse3", "trio"}, top
+    # The mount lifecycle has one home, below the command line, the API and the tools.
+    assert graph["cowfs.lifecycle"] <= {"cowfs.mounts", "cowfs.errors"}
+    assert {"cowfs.lifecycle"} <= graph["cowfs.cli"] & graph["cowfs.api"]
     upward = {n: deps for n, deps in graph.items() if not n.startswith("cowfs.tools")
               and n not in ("cowfs.cli", "cowfs.__main__")
               and any(d.startswith("cowfs.tools") or d == "cowfs.cli" for d in deps)}

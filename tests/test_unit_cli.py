@@ -57,3 +57,28 @@ def test_parser_requires_a_command(capsys: pytest.CaptureFixture[str]) -> None:
         build_parser().parse_args([])
     assert exc.value.code == 2
     assert "COMMAND" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["reset", "/u", "--yes", "src/g"], {"upper": "/u", "paths": ["src/g"], "yes": True}),
+    (["reset", "-n", "/u", "a", "--yes", "b"], {"paths": ["a", "b"], "yes": True,
+                                                "dry_run": True}),
+    (["diff", "/u", "--json", "--lower", "a:b"], {"target": "/u", "lower": "a:b", "json": True}),
+    (["export", "/u", "-o", "x.tar", "--lower", "L"], {"target": "/u", "output": "x.tar"}),
+    (["mount", "a", "-o", "ro", "b", "c", "-f"], {"upper": "b", "mountpoint": "c",
+                                                  "foreground": True, "options": ["ro"]}),
+    (["commit", "/u", "--into", "/b", "--yes"], {"upper": "/u", "into": "/b", "yes": True}),
+    (["check", "/u", "--repair", "--lower", "L", "-y"], {"upper": "/u", "repair": True}),
+    (["import", "x.tar", "d"], {"archive": "x.tar", "dir": "d"}),
+    (["umount", "/m", "--timeout", "3"], {"mountpoint": "/m", "timeout": 3.0}),
+    (["run", "B", "--at", "/v", "--", "ls", "-l", "--at"], {"base": "B", "at": "/v",
+                                                            "command": ["ls", "-l", "--at"]}),
+    (["run", "--at", "/v", "B", "ls", "--at", "x"], {"base": "B", "at": "/v",
+                                                     "command": ["ls", "--at", "x"]}),
+    (["run", "B", "--", "--help"], {"base": "B", "command": ["--help"]}),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_options_and_paths_mix_in_any_order(argv: list[str], expected: dict[str, object]) -> None:
+    """As documented (docs/workspaces.md: ``cowfs reset /tmp/proj.changes --yes src/generated``);
+    ``run`` mixes them before ``--``, and without ``--`` everything after BASE is the command."""
+    parsed = vars(build_parser().parse_args(argv))
+    assert {key: parsed[key] for key in expected} == expected

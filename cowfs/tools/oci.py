@@ -28,6 +28,7 @@ are skipped on export (tar cannot hold them).
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import os
 import shutil
@@ -39,7 +40,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, TextIO
 
-from .. import plans, realfs, schema
+from .. import outputs, plans, realfs, schema
 from ..changes import quote
 from ..errors import CowfsError
 from ..walk import (
@@ -252,12 +253,18 @@ def export_layer(upper: Path, lowers: Sequence[Path], output: str, *, gzip_flag:
             _export_records(writer, upper, lowers, work, records, progress)
         return writer.count
     target = Path(output)
-    if not target.parent.is_dir():
-        raise CowfsError(f"directory {str(target.parent)!r} does not exist")
-    plans.remove_stale_temporaries(target.parent, target.name, "export")
-    temp = target.parent / plans.temporary_name(target.name, "export")
-    with _interruption_reported("export", f"{output!r} was not written"):
-        count = _export_to(temp, target, upper, lowers, work, records, compress)
+    if target.is_dir():
+        raise CowfsError(f"{output!r} is a directory; give the name of the tar file to write, "
+                         f"e.g. -o {os.path.join(output, 'layer.tar')}")
+    made = outputs.make_dirs(target.parent)
+    try:
+        plans.remove_stale_temporaries(target.parent, target.name, "export")
+        temp = target.parent / plans.temporary_name(target.name, "export")
+        with _interruption_reported("export", f"{output!r} was not written"):
+            count = _export_to(temp, target, upper, lowers, work, records, compress)
+    except BaseException:
+        outputs.remove_dirs(made)
+        raise
     print(f"exported {count} entries to {output}", file=out or sys.stderr)
     return count
 
@@ -505,13 +512,18 @@ def import_layer(archive: str, dest: Path, *, out: TextIO | None = None) -> int:
                          if not Path(archive).exists() else f"{archive!r} is not a file")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise CowfsError(f"{str(dest)!r} exists and is not an empty directory")
-    if not dest.parent.is_dir():
-        raise CowfsError(f"directory {str(dest.parent)!r} does not exist")
-    plans.remove_stale_temporaries(dest.parent, dest.name, "import")
-    temp = dest.parent / plans.temporary_name(dest.name, "import")
+    if dest.is_dir() and os.path.ismount(dest):
+        raise CowfsError(f"{str(dest)!r} is a mountpoint; import into a new directory")
+    made = outputs.make_dirs(dest.parent)
     count = 0
-    with _interruption_reported("import", f"{str(dest)!r} was not created"):
-        count = _import_into(archive, dest, temp)
+    try:
+        plans.remove_stale_temporaries(dest.parent, dest.name, "import")
+        temp = dest.parent / plans.temporary_name(dest.name, "import")
+        with _interruption_reported("import", f"{str(dest)!r} was not created"):
+            count = _import_into(archive, dest, temp)
+    except BaseException:
+        outputs.remove_dirs(made)
+        raise
     print(f"imported {count} members into {dest}", file=out or sys.stderr)
     return count
 
@@ -526,6 +538,19 @@ def _interruption_reported(what: str, result: str) -> Iterator[None]:
         raise CowfsError(f"{what} interrupted ({e}); {result}", e.exit_code) from None
 
 
+def _unpack_member(extractor: _Extractor, tar: tarfile.TarFile, info: tarfile.TarInfo) -> None:
+    """One member; a system call's failure (a name longer than the filesystem allows, no space
+    left) is an error about that member, in one line."""
+    try:
+        extractor.member(tar, info)
+    except OSError as e:
+        name = info.name if len(info.name) <= 80 else f"{info.name[:60]}...{info.name[-12:]}"
+        if e.errno == errno.ENAMETOOLONG:
+            raise CowfsError(f"member {name!r}: a name in it is longer than the filesystem "
+                             "allows (255 bytes)") from None
+        raise CowfsError(f"member {name!r}: {e.strerror}") from None
+
+
 def _import_into(archive: str, dest: Path, temp: Path) -> int:
     """Unpack into ``temp``, then rename it to ``dest``; ``temp`` is removed on any failure."""
     count = 0
@@ -536,7 +561,7 @@ def _import_into(archive: str, dest: Path, temp: Path) -> int:
             try:
                 with _open_archive(archive) as tar:
                     for info in tar:
-                        extractor.member(tar, info)
+                        _unpack_member(extractor, tar, info)
                         count += 1
                         plans.fault_point(IMPORT_FAULT, count)
             except _CORRUPT as e:

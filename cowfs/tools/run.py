@@ -24,8 +24,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .. import upperinfo
-from ..api import overlay
+from .. import outputs, upperinfo
+from ..api import View, overlay
 from ..changes import line, summary, visible_changes
 from ..errors import CowfsError
 from ..walk import walk
@@ -86,6 +86,9 @@ def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | 
     real_base = base.resolve()
     keep_changes = (upper is not None) if keep is None else keep
     mountpoint = at if at is not None else real_base
+    if upper is not None and upper.exists() and not upper.is_dir():
+        raise CowfsError(f"upper {str(upper)!r} is not a directory; give a new or empty "
+                         "directory")
     origin = upper_origin(upper) if upper is not None else UpperOrigin.NEW
     if upper is not None and origin is UpperOrigin.USED and not upperinfo.upper_format_at(upper):
         raise CowfsError(f"upper {str(upper)!r} is neither empty nor a cowfs upper directory; "
@@ -93,9 +96,19 @@ def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | 
     if not keep_changes and upper is not None:
         refuse_to_discard(upper, origin)
     status = 0
-    with overlay(real_base, upper, at=mountpoint, keep=True) as view:
-        cwd = _working_dir(real_base, view.path)
-        status = run_command(command, cwd if cwd.is_dir() else view.path)
+    started: list[View] = []
+    try:
+        with overlay(real_base, upper, at=mountpoint, keep=True) as view:
+            started.append(view)
+            cwd = _working_dir(real_base, view.path)
+            status = run_command(command, cwd if cwd.is_dir() else view.path)
+    except BaseException:
+        # COMMAND not found or not executable, or the view could not be unmounted: a temporary
+        # upper goes unless it holds changes that were to be kept.
+        if started and upper is None and not (
+                keep_changes and visible_changes(walk(started[0].upper, started[0].lowers))):
+            shutil.rmtree(started[0].upper.parent, ignore_errors=True)
+        raise
     changes = visible_changes(walk(view.upper, view.lowers))
     for change in changes[:SUMMARY_LINES]:
         print(f"  {line(change)}", file=err)
@@ -109,6 +122,7 @@ def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | 
             shutil.rmtree(view.upper.parent, ignore_errors=True)
         else:
             discard_upper(view.upper, origin)
+            outputs.remove_dirs(view.made_for_upper)
         print(f"cowfs run: {what}; discarded", file=err)
     return status
 

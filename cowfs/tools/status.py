@@ -10,6 +10,7 @@ while the mount runs: they are a snapshot, exact only when nothing is writing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -36,6 +37,8 @@ class MountStatus:
     deleted: int = 0
     renamed: int = 0
     error: str | None = None
+    #: The mount's flags from the mount table (``rw``, ``nosuid``, ``nodev``, ``relatime``, ...).
+    flags: tuple[str, ...] = ()
 
 
 def upper_size(upper: Path) -> int:
@@ -56,7 +59,8 @@ def upper_size(upper: Path) -> int:
 
 def _status_of(mount: mounts.RunningMount) -> MountStatus:
     base = MountStatus(str(mount.mountpoint), mount.pid, tuple(map(str, mount.lowers)),
-                       str(mount.upper), "mounted" if mount.alive else "stale")
+                       str(mount.upper), "mounted" if mount.alive else "stale",
+                       flags=mounts.mount_flags(mount.mountpoint) if mount.alive else ())
     if not mount.alive:
         return base
     try:
@@ -73,12 +77,11 @@ def _status_of(mount: mounts.RunningMount) -> MountStatus:
                     found["deleted"] += 1
                 case Renamed():
                     found["renamed"] += 1
-        return MountStatus(base.mountpoint, base.pid, base.lowers, base.upper, base.state,
-                           upper_size(upper), found["copied_up"], found["created"],
-                           found["deleted"], found["renamed"])
+        return dataclasses.replace(base, upper_bytes=upper_size(upper),
+                                   copied_up=found["copied_up"], created=found["created"],
+                                   deleted=found["deleted"], renamed=found["renamed"])
     except (CowfsError, OSError) as e:
-        return MountStatus(base.mountpoint, base.pid, base.lowers, base.upper, base.state,
-                           error=str(e))
+        return dataclasses.replace(base, error=str(e))
 
 
 def collect() -> list[MountStatus]:
@@ -112,6 +115,8 @@ def render(statuses: list[MountStatus]) -> str:
             lines.append(f"  lowers:  {':'.join(s.lowers)}")
             size = f"  ({_size(s.upper_bytes)})" if s.upper_bytes is not None else ""
             lines.append(f"  upper:   {s.upper}{size}")
+        if s.flags:
+            lines.append(f"  flags:   {','.join(s.flags)}{_flags_note(s.flags)}")
         if s.error is not None:
             lines.append(f"  error:   {s.error}")
         elif s.state == "mounted" and s.upper is not None:
@@ -120,12 +125,23 @@ def render(statuses: list[MountStatus]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _flags_note(flags: tuple[str, ...]) -> str:
+    """What a FUSE default means for the user, and how to change it."""
+    off = [f for f in ("nosuid", "nodev") if f in flags]
+    if not off:
+        return ""
+    what = {"nosuid": "set-user-ID programs run without it",
+            "nodev": "device files cannot be opened"}
+    restore = ",".join(f.removeprefix("no") for f in off)
+    return f"  ({'; '.join(what[f] for f in off)}: -o {restore} restores)"
+
+
 def as_json(statuses: list[MountStatus]) -> str:
     def one(s: MountStatus) -> dict[str, Any]:
         return {"mountpoint": s.mountpoint, "pid": s.pid, "state": s.state,
                 "lowers": list(s.lowers), "upper": s.upper, "upper_bytes": s.upper_bytes,
                 "copied_up": s.copied_up, "created": s.created, "deleted": s.deleted,
-                "renamed": s.renamed, "error": s.error}
+                "renamed": s.renamed, "error": s.error, "flags": list(s.flags)}
     return json.dumps({"mounts": [one(s) for s in statuses]}, indent=2) + "\n"
 
 
