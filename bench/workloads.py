@@ -217,6 +217,38 @@ def small_create(ctx: Ctx, warm: bool) -> dict[str, float]:
     return out
 
 
+def small_appends(ctx: Ctx, warm: bool) -> dict[str, float]:
+    """Many tiny O_APPEND writes into one new file from two processes at once (a log): every
+    write is a request of its own, unless the writeback cache gathers them."""
+    count = ctx.params.small_files * 10
+    path = ctx.view / "appended.log"
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    out: dict[str, float] = {}
+    with timed(ctx, out):
+        children = []
+        for writer in range(2):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover  (the child)
+                status = 1
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+                    line = (b"%d\n" % writer) * 2  # 4 bytes
+                    for _ in range(count // 2):
+                        os.write(fd, line)
+                    os.close(fd)
+                    status = 0
+                finally:
+                    os._exit(status)
+            children.append(pid)
+        for pid in children:
+            _, status = os.waitpid(pid, 0)
+            if status != 0:
+                raise RuntimeError(f"an appending process failed (status {status})")
+    if os.stat(path).st_size != count * 4:
+        raise RuntimeError(f"{path}: {os.stat(path).st_size} bytes, expected {count * 4}")
+    return out
+
+
 def tar_x(ctx: Ctx, warm: bool) -> dict[str, float]:
     dest = ctx.view / "untarred"
     out: dict[str, float] = {}
@@ -285,6 +317,8 @@ def workloads(p: Params) -> list[Workload]:
         Workload("git_status_warm", git_status, warm=True, label="git status"),
         Workload("seq_write", seq_write, label=f"write {p.write_mib} MiB + fsync"),
         Workload("small_create", small_create, label=f"create+write+close {p.small_files} files"),
+        Workload("small_appends", small_appends,
+                 label=f"{p.small_files * 10} appends of 4 bytes, 2 processes"),
         Workload("tar_x", tar_x, label=f"tar -x {p.src_files} files"),
         Workload("copyup_append", copyup_append, cold=True,
                  label=f"copy-up: append 1 byte to {p.copyup_files} files"),

@@ -155,7 +155,8 @@ class Inode:
     whole, so readers that take no lock see either the old or the new stack.
     """
 
-    __slots__ = ("_links", "_state", "alive", "copy_up_lock", "lookups", "number", "reals")
+    __slots__ = ("_links", "_state", "alive", "copy_up_lock", "lookups", "no_caps_on", "number",
+                 "reals")
 
     def __init__(self, number: int, reals: tuple[Real, ...]) -> None:
         self.number = number
@@ -169,6 +170,8 @@ class Inode:
         #: Held only while ``reals`` or ``links`` is read-modify-written.
         self._state = threading.Lock()
         self.alive = True
+        #: The real object found to have no ``security.capability`` (see :mod:`cowfs.xattrs`).
+        self.no_caps_on: Real | None = None
 
     def __repr__(self) -> str:
         return f"<Inode {self.number} {[r.layer.index for r in self.reals]}>"

@@ -233,7 +233,11 @@ class Overlay:
 
     def sync_upper(self) -> None:
         """Make everything written to the upper's filesystem durable (``syncfs``)."""
-        realfs.syncfs(self.stack.upper.root_fd)
+        fd = realfs.open_dir(self.stack.upper.root_fd)  # syncfs refuses an O_PATH descriptor
+        try:
+            realfs.syncfs(fd)
+        finally:
+            os.close(fd)
 
     def statfs(self) -> os.statvfs_result:
         """Statistics of the upper's filesystem: that is where writes go."""

@@ -19,11 +19,22 @@ def _refuse_reserved(name: str) -> None:
         raise OSError(errno.EPERM, "reserved for cowfs", name)
 
 
+#: The kernel asks for it before every write(2) to a FUSE file (to drop file capabilities), so a
+#: log written in 4-byte appends costs one getxattr request per write. Its absence is remembered
+#: per real object: only a setxattr through cowfs, or a copy-up (a new real object), can add it.
+CAPABILITY = "security.capability"
+
+
 def get_value(inode: Inode, name: str) -> bytes:
     if schema.is_reserved_xattr(name):
         raise OSError(errno.ENODATA, "no such attribute", name)
-    value = realfs.getxattr(inode.top.fd, schema.escape_xattr(name))
+    top = inode.top
+    if name == CAPABILITY and inode.no_caps_on is top:
+        raise OSError(errno.ENODATA, "no such attribute", name)
+    value = realfs.getxattr(top.fd, schema.escape_xattr(name))
     if value is None:
+        if name == CAPABILITY:
+            inode.no_caps_on = top
         raise OSError(errno.ENODATA, "no such attribute", name)
     return value
 
@@ -36,6 +47,7 @@ def list_names(inode: Inode) -> list[str]:
 def set_value(inode: Inode, name: str, value: bytes, copy_up: CopyUp) -> None:
     _refuse_reserved(name)
     upper = copy_up.ensure(inode)
+    inode.no_caps_on = None
     realfs.setxattr(upper.fd, schema.escape_xattr(name), value)
 
 

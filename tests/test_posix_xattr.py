@@ -95,3 +95,22 @@ def test_a_large_value_round_trips(pair: Pair, place: str) -> None:
     assert pair.run(("setxattr", f"{place}_f", "user.big", value, 0)) == "ok"
     assert pair.run(("getxattr", f"{place}_f", "user.big")) == value
     pair.check()
+
+
+# A version-2 file capability (cap_net_bind_service, permitted + effective), as setcap writes it.
+FILE_CAP = bytes.fromhex("0100000200040000000000000000000000000000")
+
+
+@each_place
+def test_file_capabilities_after_writes_as_the_kernel_shows_them(pair: Pair, place: str) -> None:
+    """Each write(2) makes the kernel ask for security.capability (cowfs remembers its absence
+    per real object); a capability set later must show, and the next write drops it."""
+    p = f"{place}_f"
+    pair.run(("append", p, b"1"))
+    assert pair.run(("getxattr", p, "security.capability")) == "ENODATA"
+    pair.run(("append", p, b"2"))
+    pair.run(("setxattr", p, "security.capability", FILE_CAP))
+    assert pair.run(("getxattr", p, "security.capability")) == FILE_CAP
+    pair.run(("append", p, b"3"))  # a write by root still drops file capabilities
+    assert pair.run(("getxattr", p, "security.capability")) == "ENODATA"
+    pair.check()
