@@ -34,6 +34,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
+from . import fileattr
 from .handles import FileHandle, wants_write
 from .inodes import Inode
 from .readdir import DirHandle, Snapshots, offset_of
@@ -75,6 +76,15 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
 async def _in_thread(fn: Callable[..., R], *args: object) -> R:
     return await trio.to_thread.run_sync(fn, *args)
 
+
+#: Whether this pyfuse3 passes on fallocate, lseek (``SEEK_DATA``/``SEEK_HOLE``) and ioctl
+#: requests (patches/pyfuse3/0002-*.patch). A stock pyfuse3 leaves them out of the operations it
+#: registers with libfuse, which answers ENOSYS: the kernel then fails fallocate with EOPNOTSUPP,
+#: answers SEEK_DATA/SEEK_HOLE itself (all data), and fails chattr/lsattr with ENOTTY.
+FILE_CALLS = all(hasattr(pyfuse3.Operations, name) for name in ("fallocate", "lseek", "ioctl"))
+
+#: ``fuse_ioctl_in.flags``: the handle is a directory's (from opendir).
+FUSE_IOCTL_DIR = 1 << 4
 
 #: Writes up to this size run inline: copying them into the page cache costs less than a thread
 #: hand-off. The kernel sends at most max_write (1 MiB) per request.
@@ -163,6 +173,9 @@ class Operations(pyfuse3.Operations):
 
     def init(self) -> None:
         """Called while the kernel's INIT is answered; ``after_init`` runs once the answer is in."""
+        if not FILE_CALLS:
+            log.info("this pyfuse3 has no fallocate, lseek or ioctl handlers: fallocate fails "
+                     "EOPNOTSUPP, chattr/lsattr fail ENOTTY (patches/pyfuse3/README.md)")
         if self._after_init is not None:
             try:
                 token = trio.lowlevel.current_trio_token()
@@ -377,6 +390,27 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         await _in_thread(self._file(fh).fsync, datasync)
+
+    @_errno_boundary
+    async def fallocate(self, fh: FileHandleT, mode: int, offset: int, length: int) -> None:
+        # In a thread: allocating or zeroing a large range waits for the disk.
+        await _in_thread(self._file(fh).fallocate, mode, offset, length)
+
+    @_errno_boundary
+    async def lseek(self, fh: FileHandleT, offset: int, whence: int) -> int:
+        return self._file(fh).seek(offset, whence)
+
+    @_errno_boundary
+    async def ioctl(self, inode: InodeT, fh: FileHandleT, cmd: int, flags: int, in_buf: bytes,
+                    out_size: int, ctx: pyfuse3.RequestContext) -> bytes:
+        """The kernel's fileattr_get/set (chattr, lsattr); every other ioctl fails ENOTTY."""
+        node = self._inode(inode)
+        if cmd in fileattr.SET_SIZES:
+            # In a thread: it copies the object up.
+            await _in_thread(self.overlay.set_fileattr, node, cmd, in_buf)
+            return b""
+        handle = None if flags & FUSE_IOCTL_DIR else self._files.get(fh)
+        return self.overlay.get_fileattr(node, handle, cmd, out_size)
 
     @_errno_boundary
     async def release(self, fh: FileHandleT) -> None:
