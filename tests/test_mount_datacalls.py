@@ -5,8 +5,9 @@ two that FUSE does not pass on (O_TMPFILE, FIEMAP), which fail on cowfs as docum
 (docs/layer-format.md, "What FUSE does not pass on").
 
 fallocate, lseek and the file attributes need a pyfuse3 with their handlers
-(patches/pyfuse3/0002-*.patch); with a stock pyfuse3 these tests check what cowfs then does
-(cowfs.operations.FILE_CALLS says which pyfuse3 this is).
+(patches/pyfuse3/0002-*.patch); each of their tests runs twice: with them, and as on a stock
+pyfuse3 (``COWFS_STOCK_PYFUSE3=1`` in the daemon's environment), where cowfs must do what the
+kernel does when the server has no such handler.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import itertools
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,7 +29,7 @@ from conftest import LayerFactory, MountFactory
 from fs_support import fiemap_extents
 from support import KernelOverlay, Twin
 
-from cowfs.operations import FILE_CALLS
+from cowfs.operations import has_file_calls
 
 pytestmark = pytest.mark.kernel
 
@@ -81,15 +84,43 @@ def outcome(fn: Callable[[], object]) -> object:
 ALL_MODES = {**FUSE_MODES, **NOT_PASSED_MODES}
 
 
+@dataclass(frozen=True)
+class Pyfuse3:
+    """Which pyfuse3 the daemon acts as: its environment, and whether the calls reach cowfs."""
+
+    env: dict[str, str]
+    file_calls: bool
+
+
+@pytest.fixture(params=["patched", "stock"], ids=lambda p: f"pyfuse3-{p}")
+def pyfuse3_kind(request: pytest.FixtureRequest) -> Pyfuse3:
+    if request.param == "stock":
+        return Pyfuse3({"COWFS_STOCK_PYFUSE3": "1"}, file_calls=False)
+    if request.param == "installed":  # for the tests that do not depend on it
+        return Pyfuse3({}, file_calls=has_file_calls())
+    if not has_file_calls():
+        pytest.skip("this pyfuse3 has no fallocate/lseek/ioctl handlers: make setup builds one "
+                    "with patches/pyfuse3/")
+    return Pyfuse3({}, file_calls=True)
+
+
 @pytest.fixture
-def data_twin(make_twin: Callable[..., Twin]) -> Twin:
-    """A lower file ``data`` and an upper file ``up``, and one of each per fallocate mode."""
+def data_twin(layers: LayerFactory, mount_cowfs: MountFactory,
+              pyfuse3_kind: Pyfuse3) -> Iterator[Twin]:
+    """A lower file ``data`` and an upper file ``up``, and one of each per fallocate mode, under
+    the kernel's overlay and under cowfs."""
     lower: dict[str, object] = {"data": DATA, "dir/f": b"in a directory"}
     upper: dict[str, object] = {"up": DATA}
     for name in ALL_MODES:
         lower[f"lower-{name}"] = DATA
         upper[f"upper-{name}"] = DATA
-    return make_twin(lower, upper=upper)
+    ref = layers(lower, upper=upper)
+    kernel = KernelOverlay(ref.lowers, ref.upper, ref.work, ref.mnt)
+    kernel.start()
+    try:
+        yield Twin(kernel, mount_cowfs(layers(lower, upper=upper), env=pyfuse3_kind.env))
+    finally:
+        kernel.stop()
 
 
 def _fallocate_then_state(path: Path, mode: int) -> object:
@@ -104,7 +135,7 @@ def _fallocate_then_state(path: Path, mode: int) -> object:
     return outcome(run)
 
 
-def test_fallocate_modes(data_twin: Twin) -> None:
+def test_fallocate_modes(data_twin: Twin, pyfuse3_kind: Pyfuse3) -> None:
     """Each mode on a lower file (copied up first) and on an upper file: the same size and
     content as under the kernel where FUSE passes the mode on; EOPNOTSUPP where it does not."""
     for layer in ("lower", "upper"):
@@ -113,11 +144,11 @@ def test_fallocate_modes(data_twin: Twin) -> None:
             expected = _fallocate_then_state(data_twin.reference.mnt / target, mode)
             actual = _fallocate_then_state(data_twin.subject.mnt / target, mode)
             assert expected != NOTSUP, "the kernel's overlay on ext4 supports every mode"
-            if name in NOT_PASSED_MODES or not FILE_CALLS:
+            if name in NOT_PASSED_MODES or not pyfuse3_kind.file_calls:
                 assert actual == NOTSUP, target
             else:
                 assert actual == expected, target
-    refused = NOT_PASSED_MODES if FILE_CALLS else ALL_MODES
+    refused = NOT_PASSED_MODES if pyfuse3_kind.file_calls else ALL_MODES
     for layer in ("lower", "upper"):
         for name in refused:  # a refused call changed nothing
             assert (data_twin.subject.mnt / f"{layer}-{name}").read_bytes() == DATA
@@ -143,9 +174,11 @@ def _make_sparse(path: Path) -> None:
         os.close(fd)
 
 
-def test_seek_data_and_hole(layers: LayerFactory, mount_cowfs: MountFactory) -> None:
+def test_seek_data_and_hole(layers: LayerFactory, mount_cowfs: MountFactory,
+                            pyfuse3_kind: Pyfuse3) -> None:
     """SEEK_DATA/SEEK_HOLE on a sparse lower file as the kernel's overlay answers them, then on
-    its upper copy as that file does; a stock pyfuse3 answers as if all were data (the kernel's fallback)."""
+    its upper copy as that file does; on a stock pyfuse3 as if all were data (the kernel's
+    fallback)."""
     ref = layers({"sparse": b""})
     sub = layers({"sparse": b""})
     for layer_set in (ref, sub):
@@ -153,14 +186,14 @@ def test_seek_data_and_hole(layers: LayerFactory, mount_cowfs: MountFactory) -> 
     kernel = KernelOverlay(ref.lowers, ref.upper, ref.work, ref.mnt)
     kernel.start()
     try:
-        mount = mount_cowfs(sub)
+        mount = mount_cowfs(sub, env=pyfuse3_kind.env)
         for when in ("lower", "upper"):
             # The kernel copies up in chunks of 1 MiB, writing zeros after data as data; cowfs
             # keeps the holes exactly. Either is right: after copy-up, cowfs answers as the
             # real upper copy does.
             expected = _seeks((ref.mnt if when == "lower" else sub.upper) / "sparse")
             actual = _seeks(mount.mnt / "sparse")
-            if FILE_CALLS:
+            if pyfuse3_kind.file_calls:
                 assert actual == expected, when
             else:
                 size = 1024 * BLOCK
@@ -201,29 +234,33 @@ def _set_flags(path: Path, add: int) -> object:
     return outcome(run)
 
 
-@pytest.mark.parametrize("target", ["data", "up", "dir", "."])
-def test_file_attributes(data_twin: Twin, target: str) -> None:
-    """lsattr and chattr: read from the topmost copy, set on the upper copy after copy-up, the
-    lower unchanged (the fixture checks it)."""
-    ref, sub = data_twin.reference.mnt / target, data_twin.subject.mnt / target
-    if not FILE_CALLS:
-        assert _flags(sub) == "ENOTTY"
-        assert _set_flags(sub, FS_NODUMP_FL) == "ENOTTY"
-        return
-    assert _flags(sub) == _flags(ref)
-    assert _set_flags(sub, FS_NODUMP_FL | FS_NOATIME_FL) == _set_flags(
-        ref, FS_NODUMP_FL | FS_NOATIME_FL) is None
-    after = _flags(sub)
-    assert after == _flags(ref)
-    assert isinstance(after, tuple)
-    assert after[0] & (FS_NODUMP_FL | FS_NOATIME_FL) == FS_NODUMP_FL | FS_NOATIME_FL
+def test_file_attributes(data_twin: Twin, pyfuse3_kind: Pyfuse3) -> None:
+    """lsattr and chattr on a lower file, an upper file, a lower directory and the root: read
+    from the topmost copy, set on the upper copy after copy-up, the lower unchanged (the fixture
+    checks it); ENOTTY on a stock pyfuse3."""
+    for target in ("data", "up", "dir", "."):
+        ref, sub = data_twin.reference.mnt / target, data_twin.subject.mnt / target
+        if not pyfuse3_kind.file_calls:
+            assert _flags(sub) == "ENOTTY"
+            assert _set_flags(sub, FS_NODUMP_FL) == "ENOTTY"
+            continue
+        assert _flags(sub) == _flags(ref), target
+        wanted = FS_NODUMP_FL | FS_NOATIME_FL
+        assert _set_flags(ref, wanted) is None
+        assert _set_flags(sub, wanted) is None, target
+        after = _flags(sub)
+        assert after == _flags(ref), target
+        assert isinstance(after, tuple)
+        assert after[0] & wanted == wanted
     data_twin.assert_same_view()
 
 
-@pytest.mark.parametrize("target", ["data", "up"])
-def test_chown_unchanged_updates_ctime(data_twin: Twin, target: str) -> None:
-    """chown(path, -1, -1) changes only the ctime, under the kernel's overlay and ext4 alike."""
-    for root in (data_twin.reference.mnt, data_twin.subject.mnt):
+@pytest.mark.parametrize("pyfuse3_kind", ["installed"], indirect=True)
+def test_chown_unchanged_updates_ctime(data_twin: Twin) -> None:
+    """chown(path, -1, -1) of a lower and an upper file changes only the ctime, under the
+    kernel's overlay and ext4 alike."""
+    for root, target in itertools.product((data_twin.reference.mnt, data_twin.subject.mnt),
+                                          ("data", "up")):
         path = root / target
         os.chown(path, -1, -1)  # a lower file is copied up by the first one
         before = os.stat(path)
@@ -235,6 +272,7 @@ def test_chown_unchanged_updates_ctime(data_twin: Twin, target: str) -> None:
             before.st_mtime_ns, before.st_uid, before.st_gid)
 
 
+@pytest.mark.parametrize("pyfuse3_kind", ["installed"], indirect=True)
 def test_o_tmpfile_is_not_passed_on(data_twin: Twin) -> None:
     """O_TMPFILE works under the kernel's overlay; the kernel's FUSE sends FUSE_TMPFILE, which
     libfuse 3.14 has no handler for, so it fails EOPNOTSUPP on cowfs (documented)."""
@@ -251,6 +289,7 @@ def test_o_tmpfile_is_not_passed_on(data_twin: Twin) -> None:
     assert tmpfile(data_twin.subject.mnt) == NOTSUP
 
 
+@pytest.mark.parametrize("pyfuse3_kind", ["installed"], indirect=True)
 def test_fiemap_is_not_passed_on(data_twin: Twin) -> None:
     """FIEMAP works under the kernel's overlay; the kernel's FUSE has no fiemap operation, so it
     fails EOPNOTSUPP on cowfs (documented). SEEK_DATA/SEEK_HOLE find the same holes."""
