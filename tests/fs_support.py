@@ -140,7 +140,7 @@ def squashfs_image(source: Path, image: Path) -> Path:
 
 
 def erofs_image(source: Path, image: Path) -> Path:
-    run([tool("mkfs.erofs"), "-q", str(image), str(source)])
+    run([tool("mkfs.erofs"), "--quiet", str(image), str(source)])
     return image
 
 
