@@ -7,7 +7,7 @@ for the purpose (a directory's with ``FUSE_IOCTL_DIR``). cowfs answers them from
 as the kernel's overlayfs does: reading from the topmost copy, and setting on the upper copy after
 copying the object up. No other ioctl is passed to a real file.
 
-Known limits (docs/layer-format.md, "What FUSE does not pass on"): the kernel's overlayfs keeps
+Known limits (docs/filesystems.md, "Calls beyond read and write"): the kernel's overlayfs keeps
 the immutable and append-only flags in an ``overlay.protattr`` xattr instead of on the upper
 inode; cowfs sets them on the upper inode itself, which needs ``CAP_LINUX_IMMUTABLE`` there.
 """

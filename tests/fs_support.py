@@ -188,12 +188,14 @@ def loopback_sshd(state: Path) -> Iterator[tuple[int, Path]]:
         # init script makes it at boot).
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     port = _free_port()
+    # UsePAM: without PAM, sshd refuses an account whose password is locked ("*", as nobody's,
+    # the plain user of make test-user) even for key authentication; PAM's account check does not.
     config = state / "sshd_config"
     config.write_text("\n".join([
         "ListenAddress 127.0.0.1", f"Port {port}", f"HostKey {host_key}",
         f"AuthorizedKeysFile {state / 'authorized_keys'}", "PasswordAuthentication no",
         "KbdInteractiveAuthentication no", "PubkeyAuthentication yes", "PermitRootLogin yes",
-        "UsePAM no", "StrictModes no", "PidFile none", "Subsystem sftp internal-sftp",
+        "UsePAM yes", "StrictModes no", "PidFile none", "Subsystem sftp internal-sftp",
         "LogLevel ERROR", "",
     ]))
     log = open(state / "sshd.log", "wb")  # noqa: SIM115  (closed in finally)

@@ -83,6 +83,9 @@ def session(root: Path) -> None:
     with open(root / "big", "r+b") as f:  # copy-up of a large file
         f.seek(BIG // 2)
         f.write(b"!")
+    # A lower without xattrs (sshfs: EOPNOTSUPP) shows none; setting one copies the file up.
+    assert os.listxattr(root / "run.sh") == []
+    os.setxattr(root / "run.sh", "user.tag", b"set")
 
 
 def check_upper(upper: Path) -> None:
