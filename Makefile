@@ -16,7 +16,14 @@ PYTEST_ARGS ?=
 # fuse3/libfuse3-dev/pkg-config/patch: building (with patches/pyfuse3/) and running pyfuse3.
 # attr: getfattr/setfattr, used by the tests and the demo to show the layer format.
 # fuse-overlayfs: behaviour reference in tests.
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config patch attr fuse-overlayfs
+# The filesystems layers live on, which the tests make themselves (tests/fs_support.py):
+# xfsprogs/btrfs-progs (uppers on XFS with reflinks and on Btrfs), squashfs-tools/squashfuse and
+# erofs-utils (read-only image lowers), sshfs/openssh-server/openssh-client (a lower on sshfs over
+# a loopback sshd the test starts; where an init system runs, installing openssh-server also
+# starts the system's sshd, which the tests do not use).
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config patch attr fuse-overlayfs \
+                xfsprogs btrfs-progs squashfs-tools squashfuse erofs-utils \
+                sshfs openssh-server openssh-client
 
 # mount(8) runs /sbin/mount.<type> for `mount -t fuse.cowfs`; on Debian /sbin is /usr/sbin.
 MOUNT_HELPER := /usr/sbin/mount.fuse.cowfs
@@ -93,7 +100,8 @@ helper: setup
 COVERAGE_FLOOR ?= 63
 # The mount tests a plain user runs: the posix suites and the differential ones compare with the
 # kernel's overlayfs, which only root can mount (they would all skip).
-USER_TESTS ?= $(filter-out tests/test_mount_differential.py tests/test_mount_kernel_compat.py,\
+USER_TESTS ?= $(filter-out tests/test_mount_differential.py tests/test_mount_kernel_compat.py \
+                             tests/test_mount_datacalls.py,\
                            $(wildcard tests/test_mount_*.py))
 COVERAGE_ARGS = --cov --cov-report=term $(if $(PYTEST_ARGS),,--cov-fail-under=$(COVERAGE_FLOOR))
 

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import xfs
 from common import HERE, MODES, WORKLOAD_TIMEOUT, Params, log, run
 from fixture import Fixture, fixture
 from report import Samples, machine, median, report
@@ -112,8 +113,9 @@ def session(target: Target, fx: Fixture, params: Params, scratch: Path, samples:
             finally:
                 stop_profile(spy)
             samples.add(w.name, target.name, result)
+            space = f"  upper +{result['bytes'] / 2**20:.1f} MiB" if "bytes" in result else ""
             log(f"  {target.name:15} {w.name:16} {result['seconds']:8.3f} s"
-                f"  daemon cpu {result['cpu']:6.2f} s")
+                f"  daemon cpu {result['cpu']:6.2f} s{space}")
         if m.pid is not None:
             samples.peak_rss.setdefault(target.name, []).append(proc_status(m.pid, "VmHWM"))
 
@@ -249,10 +251,26 @@ def main(argv: list[str] | None = None) -> int:
             log(f"repetition {rep + 1}/{params.reps}: {', '.join(t.name for t in order)}")
             for t in order:
                 try:
-                    session(t, fx, params, scratch, samples, wls, args.profile, rep)
+                    session(t, fx, params, scratch, samples, [w for w in wls if not w.on_xfs],
+                            args.profile, rep)
                 except Exception as e:
                     samples.errors.append(f"{t.name} session {rep + 1}: {e}")
                     log(f"{t.name}: session failed: {e}")
+        on_xfs = [w for w in wls if w.on_xfs]
+        why = xfs.available() if on_xfs else None
+        if why is not None:
+            log(f"skipping the XFS rows: {why}")
+        elif on_xfs:
+            with xfs.xfs_fixture(fx, scratch, params.big_mib) as (xfx, xscratch):
+                for rep in range(params.reps):
+                    order = targets[rep % len(targets):] + targets[:rep % len(targets)]
+                    log(f"XFS repetition {rep + 1}/{params.reps}")
+                    for t in order:
+                        try:
+                            session(t, xfx, params, xscratch, samples, on_xfs, args.profile, rep)
+                        except Exception as e:
+                            samples.errors.append(f"{t.name} XFS session {rep + 1}: {e}")
+                            log(f"{t.name}: XFS session failed: {e}")
         if not args.no_memory:
             for t in targets:
                 if t.fuse:

@@ -264,23 +264,35 @@ def _picked(ctx: Ctx, start: int, count: int) -> list[Path]:
     return [ctx.view / "src" / files[start + i * step * 2] for i in range(count)]
 
 
+def _used_bytes(view: Path) -> int:
+    """Space used on the filesystem that writes through ``view`` land on (every target reports
+    its upper's in statfs), after a sync."""
+    os.sync()
+    st = os.statvfs(view)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
 def copyup_append(ctx: Ctx, warm: bool) -> dict[str, float]:
     paths = _picked(ctx, 0, ctx.params.copyup_files)
     out: dict[str, float] = {}
+    used = _used_bytes(ctx.view)
     with timed(ctx, out):
         for p in paths:
             fd = os.open(p, os.O_WRONLY | os.O_APPEND)
             os.write(fd, b"\n")
             os.close(fd)
+    out["bytes"] = _used_bytes(ctx.view) - used
     return out
 
 
 def copyup_big(ctx: Ctx, warm: bool) -> dict[str, float]:
     out: dict[str, float] = {}
+    used = _used_bytes(ctx.view)
     with timed(ctx, out):
         fd = os.open(ctx.view / "big", os.O_WRONLY)
         os.pwrite(fd, ctx.fx.first_byte, 0)  # the same byte: native's private copy stays as is
         os.close(fd)
+    out["bytes"] = _used_bytes(ctx.view) - used
     return out
 
 
@@ -300,6 +312,9 @@ class Workload:
     warm: bool = False
     cold: bool = False  # sync and drop the page cache, dentries and inodes first
     label: str = ""
+    #: Run with lower and upper on an XFS image with reflinks (bench/xfs.py), in sessions of its
+    #: own after the others.
+    on_xfs: bool = False
 
 
 def workloads(p: Params) -> list[Workload]:
@@ -325,4 +340,8 @@ def workloads(p: Params) -> list[Workload]:
         Workload("copyup_big", copyup_big, cold=True,
                  label=f"copy-up: write 1 byte into {p.big_mib} MiB"),
         Workload("unlink", unlink, label=f"unlink {p.unlink_files} lower files"),
+        Workload("copyup_append_xfs", copyup_append, cold=True, on_xfs=True,
+                 label=f"copy-up: append 1 byte to {p.copyup_files} files, XFS (reflink)"),
+        Workload("copyup_big_xfs", copyup_big, cold=True, on_xfs=True,
+                 label=f"copy-up: write 1 byte into {p.big_mib} MiB, XFS (reflink)"),
     ]

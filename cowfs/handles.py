@@ -90,6 +90,19 @@ class FileHandle:
     def write(self, offset: int, data: bytes) -> int:
         return os.pwrite(self.fd, data, offset)
 
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """fallocate(2), in any mode the upper's filesystem has. The kernel sends it only on a
+        handle open for writing, which is on the upper copy (opening it copied the file up)."""
+        if not self.on_upper:
+            raise OSError(errno.EBADF, "not open for writing")
+        realfs.fallocate(self.fd, mode, offset, length)
+
+    def seek(self, offset: int, whence: int) -> int:
+        """lseek(2) with ``SEEK_DATA`` or ``SEEK_HOLE`` (the kernel answers the other whences
+        itself): where the real file has data or a hole. Reads use explicit offsets, so moving
+        the real descriptor's position disturbs nothing."""
+        return os.lseek(self.read_fd(), offset, whence)
+
     def fsync(self, datasync: bool) -> None:
         if datasync:
             os.fdatasync(self.fd)

@@ -34,6 +34,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
+from . import fileattr
 from .handles import FileHandle, wants_write
 from .inodes import Inode
 from .readdir import DirHandle, Snapshots, offset_of
@@ -75,6 +76,23 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
 async def _in_thread(fn: Callable[..., R], *args: object) -> R:
     return await trio.to_thread.run_sync(fn, *args)
 
+
+def has_file_calls() -> bool:
+    """Whether this pyfuse3 passes on fallocate, lseek (``SEEK_DATA``/``SEEK_HOLE``) and ioctl
+    requests (``patches/pyfuse3/0002``).
+
+    A stock pyfuse3 registers no handler for them with libfuse, which answers ENOSYS: the kernel
+    then fails fallocate with EOPNOTSUPP, answers SEEK_DATA/SEEK_HOLE itself (all data), and
+    fails chattr/lsattr with ENOTTY. ``COWFS_STOCK_PYFUSE3=1`` makes cowfs answer ENOSYS itself,
+    as on a stock pyfuse3 (the tests use it to check that path).
+    """
+    if os.environ.get("COWFS_STOCK_PYFUSE3") == "1":
+        return False
+    return all(hasattr(pyfuse3.Operations, name) for name in ("fallocate", "lseek", "ioctl"))
+
+
+#: ``fuse_ioctl_in.flags``: the handle is a directory's (from opendir).
+FUSE_IOCTL_DIR = 1 << 4
 
 #: Writes up to this size run inline: copying them into the page cache costs less than a thread
 #: hand-off. The kernel sends at most max_write (1 MiB) per request.
@@ -155,6 +173,8 @@ class Operations(pyfuse3.Operations):
         #: Whether the kernel opens directories itself (see the class docstring).
         self.kernel_opens_dirs = self.cache_listings and kernel_can_open_dirs()
         self._snapshots = Snapshots()
+        #: Whether fallocate, lseek and ioctl reach cowfs (:func:`has_file_calls`).
+        self.file_calls = has_file_calls()
         self._after_init = after_init
         self._read_buf = bytearray(1 << 20)  # see read()
         self._numbers = itertools.count(1)
@@ -163,6 +183,9 @@ class Operations(pyfuse3.Operations):
 
     def init(self) -> None:
         """Called while the kernel's INIT is answered; ``after_init`` runs once the answer is in."""
+        if not self.file_calls:
+            log.info("this pyfuse3 has no fallocate, lseek or ioctl handlers: fallocate fails "
+                     "EOPNOTSUPP, chattr/lsattr fail ENOTTY (patches/pyfuse3/README.md)")
         if self._after_init is not None:
             try:
                 token = trio.lowlevel.current_trio_token()
@@ -377,6 +400,34 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         await _in_thread(self._file(fh).fsync, datasync)
+
+    def _file_calls_on(self) -> None:
+        if not self.file_calls:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # as a stock pyfuse3 (libfuse) answers
+
+    @_errno_boundary
+    async def fallocate(self, fh: FileHandleT, mode: int, offset: int, length: int) -> None:
+        self._file_calls_on()
+        # In a thread: allocating or zeroing a large range waits for the disk.
+        await _in_thread(self._file(fh).fallocate, mode, offset, length)
+
+    @_errno_boundary
+    async def lseek(self, fh: FileHandleT, offset: int, whence: int) -> int:
+        self._file_calls_on()
+        return self._file(fh).seek(offset, whence)
+
+    @_errno_boundary
+    async def ioctl(self, inode: InodeT, fh: FileHandleT, cmd: int, flags: int, in_buf: bytes,
+                    out_size: int, ctx: pyfuse3.RequestContext) -> bytes:
+        """The kernel's fileattr_get/set (chattr, lsattr); every other ioctl fails ENOTTY."""
+        self._file_calls_on()
+        node = self._inode(inode)
+        if cmd in fileattr.SET_SIZES:
+            # In a thread: it copies the object up.
+            await _in_thread(self.overlay.set_fileattr, node, cmd, in_buf)
+            return b""
+        handle = None if flags & FUSE_IOCTL_DIR else self._files.get(fh)
+        return self.overlay.get_fileattr(node, handle, cmd, out_size)
 
     @_errno_boundary
     async def release(self, fh: FileHandleT) -> None:

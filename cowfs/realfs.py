@@ -56,6 +56,10 @@ _syncfs.restype = ctypes.c_int
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _renameat2.restype = ctypes.c_int
 
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
 _NO_XATTR = (errno.ENODATA, errno.ENOTSUP)
 
 FICLONE = 0x40049409
@@ -321,6 +325,22 @@ def fsync(fd: int) -> None:
 def ftruncate(fd: int, size: int) -> None:
     log.debug("ftruncate fd=%d %d", fd, size)
     os.ftruncate(fd, size)
+
+
+@change
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) on an open upper file, with any of its modes."""
+    log.debug("fallocate fd=%d mode=%#x %d+%d", fd, mode, offset, length)
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@change
+def set_fileattr(fd: int, cmd: int, arg: bytes) -> None:
+    """``FS_IOC_SETFLAGS`` or ``FS_IOC_FSSETXATTR`` (``cmd``) on an open upper object."""
+    log.debug("set fileattr fd=%d cmd=%#x %s", fd, cmd, arg.hex())
+    fcntl.ioctl(fd, cmd, arg)
 
 
 def can_clone(src: int, dst: int) -> bool:

@@ -19,7 +19,7 @@ import resource
 import stat
 from dataclasses import dataclass
 
-from . import realfs, schema, xattrs
+from . import fileattr, realfs, schema, xattrs
 from .copyup import CopyUp
 from .handles import FileHandle, real_flags, wants_write
 from .inodes import Inode, InodeNumbers, InodeTable
@@ -27,7 +27,7 @@ from .layers import LayerStack
 from .namespace import Caller, Namespace
 from .nlink import merged_nlink
 from .readdir import DirHandle, entry_type
-from .resolve import root_real
+from .resolve import Real, root_real
 from .workdir import recover
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,11 @@ class Overlay:
             realfs.utimens(upper.fd,
                            st.st_atime_ns if change.atime_ns is None else change.atime_ns,
                            st.st_mtime_ns if change.mtime_ns is None else change.mtime_ns)
+        if change == SetAttr():
+            # chown(path, -1, -1) changes nothing but the ctime (the kernel's FUSE sends no ctime
+            # without the writeback cache): the same call on the upper copy updates it, as the
+            # kernel's overlayfs does.
+            realfs.chown(upper.fd, -1, -1)
 
     def readlink(self, inode: Inode) -> str:
         return realfs.readlink(inode.top.fd)
@@ -210,6 +215,36 @@ class Overlay:
     def create(self, parent: Inode, name: str, mode: int, caller: Caller) -> FileHandle:
         inode, fd = self.namespace.create(parent, name, mode, caller)
         return FileHandle(inode, fd, on_upper=True)
+
+    # --- file attributes (chattr, lsattr) ------------------------------------------------------
+
+    def get_fileattr(self, inode: Inode, handle: FileHandle | None, cmd: int, size: int) -> bytes:
+        """``FS_IOC_GETFLAGS`` / ``FS_IOC_FSGETXATTR`` of the topmost copy (:mod:`fileattr`)."""
+        if handle is not None:
+            return fileattr.get(handle.read_fd(), cmd, size)
+        fd = self._open_for_fileattr(inode.top)
+        try:
+            return fileattr.get(fd, cmd, size)
+        finally:
+            os.close(fd)
+
+    def set_fileattr(self, inode: Inode, cmd: int, arg: bytes) -> None:
+        """``FS_IOC_SETFLAGS`` / ``FS_IOC_FSSETXATTR`` on the upper copy, copied up first."""
+        fileattr.check_set(cmd, arg)
+        upper = self.copy_up.ensure(inode)
+        fd = self._open_for_fileattr(upper)
+        try:
+            realfs.set_fileattr(fd, cmd, arg)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _open_for_fileattr(real: Real) -> int:
+        # The kernel asks only about regular files and directories; opening anything else (a
+        # device) could have effects.
+        if not (stat.S_ISREG(real.mode) or stat.S_ISDIR(real.mode)):
+            raise OSError(errno.ENOTTY, "no file attributes")
+        return realfs.reopen(real.fd, fileattr.OPEN_FLAGS)
 
     # --- directories --------------------------------------------------------------------------
 

@@ -246,7 +246,13 @@ def sha256_of(path: Path) -> str:
 
 
 def xattrs_of(path: Path, prefix: str = "") -> tuple[tuple[str, bytes], ...]:
-    names = sorted(n for n in os.listxattr(path, follow_symlinks=False) if n.startswith(prefix))
+    try:
+        listed = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno != errno.EOPNOTSUPP:
+            raise
+        listed = []  # a filesystem without xattrs (sshfs, a squashfs image made without any)
+    names = sorted(n for n in listed if n.startswith(prefix))
     return tuple((n, os.getxattr(path, n, follow_symlinks=False)) for n in names)
 
 

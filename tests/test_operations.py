@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +38,7 @@ from support import (
     tree_state,
 )
 
+from cowfs import fileattr
 from cowfs.layers import LayerPaths, open_stack
 from cowfs.operations import Operations
 from cowfs.vfs import Overlay
@@ -474,3 +476,64 @@ def test_an_overlay_named_user_xattr_is_escaped(
     assert fs.listxattr(number) == []
     assert fuse_errno(fs.getxattr, number, "user.overlay.mine") == errno.ENODATA
     assert fuse_errno(fs.removexattr, number, "user.overlay.mine") == errno.ENODATA
+
+
+# --- fallocate, lseek and the file-attribute ioctls (patches/pyfuse3/0002) ---------------------
+
+
+def _real_flags(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return int.from_bytes(fileattr.get(fd, fileattr.FS_IOC_GETFLAGS, 4), sys.byteorder)
+    finally:
+        os.close(fd)
+
+
+def test_fallocate_and_seek_on_the_upper_copy(
+        fs: Kernel, layer_dirs: tuple[list[Path], Path]) -> None:
+    fs.ops.file_calls = True  # the handlers called directly, whatever this pyfuse3 would call
+    number = fs.ino("a.txt")
+    fh = fs.open(number, os.O_RDWR)  # copies it up
+    try:
+        fs.run(fs.ops.fallocate, fh, 0, 0, 1 << 20)
+        assert (upper_of(layer_dirs) / "a.txt").stat().st_size == 1 << 20
+        real = os.open(upper_of(layer_dirs) / "a.txt", os.O_RDONLY)
+        try:  # whatever the upper's filesystem says of its unwritten extents
+            for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+                assert fs.run(fs.ops.lseek, fh, 0, whence) == os.lseek(real, 0, whence)
+        finally:
+            os.close(real)
+        assert fuse_errno(fs.run, fs.ops.lseek, fh, 1 << 20, os.SEEK_DATA) == errno.ENXIO
+    finally:
+        fs.release(fh)
+    reader = fs.open(fs.ino("b.txt"), os.O_RDONLY)
+    try:  # the kernel sends fallocate only on handles open for writing: refused otherwise
+        assert fuse_errno(fs.run, fs.ops.fallocate, reader, 0, 0, 10) == errno.EBADF
+    finally:
+        fs.release(reader)
+
+
+def test_file_attributes_are_read_from_the_top_and_set_on_a_copy(
+        fs: Kernel, layer_dirs: tuple[list[Path], Path]) -> None:
+    lowers, upper = layer_dirs
+    fs.ops.file_calls = True  # the handlers called directly, whatever this pyfuse3 would call
+    number = fs.ino("b.txt")
+    fh = fs.open(number, os.O_RDONLY)
+    try:
+        flags = fs.run(fs.ops.ioctl, number, fh, fileattr.FS_IOC_GETFLAGS, 0, b"", 4, CTX)
+        assert int.from_bytes(flags, sys.byteorder) == _real_flags(lowers[1] / "b.txt")
+        wanted = _real_flags(lowers[1] / "b.txt") | 0x40  # FS_NODUMP_FL
+        fs.run(fs.ops.ioctl, number, fh, fileattr.FS_IOC_SETFLAGS, 0,
+               wanted.to_bytes(4, sys.byteorder), 0, CTX)
+        assert _real_flags(upper / "b.txt") & 0x40
+        assert not _real_flags(lowers[1] / "b.txt") & 0x40, "the lower is never written"
+        assert fuse_errno(fs.run, fs.ops.ioctl, number, fh, 0x5401, 0, b"", 0, CTX) == \
+            errno.ENOTTY  # TCGETS: only the four file-attribute commands are passed on
+        assert fuse_errno(fs.run, fs.ops.ioctl, number, fh, fileattr.FS_IOC_SETFLAGS, 0,
+                          b"\0" * 3, 0, CTX) == errno.EINVAL
+        fs.ops.file_calls = False  # as on a stock pyfuse3: what libfuse answers
+        assert fuse_errno(fs.run, fs.ops.ioctl, number, fh, fileattr.FS_IOC_GETFLAGS, 0, b"",
+                          4, CTX) == errno.ENOSYS
+        assert fuse_errno(fs.run, fs.ops.lseek, fh, 0, os.SEEK_DATA) == errno.ENOSYS
+    finally:
+        fs.release(fh)
