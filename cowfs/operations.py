@@ -27,6 +27,7 @@ import functools
 import itertools
 import logging
 import os
+import stat
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -128,6 +129,12 @@ def kernel_can_open_dirs() -> bool:
     return can_cache_listings() and hasattr(pyfuse3.ReaddirToken, "inode")
 
 
+def can_list_plain() -> bool:
+    """Whether this pyfuse3 can answer listings without attributes (``ReaddirToken.plus``,
+    ``patches/pyfuse3/0001``)."""
+    return can_cache_listings() and hasattr(pyfuse3.ReaddirToken, "plus")
+
+
 def can_cache_listings() -> bool:
     """Whether this pyfuse3 lets ``opendir`` ask the kernel to cache listings.
 
@@ -173,6 +180,9 @@ class Operations(pyfuse3.Operations):
         #: Whether the kernel opens directories itself (see the class docstring).
         self.kernel_opens_dirs = self.cache_listings and kernel_can_open_dirs()
         self._snapshots = Snapshots()
+        #: Read by pyfuse3 at INIT: let the kernel ask for listings without attributes where it
+        #: will not use them (a plain ``ls``), which cowfs answers without lookups (see readdir).
+        self.enable_readdirplus_auto = can_list_plain()
         #: Whether fallocate, lseek and ioctl reach cowfs (:func:`has_file_calls`).
         self.file_calls = has_file_calls()
         self._after_init = after_init
@@ -458,6 +468,9 @@ class Operations(pyfuse3.Operations):
             directory = handle.inode
             snapshot, start = 0, start_id
             names = handle.snapshot(start_id, self.overlay.hidden_names(directory))
+        if not getattr(token, "plus", True):
+            self._readdir_plain(directory, snapshot, start, names, token)
+            return
         for index in range(start, len(names)):
             name = names[index]
             next_id = offset_of(snapshot, index + 1)
@@ -484,6 +497,29 @@ class Operations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)),
                                          self._attrs(child), next_id):
                 self.overlay.forget(child.number, 1)
+                return
+
+    def _readdir_plain(self, directory: Inode, snapshot: int, start: int, names: list[str],
+                       token: pyfuse3.ReaddirToken) -> None:
+        """A listing without attributes: names, types and inode numbers only, and no lookups
+        counted. Most entries cost one ``fstatat`` (:func:`cowfs.readdir.plain_entry`)."""
+        for index in range(start, len(names)):
+            name = names[index]
+            if name in (".", ".."):
+                target = directory if name == "." else self.overlay.dotdot(directory)
+                found: tuple[int, int] | None = (stat.S_IFDIR, target.number)
+            else:
+                try:
+                    found = self.overlay.plain_entry(directory, name)
+                except OSError:
+                    found = self.overlay.unresolved_entry(directory, name)  # listed, as above
+            if found is None:
+                continue
+            entry = pyfuse3.EntryAttributes()
+            entry.st_mode = ModeT(found[0])
+            entry.st_ino = InodeT(found[1])
+            if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)), entry,
+                                         offset_of(snapshot, index + 1)):
                 return
 
     def _unlooked(self, directory: Inode, name: str) -> pyfuse3.EntryAttributes | None:

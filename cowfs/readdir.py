@@ -19,7 +19,7 @@ import stat
 from collections import OrderedDict
 from collections.abc import Container, Iterable
 
-from . import realfs
+from . import realfs, schema
 from .inodes import Inode
 
 
@@ -52,6 +52,40 @@ def entry_type(directory: Inode, name: str) -> tuple[int, int, int]:
             continue
         return stat.S_IFMT(st.st_mode), real.layer.index, st.st_ino
     return 0, 0, 0
+
+
+class _NeedsLookup:
+    def __repr__(self) -> str:
+        return "NEEDS_LOOKUP"
+
+
+#: :func:`plain_entry` cannot tell the entry without a full lookup.
+NEEDS_LOOKUP = _NeedsLookup()
+
+
+def plain_entry(directory: Inode, name: str) -> tuple[int, int, int] | _NeedsLookup | None:
+    """The file type, layer index and inode number of ``name`` for a listing without attributes
+    (a plain ``readdir``), from one ``fstatat`` per layer instead of a lookup; None when the
+    name is whited out (or gone).
+
+    :data:`NEEDS_LOOKUP` where only a lookup can say: an upper object (its number may come from
+    its origin), an empty file in a directory that may hold xattr whiteouts, anything unusual.
+    """
+    for real in directory.reals:
+        try:
+            st = os.stat(name, dir_fd=real.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return NEEDS_LOOKUP
+        if schema.is_device_whiteout(st.st_mode, st.st_rdev):
+            return None
+        if real.layer.is_upper or (
+                real.mark is schema.DirMark.XWHITEOUTS
+                and schema.may_be_xattr_whiteout(st.st_mode, st.st_size)):
+            return NEEDS_LOOKUP
+        return stat.S_IFMT(st.st_mode), real.layer.index, st.st_ino
+    return None
 
 
 class DirHandle:

@@ -26,7 +26,7 @@ from .inodes import Inode, InodeNumbers, InodeTable
 from .layers import LayerStack
 from .namespace import Caller, Namespace
 from .nlink import merged_nlink
-from .readdir import DirHandle, entry_type
+from .readdir import DirHandle, entry_type, plain_entry
 from .resolve import Real, root_real
 from .workdir import recover
 
@@ -105,6 +105,23 @@ class Overlay:
         ``d_ino`` shows (1 when unknown)."""
         kind, layer, ino = entry_type(directory, name)
         return kind, self.table.numbers.number(layer, ino) if ino else 1
+
+    def plain_entry(self, directory: Inode, name: str) -> tuple[int, int] | None:
+        """File type bits and number of ``name`` for a listing without attributes, counting no
+        lookup; None when the name is not visible. The number is the one a lookup gives."""
+        found = plain_entry(directory, name)
+        if found is None:
+            return None
+        if isinstance(found, tuple):
+            kind, layer, ino = found
+            return kind, self.table.numbers.number(layer, ino)
+        child = self.lookup(directory, name)
+        if child is None:
+            return None
+        try:
+            return stat.S_IFMT(child.top.mode), child.number
+        finally:
+            self.forget(child.number, 1)
 
     def dotdot(self, directory: Inode) -> Inode:
         link = directory.any_link()

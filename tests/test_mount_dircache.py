@@ -9,6 +9,7 @@ on its own (whiteouts, opaque directories, redirects, copy-up of directories, th
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pyfuse3
@@ -132,3 +133,25 @@ def test_a_directory_held_open_sees_changes_after_rewinddir(make_twin: object) -
     finally:
         for stream in streams.values():
             stream.close()
+
+
+def test_inode_numbers_in_a_listing_match_stat(
+        layers: LayerFactory, mount_cowfs: MountFactory) -> None:
+    """A plain listing (the kernel asks without attributes after its first batch, when nothing
+    in the directory was looked up) numbers entries without looking them up: the numbers must
+    still be those stat shows, for lower, upper, copied-up and merged entries."""
+    lower: dict[str, object] = {f"big/f{i:03}": None for i in range(300)}
+    lower |= {f"big/d{i:02}/x": None for i in range(20)}
+    upper: dict[str, object] = {f"big/u{i:02}": None for i in range(20)}
+    layer_set = layers(lower, upper=upper)
+    mount = mount_cowfs(layer_set)
+    big = mount.mnt / "big"
+    os.chmod(big / "f007", 0o600)  # copied up: numbered by its origin
+    os.unlink(big / "f008")
+    subprocess.run(["sh", "-c", "echo 2 > /proc/sys/vm/drop_caches"], check=False)
+    with os.scandir(big) as it:
+        listed = {e.name: e.inode() for e in it}
+    assert "f008" not in listed
+    assert len(listed) == 300 - 1 + 20 + 20
+    for name, ino in listed.items():
+        assert os.lstat(big / name).st_ino == ino, name

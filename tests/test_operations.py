@@ -67,9 +67,10 @@ def open_fds() -> set[str]:
 class FakeToken:
     """Stands for the kernel's readdir buffer: room for ``capacity`` entries."""
 
-    def __init__(self, capacity: int, inode: int = 0) -> None:
+    def __init__(self, capacity: int, inode: int = 0, plus: bool = True) -> None:
         self.capacity = capacity
         self.inode = inode  # the directory (ReaddirToken.inode, patches/pyfuse3/0001)
+        self.plus = plus  # False: a listing without attributes (ReaddirToken.plus)
         self.entries: list[tuple[str, int, int]] = []  # (name, st_ino, next_id)
 
 
@@ -179,12 +180,13 @@ class Kernel:
         self.dirs.remove(fh)
         self.run(self.ops.releasedir, fh)
 
-    def readdir(self, fh: int, start_id: int, capacity: int) -> list[tuple[str, int, int]]:
+    def readdir(self, fh: int, start_id: int, capacity: int,
+                plus: bool = True) -> list[tuple[str, int, int]]:
         """One readdir request with room for ``capacity`` entries (needs fake_readdir_reply)."""
-        token = FakeToken(capacity, self.kernel_dirs.get(fh, 0))
+        token = FakeToken(capacity, self.kernel_dirs.get(fh, 0), plus)
         self.run(self.ops.readdir, max(fh, 0), start_id, token)
         for name, ino, _ in token.entries:
-            if name not in (".", ".."):  # readdirplus counts a lookup for every other entry
+            if plus and name not in (".", ".."):  # readdirplus counts a lookup for the others
                 self.lookups[ino] += 1
         return token.entries
 
@@ -420,6 +422,31 @@ def test_two_readers_of_a_changing_directory_each_see_every_name_once(fs: Kernel
     # (the removed one may or may not be listed, as POSIX allows).
     assert set(names) - {"b.txt"} == ROOT_NAMES - {"b.txt"}
     assert sorted(n for n, _, _ in other) == sorted(ROOT_NAMES | {"made-between"})
+
+
+@pytest.mark.parametrize("capacity", [2, 1000])
+def test_a_listing_without_attributes_shows_what_readdirplus_shows(
+        fs: Kernel, capacity: int) -> None:
+    """Same names, inode numbers and offsets, and no lookup counted (the fixture's teardown
+    checks that every counted lookup was given back)."""
+    fs.unlink(ROOT, "b.txt")  # a whiteout over a lower file
+    fs.create(ROOT, "new.txt", 0o644)  # an upper file
+    fs.setxattr(fs.ino("x.txt"), "user.a", b"1")  # a copied-up lower file: origin numbering
+    fs.mkdir(ROOT, "made")
+    fs.create(fs.ino("made"), "f", 0o644)
+    for directory in (ROOT, fs.ino("dir"), fs.ino("made")):
+        fh = fs.opendir(directory)
+        try:
+            plus: list[tuple[str, int, int]] = []
+            plain: list[tuple[str, int, int]] = []
+            for out, with_attrs in ((plus, True), (plain, False)):
+                start = 0
+                while entries := fs.readdir(fh, start, capacity, plus=with_attrs):
+                    out += entries
+                    start = entries[-1][2]
+        finally:
+            fs.releasedir(fh)
+        assert [(n, i) for n, i, _ in plain] == [(n, i) for n, i, _ in plus]
 
 
 def test_readdir_entries_carry_the_lookup_attributes(fs: Kernel) -> None:
