@@ -60,6 +60,15 @@ class FileHandle:
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self.read_fd(), size, offset)
 
+    def read_local(self, offset: int, buf: memoryview) -> int | None:
+        """Fill ``buf`` with a blocking read if the file is on a local block device (a read from
+        the disk takes less than handing it to a worker thread); None if it is not (a network
+        or FUSE filesystem may take long, and would hold up every other request meanwhile)."""
+        fd = self.read_fd()
+        if os.major(os.fstat(fd).st_dev) == 0:  # anonymous device: tmpfs, FUSE, NFS, ...
+            return None
+        return os.preadv(fd, [buf], offset)
+
     def read_cached(self, offset: int, buf: memoryview) -> int | None:
         """Fill ``buf`` if the page cache holds all of it: the bytes read, or None if reading
         might block (the data is not cached, or only part of it is)."""
