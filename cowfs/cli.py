@@ -74,7 +74,10 @@ def _add_umount_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p = subparsers.add_parser(
         "umount", help="unmount an overlay and wait for its daemon to exit",
         description="Unmount the cowfs overlay at MOUNTPOINT and wait until its daemon has "
-        "exited, so that the upper layer is complete and may be used.")
+        "exited, so that the upper layer is complete and may be used.",
+        epilog="examples:\n  cowfs umount /mnt/data\n  cowfs umount --timeout 120 /mnt/busy"
+        "          wait longer for a busy daemon\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECS",
                    help="how long to wait for the daemon to exit (default 30)")

@@ -100,7 +100,7 @@ without '/' also matches a name at any depth, as in .gitignore).
 
 examples:
   cowfs diff /tmp/changes                       every change in the upper /tmp/changes
-  cowfs diff /mnt/data src -- docs/api          only under src/ and docs/api/
+  cowfs diff /mnt/data src docs/api             only under src/ and docs/api/
   cowfs diff /mnt/repo --exclude .git --exclude '*.pyc'    leave out git's objects and bytecode
 """
 
@@ -151,6 +151,16 @@ def _add_diff(subparsers: Subparsers) -> None:
 # --- commit and reset ----------------------------------------------------------------------------
 
 
+COMMIT_EPILOG = """\
+A plan of more than 20 lines is shown as a summary (steps by kind, bytes, largest files);
+--dry-run shows all of it and applies nothing, --verbose shows all of it and applies it.
+
+examples:
+  cowfs commit /tmp/changes --into /data --dry-run    see what would change in /data
+  cowfs commit /tmp/changes --into /data --yes        apply it (run again if interrupted)
+"""
+
+
 def _cmd_commit(args: argparse.Namespace) -> None:
     from ..workspace import commit
 
@@ -166,7 +176,8 @@ def _add_commit(subparsers: Subparsers) -> None:
                 "Refuses while UPPER is mounted or BASE is in use by a mount, when UPPER is not "
                 "a cowfs upper or BASE is one, and when BASE is not the lower stack recorded on "
                 "UPPER. Interrupted (Ctrl-C, SIGTERM, a crash, a failed step), it is finished by "
-                "running the same command again; until then BASE is half-committed.")
+                "running the same command again; until then BASE is half-committed.",
+                COMMIT_EPILOG)
     p.add_argument("upper", metavar="UPPER")
     p.add_argument("--into", metavar="BASE", required=True,
                    help="the directory the upper was layered on")
@@ -180,6 +191,13 @@ def _add_commit(subparsers: Subparsers) -> None:
                    interrupted="nothing was changed: the plan was not applied")
 
 
+RESET_EPILOG = """\
+examples:
+  cowfs reset /tmp/changes --dry-run                 what would be thrown away
+  cowfs reset /tmp/changes src/generated --yes       only the changes at and under src/generated
+"""
+
+
 def _cmd_reset(args: argparse.Namespace) -> None:
     from ..workspace import reset
 
@@ -191,7 +209,7 @@ def _add_reset(subparsers: Subparsers) -> None:
                 "Throw away every change in UPPER, or those at and under each PATH (relative to "
                 "the view's root). Shows the plan; applies it with --yes or when confirmed at a "
                 "terminal. Refuses while UPPER is mounted, and a directory that is not a cowfs "
-                "upper.")
+                "upper.", RESET_EPILOG)
     p.add_argument("upper", metavar="UPPER")
     p.add_argument("paths", metavar="PATH", nargs="*")
     _confirm_options(p)
@@ -201,6 +219,13 @@ def _add_reset(subparsers: Subparsers) -> None:
 
 
 # --- export and import ---------------------------------------------------------------------------
+
+
+EXPORT_EPILOG = """\
+examples:
+  cowfs export /tmp/changes -o layer.tar.gz          the upper against its recorded lowers
+  cowfs export /mnt/view -o - | cowfs import - /srv/l3    a running view's changes, streamed
+"""
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -215,7 +240,8 @@ def _add_export(subparsers: Subparsers) -> None:
     p = _parser(subparsers, "export", "write an upper as an OCI image layer tar",
                 "Write UPPER (against its lowers) as an OCI image layer: '.wh.NAME' whiteouts, "
                 "'.wh..wh..opq' opaque markers, renamed directories written whole, hard links "
-                "as tar hard links, user xattrs as PAX records.")
+                "as tar hard links, user xattrs as PAX records. On a terminal, a progress bar "
+                "of the bytes written.", EXPORT_EPILOG)
     p.add_argument("target", metavar="UPPER|MOUNTPOINT")
     p.add_argument("--lower", metavar="LOWER[:LOWER...]", help=LOWER_HELP)
     p.add_argument("-o", "--output", metavar="FILE", required=True,
@@ -223,6 +249,13 @@ def _add_export(subparsers: Subparsers) -> None:
     p.add_argument("--gzip", action="store_true", help="gzip whatever the name")
     p.set_defaults(func=_cmd_export,
                    interrupted="no output was written")
+
+
+IMPORT_EPILOG = """\
+examples:
+  cowfs import layer.tar.gz /srv/layers/l2           then: cowfs mount /srv/layers/l2:/srv/base ...
+  zcat layer.tar.gz | cowfs import - /srv/layers/l2  from stdin
+"""
 
 
 def _cmd_import(args: argparse.Namespace) -> None:
@@ -237,7 +270,8 @@ def _add_import(subparsers: Subparsers) -> None:
                 "not exist or be empty, converting whiteouts and opaque markers to the cowfs "
                 "layer format, so that it stacks as a lower: cowfs mount L3:L2:L1 UPPER MNT. "
                 "Unsafe members (absolute paths, '..', escaping hard links, writes through "
-                "symlinks) are refused; DIR is complete or untouched.")
+                "symlinks) are refused; DIR is complete or untouched. On a terminal, a progress "
+                "bar of the archive's bytes read.", IMPORT_EPILOG)
     p.add_argument("archive", metavar="LAYER.tar")
     p.add_argument("dir", metavar="DIR")
     p.set_defaults(func=_cmd_import,
@@ -256,7 +290,9 @@ def _cmd_status(args: argparse.Namespace) -> None:
 def _add_status(subparsers: Subparsers) -> None:
     p = _parser(subparsers, "status", "list cowfs mounts and their changes",
                 "List every cowfs mount on this machine with its layers, the upper's size, and "
-                "how many objects were copied up, created, deleted and renamed.")
+                "how many objects were copied up, created, deleted and renamed.",
+                "examples:\n  cowfs status\n"
+                "  cowfs status --json | jq -r '.mounts[].mountpoint'    the mountpoints only\n")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=_cmd_status)
 
@@ -275,7 +311,9 @@ def _add_check(subparsers: Subparsers) -> None:
     p = _parser(subparsers, "check", "validate a layer and repair it",
                 "Validate UPPER: leftovers of a crash in the work directory, whiteouts the mount "
                 "cannot see, malformed or escaping redirects, whiteouts over nothing (with "
-                "--lower), an unknown format version. Exit status 1 when problems remain.")
+                "--lower), an unknown format version. Exit status 1 when problems remain.",
+                "examples:\n  cowfs check /tmp/changes                   report problems\n"
+                "  cowfs check /tmp/changes --repair --yes    and repair what can be repaired\n")
     p.add_argument("upper", metavar="UPPER")
     p.add_argument("--lower", metavar="LOWER[:LOWER...]",
                    help="the lower layers, to check whiteouts and redirect targets against "
