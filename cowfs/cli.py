@@ -204,7 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ctrl-C where a command has no handling of its own: say what it leaves (each parser's
         # ``interrupted`` default); commands that change layers report their own state.
         state = getattr(args, "interrupted", "nothing was changed")
-        print(f"cowfs: interrupted (Ctrl-C); {state}", file=sys.stderr)
+        # At a terminal the "^C" was echoed mid-line (e.g. after a [y/N] question).
+        start = "\n" if sys.stderr.isatty() else ""
+        print(f"{start}cowfs: interrupted (Ctrl-C); {state}", file=sys.stderr)
         return 130
     return 0
 

@@ -103,13 +103,14 @@ class Progress:
         self.done = 0
         self._bar: tqdm[Any] | None = None
         if self.stream.isatty() and total != 0:
-            # A terminal that reports no size (a bare pseudo-terminal) would get an empty bar.
-            sized = _columns(self.stream) > 0
+            # A few columns short of the width: the "^C" the terminal echoes then does not wrap
+            # the line, and the bar is cleared whole. A terminal that reports no size (a bare
+            # pseudo-terminal) gets 80 columns (tqdm would draw an empty bar).
+            columns = _columns(self.stream) or 80
             # unit "iB" with a divisor of 1024: "420MiB", "130MiB/s".
             self._bar = tqdm(total=total, desc=label, unit="iB", unit_scale=True,
                              unit_divisor=1024, file=self.stream, leave=False,
-                             dynamic_ncols=sized, ncols=None if sized else 80,
-                             nrows=None if sized else 24, mininterval=0.2)
+                             ncols=max(columns - 4, 40), nrows=24, mininterval=0.2)
 
     @property
     def enabled(self) -> bool:
@@ -128,6 +129,9 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+            # Also what the terminal echoed after the bar (a "^C"): the line is left empty.
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
 
     def __enter__(self) -> Progress:
         return self

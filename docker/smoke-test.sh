@@ -1,7 +1,7 @@
 #!/bin/bash
 # Runs inside the cowfs image (docker run --device /dev/fuse --cap-add SYS_ADMIN ...): a layered
-# workspace from an imported OCI layer, changes through the mount, diff, export, commit, run, and
-# the Python API. Every step must succeed; the last line says so.
+# workspace from an imported OCI layer, changes through the mount, diff, export, commit, run, the
+# Python API, and pytest with the cowfs plugin. Every step must succeed; the last line says so.
 set -euo pipefail
 step() { printf '\n== %s\n' "$*"; }
 
@@ -69,5 +69,11 @@ with cowfs.overlay(sys.argv[1]) as view:
     print(view.summary())
     assert view.summary() == "1 modified"
 PY
+
+step "pytest and the cowfs plugin are installed"
+python3 -c 'import pytest, cowfs.pytest_plugin'
+pytest --version
+pytest --help >pytest-help.txt
+grep -q cowfs_dataset pytest-help.txt
 
 printf '\ncowfs smoke test: OK\n'

@@ -192,6 +192,18 @@ def test_ctrl_c_at_the_commit_question_changes_nothing(workspace: Workspace) -> 
     assert (ws.upper / "new.txt").exists()
 
 
+def test_ctrl_c_in_run_reaches_the_command_and_the_view_is_discarded(
+        workspace: Workspace) -> None:
+    ws = workspace
+    shown = on_terminal("run", ws.base, "--", "sh", "-c",
+                        "touch partial; echo ready; sleep 60", interrupt_at="ready")
+    assert shown.status == 130, shown.output
+    assert "Traceback" not in shown.output
+    assert "cowfs run: sh ended by SIGINT; the view was unmounted" in shown.output
+    assert "cowfs run: 1 added; discarded" in shown.output
+    assert not (ws.base / "partial").exists()
+
+
 # --- the summary of a long commit plan -----------------------------------------------------------
 
 

@@ -143,6 +143,11 @@ def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | 
                 keep_changes and visible_changes(walk(started[0].upper, started[0].lowers))):
             shutil.rmtree(started[0].upper.parent, ignore_errors=True)
         raise
+    if status > 128 and status - 128 in signal.valid_signals():
+        # Ctrl-C reached COMMAND (the "^C" echoed mid-line at a terminal): say so first.
+        start = "\n" if err.isatty() else ""
+        print(f"{start}cowfs run: {command[0]} ended by {signal.Signals(status - 128).name}; "
+              "the view was unmounted", file=err)
     discarded = False
     try:
         everything = visible_changes(walk(view.upper, view.lowers))
