@@ -70,6 +70,9 @@ with cowfs.overlay(sys.argv[1]) as view:
     assert view.summary() == "1 modified"
 PY
 
+step "pyfuse3 is the patched build (patches/pyfuse3/)"
+python3 -c 'import pyfuse3; assert hasattr(pyfuse3.FileInfo(), "cache_readdir"), "stock pyfuse3"'
+
 step "pytest and the cowfs plugin are installed"
 python3 -c 'import pytest, cowfs.pytest_plugin'
 pytest --version

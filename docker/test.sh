@@ -70,7 +70,9 @@ docker tag "cowfs-test-base:$SUITE" "debian:$SUITE-slim"
 
 echo "== building the cowfs image (BASE_IMAGE=cowfs-test-base:$SUITE)"
 mkdir "$tmp/context"
-cp -a "$repo/pyproject.toml" "$repo/README.md" "$repo/cowfs" "$repo/docker" "$tmp/context/"
+cp -a "$repo/pyproject.toml" "$repo/README.md" "$repo/cowfs" "$repo/docker" "$repo/patches" \
+    "$tmp/context/"
+mkdir "$tmp/context/scripts" && cp -a "$repo/scripts/build-pyfuse3.sh" "$tmp/context/scripts/"
 find "$tmp/context" -name __pycache__ -prune -exec rm -rf {} +
 # The host's locally added CA certificates are trusted in the build too (a TLS-intercepting
 # proxy that the host trusts must work for apt and pip inside the build).
