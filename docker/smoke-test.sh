@@ -48,11 +48,14 @@ cowfs umount mnt
 step "commit into a copy of the base"
 cp -a base committed
 cowfs reset upper --yes
-cowfs mount committed upper mnt
+test -z "$(cowfs diff upper)"
+# A new upper: 'upper' remembers the stack it was made on (layer1:base) and refuses another.
+mkdir upper3
+cowfs mount committed upper3 mnt
 echo "committed" > mnt/data/added
 rm mnt/data/obsolete
 cowfs umount mnt
-cowfs commit upper --into committed --yes
+cowfs commit upper3 --into committed --yes
 test "$(cat committed/data/added)" = "committed"
 test ! -e committed/data/obsolete
 
