@@ -74,7 +74,7 @@ with cowfs.overlay(sys.argv[1]) as view:
 PY
 
 step "pyfuse3 is the patched build (patches/pyfuse3/)"
-python3 -c 'import pyfuse3; assert hasattr(pyfuse3.FileInfo(), "cache_readdir"), "stock pyfuse3"'
+python3 -c 'from cowfs import operations as o; assert o.can_cache_listings() and o.kernel_can_open_dirs(), "stock pyfuse3"'
 
 step "pytest and the cowfs plugin are installed"
 python3 -c 'import pytest, cowfs.pytest_plugin'
