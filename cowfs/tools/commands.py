@@ -67,6 +67,9 @@ def _add_run(subparsers: Subparsers) -> None:
                 "Mount BASE with a fresh upper (over BASE itself, or at --at PATH), run COMMAND "
                 "in the view, unmount (also after Ctrl-C or a crash), print what changed, and "
                 "discard or keep the changes. Exits with COMMAND's status.", RUN_EPILOG)
+    # Short, so that a usage error stays a few lines; --help lists every option.
+    p.usage = ("cowfs run [--upper DIR] [--keep | --discard] [--at PATH] [--diff-out FILE]\n"
+               "                 [--exclude PATTERN]... BASE -- COMMAND...")
     p.add_argument("--upper", metavar="DIR",
                    help="keep the changes in DIR (default: a temporary directory)")
     keep = p.add_mutually_exclusive_group()
