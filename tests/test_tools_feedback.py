@@ -19,6 +19,7 @@ import select
 import signal
 import struct
 import termios
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +41,22 @@ class Terminal:
     output: str  # stdout and stderr, as the terminal showed them (\r kept)
 
 
-def on_terminal(*args: str | Path, interrupt_at: str | None = None,
+def _wait_until_reading(pid: int) -> None:
+    """Until ``pid`` sleeps in a terminal read. A question is printed just before the read, and
+    a Ctrl-C that came in between would only set Python's flag, with nothing to look at it until
+    the read returns: a race a person at a keyboard never wins, but a test would."""
+    for _ in range(2000):
+        with open(f"/proc/{pid}/wchan") as f:
+            if f.read() == "wait_woken":
+                return
+        time.sleep(0.01)  # polling a state, not timing anything
+    raise AssertionError(f"cowfs (pid {pid}) never waited for the terminal")
+
+
+def on_terminal(*args: str | Path, interrupt_at: str | None = None, at_question: bool = False,
                 cwd: Path | None = None) -> Terminal:
     """``cowfs ARGS`` on a pseudo-terminal of 100x30; with ``interrupt_at``, Ctrl-C is typed once
-    that text has appeared."""
+    that text has appeared (``at_question``: and cowfs waits for an answer)."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: the terminal is its stdin, stdout and stderr
         try:
@@ -71,6 +84,8 @@ def on_terminal(*args: str | Path, interrupt_at: str | None = None,
                 break
             output += chunk
             if interrupt_at is not None and not sent and interrupt_at.encode() in output:
+                if at_question:
+                    _wait_until_reading(pid)
                 os.write(fd, b"\x03")
                 sent = True
         _, status = os.waitpid(pid, 0)
@@ -184,7 +199,8 @@ def test_ctrl_c_at_the_commit_question_changes_nothing(workspace: Workspace) -> 
     ws = workspace
     _upper_with(ws, {"new.txt": 5})
     before = sorted(os.listdir(ws.base))
-    shown = on_terminal("commit", ws.upper, "--into", ws.base, interrupt_at="[y/N]")
+    shown = on_terminal("commit", ws.upper, "--into", ws.base, interrupt_at="[y/N]",
+                        at_question=True)
     assert shown.status == 130, shown.output
     assert "Traceback" not in shown.output
     assert "cowfs: interrupted (Ctrl-C); nothing was changed" in shown.output, shown.output
