@@ -13,7 +13,9 @@ VENV := .venv
 STAMP := $(VENV)/.cowfs-installed
 PYTEST_ARGS ?=
 
-# fuse3/libfuse3-dev/pkg-config/patch: building (with patches/pyfuse3/) and running pyfuse3.
+# fuse3/libfuse3-dev/pkg-config/patch: building (with patches/pyfuse3/) and running pyfuse3; it
+# compiles from source, so also a C compiler (gcc, libc6-dev) and the Python headers (python3-dev:
+# those of Debian's python3; another PYTHON must bring its own).
 # attr: getfattr/setfattr, used by the tests and the demo to show the layer format.
 # fuse-overlayfs: behaviour reference in tests.
 # The filesystems layers live on, which the tests make themselves (tests/fs_support.py):
@@ -21,7 +23,7 @@ PYTEST_ARGS ?=
 # erofs-utils (read-only image lowers), sshfs/openssh-server/openssh-client (a lower on sshfs over
 # a loopback sshd the test starts; where an init system runs, installing openssh-server also
 # starts the system's sshd, which the tests do not use).
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config patch attr fuse-overlayfs \
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config patch gcc libc6-dev python3-dev attr fuse-overlayfs \
                 xfsprogs btrfs-progs squashfs-tools squashfuse erofs-utils \
                 sshfs openssh-server openssh-client
 
@@ -31,7 +33,7 @@ MOUNT_HELPER_TARGET := $(CURDIR)/$(VENV)/bin/mount.fuse.cowfs
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help setup system-packages helper test test-user lint check demo clean
+.PHONY: help setup system-packages helper shell-install test test-user lint check demo clean
 
 help:
 	@echo 'make demo    set up, then mount a small demo overlay under /tmp and show copy-up'
@@ -42,13 +44,36 @@ help:
 	@echo 'make check   lint + test'
 	@echo 'make setup   Debian packages + .venv with cowfs installed editable'
 	@echo 'make helper  symlink $(MOUNT_HELPER) for mount -t fuse.cowfs (root)'
+	@echo 'make shell-install  link the completion and man page into /usr/local/share (root)'
 	@echo 'make docker-test  build the container image and smoke-test it (own Docker engine)'
 	@echo 'make bench   compare cowfs with native, overlayfs, fuse-overlayfs (root; BENCH_MODE=full)'
 	@echo 'make bench-full   the same, larger and with more repetitions (about 15 minutes)'
 	@echo 'make faults  the full fault-injection enumeration (tests/test_faults.py, long)'
 	@echo 'make clean   remove .venv and caches'
 
-setup: system-packages $(STAMP)
+# Shell completion (bash, zsh) and the man page, generated from cowfs's argument parser into the
+# venv: `man cowfs` finds .venv/share/man by itself when .venv/bin is on PATH; for completion,
+# `source .venv/share/bash-completion/completions/cowfs` (bash) or add .venv/share/zsh/site-functions
+# to fpath (zsh), or run `make shell-install` as root for every shell of the machine.
+SHARE := $(VENV)/share
+SHELL_FILES := $(SHARE)/bash-completion/completions/cowfs $(SHARE)/zsh/site-functions/_cowfs \
+               $(SHARE)/man/man1/cowfs.1
+setup: system-packages $(STAMP) $(SHELL_FILES)
+
+$(SHELL_FILES) &: $(STAMP) scripts/shell-files.sh cowfs/cli.py cowfs/tools/commands.py
+	bash scripts/shell-files.sh $(VENV)/bin/python $(SHARE)
+
+# Symlinks in /usr/local/share (searched by bash-completion, Debian's zsh and man) to the files
+# in the venv; like `make helper`, root only, and left alone when something else is there.
+SYSTEM_SHARE := /usr/local/share
+shell-install: setup
+	@if [[ "$$(id -u)" -ne 0 ]]; then echo "shell-install: needs root"; exit 1; fi
+	@for rel in bash-completion/completions/cowfs zsh/site-functions/_cowfs man/man1/cowfs.1; do \
+	    target=$(SYSTEM_SHARE)/$$rel; mkdir -p "$$(dirname "$$target")"; \
+	    if [[ -e "$$target" && ! -L "$$target" ]]; then \
+	        echo "$$target exists and is not a symlink; leaving it alone."; \
+	    else ln -sfn $(CURDIR)/$(SHARE)/$$rel "$$target"; echo "linked $$target"; fi; \
+	done
 
 system-packages:
 	@if ! command -v dpkg >/dev/null; then \

@@ -17,10 +17,14 @@ The whiteout left at a renamed directory's old name is not listed separately (th
 says it). Paths with control characters, quotes, backslashes or bytes that are not UTF-8 are
 quoted C-style, as git quotes them. Copied-up objects identical to their lower copy are not
 changes and are not listed.
+
+:func:`select` narrows the changes to paths and leaves out ``--exclude`` globs (``cowfs diff``,
+``cowfs run``'s summary and ``--diff-out``).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from collections import Counter
@@ -150,6 +154,34 @@ def render_json(records: Sequence[Visible]) -> str:
     document = {"changes": [as_json(r) for r in records],
                 "summary": {name: found[name] for name in _ORDER}}
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
+def _matches(path: str, pattern: str) -> bool:
+    """``pattern`` (a glob) matches ``path`` or one of its parent directories; a pattern without
+    ``/`` also matches a single name at any depth (as in .gitignore)."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    if any(fnmatch.fnmatchcase(p, pattern) for p in prefixes):
+        return True
+    return "/" not in pattern and any(fnmatch.fnmatchcase(name, pattern) for name in parts)
+
+
+def _under(path: str, top: str) -> bool:
+    return top == "." or path == top or path.startswith(top + "/")
+
+
+def select(records: Sequence[Visible], paths: Sequence[str] = (),
+           excludes: Sequence[str] = ()) -> list[Visible]:
+    """The changes at or under one of ``paths`` (all when none; relative to the view's root,
+    normalised) and matching none of the ``excludes`` globs. A renamed directory is selected by
+    its new or its old name."""
+    def wanted(record: Visible) -> bool:
+        names = [record.path, record.source] if isinstance(record, Renamed) else [record.path]
+        if paths and not any(_under(n, top) for n in names for top in paths):
+            return False
+        return not any(_matches(record.path, pattern) for pattern in excludes)
+
+    return [r for r in records if wanted(r)]
 
 
 def anomaly_lines(records: Iterable[Change]) -> list[str]:

@@ -66,18 +66,23 @@ def _add_mount_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("-o", dest="options", metavar="OPT[,OPT...]", action="append", default=[],
                    help="mount options, see below")
     p.add_argument("--log", metavar="FILE", help="append the daemon's log to FILE")
-    p.set_defaults(func=_cmd_mount)
+    p.set_defaults(func=_cmd_mount, interrupted="the daemon may still mount in the background: "
+                   "see 'cowfs status', and 'cowfs umount MOUNTPOINT'")
 
 
 def _add_umount_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "umount", help="unmount an overlay and wait for its daemon to exit",
         description="Unmount the cowfs overlay at MOUNTPOINT and wait until its daemon has "
-        "exited, so that the upper layer is complete and may be used.")
+        "exited, so that the upper layer is complete and may be used.",
+        epilog="examples:\n  cowfs umount /mnt/data\n  cowfs umount --timeout 120 /mnt/busy"
+        "          wait longer for a busy daemon\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECS",
                    help="how long to wait for the daemon to exit (default 30)")
-    p.set_defaults(func=_cmd_umount)
+    p.set_defaults(func=_cmd_umount, interrupted="the unmount may still complete: see "
+                   "'cowfs status'")
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -196,6 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cowfs: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        # Ctrl-C where a command has no handling of its own: say what it leaves (each parser's
+        # ``interrupted`` default); commands that change layers report their own state.
+        state = getattr(args, "interrupted", "nothing was changed")
+        # At a terminal the "^C" was echoed mid-line (e.g. after a [y/N] question).
+        start = "\n" if sys.stderr.isatty() else ""
+        print(f"{start}cowfs: interrupted (Ctrl-C); {state}", file=sys.stderr)
         return 130
     return 0
 

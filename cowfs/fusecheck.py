@@ -5,7 +5,9 @@ by libfuse or by ``fusermount3`` (which mounts for plain users) on stderr, which
 daemon does not have. So :func:`preflight` checks the usual causes up front, before the daemon
 forks: no ``/dev/fuse`` or no access to it (these machines ship it 0600), ``fusermount3`` missing
 or not set-user-ID, ``allow_other`` without ``user_allow_other`` in /etc/fuse.conf, a mountpoint the
-user may not write to. And :func:`init` runs ``pyfuse3.init`` with stderr captured, so that what
+user may not write to; and in a container, the flags it was started without (``--device
+/dev/fuse``, ``--cap-add SYS_ADMIN``: no device, or no way to gain CAP_SYS_ADMIN, which mounting
+needs). And :func:`init` runs ``pyfuse3.init`` with stderr captured, so that what
 nothing foresaw still fails with libfuse's own words in the message instead of a traceback.
 
 Known limits: the checks follow fusermount3's rules (libfuse 3); a mount refused for another
@@ -34,6 +36,12 @@ FUSERMOUNT = "fusermount3"
 #: Where libfuse looks for fusermount3 first (its build-time FUSERMOUNT_DIR), then on PATH.
 FUSERMOUNT_DIRS = ("/usr/bin", "/bin", "/usr/local/bin")
 
+#: The flags a container needs for FUSE mounts (docker run, podman run).
+CONTAINER_FLAGS = "--device /dev/fuse --cap-add SYS_ADMIN"
+CAP_SYS_ADMIN = 21
+#: Files that container engines create (docker: /.dockerenv; podman: /run/.containerenv).
+CONTAINER_MARKERS = ("/.dockerenv", "/run/.containerenv")
+
 _DEVICE_HINT = ("ask an administrator to make it 0666 (chmod 0666 /dev/fuse, the Debian default) "
                 "or to give you access to it (its group)")
 _ALLOW_OTHER_HINT = (f"a plain user may use -o allow_other only when {FUSE_CONF} has a line "
@@ -43,6 +51,7 @@ _ALLOW_OTHER_HINT = (f"a plain user may use -o allow_other only when {FUSE_CONF}
 
 def preflight(mountpoint: Path, *, allow_other: bool) -> None:
     """Refuse, with the reason and what to do, a mount that libfuse would refuse."""
+    _check_privileges()
     _check_device()
     if os.geteuid() == 0:
         return  # root mounts with mount(2) itself, wherever and with whatever options
@@ -50,6 +59,48 @@ def preflight(mountpoint: Path, *, allow_other: bool) -> None:
     if allow_other and not _user_allow_other():
         raise CowfsError(f"cannot mount with -o allow_other: {_ALLOW_OTHER_HINT}")
     _check_mountpoint(mountpoint)
+
+
+def in_container() -> bool:
+    """Whether this process runs in a container (the engines' marker files, or the ``container``
+    variable that podman, systemd-nspawn and LXC set)."""
+    # Lower case by convention (systemd's container interface).
+    return bool(os.environ.get("container")) or any(  # noqa: SIM112
+        os.path.exists(m) for m in CONTAINER_MARKERS)
+
+
+def may_gain_sys_admin() -> bool:
+    """Whether this process has CAP_SYS_ADMIN or could gain it (through set-user-ID root
+    fusermount3): it is in the effective or the bounding set. Unknown counts as yes."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return True
+    caps = {key: int(value, 16) for key, _, value in
+            (line.partition(":\t") for line in text.splitlines()) if key in ("CapEff", "CapBnd")}
+    if len(caps) != 2:
+        return True
+    return bool((caps["CapEff"] | caps["CapBnd"]) & (1 << CAP_SYS_ADMIN))
+
+
+def _check_privileges() -> None:
+    """No /dev/fuse, or no CAP_SYS_ADMIN to be had: in a container, name the missing flags of
+    ``docker run``; elsewhere say what is missing."""
+    device = os.path.exists(DEVICE)
+    admin = may_gain_sys_admin()
+    if device and admin:
+        return
+    if in_container():
+        missing = [flag for flag, ok in (("--device /dev/fuse", device),
+                                         ("--cap-add SYS_ADMIN", admin)) if not ok]
+        lacks = " and ".join(what for what, ok in ((f"{DEVICE} does not exist", device),
+                                                   ("no CAP_SYS_ADMIN", admin)) if not ok)
+        raise CowfsError(f"cannot mount a FUSE filesystem in this container: {lacks}; start "
+                         f"the container with {CONTAINER_FLAGS} (missing: {' '.join(missing)})")
+    if not admin:
+        raise CowfsError("cannot mount: this process cannot gain CAP_SYS_ADMIN (it is not in "
+                         "its capability bounding set), which mounting a FUSE filesystem needs; "
+                         "run cowfs without that restriction")
 
 
 def _check_device() -> None:
@@ -151,4 +202,8 @@ def _hint(reason: str) -> str:
         return f"; {_ALLOW_OTHER_HINT}"
     if "mountpoint" in reason:
         return "; use a directory you own as the mountpoint"
+    if "not permitted" in reason and in_container():
+        return (f"; the container may not mount: start it with {CONTAINER_FLAGS}, and where "
+                "AppArmor or SELinux confine it, also --security-opt apparmor:unconfined "
+                "(or label=disable)")
     return ""

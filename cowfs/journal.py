@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -189,8 +190,9 @@ def remove(base_fd: int) -> None:
 # --- applying steps to a base directory ----------------------------------------------------------
 
 
-def copy_file_data(src: int, dst: int) -> None:
-    """Copy a whole file between two descriptors in the kernel where it can."""
+def copy_file_data(src: int, dst: int, on_bytes: Callable[[int], None] | None = None) -> None:
+    """Copy a whole file between two descriptors in the kernel where it can; ``on_bytes`` is
+    told each chunk's size (the progress bar)."""
     while True:
         try:
             n = os.copy_file_range(src, dst, _CHUNK)
@@ -200,6 +202,8 @@ def copy_file_data(src: int, dst: int) -> None:
             n = os.write(dst, os.read(src, _CHUNK))
         if n == 0:
             return
+        if on_bytes is not None:
+            on_bytes(n)
 
 
 def _copyable_xattrs(fd: int) -> dict[str, bytes]:
@@ -227,7 +231,8 @@ def copy_attributes(src_fd: int, st: os.stat_result, dst_fd: int) -> None:
     realfs.utimens(dst_fd, st.st_atime_ns, st.st_mtime_ns)
 
 
-def build_copy(src_dirfd: int, src_name: str, dirfd: int, name: str, temp: str) -> None:
+def build_copy(src_dirfd: int, src_name: str, dirfd: int, name: str, temp: str,
+               on_bytes: Callable[[int], None] | None = None) -> None:
     """Make ``name`` in ``dirfd`` a copy of a non-directory: built under the name ``temp`` in the
     same directory (data, xattrs, owner, mode, times, fsync), then renamed over ``name``. A
     ``temp`` left by an interrupted run is replaced."""
@@ -243,7 +248,7 @@ def build_copy(src_dirfd: int, src_name: str, dirfd: int, name: str, temp: str) 
             try:
                 data = realfs.reopen(src, os.O_RDONLY)
                 try:
-                    copy_file_data(data, dst)
+                    copy_file_data(data, dst, on_bytes)
                 finally:
                     os.close(data)
                 os.fsync(dst)
@@ -274,7 +279,9 @@ class Applier:
     it was cut short (or after it completed), with the same result: that is what lets a re-run
     resume a journal at the step that was in flight."""
 
-    def __init__(self, upper: Path, base: Path, work: Path) -> None:
+    def __init__(self, upper: Path, base: Path, work: Path,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
+        self.on_bytes = on_bytes
         self.upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.base_fd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.index_fd = os.open(work / schema.WORK_INDEX_NAME,
@@ -332,7 +339,18 @@ class Applier:
     def _write(self, step: Step, temp: str) -> None:
         with self._source(step) as (ufd, uname), \
                 plans.parent_of(self.base_fd, step.path) as (dirfd, name):
-            build_copy(ufd, uname, dirfd, name, temp)
+            build_copy(ufd, uname, dirfd, name, temp, self.on_bytes)
+
+    def data_size(self, step: Step) -> int:
+        """The file data that ``step`` copies (0 but for a WRITE of a regular file)."""
+        if step.op is not Op.WRITE:
+            return 0
+        try:
+            with self._source(step) as (ufd, uname):
+                st = os.stat(uname, dir_fd=ufd, follow_symlinks=False)
+        except (OSError, CowfsError):
+            return 0  # reported by the step itself
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
     def _link(self, step: Step, temp: str) -> None:
         with plans.parent_of(self.base_fd, step.arg) as (tfd, tname), \

@@ -1,6 +1,6 @@
 """What the commands that change layers offline share: reaching a path under a layer root
-without following symlinks, a plan shown and confirmed, and a progress bar that shows only on a
-terminal.
+without following symlinks, a plan shown (in full, or summarised) and confirmed, a progress bar
+of bytes that shows only on a terminal, and what an interruption says.
 
 Destructive commands compute a plan first and apply it only when asked (``--yes``, or a "y" typed
 at a terminal), as overlayfs-tools do. Finding the layers of a mount and refusing a mounted upper
@@ -16,7 +16,9 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
+
+from tqdm import tqdm
 
 from . import realfs
 from .errors import CowfsError
@@ -49,11 +51,19 @@ def remove_if_present(dirfd: int, name: str) -> None:
 # --- plans ---------------------------------------------------------------------------------------
 
 
+#: A plan longer than this is shown as its summary unless the full plan is asked for.
+FULL_PLAN_LINES = 20
+
+
 def confirm(plan: Sequence[str], *, yes: bool, dry_run: bool, question: str,
-            out: TextIO | None = None) -> bool:
-    """Show ``plan``; True when it is to be applied. Raises when nobody said yes."""
+            out: TextIO | None = None, summary: Sequence[str] = (),
+            verbose: bool = False) -> bool:
+    """Show ``plan`` (or, when it is long and neither ``dry_run`` nor ``verbose`` asks for all
+    of it, its ``summary``); True when it is to be applied. Raises when nobody said yes."""
     out = out or sys.stdout
-    for line in plan:
+    shown = plan if (dry_run or verbose or not summary or len(plan) <= FULL_PLAN_LINES) \
+        else [*summary, f"(the full plan, {len(plan)} lines: --dry-run or --verbose)"]
+    for line in shown:
         print(line, file=out)
     if dry_run:
         return False
@@ -70,53 +80,71 @@ def confirm(plan: Sequence[str], *, yes: bool, dry_run: bool, question: str,
     raise CowfsError("not applied: pass --yes to apply this plan (or --dry-run to only show it)")
 
 
+def human_bytes(n: int) -> str:
+    """``512 B``, ``3.4 KiB``, ``420.0 MiB``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
 # --- progress ------------------------------------------------------------------------------------
 
 
 class Progress:
-    """A progress bar on stderr, only when stderr is a terminal (tqdm's when it is installed)."""
+    """Bytes done out of ``total`` bytes, as tqdm's bar on stderr with the rate and the time left;
+    only when stderr is a terminal (a log, a pipe or a test's capture gets nothing).
+    ``total`` None: unknown (a tar read from stdin): the bytes and the rate, no time left."""
 
-    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
+    def __init__(self, total: int | None, label: str, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
-        self.total = max(total, 1)
-        self.label = label
         self.done = 0
-        self.enabled = self.stream.isatty() and total > 0
-        self._tqdm: object | None = None
-        if self.enabled:
-            with contextlib.suppress(ImportError):
-                from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
+        self._bar: tqdm[Any] | None = None
+        if self.stream.isatty() and total != 0:
+            # A few columns short of the width: the "^C" the terminal echoes then does not wrap
+            # the line, and the bar is cleared whole. A terminal that reports no size (a bare
+            # pseudo-terminal) gets 80 columns (tqdm would draw an empty bar).
+            columns = _columns(self.stream) or 80
+            # unit "iB" with a divisor of 1024: "420MiB", "130MiB/s".
+            self._bar = tqdm(total=total, desc=label, unit="iB", unit_scale=True,
+                             unit_divisor=1024, file=self.stream, leave=False,
+                             ncols=max(columns - 4, 40), nrows=24, mininterval=0.2)
 
-                self._tqdm = tqdm(total=total, desc=label, unit="obj", file=self.stream,
-                                  leave=False)
+    @property
+    def enabled(self) -> bool:
+        return self._bar is not None
 
-    def advance(self, n: int = 1) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        if self._tqdm is not None:
-            self._tqdm.update(n)  # type: ignore[attr-defined]
-            return
-        width = 30
-        filled = width * min(self.done, self.total) // self.total
-        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                          f"{self.done}/{self.total}")
-        self.stream.flush()
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self._bar is not None and nbytes:
+            self._bar.update(nbytes)
+
+    def to(self, done: int) -> None:
+        """Set the bytes done (a position in a file read from the start)."""
+        self.advance(done - self.done)
 
     def close(self) -> None:
-        if not self.enabled:
-            return
-        if self._tqdm is not None:
-            self._tqdm.close()  # type: ignore[attr-defined]
-            return
-        self.stream.write("\r\x1b[K")
-        self.stream.flush()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+            # Also what the terminal echoed after the bar (a "^C"): the line is left empty.
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
 
     def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _columns(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError):
+        return 0
 
 
 def relative_path(path: str) -> str:

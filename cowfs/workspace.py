@@ -243,7 +243,7 @@ def _fresh_plan(upper: Path, base: Path, work: Path,
 
 
 def commit(upper: Path, base: Path, *, yes: bool, dry_run: bool, out: TextIO | None = None,
-           work: Path | None = None, relocate: bool = False) -> str:
+           work: Path | None = None, relocate: bool = False, verbose: bool = False) -> str:
     """Apply ``upper``'s changes to ``base``, then empty it; or finish the commit that an
     interruption cut short. Returns the summary line. ``work``: the upper's work directory
     (default: the one recorded at its last mount, else the default)."""
@@ -268,7 +268,8 @@ def commit(upper: Path, base: Path, *, yes: bool, dry_run: bool, out: TextIO | N
                 return "no changes"
             plan = [line for step in steps if (line := step.describe()) is not None]
             plan.append(f"then empty {str(upper)!r}")
-            if not plans.confirm(plan, yes=yes, dry_run=dry_run, out=out,
+            if not plans.confirm(plan, yes=yes, dry_run=dry_run, out=out, verbose=verbose,
+                                 summary=_plan_summary(upper, base, work, steps),
                                  question=f"Apply these changes to {str(base)!r}?"):
                 return summary(changes)
             pending = journal.Journal(str(upper.resolve()), str(base.resolve()),
@@ -276,6 +277,35 @@ def commit(upper: Path, base: Path, *, yes: bool, dry_run: bool, out: TextIO | N
             _apply(upper, base, pending, None)
     print(f"committed into {base}: {pending.summary}", file=out)
     return pending.summary
+
+
+#: How many of the largest files the summary of a long plan names.
+LARGEST_SHOWN = 5
+
+
+def _plan_summary(upper: Path, base: Path, work: Path, steps: Sequence[Step]) -> list[str]:
+    """A long plan in a few lines: the steps counted by kind, the file data to copy, and the
+    largest files."""
+    shown = [s for s in steps if s.op is not Op.STAGE]
+    kinds: dict[str, int] = {}
+    for step in shown:
+        name = "attrs" if step.op is Op.ATTRS else step.op.value
+        kinds[name] = kinds.get(name, 0) + 1
+    applier = journal.Applier(upper, base, work)
+    try:
+        sizes = [(applier.data_size(step), step.path) for step in shown]
+    finally:
+        applier.close()
+    total = sum(size for size, _ in sizes)
+    by_kind = ", ".join(f"{count:,} {name}" for name, count in kinds.items())
+    lines = [f"commit {str(upper)!r} into {str(base)!r}: {len(shown):,} steps ({by_kind}); "
+             f"{plans.human_bytes(total)} of file data",
+             f"then empty {str(upper)!r}"]
+    largest = sorted((s for s in sizes if s[0] > 0), reverse=True)[:LARGEST_SHOWN]
+    if largest:
+        lines.append("largest files:")
+        lines += [f"  {plans.human_bytes(size):>10}  {quote(path)}" for size, path in largest]
+    return lines
 
 
 def _apply(upper: Path, base: Path, plan: journal.Journal, done: int | None) -> None:
@@ -302,8 +332,11 @@ def _apply(upper: Path, base: Path, plan: journal.Journal, done: int | None) -> 
                 os.close(base_fd)
     except plans.Interrupted as e:
         raise CowfsError(f"commit into {str(base)!r} interrupted ({e}) after "
-                         f"{journal.steps_done(base)} of {total} steps; run the same command "
-                         "again to finish it", e.exit_code) from None
+                         f"{journal.steps_done(base)} of {total} steps: {str(base)!r} is "
+                         f"half-committed and {str(upper)!r} still holds the changes; run the "
+                         f"same command again to finish it (cowfs commit {upper} --into {base} "
+                         f"--yes: the journal in {str(base / journal.JOURNAL_DIR)!r} says where "
+                         "it stopped)", e.exit_code) from None
     except journal.StepFailedError as e:
         raise CowfsError(f"commit into {str(base)!r} stopped at step {e.number} of {total} "
                          f"({e.step.op.value} {quote(e.step.path)}): {e.reason}; fix the cause "
@@ -315,11 +348,13 @@ def _apply(upper: Path, base: Path, plan: journal.Journal, done: int | None) -> 
 
 def _apply_steps(upper: Path, base: Path, base_fd: int, plan: journal.Journal,
                  done: int) -> None:
+    todo = plan.steps[done:]
     applier = journal.Applier(upper, base, Path(plan.work))
     progress = journal.Progress(base_fd)
     try:
-        with plans.Progress(len(plan.steps) - done, "commit") as bar:
-            for number, step in enumerate(plan.steps[done:], start=done + 1):
+        with plans.Progress(sum(applier.data_size(step) for step in todo), "commit") as bar:
+            applier.on_bytes = bar.advance
+            for number, step in enumerate(todo, start=done + 1):
                 try:
                     applier.apply(number, step)
                 except OSError as e:
@@ -327,7 +362,6 @@ def _apply_steps(upper: Path, base: Path, base_fd: int, plan: journal.Journal,
                 plans.fault_point(journal.UNRECORDED_FAULT_VARIABLE, number)
                 progress.done(number)
                 plans.fault_point(journal.FAULT_VARIABLE, number)
-                bar.advance()
     finally:
         progress.close()
         applier.close()

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Runs inside the cowfs image (docker run --device /dev/fuse --cap-add SYS_ADMIN ...): a layered
-# workspace from an imported OCI layer, changes through the mount, diff, export, commit, run, and
-# the Python API. Every step must succeed; the last line says so.
+# workspace from an imported OCI layer, changes through the mount, diff, export, commit, run, the
+# Python API, and pytest with the cowfs plugin. Every step must succeed; the last line says so.
 set -euo pipefail
 step() { printf '\n== %s\n' "$*"; }
 
@@ -48,11 +48,14 @@ cowfs umount mnt
 step "commit into a copy of the base"
 cp -a base committed
 cowfs reset upper --yes
-cowfs mount committed upper mnt
+test -z "$(cowfs diff upper)"
+# A new upper: 'upper' remembers the stack it was made on (layer1:base) and refuses another.
+mkdir upper3
+cowfs mount committed upper3 mnt
 echo "committed" > mnt/data/added
 rm mnt/data/obsolete
 cowfs umount mnt
-cowfs commit upper --into committed --yes
+cowfs commit upper3 --into committed --yes
 test "$(cat committed/data/added)" = "committed"
 test ! -e committed/data/obsolete
 
@@ -69,5 +72,14 @@ with cowfs.overlay(sys.argv[1]) as view:
     print(view.summary())
     assert view.summary() == "1 modified"
 PY
+
+step "pyfuse3 is the patched build (patches/pyfuse3/)"
+python3 -c 'from cowfs import operations as o; assert o.can_cache_listings() and o.kernel_can_open_dirs(), "stock pyfuse3"'
+
+step "pytest and the cowfs plugin are installed"
+python3 -c 'import pytest, cowfs.pytest_plugin'
+pytest --version
+pytest --help >pytest-help.txt
+grep -q cowfs_dataset pytest-help.txt
 
 printf '\ncowfs smoke test: OK\n'

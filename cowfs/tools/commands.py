@@ -41,6 +41,11 @@ examples:
   cowfs run /data -- ./job --in /data           the job sees a writable /data; changes discarded
   cowfs run --upper /tmp/ch /data -- make       changes kept in /tmp/ch (see 'cowfs diff')
   cowfs run --at /tmp/view /data -- sh          a shell in a view at /tmp/view; /data untouched
+  cowfs run --diff-out changes.json /data -- make    every change listed in changes.json
+
+The summary on stderr counts the changes by kind and lists the first 20; --diff-out FILE
+writes all of them (as 'cowfs diff' would: text, or JSON when FILE ends in .json or with
+--diff-format json), also when they are discarded.
 """
 
 
@@ -51,7 +56,10 @@ def _cmd_run(args: argparse.Namespace) -> None:
     if command and command[0] == "--":
         command = command[1:]
     _exit(run(Path(args.base), command, upper=Path(args.upper) if args.upper else None,
-              keep=args.keep, at=Path(args.at) if args.at else None))
+              keep=args.keep, at=Path(args.at) if args.at else None,
+              diff_out=Path(args.diff_out) if args.diff_out else None,
+              diff_json=args.diff_format == "json" if args.diff_format else None,
+              excludes=args.exclude))
 
 
 def _add_run(subparsers: Subparsers) -> None:
@@ -59,6 +67,9 @@ def _add_run(subparsers: Subparsers) -> None:
                 "Mount BASE with a fresh upper (over BASE itself, or at --at PATH), run COMMAND "
                 "in the view, unmount (also after Ctrl-C or a crash), print what changed, and "
                 "discard or keep the changes. Exits with COMMAND's status.", RUN_EPILOG)
+    # Short, so that a usage error stays a few lines; --help lists every option.
+    p.usage = ("cowfs run [--upper DIR] [--keep | --discard] [--at PATH] [--diff-out FILE]\n"
+               "                 [--exclude PATTERN]... BASE -- COMMAND...")
     p.add_argument("--upper", metavar="DIR",
                    help="keep the changes in DIR (default: a temporary directory)")
     keep = p.add_mutually_exclusive_group()
@@ -68,9 +79,16 @@ def _add_run(subparsers: Subparsers) -> None:
                       help="discard the changes (the default without --upper)")
     p.add_argument("--at", metavar="PATH",
                    help="mount the view at PATH instead of over BASE itself")
+    p.add_argument("--diff-out", metavar="FILE",
+                   help="write every change to FILE (the summary lists only the first 20)")
+    p.add_argument("--diff-format", choices=("text", "json"),
+                   help="the format of --diff-out (default: json when FILE ends in .json)")
+    _add_filters(p, "changes from the summary and --diff-out")
     p.add_argument("base", metavar="BASE")
     p.add_argument("command", metavar="-- COMMAND...", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_run)
+    p.set_defaults(func=_cmd_run,
+                   interrupted="the view was unmounted; its changes were discarded unless "
+                   "kept (--upper, --keep)")
 
 
 # --- diff ----------------------------------------------------------------------------------------
@@ -78,17 +96,39 @@ def _add_run(subparsers: Subparsers) -> None:
 DIFF_EPILOG = """\
 codes: A added, M modified (content), m metadata only, D deleted,
        O opaque directory (replaces the lower one), T another kind of object, R renamed dir.
+
+PATH and --exclude: paths are relative to the view's root; a change is listed when it is at or
+under a PATH and neither its path nor a parent directory matches a PATTERN (a glob; a pattern
+without '/' also matches a name at any depth, as in .gitignore).
+
+examples:
+  cowfs diff /tmp/changes                       every change in the upper /tmp/changes
+  cowfs diff /mnt/data src docs/api             only under src/ and docs/api/
+  cowfs diff /mnt/repo --exclude .git --exclude '*.pyc'    leave out git's objects and bytecode
 """
 
 
+def _add_filters(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--exclude", metavar="PATTERN", action="append", default=[],
+                   help=f"leave out {what} whose path or parent matches the glob PATTERN "
+                   "(repeatable)")
+
+
+def _selected_paths(paths: list[str]) -> list[str]:
+    from ..plans import relative_path
+
+    return [relative_path(p) for p in paths]
+
+
 def _cmd_diff(args: argparse.Namespace) -> None:
-    from ..changes import anomaly_lines, render_json, render_text, visible_changes
+    from ..changes import anomaly_lines, render_json, render_text, select, visible_changes
     from ..mounts import layers_for
     from ..walk import walk
 
+    paths = _selected_paths(args.paths)
     layers = layers_for(args.target, args.lower)
     records = list(walk(layers.upper, layers.lowers, layers.work))
-    changes = visible_changes(records)
+    changes = select(visible_changes(records), paths, args.exclude)
     sys.stdout.write(render_json(changes) if args.json else render_text(changes))
     for problem in anomaly_lines(records):
         print(f"cowfs: warning: {problem} (see 'cowfs check')", file=sys.stderr)
@@ -98,9 +138,12 @@ def _cmd_diff(args: argparse.Namespace) -> None:
 def _add_diff(subparsers: Subparsers) -> None:
     p = _parser(subparsers, "diff", "show what an upper layer changes",
                 "List what UPPER changes against its lower layers (or what the view at "
-                "MOUNTPOINT changed), like 'git status --porcelain' and 'docker diff'.",
-                DIFF_EPILOG)
+                "MOUNTPOINT changed), like 'git status --porcelain' and 'docker diff'; with "
+                "PATHs, only the changes at or under them.", DIFF_EPILOG)
     p.add_argument("target", metavar="UPPER|MOUNTPOINT")
+    p.add_argument("paths", metavar="PATH", nargs="*",
+                   help="only changes at or under PATH (relative to the view's root)")
+    _add_filters(p, "changes")
     p.add_argument("--lower", metavar="LOWER[:LOWER...]", help=LOWER_HELP)
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument("--exit-code", action="store_true",
@@ -111,11 +154,21 @@ def _add_diff(subparsers: Subparsers) -> None:
 # --- commit and reset ----------------------------------------------------------------------------
 
 
+COMMIT_EPILOG = """\
+A plan of more than 20 lines is shown as a summary (steps by kind, bytes, largest files);
+--dry-run shows all of it and applies nothing, --verbose shows all of it and applies it.
+
+examples:
+  cowfs commit /tmp/changes --into /data --dry-run    see what would change in /data
+  cowfs commit /tmp/changes --into /data --yes        apply it (run again if interrupted)
+"""
+
+
 def _cmd_commit(args: argparse.Namespace) -> None:
     from ..workspace import commit
 
     commit(Path(args.upper), Path(args.into), yes=args.yes, dry_run=args.dry_run,
-           relocate=args.relocate)
+           relocate=args.relocate, verbose=args.verbose)
 
 
 def _add_commit(subparsers: Subparsers) -> None:
@@ -126,7 +179,8 @@ def _add_commit(subparsers: Subparsers) -> None:
                 "Refuses while UPPER is mounted or BASE is in use by a mount, when UPPER is not "
                 "a cowfs upper or BASE is one, and when BASE is not the lower stack recorded on "
                 "UPPER. Interrupted (Ctrl-C, SIGTERM, a crash, a failed step), it is finished by "
-                "running the same command again; until then BASE is half-committed.")
+                "running the same command again; until then BASE is half-committed.",
+                COMMIT_EPILOG)
     p.add_argument("upper", metavar="UPPER")
     p.add_argument("--into", metavar="BASE", required=True,
                    help="the directory the upper was layered on")
@@ -134,7 +188,17 @@ def _add_commit(subparsers: Subparsers) -> None:
                    help="commit although BASE is not the lower stack recorded on UPPER (the "
                    "layers were moved on purpose)")
     _confirm_options(p)
-    p.set_defaults(func=_cmd_commit)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show the whole plan, not its summary, also when applying it")
+    p.set_defaults(func=_cmd_commit,
+                   interrupted="nothing was changed: the plan was not applied")
+
+
+RESET_EPILOG = """\
+examples:
+  cowfs reset /tmp/changes --dry-run                 what would be thrown away
+  cowfs reset /tmp/changes src/generated --yes       only the changes at and under src/generated
+"""
 
 
 def _cmd_reset(args: argparse.Namespace) -> None:
@@ -148,14 +212,23 @@ def _add_reset(subparsers: Subparsers) -> None:
                 "Throw away every change in UPPER, or those at and under each PATH (relative to "
                 "the view's root). Shows the plan; applies it with --yes or when confirmed at a "
                 "terminal. Refuses while UPPER is mounted, and a directory that is not a cowfs "
-                "upper.")
+                "upper.", RESET_EPILOG)
     p.add_argument("upper", metavar="UPPER")
     p.add_argument("paths", metavar="PATH", nargs="*")
     _confirm_options(p)
-    p.set_defaults(func=_cmd_reset)
+    p.set_defaults(func=_cmd_reset,
+                   interrupted="some of the changes may already be discarded; 'cowfs diff "
+                   "UPPER' shows what is left")
 
 
 # --- export and import ---------------------------------------------------------------------------
+
+
+EXPORT_EPILOG = """\
+examples:
+  cowfs export /tmp/changes -o layer.tar.gz          the upper against its recorded lowers
+  cowfs export /mnt/view -o - | cowfs import - /srv/l3    a running view's changes, streamed
+"""
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -170,13 +243,22 @@ def _add_export(subparsers: Subparsers) -> None:
     p = _parser(subparsers, "export", "write an upper as an OCI image layer tar",
                 "Write UPPER (against its lowers) as an OCI image layer: '.wh.NAME' whiteouts, "
                 "'.wh..wh..opq' opaque markers, renamed directories written whole, hard links "
-                "as tar hard links, user xattrs as PAX records.")
+                "as tar hard links, user xattrs as PAX records. On a terminal, a progress bar "
+                "of the bytes written.", EXPORT_EPILOG)
     p.add_argument("target", metavar="UPPER|MOUNTPOINT")
     p.add_argument("--lower", metavar="LOWER[:LOWER...]", help=LOWER_HELP)
     p.add_argument("-o", "--output", metavar="FILE", required=True,
                    help="the tar to write ('-': stdout); gzip when it ends in .gz or .tgz")
     p.add_argument("--gzip", action="store_true", help="gzip whatever the name")
-    p.set_defaults(func=_cmd_export)
+    p.set_defaults(func=_cmd_export,
+                   interrupted="no output was written")
+
+
+IMPORT_EPILOG = """\
+examples:
+  cowfs import layer.tar.gz /srv/layers/l2           then: cowfs mount /srv/layers/l2:/srv/base ...
+  zcat layer.tar.gz | cowfs import - /srv/layers/l2  from stdin
+"""
 
 
 def _cmd_import(args: argparse.Namespace) -> None:
@@ -191,10 +273,12 @@ def _add_import(subparsers: Subparsers) -> None:
                 "not exist or be empty, converting whiteouts and opaque markers to the cowfs "
                 "layer format, so that it stacks as a lower: cowfs mount L3:L2:L1 UPPER MNT. "
                 "Unsafe members (absolute paths, '..', escaping hard links, writes through "
-                "symlinks) are refused; DIR is complete or untouched.")
+                "symlinks) are refused; DIR is complete or untouched. On a terminal, a progress "
+                "bar of the archive's bytes read.", IMPORT_EPILOG)
     p.add_argument("archive", metavar="LAYER.tar")
     p.add_argument("dir", metavar="DIR")
-    p.set_defaults(func=_cmd_import)
+    p.set_defaults(func=_cmd_import,
+                   interrupted="DIR was not created")
 
 
 # --- status and check ----------------------------------------------------------------------------
@@ -209,7 +293,9 @@ def _cmd_status(args: argparse.Namespace) -> None:
 def _add_status(subparsers: Subparsers) -> None:
     p = _parser(subparsers, "status", "list cowfs mounts and their changes",
                 "List every cowfs mount on this machine with its layers, the upper's size, and "
-                "how many objects were copied up, created, deleted and renamed.")
+                "how many objects were copied up, created, deleted and renamed.",
+                "examples:\n  cowfs status\n"
+                "  cowfs status --json | jq -r '.mounts[].mountpoint'    the mountpoints only\n")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=_cmd_status)
 
@@ -228,14 +314,18 @@ def _add_check(subparsers: Subparsers) -> None:
     p = _parser(subparsers, "check", "validate a layer and repair it",
                 "Validate UPPER: leftovers of a crash in the work directory, whiteouts the mount "
                 "cannot see, malformed or escaping redirects, whiteouts over nothing (with "
-                "--lower), an unknown format version. Exit status 1 when problems remain.")
+                "--lower), an unknown format version. Exit status 1 when problems remain.",
+                "examples:\n  cowfs check /tmp/changes                   report problems\n"
+                "  cowfs check /tmp/changes --repair --yes    and repair what can be repaired\n")
     p.add_argument("upper", metavar="UPPER")
     p.add_argument("--lower", metavar="LOWER[:LOWER...]",
                    help="the lower layers, to check whiteouts and redirect targets against "
                    "(default: the stack recorded on UPPER at its last mount)")
     p.add_argument("--repair", action="store_true", help="repair what can be repaired")
     _confirm_options(p)
-    p.set_defaults(func=_cmd_check)
+    p.set_defaults(func=_cmd_check,
+                   interrupted="with --repair, some repairs may be done: run the same "
+                   "command again")
 
 
 def add_parsers(subparsers: Subparsers) -> None:

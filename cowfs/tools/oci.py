@@ -36,9 +36,9 @@ import stat
 import sys
 import tarfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, TextIO
+from typing import IO, TextIO, cast
 
 from .. import outputs, plans, realfs, schema
 from ..changes import quote
@@ -91,8 +91,9 @@ def _pax_text(value: bytes) -> str:
 class _Writer:
     """Adds layer objects to a tar; remembers what it added (parents, hard links)."""
 
-    def __init__(self, tar: tarfile.TarFile) -> None:
+    def __init__(self, tar: tarfile.TarFile, progress: plans.Progress) -> None:
         self.tar = tar
+        self.progress = progress
         self.added: set[str] = set()
         self.inodes: dict[tuple[int, int], str] = {}
         self.count = 0
@@ -128,7 +129,8 @@ class _Writer:
             info.size = st.st_size
             data = os.fdopen(realfs.reopen(fd, os.O_RDONLY), "rb")
             with data:
-                self._add(path, info, data)
+                # tarfile only calls read(): the counting wrapper is file enough.
+                self._add(path, info, cast(IO[bytes], _Counted(data, self.progress)))
         else:
             self._add(path, info)
         if kind != stat.S_IFDIR:
@@ -146,6 +148,45 @@ class _Writer:
         self.count += 1
 
 
+class _Counted:
+    """A file that tarfile reads a member's data from, counting the bytes for the progress bar
+    (so that one large file moves the bar too)."""
+
+    def __init__(self, data: IO[bytes], progress: plans.Progress) -> None:
+        self.data = data
+        self.progress = progress
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.data.read(size)
+        self.progress.advance(len(chunk))
+        return chunk
+
+
+def _export_bytes(upper: Path, lowers: Sequence[Path], work: Path,
+                  records: Sequence[Change]) -> int:
+    """The file data an export writes: the total of its progress bar."""
+    total = 0
+
+    def size(path: Path) -> int:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return 0
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+    for record in records:
+        match record:
+            case Renamed(path=path):
+                total += sum(v.st.st_size for v in merged_tree(upper, lowers, path)
+                             if stat.S_ISREG(v.st.st_mode))
+            case Modified(via_index=str(entry)) | Unchanged(via_index=str(entry)):
+                total += size(work / schema.WORK_INDEX_NAME / entry)
+            case Added(path=path) | Modified(path=path) | Unchanged(path=path) | Replaced(
+                    path=path):
+                total += size(upper / path)
+    return total
+
+
 def _parents(path: str) -> Iterator[str]:
     parts = path.split("/")
     for i in range(1, len(parts)):
@@ -158,7 +199,7 @@ def _open_upper(upper_fd: int, path: str) -> int:
 
 
 def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path], work: Path,
-                    records: Sequence[Change], progress: plans.Progress) -> None:
+                    records: Sequence[Change]) -> None:
     upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     index = work / schema.WORK_INDEX_NAME
     materialized: list[str] = []
@@ -174,7 +215,6 @@ def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path], work: 
                 os.close(fd)
 
         for number, record in enumerate(records, start=1):
-            progress.advance()
             plans.fault_point(EXPORT_FAULT, number)
             if any(record.path.startswith(m + "/") for m in materialized):
                 continue  # already written whole, with the rest of its renamed directory
@@ -246,11 +286,12 @@ def export_layer(upper: Path, lowers: Sequence[Path], output: str, *, gzip_flag:
     if output == "-":
         if sys.stdout.isatty():
             raise CowfsError("refusing to write a tar archive to a terminal; use -o FILE")
-        with tarfile.open(fileobj=sys.stdout.buffer, mode="w|gz" if compress else "w|",
-                          format=tarfile.PAX_FORMAT) as tar, \
-                plans.Progress(len(records), "export") as progress:
-            writer = _Writer(tar)
-            _export_records(writer, upper, lowers, work, records, progress)
+        with _interruption_reported("export", "the tar on stdout is incomplete"), \
+                tarfile.open(fileobj=sys.stdout.buffer, mode="w|gz" if compress else "w|",
+                             format=tarfile.PAX_FORMAT) as tar, \
+                plans.Progress(_export_bytes(upper, lowers, work, records), "export") as bar:
+            writer = _Writer(tar, bar)
+            _export_records(writer, upper, lowers, work, records)
         return writer.count
     target = Path(output)
     if target.is_dir():
@@ -260,7 +301,8 @@ def export_layer(upper: Path, lowers: Sequence[Path], output: str, *, gzip_flag:
     try:
         plans.remove_stale_temporaries(target.parent, target.name, "export")
         temp = target.parent / plans.temporary_name(target.name, "export")
-        with _interruption_reported("export", f"{output!r} was not written"):
+        with _interruption_reported("export", f"{output!r} was not written (no partial "
+                                        "file is left)"):
             count = _export_to(temp, target, upper, lowers, work, records, compress)
     except BaseException:
         outputs.remove_dirs(made)
@@ -276,9 +318,9 @@ def _export_to(temp: Path, target: Path, upper: Path, lowers: Sequence[Path], wo
     try:
         with tarfile.open(temp, mode="w:gz" if compress else "w",
                           format=tarfile.PAX_FORMAT) as tar, \
-                plans.Progress(len(records), "export") as progress:
-            writer = _Writer(tar)
-            _export_records(writer, upper, lowers, work, records, progress)
+                plans.Progress(_export_bytes(upper, lowers, work, records), "export") as bar:
+            writer = _Writer(tar, bar)
+            _export_records(writer, upper, lowers, work, records)
         os.replace(temp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -307,8 +349,11 @@ def _member_path(name: str) -> str:
 class _Extractor:
     """Creates members under ``root``, never following a symlink on the way."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, progress: plans.Progress,
+                 position: Callable[[], int] | None) -> None:
         self.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.progress = progress
+        self.position = position
         self.files: set[str] = set()
         self.whiteouts: set[str] = set()
         self.opaque: set[str] = set()
@@ -423,7 +468,9 @@ class _Extractor:
                 assert source is not None, "a regular member has data"
                 fd = realfs.create_file(dirfd, name, 0o600, os.O_WRONLY)
                 with os.fdopen(fd, "wb") as dest, source:
-                    shutil.copyfileobj(source, dest, 1 << 20)
+                    while chunk := source.read(1 << 20):
+                        dest.write(chunk)
+                        self.tick(len(chunk))
                 self.files.add(path)
             elif info.issym():
                 realfs.symlink(dirfd, name, info.linkname)
@@ -436,6 +483,14 @@ class _Extractor:
                 raise CowfsError(f"member {info.name!r}: unsupported tar entry type "
                                  f"{info.type!r}")
         self._attributes(dirfd, name, info)
+
+    def tick(self, nbytes: int) -> None:
+        """Move the progress bar: to the position in the archive file (compressed bytes read),
+        or by the member bytes written when the archive is a stream of unknown length."""
+        if self.position is not None:
+            self.progress.to(self.position())
+        else:
+            self.progress.advance(nbytes)
 
     def _attributes(self, dirfd: int, name: str, info: tarfile.TarInfo) -> None:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
@@ -495,10 +550,19 @@ class _Extractor:
                     os.close(fd)
 
 
-def _open_archive(archive: str) -> tarfile.TarFile:
+@contextlib.contextmanager
+def _open_archive(archive: str) -> Iterator[tuple[tarfile.TarFile, plans.Progress,
+                                                  Callable[[], int] | None]]:
+    """The archive, a progress bar of its bytes, and how far into the file tarfile has read
+    (None for stdin, whose length is unknown)."""
     if archive == "-":
-        return tarfile.open(fileobj=sys.stdin.buffer, mode="r|*")
-    return tarfile.open(archive, mode="r:*")
+        with tarfile.open(fileobj=sys.stdin.buffer, mode="r|*") as tar, \
+                plans.Progress(None, "import") as bar:
+            yield tar, bar, None
+        return
+    with open(archive, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar, \
+            plans.Progress(os.fstat(raw.fileno()).st_size, "import") as bar:
+        yield tar, bar, raw.tell
 
 
 _CORRUPT = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
@@ -556,12 +620,14 @@ def _import_into(archive: str, dest: Path, temp: Path) -> int:
     count = 0
     temp.mkdir(mode=0o755)
     try:
-        extractor = _Extractor(temp)
+        extractor: _Extractor | None = None
         try:
             try:
-                with _open_archive(archive) as tar:
+                with _open_archive(archive) as (tar, bar, position):
+                    extractor = _Extractor(temp, bar, position)
                     for info in tar:
                         _unpack_member(extractor, tar, info)
+                        extractor.tick(0)
                         count += 1
                         plans.fault_point(IMPORT_FAULT, count)
             except _CORRUPT as e:
@@ -569,10 +635,13 @@ def _import_into(archive: str, dest: Path, temp: Path) -> int:
                 reason = str(e).strip().splitlines()[-1].removeprefix("- ") if str(e) else \
                     type(e).__name__
                 raise CowfsError(f"{archive}: corrupt or not a tar archive: {reason}") from None
+            if extractor is None:
+                raise CowfsError(f"{archive}: corrupt or not a tar archive")
             extractor.finish()
             os.setxattr(temp, schema.XATTR_FORMAT, schema.FORMAT_VERSION)
         finally:
-            extractor.close()
+            if extractor is not None:
+                extractor.close()
         if dest.exists():
             dest.rmdir()
         os.rename(temp, dest)

@@ -4,8 +4,10 @@ writable view.
 BASE is mounted (over itself, or at ``--at PATH``) with a fresh upper, COMMAND runs with its
 working directory in the view (the same place inside it when the caller's working directory is
 inside BASE), and the view is unmounted when COMMAND ends, whether it succeeded, failed, crashed
-or was interrupted. A summary of what changed goes to stderr; stdout belongs to COMMAND. The changes
-are then discarded (the default with a temporary upper) or kept (the default with ``--upper``).
+or was interrupted. A summary of what changed goes to stderr (the counts by kind and the first
+:data:`SUMMARY_LINES` changes; ``--diff-out FILE`` writes all of them, ``--exclude`` leaves some
+out of both); stdout belongs to COMMAND. The changes are then discarded (the default with a
+temporary upper) or kept (the default with ``--upper``), also when the summary is interrupted.
 The exit status is COMMAND's (128+N when a signal N ended it; 127 when it was not found).
 
 While COMMAND runs, Ctrl-C reaches it directly (it is in the terminal's foreground process group)
@@ -16,6 +18,7 @@ on to COMMAND.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -26,7 +29,7 @@ from typing import TextIO
 
 from .. import outputs, upperinfo
 from ..api import View, overlay
-from ..changes import line, summary, visible_changes
+from ..changes import Visible, line, render_json, render_text, select, summary, visible_changes
 from ..errors import CowfsError
 from ..walk import walk
 from ..workspace import UpperOrigin, discard_upper, refuse_to_discard, upper_origin
@@ -75,8 +78,37 @@ def _working_dir(base: Path, mountpoint: Path) -> Path:
     return mountpoint
 
 
+def _check_diff_out(diff_out: Path, real_base: Path) -> Path:
+    """``--diff-out FILE``, checked before anything is mounted: the list must not be lost after
+    the command ran, nor written into BASE, which cowfs run never changes."""
+    target = Path(os.path.abspath(diff_out))
+    if not target.parent.is_dir():
+        raise CowfsError(f"--diff-out: directory {str(target.parent)!r} does not exist")
+    if target.is_dir():
+        raise CowfsError(f"--diff-out: {str(diff_out)!r} is a directory; give a file name")
+    real = target.parent.resolve() / target.name
+    if real == real_base or real_base in real.parents:
+        raise CowfsError(f"--diff-out: {str(diff_out)!r} is inside the base {str(real_base)!r}, "
+                         "which cowfs run does not change; write it elsewhere")
+    return real
+
+
+def _report(changes: list[Visible], err: TextIO, diff_out: Path | None,
+            diff_json: bool | None) -> None:
+    for change in changes[:SUMMARY_LINES]:
+        print(f"  {line(change)}", file=err)
+    if len(changes) > SUMMARY_LINES:
+        print(f"  ... and {len(changes) - SUMMARY_LINES} more"
+              + ("" if diff_out else " (all of them: --diff-out FILE)"), file=err)
+    if diff_out is not None:
+        as_json = diff_json if diff_json is not None else diff_out.suffix == ".json"
+        diff_out.write_text(render_json(changes) if as_json else render_text(changes))
+        print(f"cowfs run: the list of all {len(changes)} changes is in {diff_out}", file=err)
+
+
 def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | None,
-        at: Path | None, err: TextIO | None = None) -> int:
+        at: Path | None, err: TextIO | None = None, diff_out: Path | None = None,
+        diff_json: bool | None = None, excludes: Sequence[str] = ()) -> int:
     err = err or sys.stderr
     if not command:
         raise CowfsError("no command given: cowfs run BASE -- COMMAND...")
@@ -84,6 +116,8 @@ def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | 
         raise CowfsError(f"base directory {str(base)!r} does not exist"
                          if not base.exists() else f"base {str(base)!r} is not a directory")
     real_base = base.resolve()
+    if diff_out is not None:
+        diff_out = _check_diff_out(diff_out, real_base)
     keep_changes = (upper is not None) if keep is None else keep
     mountpoint = at if at is not None else real_base
     if upper is not None and upper.exists() and not upper.is_dir():
@@ -109,20 +143,34 @@ def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | 
                 keep_changes and visible_changes(walk(started[0].upper, started[0].lowers))):
             shutil.rmtree(started[0].upper.parent, ignore_errors=True)
         raise
-    changes = visible_changes(walk(view.upper, view.lowers))
-    for change in changes[:SUMMARY_LINES]:
-        print(f"  {line(change)}", file=err)
-    if len(changes) > SUMMARY_LINES:
-        print(f"  ... and {len(changes) - SUMMARY_LINES} more", file=err)
-    what = summary(changes)
-    if keep_changes:
-        print(f"cowfs run: {what}; kept in {view.upper}", file=err)
-    else:
-        if upper is None:
-            shutil.rmtree(view.upper.parent, ignore_errors=True)
+    if status > 128 and status - 128 in signal.valid_signals():
+        # Ctrl-C reached COMMAND (the "^C" echoed mid-line at a terminal): say so first.
+        start = "\n" if err.isatty() else ""
+        print(f"{start}cowfs run: {command[0]} ended by {signal.Signals(status - 128).name}; "
+              "the view was unmounted", file=err)
+    discarded = False
+    try:
+        everything = visible_changes(walk(view.upper, view.lowers))
+        changes = select(everything, (), excludes)
+        _report(changes, err, diff_out, diff_json)
+        left_out = len(everything) - len(changes)
+        what = summary(changes) + (f" ({left_out} more excluded)" if left_out else "")
+        if not keep_changes:
+            _discard(view, upper, origin)
+            discarded = True
+            print(f"cowfs run: {what}; discarded", file=err)
         else:
-            discard_upper(view.upper, origin)
-            outputs.remove_dirs(view.made_for_upper)
-        print(f"cowfs run: {what}; discarded", file=err)
+            print(f"cowfs run: {what}; kept in {view.upper}", file=err)
+    finally:
+        # Ctrl-C or a failure while summarising still discards what was to be discarded.
+        if not keep_changes and not discarded:
+            _discard(view, upper, origin)
     return status
 
+
+def _discard(view: View, upper: Path | None, origin: UpperOrigin) -> None:
+    if upper is None:
+        shutil.rmtree(view.upper.parent, ignore_errors=True)
+    else:
+        discard_upper(view.upper, origin)
+        outputs.remove_dirs(view.made_for_upper)
