@@ -118,12 +118,13 @@ class Snapshots:
     so that a reader continuing at an offset gets the snapshot it started from, as with a
     :class:`DirHandle`. Two readers of one directory never share one.
 
-    Snapshots are kept least recently used first, within ``max_names`` names in all. A reader
+    Snapshots are kept least recently used first, within ``max_names`` names in all (about 10 MiB;
+    the newest is kept whatever its size), so a walk of many directories holds few. A reader
     whose snapshot was dropped (after that many names of other listings) continues in a fresh
     one at the same index: changes made meanwhile may then show or hide entries near the offset.
     """
 
-    def __init__(self, max_names: int = 1 << 20) -> None:
+    def __init__(self, max_names: int = 1 << 17) -> None:
         self._snapshots: OrderedDict[int, tuple[int, list[str]]] = OrderedDict()
         self._names = 0
         self._max_names = max_names
