@@ -588,7 +588,7 @@ def import_layer(archive: str, dest: Path, *, out: TextIO | None = None) -> int:
     except BaseException:
         outputs.remove_dirs(made)
         raise
-    print(f"imported {count} members into {dest}", file=out or sys.stderr)
+    print(f"imported {count} member{'' if count == 1 else 's'} into {dest}", file=out or sys.stderr)
     return count
 
 
