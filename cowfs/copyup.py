@@ -20,12 +20,13 @@ linked to the entry only when it has to exist in the upper (it is renamed: see
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import stat
 
-from . import nlink, origins, realfs, schema
+from . import metacopy, nlink, origins, realfs, schema
 from .inodes import Inode
 from .layers import Layer
 from .resolve import Real
@@ -70,25 +71,42 @@ def _origin_xattrs(lower: Real, st: os.stat_result) -> dict[str, bytes]:
 class CopyUp:
     """Copies objects up; one instance per mount."""
 
-    def __init__(self, upper: Layer, work: WorkDir, *, sync: bool = True) -> None:
+    def __init__(self, upper: Layer, work: WorkDir, *, sync: bool = True,
+                 roots: tuple[Real, ...] = (), metacopy: bool = True) -> None:
         self.upper = upper
         self.work = work
         self.sync = sync
+        #: The layer roots by index (the upper's first), where metacopy files find their data.
+        self.roots = roots
+        #: Whether metadata changes may copy up without data (``-o nometacopy``: never).
+        self.metacopy = metacopy
+        #: The upper directory's owner: a metacopy file must be its or its lower file's.
+        self.trusted_uid = os.fstat(upper.root_fd).st_uid
+        #: Upper files (inode numbers) whose refused metacopy mark was logged: once each.
+        self._logged: set[int] = set()
 
     @staticmethod
     def is_hard_linked_lower(inode: Inode) -> bool:
         """A lower non-directory with several names: copied up through the index."""
         return not inode.is_dir and inode.upper is None and inode.top.nlink > 1
 
-    def ensure(self, inode: Inode, *, with_data: bool = True) -> Real:
-        """The upper copy of ``inode``, copying it (and its parents) up first if needed."""
+    def ensure(self, inode: Inode, *, with_data: bool = True,
+               metadata_only: bool = False) -> Real:
+        """The upper copy of ``inode``, copying it (and its parents) up first if needed.
+
+        ``metadata_only``: for a change of metadata or name, a regular file may be copied without
+        its data (:mod:`cowfs.metacopy`), and a metacopy copy is enough. Otherwise the copy gets
+        its data (``with_data`` False: it is about to be truncated to 0, so it gets none).
+        """
         upper = inode.upper
-        if upper is not None:
+        if upper is not None and (metadata_only or not upper.metacopy):
             return upper
         with inode.copy_up_lock:
             upper = inode.upper
             if upper is not None:
-                return upper
+                if metadata_only or not upper.metacopy:
+                    return upper
+                return self._fill(inode, upper, with_data)
             if self.is_hard_linked_lower(inode):
                 real = self._index_entry(inode)
             else:
@@ -97,9 +115,50 @@ class CopyUp:
                     raise OSError(errno.ESTALE, "object has no name left to copy up to")
                 parent, name = link
                 parent_upper = self.ensure(parent)
-                real = self._copy_up(inode, parent_upper, name, with_data)
+                meta = metadata_only and self._may_skip_data(inode)
+                real = self._copy_up(inode, parent_upper, name, with_data and not meta, meta)
             inode.push_upper(real)
             return real
+
+    def _may_skip_data(self, inode: Inode) -> bool:
+        """Whether a copy-up for a metadata change may leave the data in the lower file."""
+        top = inode.top
+        return self.metacopy and stat.S_ISREG(top.mode) and top.stat().st_size > 0
+
+    def metadata_only_owner(self, inode: Inode, uid: int) -> bool:
+        """Whether a ``chown`` to ``uid`` may leave (or make) the file a metacopy one: only to the
+        owner of its lower file or of the upper directory (see :mod:`cowfs.metacopy`)."""
+        upper = inode.upper
+        if upper is not None and not upper.metacopy:
+            return True
+        try:
+            lower_uid = inode.data.stat().st_uid
+        except OSError:
+            return False
+        return metacopy.owner_allowed(uid, lower_uid, self.trusted_uid)
+
+    def _fill(self, inode: Inode, upper: Real, with_data: bool) -> Real:
+        """Give a metacopy upper copy its data (called with the copy-up lock held)."""
+        data = inode.data
+        metacopy.fill(upper.fd, data.fd, with_data=with_data, sync=self.sync,
+                      reflink=self.work.features.reflink)
+        filled = dataclasses.replace(upper, metacopy=False)
+        inode.replace_top(filled)
+        return filled
+
+    def attach_data(self, inode: Inode) -> None:
+        """For an inode whose upper copy is a metacopy one: find its data in the lower layers.
+        When there is none (or it may not be used), reads fail with EIO; logged once."""
+        try:
+            data = metacopy.find_data(inode.top.fd, self.roots, self.trusted_uid)
+        except metacopy.NoDataError as e:
+            if inode.number not in self._logged:
+                self._logged.add(inode.number)
+                log.warning("metacopy file (inode %d) has no usable data, reads fail with EIO "
+                            "('cowfs check' reports it): %s", inode.number, e.reason)
+            return
+        if not inode.attach_data(data):
+            os.close(data.fd)
 
     def attach_index(self, reals: tuple[Real, ...]) -> tuple[Real, ...]:
         """For a lower object with several names: its index entry on top, if it was copied up."""
@@ -139,12 +198,16 @@ class CopyUp:
                 raise
         return Real(self.upper, fd, st.st_mode, indexed=True)
 
-    def _copy_up(self, inode: Inode, parent: Real, name: str, with_data: bool) -> Real:
+    def _copy_up(self, inode: Inode, parent: Real, name: str, with_data: bool,
+                 meta: bool = False) -> Real:
         lower = inode.top
         st = lower.stat()
         temp = self.work.temp_name()
-        log.debug("copy-up %r -> %s (data=%s)", inode, name, with_data)
-        fd = self._build(lower, st, temp, with_data, _origin_xattrs(lower, st))
+        log.debug("copy-up %r -> %s (data=%s, metacopy=%s)", inode, name, with_data, meta)
+        extra = _origin_xattrs(lower, st)
+        if meta:
+            extra[schema.XATTR_METACOPY] = b""
+        fd = self._build(lower, st, temp, with_data, extra, size=st.st_size if meta else 0)
         try:
             parent_times = parent.stat()
             realfs.rename(self.work.tmp_fd, temp, parent.fd, name, realfs.RENAME_NOREPLACE)
@@ -153,7 +216,7 @@ class CopyUp:
             self.work.discard(temp)
             raise
         self._restore_times(parent, parent_times)
-        return Real(self.upper, fd, st.st_mode)
+        return Real(self.upper, fd, st.st_mode, metacopy=meta)
 
     @staticmethod
     def _restore_times(parent: Real, times: os.stat_result) -> None:
@@ -165,13 +228,13 @@ class CopyUp:
             log.warning("copy-up: cannot restore the parent's times: %s", e.strerror)
 
     def _build(self, lower: Real, st: os.stat_result, temp: str, with_data: bool,
-               extra: dict[str, bytes]) -> int:
+               extra: dict[str, bytes], size: int = 0) -> int:
         """Build the copy at ``temp`` in the work dir; return an O_PATH descriptor for it."""
         wfd = self.work.tmp_fd
         kind = stat.S_IFMT(st.st_mode)
         try:
             if kind == stat.S_IFREG:
-                self._build_file(lower, st, temp, with_data, extra)
+                self._build_file(lower, st, temp, with_data, extra, size)
             elif kind == stat.S_IFDIR:
                 realfs.mkdir(wfd, temp, 0o700)
             elif kind == stat.S_IFLNK:
@@ -209,10 +272,13 @@ class CopyUp:
         copy_attributes(st, fd)
 
     def _build_file(self, lower: Real, st: os.stat_result, temp: str, with_data: bool,
-                    extra: dict[str, bytes]) -> None:
-        """Called with ``temp`` not existing; on failure the caller discards it."""
+                    extra: dict[str, bytes], size: int) -> None:
+        """Called with ``temp`` not existing; on failure the caller discards it. ``size``: of a
+        metacopy file (sparse: its data stays in the lower file)."""
         dst = realfs.create_file(self.work.tmp_fd, temp, 0o600, os.O_WRONLY)
         try:
+            if size:
+                realfs.ftruncate(dst, size)
             if with_data and st.st_size:
                 src = realfs.reopen(lower.fd, os.O_RDONLY | os.O_NOATIME) if _may_noatime(
                     st) else realfs.reopen(lower.fd, os.O_RDONLY)
