@@ -1,11 +1,11 @@
 """Metadata-only copy-up (``cowfs.metacopy``) on real mounts and with the offline tools.
 
-A metadata change (chmod, chgrp, utimes, xattrs) or a new name (link, rename) of a lower file copies
-no data: the upper copy is sparse and marked ``user.overlay.metacopy``, reads are served by the lower
-file, across remounts; the first open for writing (or truncation) fills the upper copy in place and
-removes the mark. ``diff`` reports a metadata change only; ``export`` and ``commit`` give the full
-content; ``check`` finds nothing in what cowfs writes, and reports a forged mark; ``reset`` empties
-the upper; ``-o nometacopy`` copies the data."""
+A metadata change (chmod, chgrp, utimes, xattrs) or a new name (link, rename) of a lower file
+copies no data: the upper copy is sparse and marked ``user.overlay.metacopy``, reads are served by
+the lower file, across remounts; the first open for writing (or truncation) fills the upper copy in
+place and removes the mark. ``diff`` reports a metadata change only; ``export`` and ``commit`` give
+the full content; ``check`` finds nothing in what cowfs writes, and reports a forged mark;
+``reset`` empties the upper; ``-o nometacopy`` copies the data."""
 
 from __future__ import annotations
 
@@ -105,6 +105,32 @@ def test_first_write_fills_in_place_and_keeps_metadata(big: CowfsMount) -> None:
     assert (big.lowers[0] / "d/big").read_bytes() == DATA, "the lower is unchanged"
 
 
+def test_first_write_of_a_single_name_rebuilds_it(big: CowfsMount) -> None:
+    path = big.mnt / "d/big"
+    os.chmod(path, 0o640)
+    os.setxattr(path, "user.label", b"kept")
+    os.utime(path, ns=(3_000_000_000, 4_000_000_000))
+    number = os.stat(path).st_ino
+    reader = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(reader, 8, 4096) == DATA[4096:4104]
+        with open(path, "r+b") as f:
+            st = os.stat(big.upper / "d/big")
+            assert not is_marked(big.upper / "d/big")
+            assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o640, 4_000_000_000)
+            assert os.getxattr(big.upper / "d/big", "user.label") == b"kept"
+            f.seek(4096)
+            f.write(b"NEW")
+        assert os.pread(reader, 8, 4096) == b"NEW" + DATA[4099:4104]
+    finally:
+        os.close(reader)
+    assert os.stat(path).st_ino == number, "the inode number survives the fill"
+    assert os.listdir(big.upper / ".cowfs-work/tmp") == []
+    big.remount()
+    assert os.stat(path).st_ino == number
+    assert path.read_bytes() == DATA[:4096] + b"NEW" + DATA[4099:]
+
+
 @pytest.mark.parametrize("size", [0, 5, BIG + 100])
 def test_truncate_of_a_metacopy_file(big: CowfsMount, size: int) -> None:
     path = big.mnt / "d/big"
@@ -166,7 +192,8 @@ def test_tools_diff_export_commit_reset(workspace: Workspace) -> None:
         os.chmod(ws.mnt / "big", 0o600)
         os.chmod(ws.mnt / "a.txt", 0o600)
         os.rename(ws.mnt / "a.txt", ws.mnt / "moved.txt")
-    assert is_marked(ws.upper / "big") and is_marked(ws.upper / "moved.txt")
+    assert is_marked(ws.upper / "big")
+    assert is_marked(ws.upper / "moved.txt")
     a_text = (ws.base / "a.txt").read_bytes()
     check = cowfs("check", "--lower", ws.base, ws.upper)
     assert check.status == 0, check
