@@ -43,7 +43,7 @@ from ..errors import CowfsError
 from ..walk import Anomaly, Problem, walk
 from . import identity
 
-_NEEDS_LOWERS = (Problem.STRAY_WHITEOUT, Problem.MISSING_REDIRECT)
+_NEEDS_LOWERS = (Problem.STRAY_WHITEOUT, Problem.MISSING_REDIRECT, Problem.METACOPY_NO_DATA)
 
 
 @dataclass(frozen=True, slots=True)
