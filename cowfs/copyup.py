@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import stat
+import time
 
 from . import metacopy, nlink, origins, realfs, schema
 from .inodes import Inode
@@ -51,14 +52,21 @@ def copy_xattrs(src: Real, dst_fd: int) -> None:
             log.warning("copy-up: cannot copy xattr %s: %s", name, e.strerror)
 
 
-def copy_attributes(st: os.stat_result, fd: int) -> None:
+def copy_attributes(st: os.stat_result, fd: int, mtime_ns: int | None = None) -> None:
     """Owner before mode (chown clears set-id bits), times last (everything else changes them).
-    A daemon that is not root cannot give objects away: they stay its own, as its files are."""
+    A daemon that is not root cannot give objects away: they stay its own, as its files are.
+    ``mtime_ns``: instead of ``st``'s."""
     if os.geteuid() == 0:
         realfs.chown(fd, st.st_uid, st.st_gid)
     if not stat.S_ISLNK(st.st_mode):
         realfs.chmod(fd, stat.S_IMODE(st.st_mode))
-    realfs.utimens(fd, st.st_atime_ns, st.st_mtime_ns)
+    realfs.utimens(fd, st.st_atime_ns, st.st_mtime_ns if mtime_ns is None else mtime_ns)
+
+
+def _truncated_mtime(with_data: bool) -> int | None:
+    """The mtime of a copy made without data because the file is being truncated to 0: the
+    truncation's (now), so that the copy in place already shows what the truncation will."""
+    return None if with_data else time.time_ns()
 
 
 def _origin_xattrs(lower: Real, st: os.stat_result) -> dict[str, bytes]:
@@ -185,7 +193,7 @@ class CopyUp:
                 if fd is None:
                     raise OSError(errno.ENOENT, "copy-up file vanished from the work directory")
                 try:
-                    self._finish(upper, st, fd, extra)
+                    self._finish(upper, st, fd, extra, _truncated_mtime(with_data))
                     if self.sync:
                         realfs.fsync(dst)
                     parent_times = parent.stat()
@@ -312,7 +320,8 @@ class CopyUp:
         return fd
 
     @staticmethod
-    def _finish(lower: Real, st: os.stat_result, fd: int, extra: dict[str, bytes]) -> None:
+    def _finish(lower: Real, st: os.stat_result, fd: int, extra: dict[str, bytes],
+                mtime_ns: int | None = None) -> None:
         """xattrs, then owner and mode, then times: each step would undo what follows it."""
         copy_xattrs(lower, fd)
         for name, value in extra.items():
@@ -324,7 +333,7 @@ class CopyUp:
                 # trusted.* needs CAP_SYS_ADMIN: without it, a copied-up symlink or special file
                 # gets a new inode number (a known limit of unprivileged mounts).
                 log.debug("cannot record %s (not privileged)", name)
-        copy_attributes(st, fd)
+        copy_attributes(st, fd, mtime_ns)
 
     def _build_file(self, lower: Real, st: os.stat_result, temp: str, with_data: bool,
                     extra: dict[str, bytes], size: int) -> None:
@@ -346,7 +355,8 @@ class CopyUp:
             if dst_path_fd is None:
                 raise OSError(errno.ENOENT, "copy-up file vanished from the work directory")
             try:
-                self._finish(lower, st, dst_path_fd, extra)
+                self._finish(lower, st, dst_path_fd, extra,
+                             _truncated_mtime(with_data or bool(size)))
             finally:
                 os.close(dst_path_fd)
             if self.sync:
