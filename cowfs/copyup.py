@@ -11,6 +11,9 @@ it, else ``copy_file_range`` over the data segments only (holes stay holes). It 
 Python buffers. Callers run copy-ups of regular files in worker threads; the per-inode lock makes
 concurrent openers share one copy-up.
 
+A metadata change or a new name of a lower regular file copies it without its data
+(``metadata_only``, :mod:`cowfs.metacopy`); the first write or truncation gives it its data.
+
 A lower non-directory with several names (hard links) is copied once, into the hard-link index
 (``WORK/index/<layer>-<inode>``), and not linked to any name: a lookup of any of its names finds
 the entry (:meth:`CopyUp.attach_index`), so the names stay one file, also across mounts. A name is

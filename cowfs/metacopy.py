@@ -5,10 +5,11 @@ Changing a lower regular file's metadata (``chmod``, ``chown``, times, xattrs) o
 with the metadata, the origin (``user.cowfs.origin``) and the mark ``user.overlay.metacopy`` (an
 empty value). While the mark is there, the file's data is the lower file the origin names, found by
 walking the origin's path in its layer (:func:`find_data`), whatever the upper file holds. The
-first open for writing or truncation fills the upper file in place and then removes the mark
-(:func:`fill`): the removal is the commit point, so a crash before it leaves the data coming from
-the lower, and one after it a complete upper file. Filling in place (not a copy renamed over it)
-keeps the upper inode, so the names it gained by ``link`` stay one file.
+first open for writing or truncation gives it its data: :class:`cowfs.copyup.CopyUp` rebuilds a
+copy with one name in the work directory and renames it over it (one commit point); a copy with
+several upper names (``link``) is filled in place by :func:`fill`, which keeps its names one file,
+and whose commit point is the removal of the mark (a crash before it leaves the data coming from
+the lower).
 
 The mark is untrusted input, and it gives access to a lower file's data under the upper file's
 owner and mode. So it is honoured only when the upper file's owner is the lower file's owner or the
@@ -17,7 +18,7 @@ can write files into the upper directly (an upper directory created through an `
 mount) cannot mark a file of their own to read a lower file that is not theirs. The origin must
 also lead to a regular file of the same size with the recorded inode number.
 
-Known limits: filling the data drops ``security.capability`` and, for a daemon without
+Known limits: filling in place drops ``security.capability`` and, for a daemon without
 ``CAP_FSETID``, set-ID bits (the kernel does so on every write); they are restored before the mark
 is removed, so a crash in between leaves the file without them while its data still comes from the
 lower. A daemon that is not root and owns a read-only upper file makes it writable for the
