@@ -2,10 +2,11 @@
 
 A metadata change (chmod, chgrp, utimes, xattrs) or a new name (link, rename) of a lower file
 copies no data: the upper copy is sparse and marked ``user.overlay.metacopy``, reads are served by
-the lower file, across remounts; the first open for writing (or truncation) gives the upper copy its
-data (a copy renamed over it; filled in place when it has several names) and removes the mark. ``diff`` reports a metadata change only; ``export`` and ``commit`` give
-the full content; ``check`` finds nothing in what cowfs writes, and reports a forged mark;
-``reset`` empties the upper; ``-o nometacopy`` copies the data."""
+the lower file, across remounts; the first open for writing (or truncation) gives the upper copy
+its data (a copy renamed over it; filled in place when it has several names) and removes the mark.
+``diff`` reports a metadata change only; ``export`` and ``commit`` give the full content; ``check``
+finds nothing in what cowfs writes, and reports a forged mark; ``reset`` empties the upper; ``-o
+nometacopy`` copies the data."""
 
 from __future__ import annotations
 
