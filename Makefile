@@ -199,6 +199,7 @@ BENCH_APT_PACKAGES := fuse-overlayfs git tar
 
 bench: setup bench-packages
 	$(VENV)/bin/python bench/run.py --mode $(BENCH_MODE) $(BENCH_ARGS)
+	PATH=$(VENV)/bin:$$PATH $(VENV)/bin/python bench/copyup_space.py
 
 bench-full:
 	$(MAKE) bench BENCH_MODE=full

@@ -11,6 +11,9 @@ it, else ``copy_file_range`` over the data segments only (holes stay holes). It 
 Python buffers. Callers run copy-ups of regular files in worker threads; the per-inode lock makes
 concurrent openers share one copy-up.
 
+A metadata change or a new name of a lower regular file copies it without its data
+(``metadata_only``, :mod:`cowfs.metacopy`); the first write or truncation gives it its data.
+
 A lower non-directory with several names (hard links) is copied once, into the hard-link index
 (``WORK/index/<layer>-<inode>``), and not linked to any name: a lookup of any of its names finds
 the entry (:meth:`CopyUp.attach_index`), so the names stay one file, also across mounts. A name is
@@ -20,12 +23,14 @@ linked to the entry only when it has to exist in the upper (it is renamed: see
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import stat
+import time
 
-from . import nlink, origins, realfs, schema
+from . import metacopy, nlink, origins, realfs, schema
 from .inodes import Inode
 from .layers import Layer
 from .resolve import Real
@@ -50,14 +55,21 @@ def copy_xattrs(src: Real, dst_fd: int) -> None:
             log.warning("copy-up: cannot copy xattr %s: %s", name, e.strerror)
 
 
-def copy_attributes(st: os.stat_result, fd: int) -> None:
+def copy_attributes(st: os.stat_result, fd: int, mtime_ns: int | None = None) -> None:
     """Owner before mode (chown clears set-id bits), times last (everything else changes them).
-    A daemon that is not root cannot give objects away: they stay its own, as its files are."""
+    A daemon that is not root cannot give objects away: they stay its own, as its files are.
+    ``mtime_ns``: instead of ``st``'s."""
     if os.geteuid() == 0:
         realfs.chown(fd, st.st_uid, st.st_gid)
     if not stat.S_ISLNK(st.st_mode):
         realfs.chmod(fd, stat.S_IMODE(st.st_mode))
-    realfs.utimens(fd, st.st_atime_ns, st.st_mtime_ns)
+    realfs.utimens(fd, st.st_atime_ns, st.st_mtime_ns if mtime_ns is None else mtime_ns)
+
+
+def _truncated_mtime(with_data: bool) -> int | None:
+    """The mtime of a copy made without data because the file is being truncated to 0: the
+    truncation's (now), so that the copy in place already shows what the truncation will."""
+    return None if with_data else time.time_ns()
 
 
 def _origin_xattrs(lower: Real, st: os.stat_result) -> dict[str, bytes]:
@@ -70,25 +82,42 @@ def _origin_xattrs(lower: Real, st: os.stat_result) -> dict[str, bytes]:
 class CopyUp:
     """Copies objects up; one instance per mount."""
 
-    def __init__(self, upper: Layer, work: WorkDir, *, sync: bool = True) -> None:
+    def __init__(self, upper: Layer, work: WorkDir, *, sync: bool = True,
+                 roots: tuple[Real, ...] = (), metacopy: bool = True) -> None:
         self.upper = upper
         self.work = work
         self.sync = sync
+        #: The layer roots by index (the upper's first), where metacopy files find their data.
+        self.roots = roots
+        #: Whether metadata changes may copy up without data (``-o nometacopy``: never).
+        self.metacopy = metacopy
+        #: The upper directory's owner: a metacopy file must be its or its lower file's.
+        self.trusted_uid = os.fstat(upper.root_fd).st_uid
+        #: Upper files (inode numbers) whose refused metacopy mark was logged: once each.
+        self._logged: set[int] = set()
 
     @staticmethod
     def is_hard_linked_lower(inode: Inode) -> bool:
         """A lower non-directory with several names: copied up through the index."""
         return not inode.is_dir and inode.upper is None and inode.top.nlink > 1
 
-    def ensure(self, inode: Inode, *, with_data: bool = True) -> Real:
-        """The upper copy of ``inode``, copying it (and its parents) up first if needed."""
+    def ensure(self, inode: Inode, *, with_data: bool = True,
+               metadata_only: bool = False) -> Real:
+        """The upper copy of ``inode``, copying it (and its parents) up first if needed.
+
+        ``metadata_only``: for a change of metadata or name, a regular file may be copied without
+        its data (:mod:`cowfs.metacopy`), and a metacopy copy is enough. Otherwise the copy gets
+        its data (``with_data`` False: it is about to be truncated to 0, so it gets none).
+        """
         upper = inode.upper
-        if upper is not None:
+        if upper is not None and (metadata_only or not upper.metacopy):
             return upper
         with inode.copy_up_lock:
             upper = inode.upper
             if upper is not None:
-                return upper
+                if metadata_only or not upper.metacopy:
+                    return upper
+                return self._fill(inode, upper, with_data)
             if self.is_hard_linked_lower(inode):
                 real = self._index_entry(inode)
             else:
@@ -97,9 +126,105 @@ class CopyUp:
                     raise OSError(errno.ESTALE, "object has no name left to copy up to")
                 parent, name = link
                 parent_upper = self.ensure(parent)
-                real = self._copy_up(inode, parent_upper, name, with_data)
+                meta = metadata_only and self._may_skip_data(inode)
+                real = self._copy_up(inode, parent_upper, name, with_data and not meta, meta)
             inode.push_upper(real)
             return real
+
+    def _may_skip_data(self, inode: Inode) -> bool:
+        """Whether a copy-up for a metadata change may leave the data in the lower file."""
+        top = inode.top
+        return self.metacopy and stat.S_ISREG(top.mode) and top.stat().st_size > 0
+
+    def metadata_only_owner(self, inode: Inode, uid: int) -> bool:
+        """Whether a ``chown`` to ``uid`` may leave (or make) the file a metacopy one: only to the
+        owner of its lower file or of the upper directory (see :mod:`cowfs.metacopy`)."""
+        upper = inode.upper
+        if upper is not None and not upper.metacopy:
+            return True
+        try:
+            lower_uid = inode.data.stat().st_uid
+        except OSError:
+            return False
+        return metacopy.owner_allowed(uid, lower_uid, self.trusted_uid)
+
+    def _fill(self, inode: Inode, upper: Real, with_data: bool) -> Real:
+        """Give a metacopy upper copy its data (called with the copy-up lock held).
+
+        A copy with one name is rebuilt in ``WORK/tmp`` (data, then the metacopy copy's xattrs,
+        origin, owner, mode and times, fsync) and renamed over it: one commit point, as any
+        copy-up. A copy with several upper names (``link``) is filled in place, which keeps them
+        one file (:func:`metacopy.fill`; its mark's removal is the commit point).
+        """
+        data = inode.data
+        st = upper.stat()
+        link = inode.any_link()
+        parent = link[0].upper if link is not None else None
+        if st.st_nlink == 1 and link is not None and parent is not None and _is_at(
+                upper, parent, link[1]):
+            fd = self._rebuild(upper, st, data, parent, link[1], with_data)
+            # The same descriptor number now names the new copy: readers that took the old
+            # ``reals`` keep a valid descriptor, of the same object as far as users can see.
+            os.dup2(fd, upper.fd, inheritable=False)
+            os.close(fd)
+            filled = dataclasses.replace(upper, metacopy=False, ino=os.fstat(upper.fd).st_ino)
+        else:
+            metacopy.fill(upper.fd, data.fd, with_data=with_data, sync=self.sync,
+                          reflink=self.work.features.reflink)
+            filled = dataclasses.replace(upper, metacopy=False)
+        inode.replace_top(filled)
+        return filled
+
+    def _rebuild(self, upper: Real, st: os.stat_result, data: Real, parent: Real, name: str,
+                 with_data: bool) -> int:
+        """A full copy of a metacopy file, renamed over it; returns its ``O_PATH`` descriptor."""
+        temp = self.work.temp_name()
+        origin = realfs.getxattr(upper.fd, schema.XATTR_ORIGIN)
+        extra = {} if origin is None else {schema.XATTR_ORIGIN: origin}
+        try:
+            dst = realfs.create_file(self.work.tmp_fd, temp, 0o600, os.O_WRONLY)
+            try:
+                if with_data and st.st_size:
+                    src = realfs.reopen(data.fd, os.O_RDONLY | (
+                        os.O_NOATIME if _may_noatime(data.stat()) else 0))
+                    try:
+                        realfs.copy_data(src, dst, st.st_size,
+                                         reflink=self.work.features.reflink)
+                    finally:
+                        os.close(src)
+                fd = realfs.open_path(self.work.tmp_fd, temp)
+                if fd is None:
+                    raise OSError(errno.ENOENT, "copy-up file vanished from the work directory")
+                try:
+                    self._finish(upper, st, fd, extra, _truncated_mtime(with_data))
+                    if self.sync:
+                        realfs.fsync(dst)
+                    parent_times = parent.stat()
+                    realfs.rename(self.work.tmp_fd, temp, parent.fd, name)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            finally:
+                os.close(dst)
+        except BaseException:
+            self.work.discard(temp)
+            raise
+        self._restore_times(parent, parent_times)
+        return fd
+
+    def attach_data(self, inode: Inode) -> None:
+        """For an inode whose upper copy is a metacopy one: find its data in the lower layers.
+        When there is none (or it may not be used), reads fail with EIO; logged once."""
+        try:
+            data = metacopy.find_data(inode.top.fd, self.roots, self.trusted_uid)
+        except metacopy.NoDataError as e:
+            if inode.number not in self._logged:
+                self._logged.add(inode.number)
+                log.warning("metacopy file (inode %d) has no usable data, reads fail with EIO "
+                            "('cowfs check' reports it): %s", inode.number, e.reason)
+            return
+        if not inode.attach_data(data):
+            os.close(data.fd)
 
     def attach_index(self, reals: tuple[Real, ...]) -> tuple[Real, ...]:
         """For a lower object with several names: its index entry on top, if it was copied up."""
@@ -139,12 +264,16 @@ class CopyUp:
                 raise
         return Real(self.upper, fd, st.st_mode, indexed=True)
 
-    def _copy_up(self, inode: Inode, parent: Real, name: str, with_data: bool) -> Real:
+    def _copy_up(self, inode: Inode, parent: Real, name: str, with_data: bool,
+                 meta: bool = False) -> Real:
         lower = inode.top
         st = lower.stat()
         temp = self.work.temp_name()
-        log.debug("copy-up %r -> %s (data=%s)", inode, name, with_data)
-        fd = self._build(lower, st, temp, with_data, _origin_xattrs(lower, st))
+        log.debug("copy-up %r -> %s (data=%s, metacopy=%s)", inode, name, with_data, meta)
+        extra = _origin_xattrs(lower, st)
+        if meta:
+            extra[schema.XATTR_METACOPY] = b""
+        fd = self._build(lower, st, temp, with_data, extra, size=st.st_size if meta else 0)
         try:
             parent_times = parent.stat()
             realfs.rename(self.work.tmp_fd, temp, parent.fd, name, realfs.RENAME_NOREPLACE)
@@ -153,7 +282,7 @@ class CopyUp:
             self.work.discard(temp)
             raise
         self._restore_times(parent, parent_times)
-        return Real(self.upper, fd, st.st_mode)
+        return Real(self.upper, fd, st.st_mode, metacopy=meta)
 
     @staticmethod
     def _restore_times(parent: Real, times: os.stat_result) -> None:
@@ -165,13 +294,13 @@ class CopyUp:
             log.warning("copy-up: cannot restore the parent's times: %s", e.strerror)
 
     def _build(self, lower: Real, st: os.stat_result, temp: str, with_data: bool,
-               extra: dict[str, bytes]) -> int:
+               extra: dict[str, bytes], size: int = 0) -> int:
         """Build the copy at ``temp`` in the work dir; return an O_PATH descriptor for it."""
         wfd = self.work.tmp_fd
         kind = stat.S_IFMT(st.st_mode)
         try:
             if kind == stat.S_IFREG:
-                self._build_file(lower, st, temp, with_data, extra)
+                self._build_file(lower, st, temp, with_data, extra, size)
             elif kind == stat.S_IFDIR:
                 realfs.mkdir(wfd, temp, 0o700)
             elif kind == stat.S_IFLNK:
@@ -194,7 +323,8 @@ class CopyUp:
         return fd
 
     @staticmethod
-    def _finish(lower: Real, st: os.stat_result, fd: int, extra: dict[str, bytes]) -> None:
+    def _finish(lower: Real, st: os.stat_result, fd: int, extra: dict[str, bytes],
+                mtime_ns: int | None = None) -> None:
         """xattrs, then owner and mode, then times: each step would undo what follows it."""
         copy_xattrs(lower, fd)
         for name, value in extra.items():
@@ -206,13 +336,16 @@ class CopyUp:
                 # trusted.* needs CAP_SYS_ADMIN: without it, a copied-up symlink or special file
                 # gets a new inode number (a known limit of unprivileged mounts).
                 log.debug("cannot record %s (not privileged)", name)
-        copy_attributes(st, fd)
+        copy_attributes(st, fd, mtime_ns)
 
     def _build_file(self, lower: Real, st: os.stat_result, temp: str, with_data: bool,
-                    extra: dict[str, bytes]) -> None:
-        """Called with ``temp`` not existing; on failure the caller discards it."""
+                    extra: dict[str, bytes], size: int) -> None:
+        """Called with ``temp`` not existing; on failure the caller discards it. ``size``: of a
+        metacopy file (sparse: its data stays in the lower file)."""
         dst = realfs.create_file(self.work.tmp_fd, temp, 0o600, os.O_WRONLY)
         try:
+            if size:
+                realfs.ftruncate(dst, size)
             if with_data and st.st_size:
                 src = realfs.reopen(lower.fd, os.O_RDONLY | os.O_NOATIME) if _may_noatime(
                     st) else realfs.reopen(lower.fd, os.O_RDONLY)
@@ -225,13 +358,26 @@ class CopyUp:
             if dst_path_fd is None:
                 raise OSError(errno.ENOENT, "copy-up file vanished from the work directory")
             try:
-                self._finish(lower, st, dst_path_fd, extra)
+                self._finish(lower, st, dst_path_fd, extra,
+                             _truncated_mtime(with_data or bool(size)))
             finally:
                 os.close(dst_path_fd)
             if self.sync:
                 realfs.fsync(dst)
         finally:
             os.close(dst)
+
+
+def _is_at(real: Real, parent: Real, name: str) -> bool:
+    """Whether ``name`` in ``parent`` is the object ``real``."""
+    fd = realfs.open_path(parent.fd, name)
+    if fd is None:
+        return False
+    try:
+        a, b = os.fstat(fd), os.fstat(real.fd)
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+    finally:
+        os.close(fd)
 
 
 def _may_noatime(st: os.stat_result) -> bool:

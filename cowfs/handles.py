@@ -1,6 +1,7 @@
 """Open files: a real descriptor per open, and what happens when the object is copied up meanwhile.
 
-A file opened read-only from a lower layer keeps reading the lower copy until someone copies it up;
+A file opened read-only from a lower layer keeps reading the lower copy until someone copies it up
+with its data (a metadata-only copy-up leaves the data in the lower file, :mod:`cowfs.metacopy`);
 after that, reads switch to the upper copy (as the kernel's overlayfs does since Linux 4.19), so a
 reader never sees stale data after another process wrote the file.
 
@@ -47,7 +48,7 @@ class FileHandle:
         """The descriptor to read from: the upper copy as soon as there is one."""
         if not self.on_upper and self.inode.alive:
             upper = self.inode.upper
-            if upper is not None:
+            if upper is not None and not upper.metacopy:
                 with self._lock:
                     if not self.on_upper:
                         # Older reads in other threads may still use the old descriptor: it is

@@ -213,6 +213,25 @@ class Inode:
         with self._state:
             self.reals = (top, *self.reals[1:])
 
+    def attach_data(self, data: Real) -> bool:
+        """A metacopy upper copy found its data (a lower file, :mod:`cowfs.metacopy`): it goes
+        below it. False (the caller closes ``data``) when the stack changed meanwhile."""
+        with self._state:
+            if len(self.reals) != 1 or not self.reals[0].metacopy:
+                return False
+            self.reals = (self.reals[0], data)
+            return True
+
+    @property
+    def data(self) -> Real:
+        """The real object holding the file's data: the lower one below a metacopy upper copy."""
+        reals = self.reals
+        if reals and reals[0].metacopy:
+            if len(reals) < 2:
+                raise OSError(errno.EIO, "metacopy file without data (see the log)")
+            return reals[1]
+        return reals[0]
+
     def replace_reals(self, reals: tuple[Real, ...]) -> None:
         with self._state:
             self.reals = reals

@@ -85,6 +85,8 @@ class MountOptions:
     #: ``noatime``, ``relatime`` (the default) or ``strictatime``.
     atime: str = "relatime"
     nodiratime: bool = False
+    #: Metadata changes of lower files copy no data (``nometacopy``: they copy it all).
+    metacopy: bool = True
 
     @property
     def noatime(self) -> bool:
@@ -103,6 +105,7 @@ class MountOptions:
     def parse(cls, specs: list[str]) -> MountOptions:
         """Parse ``-o a,b=c`` strings (given once or several times)."""
         allow_other = debug = volatile = writeback = relocate = nodiratime = False
+        metacopy = True
         timeout = DEFAULT_TIMEOUT
         atime = "relatime"
         kernel: set[str] = set()
@@ -119,6 +122,8 @@ class MountOptions:
                     relocate = True
                 elif key in ("writeback", "nowriteback"):
                     writeback = key == "writeback"
+                elif key in ("metacopy", "nometacopy"):
+                    metacopy = key == "metacopy"
                 elif key == "timeout":
                     timeout = _parse_timeout(value)
                 elif key in ATIME_OPTIONS:
@@ -130,7 +135,7 @@ class MountOptions:
                 elif key not in IGNORED_OPTIONS:
                     raise CowfsError(f"unknown mount option {opt!r} (see 'cowfs mount --help')")
         return cls(allow_other, debug, timeout, volatile, frozenset(kernel), writeback, relocate,
-                   atime, nodiratime)
+                   atime, nodiratime, metacopy)
 
     def fuse_options(self, source: str) -> set[str]:
         opts = set(pyfuse3.default_options) | {f"fsname={source}", "subtype=cowfs"} | self.kernel
@@ -269,7 +274,8 @@ def serve(paths: LayerPaths, stack: LayerStack, mountpoint: Path, options: Mount
     os.umask(0)  # modes of new objects are exactly what the caller asked for
     _raise_fd_limit()
     with contextlib.ExitStack() as cleanup:
-        overlay = Overlay(stack, sync=not options.volatile, noatime=options.noatime)
+        overlay = Overlay(stack, sync=not options.volatile, noatime=options.noatime,
+                          metacopy=options.metacopy)
         cleanup.callback(overlay.close)
         operations = Operations(overlay, timeout=options.timeout, writeback=options.writeback,
                                 after_init=lambda: raise_readahead(mountpoint))

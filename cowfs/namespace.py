@@ -105,7 +105,10 @@ class Namespace:
         reals = self.resolve_child(parent, name)
         if not reals:
             return None
-        return self.table.remember(self.copy_up.attach_index(reals), parent, name)
+        inode = self.table.remember(self.copy_up.attach_index(reals), parent, name)
+        if len(inode.reals) == 1 and inode.reals[0].metacopy:
+            self.copy_up.attach_data(inode)  # a metacopy file's data, in a lower layer
+        return inode
 
     def is_empty_dir(self, directory: Inode) -> bool:
         for name in candidate_names(directory, ()):
@@ -372,7 +375,7 @@ class Namespace:
         index entry), which the merged link count follows with no write of its own."""
         if inode.is_dir:
             raise OSError(errno.EPERM, "hard links to directories are not allowed", name)
-        upper = self.copy_up.ensure(inode)
+        upper = self.copy_up.ensure(inode, metadata_only=True)
         return self._new_object(parent, name, None, upper.mode,
                                 lambda d, n: realfs.link(upper.fd, d, n))
 
@@ -469,9 +472,9 @@ class Namespace:
         """Copy-ups that may copy data, before the lock is taken."""
         self.copy_up.ensure(old_parent)
         self.copy_up.ensure(new_parent)
-        self.copy_up.ensure(src)
+        self.copy_up.ensure(src, metadata_only=True)
         if dst is not None and flags & realfs.RENAME_EXCHANGE:
-            self.copy_up.ensure(dst)
+            self.copy_up.ensure(dst, metadata_only=True)
         elif dst is not None:
             self._prepare_departure(dst)
 
@@ -482,7 +485,7 @@ class Namespace:
         the kernel's default fails with EXDEV). A lower name of a hard-link set is linked to its
         index entry, the count following (see :mod:`cowfs.nlink`).
         """
-        upper = self.copy_up.ensure(inode)
+        upper = self.copy_up.ensure(inode, metadata_only=True)
         if inode.is_dir:
             return self._redirect(inode, upper) if inode.lowers else upper
         self._settle_count(inode)

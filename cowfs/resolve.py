@@ -42,6 +42,9 @@ class Real:
     ino: int = 0
     #: A hard-link index entry (its name count is kept in ``user.cowfs.nlink``).
     indexed: bool = False
+    #: An upper file copied up without its data (``user.overlay.metacopy``, see
+    #: :mod:`cowfs.metacopy`): its data is a lower file's.
+    metacopy: bool = False
 
     @property
     def is_dir(self) -> bool:
@@ -166,7 +169,11 @@ def probe(parent: Real, name: str) -> Probe[Real]:
             raise
         real = Real(parent.layer, fd, st.st_mode, mark, redirect, ino=st.st_ino)
         return Found(real, True, mark is schema.DirMark.OPAQUE)
-    return Found(Real(parent.layer, fd, st.st_mode, nlink=st.st_nlink, ino=st.st_ino), False)
+    # Only a non-empty upper file can be a metacopy one: one xattr read, on those alone.
+    metacopy = parent.layer.is_upper and stat.S_ISREG(st.st_mode) and st.st_size > 0 and (
+        realfs.getxattr(fd, schema.XATTR_METACOPY) is not None)
+    return Found(Real(parent.layer, fd, st.st_mode, nlink=st.st_nlink, ino=st.st_ino,
+                      metacopy=metacopy), False)
 
 
 def root_real(layer: Layer) -> Real:

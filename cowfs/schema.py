@@ -53,6 +53,10 @@ OVERLAY_PREFIXES = (USER_OVERLAY, TRUSTED_OVERLAY)
 XATTR_OPAQUE = USER_OVERLAY + "opaque"
 XATTR_WHITEOUT = USER_OVERLAY + "whiteout"
 XATTR_REDIRECT = USER_OVERLAY + "redirect"
+#: On an upper regular file copied up without its data (metadata-only copy-up): an empty value.
+#: The file is sparse, of the lower file's size; its data is the lower file its origin names
+#: (:mod:`cowfs.metacopy`). The kernel's ``metacopy`` mark, in the ``userxattr`` spelling.
+XATTR_METACOPY = USER_OVERLAY + "metacopy"
 XATTR_FORMAT = COWFS_PREFIX + "format"
 #: On an upper object copied up from a lower one: ``"<layer>:<inode>:<path>"`` of that lower object
 #: (see :class:`Origin`), so that the object keeps its inode number after copy-up and across mounts.

@@ -24,6 +24,7 @@ from .copyup import CopyUp
 from .handles import FileHandle, real_flags, wants_write
 from .inodes import Inode, InodeNumbers, InodeTable
 from .layers import LayerStack
+from .metacopy import with_blocks
 from .namespace import Caller, Namespace
 from .nlink import merged_nlink
 from .readdir import DirHandle, entry_type, plain_entry
@@ -50,7 +51,8 @@ class SetAttr:
 class Overlay:
     """One mounted overlay."""
 
-    def __init__(self, stack: LayerStack, *, sync: bool = True, noatime: bool = False) -> None:
+    def __init__(self, stack: LayerStack, *, sync: bool = True, noatime: bool = False,
+                 metacopy: bool = True) -> None:
         self.stack = stack
         #: ``-o noatime``: reading an upper file does not change its access time either.
         self.noatime = noatime
@@ -58,7 +60,8 @@ class Overlay:
             recover(stack)
         self.table = InodeTable(tuple(root_real(layer) for layer in stack.all),
                                 InodeNumbers(stack.all, index_fd=stack.work.index_fd))
-        self.copy_up = CopyUp(stack.upper, stack.work, sync=sync)
+        self.copy_up = CopyUp(stack.upper, stack.work, sync=sync, roots=self.table.root.reals,
+                              metacopy=metacopy)
         self.namespace = Namespace(stack.upper, stack.work, self.table, self.copy_up)
 
         #: Inodes held before asking the kernel to drop some (:meth:`names_to_shed`): the
@@ -168,7 +171,12 @@ class Overlay:
     # --- attributes ---------------------------------------------------------------------------
 
     def stat(self, inode: Inode) -> os.stat_result:
-        return inode.top.stat()
+        top = inode.top
+        st = top.stat()
+        if top.metacopy and len(inode.reals) > 1:
+            # The space the file's data takes is the lower file's (as the kernel reports).
+            st = with_blocks(st, inode.reals[1].stat().st_blocks)
+        return st
 
     def nlink(self, inode: Inode, st: os.stat_result) -> int:
         """Names in the merged view. The kernel reports 1 for merged directories: counting their
@@ -184,7 +192,13 @@ class Overlay:
         return st.st_nlink if merged is None else merged
 
     def setattr(self, inode: Inode, change: SetAttr, handle: FileHandle | None) -> None:
-        upper = self.copy_up.ensure(inode, with_data=change.size != 0)
+        if change.size is not None:
+            upper = self.copy_up.ensure(inode, with_data=change.size != 0)
+        else:
+            # Metadata alone: the data may stay in the lower file, unless a chown would give
+            # the file an owner a metacopy file may not have (cowfs.metacopy).
+            upper = self.copy_up.ensure(inode, metadata_only=change.uid is None or
+                                        self.copy_up.metadata_only_owner(inode, change.uid))
         if change.size is not None:
             if handle is not None and handle.on_upper:
                 realfs.ftruncate(handle.fd, change.size)
@@ -212,7 +226,10 @@ class Overlay:
     # --- files --------------------------------------------------------------------------------
 
     def needs_copy_up(self, inode: Inode) -> bool:
-        return inode.upper is None
+        """Whether opening for writing (or truncating) copies data: no upper copy yet, or a
+        metacopy one."""
+        upper = inode.upper
+        return upper is None or upper.metacopy
 
     def open(self, inode: Inode, flags: int) -> FileHandle:
         if not stat.S_ISREG(inode.top.mode):
@@ -220,14 +237,14 @@ class Overlay:
         if wants_write(flags):
             upper = self.copy_up.ensure(inode, with_data=not flags & os.O_TRUNC)
             return FileHandle(inode, realfs.reopen(upper.fd, real_flags(flags)), on_upper=True)
-        top = inode.top
+        data = inode.data  # a metacopy file's data is the lower file's
         # A lower file's access time never changes (the kernel's overlayfs mounts its lowers
         # noatime); an upper file's follows the upper's filesystem, unless -o noatime.
-        if top.layer.is_upper and not self.noatime:
-            fd = realfs.reopen(top.fd, real_flags(flags))
+        if data.layer.is_upper and not self.noatime:
+            fd = realfs.reopen(data.fd, real_flags(flags))
         else:
-            fd = realfs.reopen_noatime(top.fd, real_flags(flags))
-        return FileHandle(inode, fd, on_upper=top.layer.is_upper)
+            fd = realfs.reopen_noatime(data.fd, real_flags(flags))
+        return FileHandle(inode, fd, on_upper=data.layer.is_upper)
 
     def create(self, parent: Inode, name: str, mode: int, caller: Caller) -> FileHandle:
         inode, fd = self.namespace.create(parent, name, mode, caller)

@@ -22,7 +22,8 @@ Known limits:
 * directory times are not compared (creating or removing a child changes them, and copy-up of a
   child does not), so a directory is reported as modified only for its mode, owner or xattrs;
 * symlink times are not compared either (copy-up does not keep them on every filesystem);
-* the kernel's ``metacopy`` upper files (data still in a lower) are not understood;
+* cowfs's metacopy files (``user.overlay.metacopy``: data still in a lower file) are compared by
+  the lower file their origin names; the kernel's ``trusted.overlay.metacopy`` is not understood;
 * a redirect that the lookup refuses is reported (:attr:`Problem.BAD_REDIRECT`); the directory
   that holds it is then walked as if opaque (as ``cowfs check --repair`` leaves it), though the
   mount answers ``EIO`` there; under a :class:`Renamed` directory, :func:`merged_tree` fails.
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from . import realfs, resolve, schema, upperinfo
+from . import metacopy, realfs, resolve, schema, upperinfo
 from .errors import CowfsError
 from .layers import Layer
 from .readdir import merge_names
@@ -151,6 +152,7 @@ class Problem(Enum):
     WHITEOUT_IN_OPAQUE = "whiteout in an opaque directory (shown as a file)"
     BAD_REDIRECT = "malformed or escaping redirect"
     MISSING_REDIRECT = "redirect to a directory the lowers do not have"
+    METACOPY_NO_DATA = "metacopy file whose data the lowers do not have (reads fail)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,9 +194,10 @@ def _open_root(path: Path, role: str) -> int:
         raise CowfsError(f"cannot read {role} directory {str(path)!r}: {e.strerror}") from None
 
 
-class _Stack:
+class Stack:
     """The layers and their roots, for :mod:`cowfs.resolve`; owns every descriptor the walk holds.
 
+    Also what the offline tools read a file's data through (:meth:`open_data`).
     Not :func:`cowfs.layers.open_stack`: that locks the upper and creates the work directory, and
     the offline tools must not write.
     """
@@ -241,6 +244,24 @@ class _Stack:
             self.keep(found.obj.fd)
         return found
 
+    def data(self, real: Real) -> Real:
+        """The lower file holding a metacopy upper file's data (:class:`metacopy.NoDataError`
+        when there is none)."""
+        found = metacopy.find_data(real.fd, self.roots, os.fstat(self.roots[0].fd).st_uid)
+        self.keep(found.fd)
+        return found
+
+    def open_data(self, fd: int) -> int:
+        """A descriptor for reading the data of the upper object ``fd`` (``O_PATH``): a
+        metacopy file's is its lower file's. The caller closes it."""
+        if not (stat.S_ISREG(os.fstat(fd).st_mode) and metacopy.is_marked(fd)):
+            return realfs.reopen(fd, os.O_RDONLY)
+        found = metacopy.find_data(fd, self.roots, os.fstat(self.roots[0].fd).st_uid)
+        try:
+            return realfs.reopen(found.fd, os.O_RDONLY)
+        finally:
+            os.close(found.fd)
+
     def resolve(self, parents: tuple[Real, ...], name: str) -> tuple[Real, ...]:
         """The real objects behind ``name`` in a merged directory of ``parents`` (topmost first),
         as the mount shows them; may raise :class:`resolve.InvalidRedirectError`."""
@@ -286,7 +307,12 @@ def visible_xattrs(fd: int) -> dict[str, bytes]:
     return found
 
 
-def _same_data(upper: Real, lower: Real) -> bool:
+def _same_data(upper: Real, lower: Real, data: Real | None = None) -> bool:
+    """``data``: where a metacopy upper file's data is (a lower file)."""
+    if data is not None:
+        if _same_inode(data, lower):
+            return True
+        upper = data
     kind = kind_of(upper.mode)
     if kind is Kind.SYMLINK:
         return realfs.readlink(upper.fd) == realfs.readlink(lower.fd)
@@ -313,6 +339,11 @@ def _same_data(upper: Real, lower: Real) -> bool:
         os.close(x)
 
 
+def _same_inode(a: Real, b: Real) -> bool:
+    x, y = a.stat(), b.stat()
+    return (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
+
+
 def _same_metadata(upper: Real, lower: Real) -> bool:
     a, b = upper.stat(), lower.stat()
     if (stat.S_IMODE(a.st_mode), a.st_uid, a.st_gid) != (stat.S_IMODE(b.st_mode), b.st_uid,
@@ -337,7 +368,7 @@ def walk(upper: Path, lowers: Sequence[Path], work: Path | None = None) -> Itera
     """Every change the upper makes to what the lowers (topmost first) show. ``work`` is the
     work directory (default: the upper's own), whose hard-link index serves some names.
     Refuses an upper written by a cowfs with another layer format."""
-    stack = _Stack(upper, lowers)
+    stack = Stack(upper, lowers)
     try:
         upperinfo.upper_format(stack.roots[0].fd, upper)
         walker = _Walker(stack)
@@ -348,7 +379,7 @@ def walk(upper: Path, lowers: Sequence[Path], work: Path | None = None) -> Itera
 
 
 class _Walker:
-    def __init__(self, stack: _Stack) -> None:
+    def __init__(self, stack: Stack) -> None:
         self.stack = stack
         self.links: dict[tuple[int, int], str] = {}
         #: Upper paths seen by the walk, so that index-served names are not reported twice.
@@ -401,7 +432,13 @@ class _Walker:
         if _is_xattr_whiteout(real):
             yield Anomaly(path, Problem.WHITEOUT_IN_OPAQUE if parent.opaque
                           else Problem.UNMARKED_WHITEOUT)
-        yield self._nondir(path, real, self._below(lowers, name))
+        data = None
+        if real.metacopy:
+            try:
+                data = self.stack.data(real)
+            except metacopy.NoDataError as e:
+                yield Anomaly(path, Problem.METACOPY_NO_DATA, e.reason)
+        yield self._nondir(path, real, self._below(lowers, name), data)
 
     def _refused_dir(self, path: str, name: str, parent: Real) -> Iterator[Change]:
         """The content of an upper directory whose own redirect the lookup refuses."""
@@ -453,7 +490,7 @@ class _Walker:
         first = self.links.setdefault((st.st_dev, st.st_ino), path)
         return first if first != path else None
 
-    def _nondir(self, path: str, real: Real, below: _Below) -> Change:
+    def _nondir(self, path: str, real: Real, below: _Below, data: Real | None = None) -> Change:
         self.seen.add(path)
         link = self._link(path, real.stat()) if real.nlink > 1 else None
         kind = kind_of(real.mode)
@@ -462,7 +499,7 @@ class _Walker:
         if below.kind is not kind:
             return Replaced(path, kind, below.kind)
         lower = below.reals[0]
-        if not _same_data(real, lower):
+        if not _same_data(real, lower, data):
             return Modified(path, kind, True, link)
         if not _same_metadata(real, lower):
             return Modified(path, kind, False, link)
@@ -580,7 +617,7 @@ class Visible:
 def merged_tree(upper: Path, lowers: Sequence[Path], path: str) -> Iterator[Visible]:
     """Every object the overlay shows at and under ``path`` (a directory), parents first, names
     sorted: what a mount would show there, computed from the layers alone."""
-    stack = _Stack(upper, lowers)
+    stack = Stack(upper, lowers)
     try:
         reals = stack.roots
         if path != ".":
@@ -596,7 +633,7 @@ def merged_tree(upper: Path, lowers: Sequence[Path], path: str) -> Iterator[Visi
         stack.close()
 
 
-def _merged_children(stack: _Stack, path: str, reals: tuple[Real, ...]) -> Iterator[Visible]:
+def _merged_children(stack: Stack, path: str, reals: tuple[Real, ...]) -> Iterator[Visible]:
     for name in sorted(merge_names(realfs.list_names(real.fd) for real in reals)):
         if resolve.is_hidden_name(path == ".", name):
             continue

@@ -28,7 +28,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TextIO
 
-from . import journal, mounts, plans, realfs, schema, upperinfo
+from . import journal, metacopy, mounts, plans, realfs, schema, upperinfo
 from .changes import Visible, quote, summary, visible_changes
 from .errors import CowfsError
 from .journal import Op, Step
@@ -42,6 +42,7 @@ from .walk import (
     Problem,
     Renamed,
     Replaced,
+    Stack,
     Unchanged,
     redirect_source,
     walk,
@@ -228,8 +229,45 @@ def _pending(upper: Path, base: Path) -> journal.Journal | None:
     return found
 
 
+def _copied_whole(records: Sequence[Change]) -> list[str]:
+    """Paths of the files a commit copies from the upper (its ``WRITE`` steps of the upper)."""
+    paths = []
+    for record in records:
+        match record:
+            case Added(kind=Kind.FILE, hardlink_of=None) | Replaced(kind=Kind.FILE) | Modified(
+                    kind=Kind.FILE, data=True, hardlink_of=None, via_index=None):
+                paths.append(record.path)
+    return paths
+
+
+def fill_metacopies(upper: Path, base: Path, paths: Sequence[str]) -> None:
+    """Give the metacopy files among ``paths`` their data in the upper (as the mount does at the
+    first write; the merged view does not change): the commit copies them whole, and their data
+    is in BASE, which the commit is about to change."""
+    stack = Stack(upper, [base])
+    try:
+        for path in paths:
+            with plans.parent_of(stack.roots[0].fd, path) as (dirfd, name):
+                fd = realfs.open_path(dirfd, name)
+                if fd is None:
+                    continue
+                try:
+                    if not (stat.S_ISREG(os.fstat(fd).st_mode) and metacopy.is_marked(fd)):
+                        continue
+                    data = metacopy.find_data(fd, stack.roots,
+                                              os.fstat(stack.roots[0].fd).st_uid)
+                    try:
+                        metacopy.fill(fd, data.fd, with_data=True, sync=True, reflink=True)
+                    finally:
+                        os.close(data.fd)
+                finally:
+                    os.close(fd)
+    finally:
+        stack.close()
+
+
 def _fresh_plan(upper: Path, base: Path, work: Path,
-                relocate: bool) -> tuple[list[journal.Step], list[Visible]]:
+                relocate: bool) -> tuple[list[journal.Step], list[Visible], list[str]]:
     upperinfo.verify_stack(upper, upperinfo.identities([base.resolve()]), relocate=relocate,
                            what="commit", override="--relocate to commit all the same")
     records = list(walk(upper, [base], work))
@@ -239,7 +277,7 @@ def _fresh_plan(upper: Path, base: Path, work: Path,
         raise CowfsError(f"{str(upper)!r} has {len(problems)} problem(s), e.g. "
                          f"{quote(problems[0].path)}: {problems[0].problem.value}; "
                          f"run 'cowfs check {upper}' first")
-    return plan_commit(records), visible_changes(records)
+    return plan_commit(records), visible_changes(records), _copied_whole(records)
 
 
 def commit(upper: Path, base: Path, *, yes: bool, dry_run: bool, out: TextIO | None = None,
@@ -262,7 +300,7 @@ def commit(upper: Path, base: Path, *, yes: bool, dry_run: bool, out: TextIO | N
             _apply(upper, base, pending, done)
         else:
             upperinfo.clear_committing(upper)  # set, then interrupted before the journal
-            steps, changes = _fresh_plan(upper, base, work, relocate)
+            steps, changes, copied = _fresh_plan(upper, base, work, relocate)
             if not changes:
                 print("nothing to commit", file=out)
                 return "no changes"
@@ -272,6 +310,7 @@ def commit(upper: Path, base: Path, *, yes: bool, dry_run: bool, out: TextIO | N
                                  summary=_plan_summary(upper, base, work, steps),
                                  question=f"Apply these changes to {str(base)!r}?"):
                 return summary(changes)
+            fill_metacopies(upper, base, copied)
             pending = journal.Journal(str(upper.resolve()), str(base.resolve()),
                                       str(work.resolve()), tuple(steps), summary(changes))
             _apply(upper, base, pending, None)

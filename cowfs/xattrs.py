@@ -2,7 +2,8 @@
 
 Layer metadata (``user.overlay.*``, ``trusted.overlay.*``) and cowfs's own ``user.cowfs.*`` are
 never listed or readable; a user's own attribute with an overlay prefix is stored escaped (see
-:func:`cowfs.schema.escape_xattr`). Setting or removing an attribute copies the object up first.
+:func:`cowfs.schema.escape_xattr`). Setting or removing an attribute copies the object up first
+(a regular file without its data: :mod:`cowfs.metacopy`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def list_names(inode: Inode) -> list[str]:
 
 def set_value(inode: Inode, name: str, value: bytes, copy_up: CopyUp) -> None:
     _refuse_reserved(name)
-    upper = copy_up.ensure(inode)
+    upper = copy_up.ensure(inode, metadata_only=True)
     inode.no_caps_on = None
     realfs.setxattr(upper.fd, schema.escape_xattr(name), value)
 
@@ -55,5 +56,5 @@ def remove_value(inode: Inode, name: str, copy_up: CopyUp) -> None:
     _refuse_reserved(name)
     if realfs.getxattr(inode.top.fd, schema.escape_xattr(name)) is None:
         raise OSError(errno.ENODATA, "no such attribute", name)
-    upper = copy_up.ensure(inode)
+    upper = copy_up.ensure(inode, metadata_only=True)
     realfs.removexattr(upper.fd, schema.escape_xattr(name))

@@ -84,6 +84,8 @@ LOWER: Spec = {
     "pub/": Dir(mode=0o777),  # world-writable, for the plain user's creates
     "pub/lf": File(mode=0o666),
     "sub/y": None,  # a destination directory
+    "lx": File(xattrs={"user.a": b"1"}),  # a lower file with an xattr
+    "mc": File(b"metacopy data\n" * 300),  # the upper holds a metacopy copy (see build)
 }
 UPPER: Spec = {
     "uf": None,  # an upper-only file
@@ -117,11 +119,25 @@ def build(root: Path, mnt: Path) -> Layers:
     lower = build_layer(root / "lower0", LOWER, "lower0")
     os.link(lower / "hl", lower / "hl2")
     upper = build_layer(root / "upper", UPPER, "upper")
+    _metacopy(lower, upper, "mc")
     for layer in (lower, upper):
         for _, path, st in walk(layer):
             if not stat.S_ISDIR(st.st_mode):
                 os.utime(path, ns=(FIXED_MTIME_NS, FIXED_MTIME_NS), follow_symlinks=False)
     return Layers(root, [lower], upper, mnt)
+
+
+def _metacopy(lower: Path, upper: Path, name: str) -> None:
+    """A metacopy upper copy of the lower file ``name``, as a chmod through the mount makes it
+    (layer-format.md): sparse, of the lower's size, marked, with its origin; another mode."""
+    st = os.stat(lower / name)
+    path = upper / name
+    with open(path, "wb") as f:
+        f.truncate(st.st_size)
+    os.setxattr(path, "user.overlay.metacopy", b"")
+    os.setxattr(path, "user.cowfs.origin", f"1:{st.st_ino}:/{name}".encode())
+    os.chown(path, st.st_uid, st.st_gid)
+    os.chmod(path, 0o600)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +289,10 @@ def _situations() -> list[Situation]:
         s("copyup-data/file/lower/append", _append("lf")),
         s("copyup-data/file/lower-dir/write-1-byte", _pwrite("ld/sub/y")),
         # copy-up of metadata only
-        s("copyup-meta/file/lower/chmod", _call(os.chmod, "lf", mode=0o600)),
+        s("copyup-meta/file/lower/chmod", _call(os.chmod, "lf", mode=0o600), smoke=True),
+        s("copyup-meta/file/lower/rename", _rename("lf", "sub/new")),
+        s("copyup-meta/file/lower/link", link("lf", "sub/new")),
+        s("copyup-meta/file/lower/removexattr", lambda r: os.removexattr(r / "lx", "user.a")),
         s("copyup-meta/file/lower/chown", lambda r: os.chown(r / "lf", USER, USER)),
         s("copyup-meta/file/lower/utime", _call(os.utime, "lf", ns=(UTIME_NS, UTIME_NS))),
         s("copyup-meta/file/lower/truncate", lambda r: os.truncate(r / "lf", 3)),
@@ -281,6 +300,16 @@ def _situations() -> list[Situation]:
         s("copyup-meta/dir/lower/chmod", _call(os.chmod, "ld", mode=0o700)),
         s("copyup-meta/symlink/lower/chown",
           lambda r: os.chown(r / "lsym", USER, USER, follow_symlinks=False)),
+        # a metacopy upper file (data in the lower): filled at the first write or truncation
+        s("metacopy/file/upper/write-1-byte", _pwrite("mc"), smoke=True),
+        s("metacopy/file/upper/append", _append("mc")),
+        s("metacopy/file/upper/truncate", lambda r: os.truncate(r / "mc", 3), smoke=True),
+        s("metacopy/file/upper/open-trunc",
+          lambda r: os.close(os.open(r / "mc", os.O_WRONLY | os.O_TRUNC))),
+        s("metacopy/file/upper/chmod", _call(os.chmod, "mc", mode=0o640)),
+        s("metacopy/file/upper/chown-foreign", lambda r: os.chown(r / "mc", USER, USER)),
+        s("metacopy/file/upper/rename", _rename("mc", "sub/new")),
+        s("metacopy/file/upper/unlink", _call(os.unlink, "mc")),
         # the hard-link index (lower hl and hl2 are one file)
         s("hardlink/file/lower/write-1-byte", _pwrite("hl"), smoke=True),
         s("hardlink/file/lower/unlink", _call(os.unlink, "hl")),

@@ -104,6 +104,7 @@ class Trigger:
     changes: dict[str, Any] = field(default_factory=dict)  # expected differences from the lower
     keeps_times: bool = True  # mtime and atime as in the lower
     keeps_parent_mtime: bool = True  # d1/d2's mtime as in the lower
+    metacopy: bool = False  # copied up without its data (cowfs.metacopy)
 
     def __str__(self) -> str:
         return self.name
@@ -123,12 +124,17 @@ TRIGGERS = [
         changes={"data": b"", "size": 0},
         keeps_times=False,
     ),
-    Trigger("chmod", lambda mnt: os.chmod(mnt / F, 0o604), changes={"mode": 0o604}),
+    Trigger("chmod", lambda mnt: os.chmod(mnt / F, 0o604), changes={"mode": 0o604},
+            metacopy=True),
+    # To an owner that is neither the lower file's nor the upper's: the data is copied.
     Trigger("chown", lambda mnt: os.chown(mnt / F, 99, 98), changes={"uid": 99, "gid": 98}),
+    Trigger("chgrp", lambda mnt: os.chown(mnt / F, -1, 98), changes={"gid": 98},
+            metacopy=True),
     Trigger(
         "utime",
         lambda mnt: os.utime(mnt / F, ns=(5_000_000_001, 6_000_000_002)),
         changes={"atime_ns": 5_000_000_001, "mtime_ns": 6_000_000_002},
+        metacopy=True,
     ),
     Trigger(
         "truncate",
@@ -142,18 +148,21 @@ TRIGGERS = [
         changes={
             "xattrs": {"user.a": b"1", "trusted.t": b"2", "security.s": b"3", "user.new": b"v"}
         },
+        metacopy=True,
     ),
     Trigger(
         "removexattr",
         lambda mnt: os.removexattr(mnt / F, "user.a"),
         changes={"xattrs": {"trusted.t": b"2", "security.s": b"3"}},
+        metacopy=True,
     ),
-    Trigger("link", lambda mnt: os.link(mnt / F, mnt / "other/hard")),
+    Trigger("link", lambda mnt: os.link(mnt / F, mnt / "other/hard"), metacopy=True),
     Trigger(
         "rename",
         lambda mnt: os.rename(mnt / F, mnt / "other/moved"),
         path="other/moved",
         keeps_parent_mtime=False,  # d1/d2 lost an entry
+        metacopy=True,
     ),
 ]
 
@@ -172,7 +181,17 @@ def test_trigger_copies_up_with_data_and_metadata(source: CowfsMount, trigger: T
     found = attributes(upper_file)
     if not trigger.keeps_times:
         del found["mtime_ns"], found["atime_ns"]
-    assert found == expected, "upper copy"
+    marked = os.getxattr(upper_file, "user.overlay.metacopy") if "user.overlay.metacopy" in (
+        os.listxattr(upper_file)) else None
+    if trigger.metacopy:
+        # The data stayed in the lower file: the upper copy is sparse, and marked.
+        assert marked == b"", "metacopy mark"
+        assert found.pop("data") == bytes(len(DATA))
+        assert os.stat(upper_file).st_blocks * 512 < len(DATA) + 4096
+        assert found == {k: v for k, v in expected.items() if k != "data"}, "upper copy"
+    else:
+        assert marked is None, "metacopy mark"
+        assert found == expected, "upper copy"
     through_mount = attributes(source.mnt / trigger.path)
     for key in ("mtime_ns", "atime_ns"):
         if trigger.keeps_times:
@@ -268,7 +287,7 @@ def test_holes_survive_copy_up(layers: LayerFactory, mount_cowfs: MountFactory) 
         f.write(payload)
     assert os.stat(sparse).st_blocks * 512 <= 256 * 1024, "premise: the lower file is sparse"
     mount = mount_cowfs(layer_set)
-    os.chmod(mount.mnt / "sparse", 0o600)
+    os.close(os.open(mount.mnt / "sparse", os.O_WRONLY))  # a chmod would copy no data at all
     upper = os.stat(mount.upper / "sparse")
     assert upper.st_size == 100 * MiB
     assert upper.st_blocks * 512 <= 1 * MiB, f"copy-up filled holes: {upper.st_blocks} blocks"

@@ -15,6 +15,8 @@ whiteout over nothing       clutter (needs ``--lower``)                  delete 
 bad or missing redirect     the directory's lower content cannot be      drop the redirect, make
                             found (or would be outside the layer)        the directory opaque
 redirect on a non-dir       meaningless                                  drop the redirect
+metacopy without data       its data (the lower file its origin names)   none
+                            is missing or may not be used: reads fail
 bad origin or name count    malformed, out of range, or (with            drop the xattr
                             ``--lower``) an origin that does not name
                             the lower object it was copied from: the
@@ -41,7 +43,7 @@ from ..errors import CowfsError
 from ..walk import Anomaly, Problem, walk
 from . import identity
 
-_NEEDS_LOWERS = (Problem.STRAY_WHITEOUT, Problem.MISSING_REDIRECT)
+_NEEDS_LOWERS = (Problem.STRAY_WHITEOUT, Problem.MISSING_REDIRECT, Problem.METACOPY_NO_DATA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +77,13 @@ def _work_findings(upper: Path) -> list[Finding]:
             for name in sorted(os.listdir(tmp))]
 
 
-_REPAIRS = {
+_REPAIRS: dict[Problem, str | None] = {
     Problem.STRAY_WHITEOUT: "delete it",
     Problem.UNMARKED_WHITEOUT: "mark the parent directory overlay.opaque=x",
     Problem.WHITEOUT_IN_OPAQUE: "delete it",
     Problem.BAD_REDIRECT: "drop the redirect and make the directory opaque",
     Problem.MISSING_REDIRECT: "drop the redirect and make the directory opaque",
+    Problem.METACOPY_NO_DATA: None,  # the data is gone: nothing to show instead
 }
 
 

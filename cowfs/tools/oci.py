@@ -53,6 +53,7 @@ from ..walk import (
     Problem,
     Renamed,
     Replaced,
+    Stack,
     Unchanged,
     merged_tree,
     visible_xattrs,
@@ -94,6 +95,9 @@ class _Writer:
     def __init__(self, tar: tarfile.TarFile, progress: plans.Progress) -> None:
         self.tar = tar
         self.progress = progress
+        #: Opens an object's data for reading; set to the walk stack's (metacopy files' data
+        #: is in a lower layer) while records are exported.
+        self.open_data: Callable[[int], int] = lambda fd: realfs.reopen(fd, os.O_RDONLY)
         self.added: set[str] = set()
         self.inodes: dict[tuple[int, int], str] = {}
         self.count = 0
@@ -127,7 +131,7 @@ class _Writer:
             return
         if kind == stat.S_IFREG:
             info.size = st.st_size
-            data = os.fdopen(realfs.reopen(fd, os.O_RDONLY), "rb")
+            data = os.fdopen(self.open_data(fd), "rb")
             with data:
                 # tarfile only calls read(): the counting wrapper is file enough.
                 self._add(path, info, cast(IO[bytes], _Counted(data, self.progress)))
@@ -203,6 +207,8 @@ def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path], work: 
     upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     index = work / schema.WORK_INDEX_NAME
     materialized: list[str] = []
+    stack = Stack(upper, lowers)
+    writer.open_data = stack.open_data  # a metacopy file's data is its lower file's
     try:
         def add_upper(path: str) -> None:
             for parent in _parents(path):
@@ -253,6 +259,7 @@ def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path], work: 
                 case Anomaly():
                     pass
     finally:
+        stack.close()
         os.close(upper_fd)
 
 

@@ -1,0 +1,152 @@
+"""Metadata-only copy-up: upper files whose data is still the lower file's (the kernel's metacopy).
+
+Changing a lower regular file's metadata (``chmod``, ``chown``, times, xattrs) or its name
+(``link``, ``rename``) copies no data: the upper copy is a sparse file of the lower file's size,
+with the metadata, the origin (``user.cowfs.origin``) and the mark ``user.overlay.metacopy`` (an
+empty value). While the mark is there, the file's data is the lower file the origin names, found by
+walking the origin's path in its layer (:func:`find_data`), whatever the upper file holds. The
+first open for writing or truncation gives it its data: :class:`cowfs.copyup.CopyUp` rebuilds a
+copy with one name in the work directory and renames it over it (one commit point); a copy with
+several upper names (``link``) is filled in place by :func:`fill`, which keeps its names one file,
+and whose commit point is the removal of the mark (a crash before it leaves the data coming from
+the lower).
+
+The mark is untrusted input, and it gives access to a lower file's data under the upper file's
+owner and mode. So it is honoured only when the upper file's owner is the lower file's owner or the
+owner of the upper directory (the mounting user, who can read what the daemon reads): a user who
+can write files into the upper directly (an upper directory created through an ``allow_other``
+mount) cannot mark a file of their own to read a lower file that is not theirs. The origin must
+also lead to a regular file of the same size with the recorded inode number.
+
+Known limits: filling in place drops ``security.capability`` and, for a daemon without
+``CAP_FSETID``, set-ID bits (the kernel does so on every write); they are restored before the mark
+is removed, so a crash in between leaves the file without them while its data still comes from the
+lower. A daemon that is not root and owns a read-only upper file makes it writable for the
+duration of the fill.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+from . import realfs, schema
+from .resolve import Found, Real, probe_path
+
+log = logging.getLogger(__name__)
+
+#: Kept across a fill: a write drops it (the kernel's ``file_remove_privs``).
+_CAPABILITY = "security.capability"
+
+
+class NoDataError(OSError):
+    """A metacopy file whose data cannot be found or may not be used: reads fail with ``EIO``.
+    ``reason`` says why, for the mount's log and ``cowfs check``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(errno.EIO, "metacopy file without data")
+        self.reason = reason
+
+
+def is_marked(fd: int) -> bool:
+    """Whether an upper regular file carries the metacopy mark."""
+    return realfs.getxattr(fd, schema.XATTR_METACOPY) is not None
+
+
+def find_data(upper_fd: int, roots: tuple[Real, ...], trusted_uid: int) -> Real:
+    """The lower regular file whose data a marked upper file shows, as a new ``O_PATH`` real
+    (the caller closes it). ``roots`` are the layer roots by index, the upper's first;
+    ``trusted_uid`` the upper directory's owner. :class:`NoDataError` when there is none."""
+    value = realfs.getxattr(upper_fd, schema.XATTR_ORIGIN)
+    if value is None:
+        raise NoDataError("it has no origin")
+    try:
+        origin = schema.parse_origin(value)
+    except ValueError as e:
+        raise NoDataError(str(e)) from None
+    if origin.path is None:
+        raise NoDataError("its origin has no path")
+    if not 0 < origin.layer < len(roots):
+        raise NoDataError(f"its origin names layer {origin.layer}, not a lower layer here")
+    path = "/" + "/".join(origin.path)
+    found = probe_path(roots[origin.layer], origin.path)
+    if not isinstance(found, Found):
+        raise NoDataError(f"layer {origin.layer} has no file at {path}")
+    real = found.obj
+    try:
+        lower, upper = os.fstat(real.fd), os.fstat(upper_fd)
+        if not stat.S_ISREG(lower.st_mode) or lower.st_ino != origin.ino:
+            raise NoDataError(f"{path} in layer {origin.layer} is not regular file "
+                              f"{origin.ino}")
+        if lower.st_size != upper.st_size:
+            raise NoDataError(f"{path} in layer {origin.layer} has {lower.st_size} bytes, the "
+                              f"upper file {upper.st_size}")
+        if upper.st_uid not in (lower.st_uid, trusted_uid):
+            raise NoDataError(f"its owner {upper.st_uid} owns neither {path} in layer "
+                              f"{origin.layer} nor the upper directory")
+    except BaseException:
+        os.close(real.fd)
+        raise
+    return real
+
+
+def owner_allowed(uid: int, lower_uid: int, trusted_uid: int) -> bool:
+    """Whether a marked file may have owner ``uid`` (see the module docstring): a ``chown`` to
+    anyone else fills the data first."""
+    return uid in (lower_uid, trusted_uid)
+
+
+def with_blocks(st: os.stat_result, blocks: int) -> os.stat_result:
+    """``st`` with another ``st_blocks``: a marked file reports its data's (the lower's)."""
+    fields = {name: getattr(st, name) for name in (
+        "st_atime", "st_mtime", "st_ctime", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
+        "st_blksize", "st_rdev")}
+    fields["st_blocks"] = blocks
+    return os.stat_result(tuple(st)[:10], fields)
+
+
+def fill(upper_fd: int, data_fd: int, *, with_data: bool, sync: bool, reflink: bool) -> None:
+    """Give a marked upper file its own data, in place, and remove the mark (the commit point).
+
+    ``with_data`` False empties it instead (it is about to be truncated to 0). Owner, mode, times
+    and ``security.capability`` are as before.
+    """
+    st = os.fstat(upper_fd)
+    caps = realfs.getxattr(upper_fd, _CAPABILITY)
+    made_writable = False
+    try:
+        dst = realfs.reopen(upper_fd, os.O_WRONLY)
+    except PermissionError:
+        if st.st_uid != os.geteuid():
+            raise
+        realfs.chmod(upper_fd, stat.S_IMODE(st.st_mode) | stat.S_IWUSR)
+        made_writable = True
+        dst = realfs.reopen(upper_fd, os.O_WRONLY)
+    try:
+        if with_data:
+            src = realfs.reopen(data_fd, os.O_RDONLY | _noatime(os.fstat(data_fd)))
+            try:
+                realfs.copy_data(src, dst, st.st_size, reflink=reflink)
+            finally:
+                os.close(src)
+        else:
+            realfs.ftruncate(dst, 0)
+        if sync:
+            realfs.fsync(dst)
+    finally:
+        os.close(dst)
+    if caps is not None and realfs.getxattr(upper_fd, _CAPABILITY) != caps:
+        realfs.setxattr(upper_fd, _CAPABILITY, caps)
+    if made_writable or stat.S_IMODE(os.fstat(upper_fd).st_mode) != stat.S_IMODE(st.st_mode):
+        realfs.chmod(upper_fd, stat.S_IMODE(st.st_mode))
+    realfs.utimens(upper_fd, st.st_atime_ns, st.st_mtime_ns)
+    realfs.removexattr(upper_fd, schema.XATTR_METACOPY)
+    log.debug("metacopy filled fd=%d (data=%s)", upper_fd, with_data)
+
+
+def _noatime(st: os.stat_result) -> int:
+    """``O_NOATIME`` where allowed (owner or root): reading the lower must not change it."""
+    uid = os.geteuid()
+    return os.O_NOATIME if uid in (0, st.st_uid) else 0
