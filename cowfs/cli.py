@@ -30,8 +30,8 @@ options (-o, comma-separated, may be repeated):
                   such changes at once, at a large cost)
   volatile        skip fsync on copy-up (faster; a crash may lose copied-up data)
   writeback       the kernel's writeback cache (experimental; nowriteback is the default)
-  nometacopy      copy a lower file's data when its metadata changes (default: metacopy,
-                  the data is copied at the first open for writing)
+  metacopy        metadata changes of lower files copy no data until the first open for
+                  writing (off by default: such an upper cannot yet be stacked as a lower)
   relocate        the lower layers were moved on purpose: accept a lower stack other than
                   the one recorded on the upper at its last mount, and record the new one
   suid,dev        let set-user-ID programs and device files work (the default is nosuid,nodev)

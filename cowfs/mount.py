@@ -85,8 +85,9 @@ class MountOptions:
     #: ``noatime``, ``relatime`` (the default) or ``strictatime``.
     atime: str = "relatime"
     nodiratime: bool = False
-    #: Metadata changes of lower files copy no data (``nometacopy``: they copy it all).
-    metacopy: bool = True
+    #: Metadata changes of lower files copy no data (``metacopy``; off by default: an upper
+    #: holding metacopy files cannot yet be stacked as a lower layer, see docs/layer-format.md).
+    metacopy: bool = False
 
     @property
     def noatime(self) -> bool:
@@ -105,7 +106,7 @@ class MountOptions:
     def parse(cls, specs: list[str]) -> MountOptions:
         """Parse ``-o a,b=c`` strings (given once or several times)."""
         allow_other = debug = volatile = writeback = relocate = nodiratime = False
-        metacopy = True
+        metacopy = False
         timeout = DEFAULT_TIMEOUT
         atime = "relatime"
         kernel: set[str] = set()

@@ -403,7 +403,8 @@ class Runner:
                env: Mapping[str, str] | None = None) -> CowfsMount:
         mount = CowfsMount(layers.lowers, layers.upper, layers.mnt, command=self.command,
                            log_dir=layers.root, watchdog=MOUNT_WATCHDOG, env=env,
-                           options=("allow_other",) if situation.as_user else ())
+                           options=("metacopy", *(("allow_other",) if situation.as_user
+                                                  else ())))
         mount.start()
         return mount
 

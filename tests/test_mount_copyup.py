@@ -59,7 +59,8 @@ def source_spec(atime_ns: int) -> dict[str, Any]:
 def source(layers: LayerFactory, mount_cowfs: MountFactory) -> CowfsMount:
     # atime an hour ago and after mtime: relatime will not bump it when the file is read.
     atime_ns = time.time_ns() - 3600 * 10**9 + 987
-    return mount_cowfs(layers(source_spec(atime_ns), {"d1/d2/below": None}))
+    return mount_cowfs(layers(source_spec(atime_ns), {"d1/d2/below": None}),
+                       options=["metacopy"])
 
 
 def public_xattrs(path: Path) -> dict[str, bytes]:

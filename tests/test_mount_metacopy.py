@@ -46,7 +46,8 @@ def is_marked(path: Path) -> bool:
 
 @pytest.fixture
 def big(layers: LayerFactory, mount_cowfs: MountFactory) -> CowfsMount:
-    return mount_cowfs(layers({"d/big": File(DATA, mode=0o644), "d/other/": None}))
+    return mount_cowfs(layers({"d/big": File(DATA, mode=0o644), "d/other/": None}),
+                       options=["metacopy"])
 
 
 @pytest.mark.parametrize("change", ["chmod", "chgrp", "utime", "setxattr", "link", "rename"])
@@ -175,7 +176,7 @@ def test_forged_mark_is_refused(layers: LayerFactory, mount_cowfs: MountFactory)
     os.setxattr(forged, "user.cowfs.origin", f"1:{ino}:/secret".encode())
     os.chown(forged, 1000, 1000)
     os.chmod(forged, 0o644)
-    mount = mount_cowfs(layer_set)
+    mount = mount_cowfs(layer_set, options=["metacopy"])
     with pytest.raises(OSError) as info:
         (mount.mnt / "forged").read_bytes()
     assert info.value.errno == 5
@@ -189,7 +190,7 @@ def test_forged_mark_is_refused(layers: LayerFactory, mount_cowfs: MountFactory)
 def test_tools_diff_export_commit_reset(workspace: Workspace) -> None:
     ws = workspace
     (ws.base / "big").write_bytes(DATA)
-    with cowfs_mount([ws.base], ws.upper, ws.mnt):
+    with cowfs_mount([ws.base], ws.upper, ws.mnt, options=["metacopy"]):
         os.chmod(ws.mnt / "big", 0o600)
         os.chmod(ws.mnt / "a.txt", 0o600)
         os.rename(ws.mnt / "a.txt", ws.mnt / "moved.txt")
@@ -217,7 +218,7 @@ def test_tools_diff_export_commit_reset(workspace: Workspace) -> None:
     assert (ws.base / "moved.txt").read_bytes() == a_text
     assert not (ws.base / "a.txt").exists()
     # reset of an upper holding a metacopy file
-    with cowfs_mount([ws.base], ws.upper, ws.mnt):
+    with cowfs_mount([ws.base], ws.upper, ws.mnt, options=["metacopy"]):
         os.chmod(ws.mnt / "big", 0o644)
     assert is_marked(ws.upper / "big")
     assert cowfs("reset", ws.upper, "--yes").status == 0
@@ -230,7 +231,7 @@ def test_kernel_refuses_a_metacopy_file_of_a_userxattr_lower(
     """As layer-format.md says: the kernel does not follow metacopy with userxattr (EPERM)."""
     needs_root("the kernel's overlayfs")
     layer_set = layers({"f": File(b"data" * 100), "g": File(b"plain")})
-    mount = mount_cowfs(layer_set)
+    mount = mount_cowfs(layer_set, options=["metacopy"])
     os.chmod(mount.mnt / "f", 0o600)
     mount.stop()
     mnt = tmp_path / "k"
