@@ -132,7 +132,7 @@ def targets(cowfs: str) -> list[Target]:
             str(mnt)])))
     stop = lambda mnt: [cowfs, "umount", str(mnt)]  # noqa: E731
     found.append(Target("cowfs", fuse(cowfs_cmd(""), stop)))
-    found.append(Target("cowfs -o nometacopy", fuse(cowfs_cmd("nometacopy"), stop)))
+    found.append(Target("cowfs -o metacopy", fuse(cowfs_cmd("metacopy"), stop)))
     return found
 
 
