@@ -185,13 +185,7 @@ class CopyUp:
             dst = realfs.create_file(self.work.tmp_fd, temp, 0o600, os.O_WRONLY)
             try:
                 if with_data and st.st_size:
-                    src = realfs.reopen(data.fd, os.O_RDONLY | (
-                        os.O_NOATIME if _may_noatime(data.stat()) else 0))
-                    try:
-                        realfs.copy_data(src, dst, st.st_size,
-                                         reflink=self.work.features.reflink)
-                    finally:
-                        os.close(src)
+                    self._copy_data(data.fd, data.stat(), dst, st.st_size)
                 fd = realfs.open_path(self.work.tmp_fd, temp)
                 if fd is None:
                     raise OSError(errno.ENOENT, "copy-up file vanished from the work directory")
@@ -338,6 +332,17 @@ class CopyUp:
                 log.debug("cannot record %s (not privileged)", name)
         copy_attributes(st, fd, mtime_ns)
 
+    def _copy_data(self, source_fd: int, source_st: os.stat_result, dst: int,
+                   size: int) -> None:
+        """Copy ``size`` bytes of the file behind ``source_fd`` (an ``O_PATH`` descriptor) into
+        ``dst``, without changing its access time where permitted."""
+        flags = os.O_RDONLY | (os.O_NOATIME if _may_noatime(source_st) else 0)
+        src = realfs.reopen(source_fd, flags)
+        try:
+            realfs.copy_data(src, dst, size, reflink=self.work.features.reflink)
+        finally:
+            os.close(src)
+
     def _build_file(self, lower: Real, st: os.stat_result, temp: str, with_data: bool,
                     extra: dict[str, bytes], size: int) -> None:
         """Called with ``temp`` not existing; on failure the caller discards it. ``size``: of a
@@ -347,13 +352,7 @@ class CopyUp:
             if size:
                 realfs.ftruncate(dst, size)
             if with_data and st.st_size:
-                src = realfs.reopen(lower.fd, os.O_RDONLY | os.O_NOATIME) if _may_noatime(
-                    st) else realfs.reopen(lower.fd, os.O_RDONLY)
-                try:
-                    realfs.copy_data(src, dst, st.st_size,
-                                     reflink=self.work.features.reflink)
-                finally:
-                    os.close(src)
+                self._copy_data(lower.fd, st, dst, st.st_size)
             dst_path_fd = realfs.open_path(self.work.tmp_fd, temp)
             if dst_path_fd is None:
                 raise OSError(errno.ENOENT, "copy-up file vanished from the work directory")

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from .. import mounts, schema
 from ..errors import CowfsError
+from ..plans import human_bytes
 from ..walk import Added, Deleted, Modified, Renamed, Replaced, Unchanged, walk
 
 
@@ -95,15 +96,6 @@ def collect() -> list[MountStatus]:
     return sorted(statuses, key=lambda s: s.mountpoint)
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def render(statuses: list[MountStatus]) -> str:
     if not statuses:
         return "no cowfs mounts\n"
@@ -113,7 +105,7 @@ def render(statuses: list[MountStatus]) -> str:
         lines.append(f"{s.mountpoint}  ({pid}{s.state})")
         if s.upper is not None:
             lines.append(f"  lowers:  {':'.join(s.lowers)}")
-            size = f"  ({_size(s.upper_bytes)})" if s.upper_bytes is not None else ""
+            size = f"  ({human_bytes(s.upper_bytes)})" if s.upper_bytes is not None else ""
             lines.append(f"  upper:   {s.upper}{size}")
         if s.flags:
             lines.append(f"  flags:   {','.join(s.flags)}{_flags_note(s.flags)}")
