@@ -32,6 +32,9 @@ options (-o, comma-separated, may be repeated):
   writeback       the kernel's writeback cache (experimental; nowriteback is the default)
   metacopy        metadata changes of lower files copy no data until the first open for
                   writing (off by default: such an upper cannot yet be stacked as a lower)
+  partial_copyup=SIZE  lower files of at least SIZE (default 64M) copy up only the blocks
+                  written; nopartial_copyup copies whole files (a clone where the upper has
+                  reflinks is used either way)
   relocate        the lower layers were moved on purpose: accept a lower stack other than
                   the one recorded on the upper at its last mount, and record the new one
   suid,dev        let set-user-ID programs and device files work (the default is nosuid,nodev)

@@ -13,6 +13,9 @@ concurrent openers share one copy-up.
 
 A metadata change or a new name of a lower regular file copies it without its data
 (``metadata_only``, :mod:`cowfs.metacopy`); the first write or truncation gives it its data.
+A large lower regular file opened for writing or truncated is copied up as a *partial* file
+(:mod:`cowfs.partial`): a metacopy file with a data map, into which writes copy only the blocks
+they touch; where a clone is as cheap (reflinks, one filesystem), it is cloned whole instead.
 
 A lower non-directory with several names (hard links) is copied once, into the hard-link index
 (``WORK/index/<layer>-<inode>``), and not linked to any name: a lookup of any of its names finds
@@ -30,7 +33,7 @@ import os
 import stat
 import time
 
-from . import metacopy, nlink, origins, realfs, schema
+from . import metacopy, nlink, origins, partial, realfs, schema
 from .inodes import Inode
 from .layers import Layer
 from .resolve import Real
@@ -83,7 +86,8 @@ class CopyUp:
     """Copies objects up; one instance per mount."""
 
     def __init__(self, upper: Layer, work: WorkDir, *, sync: bool = True,
-                 roots: tuple[Real, ...] = (), metacopy: bool = True) -> None:
+                 roots: tuple[Real, ...] = (), metacopy: bool = True,
+                 partial_min: int = 0) -> None:
         self.upper = upper
         self.work = work
         self.sync = sync
@@ -91,6 +95,8 @@ class CopyUp:
         self.roots = roots
         #: Whether metadata changes may copy up without data (``-o nometacopy``: never).
         self.metacopy = metacopy
+        #: Regular files of at least this size copy up only the blocks written (0: never).
+        self.partial_min = partial_min
         #: The upper directory's owner: a metacopy file must be its or its lower file's.
         self.trusted_uid = os.fstat(upper.root_fd).st_uid
         #: Upper files (inode numbers) whose refused metacopy mark was logged: once each.
@@ -101,22 +107,30 @@ class CopyUp:
         """A lower non-directory with several names: copied up through the index."""
         return not inode.is_dir and inode.upper is None and inode.top.nlink > 1
 
-    def ensure(self, inode: Inode, *, with_data: bool = True,
-               metadata_only: bool = False) -> Real:
+    def ensure(self, inode: Inode, *, with_data: bool = True, metadata_only: bool = False,
+               whole: bool = False) -> Real:
         """The upper copy of ``inode``, copying it (and its parents) up first if needed.
 
         ``metadata_only``: for a change of metadata or name, a regular file may be copied without
         its data (:mod:`cowfs.metacopy`), and a metacopy copy is enough. Otherwise the copy gets
-        its data (``with_data`` False: it is about to be truncated to 0, so it gets none).
+        its data (``with_data`` False: it is about to be truncated to 0, so it gets none), or for
+        a large file, a partial copy is enough (:mod:`cowfs.partial`) unless ``whole``.
         """
         upper = inode.upper
-        if upper is not None and (metadata_only or not upper.metacopy):
+        if upper is not None and (metadata_only or not upper.metacopy or (
+                upper.partial and with_data and not whole)):
             return upper
         with inode.copy_up_lock:
             upper = inode.upper
             if upper is not None:
                 if metadata_only or not upper.metacopy:
                     return upper
+                if upper.partial:
+                    if with_data and not whole:
+                        return upper
+                    return self._complete_partial(inode, upper, truncate=not with_data)
+                if with_data and not whole and self._may_copy_partly(inode.data):
+                    return self._make_partial(inode, upper)
                 return self._fill(inode, upper, with_data)
             if self.is_hard_linked_lower(inode):
                 real = self._index_entry(inode)
@@ -127,9 +141,73 @@ class CopyUp:
                 parent, name = link
                 parent_upper = self.ensure(parent)
                 meta = metadata_only and self._may_skip_data(inode)
-                real = self._copy_up(inode, parent_upper, name, with_data and not meta, meta)
+                part = (not meta and with_data and not whole
+                        and self._may_copy_partly(inode.top))
+                real = self._copy_up(inode, parent_upper, name,
+                                     with_data and not meta and not part, meta, part)
             inode.push_upper(real)
             return real
+
+    # --- partial files (cowfs.partial) ---------------------------------------------------------
+
+    def _may_copy_partly(self, data: Real) -> bool:
+        """Whether a copy-up for writing may copy only the blocks written: a large lower regular
+        file, unless the upper can clone it (as cheap, and an ordinary file after)."""
+        if not self.partial_min or not stat.S_ISREG(data.mode) or data.layer.is_upper:
+            return False
+        st = data.stat()
+        if st.st_size < self.partial_min:
+            return False
+        same_fs = st.st_dev == os.fstat(self.upper.root_fd).st_dev
+        return not (self.work.features.reflink and same_fs)
+
+    def _make_partial(self, inode: Inode, upper: Real) -> Real:
+        """A metacopy upper copy becomes a partial one: an empty map, which reads the same."""
+        size = upper.stat().st_size
+        realfs.setxattr(upper.fd, schema.XATTR_DATAMAP, partial.DataMap.empty(size).encode())
+        made = dataclasses.replace(upper, partial=True)
+        inode.replace_top(made)
+        return made
+
+    def partial_of(self, inode: Inode) -> partial.PartialFile:
+        """The open data of a partial file (loaded on first use, kept while the inode lives)."""
+        found = inode.partial
+        if found is not None:
+            return found
+        with inode.copy_up_lock:
+            return self._partial_locked(inode)
+
+    def _partial_locked(self, inode: Inode) -> partial.PartialFile:
+        found = inode.partial
+        if found is not None:
+            return found
+        upper = inode.top
+        data = inode.data
+        try:
+            dmap = partial.read_map(upper.fd)
+        except ValueError as e:
+            raise OSError(errno.EIO, f"partial file with a malformed data map: {e}") from None
+        if dmap is None:
+            raise OSError(errno.EIO, "partial file without a data map")
+        opened = partial.PartialFile(upper.fd, data.fd, dmap)
+
+        def completed() -> None:
+            top = inode.top
+            if top.partial:
+                inode.replace_top(dataclasses.replace(top, metacopy=False, partial=False))
+
+        opened.on_complete = completed
+        inode.partial = opened
+        return opened
+
+    def _complete_partial(self, inode: Inode, upper: Real, *, truncate: bool) -> Real:
+        """Give a partial file all its data (or none: it is about to be truncated to 0)."""
+        opened = self._partial_locked(inode)
+        if truncate:
+            opened.truncate(0)
+        else:
+            opened.complete()
+        return inode.top
 
     def _may_skip_data(self, inode: Inode) -> bool:
         """Whether a copy-up for a metadata change may leave the data in the lower file."""
@@ -259,15 +337,20 @@ class CopyUp:
         return Real(self.upper, fd, st.st_mode, indexed=True)
 
     def _copy_up(self, inode: Inode, parent: Real, name: str, with_data: bool,
-                 meta: bool = False) -> Real:
+                 meta: bool = False, part: bool = False) -> Real:
+        """``meta``: without data; ``part``: without data, as a partial file."""
         lower = inode.top
         st = lower.stat()
         temp = self.work.temp_name()
-        log.debug("copy-up %r -> %s (data=%s, metacopy=%s)", inode, name, with_data, meta)
+        log.debug("copy-up %r -> %s (data=%s, metacopy=%s, partial=%s)", inode, name, with_data,
+                  meta, part)
         extra = _origin_xattrs(lower, st)
-        if meta:
+        if meta or part:
             extra[schema.XATTR_METACOPY] = b""
-        fd = self._build(lower, st, temp, with_data, extra, size=st.st_size if meta else 0)
+        if part:
+            extra[schema.XATTR_DATAMAP] = partial.DataMap.empty(st.st_size).encode()
+        fd = self._build(lower, st, temp, with_data, extra,
+                         size=st.st_size if meta or part else 0)
         try:
             parent_times = parent.stat()
             realfs.rename(self.work.tmp_fd, temp, parent.fd, name, realfs.RENAME_NOREPLACE)
@@ -276,7 +359,7 @@ class CopyUp:
             self.work.discard(temp)
             raise
         self._restore_times(parent, parent_times)
-        return Real(self.upper, fd, st.st_mode, metacopy=meta)
+        return Real(self.upper, fd, st.st_mode, metacopy=meta or part, partial=part)
 
     @staticmethod
     def _restore_times(parent: Real, times: os.stat_result) -> None:

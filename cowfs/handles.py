@@ -59,12 +59,17 @@ class FileHandle:
         return self.fd
 
     def read(self, offset: int, size: int) -> bytes:
+        opened = self.inode.partial
+        if opened is not None:
+            return opened.read(offset, size)
         return os.pread(self.read_fd(), size, offset)
 
     def read_local(self, offset: int, buf: memoryview) -> int | None:
         """Fill ``buf`` with a blocking read if the file is on a local block device (a read from
         the disk takes less than handing it to a worker thread); None if it is not (a network
         or FUSE filesystem may take long, and would hold up every other request meanwhile)."""
+        if self.inode.partial is not None:
+            return None
         fd = self.read_fd()
         if os.major(os.fstat(fd).st_dev) == 0:  # anonymous device: tmpfs, FUSE, NFS, ...
             return None
@@ -73,7 +78,7 @@ class FileHandle:
     def read_cached(self, offset: int, buf: memoryview) -> int | None:
         """Fill ``buf`` if the page cache holds all of it: the bytes read, or None if reading
         might block (the data is not cached, or only part of it is)."""
-        if not self._nowait:
+        if not self._nowait or self.inode.partial is not None:
             return None
         fd = self.read_fd()
         try:
@@ -98,23 +103,51 @@ class FileHandle:
         return self._sync
 
     def write(self, offset: int, data: bytes) -> int:
-        return os.pwrite(self.fd, data, offset)
+        opened = self.inode.partial
+        if opened is None:
+            return os.pwrite(self.fd, data, offset)
+        n = opened.write(offset, data)
+        if self.writes_sync:
+            opened.fsync(datasync=True)
+        return n
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
         """fallocate(2), in any mode the upper's filesystem has. The kernel sends it only on a
         handle open for writing, which is on the upper copy (opening it copied the file up)."""
         if not self.on_upper:
             raise OSError(errno.EBADF, "not open for writing")
-        realfs.fallocate(self.fd, mode, offset, length)
+        opened = self.inode.partial
+        if opened is not None:
+            opened.allocate(mode, offset, length)
+        else:
+            realfs.fallocate(self.fd, mode, offset, length)
 
     def seek(self, offset: int, whence: int) -> int:
         """lseek(2) with ``SEEK_DATA`` or ``SEEK_HOLE`` (the kernel answers the other whences
         itself): where the real file has data or a hole. Reads use explicit offsets, so moving
         the real descriptor's position disturbs nothing."""
+        opened = self.inode.partial
+        if opened is not None:
+            return opened.seek(offset, whence)
         return os.lseek(self.read_fd(), offset, whence)
 
+    @property
+    def unrecorded(self) -> bool:
+        """Whether the file is a partial one with blocks whose map is not on disk yet."""
+        opened = self.inode.partial
+        return self.on_upper and opened is not None and opened.dirty
+
+    def record(self) -> None:
+        """Put a partial file's map on disk (its data first): on close (see :mod:`partial`)."""
+        opened = self.inode.partial
+        if opened is not None:
+            opened.persist()
+
     def fsync(self, datasync: bool) -> None:
-        if datasync:
+        opened = self.inode.partial
+        if opened is not None:
+            opened.fsync(datasync)
+        elif datasync:
             os.fdatasync(self.fd)
         else:
             os.fsync(self.fd)

@@ -34,10 +34,14 @@ import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from . import origins, realfs, schema
 from .layers import Layer
 from .resolve import Real
+
+if TYPE_CHECKING:
+    from .partial import PartialFile
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +160,7 @@ class Inode:
     """
 
     __slots__ = ("_links", "_state", "alive", "copy_up_lock", "lookups", "no_caps_on", "number",
-                 "reals")
+                 "partial", "reals")
 
     def __init__(self, number: int, reals: tuple[Real, ...]) -> None:
         self.number = number
@@ -172,6 +176,9 @@ class Inode:
         self.alive = True
         #: The real object found to have no ``security.capability`` (see :mod:`cowfs.xattrs`).
         self.no_caps_on: Real | None = None
+        #: A partial file's data while the inode lives (:mod:`cowfs.partial`): set once, under
+        #: ``copy_up_lock``, and kept (completed or not) until :meth:`release`.
+        self.partial: PartialFile | None = None
 
     def __repr__(self) -> str:
         return f"<Inode {self.number} {[r.layer.index for r in self.reals]}>"
@@ -265,11 +272,19 @@ class Inode:
 
     def release(self) -> None:
         self.alive = False
+        if self.partial is not None:
+            try:
+                self.partial.persist()  # what was written since the last close (an mmap's)
+            except OSError as e:
+                log.warning("inode %d: cannot record a partial file's map: %s", self.number,
+                            e.strerror)
         with self._state:
             reals, self.reals = self.reals, ()
             self._links.clear()
         for real in reals:
             os.close(real.fd)
+        if self.partial is not None:
+            self.partial.close()
 
 
 class InodeTable:

@@ -32,7 +32,7 @@ import logging
 import os
 import stat
 
-from . import realfs, schema
+from . import partial, realfs, schema
 from .resolve import Found, Real, probe_path
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,10 @@ def find_data(upper_fd: int, roots: tuple[Real, ...], trusted_uid: int) -> Real:
         if not stat.S_ISREG(lower.st_mode) or lower.st_ino != origin.ino:
             raise NoDataError(f"{path} in layer {origin.layer} is not regular file "
                               f"{origin.ino}")
-        if lower.st_size != upper.st_size:
+        size = _data_size(upper_fd, upper.st_size)
+        if lower.st_size != size:
             raise NoDataError(f"{path} in layer {origin.layer} has {lower.st_size} bytes, the "
-                              f"upper file {upper.st_size}")
+                              f"upper file's data {size}")
         if upper.st_uid not in (lower.st_uid, trusted_uid):
             raise NoDataError(f"its owner {upper.st_uid} owns neither {path} in layer "
                               f"{origin.layer} nor the upper directory")
@@ -90,6 +91,18 @@ def find_data(upper_fd: int, roots: tuple[Real, ...], trusted_uid: int) -> Real:
         os.close(real.fd)
         raise
     return real
+
+
+def _data_size(upper_fd: int, upper_size: int) -> int:
+    """The size a marked file's data file must have: the file's own, or for a partial file
+    (:mod:`cowfs.partial`) the one its data map records."""
+    value = realfs.getxattr(upper_fd, schema.XATTR_DATAMAP)
+    if value is None:
+        return upper_size
+    try:
+        return partial.DataMap.decode(value).lower_size
+    except ValueError as e:
+        raise NoDataError(f"its data map is malformed: {e}") from None
 
 
 def owner_allowed(uid: int, lower_uid: int, trusted_uid: int) -> bool:
@@ -143,6 +156,8 @@ def fill(upper_fd: int, data_fd: int, *, with_data: bool, sync: bool, reflink: b
         realfs.chmod(upper_fd, stat.S_IMODE(st.st_mode))
     realfs.utimens(upper_fd, st.st_atime_ns, st.st_mtime_ns)
     realfs.removexattr(upper_fd, schema.XATTR_METACOPY)
+    if realfs.getxattr(upper_fd, schema.XATTR_DATAMAP) is not None:
+        realfs.removexattr(upper_fd, schema.XATTR_DATAMAP)
     log.debug("metacopy filled fd=%d (data=%s)", upper_fd, with_data)
 
 

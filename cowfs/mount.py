@@ -38,7 +38,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import fusecheck, mounts, realfs
+from . import fusecheck, mounts, partial, realfs
 from .errors import CowfsError
 from .layers import LayerPaths, LayerStack, check_mountpoint_outside, open_stack
 from .operations import Operations
@@ -88,6 +88,9 @@ class MountOptions:
     #: Metadata changes of lower files copy no data (``metacopy``; off by default: an upper
     #: holding metacopy files cannot yet be stacked as a lower layer, see docs/layer-format.md).
     metacopy: bool = False
+    #: Lower regular files of at least this many bytes copy up only the blocks written
+    #: (``partial_copyup=SIZE``; 0, ``nopartial_copyup``: never; see cowfs.partial).
+    partial_min: int = partial.DEFAULT_MIN_SIZE
 
     @property
     def noatime(self) -> bool:
@@ -107,6 +110,7 @@ class MountOptions:
         """Parse ``-o a,b=c`` strings (given once or several times)."""
         allow_other = debug = volatile = writeback = relocate = nodiratime = False
         metacopy = False
+        partial_min = partial.DEFAULT_MIN_SIZE
         timeout = DEFAULT_TIMEOUT
         atime = "relatime"
         kernel: set[str] = set()
@@ -125,6 +129,10 @@ class MountOptions:
                     writeback = key == "writeback"
                 elif key in ("metacopy", "nometacopy"):
                     metacopy = key == "metacopy"
+                elif key == "partial_copyup" and value:
+                    partial_min = _parse_size(key, value)
+                elif key == "nopartial_copyup" and not value:
+                    partial_min = 0
                 elif key == "timeout":
                     timeout = _parse_timeout(value)
                 elif key in ATIME_OPTIONS:
@@ -136,7 +144,7 @@ class MountOptions:
                 elif key not in IGNORED_OPTIONS:
                     raise CowfsError(f"unknown mount option {opt!r} (see 'cowfs mount --help')")
         return cls(allow_other, debug, timeout, volatile, frozenset(kernel), writeback, relocate,
-                   atime, nodiratime, metacopy)
+                   atime, nodiratime, metacopy, partial_min)
 
     def fuse_options(self, source: str) -> set[str]:
         opts = set(pyfuse3.default_options) | {f"fsname={source}", "subtype=cowfs"} | self.kernel
@@ -164,6 +172,19 @@ def _parse_timeout(value: str) -> float:
     if not seconds >= 0:
         raise CowfsError(f"invalid timeout {value!r}: give a number of seconds, e.g. timeout=1")
     return seconds
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _parse_size(key: str, value: str) -> int:
+    """``SIZE`` in bytes, or with a binary suffix (``64M``, ``1G``)."""
+    number, unit = value[:-1], value[-1:].lower()
+    if unit.isdigit():
+        number, unit = value, ""
+    if number.isdigit() and unit in _SIZE_UNITS:
+        return int(number) * _SIZE_UNITS[unit]
+    raise CowfsError(f"invalid {key} size {value!r}: give bytes or a size such as 64M or 1G")
 
 
 def set_mount_flags(mountpoint: Path, options: MountOptions) -> None:
@@ -276,7 +297,7 @@ def serve(paths: LayerPaths, stack: LayerStack, mountpoint: Path, options: Mount
     _raise_fd_limit()
     with contextlib.ExitStack() as cleanup:
         overlay = Overlay(stack, sync=not options.volatile, noatime=options.noatime,
-                          metacopy=options.metacopy)
+                          metacopy=options.metacopy, partial_min=options.partial_min)
         cleanup.callback(overlay.close)
         operations = Operations(overlay, timeout=options.timeout, writeback=options.writeback,
                                 after_init=lambda: raise_readahead(mountpoint))

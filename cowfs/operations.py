@@ -406,13 +406,17 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         handle = self._file(fh)
-        if len(buf) <= INLINE_WRITE_MAX and not handle.writes_sync:
+        if len(buf) <= INLINE_WRITE_MAX and not handle.writes_sync and handle.inode.partial is None:
             return handle.write(off, buf)
         return await _in_thread(handle.write, off, buf)
 
     @_errno_boundary
     async def flush(self, fh: FileHandleT) -> None:
-        self._file(fh)  # writes go straight to the real file: nothing is buffered here
+        # Writes go straight to the real file: nothing is buffered here, but a partial file
+        # records its map on close (in a thread: its data goes to disk first).
+        handle = self._file(fh)
+        if handle.unrecorded:
+            await _in_thread(handle.record)
 
     @_errno_boundary
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
@@ -448,7 +452,12 @@ class Operations(pyfuse3.Operations):
 
     @_errno_boundary
     async def release(self, fh: FileHandleT) -> None:
-        self._files.pop(fh).close()
+        handle = self._files.pop(fh)
+        try:
+            if handle.unrecorded:  # written through a shared mapping after the last close
+                await _in_thread(handle.record)
+        finally:
+            handle.close()
 
     # --- directories --------------------------------------------------------------------------
 

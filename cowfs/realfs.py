@@ -392,6 +392,40 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
 
 
 @change
+def copy_range(src: int, dst: int, start: int, end: int) -> None:
+    """Copy bytes ``start`` to ``end`` of ``src`` to the same place in ``dst`` (a partial file's
+    block coming up, :mod:`cowfs.partial`), in the kernel."""
+    log.debug("copy range fd=%d -> fd=%d [%d, %d)", src, dst, start, end)
+    _copy_range(src, dst, start, end)
+
+
+#: ``FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE``.
+_PUNCH_HOLE = 0x01 | 0x02
+
+
+@change
+def zero_range(fd: int, offset: int, length: int) -> None:
+    """Make ``length`` bytes at ``offset`` read as zeros, without changing the size: a hole
+    where the filesystem can punch one, else written zeros."""
+    log.debug("zero range fd=%d [%d, +%d)", fd, offset, length)
+    if _fallocate(fd, _PUNCH_HOLE, offset, length) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+        raise OSError(err, os.strerror(err))
+    zeros = bytes(min(length, 1 << 20))
+    pos = offset
+    while pos < offset + length:
+        pos += os.pwrite(fd, zeros[:offset + length - pos], pos)
+
+
+@change
+def fdatasync(fd: int) -> None:
+    log.debug("fdatasync fd=%d", fd)
+    os.fdatasync(fd)
+
+
+@change
 def symlink(dirfd: int, name: str, target: str) -> None:
     log.debug("symlink dirfd=%d %s -> %s", dirfd, name, target)
     os.symlink(target, name, dir_fd=dirfd)

@@ -45,6 +45,9 @@ class Real:
     #: An upper file copied up without its data (``user.overlay.metacopy``, see
     #: :mod:`cowfs.metacopy`): its data is a lower file's.
     metacopy: bool = False
+    #: A metacopy file whose upper copy holds some blocks (``user.cowfs.datamap``, see
+    #: :mod:`cowfs.partial`).
+    partial: bool = False
 
     @property
     def is_dir(self) -> bool:
@@ -172,8 +175,9 @@ def probe(parent: Real, name: str) -> Probe[Real]:
     # Only a non-empty upper file can be a metacopy one: one xattr read, on those alone.
     metacopy = parent.layer.is_upper and stat.S_ISREG(st.st_mode) and st.st_size > 0 and (
         realfs.getxattr(fd, schema.XATTR_METACOPY) is not None)
+    partial = metacopy and realfs.getxattr(fd, schema.XATTR_DATAMAP) is not None
     return Found(Real(parent.layer, fd, st.st_mode, nlink=st.st_nlink, ino=st.st_ino,
-                      metacopy=metacopy), False)
+                      metacopy=metacopy, partial=partial), False)
 
 
 def root_real(layer: Layer) -> Real:

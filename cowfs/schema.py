@@ -57,6 +57,9 @@ XATTR_REDIRECT = USER_OVERLAY + "redirect"
 #: The file is sparse, of the lower file's size; its data is the lower file its origin names
 #: (:mod:`cowfs.metacopy`). The kernel's ``metacopy`` mark, in the ``userxattr`` spelling.
 XATTR_METACOPY = USER_OVERLAY + "metacopy"
+#: On a partial file (a metacopy file whose upper copy holds some blocks, :mod:`cowfs.partial`):
+#: which blocks, as :class:`cowfs.partial.DataMap` encodes them.
+XATTR_DATAMAP = COWFS_PREFIX + "datamap"
 XATTR_FORMAT = COWFS_PREFIX + "format"
 #: On an upper object copied up from a lower one: ``"<layer>:<inode>:<path>"`` of that lower object
 #: (see :class:`Origin`), so that the object keeps its inode number after copy-up and across mounts.

@@ -19,7 +19,7 @@ import resource
 import stat
 from dataclasses import dataclass
 
-from . import fileattr, realfs, schema, xattrs
+from . import fileattr, partial, realfs, schema, xattrs
 from .copyup import CopyUp
 from .handles import FileHandle, real_flags, wants_write
 from .inodes import Inode, InodeNumbers, InodeTable
@@ -52,7 +52,7 @@ class Overlay:
     """One mounted overlay."""
 
     def __init__(self, stack: LayerStack, *, sync: bool = True, noatime: bool = False,
-                 metacopy: bool = True) -> None:
+                 metacopy: bool = True, partial_min: int = 0) -> None:
         self.stack = stack
         #: ``-o noatime``: reading an upper file does not change its access time either.
         self.noatime = noatime
@@ -61,7 +61,7 @@ class Overlay:
         self.table = InodeTable(tuple(root_real(layer) for layer in stack.all),
                                 InodeNumbers(stack.all, index_fd=stack.work.index_fd))
         self.copy_up = CopyUp(stack.upper, stack.work, sync=sync, roots=self.table.root.reals,
-                              metacopy=metacopy)
+                              metacopy=metacopy, partial_min=partial_min)
         self.namespace = Namespace(stack.upper, stack.work, self.table, self.copy_up)
 
         #: Inodes held before asking the kernel to drop some (:meth:`names_to_shed`): the
@@ -174,8 +174,18 @@ class Overlay:
         top = inode.top
         st = top.stat()
         if top.metacopy and len(inode.reals) > 1:
-            # The space the file's data takes is the lower file's (as the kernel reports).
-            st = with_blocks(st, inode.reals[1].stat().st_blocks)
+            # The space the file's data takes is the lower file's (as the kernel reports), and
+            # for a partial file the upper copy's too.
+            blocks = inode.reals[1].stat().st_blocks
+            if top.partial:
+                opened = inode.partial
+                try:
+                    dmap = opened.map if opened is not None else partial.read_map(top.fd)
+                except ValueError:
+                    dmap = None
+                if dmap is not None:
+                    blocks = partial.blocks_of(st, blocks, dmap)
+            st = with_blocks(st, blocks)
         return st
 
     def nlink(self, inode: Inode, st: os.stat_result) -> int:
@@ -197,10 +207,12 @@ class Overlay:
         else:
             # Metadata alone: the data may stay in the lower file, unless a chown would give
             # the file an owner a metacopy file may not have (cowfs.metacopy).
-            upper = self.copy_up.ensure(inode, metadata_only=change.uid is None or
-                                        self.copy_up.metadata_only_owner(inode, change.uid))
+            meta = change.uid is None or self.copy_up.metadata_only_owner(inode, change.uid)
+            upper = self.copy_up.ensure(inode, metadata_only=meta, whole=not meta)
         if change.size is not None:
-            if handle is not None and handle.on_upper:
+            if upper.partial or inode.partial is not None:
+                self.copy_up.partial_of(inode).truncate(change.size)
+            elif handle is not None and handle.on_upper:
                 realfs.ftruncate(handle.fd, change.size)
             else:
                 realfs.truncate(upper.fd, change.size)
@@ -236,7 +248,16 @@ class Overlay:
             raise OSError(errno.EINVAL, "not a regular file")
         if wants_write(flags):
             upper = self.copy_up.ensure(inode, with_data=not flags & os.O_TRUNC)
-            return FileHandle(inode, realfs.reopen(upper.fd, real_flags(flags)), on_upper=True)
+            fd = realfs.reopen(upper.fd, real_flags(flags))
+            if upper.partial:
+                try:
+                    self.copy_up.partial_of(inode)  # its data: some here, the rest below
+                except BaseException:
+                    os.close(fd)
+                    raise
+            return FileHandle(inode, fd, on_upper=True)
+        if inode.top.partial:
+            self.copy_up.partial_of(inode)
         data = inode.data  # a metacopy file's data is the lower file's
         # A lower file's access time never changes (the kernel's overlayfs mounts its lowers
         # noatime); an upper file's follows the upper's filesystem, unless -o noatime.

@@ -39,8 +39,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import BinaryIO
 
-from . import metacopy, realfs, resolve, schema, upperinfo
+from . import metacopy, partial, realfs, resolve, schema, upperinfo
 from .errors import CowfsError
 from .layers import Layer
 from .readdir import merge_names
@@ -251,14 +252,18 @@ class Stack:
         self.keep(found.fd)
         return found
 
-    def open_data(self, fd: int) -> int:
-        """A descriptor for reading the data of the upper object ``fd`` (``O_PATH``): a
-        metacopy file's is its lower file's. The caller closes it."""
+    def open_data(self, fd: int) -> BinaryIO:
+        """The content of the upper object ``fd`` (``O_PATH``), to read: a metacopy file's is its
+        lower file's, a partial file's its own blocks and the rest of its lower file's. The
+        caller closes it."""
         if not (stat.S_ISREG(os.fstat(fd).st_mode) and metacopy.is_marked(fd)):
-            return realfs.reopen(fd, os.O_RDONLY)
+            return os.fdopen(realfs.reopen(fd, os.O_RDONLY), "rb")
         found = metacopy.find_data(fd, self.roots, os.fstat(self.roots[0].fd).st_uid)
         try:
-            return realfs.reopen(found.fd, os.O_RDONLY)
+            dmap = _data_map(fd)
+            if dmap is not None:
+                return partial.open_content(fd, found.fd, dmap)
+            return os.fdopen(realfs.reopen(found.fd, os.O_RDONLY), "rb")
         finally:
             os.close(found.fd)
 
@@ -307,8 +312,24 @@ def visible_xattrs(fd: int) -> dict[str, bytes]:
     return found
 
 
+def _data_map(fd: int) -> partial.DataMap | None:
+    """A marked file's data map (None: a metacopy file); a malformed one leaves it without
+    data (find_data refuses it first)."""
+    try:
+        return partial.read_map(fd)
+    except ValueError as e:
+        raise metacopy.NoDataError(f"its data map is malformed: {e}") from None
+
+
 def _same_data(upper: Real, lower: Real, data: Real | None = None) -> bool:
     """``data``: where a metacopy upper file's data is (a lower file)."""
+    if data is not None and upper.partial:
+        dmap = _data_map(upper.fd)
+        if dmap is None or upper.stat().st_size != lower.stat().st_size:
+            return False
+        with partial.open_content(upper.fd, data.fd, dmap) as mine, \
+                os.fdopen(realfs.reopen(lower.fd, os.O_RDONLY), "rb") as theirs:
+            return _same_stream(mine, theirs)
     if data is not None:
         if _same_inode(data, lower):
             return True
@@ -337,6 +358,15 @@ def _same_data(upper: Real, lower: Real, data: Real | None = None) -> bool:
             os.close(y)
     finally:
         os.close(x)
+
+
+def _same_stream(x: BinaryIO, y: BinaryIO) -> bool:
+    while True:
+        chunk = x.read(_CHUNK)
+        if chunk != y.read(_CHUNK):
+            return False
+        if not chunk:
+            return True
 
 
 def _same_inode(a: Real, b: Real) -> bool:

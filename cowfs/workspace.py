@@ -28,7 +28,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TextIO
 
-from . import journal, metacopy, mounts, plans, realfs, schema, upperinfo
+from . import journal, metacopy, mounts, partial, plans, realfs, schema, upperinfo
 from .changes import Visible, quote, summary, visible_changes
 from .errors import CowfsError
 from .journal import Op, Step
@@ -257,7 +257,15 @@ def fill_metacopies(upper: Path, base: Path, paths: Sequence[str]) -> None:
                     data = metacopy.find_data(fd, stack.roots,
                                               os.fstat(stack.roots[0].fd).st_uid)
                     try:
-                        metacopy.fill(fd, data.fd, with_data=True, sync=True, reflink=True)
+                        dmap = partial.read_map(fd)
+                        if dmap is not None:  # its blocks are here: copy in the rest
+                            opened = partial.PartialFile(fd, data.fd, dmap)
+                            try:
+                                opened.complete()
+                            finally:
+                                opened.close()
+                        else:
+                            metacopy.fill(fd, data.fd, with_data=True, sync=True, reflink=True)
                     finally:
                         os.close(data.fd)
                 finally:

@@ -19,9 +19,13 @@ SITUATIONS, all on one small pair of layers, LOWER and UPPER, built fresh for ev
 2. For each N in 1..K and each action, on fresh layers: mount with ``N:action,count:FILE`` and run
    the operation in the test process (a plain user's in a forked child, as uid 1000).
    - kill-*: the operation fails (ENOTCONN); the dead mount is detached lazily; the view after a
-     remount without faults must be exactly the before or the after view.
+     remount without faults must be exactly the before or the after view. For a situation on a
+     partial file (``mtime_may_change``), also the before view with that file's mtime changed:
+     a write whose blocks were never recorded (they are at close, layer-format.md 11b) is lost
+     but its mtime is not, as on any filesystem, and completing a file in place copies data
+     before it sets the times back.
    - errno: the operation must fail with exactly that errno, and the view (live, and after a
-     remount) must be the before view; or, if the operation succeeded (the failed step was a
+     remount) must be the before view (with the same allowance for a partial file's mtime); or, if the operation succeeded (the failed step was a
      best-effort one after the commit point), the after view. The two are counted separately.
    - always: the N-th change is the count run's N-th (else the run diverged); the lower layer is
      unchanged byte for byte (tree_state, with ctimes); after the final unmount ``cowfs check

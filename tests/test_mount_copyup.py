@@ -287,7 +287,8 @@ def test_holes_survive_copy_up(layers: LayerFactory, mount_cowfs: MountFactory) 
         f.seek(50 * MiB)
         f.write(payload)
     assert os.stat(sparse).st_blocks * 512 <= 256 * 1024, "premise: the lower file is sparse"
-    mount = mount_cowfs(layer_set)
+    # A full copy (a partial one would copy no data at all: test_mount_partial.py).
+    mount = mount_cowfs(layer_set, options=["nopartial_copyup"])
     os.close(os.open(mount.mnt / "sparse", os.O_WRONLY))  # a chmod would copy no data at all
     upper = os.stat(mount.upper / "sparse")
     assert upper.st_size == 100 * MiB
@@ -378,7 +379,7 @@ def test_a_long_copy_up_does_not_block_other_requests(
     with open(big, "wb") as f:
         for i in range(512):
             f.write(i.to_bytes(8, "little") + block[8:])
-    mount = mount_cowfs(layer_set)
+    mount = mount_cowfs(layer_set, options=["nopartial_copyup"])  # a full copy: it takes long
     opened = threading.Event()
     errors: list[BaseException] = []
 

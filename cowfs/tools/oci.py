@@ -97,7 +97,8 @@ class _Writer:
         self.progress = progress
         #: Opens an object's data for reading; set to the walk stack's (metacopy files' data
         #: is in a lower layer) while records are exported.
-        self.open_data: Callable[[int], int] = lambda fd: realfs.reopen(fd, os.O_RDONLY)
+        self.open_data: Callable[[int], IO[bytes]] = lambda fd: os.fdopen(
+            realfs.reopen(fd, os.O_RDONLY), "rb")
         self.added: set[str] = set()
         self.inodes: dict[tuple[int, int], str] = {}
         self.count = 0
@@ -131,8 +132,7 @@ class _Writer:
             return
         if kind == stat.S_IFREG:
             info.size = st.st_size
-            data = os.fdopen(self.open_data(fd), "rb")
-            with data:
+            with self.open_data(fd) as data:
                 # tarfile only calls read(): the counting wrapper is file enough.
                 self._add(path, info, cast(IO[bytes], _Counted(data, self.progress)))
         else:
