@@ -9,7 +9,9 @@ For each: the seconds of the change (page cache dropped first), and the bytes th
 (``st_blocks`` of everything under the upper and work directories, after ``sync``). Native is a
 private copy of the lower tree changed in place (it gains nothing). The kernel's overlayfs and
 fuse-overlayfs copy whole files on the first change; the kernel with ``metacopy=on`` and cowfs
-(metadata-only copy-up by default) do not for ``chmod``.
+with ``-o metacopy`` do not for ``chmod``; cowfs by default copies only the 64 KiB block a 4 KiB
+write touches (``-o partial_copyup``, 64 MiB and larger files), and with ``-o nopartial_copyup``
+the whole file.
 
 Usage (root): ``python bench/copyup_space.py [--big-mib 2048] [--files 8 --file-mib 128]
 [--dir DIR]``; prints a Markdown table. ``make bench`` runs it after the main benchmark.
@@ -133,6 +135,7 @@ def targets(cowfs: str) -> list[Target]:
     stop = lambda mnt: [cowfs, "umount", str(mnt)]  # noqa: E731
     found.append(Target("cowfs", fuse(cowfs_cmd(""), stop)))
     found.append(Target("cowfs -o metacopy", fuse(cowfs_cmd("metacopy"), stop)))
+    found.append(Target("cowfs -o nopartial_copyup", fuse(cowfs_cmd("nopartial_copyup"), stop)))
     return found
 
 

@@ -141,7 +141,9 @@ class CopyUp:
                 parent, name = link
                 parent_upper = self.ensure(parent)
                 meta = metadata_only and self._may_skip_data(inode)
-                part = (not meta and with_data and not whole
+                # A metadata change copies no data only with metacopy; a write, or a truncation,
+                # copies the blocks it touches of a large file.
+                part = (not metadata_only and with_data and not whole
                         and self._may_copy_partly(inode.top))
                 real = self._copy_up(inode, parent_upper, name,
                                      with_data and not meta and not part, meta, part)
@@ -408,7 +410,7 @@ class CopyUp:
             try:
                 realfs.setxattr(fd, name, value)
             except PermissionError:
-                if name.startswith(schema.COWFS_PREFIX):
+                if name.startswith(schema.COWFS_PREFIX) or name == schema.XATTR_METACOPY:
                     raise  # user.* on a file or directory: must work (checked at mount)
                 # trusted.* needs CAP_SYS_ADMIN: without it, a copied-up symlink or special file
                 # gets a new inode number (a known limit of unprivileged mounts).

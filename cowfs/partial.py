@@ -292,7 +292,11 @@ class PartialFile:
                 self.map = self.map.add(first, end)
             if len(self.map.encode()) > MAX_MAP_BYTES:
                 log.debug("partial file fd=%d: map full, completing it", self._path_fd)
-                self._complete(rw)
+                try:
+                    self._complete(rw)
+                except OSError as e:  # the write is done: persist() tries again, and reports
+                    log.warning("partial file fd=%d: cannot complete it: %s", self._path_fd,
+                                e.strerror)
             return n
 
     def _copy_in(self, rw: int, block: int, size: int) -> None:
@@ -320,11 +324,11 @@ class PartialFile:
             if self.done:
                 return
             self.map = self.map.truncated(size)
-            if size == 0:
-                self._complete(rw)
-                return
             try:
-                self._record(rw)
+                if self.map.complete:  # truncated to 0, or below every block not up yet
+                    self._complete(rw)
+                else:
+                    self._record(rw)
             except OSError as e:
                 log.warning("partial file fd=%d: cannot record its map after a truncation (done "
                             "at the next close): %s", self._path_fd, e.strerror)
@@ -357,19 +361,32 @@ class PartialFile:
             if self.done:
                 return False
             rw = self._writable()
-            if self.map.complete:
-                self._complete(rw)
+            changed = self.map != self._saved
+            if len(self.map.encode()) > MAX_MAP_BYTES:  # its completion failed in write()
+                try:
+                    self._complete(rw)
+                except OSError:
+                    self.map = self.map.common(self._saved)
+                    raise
                 return True
-            if self.map == self._saved:
-                return False
-            try:
-                self._record(rw)
-            except OSError:
-                # The blocks it could not record are not the file's: the close (or fsync) that
-                # reports the error loses those writes, and reads show it at once.
-                self.map = self.map.common(self._saved)
-                raise
-            return True
+            if changed:
+                try:
+                    self._record(rw)
+                except OSError:
+                    # The blocks it could not record are not the file's: the close (or fsync)
+                    # that reports the error loses those writes, and reads show it at once.
+                    self.map = self.map.common(self._saved)
+                    raise
+            if self.map.complete:
+                # Recorded first: completing it is then only tidying up, tried again later.
+                try:
+                    self._complete(rw)
+                except OSError as e:
+                    log.warning("partial file fd=%d: cannot complete it yet: %s", self._path_fd,
+                                e.strerror)
+                    return changed
+                return True
+            return changed
 
     def _record(self, rw: int) -> None:
         """Store the map: its blocks' data on disk first."""
@@ -398,14 +415,7 @@ class PartialFile:
         size = st.st_size
         caps = realfs.getxattr(self._path_fd, _CAPABILITY)
         bs = self.map.block
-        for a, b, in_upper in self.map.segments(0, size):
-            if in_upper:
-                continue
-            lower_end = min(b, self.map.valid)
-            if a < lower_end:
-                realfs.copy_range(self._lower, rw, a, lower_end)
-            if max(a, lower_end) < b:
-                realfs.zero_range(rw, max(a, lower_end), b - max(a, lower_end))
+        fill_missing(rw, self._lower, self.map, size)
         if caps is not None and realfs.getxattr(self._path_fd, _CAPABILITY) != caps:
             realfs.setxattr(self._path_fd, _CAPABILITY, caps)
         if os.fstat(rw).st_mode != st.st_mode:
@@ -424,6 +434,20 @@ class PartialFile:
         for fd in (self._ro, self._rw, self._lower, self._path_fd):
             if fd is not None:
                 os.close(fd)
+
+
+def fill_missing(dst: int, data: int, dmap: DataMap, size: int) -> None:
+    """Write into ``dst`` (open for writing) every range of the first ``size`` bytes that
+    ``dmap`` does not hold: from ``data`` (the data file, open for reading) below ``valid``,
+    zeros past it. ``dst`` then holds the full content of a partial file with that map."""
+    for a, b, in_upper in dmap.segments(0, size):
+        if in_upper:
+            continue
+        lower_end = min(b, dmap.valid)
+        if a < lower_end:
+            realfs.copy_range(data, dst, a, lower_end)
+        if max(a, lower_end) < b:
+            realfs.zero_range(dst, max(a, lower_end), b - max(a, lower_end))
 
 
 _FALLOC_KEEP_SIZE = 0x01

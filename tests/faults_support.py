@@ -232,6 +232,18 @@ def _pwrite_at(rel: str, offset: int, size: int, *, fsync: bool = False) -> Op:
     return op
 
 
+def _pwrite_ranges(rel: str, ranges: list[tuple[int, int]]) -> Op:
+    def op(root: Path) -> None:
+        fd = os.open(root / rel, os.O_WRONLY)
+        try:
+            for start, end in ranges:
+                os.pwrite(fd, b"r" * (end - start), start)
+        finally:
+            os.close(fd)
+
+    return op
+
+
 def _punch(rel: str, offset: int, length: int) -> Op:
     def op(root: Path) -> None:
         fd = os.open(root / rel, os.O_WRONLY)
@@ -369,7 +381,10 @@ def _situations() -> list[Situation]:
           smoke=True, mtime_may_change="pc"),
         s("partial/file/upper/write-fsync", _pwrite_at("pc", 5, 10, fsync=True),
           mtime_may_change="pc"),
-        s("partial/file/upper/write-whole", _pwrite_at("pc", 0, 256_000), mtime_may_change="pc"),
+        # every block but block 1 (already up): the map becomes complete, then the file
+        s("partial/file/upper/write-rest", _pwrite_ranges("pc", [(0, PARTIAL_BLOCK),
+                                                                 (2 * PARTIAL_BLOCK, 256_000)]),
+          mtime_may_change="pc"),
         s("partial/file/upper/truncate", lambda r: os.truncate(r / "pc", 70_000), smoke=True),
         s("partial/file/upper/truncate-up", lambda r: os.truncate(r / "pc", 300_000)),
         s("partial/file/upper/open-trunc",

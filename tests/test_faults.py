@@ -25,8 +25,9 @@ SITUATIONS, all on one small pair of layers, LOWER and UPPER, built fresh for ev
      but its mtime is not, as on any filesystem, and completing a file in place copies data
      before it sets the times back.
    - errno: the operation must fail with exactly that errno, and the view (live, and after a
-     remount) must be the before view (with the same allowance for a partial file's mtime); or, if the operation succeeded (the failed step was a
-     best-effort one after the commit point), the after view. The two are counted separately.
+     remount) must be the before view (with the same allowance for a partial file's mtime);
+     or, if the operation succeeded (the failed step was a best-effort one after the commit
+     point), the after view. The two are counted separately.
    - always: the N-th change is the count run's N-th (else the run diverged); the lower layer is
      unchanged byte for byte (tree_state, with ctimes); after the final unmount ``cowfs check
      UPPER --lower LOWER`` exits 0 with "no problems found", and the work directory's tmp/ is
