@@ -6,7 +6,7 @@ origin counted from their own layer; writes and metadata changes through the new
 the data (or, with metacopy, make an upper metacopy file naming the data file directly); the lower
 layers stay byte for byte unchanged (the ``mount_cowfs`` fixture compares them at teardown, and
 the tests compare them too); hostile marks in a lower read as EIO, never as another file's data.
-The offline tools give the same content. The origin-index rule is unit-tested without a mount."""
+The offline tools give the same content. The origin-index rule alone: test_unit_metacopy.py."""
 
 from __future__ import annotations
 
@@ -20,8 +20,6 @@ import pytest
 from conftest import LayerFactory, LayerSet, MountFactory
 from support import CowfsMount, File, needs_root, tree_state
 from tools_support import cowfs
-
-from cowfs import metacopy
 
 MARK = "user.overlay.metacopy"
 ORIGIN = "user.cowfs.origin"
@@ -243,19 +241,3 @@ def test_marks_are_read_only_in_a_lower_that_is_a_cowfs_upper(
     mount = mount_cowfs(layer_set)
     expected = b"other data" if cowfs_upper else b"own bytes!"
     assert (mount.mnt / "f").read_bytes() == expected
-
-
-# --- the origin-index rule, without a mount -------------------------------------------------------
-
-
-def test_data_layers_count_from_the_marked_files_layer() -> None:
-    # An upper's metacopy file: only the layer its origin names.
-    assert metacopy.data_layers(0, 1, 3) == [1]
-    assert metacopy.data_layers(0, 3, 3) == []
-    # A lower's (layer 1 of 4): origin layer 1 is layer 2 here; then the others below it.
-    assert metacopy.data_layers(1, 1, 4) == [2, 3]
-    assert metacopy.data_layers(1, 2, 4) == [3, 2]
-    # The stack below it is shorter than the one it was written over: the others only.
-    assert metacopy.data_layers(2, 5, 4) == [3]
-    # Never its own layer or one above it.
-    assert all(i > 2 for i in metacopy.data_layers(2, 1, 6))
