@@ -241,3 +241,21 @@ def test_marks_are_read_only_in_a_lower_that_is_a_cowfs_upper(
     mount = mount_cowfs(layer_set)
     expected = b"other data" if cowfs_upper else b"own bytes!"
     assert (mount.mnt / "f").read_bytes() == expected
+
+
+@pytest.mark.layer_check(False, reason="a partial file in a lower reads EIO, which check reports")
+def test_a_partial_file_in_a_lower_reads_eio_not_holes(
+        layers: LayerFactory, mount_cowfs: MountFactory) -> None:
+    """A partial file (layer-format.md 11b) holds some of its blocks itself: in a lower layer it
+    is not read (EIO), rather than shown with only its data file's bytes or only its own."""
+    first = layers({"big": File(BIG, mode=0o644)})
+    mount = mount_cowfs(first, options=["partial_copyup=1"])
+    with open(mount.mnt / "big", "r+b") as f:
+        f.seek(MiB)
+        f.write(b"PATCH")
+    mount.stop()
+    assert "user.cowfs.datamap" in os.listxattr(first.upper / "big")
+    second, _ = stacked(layers, mount_cowfs, first)
+    with pytest.raises(OSError) as info:
+        (second.mnt / "big").read_bytes()
+    assert info.value.errno == errno.EIO
