@@ -99,8 +99,8 @@ class CopyUp:
         self.partial_min = partial_min
         #: The upper directory's owner: a metacopy file must be its or its lower file's.
         self.trusted_uid = os.fstat(upper.root_fd).st_uid
-        #: Upper files (inode numbers) whose refused metacopy mark was logged: once each.
-        self._logged: set[int] = set()
+        #: Metacopy files whose refused mark was logged: once each.
+        self._logged: set[str] = set()
 
     @staticmethod
     def is_hard_linked_lower(inode: Inode) -> bool:
@@ -144,7 +144,7 @@ class CopyUp:
                 # A metadata change copies no data only with metacopy; a write, or a truncation,
                 # copies the blocks it touches of a large file.
                 part = (not metadata_only and with_data and not whole
-                        and self._may_copy_partly(inode.top))
+                        and self._may_copy_partly(inode.top) and self._owner_kept(inode))
                 real = self._copy_up(inode, parent_upper, name,
                                      with_data and not meta and not part, meta, part)
             inode.push_upper(real)
@@ -214,7 +214,27 @@ class CopyUp:
     def _may_skip_data(self, inode: Inode) -> bool:
         """Whether a copy-up for a metadata change may leave the data in the lower file."""
         top = inode.top
-        return self.metacopy and stat.S_ISREG(top.mode) and top.stat().st_size > 0
+        if not (self.metacopy and stat.S_ISREG(top.mode) and top.stat().st_size > 0):
+            return False
+        return self._owner_kept(inode)
+
+    def _owner_kept(self, inode: Inode) -> bool:
+        """Whether a copy without (all) its data may keep the lower file's owner. Always, but for
+        a metacopy file of a lower layer: the rule must allow its owner over its data file in this
+        upper too (the lower's was checked against its own layer's root)."""
+        top = inode.top
+        if not top.metacopy:
+            return True
+        return metacopy.owner_allowed(top.stat().st_uid, inode.data.stat().st_uid,
+                                      self.trusted_uid)
+
+    @staticmethod
+    def _data_source(inode: Inode) -> Real:
+        """What a copy-up of a lower ``inode`` copies the data of and names as its origin: its
+        lower object, or for a metacopy file of a lower layer its data file (so that a metacopy
+        copy finds its data directly: origins never chain). EIO when that has none."""
+        top = inode.top
+        return inode.data if top.metacopy else top
 
     def metadata_only_owner(self, inode: Inode, uid: int) -> bool:
         """Whether a ``chown`` to ``uid`` may leave (or make) the file a metacopy one: only to the
@@ -289,16 +309,31 @@ class CopyUp:
     def attach_data(self, inode: Inode) -> None:
         """For an inode whose upper copy is a metacopy one: find its data in the lower layers.
         When there is none (or it may not be used), reads fail with EIO; logged once."""
-        try:
-            data = metacopy.find_data(inode.top.fd, self.roots, self.trusted_uid)
-        except metacopy.NoDataError as e:
-            if inode.number not in self._logged:
-                self._logged.add(inode.number)
-                log.warning("metacopy file (inode %d) has no usable data, reads fail with EIO "
-                            "('cowfs check' reports it): %s", inode.number, e.reason)
-            return
-        if not inode.attach_data(data):
+        data = self._find_data(inode.top, f"inode {inode.number}")
+        if data is not None and not inode.attach_data(data):
             os.close(data.fd)
+
+    def with_lower_data(self, reals: tuple[Real, ...]) -> tuple[Real, ...]:
+        """A lookup's ``reals`` for a metacopy file of a lower layer (an upper written with
+        metacopy, stacked as a lower): with its data file below it, when it has one. The caller
+        owns the descriptors, as of ``reals``."""
+        data = self._find_data(reals[0], f"in layer {reals[0].layer.index}, inode "
+                                         f"{origins.ino_of(reals[0])}")
+        return reals if data is None else (*reals, data)
+
+    def _find_data(self, marked: Real, what: str) -> Real | None:
+        """The data file of a metacopy file (:func:`metacopy.find_data`), counting the origin's
+        layer from the marked file's own; None (logged once) when there is none."""
+        layer = marked.layer
+        trusted = self.trusted_uid if layer.is_upper else os.fstat(layer.root_fd).st_uid
+        try:
+            return metacopy.find_data(marked.fd, self.roots, trusted, layer_index=layer.index)
+        except metacopy.NoDataError as e:
+            if what not in self._logged:
+                self._logged.add(what)
+                log.warning("metacopy file (%s) has no usable data, reads fail with EIO "
+                            "('cowfs check' reports it): %s", what, e.reason)
+            return None
 
     def attach_index(self, reals: tuple[Real, ...]) -> tuple[Real, ...]:
         """For a lower object with several names: its index entry on top, if it was copied up."""
@@ -328,8 +363,9 @@ class CopyUp:
         fd = realfs.open_path(index_fd, entry)
         if fd is None:
             temp = self.work.temp_name()
-            extra = {**_origin_xattrs(lower, st), **nlink.initial(st.st_nlink)}
-            fd = self._build(lower, st, temp, with_data=True, extra=extra)
+            source = self._data_source(inode)
+            extra = {**_origin_xattrs(source, source.stat()), **nlink.initial(st.st_nlink)}
+            fd = self._build(lower, st, temp, with_data=True, extra=extra, data=source)
             try:
                 realfs.rename(self.work.tmp_fd, temp, index_fd, entry, realfs.RENAME_NOREPLACE)
             except BaseException:
@@ -343,16 +379,17 @@ class CopyUp:
         """``meta``: without data; ``part``: without data, as a partial file."""
         lower = inode.top
         st = lower.stat()
+        source = self._data_source(inode)
         temp = self.work.temp_name()
         log.debug("copy-up %r -> %s (data=%s, metacopy=%s, partial=%s)", inode, name, with_data,
                   meta, part)
-        extra = _origin_xattrs(lower, st)
+        extra = _origin_xattrs(source, st if source is lower else source.stat())
         if meta or part:
             extra[schema.XATTR_METACOPY] = b""
         if part:
             extra[schema.XATTR_DATAMAP] = partial.DataMap.empty(st.st_size).encode()
         fd = self._build(lower, st, temp, with_data, extra,
-                         size=st.st_size if meta or part else 0)
+                         size=st.st_size if meta or part else 0, data=source)
         try:
             parent_times = parent.stat()
             realfs.rename(self.work.tmp_fd, temp, parent.fd, name, realfs.RENAME_NOREPLACE)
@@ -373,13 +410,14 @@ class CopyUp:
             log.warning("copy-up: cannot restore the parent's times: %s", e.strerror)
 
     def _build(self, lower: Real, st: os.stat_result, temp: str, with_data: bool,
-               extra: dict[str, bytes], size: int = 0) -> int:
-        """Build the copy at ``temp`` in the work dir; return an O_PATH descriptor for it."""
+               extra: dict[str, bytes], size: int = 0, data: Real | None = None) -> int:
+        """Build the copy at ``temp`` in the work dir; return an O_PATH descriptor for it.
+        ``data``: where a regular file's data is, if not in ``lower`` (a lower metacopy file)."""
         wfd = self.work.tmp_fd
         kind = stat.S_IFMT(st.st_mode)
         try:
             if kind == stat.S_IFREG:
-                self._build_file(lower, st, temp, with_data, extra, size)
+                self._build_file(lower, st, temp, with_data, extra, size, data or lower)
             elif kind == stat.S_IFDIR:
                 realfs.mkdir(wfd, temp, 0o700)
             elif kind == stat.S_IFLNK:
@@ -429,7 +467,7 @@ class CopyUp:
             os.close(src)
 
     def _build_file(self, lower: Real, st: os.stat_result, temp: str, with_data: bool,
-                    extra: dict[str, bytes], size: int) -> None:
+                    extra: dict[str, bytes], size: int, data: Real) -> None:
         """Called with ``temp`` not existing; on failure the caller discards it. ``size``: of a
         metacopy file (sparse: its data stays in the lower file)."""
         dst = realfs.create_file(self.work.tmp_fd, temp, 0o600, os.O_WRONLY)
@@ -437,7 +475,7 @@ class CopyUp:
             if size:
                 realfs.ftruncate(dst, size)
             if with_data and st.st_size:
-                self._copy_data(lower.fd, st, dst, st.st_size)
+                self._copy_data(data.fd, st if data is lower else data.stat(), dst, st.st_size)
             dst_path_fd = realfs.open_path(self.work.tmp_fd, temp)
             if dst_path_fd is None:
                 raise OSError(errno.ENOENT, "copy-up file vanished from the work directory")

@@ -91,6 +91,10 @@ class InodeNumbers:
             origin = self._verified_origin(reals, parents, name)
             if origin is not None:
                 return origin.layer, origin.ino
+        elif real.metacopy and len(reals) > 1:
+            # A lower metacopy file is numbered by its data file, as it was in the mount that
+            # wrote it, and as its copies up are (their origin names the data file).
+            real = reals[1]
         return real.layer.index, origins.ino_of(real)
 
     def _verified_origin(self, reals: tuple[Real, ...], parents: tuple[Real, ...],
@@ -231,13 +235,15 @@ class Inode:
 
     @property
     def data(self) -> Real:
-        """The real object holding the file's data: the lower one below a metacopy upper copy."""
+        """The real object holding the file's data: the topmost one that is not a metacopy file
+        (below a metacopy copy, upper or lower, the data file that was found for it)."""
         reals = self.reals
-        if reals and reals[0].metacopy:
-            if len(reals) < 2:
-                raise OSError(errno.EIO, "metacopy file without data (see the log)")
-            return reals[1]
-        return reals[0]
+        for real in reals:
+            if not real.metacopy:
+                return real
+        if not reals:
+            raise OSError(errno.ESTALE, "object released")
+        raise OSError(errno.EIO, "metacopy file without data (see the log)")
 
     def replace_reals(self, reals: tuple[Real, ...]) -> None:
         with self._state:

@@ -35,10 +35,28 @@ class Layer:
 
     #: Whether this is the lowest layer (its redirects point nowhere and are not read).
     is_bottom: bool = False
+    #: A lower layer that is a cowfs upper (its root carries ``user.cowfs.format``): the only
+    #: kind of lower layer whose files cowfs reads metacopy marks on (:func:`holds_metacopy`).
+    cowfs_upper: bool = False
 
     @property
     def is_upper(self) -> bool:
         return self.index == 0
+
+    @property
+    def reads_metacopy(self) -> bool:
+        """Whether a marked regular file of this layer is a metacopy file: in the upper, and in
+        a lower layer that a cowfs mount wrote as its upper. Elsewhere the mark is not read,
+        which saves a system call (a getxattr, about 10 µs) per lookup of a lower file."""
+        return self.is_upper or self.cowfs_upper
+
+
+def holds_metacopy(root_fd: int) -> bool:
+    """Whether a lower layer's root says it is a cowfs upper (which may hold metacopy files)."""
+    try:
+        return realfs.getxattr(root_fd, schema.XATTR_FORMAT) is not None
+    except PermissionError:
+        return False
 
 
 def parse_lowers(spec: str) -> tuple[Path, ...]:
@@ -191,7 +209,8 @@ def open_stack(paths: LayerPaths, *, read_only: bool = False,
         _mark_format(upper_fd, paths.upper)
         upperinfo.record_stack(upper_fd, paths.upper, identities, paths.work)
     upper = Layer(0, paths.upper, upper_fd, upper_dev)
-    lowers = tuple(Layer(i + 1, p, fd, os.fstat(fd).st_dev, is_bottom=i == len(lower_fds) - 1)
+    lowers = tuple(Layer(i + 1, p, fd, os.fstat(fd).st_dev, is_bottom=i == len(lower_fds) - 1,
+                         cowfs_upper=holds_metacopy(fd))
                    for i, (p, fd) in enumerate(zip(paths.lowers, lower_fds, strict=True)))
     return LayerStack(upper, lowers, work, upper_lock, read_only)
 

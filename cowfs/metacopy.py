@@ -55,10 +55,15 @@ def is_marked(fd: int) -> bool:
     return realfs.getxattr(fd, schema.XATTR_METACOPY) is not None
 
 
-def find_data(upper_fd: int, roots: tuple[Real, ...], trusted_uid: int) -> Real:
-    """The lower regular file whose data a marked upper file shows, as a new ``O_PATH`` real
-    (the caller closes it). ``roots`` are the layer roots by index, the upper's first;
-    ``trusted_uid`` the upper directory's owner. :class:`NoDataError` when there is none."""
+def find_data(upper_fd: int, roots: tuple[Real, ...], trusted_uid: int, *,
+              layer_index: int = 0) -> Real:
+    """The regular file whose data a marked file shows, as a new ``O_PATH`` real (the caller
+    closes it). ``roots`` are the layer roots by index, the upper's first; ``layer_index`` the
+    index of the marked file's layer, and ``trusted_uid`` the owner of that layer's root. The
+    origin's layer counts from there (it was written by a mount whose upper this layer was).
+    A marked file of a lower layer whose data is not at that index (the stack below it is not
+    the one it was written over) is looked for at the origin's path in the other layers below
+    it. :class:`NoDataError` when there is none."""
     value = realfs.getxattr(upper_fd, schema.XATTR_ORIGIN)
     if value is None:
         raise NoDataError("it has no origin")
@@ -68,25 +73,65 @@ def find_data(upper_fd: int, roots: tuple[Real, ...], trusted_uid: int) -> Real:
         raise NoDataError(str(e)) from None
     if origin.path is None:
         raise NoDataError("its origin has no path")
-    if not 0 < origin.layer < len(roots):
+    candidates = data_layers(layer_index, origin.layer, len(roots))
+    if not candidates:
         raise NoDataError(f"its origin names layer {origin.layer}, not a lower layer here")
+    marked = os.fstat(upper_fd)
+    if layer_index and realfs.getxattr(upper_fd, schema.XATTR_DATAMAP) is not None:
+        # Its own blocks would have to be combined with its data file's: not done in a lower.
+        raise NoDataError("it is a partial file (user.cowfs.datamap), not read in a lower layer")
+    size = _data_size(upper_fd, marked.st_size)
+    first: NoDataError | None = None
+    for index in candidates:
+        try:
+            return _data_at(roots, index, origin, marked, size, trusted_uid)
+        except NoDataError as e:
+            first = first or e
+    assert first is not None
+    raise first
+
+
+def data_layers(layer_index: int, origin_layer: int, count: int) -> list[int]:
+    """Where a marked file of layer ``layer_index`` whose origin names ``origin_layer`` may have
+    its data, in the order looked at, in a stack of ``count`` layers: the origin's layer counted
+    from the marked file's, then (for a marked file of a lower layer) every other layer below it,
+    topmost first. An upper's stack is the one its origins were written over (the stack record
+    says so); a lower's need not be."""
+    target = layer_index + origin_layer
+    first = [target] if origin_layer > 0 and target < count else []
+    if layer_index == 0:
+        return first
+    return first + [i for i in range(layer_index + 1, count) if i != target]
+
+
+def _data_at(roots: tuple[Real, ...], index: int, origin: schema.Origin,
+             marked: os.stat_result, size: int, trusted_uid: int) -> Real:
+    """The data file at the origin's path in layer ``index``, if it passes the rules (``size``:
+    the one it must have)."""
+    assert origin.path is not None
     path = "/" + "/".join(origin.path)
-    found = probe_path(roots[origin.layer], origin.path)
+    where = f"{path} in layer {index}"
+    if not 0 < index < len(roots):
+        raise NoDataError(f"there is no layer {index} for {path}")
+    try:
+        found = probe_path(roots[index], origin.path)
+    except OSError as e:  # a refused redirect on the way
+        raise NoDataError(f"cannot walk {path} in layer {index}: {e.strerror}") from None
     if not isinstance(found, Found):
-        raise NoDataError(f"layer {origin.layer} has no file at {path}")
+        raise NoDataError(f"layer {index} has no file at {path}")
     real = found.obj
     try:
-        lower, upper = os.fstat(real.fd), os.fstat(upper_fd)
+        lower = os.fstat(real.fd)
         if not stat.S_ISREG(lower.st_mode) or lower.st_ino != origin.ino:
-            raise NoDataError(f"{path} in layer {origin.layer} is not regular file "
-                              f"{origin.ino}")
-        size = _data_size(upper_fd, upper.st_size)
+            raise NoDataError(f"{where} is not regular file {origin.ino}")
+        if real.metacopy:
+            raise NoDataError(f"{where} is a metacopy file itself")
         if lower.st_size != size:
-            raise NoDataError(f"{path} in layer {origin.layer} has {lower.st_size} bytes, the "
-                              f"upper file's data {size}")
-        if upper.st_uid not in (lower.st_uid, trusted_uid):
-            raise NoDataError(f"its owner {upper.st_uid} owns neither {path} in layer "
-                              f"{origin.layer} nor the upper directory")
+            raise NoDataError(f"{where} has {lower.st_size} bytes, the marked file's data "
+                              f"{size}")
+        if marked.st_uid not in (lower.st_uid, trusted_uid):
+            raise NoDataError(f"its owner {marked.st_uid} owns neither {where} nor the root "
+                              "of its own layer")
     except BaseException:
         os.close(real.fd)
         raise

@@ -85,8 +85,9 @@ class MountOptions:
     #: ``noatime``, ``relatime`` (the default) or ``strictatime``.
     atime: str = "relatime"
     nodiratime: bool = False
-    #: Metadata changes of lower files copy no data (``metacopy``; off by default: an upper
-    #: holding metacopy files cannot yet be stacked as a lower layer, see docs/layer-format.md).
+    #: Metadata changes of lower files copy no data (``metacopy``; off by default: a metacopy
+    #: file's data is found by inode number, so it fails over a copy of the lowers, and the
+    #: kernel refuses it; see docs/layer-format.md section 11a).
     metacopy: bool = False
     #: Lower regular files of at least this many bytes copy up only the blocks written
     #: (``partial_copyup=SIZE``; 0, ``nopartial_copyup``: never; see cowfs.partial).

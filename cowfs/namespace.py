@@ -105,6 +105,8 @@ class Namespace:
         reals = self.resolve_child(parent, name)
         if not reals:
             return None
+        if reals[0].metacopy and not reals[0].layer.is_upper:
+            reals = self.copy_up.with_lower_data(reals)  # before numbering: see InodeNumbers
         inode = self.table.remember(self.copy_up.attach_index(reals), parent, name)
         if len(inode.reals) == 1 and inode.reals[0].metacopy:
             self.copy_up.attach_data(inode)  # a metacopy file's data, in a lower layer

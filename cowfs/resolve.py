@@ -42,8 +42,8 @@ class Real:
     ino: int = 0
     #: A hard-link index entry (its name count is kept in ``user.cowfs.nlink``).
     indexed: bool = False
-    #: An upper file copied up without its data (``user.overlay.metacopy``, see
-    #: :mod:`cowfs.metacopy`): its data is a lower file's.
+    #: A file copied up without its data (``user.overlay.metacopy``, see :mod:`cowfs.metacopy`),
+    #: in the upper or in a lower layer (an older upper): its data is a lower layer's file.
     metacopy: bool = False
     #: A metacopy file whose upper copy holds some blocks (``user.cowfs.datamap``, see
     #: :mod:`cowfs.partial`).
@@ -172,12 +172,25 @@ def probe(parent: Real, name: str) -> Probe[Real]:
             raise
         real = Real(parent.layer, fd, st.st_mode, mark, redirect, ino=st.st_ino)
         return Found(real, True, mark is schema.DirMark.OPAQUE)
-    # Only a non-empty upper file can be a metacopy one: one xattr read, on those alone.
-    metacopy = parent.layer.is_upper and stat.S_ISREG(st.st_mode) and st.st_size > 0 and (
-        realfs.getxattr(fd, schema.XATTR_METACOPY) is not None)
-    partial = metacopy and realfs.getxattr(fd, schema.XATTR_DATAMAP) is not None
+    # Only a non-empty regular file can be a metacopy one: one xattr read, on those alone. In a
+    # lower layer too when it is a cowfs upper: one that holds metacopy files, stacked as a lower.
+    metacopy = parent.layer.reads_metacopy and stat.S_ISREG(st.st_mode) and st.st_size > 0 and (
+        _is_marked(fd))
+    # A partial file is one only in the upper (in a lower layer, find_data refuses it).
+    partial = metacopy and parent.layer.is_upper and (
+        realfs.getxattr(fd, schema.XATTR_DATAMAP) is not None)
     return Found(Real(parent.layer, fd, st.st_mode, nlink=st.st_nlink, ino=st.st_ino,
                       metacopy=metacopy, partial=partial), False)
+
+
+def _is_marked(fd: int) -> bool:
+    """Whether a regular file carries the metacopy mark. A lower file that the daemon may not
+    read (``user.*`` xattrs need read permission) is not one: its data could not be read anyway,
+    and its lookup must not fail."""
+    try:
+        return realfs.getxattr(fd, schema.XATTR_METACOPY) is not None
+    except PermissionError:
+        return False
 
 
 def root_real(layer: Layer) -> Real:

@@ -174,9 +174,12 @@ class Overlay:
         top = inode.top
         st = top.stat()
         if top.metacopy and len(inode.reals) > 1:
-            # The space the file's data takes is the lower file's (as the kernel reports), and
+            # The space the file's data takes is the data file's (as the kernel reports), and
             # for a partial file the upper copy's too.
-            blocks = inode.reals[1].stat().st_blocks
+            try:
+                blocks = inode.data.stat().st_blocks
+            except OSError:  # none (reads fail with EIO): its own
+                return st
             if top.partial:
                 opened = inode.partial
                 try:

@@ -43,7 +43,7 @@ from typing import BinaryIO
 
 from . import metacopy, partial, realfs, resolve, schema, upperinfo
 from .errors import CowfsError
-from .layers import Layer
+from .layers import Layer, holds_metacopy
 from .readdir import merge_names
 from .resolve import Found, Real
 
@@ -211,7 +211,8 @@ class Stack:
             for index, path in enumerate(paths):
                 fd = self.keep(_open_root(path, "upper" if index == 0 else "lower"))
                 layers.append(Layer(index, path, fd, os.fstat(fd).st_dev,
-                                    is_bottom=0 < index == len(paths) - 1))
+                                    is_bottom=0 < index == len(paths) - 1,
+                                    cowfs_upper=index > 0 and holds_metacopy(fd)))
             roots = []
             for layer in layers:
                 roots.append(resolve.root_real(layer))
@@ -246,19 +247,20 @@ class Stack:
         return found
 
     def data(self, real: Real) -> Real:
-        """The lower file holding a metacopy upper file's data (:class:`metacopy.NoDataError`
-        when there is none)."""
-        found = metacopy.find_data(real.fd, self.roots, os.fstat(self.roots[0].fd).st_uid)
+        """The lower file holding the data of a metacopy file of any layer (``real``)
+        (:class:`metacopy.NoDataError` when there is none)."""
+        found = self._find_data(real.fd, real.layer.index)
         self.keep(found.fd)
         return found
 
-    def open_data(self, fd: int) -> BinaryIO:
-        """The content of the upper object ``fd`` (``O_PATH``), to read: a metacopy file's is its
-        lower file's, a partial file's its own blocks and the rest of its lower file's. The
-        caller closes it."""
-        if not (stat.S_ISREG(os.fstat(fd).st_mode) and metacopy.is_marked(fd)):
+    def open_data(self, fd: int, layer: int = 0) -> BinaryIO:
+        """The content of the object ``fd`` (``O_PATH``) of layer ``layer`` (the upper's by
+        default), to read: a metacopy file's is its data file's, a partial file's its own blocks
+        and the rest of its lower file's. The caller closes it."""
+        if not (stat.S_ISREG(os.fstat(fd).st_mode) and self.roots[layer].layer.reads_metacopy
+                and metacopy.is_marked(fd)):
             return os.fdopen(realfs.reopen(fd, os.O_RDONLY), "rb")
-        found = metacopy.find_data(fd, self.roots, os.fstat(self.roots[0].fd).st_uid)
+        found = self._find_data(fd, layer)
         try:
             dmap = _data_map(fd)
             if dmap is not None:
@@ -266,6 +268,12 @@ class Stack:
             return os.fdopen(realfs.reopen(found.fd, os.O_RDONLY), "rb")
         finally:
             os.close(found.fd)
+
+    def _find_data(self, fd: int, layer: int) -> Real:
+        """:func:`metacopy.find_data` for a marked file of layer ``layer``, whose root's owner
+        is the one trusted there."""
+        return metacopy.find_data(fd, self.roots, os.fstat(self.roots[layer].fd).st_uid,
+                                  layer_index=layer)
 
     def resolve(self, parents: tuple[Real, ...], name: str) -> tuple[Real, ...]:
         """The real objects behind ``name`` in a merged directory of ``parents`` (topmost first),
@@ -529,11 +537,21 @@ class _Walker:
         if below.kind is not kind:
             return Replaced(path, kind, below.kind)
         lower = below.reals[0]
-        if not _same_data(real, lower, data):
+        if not _same_data(real, self._lower_data(lower), data):
             return Modified(path, kind, True, link)
         if not _same_metadata(real, lower):
             return Modified(path, kind, False, link)
         return Unchanged(path, kind, link)
+
+    def _lower_data(self, lower: Real) -> Real:
+        """Where a lower object's data is: a lower metacopy file's is its data file's (one it
+        has none of is compared as it is: the mount fails to read it)."""
+        if not lower.metacopy:
+            return lower
+        try:
+            return self.stack.data(lower)
+        except metacopy.NoDataError:
+            return lower
 
     # --- names served from the hard-link index --------------------------------------------------
 
@@ -591,7 +609,7 @@ class _Walker:
         copy = Real(self.stack.roots[0].layer, fd, st.st_mode)
         kind = kind_of(st.st_mode)
         link = self._link(path, st)
-        if not _same_data(copy, top):
+        if not _same_data(copy, self._lower_data(top)):
             return Modified(path, kind, True, link, entry)
         if not _same_metadata(copy, top):
             return Modified(path, kind, False, link, entry)

@@ -97,13 +97,14 @@ class _Writer:
         self.progress = progress
         #: Opens an object's data for reading; set to the walk stack's (metacopy files' data
         #: is in a lower layer) while records are exported.
-        self.open_data: Callable[[int], IO[bytes]] = lambda fd: os.fdopen(
+        self.open_data: Callable[[int, int], IO[bytes]] = lambda fd, layer: os.fdopen(
             realfs.reopen(fd, os.O_RDONLY), "rb")
         self.added: set[str] = set()
         self.inodes: dict[tuple[int, int], str] = {}
         self.count = 0
 
-    def object(self, path: str, fd: int, st: os.stat_result) -> None:
+    def object(self, path: str, fd: int, st: os.stat_result, layer: int = 0) -> None:
+        """``layer``: the index of the layer ``fd`` is in (0: the upper)."""
         kind = stat.S_IFMT(st.st_mode)
         if kind not in _TAR_TYPES:
             print(f"cowfs: warning: {quote(path)}: sockets cannot be exported; skipped",
@@ -132,7 +133,7 @@ class _Writer:
             return
         if kind == stat.S_IFREG:
             info.size = st.st_size
-            with self.open_data(fd) as data:
+            with self.open_data(fd, layer) as data:
                 # tarfile only calls read(): the counting wrapper is file enough.
                 self._add(path, info, cast(IO[bytes], _Counted(data, self.progress)))
         else:
@@ -238,7 +239,7 @@ def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path], work: 
                     add_upper(path)
                     writer.marker(f"{path}/{OPAQUE_MARKER}")
                     for visible in merged_tree(upper, lowers, path):
-                        writer.object(visible.path, visible.fd, visible.st)
+                        writer.object(visible.path, visible.fd, visible.st, visible.layer)
                     materialized.append(path)
                 case Modified(path=path, via_index=str(entry)) | Unchanged(
                         path=path, via_index=str(entry)):
