@@ -31,8 +31,8 @@ options (-o, comma-separated, may be repeated):
   volatile        skip fsync on copy-up (faster; a crash may lose copied-up data)
   writeback       the kernel's writeback cache (experimental; nowriteback is the default)
   metacopy        metadata changes of lower files copy no data until the first open for
-                  writing (off by default: such an upper needs its very lower files, not a
-                  copy of them, and the kernel's overlayfs refuses it)
+                  writing (off by default, as in the kernel, whose overlayfs refuses such
+                  an upper in userxattr mode)
   partial_copyup=SIZE  lower files of at least SIZE (default 64M) copy up only the blocks
                   written; nopartial_copyup copies whole files (a clone where the upper has
                   reflinks is used either way)

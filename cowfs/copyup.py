@@ -148,6 +148,7 @@ class CopyUp:
                 real = self._copy_up(inode, parent_upper, name,
                                      with_data and not meta and not part, meta, part)
             inode.push_upper(real)
+            inode.retire_partial()  # a lower partial file's: reads go to the copy now
             return real
 
     # --- partial files (cowfs.partial) ---------------------------------------------------------
@@ -155,7 +156,8 @@ class CopyUp:
     def _may_copy_partly(self, data: Real) -> bool:
         """Whether a copy-up for writing may copy only the blocks written: a large lower regular
         file, unless the upper can clone it (as cheap, and an ordinary file after)."""
-        if not self.partial_min or not stat.S_ISREG(data.mode) or data.layer.is_upper:
+        if not self.partial_min or not stat.S_ISREG(data.mode) or data.layer.is_upper or (
+                data.partial):  # a lower partial file: copied whole (origins never chain)
             return False
         st = data.stat()
         if st.st_size < self.partial_min:
@@ -191,7 +193,8 @@ class CopyUp:
             raise OSError(errno.EIO, f"partial file with a malformed data map: {e}") from None
         if dmap is None:
             raise OSError(errno.EIO, "partial file without a data map")
-        opened = partial.PartialFile(upper.fd, data.fd, dmap)
+        opened = partial.PartialFile(upper.fd, data.fd, dmap,
+                                     read_only=not upper.layer.is_upper)
 
         def completed() -> None:
             top = inode.top
@@ -215,6 +218,8 @@ class CopyUp:
         """Whether a copy-up for a metadata change may leave the data in the lower file."""
         top = inode.top
         if not (self.metacopy and stat.S_ISREG(top.mode) and top.stat().st_size > 0):
+            return False
+        if top.partial:  # a lower partial file's own blocks must come up: copied whole
             return False
         return self._owner_kept(inode)
 
@@ -466,6 +471,22 @@ class CopyUp:
         finally:
             os.close(src)
 
+    def _copy_partial(self, lower: Real, st: os.stat_result, data: Real, dst: int) -> None:
+        """The full content of a partial file of a lower layer (an older upper): its own blocks,
+        then the rest from its data file (:func:`partial.fill_missing`)."""
+        try:
+            dmap = partial.read_map(lower.fd)
+        except ValueError as e:
+            raise OSError(errno.EIO, f"partial file with a malformed data map: {e}") from None
+        if dmap is None:
+            raise OSError(errno.EIO, "partial file without a data map")
+        self._copy_data(lower.fd, st, dst, st.st_size)
+        src = realfs.reopen_noatime(data.fd, os.O_RDONLY)
+        try:
+            partial.fill_missing(dst, src, dmap, st.st_size)
+        finally:
+            os.close(src)
+
     def _build_file(self, lower: Real, st: os.stat_result, temp: str, with_data: bool,
                     extra: dict[str, bytes], size: int, data: Real) -> None:
         """Called with ``temp`` not existing; on failure the caller discards it. ``size``: of a
@@ -474,7 +495,9 @@ class CopyUp:
         try:
             if size:
                 realfs.ftruncate(dst, size)
-            if with_data and st.st_size:
+            if with_data and st.st_size and lower.partial:
+                self._copy_partial(lower, st, data, dst)
+            elif with_data and st.st_size:
                 self._copy_data(data.fd, st if data is lower else data.stat(), dst, st.st_size)
             dst_path_fd = realfs.open_path(self.work.tmp_fd, temp)
             if dst_path_fd is None:

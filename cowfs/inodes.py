@@ -163,8 +163,8 @@ class Inode:
     whole, so readers that take no lock see either the old or the new stack.
     """
 
-    __slots__ = ("_links", "_state", "alive", "copy_up_lock", "lookups", "no_caps_on", "number",
-                 "partial", "reals")
+    __slots__ = ("_links", "_retired", "_state", "alive", "copy_up_lock", "lookups",
+                 "no_caps_on", "number", "partial", "reals")
 
     def __init__(self, number: int, reals: tuple[Real, ...]) -> None:
         self.number = number
@@ -183,6 +183,9 @@ class Inode:
         #: A partial file's data while the inode lives (:mod:`cowfs.partial`): set once, under
         #: ``copy_up_lock``, and kept (completed or not) until :meth:`release`.
         self.partial: PartialFile | None = None
+        #: Partial files of lower layers that were copied up: closed at :meth:`release` (reads
+        #: in other threads may still use them).
+        self._retired: list[PartialFile] = []
 
     def __repr__(self) -> str:
         return f"<Inode {self.number} {[r.layer.index for r in self.reals]}>"
@@ -276,6 +279,13 @@ class Inode:
                 return parent, name
         return None
 
+    def retire_partial(self) -> None:
+        """The object was copied up: a lower partial file's data is no longer what it shows."""
+        with self._state:
+            if self.partial is not None:
+                self._retired.append(self.partial)
+                self.partial = None
+
     def release(self) -> None:
         self.alive = False
         if self.partial is not None:
@@ -289,8 +299,9 @@ class Inode:
             self._links.clear()
         for real in reals:
             os.close(real.fd)
-        if self.partial is not None:
-            self.partial.close()
+        for opened in (self.partial, *self._retired):
+            if opened is not None:
+                opened.close()
 
 
 class InodeTable:

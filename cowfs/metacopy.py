@@ -31,6 +31,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Iterator
 
 from . import partial, realfs, schema
 from .resolve import Found, Real, probe_path
@@ -77,9 +78,6 @@ def find_data(upper_fd: int, roots: tuple[Real, ...], trusted_uid: int, *,
     if not candidates:
         raise NoDataError(f"its origin names layer {origin.layer}, not a lower layer here")
     marked = os.fstat(upper_fd)
-    if layer_index and realfs.getxattr(upper_fd, schema.XATTR_DATAMAP) is not None:
-        # Its own blocks would have to be combined with its data file's: not done in a lower.
-        raise NoDataError("it is a partial file (user.cowfs.datamap), not read in a lower layer")
     size = _data_size(upper_fd, marked.st_size)
     first: NoDataError | None = None
     for index in candidates:
@@ -104,10 +102,76 @@ def data_layers(layer_index: int, origin_layer: int, count: int) -> list[int]:
     return first + [i for i in range(layer_index + 1, count) if i != target]
 
 
+def rebind(upper_fd: int, roots: tuple[Real, ...], trusted_uid: int) -> int:
+    """After the lower layers were moved or copied on purpose (``-o relocate``, ``commit
+    --relocate``): give every metacopy (and partial) file of the upper whose data file is no
+    longer found by its origin's inode number the inode number of the file now at its origin's
+    path, if that file passes every other rule (regular, not marked, its size, the trust rule).
+    The user's word that the layers are the same content replaces the inode number's. Returns
+    how many origins were rewritten. ``upper_fd``: the upper's root (``O_PATH``)."""
+    rebound = 0
+    names = [n for n in realfs.list_names(upper_fd) if n != schema.WORK_DIR_NAME]
+    # Depth first, one open directory per level: (directory, the names left in it).
+    stack: list[tuple[int, Iterator[str]]] = [(upper_fd, iter(names))]
+    try:
+        while stack:
+            dirfd, left = stack[-1]
+            name = next(left, None)
+            if name is None:
+                stack.pop()
+                if dirfd != upper_fd:
+                    os.close(dirfd)
+                continue
+            fd = realfs.open_path(dirfd, name)
+            if fd is None:
+                continue
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                stack.append((fd, iter(realfs.list_names(fd))))
+                continue
+            try:
+                if stat.S_ISREG(st.st_mode) and st.st_size > 0 and is_marked(fd):
+                    rebound += _rebind_one(fd, roots, trusted_uid)
+            finally:
+                os.close(fd)
+    finally:
+        for dirfd, _ in stack:
+            if dirfd != upper_fd:
+                os.close(dirfd)
+    return rebound
+
+
+def _rebind_one(fd: int, roots: tuple[Real, ...], trusted_uid: int) -> int:
+    try:
+        os.close(find_data(fd, roots, trusted_uid).fd)
+        return 0
+    except NoDataError:
+        pass
+    value = realfs.getxattr(fd, schema.XATTR_ORIGIN)
+    try:
+        origin = schema.parse_origin(value or b"")
+        if origin.path is None:
+            return 0
+        size = _data_size(fd, os.fstat(fd).st_size)
+        found = _data_at(roots, origin.layer, origin, os.fstat(fd), size, trusted_uid,
+                         any_ino=True)
+    except (ValueError, NoDataError):
+        return 0
+    try:
+        ino = os.fstat(found.fd).st_ino
+    finally:
+        os.close(found.fd)
+    realfs.setxattr(fd, schema.XATTR_ORIGIN, schema.format_origin(origin.layer, ino, origin.path))
+    log.info("relocated: origin of a metacopy file rebound to %s in layer %d (inode %d)",
+             "/" + "/".join(origin.path), origin.layer, ino)
+    return 1
+
+
 def _data_at(roots: tuple[Real, ...], index: int, origin: schema.Origin,
-             marked: os.stat_result, size: int, trusted_uid: int) -> Real:
+             marked: os.stat_result, size: int, trusted_uid: int, *,
+             any_ino: bool = False) -> Real:
     """The data file at the origin's path in layer ``index``, if it passes the rules (``size``:
-    the one it must have)."""
+    the one it must have; ``any_ino``: of whatever inode number, see :func:`rebind`)."""
     assert origin.path is not None
     path = "/" + "/".join(origin.path)
     where = f"{path} in layer {index}"
@@ -122,7 +186,7 @@ def _data_at(roots: tuple[Real, ...], index: int, origin: schema.Origin,
     real = found.obj
     try:
         lower = os.fstat(real.fd)
-        if not stat.S_ISREG(lower.st_mode) or lower.st_ino != origin.ino:
+        if not stat.S_ISREG(lower.st_mode) or (lower.st_ino != origin.ino and not any_ino):
             raise NoDataError(f"{where} is not regular file {origin.ino}")
         if real.metacopy:
             raise NoDataError(f"{where} is a metacopy file itself")

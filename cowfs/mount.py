@@ -85,9 +85,8 @@ class MountOptions:
     #: ``noatime``, ``relatime`` (the default) or ``strictatime``.
     atime: str = "relatime"
     nodiratime: bool = False
-    #: Metadata changes of lower files copy no data (``metacopy``; off by default: a metacopy
-    #: file's data is found by inode number, so it fails over a copy of the lowers, and the
-    #: kernel refuses it; see docs/layer-format.md section 11a).
+    #: Metadata changes of lower files copy no data (``metacopy``; off by default, as in the
+    #: kernel, whose overlayfs refuses such an upper in userxattr mode: layer-format.md 11a).
     metacopy: bool = False
     #: Lower regular files of at least this many bytes copy up only the blocks written
     #: (``partial_copyup=SIZE``; 0, ``nopartial_copyup``: never; see cowfs.partial).
@@ -298,7 +297,8 @@ def serve(paths: LayerPaths, stack: LayerStack, mountpoint: Path, options: Mount
     _raise_fd_limit()
     with contextlib.ExitStack() as cleanup:
         overlay = Overlay(stack, sync=not options.volatile, noatime=options.noatime,
-                          metacopy=options.metacopy, partial_min=options.partial_min)
+                          metacopy=options.metacopy, partial_min=options.partial_min,
+                          relocate=options.relocate)
         cleanup.callback(overlay.close)
         operations = Operations(overlay, timeout=options.timeout, writeback=options.writeback,
                                 after_init=lambda: raise_readahead(mountpoint))

@@ -200,7 +200,8 @@ class PartialFile:
     After :meth:`complete` the file is an ordinary one and every call goes to the upper copy.
     """
 
-    def __init__(self, upper_fd: int, data_fd: int, dmap: DataMap) -> None:
+    def __init__(self, upper_fd: int, data_fd: int, dmap: DataMap, *,
+                 read_only: bool = False) -> None:
         self._path_fd = os.dup(upper_fd)  # the upper copy (O_PATH), for its xattrs
         self._rw: int | None = None
         try:
@@ -219,6 +220,8 @@ class PartialFile:
         self.map = dmap.truncated(size) if size < dmap.valid else dmap
         self._saved = dmap
         self.done = False
+        #: A partial file of a lower layer: only ever read (it is copied up to be changed).
+        self.read_only = read_only
         #: Called (with the file's lock held) once the file is complete.
         self.on_complete: Callable[[], None] | None = None
         self._lock = threading.Lock()
@@ -256,6 +259,8 @@ class PartialFile:
     # --- writing --------------------------------------------------------------------------
 
     def _writable(self) -> int:
+        if self.read_only:
+            raise OSError(errno.EROFS, "a partial file of a lower layer is never changed")
         if self._rw is None:
             self._rw = realfs.reopen(self._path_fd, os.O_RDWR)
         return self._rw
@@ -352,13 +357,13 @@ class PartialFile:
 
     @property
     def dirty(self) -> bool:
-        return not self.done and self.map != self._saved
+        return not self.done and not self.read_only and self.map != self._saved
 
     def persist(self) -> bool:
         """Make the map on disk what it is here (data first), or complete the file if nothing is
         left in the lower file. True if that changed the file's metadata."""
         with self._lock:
-            if self.done:
+            if self.done or self.read_only:
                 return False
             rw = self._writable()
             changed = self.map != self._saved

@@ -176,9 +176,8 @@ def probe(parent: Real, name: str) -> Probe[Real]:
     # lower layer too when it is a cowfs upper: one that holds metacopy files, stacked as a lower.
     metacopy = parent.layer.reads_metacopy and stat.S_ISREG(st.st_mode) and st.st_size > 0 and (
         _is_marked(fd))
-    # A partial file is one only in the upper (in a lower layer, find_data refuses it).
-    partial = metacopy and parent.layer.is_upper and (
-        realfs.getxattr(fd, schema.XATTR_DATAMAP) is not None)
+    # A partial file: a metacopy file with a data map (in the upper, or stacked as a lower).
+    partial = metacopy and realfs.getxattr(fd, schema.XATTR_DATAMAP) is not None
     return Found(Real(parent.layer, fd, st.st_mode, nlink=st.st_nlink, ino=st.st_ino,
                       metacopy=metacopy, partial=partial), False)
 

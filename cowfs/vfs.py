@@ -24,7 +24,7 @@ from .copyup import CopyUp
 from .handles import FileHandle, real_flags, wants_write
 from .inodes import Inode, InodeNumbers, InodeTable
 from .layers import LayerStack
-from .metacopy import with_blocks
+from .metacopy import rebind, with_blocks
 from .namespace import Caller, Namespace
 from .nlink import merged_nlink
 from .readdir import DirHandle, entry_type, plain_entry
@@ -52,7 +52,7 @@ class Overlay:
     """One mounted overlay."""
 
     def __init__(self, stack: LayerStack, *, sync: bool = True, noatime: bool = False,
-                 metacopy: bool = True, partial_min: int = 0) -> None:
+                 metacopy: bool = True, partial_min: int = 0, relocate: bool = False) -> None:
         self.stack = stack
         #: ``-o noatime``: reading an upper file does not change its access time either.
         self.noatime = noatime
@@ -63,6 +63,10 @@ class Overlay:
         self.copy_up = CopyUp(stack.upper, stack.work, sync=sync, roots=self.table.root.reals,
                               metacopy=metacopy, partial_min=partial_min)
         self.namespace = Namespace(stack.upper, stack.work, self.table, self.copy_up)
+        if relocate and not stack.read_only:
+            # The layers were moved or copied on purpose: metacopy and partial files find their
+            # data files by path again (their inode numbers changed with a copy).
+            rebind(stack.upper.root_fd, self.table.root.reals, self.copy_up.trusted_uid)
 
         #: Inodes held before asking the kernel to drop some (:meth:`names_to_shed`): the
         #: descriptor limit, less a reserve, over two descriptors an inode (most hold one: a

@@ -537,11 +537,31 @@ class _Walker:
         if below.kind is not kind:
             return Replaced(path, kind, below.kind)
         lower = below.reals[0]
-        if not _same_data(real, self._lower_data(lower), data):
+        if not self._same_as_lower(real, lower, data):
             return Modified(path, kind, True, link)
         if not _same_metadata(real, lower):
             return Modified(path, kind, False, link)
         return Unchanged(path, kind, link)
+
+    def _same_as_lower(self, real: Real, lower: Real, data: Real | None = None) -> bool:
+        """Whether an upper object has the data of the lower one the lowers show there (``data``:
+        where a metacopy upper file's data is). A lower partial file (an older upper's) is
+        compared by content: its own blocks and the rest of its data file's."""
+        if not lower.partial:
+            return _same_data(real, self._lower_data(lower), data)
+        if real.stat().st_size != lower.stat().st_size:
+            return False
+        try:
+            mine = self.stack.open_data(real.fd, real.layer.index)
+        except metacopy.NoDataError:
+            return False
+        with mine:
+            try:
+                theirs = self.stack.open_data(lower.fd, lower.layer.index)
+            except metacopy.NoDataError:
+                return False
+            with theirs:
+                return _same_stream(mine, theirs)
 
     def _lower_data(self, lower: Real) -> Real:
         """Where a lower object's data is: a lower metacopy file's is its data file's (one it
@@ -609,7 +629,7 @@ class _Walker:
         copy = Real(self.stack.roots[0].layer, fd, st.st_mode)
         kind = kind_of(st.st_mode)
         link = self._link(path, st)
-        if not _same_data(copy, self._lower_data(top)):
+        if not self._same_as_lower(copy, top):
             return Modified(path, kind, True, link, entry)
         if not _same_metadata(copy, top):
             return Modified(path, kind, False, link, entry)

@@ -278,6 +278,12 @@ def _fresh_plan(upper: Path, base: Path, work: Path,
                 relocate: bool) -> tuple[list[journal.Step], list[Visible], list[str]]:
     upperinfo.verify_stack(upper, upperinfo.identities([base.resolve()]), relocate=relocate,
                            what="commit", override="--relocate to commit all the same")
+    if relocate:  # metacopy and partial files find their data by path again (metacopy.rebind)
+        stack = Stack(upper, [base])
+        try:
+            metacopy.rebind(stack.roots[0].fd, stack.roots, os.fstat(stack.roots[0].fd).st_uid)
+        finally:
+            stack.close()
     records = list(walk(upper, [base], work))
     problems = [r for r in records
                 if isinstance(r, Anomaly) and r.problem is not Problem.STRAY_WHITEOUT]

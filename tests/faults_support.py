@@ -150,17 +150,16 @@ PARTIAL_BLOCK = 64 << 10
 
 def _partial(lower: Path, upper: Path, name: str) -> None:
     """A partial upper copy of the lower file ``name`` (layer-format.md 11b): a metacopy copy
-    whose block 1 is in the upper (rewritten), with its data map."""
+    whose blocks 0 and 1 are in the upper (rewritten), with its data map."""
     _metacopy(lower, upper, name)
     path = upper / name
     mode = os.stat(path).st_mode
     os.chmod(path, 0o600)
     with open(path, "r+b") as f:
-        f.seek(PARTIAL_BLOCK)
-        f.write(b"P" * PARTIAL_BLOCK)
+        f.write(b"P" * 2 * PARTIAL_BLOCK)
     os.chmod(path, mode)
     size = os.stat(lower / name).st_size
-    os.setxattr(path, "user.cowfs.datamap", f"1 {PARTIAL_BLOCK} {size} {size} 1-2".encode())
+    os.setxattr(path, "user.cowfs.datamap", f"1 {PARTIAL_BLOCK} {size} {size} 0-2".encode())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,18 +225,6 @@ def _pwrite_at(rel: str, offset: int, size: int, *, fsync: bool = False) -> Op:
             os.pwrite(fd, b"w" * size, offset)
             if fsync:
                 os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    return op
-
-
-def _pwrite_ranges(rel: str, ranges: list[tuple[int, int]]) -> Op:
-    def op(root: Path) -> None:
-        fd = os.open(root / rel, os.O_WRONLY)
-        try:
-            for start, end in ranges:
-                os.pwrite(fd, b"r" * (end - start), start)
         finally:
             os.close(fd)
 
@@ -379,11 +366,11 @@ def _situations() -> list[Situation]:
         s("partial/file/lower/truncate", lambda r: os.truncate(r / "pl", 70_000)),
         s("partial/file/upper/write-new-block", _pwrite_at("pc", 3 * PARTIAL_BLOCK + 5, 10),
           smoke=True, mtime_may_change="pc"),
-        s("partial/file/upper/write-fsync", _pwrite_at("pc", 5, 10, fsync=True),
+        s("partial/file/upper/write-fsync", _pwrite_at("pc", 3 * PARTIAL_BLOCK + 9, 10, fsync=True),
           mtime_may_change="pc"),
-        # every block but block 1 (already up): the map becomes complete, then the file
-        s("partial/file/upper/write-rest", _pwrite_ranges("pc", [(0, PARTIAL_BLOCK),
-                                                                 (2 * PARTIAL_BLOCK, 256_000)]),
+        # every block not up yet (2 and 3): the map becomes complete, then the file
+        s("partial/file/upper/write-rest", _pwrite_at("pc", 2 * PARTIAL_BLOCK,
+                                                      256_000 - 2 * PARTIAL_BLOCK),
           mtime_may_change="pc"),
         s("partial/file/upper/truncate", lambda r: os.truncate(r / "pc", 70_000), smoke=True),
         s("partial/file/upper/truncate-up", lambda r: os.truncate(r / "pc", 300_000)),

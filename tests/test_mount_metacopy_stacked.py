@@ -243,19 +243,38 @@ def test_marks_are_read_only_in_a_lower_that_is_a_cowfs_upper(
     assert (mount.mnt / "f").read_bytes() == expected
 
 
-@pytest.mark.layer_check(False, reason="a partial file in a lower reads EIO, which check reports")
-def test_a_partial_file_in_a_lower_reads_eio_not_holes(
-        layers: LayerFactory, mount_cowfs: MountFactory) -> None:
-    """A partial file (layer-format.md 11b) holds some of its blocks itself: in a lower layer it
-    is not read (EIO), rather than shown with only its data file's bytes or only its own."""
-    first = layers({"big": File(BIG, mode=0o644)})
+def test_a_partial_file_in_a_lower_reads_its_blocks_and_its_data_files(
+        layers: LayerFactory, mount_cowfs: MountFactory, tmp_path: Path) -> None:
+    """A partial file (layer-format.md 11b) holds some of its blocks itself: stacked as a lower,
+    it shows those and the rest of its data file's; a write through the new mount copies up its
+    full content; diff and export of the new upper see the same content."""
+    first = layers({"big": File(BIG, mode=0o644), "other": File(BIG, mode=0o644)})
     mount = mount_cowfs(first, options=["partial_copyup=1"])
-    with open(mount.mnt / "big", "r+b") as f:
-        f.seek(MiB)
-        f.write(b"PATCH")
+    for name in ("big", "other"):
+        with open(mount.mnt / name, "r+b") as f:
+            f.seek(MiB)
+            f.write(b"PATCH")
+        os.truncate(mount.mnt / name, len(BIG) + 1000)  # past the data file's end: zeros
     mount.stop()
     assert "user.cowfs.datamap" in os.listxattr(first.upper / "big")
-    second, _ = stacked(layers, mount_cowfs, first)
-    with pytest.raises(OSError) as info:
-        (second.mnt / "big").read_bytes()
-    assert info.value.errno == errno.EIO
+    expected = bytearray(BIG + bytes(1000))
+    expected[MiB:MiB + 5] = b"PATCH"
+    second, second_set = stacked(layers, mount_cowfs, first)
+    assert (second.mnt / "big").read_bytes() == bytes(expected)
+    st = os.stat(second.mnt / "big")
+    assert st.st_size == len(expected)
+    assert st.st_blocks * 512 >= len(BIG) // 2, "st_blocks leaves out the data file's share"
+    second.remount()
+    with open(second.mnt / "big", "r+b") as f:  # copies up its full content
+        f.seek(10)
+        f.write(b"second")
+    expected[10:16] = b"second"
+    assert (second.mnt / "big").read_bytes() == bytes(expected)
+    assert "user.cowfs.datamap" not in os.listxattr(second_set.upper / "big")
+    assert (second_set.upper / "big").read_bytes() == bytes(expected)
+    second.stop()
+    diff = cowfs("diff", str(second_set.upper), "--lower",
+                 f"{first.upper}:{first.lowers[0]}")
+    assert diff.status == 0, diff.err
+    assert "big" in diff.out
+    assert "other" not in diff.out, "an unchanged lower partial file compared as changed"

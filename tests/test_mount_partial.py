@@ -458,3 +458,42 @@ def test_an_upper_with_reflinks_clones_instead(xfs_root: Path, layers: LayerFact
     _write_at(mount.mnt / "big", 10, b"x")
     assert _datamap(upper / "big") is None, "a partial copy where a clone was as cheap"
     assert (mount.mnt / "big").read_bytes() == data[:10] + b"x" + data[11:]
+
+
+def test_copied_layers_mounted_with_relocate_keep_partial_and_metacopy_data(
+        layers: LayerFactory, mount_cowfs: MountFactory, tmp_path: Path) -> None:
+    """cp -a of the base and the upper, then -o relocate: the copies' inode numbers differ from
+    the origins', so the mount finds each marked file's data file by its origin's path again
+    (and rewrites the origin); a later mount without relocate reads them too, and so does
+    commit --relocate of another copy."""
+    layer_set = layers({})
+    base = layer_set.lowers[0]
+    original = os.urandom(4 * BLOCK)
+    (base / "big").write_bytes(original)
+    (base / "meta").write_bytes(original[::-1])
+    mount = mount_cowfs(layer_set, options=[TINY, "metacopy"])
+    _write_at(mount.mnt / "big", BLOCK + 3, b"moved")
+    os.chmod(mount.mnt / "meta", 0o600)
+    mount.stop()
+    expected = bytearray(original)
+    expected[BLOCK + 3:BLOCK + 8] = b"moved"
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for source in (base, layer_set.upper):
+        subprocess.run(["cp", "-a", str(source), str(copies / source.name)], check=True,
+                       timeout=60)
+    copied = dataclasses.replace(layer_set, lowers=[copies / base.name],
+                                 upper=copies / layer_set.upper.name)
+    spare = tmp_path / "spare"  # for commit --relocate, a copy of the copy
+    subprocess.run(["cp", "-a", str(copies), str(spare)], check=True, timeout=60)
+    mount = mount_cowfs(copied, options=["relocate"])
+    assert (mount.mnt / "big").read_bytes() == bytes(expected)
+    assert (mount.mnt / "meta").read_bytes() == original[::-1]
+    mount.stop()
+    mount = mount_cowfs(copied)
+    assert (mount.mnt / "big").read_bytes() == bytes(expected)
+    mount.stop()
+    _cowfs("commit", str(spare / layer_set.upper.name), "--into", str(spare / base.name),
+           "--relocate", "--yes")
+    assert (spare / base.name / "big").read_bytes() == bytes(expected)
+    assert (spare / base.name / "meta").read_bytes() == original[::-1]
