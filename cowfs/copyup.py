@@ -187,13 +187,7 @@ class CopyUp:
             return found
         upper = inode.top
         data = inode.data
-        try:
-            dmap = partial.read_map(upper.fd)
-        except ValueError as e:
-            raise OSError(errno.EIO, f"partial file with a malformed data map: {e}") from None
-        if dmap is None:
-            raise OSError(errno.EIO, "partial file without a data map")
-        opened = partial.PartialFile(upper.fd, data.fd, dmap,
+        opened = partial.PartialFile(upper.fd, data.fd, _map_of(upper),
                                      read_only=not upper.layer.is_upper)
 
         def completed() -> None:
@@ -474,12 +468,7 @@ class CopyUp:
     def _copy_partial(self, lower: Real, st: os.stat_result, data: Real, dst: int) -> None:
         """The full content of a partial file of a lower layer (an older upper): its own blocks,
         then the rest from its data file (:func:`partial.fill_missing`)."""
-        try:
-            dmap = partial.read_map(lower.fd)
-        except ValueError as e:
-            raise OSError(errno.EIO, f"partial file with a malformed data map: {e}") from None
-        if dmap is None:
-            raise OSError(errno.EIO, "partial file without a data map")
+        dmap = _map_of(lower)
         self._copy_data(lower.fd, st, dst, st.st_size)
         src = realfs.reopen_noatime(data.fd, os.O_RDONLY)
         try:
@@ -511,6 +500,17 @@ class CopyUp:
                 realfs.fsync(dst)
         finally:
             os.close(dst)
+
+
+def _map_of(real: Real) -> partial.DataMap:
+    """A partial file's data map; EIO when it has none or it is malformed."""
+    try:
+        dmap = partial.read_map(real.fd)
+    except ValueError as e:
+        raise OSError(errno.EIO, f"partial file with a malformed data map: {e}") from None
+    if dmap is None:
+        raise OSError(errno.EIO, "partial file without a data map")
+    return dmap
 
 
 def _is_at(real: Real, parent: Real, name: str) -> bool:
