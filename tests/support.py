@@ -684,6 +684,13 @@ def mounted_fstype(path: Path) -> str | None:
     return found[-1] if found else None
 
 
+def _command_line(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
 def fuse_device_holders() -> set[int]:
     """Pids of processes with /dev/fuse open: the FUSE daemons on this machine."""
     pids = set()
@@ -877,9 +884,14 @@ class CowfsMount:
             self._start_foreground()
         else:
             # Only a background mount's daemon is not our child (a scan of /proc: ~10 ms each).
+            # The new holders whose command line names this mount point: another test session
+            # may start daemons of its own meanwhile.
             holders_before = fuse_device_holders()
             self._start_background()
-            self.daemon_pids = fuse_device_holders() - holders_before
+            self.daemon_pids = {
+                pid for pid in fuse_device_holders() - holders_before
+                if str(self.mnt) in _command_line(pid)
+            }
         self.mounted = self.was_mounted = True
         if self.watchdog_seconds is not None:
             self._watchdog = start_watchdog(self.mnt, self.watchdog_seconds)
