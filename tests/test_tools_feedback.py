@@ -53,10 +53,25 @@ def _wait_until_reading(pid: int) -> None:
     raise AssertionError(f"cowfs (pid {pid}) never waited for the terminal")
 
 
+def _wait_until_running(session: int, name: str) -> None:
+    """Until a process called ``name`` runs in ``session``. Ctrl-C typed while a shell is between
+    ``echo ready`` and starting its next command reaches only the shell, which waits for that
+    command (sleep 60) to end before it dies of the signal: the test would take a minute."""
+    for _ in range(2000):
+        for stat_file in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):
+                comm, rest = stat_file.read_text().rsplit(")", 1)
+                if comm.split("(", 1)[1] == name and int(rest.split()[3]) == session:
+                    return
+        time.sleep(0.01)  # polling a state, not timing anything
+    raise AssertionError(f"no {name} process ever ran on the terminal of session {session}")
+
+
 def on_terminal(*args: str | Path, interrupt_at: str | None = None, at_question: bool = False,
-                cwd: Path | None = None) -> Terminal:
+                at_command: str | None = None, cwd: Path | None = None) -> Terminal:
     """``cowfs ARGS`` on a pseudo-terminal of 100x30; with ``interrupt_at``, Ctrl-C is typed once
-    that text has appeared (``at_question``: and cowfs waits for an answer)."""
+    that text has appeared (``at_question``: and cowfs waits for an answer; ``at_command``: and
+    a process of that name runs on the terminal)."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: the terminal is its stdin, stdout and stderr
         try:
@@ -86,6 +101,8 @@ def on_terminal(*args: str | Path, interrupt_at: str | None = None, at_question:
             if interrupt_at is not None and not sent and interrupt_at.encode() in output:
                 if at_question:
                     _wait_until_reading(pid)
+                if at_command is not None:
+                    _wait_until_running(pid, at_command)
                 os.write(fd, b"\x03")
                 sent = True
         _, status = os.waitpid(pid, 0)
@@ -212,7 +229,8 @@ def test_ctrl_c_in_run_reaches_the_command_and_the_view_is_discarded(
         workspace: Workspace) -> None:
     ws = workspace
     shown = on_terminal("run", ws.base, "--", "sh", "-c",
-                        "touch partial; echo ready; sleep 60", interrupt_at="ready")
+                        "touch partial; echo ready; sleep 60", interrupt_at="ready",
+                        at_command="sleep")
     assert shown.status == 130, shown.output
     assert "Traceback" not in shown.output
     assert "cowfs run: sh ended by SIGINT; the view was unmounted" in shown.output
