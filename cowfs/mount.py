@@ -290,10 +290,24 @@ async def _serve_until_unmounted() -> bool:
     return signalled
 
 
+class _StaleInvalidations(logging.Filter):
+    """pyfuse3 logs, with a traceback, every name invalidation the kernel refuses. cowfs asks
+    the kernel to drop names it holds too many descriptors for (``Operations._shed_inodes``);
+    one the kernel forgot meanwhile, or one still queued when the mount goes away, is refused
+    (ENOENT, EINVAL): nothing is wrong, and the log says so in one line at debug level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Failed to submit invalidate_entry"):
+            return True
+        log.debug("the kernel refused to drop a name it no longer holds: %s", record.getMessage())
+        return False
+
+
 def serve(paths: LayerPaths, stack: LayerStack, mountpoint: Path, options: MountOptions,
           ready: Callable[[], None]) -> None:
     """Mount ``stack`` at ``mountpoint`` and serve until unmounted. Calls ``ready`` once mounted."""
     os.umask(0)  # modes of new objects are exactly what the caller asked for
+    logging.getLogger("pyfuse3").addFilter(_StaleInvalidations())
     _raise_fd_limit()
     with contextlib.ExitStack() as cleanup:
         overlay = Overlay(stack, sync=not options.volatile, noatime=options.noatime,
