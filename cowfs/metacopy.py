@@ -38,9 +38,6 @@ from .resolve import Found, Real, probe_path
 
 log = logging.getLogger(__name__)
 
-#: Kept across a fill: a write drops it (the kernel's ``file_remove_privs``).
-_CAPABILITY = "security.capability"
-
 
 class NoDataError(OSError):
     """A metacopy file whose data cannot be found or may not be used: reads fail with ``EIO``.
@@ -236,7 +233,7 @@ def fill(upper_fd: int, data_fd: int, *, with_data: bool, sync: bool, reflink: b
     and ``security.capability`` are as before.
     """
     st = os.fstat(upper_fd)
-    caps = realfs.getxattr(upper_fd, _CAPABILITY)
+    caps = realfs.getxattr(upper_fd, partial.CAPABILITY)
     made_writable = False
     try:
         dst = realfs.reopen(upper_fd, os.O_WRONLY)
@@ -259,14 +256,8 @@ def fill(upper_fd: int, data_fd: int, *, with_data: bool, sync: bool, reflink: b
             realfs.fsync(dst)
     finally:
         os.close(dst)
-    if caps is not None and realfs.getxattr(upper_fd, _CAPABILITY) != caps:
-        realfs.setxattr(upper_fd, _CAPABILITY, caps)
-    if made_writable or stat.S_IMODE(os.fstat(upper_fd).st_mode) != stat.S_IMODE(st.st_mode):
-        realfs.chmod(upper_fd, stat.S_IMODE(st.st_mode))
-    realfs.utimens(upper_fd, st.st_atime_ns, st.st_mtime_ns)
+    partial.restore_after_fill(upper_fd, st, caps, chmod=made_writable)
     realfs.removexattr(upper_fd, schema.XATTR_METACOPY)
-    if realfs.getxattr(upper_fd, schema.XATTR_DATAMAP) is not None:
-        realfs.removexattr(upper_fd, schema.XATTR_DATAMAP)
     log.debug("metacopy filled fd=%d (data=%s)", upper_fd, with_data)
 
 

@@ -417,15 +417,9 @@ class PartialFile:
         """Copying in is not a change users can see: the times, the mode (set-ID bits) and
         ``security.capability`` (which writes drop) are as before it."""
         st = os.fstat(rw)
-        size = st.st_size
-        caps = realfs.getxattr(self._path_fd, _CAPABILITY)
-        bs = self.map.block
-        fill_missing(rw, self._lower, self.map, size)
-        if caps is not None and realfs.getxattr(self._path_fd, _CAPABILITY) != caps:
-            realfs.setxattr(self._path_fd, _CAPABILITY, caps)
-        if os.fstat(rw).st_mode != st.st_mode:
-            realfs.chmod(self._path_fd, stat.S_IMODE(st.st_mode))
-        realfs.utimens(self._path_fd, st.st_atime_ns, st.st_mtime_ns)
+        caps = realfs.getxattr(self._path_fd, CAPABILITY)
+        fill_missing(rw, self._lower, self.map, st.st_size)
+        restore_after_fill(self._path_fd, st, caps)
         realfs.fdatasync(rw)
         realfs.removexattr(self._path_fd, schema.XATTR_METACOPY)  # the commit point
         with contextlib.suppress(OSError):
@@ -433,7 +427,7 @@ class PartialFile:
         self.done = True
         if self.on_complete is not None:
             self.on_complete()
-        log.debug("partial file fd=%d completed (%d-byte blocks)", self._path_fd, bs)
+        log.debug("partial file fd=%d completed", self._path_fd)
 
     def close(self) -> None:
         for fd in (self._ro, self._rw, self._lower, self._path_fd):
@@ -455,9 +449,22 @@ def fill_missing(dst: int, data: int, dmap: DataMap, size: int) -> None:
             realfs.zero_range(dst, max(a, lower_end), b - max(a, lower_end))
 
 
+def restore_after_fill(fd: int, before: os.stat_result, caps: bytes | None, *,
+                       chmod: bool = False) -> None:
+    """After data was written into a marked file in place to give it its own (no change users
+    can see): its ``security.capability`` (``caps``, which a write drops), its mode (set-ID
+    bits; ``chmod``: it was changed on purpose) and its times as in ``before``."""
+    if caps is not None and realfs.getxattr(fd, CAPABILITY) != caps:
+        realfs.setxattr(fd, CAPABILITY, caps)
+    mode = stat.S_IMODE(before.st_mode)
+    if chmod or stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+        realfs.chmod(fd, mode)
+    realfs.utimens(fd, before.st_atime_ns, before.st_mtime_ns)
+
+
 _FALLOC_KEEP_SIZE = 0x01
-#: Dropped by a write (the kernel's ``file_remove_privs``): kept across completion.
-_CAPABILITY = "security.capability"
+#: Dropped by a write (the kernel's ``file_remove_privs``): kept when a file is given its data.
+CAPABILITY = "security.capability"
 
 
 class _Content(io.RawIOBase):

@@ -330,14 +330,8 @@ def _data_map(fd: int) -> partial.DataMap | None:
 
 
 def _same_data(upper: Real, lower: Real, data: Real | None = None) -> bool:
-    """``data``: where a metacopy upper file's data is (a lower file)."""
-    if data is not None and upper.partial:
-        dmap = _data_map(upper.fd)
-        if dmap is None or upper.stat().st_size != lower.stat().st_size:
-            return False
-        with partial.open_content(upper.fd, data.fd, dmap) as mine, \
-                os.fdopen(realfs.reopen(lower.fd, os.O_RDONLY), "rb") as theirs:
-            return _same_stream(mine, theirs)
+    """``data``: where a metacopy upper file's data is (a lower file). Not for partial files
+    (:meth:`_Walker._same_as_lower` compares their content)."""
     if data is not None:
         if _same_inode(data, lower):
             return True
@@ -545,9 +539,9 @@ class _Walker:
 
     def _same_as_lower(self, real: Real, lower: Real, data: Real | None = None) -> bool:
         """Whether an upper object has the data of the lower one the lowers show there (``data``:
-        where a metacopy upper file's data is). A lower partial file (an older upper's) is
-        compared by content: its own blocks and the rest of its data file's."""
-        if not lower.partial:
+        where a metacopy upper file's data is). A partial file, upper or lower (an older
+        upper's), is compared by content: its own blocks and the rest of its data file's."""
+        if not (real.partial or lower.partial):
             return _same_data(real, self._lower_data(lower), data)
         if real.stat().st_size != lower.stat().st_size:
             return False

@@ -319,7 +319,7 @@ def test_a_reader_open_before_the_write_sees_it(layers: LayerFactory,
         assert os.pread(reader.fileno(), 3, BLOCK) == b"new"
 
 
-def test_chown_to_another_owner_and_punching_a_hole_complete_the_file(
+def test_chown_to_another_owner_completes_the_file(
         partial_file: tuple[CowfsMount, bytearray]) -> None:
     mount, model = partial_file
     needs_root("chown")
