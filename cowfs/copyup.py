@@ -12,7 +12,8 @@ Python buffers. Callers run copy-ups of regular files in worker threads; the per
 concurrent openers share one copy-up.
 
 A metadata change or a new name of a lower regular file copies it without its data
-(``metadata_only``, :mod:`cowfs.metacopy`); the first write or truncation gives it its data.
+(``metadata_only``, :mod:`cowfs.metacopy`); the first write or truncation gives it its data, in
+place (renaming nothing: a concurrent rename cannot make the fill land on another name).
 A large lower regular file opened for writing or truncated is copied up as a *partial* file
 (:mod:`cowfs.partial`): a metacopy file with a data map, into which writes copy only the blocks
 they touch; where a clone is as cheap (reflinks, one filesystem), it is cloned whole instead.
@@ -248,62 +249,22 @@ class CopyUp:
         return metacopy.owner_allowed(uid, lower_uid, self.trusted_uid)
 
     def _fill(self, inode: Inode, upper: Real, with_data: bool) -> Real:
-        """Give a metacopy upper copy its data (called with the copy-up lock held).
+        """Give a metacopy upper copy its data, in place (called with the copy-up lock held).
 
-        A copy with one name is rebuilt in ``WORK/tmp`` (data, then the metacopy copy's xattrs,
-        origin, owner, mode and times, fsync) and renamed over it: one commit point, as any
-        copy-up. A copy with several upper names (``link``) is filled in place, which keeps them
-        one file (:func:`metacopy.fill`; its mark's removal is the commit point).
+        As the kernel does (``ovl_copy_up_meta_inode_data``): the data is written into the copy
+        itself and its mark removed last (:func:`metacopy.fill`; the mark's removal is the commit
+        point, and a crash before it leaves a metacopy file whose sparse content is never read).
+        Filling in place renames nothing, so a rename of the file (which needs no copy-up lock: a
+        metacopy copy is enough for it) cannot race with it: the object filled is the object the
+        name has, wherever it has gone meanwhile, and its other names (``link``) stay one file.
+        A copy rebuilt in the work dir and renamed over ``parent/name`` after the copy replaced a
+        file created under the old name while the data was copied (issue 20, item 9).
         """
-        data = inode.data
-        st = upper.stat()
-        link = inode.any_link()
-        parent = link[0].upper if link is not None else None
-        if st.st_nlink == 1 and link is not None and parent is not None and _is_at(
-                upper, parent, link[1]):
-            fd = self._rebuild(upper, st, data, parent, link[1], with_data)
-            # The same descriptor number now names the new copy: readers that took the old
-            # ``reals`` keep a valid descriptor, of the same object as far as users can see.
-            os.dup2(fd, upper.fd, inheritable=False)
-            os.close(fd)
-            filled = dataclasses.replace(upper, metacopy=False, ino=os.fstat(upper.fd).st_ino)
-        else:
-            metacopy.fill(upper.fd, data.fd, with_data=with_data, sync=self.sync,
-                          reflink=self.work.features.reflink)
-            filled = dataclasses.replace(upper, metacopy=False)
+        metacopy.fill(upper.fd, inode.data.fd, with_data=with_data, sync=self.sync,
+                      reflink=self.work.features.reflink)
+        filled = dataclasses.replace(upper, metacopy=False)
         inode.replace_top(filled)
         return filled
-
-    def _rebuild(self, upper: Real, st: os.stat_result, data: Real, parent: Real, name: str,
-                 with_data: bool) -> int:
-        """A full copy of a metacopy file, renamed over it; returns its ``O_PATH`` descriptor."""
-        temp = self.work.temp_name()
-        origin = realfs.getxattr(upper.fd, schema.XATTR_ORIGIN)
-        extra = {} if origin is None else {schema.XATTR_ORIGIN: origin}
-        try:
-            dst = realfs.create_file(self.work.tmp_fd, temp, 0o600, os.O_WRONLY)
-            try:
-                if with_data and st.st_size:
-                    self._copy_data(data.fd, data.stat(), dst, st.st_size)
-                fd = realfs.open_path(self.work.tmp_fd, temp)
-                if fd is None:
-                    raise OSError(errno.ENOENT, "copy-up file vanished from the work directory")
-                try:
-                    self._finish(upper, st, fd, extra, _truncated_mtime(with_data))
-                    if self.sync:
-                        realfs.fsync(dst)
-                    parent_times = parent.stat()
-                    realfs.rename(self.work.tmp_fd, temp, parent.fd, name)
-                except BaseException:
-                    os.close(fd)
-                    raise
-            finally:
-                os.close(dst)
-        except BaseException:
-            self.work.discard(temp)
-            raise
-        self._restore_times(parent, parent_times)
-        return fd
 
     def attach_data(self, inode: Inode) -> None:
         """For an inode whose upper copy is a metacopy one: find its data in the lower layers.
@@ -511,18 +472,6 @@ def _map_of(real: Real) -> partial.DataMap:
     if dmap is None:
         raise OSError(errno.EIO, "partial file without a data map")
     return dmap
-
-
-def _is_at(real: Real, parent: Real, name: str) -> bool:
-    """Whether ``name`` in ``parent`` is the object ``real``."""
-    fd = realfs.open_path(parent.fd, name)
-    if fd is None:
-        return False
-    try:
-        a, b = os.fstat(fd), os.fstat(real.fd)
-        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-    finally:
-        os.close(fd)
 
 
 def _may_noatime(st: os.stat_result) -> bool:

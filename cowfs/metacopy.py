@@ -5,11 +5,10 @@ Changing a lower regular file's metadata (``chmod``, ``chown``, times, xattrs) o
 with the metadata, the origin (``user.cowfs.origin``) and the mark ``user.overlay.metacopy`` (an
 empty value). While the mark is there, the file's data is the lower file the origin names, found by
 walking the origin's path in its layer (:func:`find_data`), whatever the upper file holds. The
-first open for writing or truncation gives it its data: :class:`cowfs.copyup.CopyUp` rebuilds a
-copy with one name in the work directory and renames it over it (one commit point); a copy with
-several upper names (``link``) is filled in place by :func:`fill`, which keeps its names one file,
-and whose commit point is the removal of the mark (a crash before it leaves the data coming from
-the lower).
+first open for writing or truncation gives it its data, in place, as the kernel does
+(:func:`fill`): the data is written into the copy and the mark removed last, the commit point (a
+crash before it leaves the data coming from the lower). Nothing is renamed, so a concurrent rename
+of the file cannot make the fill land on another name, and a linked copy's names stay one file.
 
 The mark is untrusted input, and it gives access to a lower file's data under the upper file's
 owner and mode. So it is honoured only when the upper file's owner is the lower file's owner or the
@@ -31,6 +30,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import Iterator
 
 from . import partial, realfs, schema
@@ -229,8 +229,12 @@ def with_blocks(st: os.stat_result, blocks: int) -> os.stat_result:
 def fill(upper_fd: int, data_fd: int, *, with_data: bool, sync: bool, reflink: bool) -> None:
     """Give a marked upper file its own data, in place, and remove the mark (the commit point).
 
-    ``with_data`` False empties it instead (it is about to be truncated to 0). Owner, mode, times
-    and ``security.capability`` are as before.
+    ``with_data`` False empties it instead (it is about to be truncated to 0: its mtime becomes
+    the truncation's, as the truncation will make it). Owner, mode, times and
+    ``security.capability`` are as before. A step that fails before the commit point is undone
+    as far as it can be (size, mode and times back: the file stays a metacopy file whose sparse
+    content is never read), so a failed request leaves the file as it was; a crash before the
+    commit point can leave the mtime of the crash (layer-format.md 11a).
     """
     st = os.fstat(upper_fd)
     caps = realfs.getxattr(upper_fd, partial.CAPABILITY)
@@ -244,21 +248,47 @@ def fill(upper_fd: int, data_fd: int, *, with_data: bool, sync: bool, reflink: b
         made_writable = True
         dst = realfs.reopen(upper_fd, os.O_WRONLY)
     try:
-        if with_data:
-            src = realfs.reopen(data_fd, os.O_RDONLY | _noatime(os.fstat(data_fd)))
-            try:
-                realfs.copy_data(src, dst, st.st_size, reflink=reflink)
-            finally:
-                os.close(src)
-        else:
-            realfs.ftruncate(dst, 0)
-        if sync:
-            realfs.fsync(dst)
+        try:
+            if with_data:
+                src = realfs.reopen(data_fd, os.O_RDONLY | _noatime(os.fstat(data_fd)))
+                try:
+                    realfs.copy_data(src, dst, st.st_size, reflink=reflink)
+                finally:
+                    os.close(src)
+            else:
+                realfs.ftruncate(dst, 0)
+            if sync:
+                realfs.fsync(dst)
+            after = st if with_data else _with_mtime_now(st)
+            partial.restore_after_fill(upper_fd, after, caps, chmod=made_writable)
+            realfs.removexattr(upper_fd, schema.XATTR_METACOPY)
+        except BaseException:
+            _undo_fill(upper_fd, dst, st, caps, with_data=with_data)
+            raise
     finally:
         os.close(dst)
-    partial.restore_after_fill(upper_fd, st, caps, chmod=made_writable)
-    realfs.removexattr(upper_fd, schema.XATTR_METACOPY)
     log.debug("metacopy filled fd=%d (data=%s)", upper_fd, with_data)
+
+
+def _with_mtime_now(st: os.stat_result) -> os.stat_result:
+    """``st`` with the mtime of now (what a truncation gives the file)."""
+    fields = list(st)
+    values = {name: getattr(st, name) for name in ("st_atime_ns", "st_mtime_ns", "st_ctime_ns")}
+    values["st_mtime_ns"] = time.time_ns()
+    return os.stat_result(fields, values)
+
+
+def _undo_fill(upper_fd: int, dst: int, before: os.stat_result, caps: bytes | None, *,
+               with_data: bool) -> None:
+    """After a failed fill, before the commit point: the marked file as it was (best effort,
+    logged: the first failure is what the caller reports). Data written into it is harmless (a
+    marked file's content is never read); an emptied one gets its size back (a sparse file)."""
+    try:
+        if not with_data:
+            realfs.ftruncate(dst, before.st_size)
+        partial.restore_after_fill(upper_fd, before, caps, chmod=True)
+    except OSError as e:
+        log.warning("metacopy: cannot undo a failed fill of fd=%d: %s", upper_fd, e.strerror)
 
 
 def _noatime(st: os.stat_result) -> int:

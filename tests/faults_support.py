@@ -264,6 +264,7 @@ class Situation:
     #: A partial file (layer-format.md 11b) whose mtime a crash or a failure may leave changed
     #: with nothing else: a write whose blocks were never recorded (they are recorded at close)
     #: is lost, not its mtime; a completion copies data in place before it sets the times back.
+    #: A metacopy file (11a) likewise: it is given its data in place, as in the kernel.
     mtime_may_change: str | None = None
 
     @property
@@ -351,13 +352,17 @@ def _situations() -> list[Situation]:
         s("copyup-meta/symlink/lower/chown",
           lambda r: os.chown(r / "lsym", USER, USER, follow_symlinks=False)),
         # a metacopy upper file (data in the lower): filled at the first write or truncation
-        s("metacopy/file/upper/write-1-byte", _pwrite("mc"), smoke=True),
-        s("metacopy/file/upper/append", _append("mc")),
-        s("metacopy/file/upper/truncate", lambda r: os.truncate(r / "mc", 3), smoke=True),
+        # (filled in place, as the kernel does: a crash before the mark's removal leaves the data
+        # coming from the lower, but may leave the mtime of the crash, layer-format.md 11a)
+        s("metacopy/file/upper/write-1-byte", _pwrite("mc"), smoke=True, mtime_may_change="mc"),
+        s("metacopy/file/upper/append", _append("mc"), mtime_may_change="mc"),
+        s("metacopy/file/upper/truncate", lambda r: os.truncate(r / "mc", 3), smoke=True,
+          mtime_may_change="mc"),
         s("metacopy/file/upper/open-trunc",
-          lambda r: os.close(os.open(r / "mc", os.O_WRONLY | os.O_TRUNC))),
+          lambda r: os.close(os.open(r / "mc", os.O_WRONLY | os.O_TRUNC)), mtime_may_change="mc"),
         s("metacopy/file/upper/chmod", _call(os.chmod, "mc", mode=0o640)),
-        s("metacopy/file/upper/chown-foreign", lambda r: os.chown(r / "mc", USER, USER)),
+        s("metacopy/file/upper/chown-foreign", lambda r: os.chown(r / "mc", USER, USER),
+          mtime_may_change="mc"),
         s("metacopy/file/upper/rename", _rename("mc", "sub/new")),
         s("metacopy/file/upper/unlink", _call(os.unlink, "mc")),
         # copy-up of only the written blocks (pl: a large lower file; pc: a partial upper copy)

@@ -108,9 +108,10 @@ def test_first_write_fills_in_place_and_keeps_metadata(big: CowfsMount) -> None:
     assert (big.lowers[0] / "d/big").read_bytes() == DATA, "the lower is unchanged"
 
 
-def test_first_write_of_a_single_name_rebuilds_it(big: CowfsMount) -> None:
+def test_first_write_of_a_single_name_fills_it_in_place(big: CowfsMount) -> None:
     path = big.mnt / "d/big"
     os.chmod(path, 0o640)
+    upper_ino = os.stat(big.upper / "d/big").st_ino
     os.setxattr(path, "user.label", b"kept")
     os.utime(path, ns=(3_000_000_000, 4_000_000_000))
     number = os.stat(path).st_ino
@@ -122,6 +123,7 @@ def test_first_write_of_a_single_name_rebuilds_it(big: CowfsMount) -> None:
             assert not is_marked(big.upper / "d/big")
             assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o640, 4_000_000_000)
             assert os.getxattr(big.upper / "d/big", "user.label") == b"kept"
+            assert st.st_ino == upper_ino, "filled in place, as the kernel does"
             f.seek(4096)
             f.write(b"NEW")
         assert os.pread(reader, 8, 4096) == b"NEW" + DATA[4099:4104]

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import pytest
 
+from cowfs import realfs
 from cowfs.inodes import Inode
 from cowfs.layers import LayerPaths, open_stack
 from cowfs.namespace import Caller
-from cowfs.vfs import Overlay
+from cowfs.vfs import Overlay, SetAttr
 
 pytestmark = pytest.mark.slow
 
@@ -194,3 +195,66 @@ def test_names_added_while_copy_up_looks_for_one(layers: Layers) -> None:
             assert link[0] is root
 
     run_together(look_up, find_names)
+
+
+def test_a_metacopy_file_given_its_data_while_it_is_renamed_and_replaced(
+        layers: Layers, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20, item 9 (data loss): a metacopy copy is given its data (opened for writing) while
+    another request renames it away and creates a new file under its old name. The copy being
+    filled must stay the renamed object; the new file must keep what was written to it. It was
+    rebuilt in the work dir and renamed over its old name after the copy, without the namespace
+    lock, which replaced the new file with the old data."""
+    content = os.urandom(1 << 20)
+    (layers.lower / "A").write_bytes(content)
+    ov = Overlay(open_stack(LayerPaths((layers.lower,), layers.upper)), metacopy=True)
+    layers.overlays.append(ov)
+    root = ov.table.root
+    inode = lookup(ov, "A")
+    ov.setattr(inode, SetAttr(mode=0o600), None)  # a metadata-only copy
+    assert inode.top.metacopy
+
+    copy_data = realfs.copy_data
+    raced: list[BaseException] = []
+
+    def rename_and_replace() -> None:
+        try:
+            ov.rename(root, "A", root, "B", 0)
+            handle = ov.create(root, "A", 0o644, ROOT)
+            try:
+                handle.write(0, b"important\n")
+            finally:
+                handle.close()
+        except BaseException as e:
+            raced.append(e)
+
+    def copy_data_while_renamed(*args: object, **kwargs: object) -> None:
+        # In the middle of giving the file its data: another thread renames and replaces it.
+        worker = threading.Thread(target=rename_and_replace)
+        worker.start()
+        worker.join(timeout=30)
+        assert not worker.is_alive(), "rename during the fill hung"
+        copy_data(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(realfs, "copy_data", copy_data_while_renamed)
+    handle = ov.open(inode, os.O_RDWR)
+    handle.close()
+    monkeypatch.setattr(realfs, "copy_data", copy_data)
+    assert not raced, raced
+
+    assert read_all(ov, "A") == b"important\n"
+    assert read_all(ov, "B") == content
+    ov = layers.mount()  # a remount
+    assert read_all(ov, "A") == b"important\n"
+    assert read_all(ov, "B") == content
+    assert not lookup(ov, "B").top.metacopy
+    assert (layers.upper / "A").read_bytes() == b"important\n"
+    assert (layers.upper / "B").read_bytes() == content
+    assert (layers.lower / "A").read_bytes() == content
+
+
+def read_all(ov: Overlay, path: str) -> bytes:
+    handle = ov.open(lookup(ov, path), os.O_RDONLY)
+    try:
+        return handle.read(0, 1 << 24)
+    finally:
+        handle.close()
