@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import stat
 import tarfile
+import tempfile
+from pathlib import Path
 
 import pytest
+from cowfs import cli
 from support import cowfs_mount, merged_view
 from tools_support import (
     Workspace,
@@ -103,8 +108,7 @@ def test_import_of_a_docker_style_layer(workspace: Workspace) -> None:
     archive.write_bytes(data)
     layer = ws.root / "layer"
     assert cowfs("import", archive, layer).status == 0
-    assert os.getxattr(layer / "dir", "user.overlay.opaque") == b"x"
-    assert os.getxattr(layer / "dir/x", "user.overlay.whiteout") == b""
+    assert _is_device_whiteout(layer / "dir/x"), "a whiteout as the kernel makes it"
     assert os.getxattr(layer / "opq", "user.overlay.opaque") == b"y"
     with cowfs_mount([layer, ws.base], ws.upper, ws.mnt):
         assert not (ws.mnt / "b.txt").exists()
@@ -114,6 +118,53 @@ def test_import_of_a_docker_style_layer(workspace: Workspace) -> None:
         assert os.readlink(ws.mnt / "usr/bin/alias") == "/usr/bin/tool"
         assert (ws.mnt / "usr/bin/hard").stat().st_nlink == 2
         assert not (ws.mnt / ".wh..wh.plnk").exists()
+
+
+def _is_device_whiteout(path: Path) -> bool:
+    st = os.lstat(path)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+NOBODY = 65534
+
+
+def test_a_plain_user_imports_a_layer_with_whiteouts(workspace: Workspace,
+                                                      request: pytest.FixtureRequest) -> None:
+    """Issue 21: ``cowfs import`` as a plain user failed on any whiteout ("Permission denied":
+    a mode-0 file cannot be given a ``user.*`` xattr by its non-root owner). Whiteouts are now
+    0/0 devices, which any user may make, as the mount makes them."""
+    ws = workspace
+    # A directory of nobody's own that it can reach (the test's tmp_path is root's, mode 0700).
+    home = Path(tempfile.mkdtemp(prefix="cowfs-import-"))
+    request.addfinalizer(lambda: shutil.rmtree(home, ignore_errors=True))
+    home.chmod(0o755)
+    os.chown(home, NOBODY, NOBODY)
+    archive = home / "layer.tar"
+    archive.write_bytes(_tar([(_entry("dir", tarfile.DIRTYPE), None),
+                              (_entry("dir/.wh.x"), b""),
+                              (_entry(".wh.b.txt"), b""),
+                              (_entry("new"), b"new\n")]))
+    layer = home / "layer"
+    pid = os.fork()
+    if pid == 0:  # the child, as nobody: never returns
+        status = 1
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            status = cli.main(["import", str(archive), str(layer)])
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert _is_device_whiteout(layer / "dir/x")
+    assert _is_device_whiteout(layer / "b.txt")
+    assert os.lstat(layer / "new").st_uid == NOBODY
+    with cowfs_mount([layer, ws.base], ws.upper, ws.mnt):
+        assert not (ws.mnt / "b.txt").exists()
+        assert not (ws.mnt / "dir/x").exists()
+        assert (ws.mnt / "dir/sub/deep").exists()
+        assert (ws.mnt / "new").read_text() == "new\n"
 
 
 @pytest.mark.parametrize(

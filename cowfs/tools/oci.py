@@ -13,6 +13,7 @@ renamed dir (``overlay.redirect``) the whole directory at its new name, made opa
 hard links in the upper            tar hard links to the first name
 =================================  ====================================================
 
+Import makes whiteouts as char devices 0/0 (any user may, Linux 5.8), else xattr whiteouts.
 User xattrs travel as PAX ``SCHILY.xattr.NAME`` records under the names users see (unescaped);
 import stores them escaped again. Import refuses unsafe members with a clear error: absolute
 names, ``..``, hard links that point outside the layer or to nothing before them, and anything
@@ -364,6 +365,9 @@ class _Extractor:
         self.position = position
         self.files: set[str] = set()
         self.whiteouts: set[str] = set()
+        #: The whiteouts made as xattr whiteouts (no device whiteouts here): their parents are
+        #: marked.
+        self.xattr_whiteouts: set[str] = set()
         self.opaque: set[str] = set()
         self.dir_times: dict[str, float] = {}
         self.is_root = os.geteuid() == 0
@@ -407,6 +411,7 @@ class _Extractor:
         realfs.remove_tree(dirfd, name)
         self.files.discard(path)
         self.whiteouts.discard(path)
+        self.xattr_whiteouts.discard(path)
         return False
 
     def member(self, tar: tarfile.TarFile, info: tarfile.TarInfo) -> None:
@@ -443,13 +448,25 @@ class _Extractor:
                 realfs.mkdir(dirfd, name, 0o755)
 
     def _whiteout(self, path: str, member: str) -> None:
+        """A whiteout as the mount makes it: a 0/0 character device, which the kernel's overlayfs
+        reads too and any user may make (Linux 5.8); where the layer's filesystem refuses it, an
+        xattr whiteout (an empty mode-0 file marked ``user.overlay.whiteout``, its parent marked
+        in :meth:`finish`), marked before its mode is taken away: a plain user may not set a
+        ``user.*`` xattr on a file without write permission."""
         with self.parent(path, member) as (dirfd, name):
             self._clear(dirfd, name, path, keep_dir=False)
-            fd = realfs.create_file(dirfd, name, 0, os.O_WRONLY)
             try:
-                os.setxattr(fd, schema.XATTR_WHITEOUT, b"")
-            finally:
-                os.close(fd)
+                realfs.mknod_whiteout(dirfd, name)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                fd = realfs.create_file(dirfd, name, 0o600, os.O_WRONLY)
+                try:
+                    realfs.setxattr(fd, schema.XATTR_WHITEOUT, b"")
+                    realfs.chmod(fd, 0)
+                finally:
+                    os.close(fd)
+                self.xattr_whiteouts.add(path)
         self.whiteouts.add(path)
 
     def _create(self, tar: tarfile.TarFile, info: tarfile.TarInfo, path: str, dirfd: int,
@@ -531,6 +548,8 @@ class _Extractor:
                 if parent in self.opaque:
                     realfs.unlink(dirfd, name)
                     continue
+                if path not in self.xattr_whiteouts:
+                    continue  # a device whiteout needs no mark on its parent
                 pfd = os.open(".", os.O_PATH | os.O_CLOEXEC, dir_fd=dirfd)
                 try:
                     realfs.setxattr(pfd, schema.XATTR_OPAQUE, schema.OPAQUE_HAS_XWHITEOUTS)
