@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from cowfs import cli
 from support import cowfs_mount, merged_view
 from tools_support import (
     Workspace,
@@ -25,6 +24,8 @@ from tools_support import (
     view_of,
     workspace,
 )
+
+from cowfs import cli
 
 __all__ = ["workspace"]
 
