@@ -50,6 +50,24 @@ log = logging.getLogger(__name__)
 #: Generic mount(8) options that only make sense to mount(8) itself.
 IGNORED_OPTIONS = frozenset({"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users",
                              "nouser", "owner", "group", "rw"})
+#: The kernel's overlayfs spells some options its own way (Documentation/filesystems/
+#: overlayfs.rst): an fstab line converted from ``overlay`` to ``fuse.cowfs`` keeps them. Each maps
+#: to cowfs's option ("" where cowfs always behaves so and there is nothing to set), or, where
+#: cowfs cannot behave so, to the reason it refuses.
+KERNEL_SPELLINGS: dict[str, str] = {
+    "metacopy=on": "metacopy", "metacopy=off": "nometacopy",
+    "default_permissions": "",  # always set (the kernel checks access against cowfs's attributes)
+    "userxattr": "",  # cowfs's records are always user.* xattrs
+    "index=on": "", "redirect_dir=on": "", "redirect_dir=follow": "",  # always
+    "xino=on": "", "xino=auto": "", "xino=off": "",  # inode numbers are always stable
+    "nfs_export=off": "", "uuid=on": "", "uuid=auto": "", "uuid=null": "", "uuid=off": "",
+}
+KERNEL_REFUSED: dict[str, str] = {
+    "index=off": "cowfs always keeps the hard-link index (hard links stay one file on copy-up)",
+    "redirect_dir=off": "cowfs always records and follows redirects of renamed directories",
+    "redirect_dir=nofollow": "cowfs always records and follows redirects of renamed directories",
+    "nfs_export=on": "cowfs cannot serve NFS (FUSE lookups by file handle are not supported)",
+}
 #: Options handed to the kernel through libfuse unchanged.
 KERNEL_OPTIONS = frozenset({"ro", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "sync",
                             "async", "dirsync"})
@@ -115,8 +133,14 @@ class MountOptions:
         atime = "relatime"
         kernel: set[str] = set()
         for spec in specs:
-            for opt in filter(None, spec.split(",")):
+            for given in filter(None, spec.split(",")):
+                if given in KERNEL_REFUSED:
+                    raise CowfsError(f"mount option {given!r} is not supported: "
+                                     f"{KERNEL_REFUSED[given]}")
+                opt = KERNEL_SPELLINGS.get(given, given)
                 key, _, value = opt.partition("=")
+                if not key:
+                    continue
                 if key == "allow_other":
                     allow_other = True
                 elif key == "debug":

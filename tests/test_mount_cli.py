@@ -196,7 +196,12 @@ def test_without_allow_other_other_users_are_kept_out(
 # --- the mount(8) helper ----------------------------------------------------------------------
 
 
-def test_mount_t_fuse_cowfs(layers: LayerFactory) -> None:
+@pytest.mark.parametrize("kernel_names", [
+    "", ",default_permissions,index=on,redirect_dir=on,userxattr,metacopy=on,xino=auto"],
+    ids=["cowfs-options", "kernel-overlay-options"])
+def test_mount_t_fuse_cowfs(layers: LayerFactory, kernel_names: str) -> None:
+    """Also with the kernel overlay's option names, as an fstab line converted from ``overlay``
+    keeps them (issue 21: they were refused)."""
     needs_root("mount -t fuse.cowfs (mount(8) lets a plain user mount only what fstab allows)")
     if not MOUNT_HELPER.exists():
         pytest.fail(f"{MOUNT_HELPER} is missing: run `make helper` (make test does it)")
@@ -204,7 +209,7 @@ def test_mount_t_fuse_cowfs(layers: LayerFactory) -> None:
     lowers_before = [tree_state(p) for p in layer_set.lowers]
     options = (
         f"lowerdir={':'.join(map(str, layer_set.lowers))},"
-        f"upperdir={layer_set.upper},workdir={layer_set.work}"
+        f"upperdir={layer_set.upper},workdir={layer_set.work}{kernel_names}"
     )
     cmd = ["mount", "-t", "fuse.cowfs", "-o", options, "cowfs", str(layer_set.mnt)]
     holders_before = fuse_device_holders()
@@ -218,6 +223,9 @@ def test_mount_t_fuse_cowfs(layers: LayerFactory) -> None:
         assert (layer_set.mnt / "dir" / "x").read_text() == "lower1:dir/x"
         (layer_set.mnt / "b.txt").write_text("written")
         assert (layer_set.upper / "b.txt").read_text() == "written"
+        os.chmod(layer_set.mnt / "a.txt", 0o600)
+        marked = "user.overlay.metacopy" in os.listxattr(layer_set.upper / "a.txt")
+        assert marked == ("metacopy=on" in kernel_names), "metacopy=on is cowfs's metacopy"
         # The work dir given was used, so the default one was not made.
         assert not (layer_set.upper / DEFAULT_WORK_NAME).exists()
         assert daemons, "no new process holds /dev/fuse: where is the daemon?"

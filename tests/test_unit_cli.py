@@ -26,6 +26,24 @@ def test_bad_mount_options_are_user_errors(bad: str) -> None:
         MountOptions.parse([bad])
 
 
+def test_the_kernels_overlay_option_names_are_accepted() -> None:
+    """An fstab line converted from ``overlay`` keeps the kernel's spellings (issue 21)."""
+    opts = MountOptions.parse(["default_permissions,index=on,redirect_dir=on,userxattr",
+                               "metacopy=on,xino=auto,nfs_export=off"])
+    assert opts.metacopy
+    assert opts.kernel == frozenset()
+    assert not MountOptions.parse(["metacopy=on,metacopy=off"]).metacopy
+
+
+@pytest.mark.parametrize(("option", "reason"), [
+    ("index=off", "hard-link index"), ("redirect_dir=nofollow", "redirects"),
+    ("redirect_dir=off", "redirects"), ("nfs_export=on", "NFS")])
+def test_kernel_options_cowfs_cannot_honour_are_refused_with_the_reason(option: str,
+                                                                         reason: str) -> None:
+    with pytest.raises(CowfsError, match=f"{option!r} is not supported: .*{reason}"):
+        MountOptions.parse([option])
+
+
 def test_fuse_options_keep_default_permissions() -> None:
     opts = MountOptions.parse(["allow_other"]).fuse_options("cowfs")
     assert {"default_permissions", "allow_other", "fsname=cowfs", "subtype=cowfs"} <= opts
