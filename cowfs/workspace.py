@@ -477,15 +477,18 @@ def reset(upper: Path, paths: Sequence[str], *, yes: bool, dry_run: bool,
                     print(f"reset {upper}: all changes discarded", file=out)
                 return
             targets: list[str] = []
+            unmatched: list[str] = []
             for path in wanted:
                 if path.split("/")[0] == schema.WORK_DIR_NAME:
                     raise CowfsError(f"{path!r} is inside the work directory, not a change")
                 found = _reset_targets(fd, path)
                 if not found:
-                    print(f"no change at {quote(path)}", file=out)
+                    unmatched.append(quote(path))
                 targets += [t for t in found if t not in targets]
-            if not targets:
-                return
+            if unmatched:
+                # As git does for a pathspec that matches nothing: a typo must not pass for done.
+                raise CowfsError(f"no change at {', '.join(unmatched)} in {str(upper)!r}: "
+                                 "nothing was reset ('cowfs diff' lists the changes)")
             plan = [f"discard {quote(t)}" for t in targets]
             if plans.confirm(plan, yes=yes, dry_run=dry_run, out=out,
                               question="Discard these changes?"):

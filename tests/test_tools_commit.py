@@ -116,9 +116,11 @@ def test_reset_paths(workspace: Workspace) -> None:
         make_changes(ws.mnt)
         changed = merged_view(ws.mnt)
     with unchanged(ws.base, "the base"):
-        result = cowfs("reset", ws.upper, "a.txt", "/b.txt", "renamed", "nothing-here", "-y")
+        with unchanged(ws.upper, "the upper"):  # a path without a change: nothing is reset
+            assert_user_error(cowfs("reset", ws.upper, "a.txt", "nothing-here", "-y"),
+                              "no change at nothing-here", "nothing was reset")
+        result = cowfs("reset", ws.upper, "a.txt", "/b.txt", "renamed", "-y")
         assert result.status == 0, result
-        assert "no change at nothing-here" in result.out
         assert "discard old" in result.out  # the renamed directory's original comes back
         after = view_of([ws.base], ws.upper, ws.mnt)
     for path in ("a.txt", "b.txt", "old", "old/inner/z", "old/keep"):

@@ -69,6 +69,11 @@ def test_diff_exit_code_and_no_changes(workspace: Workspace) -> None:
     (ws.upper / "x").write_text("x")
     result = cowfs("diff", "--exit-code", "--lower", ws.base, ws.upper)
     assert (result.status, result.out) == (1, "A  x\n")
+    # An error is not "there are changes" (issue 21): status 2, as diff(1) says trouble.
+    failed = cowfs("diff", "--exit-code", "--lower", ws.base / "missing", ws.upper)
+    assert_user_error(failed, "does not exist")
+    assert failed.status == 2, failed
+    assert cowfs("diff", "--lower", ws.base / "missing", ws.upper).status == 1
 
 
 def test_diff_bad_input(workspace: Workspace, tmp_path: Path) -> None:

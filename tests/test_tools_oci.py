@@ -202,7 +202,19 @@ def test_import_of_a_corrupt_or_missing_archive(workspace: Workspace) -> None:
     layer = ws.root / "layer"
     assert_user_error(cowfs("import", corrupt, layer), "corrupt")
     (ws.root / "junk.tar").write_bytes(b"this is not a tar archive at all" * 40)
-    assert_user_error(cowfs("import", ws.root / "junk.tar", layer), "corrupt")
+    junk = cowfs("import", ws.root / "junk.tar", layer)
+    assert_user_error(junk, "corrupt", "invalid header")
+    assert "ReadError" not in junk.err, "in words, not tarfile's repr"
+    # Cut inside the third member's header: tarfile stops there quietly, as at an end; the
+    # import must not take the first two members for the whole archive (issue 21).
+    third = 2 * (512 + 3072)
+    (ws.root / "cut.tar").write_bytes(good[: third + 100])
+    assert_user_error(cowfs("import", ws.root / "cut.tar", layer), "damaged tar archive after 2 "
+                      "members", "truncated header", "nothing was imported")
+    damaged = bytearray(good)
+    damaged[third + 148: third + 156] = b"9999999\0"  # the third header's checksum
+    (ws.root / "bad-sum.tar").write_bytes(bytes(damaged))
+    assert_user_error(cowfs("import", ws.root / "bad-sum.tar", layer), "damaged", "header")
     assert not layer.exists()
     assert not any(n.startswith(".layer") for n in os.listdir(ws.root))
     assert_user_error(cowfs("import", ws.root / "missing.tar", layer), "does not exist")

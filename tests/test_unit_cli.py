@@ -125,3 +125,12 @@ def test_refused_name_invalidations_are_not_logged_as_errors(
         logger.removeFilter(quiet)
     messages = [r.getMessage() for r in caplog.records if r.name == "pyfuse3"]
     assert messages == ["something else went wrong"]
+
+
+def test_counts_take_the_noun_in_their_number() -> None:
+    """Issue 21: "1 entries", "all 1 changes" in the commands' output."""
+    from cowfs.wording import counted
+
+    assert counted(1, "entry", "entries") == "1 entry"
+    assert counted(0, "entry", "entries") == "0 entries"
+    assert counted(2, "member") == "2 members"

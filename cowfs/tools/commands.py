@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import CowfsError
+
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -121,6 +123,15 @@ def _selected_paths(paths: list[str]) -> list[str]:
 
 
 def _cmd_diff(args: argparse.Namespace) -> None:
+    try:
+        _diff(args)
+    except CowfsError as e:
+        # With --exit-code, 1 means "there are changes": an error must not pass for one (2, as
+        # diff(1) says "trouble").
+        raise CowfsError(str(e), 2 if args.exit_code else e.exit_code) from None
+
+
+def _diff(args: argparse.Namespace) -> None:
     from ..changes import anomaly_lines, render_json, render_text, select, visible_changes
     from ..mounts import layers_for
     from ..walk import walk
@@ -147,7 +158,7 @@ def _add_diff(subparsers: Subparsers) -> None:
     p.add_argument("--lower", metavar="LOWER[:LOWER...]", help=LOWER_HELP)
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument("--exit-code", action="store_true",
-                   help="exit with status 1 when there are changes")
+                   help="exit with status 1 when there are changes, 2 on an error")
     p.set_defaults(func=_cmd_diff)
 
 

@@ -32,6 +32,7 @@ import contextlib
 import errno
 import gzip
 import os
+import re
 import shutil
 import stat
 import sys
@@ -39,7 +40,7 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, TextIO, cast
+from typing import IO, Self, TextIO, cast
 
 from .. import outputs, plans, realfs, schema
 from ..changes import quote
@@ -60,6 +61,7 @@ from ..walk import (
     visible_xattrs,
     walk,
 )
+from ..wording import counted
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -316,7 +318,7 @@ def export_layer(upper: Path, lowers: Sequence[Path], output: str, *, gzip_flag:
     except BaseException:
         outputs.remove_dirs(made)
         raise
-    print(f"exported {count} entries to {output}", file=out or sys.stderr)
+    print(f"exported {counted(count, 'entry', 'entries')} to {output}", file=out or sys.stderr)
     return count
 
 
@@ -577,22 +579,58 @@ class _Extractor:
                     os.close(fd)
 
 
+_HeaderError = tarfile.HeaderError
+
+
+class _Header(tarfile.TarInfo):
+    """tarfile ends an archive quietly at a header it cannot read that is not the first (a
+    truncated or corrupt one), so a damaged archive would import in part and say it succeeded.
+    This notes such a header on the archive (:func:`_damaged_end`); the end-of-archive marker
+    (zero blocks) and the file's end at a block boundary are ends as they should be."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile: tarfile.TarFile) -> Self:
+        try:
+            return super().fromtarfile(tarfile)
+        except _HeaderError as e:
+            if type(e).__name__ in ("TruncatedHeaderError", "InvalidHeaderError"):
+                setattr(tarfile, "_cowfs_damaged", f"{e} at byte {tarfile.offset}")  # noqa: B010
+            raise
+
+
+def _damaged_end(tar: tarfile.TarFile) -> str | None:
+    damaged: str | None = getattr(tar, "_cowfs_damaged", None)
+    return damaged
+
+
 @contextlib.contextmanager
 def _open_archive(archive: str) -> Iterator[tuple[tarfile.TarFile, plans.Progress,
                                                   Callable[[], int] | None]]:
     """The archive, a progress bar of its bytes, and how far into the file tarfile has read
     (None for stdin, whose length is unknown)."""
     if archive == "-":
-        with tarfile.open(fileobj=sys.stdin.buffer, mode="r|*") as tar, \
+        with tarfile.open(fileobj=sys.stdin.buffer, mode="r|*", tarinfo=_Header) as tar, \
                 plans.Progress(None, "import") as bar:
             yield tar, bar, None
         return
-    with open(archive, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar, \
+    with open(archive, "rb") as raw, \
+            tarfile.open(fileobj=raw, mode="r:*", tarinfo=_Header) as tar, \
             plans.Progress(os.fstat(raw.fileno()).st_size, "import") as bar:
         yield tar, bar, raw.tell
 
 
 _CORRUPT = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def _corrupt_reason(e: BaseException) -> str:
+    """tarfile's "r:*" lists every method it tried, one per line, as ``- method tar:
+    ReadError('invalid header')``: the last (tar's), in words."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    last = text.splitlines()[-1].removeprefix("- ")
+    found = re.fullmatch(r"""(?:method \w+: )?\w+\((['"])(.*)\1\)""", last)
+    return found.group(2) if found else last
 
 
 def import_layer(archive: str, dest: Path, *, out: TextIO | None = None) -> int:
@@ -615,7 +653,7 @@ def import_layer(archive: str, dest: Path, *, out: TextIO | None = None) -> int:
     except BaseException:
         outputs.remove_dirs(made)
         raise
-    print(f"imported {count} member{'' if count == 1 else 's'} into {dest}", file=out or sys.stderr)
+    print(f"imported {counted(count, 'member')} into {dest}", file=out or sys.stderr)
     return count
 
 
@@ -657,11 +695,14 @@ def _import_into(archive: str, dest: Path, temp: Path) -> int:
                         extractor.tick(0)
                         count += 1
                         plans.fault_point(IMPORT_FAULT, count)
+                    damaged = _damaged_end(tar)
+                    if damaged is not None:
+                        raise CowfsError(f"{archive}: damaged tar archive after "
+                                         f"{counted(count, 'member')} ({damaged}); nothing "
+                                         "was imported")
             except _CORRUPT as e:
-                # tarfile's "r:*" lists every method it tried, one per line; the last is tar's.
-                reason = str(e).strip().splitlines()[-1].removeprefix("- ") if str(e) else \
-                    type(e).__name__
-                raise CowfsError(f"{archive}: corrupt or not a tar archive: {reason}") from None
+                raise CowfsError(f"{archive}: corrupt or not a tar archive: "
+                                 f"{_corrupt_reason(e)}") from None
             if extractor is None:
                 raise CowfsError(f"{archive}: corrupt or not a tar archive")
             extractor.finish()

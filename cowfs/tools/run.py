@@ -103,7 +103,8 @@ def _report(changes: list[Visible], err: TextIO, diff_out: Path | None,
     if diff_out is not None:
         as_json = diff_json if diff_json is not None else diff_out.suffix == ".json"
         diff_out.write_text(render_json(changes) if as_json else render_text(changes))
-        print(f"cowfs run: the list of all {len(changes)} changes is in {diff_out}", file=err)
+        what = "the one change" if len(changes) == 1 else f"all {len(changes)} changes"
+        print(f"cowfs run: the list of {what} is in {diff_out}", file=err)
 
 
 def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | None,
