@@ -60,7 +60,7 @@ SHELL_FILES := $(SHARE)/bash-completion/completions/cowfs $(SHARE)/zsh/site-func
                $(SHARE)/man/man1/cowfs.1
 setup: system-packages $(STAMP) $(SHELL_FILES)
 
-$(SHELL_FILES) &: $(STAMP) scripts/shell-files.sh cowfs/cli.py cowfs/tools/commands.py
+$(SHELL_FILES) &: $(STAMP) scripts/shell-files.sh cowfs/cli.py cowfs/tools/commands.py docs/cli.md
 	bash scripts/shell-files.sh $(VENV)/bin/python $(SHARE)
 
 # Symlinks in /usr/local/share (searched by bash-completion, Debian's zsh and man) to the files

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -70,7 +71,7 @@ def _add_mount_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
                    help="work directory for atomic copy-up; must be on the upper's filesystem "
                    "(default: UPPER/.cowfs-work)")
     p.add_argument("-o", dest="options", metavar="OPT[,OPT...]", action="append", default=[],
-                   help="mount options, see below")
+                   help="mount options: MOUNT OPTIONS in cowfs(1), or docs/cli.md")
     p.add_argument("--log", metavar="FILE", help="append the daemon's log to FILE")
     p.set_defaults(func=_cmd_mount, interrupted="the daemon may still mount in the background: "
                    "see 'cowfs status', and 'cowfs umount MOUNTPOINT'")
@@ -163,6 +164,13 @@ def mount(lower: str, upper: str, mountpoint: str, *, work: str | None, options:
     from .mount import MountOptions, prepare, serve  # pyfuse3 only where it is needed
 
     opts = MountOptions.parse(options)
+    privileged = opts.kernel & {"suid", "dev"} if os.geteuid() != 0 else frozenset()
+    if privileged:
+        # fusermount3 drops them for a plain user and says so only on the daemon's stderr.
+        print(f"cowfs: warning: -o {','.join(sorted(privileged, reverse=True))} needs root "
+              "(a plain user's FUSE mount is always nosuid,nodev); mounting without it",
+              file=sys.stderr)
+        opts = dataclasses.replace(opts, kernel=opts.kernel - privileged)
     paths = LayerPaths.parse(lower, upper, work)
     fusecheck.preflight(Path(mountpoint), allow_other=opts.allow_other)
     if foreground:

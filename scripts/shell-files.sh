@@ -39,6 +39,42 @@ for name, sub in action.choices.items():
         print(roff(line))
     print(".fi")
 PY
+# MOUNT OPTIONS, EXIT STATUS and the fstab form, from docs/cli.md (their one source): its tables
+# become tagged paragraphs, its fstab line a literal block.
+"$python" - "$(dirname "$0")/../docs/cli.md" >>"$examples" <<'PY'
+import re
+import sys
+
+def roff(text: str) -> str:
+    text = text.replace("\\", "\\e").replace("-", "\\-").replace("'", "\\(aq")
+    text = re.sub(r"\[([^]]*)\]\([^)]*\)", r"\1", text)  # [words](link): the words
+    return re.sub(r"`([^`]*)`", r"\\fB\1\\fR", text).replace("**", "")
+
+def table(lines: list[str], heading: str) -> list[str]:
+    start = lines.index(heading)
+    rows = []
+    for line in lines[start + 1:]:
+        if line.startswith("#"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if len(cells) == 2 and not set(cells[0]) <= set("- ") and cells[0] not in ("Option", "Status"):
+            rows.append(f".TP\n{roff(cells[0])}\n{roff(cells[1])}")
+    return rows
+
+lines = open(sys.argv[1]).read().splitlines()
+print("[MOUNT OPTIONS]")
+print("Given with \\fB\\-o\\fR to \\fBcowfs mount\\fR (several separated by commas, or several \\fB\\-o\\fR).")
+print("\n".join(table(lines, "### Mount options (`-o`)")))
+print("[EXIT STATUS]")
+print("\n".join(table(lines, "## Exit statuses")))
+fstab = next(i for i, l in enumerate(lines) if l.startswith("The same mount as a line of /etc/fstab"))
+opening = lines.index("```", fstab)
+block = lines[opening + 1: lines.index("```", opening + 1)]
+print("[FILES]\n.TP\n\\&/etc/fstab\nA cowfs mount as a line of /etc/fstab (with \\fBmake helper\\fR's mount.fuse.cowfs):\n.nf")
+# argparse-manpage takes a line that starts with "/" or "[" for a header: "\&" before it.
+print("\n".join(re.sub(r"^(?=[/[])", r"\\&", roff(l)) for l in block))
+print(".fi")
+PY
 "$python" -c "import sys; from argparse_manpage.cli import main; sys.argv[0] = 'argparse-manpage'; sys.exit(main())" --module cowfs.cli --function build_parser --prog cowfs \
     --project-name cowfs --version "$version" --manual-title "cowfs manual" \
     --description "a copy-on-write overlay filesystem (FUSE)" --include "$examples" \

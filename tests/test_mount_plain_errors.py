@@ -168,3 +168,21 @@ def test_the_same_user_can_mount_once_allowed(plain_user: PlainUser) -> None:
         ' "$COWFS" umount mnt || fusermount3 -u -z mnt', device_mode=0o666)
     assert result.returncode == 0, result
     assert result.stdout.split() == ["lower", "1"], result
+
+
+def test_suid_and_dev_for_a_plain_user_are_said_to_be_dropped(plain_user: PlainUser) -> None:
+    """A plain user's FUSE mount is always nosuid,nodev (fusermount3 drops the options, and
+    said so only to a background daemon's stderr): cowfs says it, mounts without them, and
+    'cowfs status' shows what applies (issue 21)."""
+    result = plain_user.shell(
+        '"$COWFS" mount -o suid,dev lower upper mnt; cat mnt/file; echo;'
+        ' awk -v m="$PWD/mnt" \'$5 == m {print $6}\' /proc/self/mountinfo;'
+        ' "$COWFS" umount mnt || fusermount3 -u -z mnt', device_mode=0o666)
+    assert result.returncode == 0, result
+    words = result.stdout.split()
+    assert words[0] == "lower", result
+    assert {"nosuid", "nodev"} <= set(words[1].split(",")), result
+    warning = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warning) == 1, result.stderr
+    assert "suid,dev" in warning[0] and "root" in warning[0], warning
+    assert "Traceback" not in result.stderr

@@ -113,6 +113,13 @@ def test_man_page_mentions_every_subcommand_option_and_example(shell_files: Path
             if option != "--help":  # the man page has no --help to show
                 assert option in text, (name, option)
     assert ".SH EXAMPLES" in text
+    # -o's list, the exit statuses and the fstab form, from docs/cli.md (issue 21: the page said
+    # "see below" and nothing followed)
+    for section in ("MOUNT OPTIONS", "EXIT STATUS", "FILES"):
+        assert f".SH {section}" in text, section
+    for option in ("allow_other", "partial_copyup=SIZE", "metacopy=on"):
+        assert option in text, option
+    assert "lowerdir=/srv/a:/srv/b,upperdir=/srv/u,workdir=/srv/w" in text
     assert "cowfs run --diff-out changes.json /data -- make" in text
     if shutil.which("man"):
         shown = subprocess.run(["man", "-l", str(page)], check=True, capture_output=True,
