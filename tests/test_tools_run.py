@@ -11,8 +11,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
-from support import find_cowfs, mounted_fstype, wait_until
+from support import find_cowfs, mounted_fstype, needs_root, wait_until
 from tools_support import Workspace, assert_user_error, cowfs, unchanged, workspace
 
 __all__ = ["workspace"]
@@ -174,3 +175,71 @@ def test_refused_run_changes_nothing(workspace: Workspace, tmp_path: Path) -> No
                                 capture_output=True, text=True, check=False, timeout=120)
         assert result.returncode == 127, result.stderr
         assert os.listdir(scratch) == [], keep
+
+
+def _start_run(*args: str | Path, err: IO[bytes]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([str(find_cowfs()), "run", *map(str, args)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+
+
+def test_runs_are_private_views_and_several_over_one_base_do_not_meet(
+        workspace: Workspace) -> None:
+    """Issue 21: by default only the job sees its view (a mount namespace of its own): other
+    processes see the base unchanged and no mount on it, and a second run over the same base
+    at the same time gets a view of its own."""
+    needs_root("a private view needs a mount namespace")
+    ws = workspace
+    go = ws.root / "go"
+    first_in = ws.root / "first-in"
+    script = (f"echo first > mine; touch {first_in}; "
+              f"i=0; while [ ! -e {go} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; "
+              "cat mine")
+    with unchanged(ws.base, "the base"), tempfile.TemporaryFile() as err:
+        first = _start_run(ws.base, "--", "sh", "-c", script, err=err)
+        try:
+            assert wait_until(first_in.exists, 30), "the first job did not start"
+            assert mounted_fstype(ws.base) is None, "the first view is visible outside"
+            assert not (ws.base / "mine").exists()
+            second = cowfs("run", ws.base, "--", "sh", "-c",
+                           "cat mine 2>/dev/null || echo none; cat a.txt")
+            assert (second.status, second.out) == (0, "none\nbase:a.txt"), second
+        finally:
+            go.touch()
+            out, _ = first.communicate(timeout=60)
+        err.seek(0)
+        message = err.read().decode()
+    assert first.returncode == 0, message
+    assert out == b"first\n"
+    assert "1 added; discarded" in message
+
+
+def test_a_shared_run_is_seen_by_every_process(workspace: Workspace) -> None:
+    ws = workspace
+    inside = ws.root / "inside"
+    go = ws.root / "go"
+    script = (f"touch {inside}; i=0; while [ ! -e {go} ] && [ $i -lt 600 ]; do sleep 0.05; "
+              "i=$((i+1)); done")
+    with unchanged(ws.base, "the base"), tempfile.TemporaryFile() as err:
+        proc = _start_run("--shared", "--at", ws.mnt, ws.base, "--", "sh", "-c", script, err=err)
+        try:
+            assert wait_until(inside.exists, 30), "the job did not start"
+            assert mounted_fstype(ws.mnt) == "fuse.cowfs"
+            assert (ws.mnt / "a.txt").read_text() == "base:a.txt"
+        finally:
+            go.touch()
+            proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert mounted_fstype(ws.mnt) is None
+
+
+def test_run_takes_a_stack(workspace: Workspace) -> None:
+    """``cowfs run L1:L2`` as ``cowfs mount`` takes it (issue 21: "base directory does not
+    exist")."""
+    ws = workspace
+    top = ws.fresh("top")
+    (top / "a.txt").write_text("top:a.txt")
+    result = cowfs("run", "--at", ws.mnt, f"{top}:{ws.base}", "--", "sh", "-c",
+                   "cat a.txt; echo; cat dir/x")
+    assert result.status == 0, result
+    assert result.out.splitlines()[0] == "top:a.txt"
+    assert result.out.splitlines()[1] == (ws.base / "dir/x").read_text()

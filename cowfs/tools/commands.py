@@ -57,11 +57,11 @@ def _cmd_run(args: argparse.Namespace) -> None:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    _exit(run(Path(args.base), command, upper=Path(args.upper) if args.upper else None,
+    _exit(run(args.base, command, upper=Path(args.upper) if args.upper else None,
               keep=args.keep, at=Path(args.at) if args.at else None,
               diff_out=Path(args.diff_out) if args.diff_out else None,
               diff_json=args.diff_format == "json" if args.diff_format else None,
-              excludes=args.exclude))
+              excludes=args.exclude, private=not args.shared))
 
 
 def _add_run(subparsers: Subparsers) -> None:
@@ -70,8 +70,9 @@ def _add_run(subparsers: Subparsers) -> None:
                 "in the view, unmount (also after Ctrl-C or a crash), print what changed, and "
                 "discard or keep the changes. Exits with COMMAND's status.", RUN_EPILOG)
     # Short, so that a usage error stays a few lines; --help lists every option.
-    p.usage = ("cowfs run [--upper DIR] [--keep | --discard] [--at PATH] [--diff-out FILE]\n"
-               "                 [--exclude PATTERN]... BASE -- COMMAND...")
+    p.usage = ("cowfs run [--upper DIR] [--keep | --discard] [--at PATH] [--shared]\n"
+               "                 [--diff-out FILE] [--exclude PATTERN]... BASE[:LOWER...] -- "
+               "COMMAND...")
     p.add_argument("--upper", metavar="DIR",
                    help="keep the changes in DIR (default: a temporary directory)")
     keep = p.add_mutually_exclusive_group()
@@ -81,12 +82,16 @@ def _add_run(subparsers: Subparsers) -> None:
                       help="discard the changes (the default without --upper)")
     p.add_argument("--at", metavar="PATH",
                    help="mount the view at PATH instead of over BASE itself")
+    p.add_argument("--shared", action="store_true",
+                   help="mount the view where every process sees it (default: only COMMAND "
+                   "and its children do, in a mount namespace of their own; root)")
     p.add_argument("--diff-out", metavar="FILE",
                    help="write every change to FILE (the summary lists only the first 20)")
     p.add_argument("--diff-format", choices=("text", "json"),
                    help="the format of --diff-out (default: json when FILE ends in .json)")
     _add_filters(p, "changes from the summary and --diff-out")
-    p.add_argument("base", metavar="BASE")
+    p.add_argument("base", metavar="BASE[:LOWER...]",
+                   help="the directory, or a stack of layers (topmost first) as for mount")
     p.add_argument("command", metavar="-- COMMAND...", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_run,
                    interrupted="the view was unmounted; its changes were discarded unless "

@@ -17,13 +17,13 @@ on to COMMAND.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -33,25 +33,10 @@ from ..changes import Visible, line, render_json, render_text, select, summary, 
 from ..errors import CowfsError
 from ..walk import walk
 from ..workspace import UpperOrigin, discard_upper, refuse_to_discard, upper_origin
+from . import private as _private
 
 #: How many changes the summary lists one by one before it only counts them.
 SUMMARY_LINES = 20
-
-
-@contextlib.contextmanager
-def _signals_to(proc: subprocess.Popen[bytes]) -> Iterator[None]:
-    def forward(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signum)
-
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
-                signal.SIGHUP: signal.signal(signal.SIGHUP, forward)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def run_command(command: Sequence[str], cwd: Path) -> int:
@@ -62,7 +47,7 @@ def run_command(command: Sequence[str], cwd: Path) -> int:
         raise CowfsError(f"command not found: {command[0]}", 127) from None
     except PermissionError:
         raise CowfsError(f"command not executable: {command[0]}", 126) from None
-    with _signals_to(proc):
+    with _private.signals_to(proc.pid):
         status = proc.wait()
     return status if status >= 0 else 128 - status
 
@@ -107,16 +92,23 @@ def _report(changes: list[Visible], err: TextIO, diff_out: Path | None,
         print(f"cowfs run: the list of {what} is in {diff_out}", file=err)
 
 
-def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | None,
+def run(base: Path | str, command: Sequence[str], *, upper: Path | None, keep: bool | None,
         at: Path | None, err: TextIO | None = None, diff_out: Path | None = None,
-        diff_json: bool | None = None, excludes: Sequence[str] = ()) -> int:
+        diff_json: bool | None = None, excludes: Sequence[str] = (),
+        private: bool = True) -> int:
+    """``private``: the view in a mount namespace of the job's own (root; see
+    :mod:`cowfs.tools.private`), else in the machine's, where every process sees it."""
     err = err or sys.stderr
     if not command:
         raise CowfsError("no command given: cowfs run BASE -- COMMAND...")
-    if not base.is_dir():
-        raise CowfsError(f"base directory {str(base)!r} does not exist"
-                         if not base.exists() else f"base {str(base)!r} is not a directory")
-    real_base = base.resolve()
+    lowers = _lowers(str(base))
+    for lower in lowers:
+        if not lower.is_dir():
+            what = "base directory" if len(lowers) == 1 else "lower directory"
+            raise CowfsError(f"{what} {str(lower)!r} does not exist" if not lower.exists()
+                             else f"base {str(lower)!r} is not a directory")
+    lowers = tuple(lower.resolve() for lower in lowers)
+    real_base = lowers[0]
     if diff_out is not None:
         diff_out = _check_diff_out(diff_out, real_base)
     keep_changes = (upper is not None) if keep is None else keep
@@ -130,19 +122,36 @@ def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | 
                          "give a new or empty directory")
     if not keep_changes and upper is not None:
         refuse_to_discard(upper, origin)
+    if private and not _private.available():
+        print("cowfs run: a private view needs root here (a mount namespace); the view is "
+              "shared: other processes see it while COMMAND runs", file=err)
+        private = False
     status = 0
     started: list[View] = []
     try:
-        with overlay(real_base, upper, at=mountpoint, keep=True) as view:
+        if private:
+            view = _private_view(lowers, upper, mountpoint)
             started.append(view)
-            cwd = _working_dir(real_base, view.path)
-            status = run_command(command, cwd if cwd.is_dir() else view.path)
+
+            def job() -> int:
+                with overlay(lowers, view.upper, at=mountpoint, keep=True) as mounted:
+                    return _run_in(mounted, real_base, command)
+
+            status = _private.run(job)
+        else:
+            with overlay(lowers, upper, at=mountpoint, keep=True) as view:
+                started.append(view)
+                status = _run_in(view, real_base, command)
     except BaseException:
         # COMMAND not found or not executable, or the view could not be unmounted: a temporary
         # upper goes unless it holds changes that were to be kept.
         if started and upper is None and not (
                 keep_changes and visible_changes(walk(started[0].upper, started[0].lowers))):
             shutil.rmtree(started[0].upper.parent, ignore_errors=True)
+        elif started and private and upper is not None and origin is UpperOrigin.NEW and not (
+                any(started[0].upper.iterdir())):
+            started[0].upper.rmdir()  # made for the view, which never wrote to it
+            outputs.remove_dirs(started[0].made_for_upper)
         raise
     if status > 128 and status - 128 in signal.valid_signals():
         # Ctrl-C reached COMMAND (the "^C" echoed mid-line at a terminal): say so first.
@@ -167,6 +176,34 @@ def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | 
         if not keep_changes and not discarded:
             _discard(view, upper, origin)
     return status
+
+
+def _run_in(view: View, real_base: Path, command: Sequence[str]) -> int:
+    """COMMAND in the mounted view, in the caller's place inside it."""
+    cwd = _working_dir(real_base, view.path)
+    return run_command(command, cwd if cwd.is_dir() else view.path)
+
+
+def _private_view(lowers: tuple[Path, ...], upper: Path | None, mountpoint: Path) -> View:
+    """What the parent of a private view knows of it: the layers and where the job saw it. The
+    upper is made here (a temporary one, or a given one that is missing, with its parents), so
+    that the summary finds it, and discarding removes what was made, after the child is gone."""
+    if upper is None:
+        made_upper = Path(tempfile.mkdtemp(prefix="cowfs-run-")) / "upper"
+        made_upper.mkdir()
+        return View(lowers, made_upper.resolve(), Path(os.path.abspath(mountpoint)))
+    made = outputs.make_dirs(upper)
+    view = View(lowers, upper.resolve(), Path(os.path.abspath(mountpoint)))
+    view.made_for_upper = tuple(made)
+    return view
+
+
+def _lowers(base: str) -> tuple[Path, ...]:
+    """BASE, or a stack ``L1:L2`` (topmost first) as ``cowfs mount`` takes it; a directory whose
+    name holds ``:`` is itself."""
+    if os.path.isdir(base) or ":" not in base:
+        return (Path(base),)
+    return tuple(Path(p) for p in base.split(":"))
 
 
 def _discard(view: View, upper: Path | None, origin: UpperOrigin) -> None:
