@@ -580,7 +580,7 @@ class _Walker:
         if not entries:
             return
         index_fd = os.open(work / schema.WORK_INDEX_NAME,
-                           os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                           os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             for path, entry in self._indexed_names(entries):
                 mark = self.stack.mark()
@@ -631,10 +631,15 @@ class _Walker:
 
 
 def _index_entries(work: Path) -> set[str]:
-    try:
-        return set(os.listdir(work / schema.WORK_INDEX_NAME))
-    except (FileNotFoundError, NotADirectoryError):
+    try:  # never a symlink: the index of another directory would be read
+        fd = os.open(work / schema.WORK_INDEX_NAME,
+                     os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError, OSError):
         return set()
+    try:
+        return set(os.listdir(fd))
+    finally:
+        os.close(fd)
 
 
 def _hard_linked_files(root_fd: int) -> Iterator[tuple[str, os.stat_result]]:
