@@ -75,8 +75,8 @@ def test_journal_round_trip() -> None:
 
 
 def _plan(*steps: str) -> str:
-    return ('{"version": 2, "upper": "/u", "base": "/b", "summary": "s", "steps": [%s]}'
-            % ", ".join(steps))
+    return ('{"version": 2, "upper": "/u", "base": "/b", "summary": "s", "steps": ['
+            + ", ".join(steps) + "]}")
 
 
 @pytest.mark.parametrize("step", [
