@@ -281,10 +281,21 @@ def _last_number(progress: bytes) -> int:
 
 
 def steps_done(base: Path) -> int:
-    """How many steps the journal records as finished (for a message)."""
+    """How many steps the journal records as finished (for a message; 0 when unreadable).
+    Read as :func:`load` reads it: never through a symlink, never from a file of another user
+    (a FIFO put there would block)."""
     try:
-        return _last_number((base / JOURNAL_DIR / DONE_NAME).read_bytes())
-    except OSError:
+        base_fd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            dir_fd = os.open(JOURNAL_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW |
+                             os.O_CLOEXEC, dir_fd=base_fd)
+        finally:
+            os.close(base_fd)
+        try:
+            return _last_number(_read_owned(dir_fd, DONE_NAME, str(base)) or b"")
+        finally:
+            os.close(dir_fd)
+    except (OSError, CowfsError):
         return 0
 
 

@@ -160,10 +160,15 @@ def test_only_the_journal_the_upper_records_is_resumed(workspace: Workspace) -> 
     assert_user_error(cowfs("commit", ws.upper, "--into", ws.base, "--yes"),
                       "does not record", "another plan")
     plan.write_text(original)
+    done = ws.base / ".cowfs-commit/done"
+    done.write_text("99\n")  # past the plan: the re-run would skip every step
+    assert_user_error(cowfs("commit", ws.upper, "--into", ws.base, "--yes"),
+                      "99 steps recorded as done", "plan of 2")
+    done.write_text("")
     assert tree_state(ws.base, skip=[".cowfs-commit"]) == base
     assert tree_state(ws.upper, times=False) == changes
-    done = cowfs("commit", ws.upper, "--into", ws.base, "--yes")
-    assert done.status == 0, done
+    finished = cowfs("commit", ws.upper, "--into", ws.base, "--yes")
+    assert finished.status == 0, finished
     assert (ws.base / "new.txt").read_text() == "new\n"
     assert (ws.base / "a.txt").exists()
     assert not (ws.base / "b.txt").exists()
