@@ -208,6 +208,33 @@ def test_a_forged_work_directory_is_neither_emptied_nor_read(shared: Shared, com
         assert_user_error(cowfs(*args), "is not that upper's", why)
 
 
+def test_a_symlink_at_the_default_work_directory_is_not_followed(shared: Shared) -> None:
+    """Nobody replaces its upper's ``.cowfs-work`` with a symlink to root's directory whose
+    ``index/`` holds an entry named after a lower hard-linked file: diff, export and commit would
+    serve root's entry as that file's content (export writing it into the tar, commit into BASE)."""
+    s = shared
+    os.link(s.base / "dir/x", s.base / "dir/y")
+    entry = s.outside / f"w/index/1-{os.stat(s.base / 'dir/x').st_ino}"
+    entry.write_text("root's secret\n")
+    entry.chmod(0o600)
+    s.give_upper_to_nobody()
+
+    def plant() -> None:
+        shutil.rmtree(s.upper / ".cowfs-work")
+        os.symlink(s.outside / "w", s.upper / ".cowfs-work")
+
+    _as_nobody(plant)
+    with unchanged(s.outside, "root's directory"):
+        assert "dir/" not in _diff(s.upper)
+        tar = s.root / "layer.tar"
+        assert cowfs("export", s.upper, "-o", tar).status == 0
+        assert b"root's secret" not in tar.read_bytes()
+        done = cowfs("commit", s.upper, "--into", s.base, "--yes")
+        assert done.status == 0, done
+    assert (s.base / "dir/x").read_text() == "base:dir/x"
+    assert os.path.islink(s.upper / ".cowfs-work")  # left alone, as everything not cowfs's
+
+
 def test_commit_of_an_upper_without_a_stack_record_is_refused(shared: Shared) -> None:
     """With the record removed, the upper's whiteout of ``f2`` would delete ``f2`` of any
     directory root commits it into."""
