@@ -340,7 +340,11 @@ def _commit(upper: Path, base: Path, work: Path | None, work_fd: int | None, *, 
         _apply(upper, base, work, work_fd, plan, pending.done)
     else:
         upperinfo.clear_committing(upper)  # set, then interrupted before the journal
-        steps, changes, copied = _fresh_plan(upper, base, work, relocate)
+        # A --work directory is walked through the descriptor that was checked to be the
+        # upper's, not by its path again.
+        walked = Path(realfs.proc_path(work_fd)) if work is not None and work_fd is not None \
+            else work
+        steps, changes, copied = _fresh_plan(upper, base, walked, relocate)
         if not changes:
             print("nothing to commit", file=out)
             return "no changes"
