@@ -16,7 +16,10 @@ Users' own xattrs that collide with the private prefixes are stored escaped, as 
 ``user.overlay.foo`` set through the mount is stored as ``user.overlay.overlay.foo``.
 Everything read from a layer is untrusted input, parsed here: redirects and origins are validated
 (:func:`parse_redirect`, :func:`parse_origin`) and every number is range-checked
-(:func:`parse_number`); a value that fails is ignored by the caller.
+(:func:`parse_number`); a value that fails is ignored by the caller. The JSON records (the stack
+record, the commit mark) are decoded by msgspec against a typed schema (:func:`decode_record`):
+an unknown field, a wrong type, a number beyond 64 bits or nesting where none belongs is one
+ValueError line, never a traceback.
 The precise specification is docs/layer-format.md; this module and that page must agree.
 """
 

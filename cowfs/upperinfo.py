@@ -13,6 +13,13 @@ docs/layer-format.md):
 
 Origins name lower inodes by layer index and inode number, redirects name lower paths, and the
 hard-link index is keyed by both: over another stack they would silently mean something else.
+
+Whoever can write the upper can write these records, so they are read as hostile input (the
+threat model is in docs/workspaces.md, "What the offline commands trust"): decoded against their
+schema (:mod:`cowfs.schema`), a lower named by a record is only ever read, a commit needs a record
+naming its base (:func:`verify_stack` with ``required``), a recorded ``--work`` directory is used
+only when it is verifiably the upper's (:func:`open_work_dir`), and ``user.cowfs.committing``
+(:func:`commit_mark`) names the one commit journal that may be resumed.
 """
 
 from __future__ import annotations

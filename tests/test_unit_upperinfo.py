@@ -152,3 +152,41 @@ def test_record_and_verify_stack(tmp_path: Path) -> None:
 def test_relocate_is_a_mount_option() -> None:
     assert MountOptions.parse(["relocate"]).relocate
     assert not MountOptions.parse(["ro"]).relocate
+
+
+@pytest.mark.parametrize("path", ["..", "../x", "a/../../x", "/etc/passwd", "a//b", "a/./b", ".",
+                                  "", "a/"])
+def test_parent_of_refuses_paths_that_could_leave_the_root(tmp_path: Path, path: str) -> None:
+    from cowfs.plans import parent_of
+
+    fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with pytest.raises(CowfsError, match="could leave the layer"), parent_of(fd, path):
+            pass
+    finally:
+        os.close(fd)
+
+
+def test_a_recorded_work_directory_is_used_only_when_it_is_the_uppers(tmp_path: Path) -> None:
+    upper, work = tmp_path / "u", tmp_path / "w"
+    upper.mkdir()
+    work.mkdir(mode=0o700)
+    assert upperinfo.open_work_dir(upper, tmp_path / "missing") is None
+    with pytest.raises(CowfsError, match=r"does not carry the user\.cowfs\.upper mark"):
+        upperinfo.open_work_dir(upper, work)
+    st = os.stat(upper)
+    os.setxattr(work, schema.XATTR_WORK_UPPER, schema.format_work_upper(st.st_dev, st.st_ino))
+    fd = upperinfo.open_work_dir(upper, work)
+    assert fd is not None
+    assert os.path.samestat(os.fstat(fd), os.stat(work))
+    os.close(fd)
+    work.chmod(0o770)
+    with pytest.raises(CowfsError, match="writable by other users"):
+        upperinfo.open_work_dir(upper, work)
+    work.chmod(0o700)
+    (tmp_path / "link").symlink_to(work)
+    with pytest.raises(CowfsError, match="is not that upper's"):
+        upperinfo.open_work_dir(upper, tmp_path / "link")
+    # The default one: a symlink there is no work directory at all.
+    (upper / schema.WORK_DIR_NAME).symlink_to(work)
+    assert upperinfo.open_work_dir(upper, None) is None
