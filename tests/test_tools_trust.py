@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,8 +82,8 @@ def shared() -> Iterator[Shared]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _as_nobody(action: object) -> None:
-    call_as(NOBODY, NOBODY, action)  # type: ignore[arg-type]
+def _as_nobody(action: Callable[[], object]) -> None:
+    call_as(NOBODY, NOBODY, action)
 
 
 def _diff(upper: Path) -> str:
