@@ -88,6 +88,11 @@ class View:
         #: The directories created for a given upper (it and its missing parents), which
         #: discarding the changes removes again.
         self.made_for_upper: tuple[Path, ...] = ()
+        #: What the upper was before this view used it (set by :func:`overlay`): unless it was
+        #: new, empty or a clean cowfs upper, it holds more than this view's changes, and
+        #: :meth:`discard` keeps them unless told ``all_changes=True``. A View made by hand
+        #: knows nothing of its upper: USED.
+        self.upper_origin = UpperOrigin.USED
 
     @property
     def base(self) -> Path:
@@ -130,13 +135,26 @@ class View:
         was_mounted = self.mounted
         self.unmount()
         try:
-            return commit(self.upper, target, yes=True, dry_run=False, out=io.StringIO())
+            committed = commit(self.upper, target, yes=True, dry_run=False, out=io.StringIO())
+            if self.upper_origin is UpperOrigin.USED:
+                self.upper_origin = UpperOrigin.CLEAN  # emptied: what is in it now is ours
+            return committed
         finally:
             if was_mounted:
                 self.mount()
 
-    def discard(self) -> None:
-        """Throw every change away (the view shows the lowers again)."""
+    def discard(self, *, all_changes: bool = False) -> None:
+        """Throw the view's changes away (the view shows the lowers again).
+
+        Only an upper that held nothing before this view (a temporary one, or a given one that
+        was new, empty or a clean cowfs upper) is emptied: a given upper that already held
+        changes or files keeps them, and this raises :class:`CowfsError`, unless
+        ``all_changes=True`` asks to throw away everything in it (as ``cowfs reset UPPER``).
+        """
+        if self.upper_origin is UpperOrigin.USED and not all_changes:
+            raise CowfsError(f"not discarding: the upper {str(self.upper)!r} held changes or "
+                             "files before this view, which discarding would delete too; pass "
+                             "all_changes=True to throw all of them away")
         was_mounted = self.mounted
         self.unmount()
         try:
@@ -189,6 +207,7 @@ def overlay(base: PathLike | Sequence[PathLike], upper: PathLike | None = None, 
             made_at = outputs.make_dirs(mountpoint)
         view = View(lowers, upper_dir.resolve(), mountpoint.resolve(), options)
         view.made_for_upper = tuple(made_upper) if upper is not None else ()
+        view.upper_origin = origin
         view.mount()
     except BaseException:
         if upper is not None and origin is not UpperOrigin.USED:

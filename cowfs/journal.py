@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
+import hashlib
 import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+
+import msgspec
 
 from . import plans, realfs, schema
 from .changes import quote
@@ -34,7 +36,7 @@ from .errors import CowfsError
 JOURNAL_DIR = ".cowfs-commit"
 PLAN_NAME = "plan.json"
 DONE_NAME = "done"
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2
 #: Test seam (see :func:`cowfs.plans.fault_point`): ``N:SIGNAL`` sends SIGNAL to the committing
 #: process after the N-th journal event (0: the journal is written; 1..M: step N is done;
 #: M+1: the upper is emptied; M+2: the journal is removed).
@@ -92,70 +94,225 @@ class StepFailedError(Exception):
 # --- the journal ---------------------------------------------------------------------------------
 
 
+class _StepJSON(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    op: str
+    path: str
+    arg: str
+    shown_from: str
+    index: str | None
+
+
+class _JournalJSON(msgspec.Struct, forbid_unknown_fields=True):
+    version: int
+    upper: str
+    base: str
+    summary: str
+    steps: list[_StepJSON]
+
+
+#: The largest plan read: about 200 bytes a step, for 10 million steps.
+PLAN_READ_MAX = 2 << 30
+
+
 @dataclass(frozen=True, slots=True)
 class Journal:
-    """A commit in progress: what it was asked to do, and every step it takes."""
+    """A commit in progress: what it was asked to do, and every step it takes.
+
+    ``plan.json`` is JSON ``{"version": 2, "upper": "/abs", "base": "/abs", "summary": "...",
+    "steps": [["WRITE", "dir/file", "", "", null], ...]}``: each step ``[op, path, arg,
+    shown_from, index]`` as :class:`Step`. Version 1 also named a work directory; the work
+    directory is now always the upper's own (:func:`cowfs.upperinfo.open_work_dir`), never one a
+    journal names.
+    """
 
     upper: str
     base: str
-    work: str
     steps: tuple[Step, ...]
     summary: str
 
-    def to_json(self) -> str:
-        return json.dumps({"version": JOURNAL_VERSION, "upper": self.upper, "base": self.base,
-                           "work": self.work, "summary": self.summary,
-                           "steps": [[s.op.name, s.path, s.arg, s.shown_from, s.index]
-                                     for s in self.steps]})
+    def to_json(self) -> bytes:
+        return msgspec.json.encode(_JournalJSON(
+            JOURNAL_VERSION, self.upper, self.base, self.summary,
+            [_StepJSON(s.op.name, s.path, s.arg, s.shown_from, s.index) for s in self.steps]))
 
     @classmethod
-    def from_json(cls, text: str) -> Journal:
+    def from_json(cls, text: bytes | str) -> Journal:
+        """Parse an (untrusted) plan: anything that does not fit the schema, and any step whose
+        paths could leave the base (or the upper, or the index), is refused (ValueError)."""
+        if len(text) > PLAN_READ_MAX:
+            raise ValueError(f"unreadable commit journal: {len(text)} bytes")
         try:
-            data = json.loads(text)
-            if data["version"] != JOURNAL_VERSION:
-                raise ValueError(f"unknown journal version {data['version']!r}")
-            steps = tuple(Step(Op[op], path, arg, shown, index)
-                          for op, path, arg, shown, index in data["steps"])
-            return cls(str(data["upper"]), str(data["base"]), str(data["work"]), steps,
-                       str(data["summary"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"unreadable commit journal: {e}") from None
+            data = msgspec.json.decode(text, type=_JournalJSON)
+        except (msgspec.DecodeError, RecursionError) as e:
+            raise ValueError(f"unreadable commit journal: {str(e).splitlines()[0]}") from None
+        if data.version != JOURNAL_VERSION:
+            raise ValueError(f"unknown journal version {data.version!r} (finish that commit "
+                             "with the cowfs that started it)")
+        if not (schema.is_plain_absolute(data.upper) and schema.is_plain_absolute(data.base)):
+            raise ValueError("unreadable commit journal: the upper or the base is not a plain "
+                             "absolute path")
+        return cls(data.upper, data.base, tuple(_step(n, s) for n, s in
+                                                enumerate(data.steps, start=1)),
+                   data.summary)
 
 
-def load(base: Path) -> Journal | None:
-    """The journal of an unfinished commit into ``base``, or None."""
+def _step(number: int, raw: _StepJSON) -> Step:
+    """A step of a plan read back, checked: every path it names is a plain relative path (no
+    ``..``, empty or absolute components), a staging slot is a number, an index entry a valid
+    entry name; ``.`` (the root) only as the path of an ATTRS step."""
     try:
-        text = (base / JOURNAL_DIR / PLAN_NAME).read_text(encoding="utf-8")
+        op = Op[raw.op]
+    except KeyError:
+        raise ValueError(f"unreadable commit journal: step {number}: unknown operation "
+                         f"{raw.op[:20]!r}") from None
+    step = Step(op, raw.path, raw.arg, raw.shown_from, raw.index)
+    paths = [raw.path] if not (op is Op.ATTRS and raw.path == ".") else []
+    if op is Op.LINK:
+        paths.append(raw.arg)
+    if op is Op.MOVE:
+        paths.append(raw.shown_from)
+    slot_ok = raw.arg.isascii() and raw.arg.isdigit() if op in (Op.STAGE, Op.MOVE) else \
+        op is Op.LINK or raw.arg == ""
+    index_ok = raw.index is None or (op in (Op.WRITE, Op.ATTRS)
+                                     and schema.parse_index_name(raw.index) is not None)
+    if not (all(schema.is_plain_relative(p) for p in paths) and slot_ok and index_ok):
+        raise ValueError(f"unreadable commit journal: step {number} ({op.value} "
+                         f"{raw.path[:80]!r}) names a path outside the layer")
+    return step
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A journal read from BASE: the plan, its SHA-256 (to compare with the upper's
+    :class:`~cowfs.schema.CommitMark`), and how many of its steps are done."""
+
+    journal: Journal
+    digest: str
+    done: int
+
+
+def digest(plan: bytes) -> str:
+    return hashlib.sha256(plan).hexdigest()
+
+
+def load(base: Path) -> Found | None:
+    """The journal of an unfinished commit into ``base``, or None.
+
+    Anyone who can write BASE can put a journal there; this one is read only when the journal
+    directory, its plan and its progress file belong to the user running the commit (who wrote
+    them) and nobody else can write them, reached without following symlinks. Whether it is
+    the journal of the upper being committed is the caller's check (its digest against the
+    upper's mark), as is a ``done`` count within the plan."""
+    try:
+        base_fd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise CowfsError(f"cannot open {str(base)!r}: {e.strerror}") from None
+    where = str(base / JOURNAL_DIR)
+    try:
+        try:
+            dir_fd = os.open(JOURNAL_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW |
+                             os.O_CLOEXEC, dir_fd=base_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise CowfsError(f"cannot read the commit journal {where!r}: {e.strerror}") \
+                from None
+        try:
+            _check_owned(dir_fd, where)
+            plan = _read_owned(dir_fd, PLAN_NAME, where)
+            if plan is None:
+                return None  # interrupted before its plan was in place: nothing was changed
+            try:
+                found = Journal.from_json(plan)
+            except ValueError as e:
+                raise CowfsError(f"{where!r}: {e}") from None
+            progress = _read_owned(dir_fd, DONE_NAME, where) or b""
+            done = _last_number(progress)
+            if done > len(found.steps):
+                raise CowfsError(f"{where!r}: {done} steps recorded as done, of a plan of "
+                                 f"{len(found.steps)}; refusing this journal")
+            return Found(found, digest(plan), done)
+        finally:
+            os.close(dir_fd)
+    finally:
+        os.close(base_fd)
+
+
+def _check_owned(fd: int, where: str) -> None:
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid():
+        raise CowfsError(f"the commit journal {where!r} is owned by uid {st.st_uid}, not by the "
+                         f"committing user (uid {os.geteuid()}); refusing to resume it (a "
+                         "journal is resumed by the user who started the commit)")
+    if st.st_mode & 0o022:
+        raise CowfsError(f"the commit journal {where!r} is writable by other users (mode "
+                         f"{stat.S_IMODE(st.st_mode):o}); refusing to resume it")
+
+
+def _read_owned(dir_fd: int, name: str, where: str) -> bytes | None:
+    """A regular file of the journal directory, checked as :func:`_check_owned` (None when
+    missing)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise CowfsError(f"cannot read the commit journal in {str(base)!r}: {e.strerror}") \
-            from None
+        raise CowfsError(f"cannot read {name!r} of the commit journal {where!r}: "
+                         f"{e.strerror}") from None
     try:
-        return Journal.from_json(text)
-    except ValueError as e:
-        raise CowfsError(f"{str(base / JOURNAL_DIR)!r}: {e}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CowfsError(f"{name!r} of the commit journal {where!r} is not a regular file")
+        _check_owned(fd, f"{where}/{name}")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            if sum(map(len, chunks)) > PLAN_READ_MAX:
+                raise CowfsError(f"{name!r} of the commit journal {where!r} is too long")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
-def steps_done(base: Path) -> int:
-    """How many steps the journal records as finished."""
-    try:
-        lines = (base / JOURNAL_DIR / DONE_NAME).read_text(encoding="utf-8").split("\n")
-    except FileNotFoundError:
-        return 0
-    complete = [n for n in lines[:-1] if n.isdigit()]  # the last line may be cut short
+def _last_number(progress: bytes) -> int:
+    """The last complete line of ``done`` (the last line may be cut short)."""
+    complete = [n for n in progress.split(b"\n")[:-1] if n.isdigit() and len(n) <= 12]
     return int(complete[-1]) if complete else 0
 
 
-def write(base_fd: int, journal: Journal) -> None:
-    """Create the journal directory and its plan, durably, before the first change."""
+def steps_done(base: Path) -> int:
+    """How many steps the journal records as finished (for a message; 0 when unreadable).
+    Read as :func:`load` reads it: never through a symlink, never from a file of another user
+    (a FIFO put there would block)."""
+    try:
+        base_fd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            dir_fd = os.open(JOURNAL_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW |
+                             os.O_CLOEXEC, dir_fd=base_fd)
+        finally:
+            os.close(base_fd)
+        try:
+            return _last_number(_read_owned(dir_fd, DONE_NAME, str(base)) or b"")
+        finally:
+            os.close(dir_fd)
+    except (OSError, CowfsError):
+        return 0
+
+
+def write(base_fd: int, plan: bytes) -> None:
+    """Create the journal directory and its plan (``Journal.to_json``), durably, before the
+    first change."""
     with contextlib.suppress(FileExistsError):
         realfs.mkdir(base_fd, JOURNAL_DIR, 0o700)
     with plans.parent_of(base_fd, f"{JOURNAL_DIR}/{PLAN_NAME}") as (dirfd, name):
+        _check_owned(dirfd, JOURNAL_DIR)
         temp = name + ".new"
+        plans.remove_if_present(dirfd, temp)
         fd = realfs.create_file(dirfd, temp, 0o600, os.O_WRONLY | os.O_TRUNC)
         try:
-            os.write(fd, journal.to_json().encode())
+            written = 0
+            while written < len(plan):
+                written += os.write(fd, plan[written:])
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -171,8 +328,11 @@ class Progress:
     """Appends one line per finished step to ``done``."""
 
     def __init__(self, base_fd: int) -> None:
-        self.fd = os.open(f"{JOURNAL_DIR}/{DONE_NAME}", os.O_WRONLY | os.O_APPEND | os.O_CREAT |
-                          os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=base_fd)
+        # Through the journal directory's descriptor: whoever can write BASE cannot swap it
+        # for a symlink on the way.
+        with plans.parent_of(base_fd, f"{JOURNAL_DIR}/{DONE_NAME}") as (dirfd, name):
+            self.fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW |
+                              os.O_CLOEXEC, 0o600, dir_fd=dirfd)
 
     def done(self, count: int) -> None:
         os.write(self.fd, f"{count}\n".encode())
@@ -279,14 +439,19 @@ class Applier:
     it was cut short (or after it completed), with the same result: that is what lets a re-run
     resume a journal at the step that was in flight."""
 
-    def __init__(self, upper: Path, base: Path, work: Path,
+    def __init__(self, upper: Path, base: Path, work_fd: int | None,
                  on_bytes: Callable[[int], None] | None = None) -> None:
+        """``work_fd``: the upper's work directory, checked to be its own
+        (:func:`cowfs.upperinfo.open_work_dir`; None: there is none), whose index serves some
+        names; never one a journal or a record names."""
         self.on_bytes = on_bytes
         self.upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.base_fd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.index_fd = os.open(work / schema.WORK_INDEX_NAME,
-                                os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) \
-            if (work / schema.WORK_INDEX_NAME).is_dir() else -1
+        self.index_fd = -1
+        if work_fd is not None:
+            with contextlib.suppress(OSError):
+                self.index_fd = os.open(schema.WORK_INDEX_NAME, os.O_PATH | os.O_DIRECTORY |
+                                        os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=work_fd)
 
     def close(self) -> None:
         os.close(self.upper_fd)

@@ -183,9 +183,9 @@ def open_stack(paths: LayerPaths, *, read_only: bool = False,
     """Check the layers and open them; every problem becomes a one-line :class:`CowfsError`.
 
     Everything that can refuse the stack is checked before anything is written: the format, the
-    lower stack recorded on the upper (``relocate`` accepts another one and records it), an
-    unfinished commit. A read-only stack writes nothing at all: no format marker, no work
-    directory, no xattr probe, no stack record.
+    lower stack and the work directory recorded on the upper (``relocate`` accepts others and
+    records them), an unfinished commit, layers given swapped. A read-only stack writes nothing
+    at all: no format marker, no work directory, no xattr probe, no stack record.
     """
     lower_fds = [_open_dir(p, "lower") for p in paths.lowers]
     upper_fd = _open_dir(paths.upper, "upper")
@@ -194,14 +194,17 @@ def open_stack(paths: LayerPaths, *, read_only: bool = False,
     upperinfo.refuse_if_committing(paths.upper, "mount")
     identities = tuple(upperinfo.identity_of(p, fd)
                        for p, fd in zip(paths.lowers, lower_fds, strict=True))
+    upperinfo.refuse_swapped(paths.upper, upper_fd, paths.lowers)
     upperinfo.verify_stack(paths.upper, identities, relocate=relocate, what="mount",
                            override="-o relocate to record the new stack")
+    upperinfo.verify_work(paths.upper, paths.work, relocate=relocate)
     upper_dev = os.fstat(upper_fd).st_dev
     upper_lock = lock_directory(upper_fd, paths.upper, "upper directory")
     try:
         if not read_only:
             _check_user_xattrs(upper_fd, paths.upper)
-        work = open_work(upper_fd, paths.upper, paths.work, read_only=read_only)
+        work = open_work(upper_fd, paths.upper, paths.work, read_only=read_only,
+                         relocate=relocate)
     except BaseException:
         os.close(upper_lock)
         raise

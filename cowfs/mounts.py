@@ -209,15 +209,9 @@ class Layers:
 
 
 def work_of(upper: Path) -> Path:
-    """The work directory of an unmounted upper: the one recorded at its last mount, else the
-    default (also when the record is unreadable: the lowers were then given explicitly)."""
-    try:
-        record = upperinfo.recorded_stack(upper)
-    except CowfsError:
-        return schema.default_work_dir(upper)
-    if record is not None and record.work is not None:
-        return Path(record.work)
-    return schema.default_work_dir(upper)
+    """The work directory of an unmounted upper: the one recorded at its last mount when it is
+    verifiably that upper's (:func:`cowfs.upperinfo.recorded_work`), else the default."""
+    return upperinfo.recorded_work(upper) or schema.default_work_dir(upper)
 
 
 def layers_for(target: str, lower: str | None) -> Layers:

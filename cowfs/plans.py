@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from . import realfs
+from . import realfs, schema
 from .errors import CowfsError
 
 
@@ -30,7 +30,13 @@ def _open_dir_nofollow(dirfd: int, name: str) -> int:
 
 @contextlib.contextmanager
 def parent_of(root_fd: int, path: str) -> Iterator[tuple[int, str]]:
-    """The parent directory of ``path`` under ``root_fd``, reached without following symlinks."""
+    """The parent directory of ``path`` under ``root_fd``, reached without following symlinks.
+
+    ``path`` must be a plain relative path: an empty, ``.`` or ``..`` component (or a leading
+    ``/``) is refused, since ``O_NOFOLLOW`` does not stop ``..`` from leaving the root."""
+    if not schema.is_plain_relative(path):
+        raise CowfsError(f"refusing the path {path[:200]!r}: it has an empty, '.' or '..' "
+                         "component, or is absolute (it could leave the layer)")
     *dirs, name = path.split("/")
     fd = os.dup(root_fd)
     try:

@@ -16,7 +16,10 @@ Users' own xattrs that collide with the private prefixes are stored escaped, as 
 ``user.overlay.foo`` set through the mount is stored as ``user.overlay.overlay.foo``.
 Everything read from a layer is untrusted input, parsed here: redirects and origins are validated
 (:func:`parse_redirect`, :func:`parse_origin`) and every number is range-checked
-(:func:`parse_number`); a value that fails is ignored by the caller.
+(:func:`parse_number`); a value that fails is ignored by the caller. The JSON records (the stack
+record, the commit mark) are decoded by msgspec against a typed schema (:func:`decode_record`):
+an unknown field, a wrong type, a number beyond 64 bits or nesting where none belongs is one
+ValueError line, never a traceback.
 The precise specification is docs/layer-format.md; this module and that page must agree.
 """
 
@@ -28,8 +31,13 @@ import stat
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Annotated, TypeVar
+
+import msgspec
 
 FORMAT_VERSION = b"1"
+
+_T = TypeVar("_T")
 
 #: Default name of the work directory inside the upper; hidden at the root of every layer.
 WORK_DIR_NAME = ".cowfs-work"
@@ -373,14 +381,55 @@ class MountState:
 #: On the upper root: the lower stack the upper was made on, written at each read-write mount
 #: (see :class:`StackRecord`). Origins, redirects and the index only mean something over it.
 XATTR_STACK = COWFS_PREFIX + "stack"
-#: On the upper root while a commit of it is unfinished: the base it is committed into (the
-#: commit's journal is in that base, see :mod:`cowfs.journal`). Such an upper is not mounted.
+#: On the upper root while a commit of it is unfinished: which base, and which plan (see
+#: :class:`CommitMark`; the commit's journal is in that base, see :mod:`cowfs.journal`). Such an
+#: upper is not mounted, and only the journal this mark names is ever resumed.
 XATTR_COMMITTING = COWFS_PREFIX + "committing"
+#: On a work directory given with ``--work``: ``<dev>:<ino>`` of the root of the upper it serves,
+#: written by the mount (:mod:`cowfs.workdir`). The offline commands empty and read a recorded
+#: ``--work`` directory only when it carries the mark of their upper (:mod:`cowfs.upperinfo`), as
+#: the kernel verifies its index directory's ``overlay.upper`` against the upper root.
+XATTR_WORK_UPPER = COWFS_PREFIX + "upper"
 #: Version of the stack record's JSON.
 STACK_RECORD_VERSION = 1
+#: Version of the commit mark's JSON.
+COMMIT_MARK_VERSION = 1
 #: The largest stack record written (the smallest xattr value limit of common filesystems,
 #: ext4's 4 KiB block less its headers); a longer one is refused at mount with a clear error.
 STACK_RECORD_MAX = 3800
+#: The largest record read from an xattr or a journal file: anything longer was not written by
+#: cowfs (a plan is longer, and has its own limit in :mod:`cowfs.journal`).
+RECORD_READ_MAX = 64 * 1024
+
+#: msgspec decodes integers up to 64 bits and refuses larger ones (and floats such as 1e400).
+_Ino = Annotated[int, msgspec.Meta(ge=0)]
+
+
+def is_plain_absolute(path: str) -> bool:
+    """An absolute path as :meth:`pathlib.Path.resolve` gives it: ``/``, or ``/`` followed by
+    components that are neither empty, ``.`` nor ``..``, without NUL bytes."""
+    if not path.startswith("/") or "\0" in path:
+        return False
+    return path == "/" or all(p not in ("", ".", "..") for p in path[1:].split("/"))
+
+
+def is_plain_relative(path: str) -> bool:
+    """A path below a layer root: components that are neither empty, ``.`` nor ``..`` (so not
+    absolute either), without NUL bytes."""
+    return "\0" not in path and all(p not in ("", ".", "..") for p in path.split("/"))
+
+
+def decode_record(value: bytes | str, kind: type[_T], what: str) -> _T:
+    """Decode an untrusted JSON record of ``what`` into the wire type ``kind`` (a
+    :class:`msgspec.Struct`): anything that does not fit it (a missing or unknown field, a wrong
+    type, a number out of range, nesting where none belongs) is a ValueError of one line."""
+    if len(value) > RECORD_READ_MAX:
+        raise ValueError(f"malformed {what}: {len(value)} bytes")
+    try:
+        return msgspec.json.decode(value, type=kind, strict=True)
+    except (msgspec.DecodeError, RecursionError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"malformed {what}: {reason}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,38 +445,83 @@ class LayerIdentity:
     ino: int
 
 
+class _LayerJSON(msgspec.Struct, forbid_unknown_fields=True):
+    path: str
+    dev: _Ino
+    ino: _Ino
+
+
+class _StackJSON(msgspec.Struct, forbid_unknown_fields=True):
+    version: int
+    lowers: list[_LayerJSON]
+    work: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class StackRecord:
     """The lower stack (topmost first) an upper was made on: ``user.cowfs.stack``, JSON
     ``{"version": 1, "lowers": [{"path": "/abs", "dev": 2049, "ino": 1234}, ...],
-    "work": "/abs" or null}``."""
+    "work": "/abs" or null}``; no other field, paths absolute and free of ``.``, ``..`` and
+    empty components, ``dev`` and ``ino`` within 64 bits."""
 
     lowers: tuple[LayerIdentity, ...]
     #: The work directory of the mount when it was not the default one (``--work``), whose
-    #: hard-link index the offline tools must read; None for the default.
+    #: hard-link index the offline tools read, and empty, only when it carries
+    #: :data:`XATTR_WORK_UPPER` naming this upper; None for the default.
     work: str | None = None
 
     def to_json(self) -> bytes:
-        return json.dumps({"version": STACK_RECORD_VERSION,
-                           "lowers": [{"path": i.path, "dev": i.dev, "ino": i.ino}
-                                      for i in self.lowers], "work": self.work},
-                          separators=(",", ":")).encode()
+        return msgspec.json.encode(_StackJSON(
+            STACK_RECORD_VERSION, [_LayerJSON(i.path, i.dev, i.ino) for i in self.lowers],
+            self.work))
 
     @classmethod
     def from_json(cls, value: bytes) -> StackRecord:
         """Parse an (untrusted) record; ValueError says why it is refused."""
-        try:
-            data = json.loads(value)
-            version = data["version"]
-            lowers = tuple(LayerIdentity(str(i["path"]), int(i["dev"]), int(i["ino"]))
-                           for i in data["lowers"])
-            work = data.get("work")
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise ValueError(f"malformed stack record: {e}") from None
-        if version != STACK_RECORD_VERSION:
-            raise ValueError(f"unknown stack record version {version!r}")
-        if not lowers or any(not i.path.startswith("/") for i in lowers):
-            raise ValueError("malformed stack record: no lowers, or a relative path")
-        if work is not None and not (isinstance(work, str) and work.startswith("/")):
-            raise ValueError("malformed stack record: the work directory is not absolute")
-        return cls(lowers, work)
+        data = decode_record(value, _StackJSON, "stack record")
+        if data.version != STACK_RECORD_VERSION:
+            raise ValueError(f"unknown stack record version {data.version!r}")
+        if any(i.dev > MAX_INO or i.ino > MAX_INO for i in data.lowers):
+            raise ValueError("malformed stack record: a device or inode number beyond 64 bits")
+        if not data.lowers or any(not is_plain_absolute(i.path) for i in data.lowers):
+            raise ValueError("malformed stack record: no lowers, or a path that is not a plain "
+                             "absolute path")
+        if data.work is not None and not is_plain_absolute(data.work):
+            raise ValueError("malformed stack record: the work directory is not a plain "
+                             "absolute path")
+        return cls(tuple(LayerIdentity(i.path, i.dev, i.ino) for i in data.lowers), data.work)
+
+
+class _CommitMarkJSON(msgspec.Struct, forbid_unknown_fields=True):
+    version: int
+    base: str
+    plan: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+
+
+@dataclass(frozen=True, slots=True)
+class CommitMark:
+    """An unfinished commit of the upper: ``user.cowfs.committing``, JSON ``{"version": 1,
+    "base": "/abs", "plan": "<sha256, hex>"}``: the base committed into, and the SHA-256 of the
+    journal's ``plan.json`` written there. A journal in BASE is resumed only when its digest is
+    the one its upper recorded before writing it."""
+
+    base: str
+    plan: str
+
+    def to_json(self) -> bytes:
+        return msgspec.json.encode(_CommitMarkJSON(COMMIT_MARK_VERSION, self.base, self.plan))
+
+    @classmethod
+    def from_json(cls, value: bytes) -> CommitMark:
+        """Parse an (untrusted) mark; ValueError says why it is refused."""
+        data = decode_record(value, _CommitMarkJSON, "commit mark")
+        if data.version != COMMIT_MARK_VERSION:
+            raise ValueError(f"unknown commit mark version {data.version!r}")
+        if not is_plain_absolute(data.base):
+            raise ValueError("malformed commit mark: the base is not a plain absolute path")
+        return cls(data.base, data.plan)
+
+
+def format_work_upper(dev: int, ino: int) -> bytes:
+    """The value of :data:`XATTR_WORK_UPPER` for the upper root ``dev``/``ino``."""
+    return f"{dev}:{ino}".encode()

@@ -13,6 +13,13 @@ docs/layer-format.md):
 
 Origins name lower inodes by layer index and inode number, redirects name lower paths, and the
 hard-link index is keyed by both: over another stack they would silently mean something else.
+
+Whoever can write the upper can write these records, so they are read as hostile input (the
+threat model is in docs/workspaces.md, "What the offline commands trust"): decoded against their
+schema (:mod:`cowfs.schema`), a lower named by a record is only ever read, a commit needs a record
+naming its base (:func:`verify_stack` with ``required``), a recorded ``--work`` directory is used
+only when it is verifiably the upper's (:func:`open_work_dir`), and ``user.cowfs.committing``
+(:func:`commit_mark`) names the one commit journal that may be resumed.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,28 +80,32 @@ def require_upper(path: Path, what: str) -> None:
 # --- an unfinished commit ------------------------------------------------------------------------
 
 
-def committing_into(upper: Path) -> str | None:
-    """The base an unfinished commit of ``upper`` writes into (see :mod:`cowfs.journal`)."""
+def commit_mark(upper: Path) -> schema.CommitMark | None:
+    """The mark of an unfinished commit of ``upper`` (see :mod:`cowfs.journal`), None when there
+    is none; a malformed one is refused with a clear error."""
     try:
-        return os.fsdecode(os.getxattr(upper, schema.XATTR_COMMITTING, follow_symlinks=False))
+        value = os.getxattr(upper, schema.XATTR_COMMITTING, follow_symlinks=False)
     except OSError:
         return None
+    try:
+        return schema.CommitMark.from_json(value)
+    except ValueError as e:
+        raise CowfsError(f"upper {str(upper)!r} carries a {e} ({schema.XATTR_COMMITTING}); this "
+                         "cowfs did not write it: once no commit of this upper is unfinished, "
+                         f"remove it (setfattr -x {schema.XATTR_COMMITTING} UPPER)") from None
 
 
-def mark_committing(upper: Path, base: str) -> None:
+def committing_into(upper: Path) -> str | None:
+    """The base an unfinished commit of ``upper`` writes into."""
+    mark = commit_mark(upper)
+    return None if mark is None else mark.base
+
+
+def mark_committing(upper: Path, base: str, plan_digest: str) -> None:
     fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        realfs.setxattr(fd, schema.XATTR_COMMITTING, os.fsencode(base))
-    finally:
-        os.close(fd)
-
-
-def clear_committing(upper: Path) -> None:
-    if committing_into(upper) is None:
-        return
-    fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        realfs.removexattr(fd, schema.XATTR_COMMITTING)
+        realfs.setxattr(fd, schema.XATTR_COMMITTING,
+                        schema.CommitMark(base, plan_digest).to_json())
     finally:
         os.close(fd)
 
@@ -104,6 +116,15 @@ def refuse_if_committing(upper: Path, what: str) -> None:
         raise CowfsError(f"cannot {what}: an interrupted commit of {str(upper)!r} into {into!r} "
                          f"is unfinished; finish it first: cowfs commit {upper} --into {into} "
                          "--yes")
+
+
+def clear_committing(upper: Path) -> None:
+    fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if realfs.getxattr(fd, schema.XATTR_COMMITTING) is not None:
+            realfs.removexattr(fd, schema.XATTR_COMMITTING)
+    finally:
+        os.close(fd)
 
 
 # --- the recorded lower stack --------------------------------------------------------------------
@@ -167,10 +188,19 @@ def stack_difference(recorded: schema.StackRecord,
 
 
 def verify_stack(upper: Path, current: Sequence[schema.LayerIdentity], *, relocate: bool,
-                 what: str, override: str) -> None:
-    """Refuse to ``what`` over another stack than the one recorded, unless ``relocate``."""
+                 what: str, override: str, required: bool = False) -> None:
+    """Refuse to ``what`` over another stack than the one recorded, unless ``relocate``;
+    ``required``: also when no stack is recorded (a commit: the record is what says that the
+    base given is the upper's, and deletions and whiteouts would hit any other directory)."""
     recorded = recorded_stack(upper)
-    if recorded is None or relocate:
+    if relocate:
+        return
+    if recorded is None:
+        if required:
+            raise CowfsError(f"cannot {what}: the upper {str(upper)!r} records no lower stack "
+                             f"({schema.XATTR_STACK}: it was never mounted read-write, or the "
+                             "record was removed), so nothing says which base it was made on; "
+                             f"if it is this one, pass {override}")
         return
     difference = stack_difference(recorded, current)
     if difference is not None:
@@ -196,3 +226,114 @@ def record_stack(upper_fd: int, upper: Path, current: Sequence[schema.LayerIdent
             from None
 
 
+
+
+def refuse_swapped(upper: Path, upper_fd: int, lowers: Sequence[Path]) -> None:
+    """Refuse a stack whose lower is a cowfs upper that records the given upper as its lower:
+    the arguments are swapped (``cowfs mount UPPER BASE MNT``), and mounting would write the work
+    directory and the markers into the base. Checked before anything is written."""
+    st = os.fstat(upper_fd)
+    for lower in lowers:
+        try:
+            record = recorded_stack(lower)
+        except CowfsError:
+            continue  # not an upper of ours to reason about: the lower is only read
+        if record is not None and any((i.dev, i.ino) == (st.st_dev, st.st_ino)
+                                      for i in record.lowers):
+            raise CowfsError(f"cannot mount: the lower {str(lower)!r} is a cowfs upper made on "
+                             f"{str(upper)!r}, given here as the upper; are the layers swapped? "
+                             "('cowfs mount LOWER UPPER MOUNTPOINT'); nothing was written")
+
+
+# --- the work directory of an unmounted upper ---------------------------------------------------
+
+
+def verify_work(upper: Path, work: Path | None, *, relocate: bool) -> None:
+    """Refuse to mount ``upper`` with another work directory (``work``: ``--work``, resolved, or
+    None for the default) than the one recorded at its last read-write mount, unless
+    ``relocate``: the recorded one holds the hard-link index that serves some of its names."""
+    recorded = recorded_stack(upper)
+    if recorded is None or relocate:
+        return
+    was = recorded.work
+    now = None if work is None else str(work)
+    if was != now:
+        def shown(work: str | None) -> str:
+            return "the default one (no --work)" if work is None else repr(work)
+
+        raise CowfsError(f"cannot mount: the upper {str(upper)!r} was last mounted with work "
+                         f"directory {shown(was)}, not {shown(now)}: its hard-link index is "
+                         "there; give the same --work, or -o relocate to use the new one from "
+                         "now on")
+
+
+def recorded_work(upper: Path) -> Path | None:
+    """The work directory recorded on an unmounted ``upper`` when it is not the default one
+    (None: the default, also without a readable record), after checking that it is this upper's
+    (:func:`open_work_dir`); a recorded one that is not is refused."""
+    try:
+        record = recorded_stack(upper)
+    except CowfsError:
+        return None  # the lowers are then given explicitly; the default work directory
+    if record is None or record.work is None:
+        return None
+    work = Path(record.work)
+    fd = open_work_dir(upper, work)
+    if fd is not None:
+        os.close(fd)
+    return work
+
+
+def open_work_dir(upper: Path, work: Path | None) -> int | None:
+    """Open the work directory ``work`` of ``upper`` (None or the default path: the default one)
+    for an offline command, as an ``O_PATH`` descriptor to use from then on; None when it does
+    not exist.
+
+    Nothing an upper records is trusted with another directory: the default work directory is
+    reached from the upper's descriptor without following a symlink (anything but a directory
+    there counts as none); a ``--work`` directory must be a directory (not a symlink) on the
+    upper's filesystem, owned by the upper's owner, writable by nobody else, and carry
+    :data:`~cowfs.schema.XATTR_WORK_UPPER` naming this upper's root, which only its mount
+    writes; anything else is refused (:class:`CowfsError`).
+    """
+    upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        ust = os.fstat(upper_fd)
+        if work is None or work == schema.default_work_dir(upper):
+            try:
+                return os.open(schema.WORK_DIR_NAME, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+                               | os.O_CLOEXEC, dir_fd=upper_fd)
+            except OSError:
+                return None
+    finally:
+        os.close(upper_fd)
+    try:
+        fd = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise _not_its_work(upper, work, e.strerror or str(e)) from None
+    try:
+        st = os.fstat(fd)
+        problem = None
+        if st.st_dev != ust.st_dev:
+            problem = "it is on another filesystem"
+        elif st.st_uid != ust.st_uid:
+            problem = f"it is owned by uid {st.st_uid}, the upper by uid {ust.st_uid}"
+        elif st.st_mode & 0o022:
+            problem = f"it is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+        elif realfs.getxattr(fd, schema.XATTR_WORK_UPPER) != schema.format_work_upper(
+                ust.st_dev, ust.st_ino):
+            problem = f"it does not carry the {schema.XATTR_WORK_UPPER} mark of this upper"
+        if problem is not None:
+            raise _not_its_work(upper, work, problem)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _not_its_work(upper: Path, work: Path, problem: str) -> CowfsError:
+    return CowfsError(f"the work directory {str(work)!r} recorded on the upper {str(upper)!r} "
+                      f"is not that upper's: {problem}; refusing to read or empty it (mount the "
+                      f"upper again with --work {work} if it is its own)")

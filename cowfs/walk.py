@@ -405,7 +405,12 @@ def walk(upper: Path, lowers: Sequence[Path], work: Path | None = None) -> Itera
         upperinfo.upper_format(stack.roots[0].fd, upper)
         walker = _Walker(stack)
         yield from walker.run()
-        yield from walker.indexed(work if work is not None else schema.default_work_dir(upper))
+        index_fd = _open_index(stack.roots[0].fd, upper, work)
+        if index_fd is not None:
+            try:
+                yield from walker.indexed(index_fd)
+            finally:
+                os.close(index_fd)
     finally:
         stack.close()
 
@@ -569,29 +574,25 @@ class _Walker:
 
     # --- names served from the hard-link index --------------------------------------------------
 
-    def indexed(self, work: Path) -> Iterator[Change]:
+    def indexed(self, index_fd: int) -> Iterator[Change]:
         """Records for the lower names of copied-up hard-linked inodes that the upper does not
-        hold: the mount serves them from the index entry (``WORK/index/<layer>-<ino>``).
+        hold: the mount serves them from the index entry (``WORK/index/<layer>-<ino>``, open at
+        ``index_fd``).
 
         Known limit: finding those names needs a scan of the lower layers for hard-linked files;
         it is done only when the index has entries.
         """
-        entries = _index_entries(work)
+        entries = set(os.listdir(index_fd))
         if not entries:
             return
-        index_fd = os.open(work / schema.WORK_INDEX_NAME,
-                           os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for path, entry in self._indexed_names(entries):
-                mark = self.stack.mark()
-                try:
-                    record = self._indexed(path, entry, index_fd)
-                    if record is not None:
-                        yield record
-                finally:
-                    self.stack.release(mark)
-        finally:
-            os.close(index_fd)
+        for path, entry in self._indexed_names(entries):
+            mark = self.stack.mark()
+            try:
+                record = self._indexed(path, entry, index_fd)
+                if record is not None:
+                    yield record
+            finally:
+                self.stack.release(mark)
 
     def _indexed_names(self, entries: set[str]) -> list[tuple[str, str]]:
         found = []
@@ -630,11 +631,26 @@ class _Walker:
         return Unchanged(path, kind, link, entry)
 
 
-def _index_entries(work: Path) -> set[str]:
+def _open_index(upper_fd: int, upper: Path, work: Path | None) -> int | None:
+    """``WORK/index`` (None when there is none), never through a symlink at its name: the
+    default work directory is reached from the upper's descriptor, so that a symlink planted at
+    ``UPPER/.cowfs-work`` names no index elsewhere; a given ``work`` is the caller's (checked by
+    :func:`cowfs.upperinfo.recorded_work`, or a running mount's)."""
     try:
-        return set(os.listdir(work / schema.WORK_INDEX_NAME))
-    except (FileNotFoundError, NotADirectoryError):
-        return set()
+        if work is None or work == schema.default_work_dir(upper):
+            work_fd = os.open(schema.WORK_DIR_NAME, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW |
+                              os.O_CLOEXEC, dir_fd=upper_fd)
+        else:
+            work_fd = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.open(schema.WORK_INDEX_NAME, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW |
+                       os.O_CLOEXEC, dir_fd=work_fd)
+    except OSError:
+        return None
+    finally:
+        os.close(work_fd)
 
 
 def _hard_linked_files(root_fd: int) -> Iterator[tuple[str, os.stat_result]]:

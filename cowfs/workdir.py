@@ -260,6 +260,30 @@ def _open_given_work(path: Path, upper_dev: int) -> int:
     return fd
 
 
+def mark_work(fd: int, path: Path, upper_fd: int, *, read_only: bool, relocate: bool) -> None:
+    """Mark a ``--work`` directory as the upper's (:data:`~cowfs.schema.XATTR_WORK_UPPER`): the
+    offline commands read and empty only a recorded work directory that carries its upper's mark.
+    One marked for another upper is refused (its index describes that upper), unless
+    ``relocate`` (the upper was copied or moved, with its work directory)."""
+    ust = os.fstat(upper_fd)
+    wanted = schema.format_work_upper(ust.st_dev, ust.st_ino)
+    found = realfs.getxattr(fd, schema.XATTR_WORK_UPPER)
+    if found == wanted or (read_only and found is None):
+        return
+    if found is not None and not relocate:
+        raise CowfsError(f"work directory {str(path)!r} belongs to another upper directory (its "
+                         f"{schema.XATTR_WORK_UPPER} is {found.decode(errors='replace')!r}); give "
+                         "that upper's work directory, or a new empty one (-o relocate: the upper "
+                         "was moved with it)")
+    if read_only:
+        return
+    try:
+        realfs.setxattr(fd, schema.XATTR_WORK_UPPER, wanted)
+    except OSError as e:
+        raise CowfsError(f"cannot mark work directory {str(path)!r} as the upper's: "
+                         f"{e.strerror}") from None
+
+
 def lock_directory(fd: int, path: Path, role: str) -> int:
     """Lock a directory (the upper, the work directory) for as long as the returned descriptor is
     open (in the daemon): two mounts sharing either would corrupt each other, and each mount
@@ -275,11 +299,12 @@ def lock_directory(fd: int, path: Path, role: str) -> int:
 
 
 def open_work(upper_fd: int, upper_path: Path, given: Path | None, *,
-              read_only: bool) -> WorkDir:
+              read_only: bool, relocate: bool = False) -> WorkDir:
     """Open (read-write: create) the work directory of an upper and check it.
 
     ``given`` is ``--work DIR``, or None for the default ``UPPER/.cowfs-work``, which is reached
-    from the upper's descriptor without following a symlink.
+    from the upper's descriptor without following a symlink. A given one is marked as this
+    upper's (:func:`mark_work`).
     """
     upper_dev = os.fstat(upper_fd).st_dev
     if given is None:
@@ -289,6 +314,11 @@ def open_work(upper_fd: int, upper_path: Path, given: Path | None, *,
     else:
         path = given
         fd = _open_given_work(given, upper_dev)
+        try:
+            mark_work(fd, path, upper_fd, read_only=read_only, relocate=relocate)
+        except BaseException:
+            os.close(fd)
+            raise
     if fd is None:  # read-only, and never mounted read-write: nothing to read
         return WorkDir(path, None, None, None, None, Features(False, False))
     try:

@@ -95,43 +95,43 @@ def plan_commit(records: Sequence[Change]) -> list[Step]:
 
 def empty_upper(upper: Path, work: Path | None = None) -> None:
     """Remove every change from ``upper``, keeping its format marker, its recorded stack and its
-    work directory (``work``: default, the one recorded on the upper at its last mount).
+    work directory (``work``: default, the one recorded on the upper at its last mount, checked
+    to be this upper's before anything is removed: :func:`cowfs.upperinfo.open_work_dir`).
 
     The work directory's scratch area and index are emptied too: the index names copies in the
     upper, and there are none left.
     """
-    work = work if work is not None else mounts.work_of(upper)
-    fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    work_fd = upperinfo.open_work_dir(upper, work if work is not None
+                                      else upperinfo.recorded_work(upper))
     try:
-        for name in realfs.list_names(fd):
-            if name != schema.WORK_DIR_NAME:
-                realfs.remove_tree(fd, name)
-        with contextlib.suppress(OSError):
-            realfs.removexattr(fd, schema.XATTR_OPAQUE)
+        fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name in realfs.list_names(fd):
+                if name != schema.WORK_DIR_NAME:
+                    realfs.remove_tree(fd, name)
+            with contextlib.suppress(OSError):
+                realfs.removexattr(fd, schema.XATTR_OPAQUE)
+        finally:
+            os.close(fd)
+        if work_fd is not None:
+            _clear_work(work_fd)
     finally:
-        os.close(fd)
-    _clear_work(work)
+        if work_fd is not None:
+            os.close(work_fd)
 
 
-def _clear_work(work: Path) -> None:
-    """Empty ``WORK/tmp`` and remove ``WORK/index``; nothing else in a work directory is
-    cowfs's. A work directory that is a symlink or missing is left alone."""
-    try:
-        fd = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        plans.remove_if_present(fd, schema.WORK_INDEX_NAME)
-        tmp = realfs.open_path(fd, schema.WORK_TMP_NAME)
-        if tmp is not None:
-            try:
-                if stat.S_ISDIR(os.fstat(tmp).st_mode):
-                    for name in realfs.list_names(tmp):
-                        realfs.remove_tree(tmp, name)
-            finally:
-                os.close(tmp)
-    finally:
-        os.close(fd)
+def _clear_work(fd: int) -> None:
+    """Empty ``WORK/tmp`` and remove ``WORK/index`` of the work directory open at ``fd``;
+    nothing else in a work directory is cowfs's."""
+    plans.remove_if_present(fd, schema.WORK_INDEX_NAME)
+    tmp = realfs.open_path(fd, schema.WORK_TMP_NAME)
+    if tmp is not None:
+        try:
+            if stat.S_ISDIR(os.fstat(tmp).st_mode):
+                for name in realfs.list_names(tmp):
+                    realfs.remove_tree(tmp, name)
+        finally:
+            os.close(tmp)
 
 
 class UpperOrigin(Enum):
@@ -213,19 +213,33 @@ def _check_base(base: Path, upper: Path) -> None:
                              f"at {str(mount.mountpoint)!r}; unmount it first")
 
 
-def _pending(upper: Path, base: Path) -> journal.Journal | None:
+def _pending(upper: Path, base: Path) -> journal.Found | None:
     """The journal of an unfinished commit of ``upper`` into ``base`` (to resume), or None;
-    refuses when either is in the middle of another commit."""
+    refuses when either is in the middle of another commit.
+
+    Whoever can write BASE can put a journal there, and whoever can write the upper can mark
+    it: a journal is resumed only when it is the committing user's own (:func:`journal.load`),
+    names this upper, and is the very plan whose digest this upper's mark recorded for this
+    base before the plan was written."""
     real_upper, real_base = upper.resolve(), base.resolve()
+    mark = upperinfo.commit_mark(real_upper)
     found = journal.load(real_base)
-    if found is not None and found.upper != str(real_upper):
-        raise CowfsError(f"an interrupted commit of {found.upper!r} into {str(base)!r} is "
-                         f"unfinished; finish it first: cowfs commit {found.upper} --into "
-                         f"{found.base} --yes")
-    into = upperinfo.committing_into(real_upper)
-    if into is not None and into != str(real_base):
-        raise CowfsError(f"an interrupted commit of {str(upper)!r} into {into!r} is unfinished; "
-                         f"finish it first: cowfs commit {upper} --into {into} --yes")
+    if found is not None and found.journal.upper != str(real_upper):
+        raise CowfsError(f"an interrupted commit of {found.journal.upper!r} into {str(base)!r} "
+                         f"is unfinished; finish it first: cowfs commit {found.journal.upper} "
+                         f"--into {found.journal.base} --yes")
+    if mark is not None and mark.base != str(real_base):
+        raise CowfsError(f"an interrupted commit of {str(upper)!r} into {mark.base!r} is "
+                         f"unfinished; finish it first: cowfs commit {upper} --into {mark.base} "
+                         "--yes")
+    if found is not None and (mark is None or mark.plan != found.digest
+                              or found.journal.base != str(real_base)):
+        why = f"no {schema.XATTR_COMMITTING} mark" if mark is None else "another plan"
+        raise CowfsError(f"{str(real_base / journal.JOURNAL_DIR)!r} holds a commit journal of "
+                         f"{str(upper)!r} that this upper does not record as its interrupted "
+                         f"commit ({why}); "
+                         "refusing to resume it: if no commit of it was interrupted, remove that "
+                         "directory")
     return found
 
 
@@ -274,10 +288,11 @@ def fill_metacopies(upper: Path, base: Path, paths: Sequence[str]) -> None:
         stack.close()
 
 
-def _fresh_plan(upper: Path, base: Path, work: Path,
+def _fresh_plan(upper: Path, base: Path, work: Path | None,
                 relocate: bool) -> tuple[list[journal.Step], list[Visible], list[str]]:
     upperinfo.verify_stack(upper, upperinfo.identities([base.resolve()]), relocate=relocate,
-                           what="commit", override="--relocate to commit all the same")
+                           what="commit", override="--relocate to commit all the same",
+                           required=True)
     if relocate:  # metacopy and partial files find their data by path again (metacopy.rebind)
         stack = Stack(upper, [base])
         try:
@@ -298,45 +313,61 @@ def commit(upper: Path, base: Path, *, yes: bool, dry_run: bool, out: TextIO | N
            work: Path | None = None, relocate: bool = False, verbose: bool = False) -> str:
     """Apply ``upper``'s changes to ``base``, then empty it; or finish the commit that an
     interruption cut short. Returns the summary line. ``work``: the upper's work directory
-    (default: the one recorded at its last mount, else the default)."""
+    (default: the one recorded at its last mount, else the default); it must be this upper's
+    (:func:`cowfs.upperinfo.open_work_dir`), whatever a record or a journal says."""
     with mounts.exclusive_upper(upper, "commit"):
         upperinfo.require_upper(upper, "commit")
         _check_base(base, upper)
-        work = work if work is not None else mounts.work_of(upper)
-        pending = _pending(upper, base)
-        if pending is not None:
-            done = journal.steps_done(base)
-            lines = [f"resume the interrupted commit of {str(upper)!r} into {str(base)!r} "
-                     f"({done} of {len(pending.steps)} steps done: {pending.summary})"]
-            if not plans.confirm(lines, yes=yes, dry_run=dry_run, out=out,
-                                 question="Finish it?"):
-                return pending.summary
-            _apply(upper, base, pending, done)
-        else:
-            upperinfo.clear_committing(upper)  # set, then interrupted before the journal
-            steps, changes, copied = _fresh_plan(upper, base, work, relocate)
-            if not changes:
-                print("nothing to commit", file=out)
-                return "no changes"
-            plan = [line for step in steps if (line := step.describe()) is not None]
-            plan.append(f"then empty {str(upper)!r}")
-            if not plans.confirm(plan, yes=yes, dry_run=dry_run, out=out, verbose=verbose,
-                                 summary=_plan_summary(upper, base, work, steps),
-                                 question=f"Apply these changes to {str(base)!r}?"):
-                return summary(changes)
-            fill_metacopies(upper, base, copied)
-            pending = journal.Journal(str(upper.resolve()), str(base.resolve()),
-                                      str(work.resolve()), tuple(steps), summary(changes))
-            _apply(upper, base, pending, None)
-    print(f"committed into {base}: {pending.summary}", file=out)
-    return pending.summary
+        work = work if work is not None else upperinfo.recorded_work(upper)
+        work_fd = upperinfo.open_work_dir(upper, work)
+        try:
+            return _commit(upper, base, work, work_fd, yes=yes, dry_run=dry_run, out=out,
+                           relocate=relocate, verbose=verbose)
+        finally:
+            if work_fd is not None:
+                os.close(work_fd)
+
+
+def _commit(upper: Path, base: Path, work: Path | None, work_fd: int | None, *, yes: bool,
+            dry_run: bool, out: TextIO | None, relocate: bool, verbose: bool) -> str:
+    pending = _pending(upper, base)
+    if pending is not None:
+        plan = pending.journal
+        lines = [f"resume the interrupted commit of {str(upper)!r} into {str(base)!r} "
+                 f"({pending.done} of {len(plan.steps)} steps done: {plan.summary})"]
+        if not plans.confirm(lines, yes=yes, dry_run=dry_run, out=out, question="Finish it?"):
+            return plan.summary
+        _apply(upper, base, work, work_fd, plan, pending.done)
+    else:
+        upperinfo.clear_committing(upper)  # set, then interrupted before the journal
+        # A --work directory is walked through the descriptor that was checked to be the
+        # upper's, not by its path again.
+        walked = Path(realfs.proc_path(work_fd)) if work is not None and work_fd is not None \
+            else work
+        steps, changes, copied = _fresh_plan(upper, base, walked, relocate)
+        if not changes:
+            print("nothing to commit", file=out)
+            return "no changes"
+        lines = [line for step in steps if (line := step.describe()) is not None]
+        lines.append(f"then empty {str(upper)!r}")
+        if not plans.confirm(lines, yes=yes, dry_run=dry_run, out=out, verbose=verbose,
+                             summary=_plan_summary(upper, base, work_fd, steps),
+                             question=f"Apply these changes to {str(base)!r}?"):
+            return summary(changes)
+        fill_metacopies(upper, base, copied)
+        plan = journal.Journal(str(upper.resolve()), str(base.resolve()), tuple(steps),
+                               summary(changes))
+        _apply(upper, base, work, work_fd, plan, None)
+    print(f"committed into {base}: {plan.summary}", file=out)
+    return plan.summary
 
 
 #: How many of the largest files the summary of a long plan names.
 LARGEST_SHOWN = 5
 
 
-def _plan_summary(upper: Path, base: Path, work: Path, steps: Sequence[Step]) -> list[str]:
+def _plan_summary(upper: Path, base: Path, work_fd: int | None,
+                  steps: Sequence[Step]) -> list[str]:
     """A long plan in a few lines: the steps counted by kind, the file data to copy, and the
     largest files."""
     shown = [s for s in steps if s.op is not Op.STAGE]
@@ -344,7 +375,7 @@ def _plan_summary(upper: Path, base: Path, work: Path, steps: Sequence[Step]) ->
     for step in shown:
         name = "attrs" if step.op is Op.ATTRS else step.op.value
         kinds[name] = kinds.get(name, 0) + 1
-    applier = journal.Applier(upper, base, work)
+    applier = journal.Applier(upper, base, work_fd)
     try:
         sizes = [(applier.data_size(step), step.path) for step in shown]
     finally:
@@ -361,7 +392,8 @@ def _plan_summary(upper: Path, base: Path, work: Path, steps: Sequence[Step]) ->
     return lines
 
 
-def _apply(upper: Path, base: Path, plan: journal.Journal, done: int | None) -> None:
+def _apply(upper: Path, base: Path, work: Path | None, work_fd: int | None,
+           plan: journal.Journal, done: int | None) -> None:
     """Write the journal (``done`` None: a fresh commit), apply the steps not done yet, empty
     the upper, remove the journal. Interruptions and failures leave the journal to resume."""
     total = len(plan.steps)
@@ -371,12 +403,15 @@ def _apply(upper: Path, base: Path, plan: journal.Journal, done: int | None) -> 
             base_fd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 if done is None:
-                    upperinfo.mark_committing(upper, plan.base)
-                    journal.write(base_fd, plan)
+                    # The upper records which plan it is committing before the plan exists:
+                    # only that plan is ever resumed (see _pending).
+                    text = plan.to_json()
+                    upperinfo.mark_committing(upper, plan.base, journal.digest(text))
+                    journal.write(base_fd, text)
                     plans.fault_point(journal.FAULT_VARIABLE, 0)
-                _apply_steps(upper, base, base_fd, plan, count)
+                _apply_steps(upper, base, base_fd, work_fd, plan, count)
                 count = total
-                empty_upper(upper, Path(plan.work))
+                empty_upper(upper, work)
                 plans.fault_point(journal.FAULT_VARIABLE, total + 1)
                 journal.remove(base_fd)
                 plans.fault_point(journal.FAULT_VARIABLE, total + 2)
@@ -399,10 +434,10 @@ def _apply(upper: Path, base: Path, plan: journal.Journal, done: int | None) -> 
                          "run the same command again to finish it") from None
 
 
-def _apply_steps(upper: Path, base: Path, base_fd: int, plan: journal.Journal,
-                 done: int) -> None:
+def _apply_steps(upper: Path, base: Path, base_fd: int, work_fd: int | None,
+                 plan: journal.Journal, done: int) -> None:
     todo = plan.steps[done:]
-    applier = journal.Applier(upper, base, Path(plan.work))
+    applier = journal.Applier(upper, base, work_fd)
     progress = journal.Progress(base_fd)
     try:
         with plans.Progress(sum(applier.data_size(step) for step in todo), "commit") as bar:

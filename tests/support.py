@@ -494,12 +494,20 @@ def format_outcomes(
 def run_steps_as(
     uid: int, gid: int, root: Path, steps: Sequence[Step], *, umask: int = 0o022
 ) -> list[Outcome]:
-    """``run_steps`` in a forked child running as uid:gid with no supplementary groups.
+    """``run_steps`` in a forked child running as uid:gid with no supplementary groups."""
+    outcomes: list[Outcome] = call_as(uid, gid, lambda: run_steps(root, steps), umask=umask)
+    return outcomes
+
+
+def call_as(uid: int, gid: int, action: Callable[[], Any], *, umask: int = 0o022) -> Any:
+    """``action()`` in a forked child running as uid:gid with no supplementary groups (a plain
+    user acting on directories that root works on); returns its (picklable) result, and fails
+    the test with the child's traceback when it raises.
 
     A fork rather than a new interpreter: the interpreter may live where that user cannot read
     (a pyenv under /root).
     """
-    needs_root("running steps as another user (setuid)")
+    needs_root("acting as another user (setuid)")
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns
@@ -510,7 +518,7 @@ def run_steps_as(
             os.setgid(gid)
             os.setuid(uid)
             os.umask(umask)
-            payload = pickle.dumps(run_steps(root, steps))
+            payload = pickle.dumps(action())
         except BaseException:
             payload, status = pickle.dumps(traceback.format_exc()), 1
         with open(write_end, "wb") as out:

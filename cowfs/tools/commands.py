@@ -194,15 +194,17 @@ def _add_commit(subparsers: Subparsers) -> None:
                 "UPPER. Shows the plan; applies it with --yes or when confirmed at a terminal. "
                 "Refuses while UPPER is mounted or BASE is in use by a mount, when UPPER is not "
                 "a cowfs upper or BASE is one, and when BASE is not the lower stack recorded on "
-                "UPPER. Interrupted (Ctrl-C, SIGTERM, a crash, a failed step), it is finished by "
-                "running the same command again; until then BASE is half-committed.",
+                "UPPER (or UPPER records none). Interrupted (Ctrl-C, SIGTERM, a crash, a failed "
+                "step), it is finished by running the same command again; until then BASE is "
+                "half-committed.",
                 COMMIT_EPILOG)
     p.add_argument("upper", metavar="UPPER")
     p.add_argument("--into", metavar="BASE", required=True,
                    help="the directory the upper was layered on")
     p.add_argument("--relocate", action="store_true",
-                   help="commit although BASE is not the lower stack recorded on UPPER (the "
-                   "layers were moved on purpose)")
+                   help="commit although BASE is not the lower stack recorded on UPPER, or "
+                   "UPPER records none (the layers were moved on purpose, or the upper was made "
+                   "by hand)")
     _confirm_options(p)
     p.add_argument("-v", "--verbose", action="store_true",
                    help="show the whole plan, not its summary, also when applying it")
