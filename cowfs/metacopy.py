@@ -13,10 +13,14 @@ the lower).
 
 The mark is untrusted input, and it gives access to a lower file's data under the upper file's
 owner and mode. So it is honoured only when the upper file's owner is the lower file's owner or the
-owner of the upper directory (the mounting user, who can read what the daemon reads): a user who
-can write files into the upper directly (an upper directory created through an ``allow_other``
-mount) cannot mark a file of their own to read a lower file that is not theirs. The origin must
-also lead to a regular file of the same size with the recorded inode number.
+owner of the upper directory: a user who can write files into the upper directly (an upper
+directory created through an ``allow_other`` mount) cannot mark a file of their own to read a lower
+file that is not theirs. And when the layer holding the mark is owned by someone else than the
+daemon's user (root serving a user's upper), that owner must be able to read the data file by its
+mode bits and those of the directories on its path (:func:`readable_by`): the owner of the layer
+can write any mark into it, and must not read through one what they could not read anyway. The
+origin must also lead to a regular file of the same size with the recorded inode number. The
+mount follows marks at all only when its options enable them (:mod:`cowfs.copyup`).
 
 Known limits: filling in place drops ``security.capability`` and, for a daemon without
 ``CAP_FSETID``, set-ID bits (the kernel does so on every write); they are restored before the mark
@@ -28,8 +32,10 @@ duration of the fill.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
+import pwd
 import stat
 from collections.abc import Iterator
 
@@ -70,7 +76,8 @@ def find_data(upper_fd: int, roots: tuple[Real, ...], trusted_uid: int, *,
     except ValueError as e:
         raise NoDataError(str(e)) from None
     if origin.path is None:
-        raise NoDataError("its origin has no path")
+        raise NoDataError("its origin records only a digest of its path" if origin.digest
+                          else "its origin has no path")
     candidates = data_layers(layer_index, origin.layer, len(roots))
     if not candidates:
         raise NoDataError(f"its origin names layer {origin.layer}, not a lower layer here")
@@ -193,6 +200,10 @@ def _data_at(roots: tuple[Real, ...], index: int, origin: schema.Origin,
         if marked.st_uid not in (lower.st_uid, trusted_uid):
             raise NoDataError(f"its owner {marked.st_uid} owns neither {where} nor the root "
                               "of its own layer")
+        if trusted_uid != os.geteuid() and not readable_by(trusted_uid, roots[index].fd,
+                                                           origin.path):
+            raise NoDataError(f"user {trusted_uid}, who owns the marked file's layer, may not "
+                              f"read {where}")
     except BaseException:
         os.close(real.fd)
         raise
@@ -209,6 +220,51 @@ def _data_size(upper_fd: int, upper_size: int) -> int:
         return partial.DataMap.decode(value).lower_size
     except ValueError as e:
         raise NoDataError(f"its data map is malformed: {e}") from None
+
+
+def readable_by(uid: int, root_fd: int, components: tuple[str, ...]) -> bool:
+    """Whether user ``uid`` may read the file at ``components`` below the directory ``root_fd``
+    by the mode bits alone: search on that directory and on each one on the way, read on the
+    file (the owner of an object may, whatever its bits: they could change them). Never
+    following a symlink; False when the path does not lead to an object."""
+    fd = os.dup(root_fd)
+    try:
+        for part in components:
+            st = os.fstat(fd)
+            if not (stat.S_ISDIR(st.st_mode) and _may(st, uid, 0o1)):
+                return False
+            child = realfs.open_path(fd, part)
+            os.close(fd)
+            fd = -1
+            if child is None:
+                return False
+            fd = child
+        return _may(os.fstat(fd), uid, 0o4)
+    except OSError:
+        return False
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _may(st: os.stat_result, uid: int, bits: int) -> bool:
+    """Whether ``uid`` has the permission ``bits`` (0o4 read, 0o1 search) on ``st`` by its mode:
+    the owner's class, else the group's when ``uid`` is in the group, else the others'."""
+    if uid in (0, st.st_uid):
+        return True
+    if st.st_gid in groups_of(uid):
+        return bool(st.st_mode >> 3 & bits)
+    return bool(st.st_mode & bits)
+
+
+@functools.cache
+def groups_of(uid: int) -> frozenset[int]:
+    """The groups of user ``uid`` (primary and supplementary); none for a uid without a name."""
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return frozenset()
+    return frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid))
 
 
 def owner_allowed(uid: int, lower_uid: int, trusted_uid: int) -> bool:
