@@ -69,7 +69,9 @@ def plain_entry(directory: Inode, name: str) -> tuple[int, int, int] | _NeedsLoo
     name is whited out (or gone).
 
     :data:`NEEDS_LOOKUP` where only a lookup can say: an upper object (its number may come from
-    its origin), an empty file in a directory that may hold xattr whiteouts, anything unusual.
+    its origin), a regular file of a lower layer that is a cowfs upper (a metacopy file there is
+    numbered by its data file), an empty file in a directory that may hold xattr whiteouts,
+    anything unusual.
     """
     for real in directory.reals:
         try:
@@ -82,7 +84,8 @@ def plain_entry(directory: Inode, name: str) -> tuple[int, int, int] | _NeedsLoo
             return None
         if real.layer.is_upper or (
                 real.mark is schema.DirMark.XWHITEOUTS
-                and schema.may_be_xattr_whiteout(st.st_mode, st.st_size)):
+                and schema.may_be_xattr_whiteout(st.st_mode, st.st_size)) or (
+                real.layer.reads_metacopy and stat.S_ISREG(st.st_mode) and st.st_size > 0):
             return NEEDS_LOOKUP
         return stat.S_IFMT(st.st_mode), real.layer.index, st.st_ino
     return None

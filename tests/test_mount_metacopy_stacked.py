@@ -285,3 +285,24 @@ def test_a_partial_file_in_a_lower_reads_its_blocks_and_its_data_files(
     assert diff.status == 0, diff.err
     assert "big" in diff.out
     assert "other" not in diff.out, "an unchanged lower partial file compared as changed"
+
+
+def test_a_listing_gives_stacked_metacopy_files_their_st_ino(
+        layers: LayerFactory, mount_cowfs: MountFactory) -> None:
+    """``d_ino`` is ``st_ino`` (``find -inum``, ``du`` and ``rsync -H`` trust it) for metacopy
+    files of a stacked upper, which are numbered by their data files: also past the first
+    chunk of a listing, which the kernel asks for without attributes (plain readdir)."""
+    count = 600
+    first = layers({f"d/f{i:04d}": File(b"x" * (i + 1)) for i in range(count)})
+    mount = mount_cowfs(first, options=["metacopy"])
+    for i in range(count):
+        os.chmod(mount.mnt / f"d/f{i:04d}", 0o600)
+    mount.stop()
+    assert is_marked(first.upper / "d/f0599")
+    mount, _ = stacked(layers, mount_cowfs, first, ("metacopy",))
+    with os.scandir(mount.mnt / "d") as entries:
+        listed = {entry.name: entry.inode() for entry in entries}
+    assert len(listed) == count
+    wrong = {name: (ino, os.lstat(mount.mnt / "d" / name).st_ino)
+             for name, ino in listed.items() if ino != os.lstat(mount.mnt / "d" / name).st_ino}
+    assert not wrong, f"{len(wrong)} of {count} entries: d_ino != st_ino"
