@@ -286,14 +286,28 @@ class Inode:
                 self._retired.append(self.partial)
                 self.partial = None
 
+    @property
+    def unsaved(self) -> bool:
+        """Whether it holds a partial file's blocks whose map is not on disk yet (what was
+        written since the last close: an mmap's)."""
+        opened = self.partial
+        return opened is not None and opened.dirty
+
+    def persist_partial(self) -> None:
+        """Record a partial file's map (an ``fdatasync`` and an xattr: the adapter calls it in a
+        worker thread before a forget releases the inode). Logged, never raised."""
+        opened = self.partial
+        if opened is None:
+            return
+        try:
+            opened.persist()
+        except OSError as e:
+            log.warning("inode %d: cannot record a partial file's map: %s", self.number,
+                        e.strerror)
+
     def release(self) -> None:
         self.alive = False
-        if self.partial is not None:
-            try:
-                self.partial.persist()  # what was written since the last close (an mmap's)
-            except OSError as e:
-                log.warning("inode %d: cannot record a partial file's map: %s", self.number,
-                            e.strerror)
+        self.persist_partial()
         with self._state:
             reals, self.reals = self.reals, ()
             self._links.clear()

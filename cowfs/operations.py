@@ -274,8 +274,18 @@ class Operations(pyfuse3.Operations):
                                            ignore_enoent=True)
 
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
+        """The one handler without a reply: an exception here would end the mount, so a failure
+        is logged and the next inode forgotten (the errno boundary's rule, without an errno to
+        give). A partial file's unsaved map is written in a worker thread first, while the
+        inode is still known, so that the release on the loop has nothing left to wait for."""
         for number, count in inode_list:
-            self.overlay.forget(number, count)
+            try:
+                unsaved = self.overlay.unsaved_before_forget(number, count)
+                if unsaved is not None:
+                    await _in_thread(unsaved.persist_partial)
+                self.overlay.forget(number, count)
+            except Exception:
+                log.exception("forget of inode %d failed (its descriptors may stay open)", number)
 
     @_errno_boundary
     async def getattr(self, inode: InodeT,
