@@ -163,8 +163,8 @@ class Inode:
     whole, so readers that take no lock see either the old or the new stack.
     """
 
-    __slots__ = ("_links", "_retired", "_state", "alive", "copy_up_lock", "lookups",
-                 "no_caps_on", "number", "partial", "reals")
+    __slots__ = ("_links", "_retired", "_state", "_xattr_changes", "alive", "copy_up_lock",
+                 "lookups", "no_caps_on", "number", "partial", "reals")
 
     def __init__(self, number: int, reals: tuple[Real, ...]) -> None:
         self.number = number
@@ -180,6 +180,9 @@ class Inode:
         self.alive = True
         #: The real object found to have no ``security.capability`` (see :mod:`cowfs.xattrs`).
         self.no_caps_on: Real | None = None
+        #: Bumped by every change of an xattr through the mount: an absence read before a
+        #: change is not remembered after it (:meth:`remember_no_caps`).
+        self._xattr_changes = 0
         #: A partial file's data while the inode lives (:mod:`cowfs.partial`): set once, under
         #: ``copy_up_lock``, and kept (completed or not) until :meth:`release`.
         self.partial: PartialFile | None = None
@@ -285,6 +288,25 @@ class Inode:
             if self.partial is not None:
                 self._retired.append(self.partial)
                 self.partial = None
+
+    @property
+    def xattr_changes(self) -> int:
+        return self._xattr_changes
+
+    def remember_no_caps(self, real: Real, changes: int) -> None:
+        """Remember that ``real`` has no ``security.capability``, as read when the xattrs had
+        seen ``changes`` changes: only if none was made since (a setxattr in a worker thread may
+        have added one between the read and now)."""
+        with self._state:
+            if self._xattr_changes == changes:
+                self.no_caps_on = real
+
+    def xattrs_changed(self) -> None:
+        """An xattr is being or was changed: forget any remembered absence, and make absences
+        read before now not to be remembered."""
+        with self._state:
+            self._xattr_changes += 1
+            self.no_caps_on = None
 
     @property
     def unsaved(self) -> bool:

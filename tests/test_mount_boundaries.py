@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 from conftest import LayerFactory, MountFactory
+from support import injected_env
 
 POISON_SIZE = 12345  # the size of the file whose inode the injected bug breaks
 
 RELEASE_BUG = f"""
+import os
+
 from cowfs import inodes
 
 _release = inodes.Inode.release
@@ -28,23 +31,13 @@ def release(self):
         raise RuntimeError("injected: a bug in Inode.release")
 
 
-import os
 inodes.Inode.release = release
 """
 
 
-def injected(tmp_path: Path, code: str) -> dict[str, str]:
-    """The environment of a daemon that runs ``code`` at startup (before mounting)."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(code)
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site),
-                                                         os.environ.get("PYTHONPATH")]))}
-
-
 def test_a_failing_forget_leaves_the_mount_working(
         layers: LayerFactory, mount_cowfs: MountFactory, tmp_path: Path) -> None:
-    mount = mount_cowfs(layers({"a": None}), env=injected(tmp_path, RELEASE_BUG))
+    mount = mount_cowfs(layers({"a": None}), env=injected_env(tmp_path / "site", RELEASE_BUG))
     poison = mount.mnt / "poison"
     poison.write_bytes(bytes(POISON_SIZE))
     poison.unlink()  # the kernel forgets the inode: its release raises
