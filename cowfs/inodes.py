@@ -195,11 +195,16 @@ class Inode:
 
     @property
     def top(self) -> Real:
-        return self.reals[0]
+        """The topmost real object; ESTALE once the inode was released (a request that took it
+        before a forget released it)."""
+        try:
+            return self.reals[0]
+        except IndexError:
+            raise OSError(errno.ESTALE, f"inode {self.number} was forgotten") from None
 
     @property
     def upper(self) -> Real | None:
-        top = self.reals[0]
+        top = self.top
         return top if top.layer.is_upper else None
 
     @property
@@ -208,7 +213,7 @@ class Inode:
 
     @property
     def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.reals[0].mode)
+        return stat.S_ISDIR(self.top.mode)
 
     @property
     def is_merged_dir(self) -> bool:
@@ -382,11 +387,15 @@ class InodeTable:
         objects differ (a forged origin), when the newcomer gets a number of its own. ``new``: an
         object just created, which has no origin to read.
         """
-        if new:
-            number = self.numbers.number(reals[0].layer.index, origins.ino_of(reals[0]))
-        else:
-            number = self.numbers.of(reals, parent.child_parents if parent is not None else (),
-                                     name)
+        try:
+            if new:
+                number = self.numbers.number(reals[0].layer.index, origins.ino_of(reals[0]))
+            else:
+                number = self.numbers.of(reals, parent.child_parents if parent is not None
+                                         else (), name)
+        except BaseException:
+            _close_all(reals)  # they were the caller's to hand over: nobody else closes them
+            raise
         with self._lock:
             inode = self._by_number.get(number)
             if inode is not None and not same_object(inode.reals, reals):
@@ -402,6 +411,18 @@ class InodeTable:
             self._recent.move_to_end(number)
         if parent is not None:
             inode.add_link(parent, name)
+        return inode
+
+    def named_again(self, inode: Inode, parent: Inode, name: str) -> Inode | None:
+        """``inode``, which got a new name (a hard link): one more kernel lookup, one more link.
+        None if it was forgotten meanwhile."""
+        with self._lock:
+            if self._by_number.get(inode.number) is not inode:
+                return None
+            inode.lookups += 1
+            self._recent[inode.number] = inode
+            self._recent.move_to_end(inode.number)
+        inode.add_link(parent, name)
         return inode
 
     def _distinct_number(self, reals: tuple[Real, ...], taken: int) -> int:

@@ -86,11 +86,10 @@ def find_data(upper_fd: int, roots: tuple[Real, ...], trusted_uid: int, *,
     first: NoDataError | None = None
     for index in candidates:
         try:
-            return _data_at(roots, index, origin, marked, size, trusted_uid)
+            return _data_at(roots, index, origin.path, origin, marked, size, trusted_uid)
         except NoDataError as e:
             first = first or e
-    assert first is not None
-    raise first
+    raise first or NoDataError("no layer to look in")
 
 
 def data_layers(layer_index: int, origin_layer: int, count: int) -> list[int]:
@@ -157,8 +156,8 @@ def _rebind_one(fd: int, roots: tuple[Real, ...], trusted_uid: int) -> int:
         if origin.path is None:
             return 0
         size = _data_size(fd, os.fstat(fd).st_size)
-        found = _data_at(roots, origin.layer, origin, os.fstat(fd), size, trusted_uid,
-                         any_ino=True)
+        found = _data_at(roots, origin.layer, origin.path, origin, os.fstat(fd), size,
+                         trusted_uid, any_ino=True)
     except (ValueError, NoDataError):
         return 0
     try:
@@ -171,18 +170,18 @@ def _rebind_one(fd: int, roots: tuple[Real, ...], trusted_uid: int) -> int:
     return 1
 
 
-def _data_at(roots: tuple[Real, ...], index: int, origin: schema.Origin,
-             marked: os.stat_result, size: int, trusted_uid: int, *,
+def _data_at(roots: tuple[Real, ...], index: int, components: tuple[str, ...],
+             origin: schema.Origin, marked: os.stat_result, size: int, trusted_uid: int, *,
              any_ino: bool = False) -> Real:
-    """The data file at the origin's path in layer ``index``, if it passes the rules (``size``:
-    the one it must have; ``any_ino``: of whatever inode number, see :func:`rebind`)."""
-    assert origin.path is not None
-    path = "/" + "/".join(origin.path)
+    """The data file at the origin's path (``components``) in layer ``index``, if it passes the
+    rules (``size``: the one it must have; ``any_ino``: of whatever inode number, see
+    :func:`rebind`)."""
+    path = "/" + "/".join(components)
     where = f"{path} in layer {index}"
     if not 0 < index < len(roots):
         raise NoDataError(f"there is no layer {index} for {path}")
     try:
-        found = probe_path(roots[index], origin.path)
+        found = probe_path(roots[index], components)
     except OSError as e:  # a refused redirect on the way
         raise NoDataError(f"cannot walk {path} in layer {index}: {e.strerror}") from None
     if not isinstance(found, Found):
@@ -201,7 +200,7 @@ def _data_at(roots: tuple[Real, ...], index: int, origin: schema.Origin,
             raise NoDataError(f"its owner {marked.st_uid} owns neither {where} nor the root "
                               "of its own layer")
         if trusted_uid != os.geteuid() and not readable_by(trusted_uid, roots[index].fd,
-                                                           origin.path):
+                                                           components):
             raise NoDataError(f"user {trusted_uid}, who owns the marked file's layer, may not "
                               f"read {where}")
     except BaseException:

@@ -256,6 +256,12 @@ class Operations(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
 
+    def _dir(self, fh: int) -> DirHandle:
+        try:
+            return self._dirs[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
     # --- lookups and attributes ---------------------------------------------------------------
 
     @_errno_boundary
@@ -490,7 +496,7 @@ class Operations(pyfuse3.Operations):
             snapshot, start, names = self._snapshots.names(
                 directory, start_id, self.overlay.hidden_names(directory))
         else:
-            handle = self._dirs[fh]
+            handle = self._dir(fh)
             directory = handle.inode
             snapshot, start = 0, start_id
             names = handle.snapshot(start_id, self.overlay.hidden_names(directory))
@@ -565,7 +571,8 @@ class Operations(pyfuse3.Operations):
 
     @_errno_boundary
     async def releasedir(self, fh: FileHandleT) -> None:
-        del self._dirs[fh]
+        if self._dirs.pop(fh, None) is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
 
     @_errno_boundary
     async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
@@ -573,7 +580,7 @@ class Operations(pyfuse3.Operations):
             # Which directory is not said (the kernel opened it): make the whole upper durable.
             await _in_thread(self.overlay.sync_upper)
             return
-        await _in_thread(self.overlay.fsyncdir, self._dirs[fh].inode)
+        await _in_thread(self.overlay.fsyncdir, self._dir(fh).inode)
 
     # --- xattrs -------------------------------------------------------------------------------
 

@@ -49,3 +49,49 @@ def test_a_failing_forget_leaves_the_mount_working(
         mount.stop()  # the bug's, logged: and the daemon exited cleanly (checked first)
     assert "forget of inode" in mount.output()
     assert "injected: a bug in Inode.release" in mount.output()
+
+
+#: In the daemon: reading the origin of an upper file of POISON_SIZE bytes fails with EIO while
+#: ``armed`` exists in COWFS_TEST_PAUSE_DIR.
+ORIGIN_READ_FAILS = f"""
+import errno
+import os
+from pathlib import Path
+
+from cowfs import realfs
+
+_getxattr = realfs.getxattr
+_armed = Path(os.environ["COWFS_TEST_PAUSE_DIR"]) / "armed"
+
+
+def getxattr(fd, name):
+    if (name == "user.cowfs.origin" and _armed.exists()
+            and os.fstat(fd).st_size == {POISON_SIZE}):
+        raise OSError(errno.EIO, "injected: cannot read the origin")
+    return _getxattr(fd, name)
+
+
+realfs.getxattr = getxattr
+"""
+
+
+def test_a_link_is_reported_as_made_once_it_is_made(
+        layers: LayerFactory, mount_cowfs: MountFactory, tmp_path: Path) -> None:
+    """After the commit point of link, nothing is left that may fail and report the new name
+    as not made (the origin of the object was read there again; a failure also leaked the new
+    name's descriptor)."""
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    env = {**injected_env(tmp_path / "site", ORIGIN_READ_FAILS),
+           "COWFS_TEST_PAUSE_DIR": str(pause)}
+    mount = mount_cowfs(layers({"a": None}), env=env)
+    source = mount.mnt / "f"
+    source.write_bytes(bytes(POISON_SIZE))
+    number = os.stat(source).st_ino
+    (pause / "armed").touch()
+    os.link(source, mount.mnt / "g")
+    (pause / "armed").unlink()
+    st = os.stat(mount.mnt / "g")
+    assert (st.st_ino, st.st_nlink) == (number, 2)
+    mount.remount()
+    assert os.stat(mount.mnt / "g").st_ino == os.stat(mount.mnt / "f").st_ino
