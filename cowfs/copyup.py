@@ -219,9 +219,9 @@ class CopyUp:
 
     def _owner_kept(self, inode: Inode) -> bool:
         """Whether a copy without (all) its data may keep the lower file's owner and leave its
-        data below. When the data may stay there (:meth:`_may_leave_data`); and
-        for a metacopy file of a lower layer, when the rule allows its owner over its data file
-        in this upper too (the lower's was checked against its own layer's root)."""
+        data below: when the data may stay there (:meth:`_may_leave_data`), and for a metacopy
+        file of a lower layer, when the rule allows its owner over its data file in this upper
+        too (the lower's was checked against its own layer's root)."""
         top = inode.top
         if not self._may_leave_data(self._data_source(inode)):
             return False
