@@ -219,14 +219,28 @@ class CopyUp:
         return self._owner_kept(inode)
 
     def _owner_kept(self, inode: Inode) -> bool:
-        """Whether a copy without (all) its data may keep the lower file's owner. Always, but for
-        a metacopy file of a lower layer: the rule must allow its owner over its data file in this
-        upper too (the lower's was checked against its own layer's root)."""
+        """Whether a copy without (all) its data may keep the lower file's owner and leave its
+        data below: when the data may stay there (:meth:`_may_leave_data`), and for a metacopy
+        file of a lower layer, when the rule allows its owner over its data file in this upper
+        too (the lower's was checked against its own layer's root)."""
         top = inode.top
+        if not self._may_leave_data(self._data_source(inode)):
+            return False
         if not top.metacopy:
             return True
         return metacopy.owner_allowed(top.stat().st_uid, inode.data.stat().st_uid,
                                       self.trusted_uid)
+
+    def _may_leave_data(self, data: Real) -> bool:
+        """Whether a copy in this upper may leave its data in the lower file ``data``, which the
+        next lookup finds by walking the origin's path: the origin must record the path itself
+        (not a long path's digest), and the upper's owner, if not the daemon's user, must be able
+        to read the file (:func:`metacopy.readable_by`), or the next lookup refuses the mark."""
+        path = origins.lower_path(data)
+        if path is None or not schema.origin_path_inline(path):
+            return False
+        return self.trusted_uid == os.geteuid() or metacopy.readable_by(
+            self.trusted_uid, data.layer.root_fd, path)
 
     @staticmethod
     def _data_source(inode: Inode) -> Real:
@@ -287,6 +301,7 @@ class CopyUp:
         layer = marked.layer
         trusted = self.trusted_uid if layer.is_upper else os.fstat(layer.root_fd).st_uid
         try:
+            self._check_enabled(marked)
             return metacopy.find_data(marked.fd, self.roots, trusted, layer_index=layer.index)
         except metacopy.NoDataError as e:
             if what not in self._logged:
@@ -294,6 +309,17 @@ class CopyUp:
                 log.warning("metacopy file (%s) has no usable data, reads fail with EIO "
                             "('cowfs check' reports it): %s", what, e.reason)
             return None
+
+    def _check_enabled(self, marked: Real) -> None:
+        """A mark is followed only when the mount's options enable it, as the kernel refuses a
+        metacopy origin without ``metacopy=on``: a data map only with partial copy-up, a plain
+        metacopy mark only with ``-o metacopy``. :class:`metacopy.NoDataError` otherwise."""
+        if marked.partial and not self.partial_min:
+            raise metacopy.NoDataError("partial copy-up is off (nopartial_copyup), so its data "
+                                       "map is not followed")
+        if not marked.partial and not self.metacopy:
+            raise metacopy.NoDataError("metacopy is off, so its mark is not followed (mount "
+                                       "with -o metacopy)")
 
     def attach_index(self, reals: tuple[Real, ...]) -> tuple[Real, ...]:
         """For a lower object with several names: its index entry on top, if it was copied up."""

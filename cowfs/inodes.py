@@ -163,8 +163,8 @@ class Inode:
     whole, so readers that take no lock see either the old or the new stack.
     """
 
-    __slots__ = ("_links", "_retired", "_state", "alive", "copy_up_lock", "lookups",
-                 "no_caps_on", "number", "partial", "reals")
+    __slots__ = ("_links", "_retired", "_state", "_xattr_changes", "alive", "copy_up_lock",
+                 "lookups", "no_caps_on", "number", "partial", "reals")
 
     def __init__(self, number: int, reals: tuple[Real, ...]) -> None:
         self.number = number
@@ -180,6 +180,9 @@ class Inode:
         self.alive = True
         #: The real object found to have no ``security.capability`` (see :mod:`cowfs.xattrs`).
         self.no_caps_on: Real | None = None
+        #: Bumped by every change of an xattr through the mount: an absence read before a
+        #: change is not remembered after it (:meth:`remember_no_caps`).
+        self._xattr_changes = 0
         #: A partial file's data while the inode lives (:mod:`cowfs.partial`): set once, under
         #: ``copy_up_lock``, and kept (completed or not) until :meth:`release`.
         self.partial: PartialFile | None = None
@@ -192,11 +195,16 @@ class Inode:
 
     @property
     def top(self) -> Real:
-        return self.reals[0]
+        """The topmost real object; ESTALE once the inode was released (a request that took it
+        before a forget released it)."""
+        try:
+            return self.reals[0]
+        except IndexError:
+            raise OSError(errno.ESTALE, f"inode {self.number} was forgotten") from None
 
     @property
     def upper(self) -> Real | None:
-        top = self.reals[0]
+        top = self.top
         return top if top.layer.is_upper else None
 
     @property
@@ -205,7 +213,7 @@ class Inode:
 
     @property
     def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.reals[0].mode)
+        return stat.S_ISDIR(self.top.mode)
 
     @property
     def is_merged_dir(self) -> bool:
@@ -286,14 +294,47 @@ class Inode:
                 self._retired.append(self.partial)
                 self.partial = None
 
+    @property
+    def xattr_changes(self) -> int:
+        return self._xattr_changes
+
+    def remember_no_caps(self, real: Real, changes: int) -> None:
+        """Remember that ``real`` has no ``security.capability``, as read when the xattrs had
+        seen ``changes`` changes: only if none was made since (a setxattr in a worker thread may
+        have added one between the read and now)."""
+        with self._state:
+            if self._xattr_changes == changes:
+                self.no_caps_on = real
+
+    def xattrs_changed(self) -> None:
+        """An xattr is being or was changed: forget any remembered absence, and make absences
+        read before now not to be remembered."""
+        with self._state:
+            self._xattr_changes += 1
+            self.no_caps_on = None
+
+    @property
+    def unsaved(self) -> bool:
+        """Whether it holds a partial file's blocks whose map is not on disk yet (what was
+        written since the last close: an mmap's)."""
+        opened = self.partial
+        return opened is not None and opened.dirty
+
+    def persist_partial(self) -> None:
+        """Record a partial file's map (an ``fdatasync`` and an xattr: the adapter calls it in a
+        worker thread before a forget releases the inode). Logged, never raised."""
+        opened = self.partial
+        if opened is None:
+            return
+        try:
+            opened.persist()
+        except OSError as e:
+            log.warning("inode %d: cannot record a partial file's map: %s", self.number,
+                        e.strerror)
+
     def release(self) -> None:
         self.alive = False
-        if self.partial is not None:
-            try:
-                self.partial.persist()  # what was written since the last close (an mmap's)
-            except OSError as e:
-                log.warning("inode %d: cannot record a partial file's map: %s", self.number,
-                            e.strerror)
+        self.persist_partial()
         with self._state:
             reals, self.reals = self.reals, ()
             self._links.clear()
@@ -346,11 +387,15 @@ class InodeTable:
         objects differ (a forged origin), when the newcomer gets a number of its own. ``new``: an
         object just created, which has no origin to read.
         """
-        if new:
-            number = self.numbers.number(reals[0].layer.index, origins.ino_of(reals[0]))
-        else:
-            number = self.numbers.of(reals, parent.child_parents if parent is not None else (),
-                                     name)
+        try:
+            if new:
+                number = self.numbers.number(reals[0].layer.index, origins.ino_of(reals[0]))
+            else:
+                number = self.numbers.of(reals, parent.child_parents if parent is not None
+                                         else (), name)
+        except BaseException:
+            _close_all(reals)  # they were the caller's to hand over: nobody else closes them
+            raise
         with self._lock:
             inode = self._by_number.get(number)
             if inode is not None and not same_object(inode.reals, reals):
@@ -366,6 +411,18 @@ class InodeTable:
             self._recent.move_to_end(number)
         if parent is not None:
             inode.add_link(parent, name)
+        return inode
+
+    def named_again(self, inode: Inode, parent: Inode, name: str) -> Inode | None:
+        """``inode``, which got a new name (a hard link): one more kernel lookup, one more link.
+        None if it was forgotten meanwhile."""
+        with self._lock:
+            if self._by_number.get(inode.number) is not inode:
+                return None
+            inode.lookups += 1
+            self._recent[inode.number] = inode
+            self._recent.move_to_end(inode.number)
+        inode.add_link(parent, name)
         return inode
 
     def _distinct_number(self, reals: tuple[Real, ...], taken: int) -> int:

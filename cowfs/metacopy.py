@@ -12,10 +12,14 @@ of the file cannot make the fill land on another name, and a linked copy's names
 
 The mark is untrusted input, and it gives access to a lower file's data under the upper file's
 owner and mode. So it is honoured only when the upper file's owner is the lower file's owner or the
-owner of the upper directory (the mounting user, who can read what the daemon reads): a user who
-can write files into the upper directly (an upper directory created through an ``allow_other``
-mount) cannot mark a file of their own to read a lower file that is not theirs. The origin must
-also lead to a regular file of the same size with the recorded inode number.
+owner of the upper directory: a user who can write files into the upper directly (an upper
+directory created through an ``allow_other`` mount) cannot mark a file of their own to read a lower
+file that is not theirs. And when the layer holding the mark is owned by someone else than the
+daemon's user (root serving a user's upper), that owner must be able to read the data file by its
+mode bits and those of the directories on its path (:func:`readable_by`): the owner of the layer
+can write any mark into it, and must not read through one what they could not read anyway. The
+origin must also lead to a regular file of the same size with the recorded inode number. The
+mount follows marks at all only when its options enable them (:mod:`cowfs.copyup`).
 
 Known limits: filling in place drops ``security.capability`` and, for a daemon without
 ``CAP_FSETID``, set-ID bits (the kernel does so on every write); they are restored before the mark
@@ -27,8 +31,10 @@ duration of the fill.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
+import pwd
 import stat
 import time
 from collections.abc import Iterator
@@ -70,7 +76,8 @@ def find_data(upper_fd: int, roots: tuple[Real, ...], trusted_uid: int, *,
     except ValueError as e:
         raise NoDataError(str(e)) from None
     if origin.path is None:
-        raise NoDataError("its origin has no path")
+        raise NoDataError("its origin records only a digest of its path" if origin.digest
+                          else "its origin has no path")
     candidates = data_layers(layer_index, origin.layer, len(roots))
     if not candidates:
         raise NoDataError(f"its origin names layer {origin.layer}, not a lower layer here")
@@ -79,11 +86,10 @@ def find_data(upper_fd: int, roots: tuple[Real, ...], trusted_uid: int, *,
     first: NoDataError | None = None
     for index in candidates:
         try:
-            return _data_at(roots, index, origin, marked, size, trusted_uid)
+            return _data_at(roots, index, origin.path, origin, marked, size, trusted_uid)
         except NoDataError as e:
             first = first or e
-    assert first is not None
-    raise first
+    raise first or NoDataError("no layer to look in")
 
 
 def data_layers(layer_index: int, origin_layer: int, count: int) -> list[int]:
@@ -150,8 +156,8 @@ def _rebind_one(fd: int, roots: tuple[Real, ...], trusted_uid: int) -> int:
         if origin.path is None:
             return 0
         size = _data_size(fd, os.fstat(fd).st_size)
-        found = _data_at(roots, origin.layer, origin, os.fstat(fd), size, trusted_uid,
-                         any_ino=True)
+        found = _data_at(roots, origin.layer, origin.path, origin, os.fstat(fd), size,
+                         trusted_uid, any_ino=True)
     except (ValueError, NoDataError):
         return 0
     try:
@@ -164,18 +170,18 @@ def _rebind_one(fd: int, roots: tuple[Real, ...], trusted_uid: int) -> int:
     return 1
 
 
-def _data_at(roots: tuple[Real, ...], index: int, origin: schema.Origin,
-             marked: os.stat_result, size: int, trusted_uid: int, *,
+def _data_at(roots: tuple[Real, ...], index: int, components: tuple[str, ...],
+             origin: schema.Origin, marked: os.stat_result, size: int, trusted_uid: int, *,
              any_ino: bool = False) -> Real:
-    """The data file at the origin's path in layer ``index``, if it passes the rules (``size``:
-    the one it must have; ``any_ino``: of whatever inode number, see :func:`rebind`)."""
-    assert origin.path is not None
-    path = "/" + "/".join(origin.path)
+    """The data file at the origin's path (``components``) in layer ``index``, if it passes the
+    rules (``size``: the one it must have; ``any_ino``: of whatever inode number, see
+    :func:`rebind`)."""
+    path = "/" + "/".join(components)
     where = f"{path} in layer {index}"
     if not 0 < index < len(roots):
         raise NoDataError(f"there is no layer {index} for {path}")
     try:
-        found = probe_path(roots[index], origin.path)
+        found = probe_path(roots[index], components)
     except OSError as e:  # a refused redirect on the way
         raise NoDataError(f"cannot walk {path} in layer {index}: {e.strerror}") from None
     if not isinstance(found, Found):
@@ -193,6 +199,10 @@ def _data_at(roots: tuple[Real, ...], index: int, origin: schema.Origin,
         if marked.st_uid not in (lower.st_uid, trusted_uid):
             raise NoDataError(f"its owner {marked.st_uid} owns neither {where} nor the root "
                               "of its own layer")
+        if trusted_uid != os.geteuid() and not readable_by(trusted_uid, roots[index].fd,
+                                                           components):
+            raise NoDataError(f"user {trusted_uid}, who owns the marked file's layer, may not "
+                              f"read {where}")
     except BaseException:
         os.close(real.fd)
         raise
@@ -209,6 +219,51 @@ def _data_size(upper_fd: int, upper_size: int) -> int:
         return partial.DataMap.decode(value).lower_size
     except ValueError as e:
         raise NoDataError(f"its data map is malformed: {e}") from None
+
+
+def readable_by(uid: int, root_fd: int, components: tuple[str, ...]) -> bool:
+    """Whether user ``uid`` may read the file at ``components`` below the directory ``root_fd``
+    by the mode bits alone: search on that directory and on each one on the way, read on the
+    file (the owner of an object may, whatever its bits: they could change them). Never
+    following a symlink; False when the path does not lead to an object."""
+    fd = os.dup(root_fd)
+    try:
+        for part in components:
+            st = os.fstat(fd)
+            if not (stat.S_ISDIR(st.st_mode) and _may(st, uid, 0o1)):
+                return False
+            child = realfs.open_path(fd, part)
+            os.close(fd)
+            fd = -1
+            if child is None:
+                return False
+            fd = child
+        return _may(os.fstat(fd), uid, 0o4)
+    except OSError:
+        return False
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _may(st: os.stat_result, uid: int, bits: int) -> bool:
+    """Whether ``uid`` has the permission ``bits`` (0o4 read, 0o1 search) on ``st`` by its mode:
+    the owner's class, else the group's when ``uid`` is in the group, else the others'."""
+    if uid in (0, st.st_uid):
+        return True
+    if st.st_gid in groups_of(uid):
+        return bool(st.st_mode >> 3 & bits)
+    return bool(st.st_mode & bits)
+
+
+@functools.cache
+def groups_of(uid: int) -> frozenset[int]:
+    """The groups of user ``uid`` (primary and supplementary); none for a uid without a name."""
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return frozenset()
+    return frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid))
 
 
 def owner_allowed(uid: int, lower_uid: int, trusted_uid: int) -> bool:

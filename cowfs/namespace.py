@@ -44,7 +44,7 @@ from .copyup import CopyUp, copy_attributes, copy_xattrs
 from .inodes import Inode, InodeTable
 from .layers import Layer
 from .readdir import candidate_names
-from .resolve import Found, Real, exists_below, is_hidden_name, probe, read_dir_mark, resolve
+from .resolve import Found, Real, exists_below, is_hidden_name, probe, resolve
 from .workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -253,10 +253,10 @@ class Namespace:
     # --- creating -----------------------------------------------------------------------------
 
     def _new_object(self, parent: Inode, name: str, caller: Caller | None, mode: int,
-                    make: Callable[[int, str], None]) -> Inode:
+                    make: Callable[[int, str], None], existing: Inode | None = None) -> Inode:
         """Create an object with ``make(dirfd, name)``: a new one, owned by ``caller`` (with the
         group of a set-group-ID directory, and inheriting its set-group-ID bit if it is a
-        directory), or, with ``caller`` None, a new name of an existing one (a hard link).
+        directory), or, with ``caller`` None, a new name of ``existing`` (a hard link).
 
         Where the daemon would give it its right owner and mode anyway, it is made in place: one
         system call, which also tells whether anything is in the way (EEXIST). Otherwise, or over
@@ -296,12 +296,25 @@ class Namespace:
                 if slot is Slot.OBJECT:
                     raise OSError(errno.EEXIST, "file exists", name)
                 fd = self._build_new(parent_upper, name, slot, owner, mode, make)
-        st = os.fstat(fd)
-        mark = read_dir_mark(fd, self.upper) if stat.S_ISDIR(st.st_mode) else (
+        # The commit point is behind: the change is made, and must be reported as made.
+        if existing is not None:
+            # A new name of an object already known: that inode, one more lookup and name (no
+            # origin to read again, which could fail now).
+            again = self.table.named_again(existing, parent, name)
+            if again is not None:
+                os.close(fd)
+                return again
+        try:
+            st = os.fstat(fd)  # nothing to reply with if it fails: the one error left here
+        except BaseException:
+            os.close(fd)
+            raise
+        # Its mark is known without reading it: opaque for a directory made over a whiteout.
+        mark = schema.DirMark.OPAQUE if stat.S_ISDIR(st.st_mode) and slot is not Slot.EMPTY else (
             schema.DirMark.PLAIN)
         real = Real(self.upper, fd, st.st_mode, mark, nlink=st.st_nlink, ino=st.st_ino)
-        # A new object has no origin to read; a new name of an existing one may have one.
-        return self.table.remember((real,), parent, name, new=caller is not None)
+        # A new object has no origin to read; a new name of one forgotten meanwhile may have one.
+        return self.table.remember((real,), parent, name, new=existing is None)
 
     def _build_new(self, parent_upper: Real, name: str, slot: Slot, owner: tuple[int, int] | None,
                    mode: int, make: Callable[[int, str], None]) -> int:
@@ -379,7 +392,7 @@ class Namespace:
             raise OSError(errno.EPERM, "hard links to directories are not allowed", name)
         upper = self.copy_up.ensure(inode, metadata_only=True)
         return self._new_object(parent, name, None, upper.mode,
-                                lambda d, n: realfs.link(upper.fd, d, n))
+                                lambda d, n: realfs.link(upper.fd, d, n), existing=inode)
 
     # --- removing -----------------------------------------------------------------------------
 
@@ -444,7 +457,8 @@ class Namespace:
             self._prepare_rename(src, dst, old_parent, new_parent, flags)
             with self.lock:
                 if flags & realfs.RENAME_EXCHANGE:
-                    assert dst is not None
+                    if dst is None:  # refused by _check_rename already
+                        raise OSError(errno.ENOENT, "no such file or directory", new_name)
                     self._exchange(old_parent, old_name, src, new_parent, new_name, dst)
                 else:
                     self._move(old_parent, old_name, src, new_parent, new_name, dst)

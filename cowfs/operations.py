@@ -256,6 +256,12 @@ class Operations(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
 
+    def _dir(self, fh: int) -> DirHandle:
+        try:
+            return self._dirs[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
     # --- lookups and attributes ---------------------------------------------------------------
 
     @_errno_boundary
@@ -274,8 +280,18 @@ class Operations(pyfuse3.Operations):
                                            ignore_enoent=True)
 
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
+        """The one handler without a reply: an exception here would end the mount, so a failure
+        is logged and the next inode forgotten (the errno boundary's rule, without an errno to
+        give). A partial file's unsaved map is written in a worker thread first, while the
+        inode is still known, so that the release on the loop has nothing left to wait for."""
         for number, count in inode_list:
-            self.overlay.forget(number, count)
+            try:
+                unsaved = self.overlay.unsaved_before_forget(number, count)
+                if unsaved is not None:
+                    await _in_thread(unsaved.persist_partial)
+                self.overlay.forget(number, count)
+            except Exception:
+                log.exception("forget of inode %d failed (its descriptors may stay open)", number)
 
     @_errno_boundary
     async def getattr(self, inode: InodeT,
@@ -480,7 +496,7 @@ class Operations(pyfuse3.Operations):
             snapshot, start, names = self._snapshots.names(
                 directory, start_id, self.overlay.hidden_names(directory))
         else:
-            handle = self._dirs[fh]
+            handle = self._dir(fh)
             directory = handle.inode
             snapshot, start = 0, start_id
             names = handle.snapshot(start_id, self.overlay.hidden_names(directory))
@@ -555,7 +571,8 @@ class Operations(pyfuse3.Operations):
 
     @_errno_boundary
     async def releasedir(self, fh: FileHandleT) -> None:
-        del self._dirs[fh]
+        if self._dirs.pop(fh, None) is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
 
     @_errno_boundary
     async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
@@ -563,7 +580,7 @@ class Operations(pyfuse3.Operations):
             # Which directory is not said (the kernel opened it): make the whole upper durable.
             await _in_thread(self.overlay.sync_upper)
             return
-        await _in_thread(self.overlay.fsyncdir, self._dirs[fh].inode)
+        await _in_thread(self.overlay.fsyncdir, self._dir(fh).inode)
 
     # --- xattrs -------------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ is verified against the lower object it names, as the kernel verifies its origin
    hard link may show there through this very object as its index entry), nor another upper
    object claiming the same origin (the copy that never moved wins). An origin in the old
    two-field form (no path) is verified by rule 1 only, or for a directory by rule 2 with its
-   absolute redirect as the path.
+   absolute redirect as the path; so is one that records only the digest of a long path
+   (``schema.ORIGIN_PATH_INLINE_MAX``), whose redirect must have that digest.
 
 What fails is ignored: the object gets a number of its own. :func:`verify` is the rule alone (no
 logging); the mount logs a refused origin once per object, and ``cowfs check`` reports it.
@@ -139,9 +140,14 @@ def verify(origin: schema.Origin, upper: Real, *, roots: tuple[Real, ...],
         return None
     where = f"layer {origin.layer}"
     components = origin.path
-    if components is None and redirect is not None and redirect.absolute:
-        components = redirect.components  # an old two-field origin: where the copy-up was
+    if components is None and redirect is not None and redirect.absolute and (
+            origin.digest is None or origin.names(redirect.components)):
+        # An old two-field origin, or one with a long path's digest: where the copy-up was.
+        components = redirect.components
     if components is None:
+        if origin.digest is not None:
+            return (f"no object with inode {origin.ino} at this name in {where}, and its origin "
+                    "records only a digest of its path")
         return f"no object with inode {origin.ino} at this name in {where}"
     path = "/" + "/".join(components)
     try:

@@ -14,6 +14,7 @@ kernel lists it; only using it fails. One bad entry never makes its directory un
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections import OrderedDict
@@ -69,7 +70,9 @@ def plain_entry(directory: Inode, name: str) -> tuple[int, int, int] | _NeedsLoo
     name is whited out (or gone).
 
     :data:`NEEDS_LOOKUP` where only a lookup can say: an upper object (its number may come from
-    its origin), an empty file in a directory that may hold xattr whiteouts, anything unusual.
+    its origin), a marked regular file of a lower layer that is a cowfs upper (a metacopy file
+    there is numbered by its data file), an empty file in a directory that may hold xattr whiteouts,
+    anything unusual.
     """
     for real in directory.reals:
         try:
@@ -82,10 +85,25 @@ def plain_entry(directory: Inode, name: str) -> tuple[int, int, int] | _NeedsLoo
             return None
         if real.layer.is_upper or (
                 real.mark is schema.DirMark.XWHITEOUTS
-                and schema.may_be_xattr_whiteout(st.st_mode, st.st_size)):
+                and schema.may_be_xattr_whiteout(st.st_mode, st.st_size)) or (
+                real.layer.reads_metacopy and stat.S_ISREG(st.st_mode) and st.st_size > 0
+                and _may_be_marked(real.fd, name)):
             return NEEDS_LOOKUP
         return stat.S_IFMT(st.st_mode), real.layer.index, st.st_ino
     return None
+
+
+def _may_be_marked(dirfd: int, name: str) -> bool:
+    """Whether ``name`` in ``dirfd`` may carry the metacopy mark: one ``lgetxattr`` by the
+    directory's magic link (which names the directory itself; the name is not followed), so
+    that a listing of a cowfs upper stacked as a lower looks up only its marked files. Any
+    failure but "no such attribute" leaves it to the lookup."""
+    try:
+        os.getxattr(f"{realfs.proc_path(dirfd)}/{name}", schema.XATTR_METACOPY,
+                    follow_symlinks=False)
+    except OSError as e:
+        return e.errno != errno.ENODATA
+    return True
 
 
 class DirHandle:

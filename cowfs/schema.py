@@ -25,6 +25,7 @@ The precise specification is docs/layer-format.md; this module and that page mus
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -163,6 +164,13 @@ def format_redirect(components: tuple[str, ...]) -> bytes:
 
 #: Longest lower path an origin may record (the kernel's ``PATH_MAX``).
 ORIGIN_PATH_MAX = 4096
+#: Longest lower path an origin records as it is; a longer one is recorded by its digest
+#: (:data:`ORIGIN_DIGEST`), so that the origin fits the xattr space of every filesystem (ext4
+#: has one 4 KiB block for all of an inode's xattrs, where a 4,000-byte path gave ENOSPC).
+ORIGIN_PATH_INLINE_MAX = 1024
+#: How an origin's third field starts when it holds the SHA-256 of the path (64 hex digits)
+#: instead of the path; a path always starts with ``/``.
+ORIGIN_DIGEST = b"sha256:"
 #: Most lower layers an origin may name (the kernel's ``OVL_MAX_STACK``).
 LAYERS_MAX = 500
 
@@ -172,18 +180,43 @@ class Origin:
     """The lower object an upper object was copied up from (``user.cowfs.origin``).
 
     ``path`` is where that object sits below its layer's root, as recorded at copy-up; None in
-    the two-field form written by cowfs before it recorded paths.
+    the two-field form written by cowfs before it recorded paths, and when only ``digest`` was
+    recorded (the SHA-256 of a path longer than :data:`ORIGIN_PATH_INLINE_MAX`).
     """
 
     layer: int
     ino: int
     path: tuple[str, ...] | None = None
+    digest: bytes | None = None
+
+    def names(self, components: tuple[str, ...]) -> bool:
+        """Whether the recorded path (or its digest) is ``components``."""
+        if self.path is not None:
+            return self.path == components
+        return self.digest is not None and self.digest == path_digest(components)
+
+
+def path_digest(components: tuple[str, ...]) -> bytes:
+    """The SHA-256 of a path below a layer root, as an origin records a long one."""
+    return hashlib.sha256(os.fsencode("/" + "/".join(components))).digest()
 
 
 def format_origin(layer_index: int, ino: int, path: tuple[str, ...] | None) -> bytes:
-    """``<layer>:<inode>:<path>``, or ``<layer>:<inode>`` when the path is not known."""
+    """``<layer>:<inode>:<path>``, ``<layer>:<inode>:sha256:<hex>`` when the path is longer
+    than :data:`ORIGIN_PATH_INLINE_MAX`, or ``<layer>:<inode>`` when it is not known."""
     head = f"{layer_index}:{ino}".encode()
-    return head if path is None else head + b":" + os.fsencode("/" + "/".join(path))
+    if path is None:
+        return head
+    encoded = os.fsencode("/" + "/".join(path))
+    if len(encoded) > ORIGIN_PATH_INLINE_MAX:
+        return head + b":" + ORIGIN_DIGEST + hashlib.sha256(encoded).hexdigest().encode()
+    return head + b":" + encoded
+
+
+def origin_path_inline(path: tuple[str, ...]) -> bool:
+    """Whether an origin records ``path`` itself (not only its digest): what a metacopy or
+    partial file's origin must, since its data file is found by walking the path."""
+    return len(os.fsencode("/" + "/".join(path))) <= ORIGIN_PATH_INLINE_MAX
 
 
 def parse_origin(value: bytes) -> Origin:
@@ -201,6 +234,11 @@ def parse_origin(value: bytes) -> Origin:
         raise ValueError("origin names layer 0, the upper layer")
     if not sep:
         return Origin(layer, ino)
+    if path.startswith(ORIGIN_DIGEST):
+        digest = path[len(ORIGIN_DIGEST):]
+        if len(digest) != 64 or digest.strip(b"0123456789abcdef"):
+            raise ValueError("origin path digest is not 64 lowercase hexadecimal digits")
+        return Origin(layer, ino, digest=bytes.fromhex(digest.decode()))
     if len(path) > ORIGIN_PATH_MAX or b"\0" in path or not path.startswith(b"/"):
         raise ValueError("origin path is not an absolute path of at most "
                          f"{ORIGIN_PATH_MAX} bytes")

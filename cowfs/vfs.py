@@ -93,6 +93,15 @@ class Overlay:
         """The kernel dropped ``count`` lookups of an inode; at zero its descriptors are closed."""
         self.table.forget(number, count)
 
+    def unsaved_before_forget(self, number: int, count: int) -> Inode | None:
+        """The inode that :meth:`forget` of ``count`` lookups would release, if it holds a
+        partial file's map not on disk yet (:meth:`Inode.persist_partial`, which blocks)."""
+        try:
+            inode = self.table.get(number)
+        except OSError:
+            return None
+        return inode if inode.lookups <= count and inode.unsaved else None
+
     def names_to_shed(self) -> list[tuple[int, str]]:
         """Keep the descriptors cowfs holds below its limit.
 

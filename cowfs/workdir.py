@@ -160,17 +160,18 @@ class WorkDir:
         """Settle pending link counts and drop entries that no name uses any more."""
         if self.index_fd is None:
             return
-        for name in realfs.list_names(self.index_fd):
-            fd = realfs.open_path(self.index_fd, name)
+        index_fd = self.index_fd
+        for name in realfs.list_names(index_fd):
+            fd = realfs.open_path(index_fd, name)
             if fd is None:
                 continue
             try:
-                self._recover_entry(upper_root, name, fd)
+                self._recover_entry(index_fd, upper_root, name, fd)
             finally:
                 os.close(fd)
 
-    def _recover_entry(self, upper_root: int, name: str, fd: int) -> None:
-        assert self.index_fd is not None
+    @staticmethod
+    def _recover_entry(index_fd: int, upper_root: int, name: str, fd: int) -> None:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode) or schema.parse_index_name(name) is None:
             log.warning("ignoring %r in the hard-link index: not an index entry", name)
@@ -178,7 +179,7 @@ class WorkDir:
         count = nlink.settle(fd, upper_root)
         if count is not None and count <= 0 and st.st_nlink == 1:
             log.info("removing index entry %r: no name uses it any more", name)
-            realfs.unlink(self.index_fd, name)
+            realfs.unlink(index_fd, name)
 
 
 def _has_xattr(dirfd: int, name: str, xattr: str) -> bool:

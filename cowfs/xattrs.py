@@ -23,6 +23,8 @@ def _refuse_reserved(name: str) -> None:
 #: The kernel asks for it before every write(2) to a FUSE file (to drop file capabilities), so a
 #: log written in 4-byte appends costs one getxattr request per write. Its absence is remembered
 #: per real object: only a setxattr through cowfs, or a copy-up (a new real object), can add it.
+#: A setxattr runs in a worker thread while getxattrs go on on the loop: the inode counts xattr
+#: changes, and an absence read before one is not remembered after it.
 CAPABILITY = "security.capability"
 
 
@@ -32,10 +34,11 @@ def get_value(inode: Inode, name: str) -> bytes:
     top = inode.top
     if name == CAPABILITY and inode.no_caps_on is top:
         raise OSError(errno.ENODATA, "no such attribute", name)
+    changes = inode.xattr_changes  # before the read: a change after it voids the absence
     value = realfs.getxattr(top.fd, schema.escape_xattr(name))
     if value is None:
         if name == CAPABILITY:
-            inode.no_caps_on = top
+            inode.remember_no_caps(top, changes)
         raise OSError(errno.ENODATA, "no such attribute", name)
     return value
 
@@ -48,8 +51,12 @@ def list_names(inode: Inode) -> list[str]:
 def set_value(inode: Inode, name: str, value: bytes, copy_up: CopyUp) -> None:
     _refuse_reserved(name)
     upper = copy_up.ensure(inode, metadata_only=True)
-    inode.no_caps_on = None
-    realfs.setxattr(upper.fd, schema.escape_xattr(name), value)
+    # Before and after: a getxattr on the loop between the two may have read the old absence.
+    inode.xattrs_changed()
+    try:
+        realfs.setxattr(upper.fd, schema.escape_xattr(name), value)
+    finally:
+        inode.xattrs_changed()
 
 
 def remove_value(inode: Inode, name: str, copy_up: CopyUp) -> None:
@@ -57,4 +64,7 @@ def remove_value(inode: Inode, name: str, copy_up: CopyUp) -> None:
     if realfs.getxattr(inode.top.fd, schema.escape_xattr(name)) is None:
         raise OSError(errno.ENODATA, "no such attribute", name)
     upper = copy_up.ensure(inode, metadata_only=True)
-    realfs.removexattr(upper.fd, schema.escape_xattr(name))
+    try:
+        realfs.removexattr(upper.fd, schema.escape_xattr(name))
+    finally:
+        inode.xattrs_changed()

@@ -723,6 +723,16 @@ def process_gone(pid: int) -> bool:
     return bool(re.search(r"^State:\s+Z", status, re.M))
 
 
+def injected_env(directory: Path, code: str) -> dict[str, str]:
+    """The environment of a daemon that runs ``code`` at startup (a ``sitecustomize`` module put
+    in ``directory``, first on its ``PYTHONPATH``): how a test injects a bug or a pause into one
+    function of the model, while the daemon and the mount stay real."""
+    directory.mkdir()
+    (directory / "sitecustomize.py").write_text(code)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(directory),
+                                                         os.environ.get("PYTHONPATH")]))}
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -6,10 +6,12 @@ hold up other requests."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -409,3 +411,75 @@ def test_a_long_copy_up_does_not_block_other_requests(
         thread.join(timeout=500)
     assert not errors, errors
     assert sha256_of(mount.upper / "big") == sha256_of(big)
+
+
+def _open_deep(root: Path, components: list[str], flags: int) -> int:
+    """Open ``root/components...`` one component at a time (the whole path is past PATH_MAX
+    for a single call)."""
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for part in components[:-1]:
+            child = os.open(part, os.O_PATH | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        return os.open(components[-1], flags, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path (/tmp/cwXXXXXXXX), removed after the mounts' teardown:
+    the fixtures' checks of a lower layer walk it by absolute paths, which must stay below
+    PATH_MAX."""
+    path = Path(tempfile.mkdtemp(prefix="cw", dir="/tmp"))
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.parametrize("options", [(), ("metacopy",)])
+def test_a_file_under_a_4000_byte_path_copies_up(
+        short_dir: Path, layers: LayerFactory, mount_cowfs: MountFactory,
+        options: tuple[str, ...]) -> None:
+    """15 nested 255-byte directories and a 200-byte name: the origin (layer-format.md section
+    12) records the 4,041-byte path's digest, which fits ext4's xattr space where the path gave
+    ENOSPC; the inode number survives the copy-up and a remount, as on the kernel."""
+    layer_set = layers({})
+    names = [f"{i:02d}" + "d" * 253 for i in range(15)] + ["f" * 200]
+    parent = os.open(short_dir, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for name in names[:-1]:
+            os.mkdir(name, dir_fd=parent)
+            child = os.open(name, os.O_PATH | os.O_DIRECTORY, dir_fd=parent)
+            os.close(parent)
+            parent = child
+        fd = os.open(names[-1], os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=parent)
+        os.write(fd, b"deep data")
+        os.close(fd)
+    finally:
+        os.close(parent)
+    assert len("/" + "/".join(names)) == 4041
+    mount = mount_cowfs(layer_set, options=list(options), lowers=[short_dir])
+    fd = _open_deep(mount.mnt, names, os.O_RDONLY)
+    number = os.fstat(fd).st_ino
+    os.close(fd)
+    fd = _open_deep(mount.mnt, names, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, b" and more")
+        assert os.fstat(fd).st_ino == number
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    fd = _open_deep(layer_set.upper, names, os.O_RDONLY)
+    try:
+        assert os.read(fd, 100) == b"deep data and more"
+        assert os.getxattr(fd, "user.cowfs.origin").split(b":")[2] == b"sha256"
+    finally:
+        os.close(fd)
+    mount.remount()
+    fd = _open_deep(mount.mnt, names, os.O_RDONLY)
+    try:
+        assert os.read(fd, 100) == b"deep data and more"
+        assert os.fstat(fd).st_ino == number
+    finally:
+        os.close(fd)

@@ -71,7 +71,7 @@ def test_a_metacopy_upper_stacked_as_a_lower_reads_the_data(
         layers: LayerFactory, mount_cowfs: MountFactory) -> None:
     first = old_upper(layers, mount_cowfs)
     before = {p: tree_state(p) for p in (first.upper, *first.lowers)}
-    mount, _ = stacked(layers, mount_cowfs, first)
+    mount, _ = stacked(layers, mount_cowfs, first, ("metacopy",))
     mnt = mount.mnt
     assert (mnt / "d/big").read_bytes() == BIG
     assert (mnt / "d/moved").read_bytes() == SMALL
@@ -89,26 +89,33 @@ def test_a_metacopy_upper_stacked_as_a_lower_reads_the_data(
     assert {p: tree_state(p) for p in before} == before
 
 
-@pytest.mark.parametrize("metacopy_option", ["metacopy", "nometacopy"])
+def test_without_metacopy_a_stacked_metacopy_file_reads_eio(
+        layers: LayerFactory, mount_cowfs: MountFactory) -> None:
+    """As the kernel refuses to follow a metacopy origin without ``metacopy=on``: the mark is
+    not followed, the file has no data (and its own sparse bytes are not shown either)."""
+    first = old_upper(layers, mount_cowfs)
+    mount, _ = stacked(layers, mount_cowfs, first, ("nometacopy",))
+    with pytest.raises(OSError) as info:
+        (mount.mnt / "d/big").read_bytes()
+    assert info.value.errno == errno.EIO
+    assert os.stat(mount.mnt / "d/big").st_mode & 0o7777 == 0o600
+
+
 def test_changes_through_the_stacked_mount_copy_up_the_data(
-        layers: LayerFactory, mount_cowfs: MountFactory, metacopy_option: str) -> None:
+        layers: LayerFactory, mount_cowfs: MountFactory) -> None:
     first = old_upper(layers, mount_cowfs)
     before = {p: tree_state(p) for p in (first.upper, *first.lowers)}
-    mount, second = stacked(layers, mount_cowfs, first, (metacopy_option,))
+    mount, second = stacked(layers, mount_cowfs, first, ("metacopy",))
     mnt = mount.mnt
     number = os.stat(mnt / "d/big").st_ino
     os.chmod(mnt / "d/big", 0o640)
     upper = second.upper / "d/big"
     assert os.stat(mnt / "d/big").st_ino == number, "st_ino survives the copy-up"
-    if metacopy_option == "metacopy":
-        assert is_marked(upper)
-        assert sparse(upper)
-        # Its origin names the data file in BASE (layer 2 of this stack): no chain.
-        data = os.stat(first.lowers[0] / "d/big")
-        assert os.getxattr(upper, ORIGIN) == f"2:{data.st_ino}:/d/big".encode()
-    else:
-        assert not is_marked(upper)
-        assert upper.read_bytes() == BIG
+    assert is_marked(upper)
+    assert sparse(upper)
+    # Its origin names the data file in BASE (layer 2 of this stack): no chain.
+    data = os.stat(first.lowers[0] / "d/big")
+    assert os.getxattr(upper, ORIGIN) == f"2:{data.st_ino}:/d/big".encode()
     assert (mnt / "d/big").read_bytes() == BIG
     assert os.getxattr(upper, "user.label") == b"old"
     # A write gives the upper copy the data file's bytes, with the marked file's metadata.
@@ -238,7 +245,7 @@ def test_marks_are_read_only_in_a_lower_that_is_a_cowfs_upper(
     os.setxattr(old / "f", ORIGIN, f"1:{os.stat(base / 'g').st_ino}:/g".encode())
     if cowfs_upper:
         os.setxattr(old, "user.cowfs.format", b"1")
-    mount = mount_cowfs(layer_set)
+    mount = mount_cowfs(layer_set, options=["metacopy"])
     expected = b"other data" if cowfs_upper else b"own bytes!"
     assert (mount.mnt / "f").read_bytes() == expected
 
@@ -278,3 +285,24 @@ def test_a_partial_file_in_a_lower_reads_its_blocks_and_its_data_files(
     assert diff.status == 0, diff.err
     assert "big" in diff.out
     assert "other" not in diff.out, "an unchanged lower partial file compared as changed"
+
+
+def test_a_listing_gives_stacked_metacopy_files_their_st_ino(
+        layers: LayerFactory, mount_cowfs: MountFactory) -> None:
+    """``d_ino`` is ``st_ino`` (``find -inum``, ``du`` and ``rsync -H`` trust it) for metacopy
+    files of a stacked upper, which are numbered by their data files: also past the first
+    chunk of a listing, which the kernel asks for without attributes (plain readdir)."""
+    count = 600
+    first = layers({f"d/f{i:04d}": File(b"x" * (i + 1)) for i in range(count)})
+    mount = mount_cowfs(first, options=["metacopy"])
+    for i in range(count):
+        os.chmod(mount.mnt / f"d/f{i:04d}", 0o600)
+    mount.stop()
+    assert is_marked(first.upper / "d/f0599")
+    mount, _ = stacked(layers, mount_cowfs, first, ("metacopy",))
+    with os.scandir(mount.mnt / "d") as entries:
+        listed = {entry.name: entry.inode() for entry in entries}
+    assert len(listed) == count
+    wrong = {name: (ino, os.lstat(mount.mnt / "d" / name).st_ino)
+             for name, ino in listed.items() if ino != os.lstat(mount.mnt / "d" / name).st_ino}
+    assert not wrong, f"{len(wrong)} of {count} entries: d_ino != st_ino"

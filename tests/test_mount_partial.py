@@ -486,7 +486,7 @@ def test_copied_layers_mounted_with_relocate_keep_partial_and_metacopy_data(
                                  upper=copies / layer_set.upper.name)
     spare = tmp_path / "spare"  # for commit --relocate, a copy of the copy
     subprocess.run(["cp", "-a", str(copies), str(spare)], check=True, timeout=60)
-    mount = mount_cowfs(copied, options=["relocate"])
+    mount = mount_cowfs(copied, options=["relocate", "metacopy"])
     assert (mount.mnt / "big").read_bytes() == bytes(expected)
     assert (mount.mnt / "meta").read_bytes() == original[::-1]
     mount.stop()

@@ -7,8 +7,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
+from pathlib import Path
 
 import pytest
+from conftest import LayerFactory, MountFactory
 from support import (
     FORMAT_XATTR,
     OPAQUE_TRUSTED,
@@ -17,8 +20,10 @@ from support import (
     Dir,
     File,
     getxattr_or_none,
+    injected_env,
     needs_root,
     run_step,
+    wait_until,
 )
 
 
@@ -173,3 +178,65 @@ def test_user_cowfs_names_cannot_be_set(cowfs: CowfsMount, rel: str) -> None:
     assert run_step(cowfs.mnt, ("setxattr", rel, "user.cowfs.format", b"2")) == "EPERM"
     assert run_step(cowfs.mnt, ("setxattr", rel, "user.cowfs.other", b"x")) == "EPERM"
     assert getxattr_or_none(cowfs.upper, FORMAT_XATTR) == b"1"
+
+
+# A version-2 file capability (cap_net_bind_service, permitted + effective), as setcap writes it.
+FILE_CAP = bytes.fromhex("0100000200040000000000000000000000000000")
+
+#: In the daemon: a setxattr of security.capability says it has started (``entered``) and
+#: waits for ``go`` before its system call, the window in which a getxattr on the loop reads the
+#: old absence.
+PAUSED_CAP_SETXATTR = """
+import os
+import time
+from pathlib import Path
+
+from cowfs import realfs
+
+_setxattr = realfs.setxattr
+_dir = Path(os.environ["COWFS_TEST_PAUSE_DIR"])
+
+
+def setxattr(fd, name, value, flags=0):
+    if name == "security.capability":
+        (_dir / "entered").touch()
+        deadline = time.monotonic() + 30
+        while not (_dir / "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return _setxattr(fd, name, value, flags)
+
+
+realfs.setxattr = setxattr
+"""
+
+
+def test_a_capability_set_while_its_absence_is_read_is_dropped_by_the_next_write(
+        layers: LayerFactory, mount_cowfs: MountFactory, tmp_path: Path) -> None:
+    """The absence of ``security.capability``, remembered so that writes need not read it,
+    must not be remembered when a setxattr of one ran meanwhile: the next write would keep the
+    capability (a write drops file capabilities)."""
+    needs_root("security.capability")
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    env = {**injected_env(tmp_path / "site", PAUSED_CAP_SETXATTR),
+           "COWFS_TEST_PAUSE_DIR": str(pause)}
+    mount = mount_cowfs(layers({}), env=env)
+    path = mount.mnt / "f"
+    path.write_bytes(b"1")
+    with open(path, "ab") as f:
+        f.write(b"2")  # the kernel asks for the capability: its absence is remembered
+    setter = threading.Thread(target=os.setxattr, args=(path, "security.capability", FILE_CAP))
+    setter.start()
+    try:
+        assert wait_until((pause / "entered").exists, timeout=30)
+        with pytest.raises(OSError) as info:  # read while the setxattr is under way
+            os.getxattr(path, "security.capability")
+        assert info.value.errno == errno.ENODATA
+    finally:
+        (pause / "go").touch()
+        setter.join()
+    assert os.getxattr(path, "security.capability") == FILE_CAP
+    with open(path, "ab") as f:
+        f.write(b"3")
+    assert "security.capability" not in os.listxattr(mount.upper / "f")
+    assert path.read_bytes() == b"123"

@@ -564,3 +564,26 @@ def test_file_attributes_are_read_from_the_top_and_set_on_a_copy(
         assert fuse_errno(fs.run, fs.ops.lseek, fh, 0, os.SEEK_DATA) == errno.ENOSYS
     finally:
         fs.release(fh)
+
+
+def test_unknown_directory_handles_are_ebadf(fs: Kernel) -> None:
+    if fs.ops.kernel_opens_dirs:
+        pytest.skip("the kernel opens directories itself: no directory handles")
+    token = FakeToken(10, 0, True)
+    assert fuse_errno(fs.run, fs.ops.readdir, 4242, 0, token) == errno.EBADF
+    assert fuse_errno(fs.run, fs.ops.fsyncdir, 4242, False) == errno.EBADF
+    assert fuse_errno(fs.run, fs.ops.releasedir, 4242) == errno.EBADF
+
+
+def test_a_released_inode_is_estale(fs: Kernel) -> None:
+    """What a request still holding an inode sees once a forget released it (a file handle's
+    release queued behind the kernel's forget, a read racing it): ESTALE, which the boundary
+    passes on, not an IndexError that surfaced as EIO with a traceback."""
+    number = fs.ino("a.txt")
+    inode = fs.ops.overlay.inode(number)
+    fs.run(fs.ops.forget, [(number, fs.lookups.pop(number))])
+    for use in (lambda: inode.top, lambda: inode.upper, lambda: inode.is_dir):
+        with pytest.raises(OSError) as raised:
+            use()
+        assert raised.value.errno == errno.ESTALE
+    assert fuse_errno(fs.getattr, number) == errno.ESTALE

@@ -94,6 +94,29 @@ def test_bad_origins_are_refused(value: bytes) -> None:
         schema.parse_origin(value)
 
 
+def test_a_long_origin_path_is_recorded_by_its_digest() -> None:
+    """Past 1024 bytes the origin holds the path's SHA-256 (layer-format.md section 12), which
+    names the path it was made of and no other; a path up to 1024 bytes is recorded as it is."""
+    long_path = tuple("d" * 255 for _ in range(5))
+    value = schema.format_origin(3, 77, long_path)
+    assert len(value) < 100
+    assert value.startswith(b"3:77:sha256:")
+    origin = schema.parse_origin(value)
+    assert (origin.layer, origin.ino, origin.path) == (3, 77, None)
+    assert origin.names(long_path)
+    assert not origin.names((*long_path[:-1], "e" * 255))
+    short = ("a" * 1023,)  # "/" and 1023 bytes: 1024, the longest kept as a path
+    assert schema.parse_origin(schema.format_origin(1, 5, short)).path == short
+    assert not schema.origin_path_inline(("a" * 1024,))
+
+
+@pytest.mark.parametrize("digest", [b"", b"0" * 63, b"0" * 65, b"A" * 64, b"g" * 64,
+                                    b"0" * 63 + b"\n"])
+def test_bad_origin_digests_are_refused(digest: bytes) -> None:
+    with pytest.raises(ValueError, match="digest"):
+        schema.parse_origin(b"1:5:sha256:" + digest)
+
+
 def test_counts_are_range_checked() -> None:
     assert schema.parse_number(b"0", schema.MAX_COUNT) == 0
     assert schema.parse_number(b"4294967295", schema.MAX_COUNT) == (1 << 32) - 1
