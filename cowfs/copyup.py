@@ -28,6 +28,7 @@ linked to the entry only when it has to exist in the upper (it is renamed: see
 from __future__ import annotations
 
 import dataclasses
+import enum
 import errno
 import logging
 import os
@@ -37,7 +38,7 @@ import time
 from . import metacopy, nlink, origins, partial, realfs, schema
 from .inodes import Inode
 from .layers import Layer
-from .resolve import Real
+from .resolve import Data, Real
 from .workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,20 @@ def _origin_xattrs(lower: Real, st: os.stat_result) -> dict[str, bytes]:
     return {schema.origin_xattr(st.st_mode): value}
 
 
+class Need(enum.Enum):
+    """What a caller of :meth:`CopyUp.ensure` needs of the upper copy."""
+
+    #: A change of metadata or of name: a copy without its data is enough (a regular file is
+    #: copied so with ``-o metacopy``, :mod:`cowfs.metacopy`).
+    METADATA = "metadata"
+    #: A write: the data, where a large file's partial copy is enough (:mod:`cowfs.partial`).
+    WRITE = "write"
+    #: All the data in the copy itself (a ``chown`` to another owner: no lower data behind it).
+    WHOLE = "whole"
+    #: None of the data: the file is about to be truncated to size 0.
+    EMPTY = "empty"
+
+
 class CopyUp:
     """Copies objects up; one instance per mount."""
 
@@ -108,15 +123,12 @@ class CopyUp:
         """A lower non-directory with several names: copied up through the index."""
         return not inode.is_dir and inode.upper is None and inode.top.nlink > 1
 
-    def ensure(self, inode: Inode, *, with_data: bool = True, metadata_only: bool = False,
-               whole: bool = False) -> Real:
-        """The upper copy of ``inode``, copying it (and its parents) up first if needed.
-
-        ``metadata_only``: for a change of metadata or name, a regular file may be copied without
-        its data (:mod:`cowfs.metacopy`), and a metacopy copy is enough. Otherwise the copy gets
-        its data (``with_data`` False: it is about to be truncated to 0, so it gets none), or for
-        a large file, a partial copy is enough (:mod:`cowfs.partial`) unless ``whole``.
-        """
+    def ensure(self, inode: Inode, need: Need = Need.WRITE) -> Real:
+        """The upper copy of ``inode``, copying it (and its parents) up first if needed, with
+        the data ``need`` says (:class:`Need`); a copy that has less is given it (in place)."""
+        metadata_only = need is Need.METADATA
+        with_data = need is not Need.EMPTY
+        whole = need is Need.WHOLE
         upper = inode.upper
         if upper is not None and (metadata_only or not upper.metacopy or (
                 upper.partial and with_data and not whole)):
@@ -170,7 +182,7 @@ class CopyUp:
         """A metacopy upper copy becomes a partial one: an empty map, which reads the same."""
         size = upper.stat().st_size
         realfs.setxattr(upper.fd, schema.XATTR_DATAMAP, partial.DataMap.empty(size).encode())
-        made = dataclasses.replace(upper, partial=True)
+        made = dataclasses.replace(upper, data=Data.PARTIAL)
         inode.replace_top(made)
         return made
 
@@ -194,7 +206,7 @@ class CopyUp:
         def completed() -> None:
             top = inode.top
             if top.partial:
-                inode.replace_top(dataclasses.replace(top, metacopy=False, partial=False))
+                inode.replace_top(dataclasses.replace(top, data=Data.OWN))
 
         opened.on_complete = completed
         inode.partial = opened
@@ -276,7 +288,7 @@ class CopyUp:
         """
         metacopy.fill(upper.fd, inode.data.fd, with_data=with_data, sync=self.sync,
                       reflink=self.work.features.reflink)
-        filled = dataclasses.replace(upper, metacopy=False)
+        filled = dataclasses.replace(upper, data=Data.OWN)
         inode.replace_top(filled)
         return filled
 
@@ -384,7 +396,8 @@ class CopyUp:
             self.work.discard(temp)
             raise
         self._restore_times(parent, parent_times)
-        return Real(self.upper, fd, st.st_mode, metacopy=meta or part, partial=part)
+        data = Data.PARTIAL if part else Data.LOWER if meta else Data.OWN
+        return Real(self.upper, fd, st.st_mode, data=data)
 
     @staticmethod
     def _restore_times(parent: Real, times: os.stat_result) -> None:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from . import nlink, realfs, schema
-from .copyup import CopyUp, copy_attributes, copy_xattrs
+from .copyup import CopyUp, Need, copy_attributes, copy_xattrs
 from .inodes import Inode, InodeTable
 from .layers import Layer
 from .readdir import candidate_names
@@ -390,7 +390,7 @@ class Namespace:
         index entry), which the merged link count follows with no write of its own."""
         if inode.is_dir:
             raise OSError(errno.EPERM, "hard links to directories are not allowed", name)
-        upper = self.copy_up.ensure(inode, metadata_only=True)
+        upper = self.copy_up.ensure(inode, Need.METADATA)
         return self._new_object(parent, name, None, upper.mode,
                                 lambda d, n: realfs.link(upper.fd, d, n), existing=inode)
 
@@ -488,9 +488,9 @@ class Namespace:
         """Copy-ups that may copy data, before the lock is taken."""
         self.copy_up.ensure(old_parent)
         self.copy_up.ensure(new_parent)
-        self.copy_up.ensure(src, metadata_only=True)
+        self.copy_up.ensure(src, Need.METADATA)
         if dst is not None and flags & realfs.RENAME_EXCHANGE:
-            self.copy_up.ensure(dst, metadata_only=True)
+            self.copy_up.ensure(dst, Need.METADATA)
         elif dst is not None:
             self._prepare_departure(dst)
 
@@ -501,7 +501,7 @@ class Namespace:
         the kernel's default fails with EXDEV). A lower name of a hard-link set is linked to its
         index entry, the count following (see :mod:`cowfs.nlink`).
         """
-        upper = self.copy_up.ensure(inode, metadata_only=True)
+        upper = self.copy_up.ensure(inode, Need.METADATA)
         if inode.is_dir:
             return self._redirect(inode, upper) if inode.lowers else upper
         self._settle_count(inode)

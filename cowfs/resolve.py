@@ -10,6 +10,7 @@ are never touched, and follows redirects of renamed directories (``redirect_dir=
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import os
@@ -24,6 +25,21 @@ from .layers import Layer
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class Data(enum.Enum):
+    """Where a regular file's data is: the one value of a copy's data state (the kernel's
+    ``ovl_has_upperdata``), read from its marks when it is probed and changed only by
+    :mod:`cowfs.copyup` under the inode's copy-up lock."""
+
+    #: In the file itself (every object that is not one of the two below).
+    OWN = "own"
+    #: In a lower layer's file (``user.overlay.metacopy``, :mod:`cowfs.metacopy`): the copy has
+    #: only the metadata.
+    LOWER = "lower"
+    #: Some blocks in the file, the rest in a lower layer's file (a metacopy file with a data map,
+    #: ``user.cowfs.datamap``, :mod:`cowfs.partial`).
+    PARTIAL = "partial"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +58,19 @@ class Real:
     ino: int = 0
     #: A hard-link index entry (its name count is kept in ``user.cowfs.nlink``).
     indexed: bool = False
-    #: A file copied up without its data (``user.overlay.metacopy``, see :mod:`cowfs.metacopy`),
-    #: in the upper or in a lower layer (an older upper): its data is a lower layer's file.
-    metacopy: bool = False
-    #: A metacopy file whose upper copy holds some blocks (``user.cowfs.datamap``, see
-    #: :mod:`cowfs.partial`).
-    partial: bool = False
+    #: Where a regular file's data is (:class:`Data`), in the upper or in a lower layer (an older
+    #: upper stacked below).
+    data: Data = Data.OWN
+
+    @property
+    def metacopy(self) -> bool:
+        """A file without (all) its data: a metacopy or a partial file."""
+        return self.data is not Data.OWN
+
+    @property
+    def partial(self) -> bool:
+        """A metacopy file whose copy holds some blocks."""
+        return self.data is Data.PARTIAL
 
     @property
     def is_dir(self) -> bool:
@@ -178,8 +201,9 @@ def probe(parent: Real, name: str) -> Probe[Real]:
         _is_marked(fd))
     # A partial file: a metacopy file with a data map (in the upper, or stacked as a lower).
     partial = metacopy and realfs.getxattr(fd, schema.XATTR_DATAMAP) is not None
+    data = Data.OWN if not metacopy else Data.PARTIAL if partial else Data.LOWER
     return Found(Real(parent.layer, fd, st.st_mode, nlink=st.st_nlink, ino=st.st_ino,
-                      metacopy=metacopy, partial=partial), False)
+                      data=data), False)
 
 
 def _is_marked(fd: int) -> bool:

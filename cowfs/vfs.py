@@ -20,7 +20,7 @@ import stat
 from dataclasses import dataclass
 
 from . import fileattr, partial, realfs, schema, xattrs
-from .copyup import CopyUp
+from .copyup import CopyUp, Need
 from .handles import FileHandle, real_flags, wants_write
 from .inodes import Inode, InodeNumbers, InodeTable
 from .layers import LayerStack
@@ -219,12 +219,12 @@ class Overlay:
 
     def setattr(self, inode: Inode, change: SetAttr, handle: FileHandle | None) -> None:
         if change.size is not None:
-            upper = self.copy_up.ensure(inode, with_data=change.size != 0)
+            upper = self.copy_up.ensure(inode, Need.EMPTY if change.size == 0 else Need.WRITE)
         else:
             # Metadata alone: the data may stay in the lower file, unless a chown would give
             # the file an owner a metacopy file may not have (cowfs.metacopy).
             meta = change.uid is None or self.copy_up.metadata_only_owner(inode, change.uid)
-            upper = self.copy_up.ensure(inode, metadata_only=meta, whole=not meta)
+            upper = self.copy_up.ensure(inode, Need.METADATA if meta else Need.WHOLE)
         if change.size is not None:
             if upper.partial or inode.partial is not None:
                 self.copy_up.partial_of(inode).truncate(change.size)
@@ -263,7 +263,7 @@ class Overlay:
         if not stat.S_ISREG(inode.top.mode):
             raise OSError(errno.EINVAL, "not a regular file")
         if wants_write(flags):
-            upper = self.copy_up.ensure(inode, with_data=not flags & os.O_TRUNC)
+            upper = self.copy_up.ensure(inode, Need.EMPTY if flags & os.O_TRUNC else Need.WRITE)
             fd = realfs.reopen(upper.fd, real_flags(flags))
             if upper.partial:
                 try:

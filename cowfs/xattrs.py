@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 
 from . import realfs, schema
-from .copyup import CopyUp
+from .copyup import CopyUp, Need
 from .inodes import Inode
 
 
@@ -50,7 +50,7 @@ def list_names(inode: Inode) -> list[str]:
 
 def set_value(inode: Inode, name: str, value: bytes, copy_up: CopyUp) -> None:
     _refuse_reserved(name)
-    upper = copy_up.ensure(inode, metadata_only=True)
+    upper = copy_up.ensure(inode, Need.METADATA)
     # Before and after: a getxattr on the loop between the two may have read the old absence.
     inode.xattrs_changed()
     try:
@@ -63,7 +63,7 @@ def remove_value(inode: Inode, name: str, copy_up: CopyUp) -> None:
     _refuse_reserved(name)
     if realfs.getxattr(inode.top.fd, schema.escape_xattr(name)) is None:
         raise OSError(errno.ENODATA, "no such attribute", name)
-    upper = copy_up.ensure(inode, metadata_only=True)
+    upper = copy_up.ensure(inode, Need.METADATA)
     try:
         realfs.removexattr(upper.fd, schema.escape_xattr(name))
     finally:

@@ -1,10 +1,12 @@
 """The resolution rule alone (no I/O): which layers make up the object behind a name."""
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from cowfs.resolve import WHITEOUT, Found, Probe, stack_for_name
+from cowfs.layers import Layer
+from cowfs.resolve import WHITEOUT, Data, Found, Probe, Real, stack_for_name
 
 F = Found  # brevity in the tables below
 
@@ -67,3 +69,13 @@ def test_whiteout_below_directory_stops_merging() -> None:
 def test_only_directories_merge_across_n_layers(n: int) -> None:
     names = [f"d{i}" for i in range(n)]
     assert run([F(x, True) for x in names]) == (names, None, n)
+
+
+def test_a_files_data_state_is_one_value() -> None:
+    """Issue 20: the copy's data state was two flags (``metacopy``, ``partial``) that could say
+    "partial but not metacopy"; it is one value, and the flags are read from it."""
+    layer = Layer(0, Path("/"), -1, 0)
+    states = {data: Real(layer, -1, 0o100644, data=data) for data in Data}
+    assert [(r.metacopy, r.partial) for r in states.values()] == [
+        (False, False), (True, False), (True, True)]
+    assert Real(layer, -1, 0o100644).data is Data.OWN
