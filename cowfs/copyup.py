@@ -12,8 +12,9 @@ Python buffers. Callers run copy-ups of regular files in worker threads; the per
 concurrent openers share one copy-up.
 
 A metadata change or a new name of a lower regular file copies it without its data
-(``metadata_only``, :mod:`cowfs.metacopy`); the first write or truncation gives it its data, in
-place (renaming nothing: a concurrent rename cannot make the fill land on another name).
+(:attr:`Need.METADATA`, :mod:`cowfs.metacopy`); the first write or truncation gives it its data,
+in place (renaming nothing: a concurrent rename cannot make the fill land on another name), which
+:mod:`cowfs.upperdata` does: what happens to a copy's data after the copy exists is its own.
 A large lower regular file opened for writing or truncated is copied up as a *partial* file
 (:mod:`cowfs.partial`): a metacopy file with a data map, into which writes copy only the blocks
 they touch; where a clone is as cheap (reflinks, one filesystem), it is cloned whole instead.
@@ -27,8 +28,6 @@ linked to the entry only when it has to exist in the upper (it is renamed: see
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import errno
 import logging
 import os
@@ -39,6 +38,7 @@ from . import metacopy, nlink, origins, partial, realfs, schema
 from .inodes import Inode
 from .layers import Layer
 from .resolve import Data, Real
+from .upperdata import Need, UpperData, map_of
 from .workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -84,20 +84,6 @@ def _origin_xattrs(lower: Real, st: os.stat_result) -> dict[str, bytes]:
     return {schema.origin_xattr(st.st_mode): value}
 
 
-class Need(enum.Enum):
-    """What a caller of :meth:`CopyUp.ensure` needs of the upper copy."""
-
-    #: A change of metadata or of name: a copy without its data is enough (a regular file is
-    #: copied so with ``-o metacopy``, :mod:`cowfs.metacopy`).
-    METADATA = "metadata"
-    #: A write: the data, where a large file's partial copy is enough (:mod:`cowfs.partial`).
-    WRITE = "write"
-    #: All the data in the copy itself (a ``chown`` to another owner: no lower data behind it).
-    WHOLE = "whole"
-    #: None of the data: the file is about to be truncated to size 0.
-    EMPTY = "empty"
-
-
 class CopyUp:
     """Copies objects up; one instance per mount."""
 
@@ -115,6 +101,8 @@ class CopyUp:
         self.partial_min = partial_min
         #: The upper directory's owner: a metacopy file must be its or its lower file's.
         self.trusted_uid = os.fstat(upper.root_fd).st_uid
+        #: What happens to a copy's data after the copy exists (:mod:`cowfs.upperdata`).
+        self.data = UpperData(work, sync=sync)
         #: Metacopy files whose refused mark was logged: once each.
         self._logged: set[str] = set()
 
@@ -138,13 +126,8 @@ class CopyUp:
             if upper is not None:
                 if metadata_only or not upper.metacopy:
                     return upper
-                if upper.partial:
-                    if with_data and not whole:
-                        return upper
-                    return self._complete_partial(inode, upper, truncate=not with_data)
-                if with_data and not whole and self._may_copy_partly(inode.data):
-                    return self._make_partial(inode, upper)
-                return self._fill(inode, upper, with_data)
+                return self.data.give(inode, upper, need,
+                                      lambda: self._may_copy_partly(inode.data))
             if self.is_hard_linked_lower(inode):
                 real = self._index_entry(inode)
             else:
@@ -177,49 +160,6 @@ class CopyUp:
             return False
         same_fs = st.st_dev == os.fstat(self.upper.root_fd).st_dev
         return not (self.work.features.reflink and same_fs)
-
-    def _make_partial(self, inode: Inode, upper: Real) -> Real:
-        """A metacopy upper copy becomes a partial one: an empty map, which reads the same."""
-        size = upper.stat().st_size
-        realfs.setxattr(upper.fd, schema.XATTR_DATAMAP, partial.DataMap.empty(size).encode())
-        made = dataclasses.replace(upper, data=Data.PARTIAL)
-        inode.replace_top(made)
-        return made
-
-    def partial_of(self, inode: Inode) -> partial.PartialFile:
-        """The open data of a partial file (loaded on first use, kept while the inode lives)."""
-        found = inode.partial
-        if found is not None:
-            return found
-        with inode.copy_up_lock:
-            return self._partial_locked(inode)
-
-    def _partial_locked(self, inode: Inode) -> partial.PartialFile:
-        found = inode.partial
-        if found is not None:
-            return found
-        upper = inode.top
-        data = inode.data
-        opened = partial.PartialFile(upper.fd, data.fd, _map_of(upper),
-                                     read_only=not upper.layer.is_upper)
-
-        def completed() -> None:
-            top = inode.top
-            if top.partial:
-                inode.replace_top(dataclasses.replace(top, data=Data.OWN))
-
-        opened.on_complete = completed
-        inode.partial = opened
-        return opened
-
-    def _complete_partial(self, inode: Inode, upper: Real, *, truncate: bool) -> Real:
-        """Give a partial file all its data (or none: it is about to be truncated to 0)."""
-        opened = self._partial_locked(inode)
-        if truncate:
-            opened.truncate(0)
-        else:
-            opened.complete()
-        return inode.top
 
     def _may_skip_data(self, inode: Inode) -> bool:
         """Whether a copy-up for a metadata change may leave the data in the lower file."""
@@ -273,24 +213,6 @@ class CopyUp:
         except OSError:
             return False
         return metacopy.owner_allowed(uid, lower_uid, self.trusted_uid)
-
-    def _fill(self, inode: Inode, upper: Real, with_data: bool) -> Real:
-        """Give a metacopy upper copy its data, in place (called with the copy-up lock held).
-
-        As the kernel does (``ovl_copy_up_meta_inode_data``): the data is written into the copy
-        itself and its mark removed last (:func:`metacopy.fill`; the mark's removal is the commit
-        point, and a crash before it leaves a metacopy file whose sparse content is never read).
-        Filling in place renames nothing, so a rename of the file (which needs no copy-up lock: a
-        metacopy copy is enough for it) cannot race with it: the object filled is the object the
-        name has, wherever it has gone meanwhile, and its other names (``link``) stay one file.
-        A copy rebuilt in the work dir and renamed over ``parent/name`` after the copy replaced a
-        file created under the old name while the data was copied (issue 20, item 9).
-        """
-        metacopy.fill(upper.fd, inode.data.fd, with_data=with_data, sync=self.sync,
-                      reflink=self.work.features.reflink)
-        filled = dataclasses.replace(upper, data=Data.OWN)
-        inode.replace_top(filled)
-        return filled
 
     def attach_data(self, inode: Inode) -> None:
         """For an inode whose upper copy is a metacopy one: find its data in the lower layers.
@@ -468,7 +390,7 @@ class CopyUp:
     def _copy_partial(self, lower: Real, st: os.stat_result, data: Real, dst: int) -> None:
         """The full content of a partial file of a lower layer (an older upper): its own blocks,
         then the rest from its data file (:func:`partial.fill_missing`)."""
-        dmap = _map_of(lower)
+        dmap = map_of(lower)
         self._copy_data(lower.fd, st, dst, st.st_size)
         src = realfs.reopen_noatime(data.fd, os.O_RDONLY)
         try:
@@ -500,17 +422,6 @@ class CopyUp:
                 realfs.fsync(dst)
         finally:
             os.close(dst)
-
-
-def _map_of(real: Real) -> partial.DataMap:
-    """A partial file's data map; EIO when it has none or it is malformed."""
-    try:
-        dmap = partial.read_map(real.fd)
-    except ValueError as e:
-        raise OSError(errno.EIO, f"partial file with a malformed data map: {e}") from None
-    if dmap is None:
-        raise OSError(errno.EIO, "partial file without a data map")
-    return dmap
 
 
 def _may_noatime(st: os.stat_result) -> bool:

@@ -40,11 +40,12 @@ from dataclasses import dataclass
 from enum import Enum
 
 from . import nlink, realfs, schema
-from .copyup import CopyUp, Need, copy_attributes, copy_xattrs
+from .copyup import CopyUp, copy_attributes, copy_xattrs
 from .inodes import Inode, InodeTable
 from .layers import Layer
 from .readdir import candidate_names
 from .resolve import Found, Real, exists_below, is_hidden_name, probe, resolve
+from .upperdata import Need
 from .workdir import WorkDir
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import stat
 from dataclasses import dataclass
 
 from . import fileattr, partial, realfs, schema, xattrs
-from .copyup import CopyUp, Need
+from .copyup import CopyUp
 from .handles import FileHandle, real_flags, wants_write
 from .inodes import Inode, InodeNumbers, InodeTable
 from .layers import LayerStack
@@ -29,6 +29,7 @@ from .namespace import Caller, Namespace
 from .nlink import merged_nlink
 from .readdir import DirHandle, entry_type, plain_entry
 from .resolve import Real, root_real
+from .upperdata import Need
 from .workdir import recover
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ class Overlay:
             upper = self.copy_up.ensure(inode, Need.METADATA if meta else Need.WHOLE)
         if change.size is not None:
             if upper.partial or inode.partial is not None:
-                self.copy_up.partial_of(inode).truncate(change.size)
+                self.copy_up.data.partial_of(inode).truncate(change.size)
             elif handle is not None and handle.on_upper:
                 realfs.ftruncate(handle.fd, change.size)
             else:
@@ -267,13 +268,13 @@ class Overlay:
             fd = realfs.reopen(upper.fd, real_flags(flags))
             if upper.partial:
                 try:
-                    self.copy_up.partial_of(inode)  # its data: some here, the rest below
+                    self.copy_up.data.partial_of(inode)  # its data: some here, the rest below
                 except BaseException:
                     os.close(fd)
                     raise
             return FileHandle(inode, fd, on_upper=True)
         if inode.top.partial:
-            self.copy_up.partial_of(inode)
+            self.copy_up.data.partial_of(inode)
         data = inode.data  # a metacopy file's data is the lower file's
         # A lower file's access time never changes (the kernel's overlayfs mounts its lowers
         # noatime); an upper file's follows the upper's filesystem, unless -o noatime.

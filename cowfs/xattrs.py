@@ -11,8 +11,9 @@ from __future__ import annotations
 import errno
 
 from . import realfs, schema
-from .copyup import CopyUp, Need
+from .copyup import CopyUp
 from .inodes import Inode
+from .upperdata import Need
 
 
 def _refuse_reserved(name: str) -> None:
