@@ -19,12 +19,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import lifecycle, mounts, outputs
+from . import lifecycle, mounts, outputs, plans
 from .changes import summary, visible_changes
 from .errors import CowfsError
 from .layers import LayerPaths, check_nesting
@@ -221,5 +220,5 @@ def _remove_scratch(scratch: Path) -> None:
     inside = [m for m in mounts.cowfs_mountpoints() if mounts.is_inside(Path(m), scratch)]
     if inside:
         raise CowfsError(f"{inside[0]!r} is still mounted; not removing {str(scratch)!r}")
-    shutil.rmtree(scratch, ignore_errors=True)
+    plans.remove_path(scratch)
 

@@ -30,6 +30,7 @@ from typing import TextIO
 
 from . import journal, metacopy, mounts, partial, plans, realfs, schema, upperinfo
 from .changes import Visible, quote, summary, visible_changes
+from .dirstack import PathDirs
 from .errors import CowfsError
 from .journal import Op, Step
 from .walk import (
@@ -245,9 +246,10 @@ def fill_metacopies(upper: Path, base: Path, paths: Sequence[str]) -> None:
     first write; the merged view does not change): the commit copies them whole, and their data
     is in BASE, which the commit is about to change."""
     stack = Stack(upper, [base])
+    dirs = PathDirs(stack.roots[0].fd)
     try:
         for path in paths:
-            with plans.parent_of(stack.roots[0].fd, path) as (dirfd, name):
+            with dirs.parent_of(path) as (dirfd, name):
                 fd = realfs.open_path(dirfd, name)
                 if fd is None:
                     continue
@@ -271,6 +273,7 @@ def fill_metacopies(upper: Path, base: Path, paths: Sequence[str]) -> None:
                 finally:
                     os.close(fd)
     finally:
+        dirs.close()
         stack.close()
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .. import outputs, upperinfo
+from .. import outputs, plans, upperinfo
 from ..api import View, overlay
 from ..changes import Visible, line, render_json, render_text, select, summary, visible_changes
 from ..errors import CowfsError
@@ -141,7 +140,7 @@ def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | 
         # upper goes unless it holds changes that were to be kept.
         if started and upper is None and not (
                 keep_changes and visible_changes(walk(started[0].upper, started[0].lowers))):
-            shutil.rmtree(started[0].upper.parent, ignore_errors=True)
+            plans.remove_path(started[0].upper.parent)
         raise
     if status > 128 and status - 128 in signal.valid_signals():
         # Ctrl-C reached COMMAND (the "^C" echoed mid-line at a terminal): say so first.
@@ -170,7 +169,7 @@ def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | 
 
 def _discard(view: View, upper: Path | None, origin: UpperOrigin) -> None:
     if upper is None:
-        shutil.rmtree(view.upper.parent, ignore_errors=True)
+        plans.remove_path(view.upper.parent)
     else:
         discard_upper(view.upper, origin)
         outputs.remove_dirs(view.made_for_upper)

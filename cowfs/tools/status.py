@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .. import mounts, schema
+from ..dirstack import tree
 from ..errors import CowfsError
 from ..plans import human_bytes
 from ..walk import Added, Deleted, Modified, Renamed, Replaced, Unchanged, walk
@@ -46,15 +47,18 @@ def upper_size(upper: Path) -> int:
     """Bytes the upper's objects occupy (each inode once), the work directory left out."""
     seen: set[tuple[int, int]] = set()
     total = 0
-    for directory, dirs, files in os.walk(upper):
-        if Path(directory) == upper and schema.WORK_DIR_NAME in dirs:
-            dirs.remove(schema.WORK_DIR_NAME)
-        for name in (*dirs, *files):
-            with contextlib.suppress(OSError):
-                st = os.lstat(os.path.join(directory, name))
+    try:
+        fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        with contextlib.suppress(OSError):
+            for _, st in tree(fd, skip=lambda path: path == schema.WORK_DIR_NAME):
                 if (st.st_dev, st.st_ino) not in seen:
                     seen.add((st.st_dev, st.st_ino))
                     total += st.st_blocks * 512
+    finally:
+        os.close(fd)
     return total
 
 
