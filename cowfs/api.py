@@ -166,6 +166,8 @@ def overlay(base: PathLike | Sequence[PathLike], upper: PathLike | None = None, 
     for role, given in (("upper", upper), ("mountpoint", at)):
         if given is not None and os.path.lexists(given) and not Path(given).is_dir():
             raise CowfsError(f"{role} {str(given)!r} is not a directory")
+    if at is not None:
+        mounts.refuse_root_mountpoint(Path(at))
     if upper is not None:
         check_nesting(LayerPaths(lowers, Path(upper)))
     temporary_upper = upper is None
@@ -206,7 +208,9 @@ def overlay(base: PathLike | Sequence[PathLike], upper: PathLike | None = None, 
                 outputs.remove_dirs(made_upper)
         finally:
             outputs.remove_dirs(made_at)  # still mounted (the unmount failed): left alone
-            if temporary_upper and keep:
+            if view.mounted:
+                pass  # the unmount failed: the daemon still serves from the upper; all stays
+            elif temporary_upper and keep:
                 # Keep the upper, drop the rest of the scratch directory.
                 with contextlib.suppress(OSError):
                     (scratch / "view").rmdir()

@@ -158,7 +158,10 @@ def unmount(mountpoint: str, timeout: float = EXIT_TIMEOUT) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
-        raise CowfsError(f"cannot unmount {mountpoint!r}: {reason}")
+        alive = f" (pid {state.pid})" if state is not None and mounts.process_exists(
+            state.pid) else ""
+        raise CowfsError(f"cannot unmount {mountpoint!r}: {reason}; it is still mounted and "
+                         f"its daemon{alive} still serves it")
     if state is None:
         log.warning("no state file for %s: unmounted without waiting for the daemon", path)
         return

@@ -74,6 +74,21 @@ def fuse_mount_at(path: Path) -> str | None:
     return found[0].fstype if found else None
 
 
+def refuse_root_mountpoint(path: Path) -> None:
+    """Refuse to mount over ``/``: fusermount3 cannot unmount it ("invalid abs path": it
+    unmounts a name in its parent directory, and ``/`` has none), so the mount and its daemon
+    would stay behind. Any path that resolves to ``/`` (``//``, ``/..``, a symlink) is ``/``."""
+    if os.path.realpath(path) == "/":
+        raise CowfsError(f"cannot mount over {str(path)!r}: it is the root directory, which "
+                         "fusermount3 cannot unmount again; mount the view somewhere below it "
+                         "(e.g. cowfs run --at /mnt/view)")
+
+
+def process_exists(pid: int) -> bool:
+    """Whether process ``pid`` exists (a daemon that was killed does not)."""
+    return Path(f"/proc/{pid}").exists()
+
+
 def mount_flags(path: Path) -> tuple[str, ...]:
     """The flags of the topmost cowfs mount at ``path`` (``rw``, ``nosuid``, ...), or ()."""
     found = [m for m in mount_table() if m.fstype == "fuse.cowfs" and m.mountpoint == str(path)]
@@ -150,7 +165,7 @@ def running_mounts() -> list[RunningMount]:
                     state = schema.MountState.from_json(path.read_text(encoding="utf-8"))
                 except (OSError, ValueError):
                     continue
-                alive = (state.mountpoint in mounted and Path(f"/proc/{state.pid}").exists()
+                alive = (state.mountpoint in mounted and process_exists(state.pid)
                          and state.error is None)
                 found.append(RunningMount(state.pid, Path(state.mountpoint),
                                           tuple(Path(p) for p in state.lowers),

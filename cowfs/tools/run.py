@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .. import outputs, plans, upperinfo
+from .. import mounts, outputs, plans, upperinfo
 from ..api import View, overlay
 from ..changes import Visible, line, render_json, render_text, select, summary, visible_changes
 from ..errors import CowfsError
@@ -119,6 +119,7 @@ def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | 
         diff_out = _check_diff_out(diff_out, real_base)
     keep_changes = (upper is not None) if keep is None else keep
     mountpoint = at if at is not None else real_base
+    mounts.refuse_root_mountpoint(mountpoint)
     if upper is not None and upper.exists() and not upper.is_dir():
         raise CowfsError(f"upper {str(upper)!r} is not a directory; give a new or empty "
                          "directory")
@@ -138,7 +139,7 @@ def run(base: Path, command: Sequence[str], *, upper: Path | None, keep: bool | 
     except BaseException:
         # COMMAND not found or not executable, or the view could not be unmounted: a temporary
         # upper goes unless it holds changes that were to be kept.
-        if started and upper is None and not (
+        if started and upper is None and not started[0].mounted and not (
                 keep_changes and visible_changes(walk(started[0].upper, started[0].lowers))):
             plans.remove_path(started[0].upper.parent)
         raise
