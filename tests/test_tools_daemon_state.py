@@ -100,6 +100,12 @@ def test_a_session_keeps_its_state_to_itself(workspace: Workspace, tmp_path: Pat
         assert not (Path(os.environ[mounts.STATE_DIR_ENV]) / name).exists()
         assert not (Path("/run/cowfs") / name).exists()
         assert f"{ws.mnt.resolve()}  (no state file)" in cowfs("status").out
+        # The mount table decides what covers a path, whichever state directory recorded it.
+        (ws.root / "u2").mkdir()
+        os.setxattr(ws.root / "u2", schema.XATTR_FORMAT, schema.FORMAT_VERSION)
+        refused = cowfs("commit", ws.root / "u2", "--into", ws.mnt / "dir", "--yes")
+        assert refused.status == 1
+        assert f"is under the cowfs mount at '{ws.mnt.resolve()}'" in refused.err, refused.err
     finally:
         if mounted_fstype(ws.mnt) is not None:
             subprocess.run([str(find_cowfs()), "umount", str(ws.mnt)], env=env, check=False)
