@@ -262,16 +262,24 @@ def tree(root_fd: int, skip: Callable[[str], bool] = lambda path: False,
     """Every object below the directory ``root_fd``: its path ('/'-separated) and ``lstat``,
     directories before their content, names in directory order; never follows a symlink, any
     depth. ``skip(path)``: leave that object (and all below it) out."""
+    for path, _, _, st in entries(root_fd, skip):
+        yield path, st
 
-    def visit(path: str, name: str,
-              parent: int) -> Generator[tuple[str, os.stat_result], None, int | None]:
+
+def entries(root_fd: int, skip: Callable[[str], bool] = lambda path: False,
+            ) -> Iterator[tuple[str, int, str, os.stat_result]]:
+    """:func:`tree`, with the descriptor of each object's directory and its name there (valid
+    until the iteration moves on), to open it with an ``*at`` call."""
+
+    def visit(path: str, name: str, parent: int,
+              ) -> Generator[tuple[str, int, str, os.stat_result], None, int | None]:
         if skip(path):
             return None
         try:
             st = os.stat(name, dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
             return None  # removed while we looked
-        yield path, st
+        yield path, parent, name, st
         if not stat.S_ISDIR(st.st_mode):
             return None
         try:
