@@ -19,12 +19,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import lifecycle, mounts, outputs
+from . import lifecycle, mounts, outputs, plans
 from .changes import summary, visible_changes
 from .errors import CowfsError
 from .layers import LayerPaths, check_nesting
@@ -185,6 +184,8 @@ def overlay(base: PathLike | Sequence[PathLike], upper: PathLike | None = None, 
     for role, given in (("upper", upper), ("mountpoint", at)):
         if given is not None and os.path.lexists(given) and not Path(given).is_dir():
             raise CowfsError(f"{role} {str(given)!r} is not a directory")
+    if at is not None:
+        mounts.refuse_root_mountpoint(Path(at))
     if upper is not None:
         check_nesting(LayerPaths(lowers, Path(upper)))
     temporary_upper = upper is None
@@ -226,7 +227,9 @@ def overlay(base: PathLike | Sequence[PathLike], upper: PathLike | None = None, 
                 outputs.remove_dirs(made_upper)
         finally:
             outputs.remove_dirs(made_at)  # still mounted (the unmount failed): left alone
-            if temporary_upper and keep:
+            if view.mounted:
+                pass  # the unmount failed: the daemon still serves from the upper; all stays
+            elif temporary_upper and keep:
                 # Keep the upper, drop the rest of the scratch directory.
                 with contextlib.suppress(OSError):
                     (scratch / "view").rmdir()
@@ -240,5 +243,5 @@ def _remove_scratch(scratch: Path) -> None:
     inside = [m for m in mounts.cowfs_mountpoints() if mounts.is_inside(Path(m), scratch)]
     if inside:
         raise CowfsError(f"{inside[0]!r} is still mounted; not removing {str(scratch)!r}")
-    shutil.rmtree(scratch, ignore_errors=True)
+    plans.remove_path(scratch)
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, lifecycle
+from . import __version__, lifecycle, mounts
 from .errors import CowfsError
 from .layers import LayerPaths
 
@@ -72,7 +72,9 @@ def _add_mount_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
                    "(default: UPPER/.cowfs-work)")
     p.add_argument("-o", dest="options", metavar="OPT[,OPT...]", action="append", default=[],
                    help="mount options: MOUNT OPTIONS in cowfs(1), or docs/cli.md")
-    p.add_argument("--log", metavar="FILE", help="append the daemon's log to FILE")
+    p.add_argument("--log", metavar="FILE",
+                   help="append the daemon's log to FILE (default in the background: a file "
+                   "beside the mount's state file, shown by 'cowfs status')")
     p.set_defaults(func=_cmd_mount, interrupted="the daemon may still mount in the background: "
                    "see 'cowfs status', and 'cowfs umount MOUNTPOINT'")
 
@@ -179,6 +181,10 @@ def mount(lower: str, upper: str, mountpoint: str, *, work: str | None, options:
         serve(paths, stack, real_mountpoint, opts, ready=lambda: None)
         return
     paths, stack, real_mountpoint = prepare(paths, Path(mountpoint), opts)
+    if log_file is None:  # a background daemon's log is kept by default, beside its state file
+        default_log = mounts.log_file(real_mountpoint)
+        default_log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log_file = str(default_log)
     lifecycle.daemonize(lambda ready: serve(paths, stack, real_mountpoint, opts, ready),
                         lambda: _setup_logging(opts.debug, log_file, False))
     # The kernel gives a FUSE root inode uid 0 until its first GETATTR and checks ownership on
@@ -196,7 +202,9 @@ def _cmd_mount(args: argparse.Namespace) -> None:
 
 
 def umount(mountpoint: str, timeout: float = 30.0) -> None:
-    lifecycle.unmount(mountpoint, timeout)
+    note = lifecycle.unmount(mountpoint, timeout)
+    if note is not None:
+        print(f"cowfs: note: {note}", file=sys.stderr)
 
 
 def _cmd_umount(args: argparse.Namespace) -> None:

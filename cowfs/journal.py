@@ -30,6 +30,7 @@ import msgspec
 
 from . import plans, realfs, schema
 from .changes import quote
+from .dirstack import PathDirs
 from .errors import CowfsError
 
 #: The journal directory in BASE; also the staging directory of renamed directories.
@@ -452,8 +453,14 @@ class Applier:
             with contextlib.suppress(OSError):
                 self.index_fd = os.open(schema.WORK_INDEX_NAME, os.O_PATH | os.O_DIRECTORY |
                                         os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=work_fd)
+        # Steps come in tree order: the directories of the last path are kept open (a tree
+        # 10,000 levels deep is not opened again from its root at each step).
+        self.upper = PathDirs(self.upper_fd)
+        self.base = PathDirs(self.base_fd)
 
     def close(self) -> None:
+        self.upper.close()
+        self.base.close()
         os.close(self.upper_fd)
         os.close(self.base_fd)
         if self.index_fd >= 0:
@@ -461,29 +468,31 @@ class Applier:
 
     def apply(self, number: int, step: Step) -> None:
         """Apply step ``number`` (its temporary names derive from it)."""
+        if step.op in (Op.STAGE, Op.MOVE, Op.REMOVE, Op.MKDIR):  # may move or remove a directory
+            self.base.forget(step.path)
         getattr(self, "_" + step.op.name.lower())(step, f"{JOURNAL_DIR}.{number}")
 
     def _stage(self, step: Step, _temp: str) -> None:
-        with plans.parent_of(self.base_fd, f"{JOURNAL_DIR}/{step.arg}") as (sfd, slot):
+        with self.base.parent_of(f"{JOURNAL_DIR}/{step.arg}") as (sfd, slot):
             if _exists(sfd, slot):
                 return  # staged before an interruption
-            with plans.parent_of(self.base_fd, step.path) as (dirfd, name):
+            with self.base.parent_of(step.path) as (dirfd, name):
                 realfs.rename(dirfd, name, sfd, slot, realfs.RENAME_NOREPLACE)
 
     def _move(self, step: Step, _temp: str) -> None:
-        with plans.parent_of(self.base_fd, f"{JOURNAL_DIR}/{step.arg}") as (sfd, slot):
+        with self.base.parent_of(f"{JOURNAL_DIR}/{step.arg}") as (sfd, slot):
             if not _exists(sfd, slot):
                 return  # moved before an interruption
-            with plans.parent_of(self.base_fd, step.path) as (dirfd, name):
+            with self.base.parent_of(step.path) as (dirfd, name):
                 plans.remove_if_present(dirfd, name)
                 realfs.rename(sfd, slot, dirfd, name, realfs.RENAME_NOREPLACE)
 
     def _remove(self, step: Step, _temp: str) -> None:
-        with plans.parent_of(self.base_fd, step.path) as (dirfd, name):
+        with self.base.parent_of(step.path) as (dirfd, name):
             plans.remove_if_present(dirfd, name)
 
     def _mkdir(self, step: Step, _temp: str) -> None:
-        with plans.parent_of(self.base_fd, step.path) as (dirfd, name):
+        with self.base.parent_of(step.path) as (dirfd, name):
             found = realfs.open_path(dirfd, name)
             if found is not None:
                 is_dir = stat.S_ISDIR(os.fstat(found).st_mode)
@@ -496,14 +505,14 @@ class Applier:
     def _source(self, step: Step) -> contextlib.AbstractContextManager[tuple[int, str]]:
         """Where the object to copy is: in the upper, or in the work directory's index."""
         if step.index is None:
-            return plans.parent_of(self.upper_fd, step.path)
+            return self.upper.parent_of(step.path)
         if self.index_fd < 0:
             raise CowfsError(f"the hard-link index entry {step.index!r} is missing")
         return contextlib.nullcontext((self.index_fd, step.index))
 
     def _write(self, step: Step, temp: str) -> None:
         with self._source(step) as (ufd, uname), \
-                plans.parent_of(self.base_fd, step.path) as (dirfd, name):
+                self.base.parent_of(step.path) as (dirfd, name):
             build_copy(ufd, uname, dirfd, name, temp, self.on_bytes)
 
     def data_size(self, step: Step) -> int:
@@ -518,8 +527,8 @@ class Applier:
         return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
     def _link(self, step: Step, temp: str) -> None:
-        with plans.parent_of(self.base_fd, step.arg) as (tfd, tname), \
-                plans.parent_of(self.base_fd, step.path) as (dirfd, name):
+        with self.base.parent_of(step.arg) as (tfd, tname), \
+                self.base.parent_of(step.path) as (dirfd, name):
             plans.remove_if_present(dirfd, temp)
             target = os.stat(tname, dir_fd=tfd, follow_symlinks=False)
             with contextlib.suppress(FileNotFoundError):
@@ -532,7 +541,7 @@ class Applier:
     def _attrs(self, step: Step, _temp: str) -> None:
         with self._source(step) if step.path != "." else \
                 contextlib.nullcontext((self.upper_fd, ".")) as (ufd, uname), \
-                plans.parent_of(self.base_fd, step.path) if step.path != "." else \
+                self.base.parent_of(step.path) if step.path != "." else \
                 contextlib.nullcontext((self.base_fd, ".")) as (dirfd, name):
             src = os.open(uname, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ufd)
             try:

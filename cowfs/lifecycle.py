@@ -147,26 +147,38 @@ def _fusermount() -> str | None:
     return shutil.which("fusermount3") or shutil.which("fusermount")
 
 
-def unmount(mountpoint: str, timeout: float = EXIT_TIMEOUT) -> None:
-    """Unmount the cowfs mount at ``mountpoint`` and wait until its daemon has exited."""
+def unmount(mountpoint: str, timeout: float = EXIT_TIMEOUT) -> str | None:
+    """Unmount the cowfs mount at ``mountpoint`` and wait until its daemon has exited. Returns a
+    note for the user when there was no daemon to wait for: it had died (``kill -9``, a crash)
+    and left a dead mount ("Transport endpoint is not connected"), which is removed."""
     path = Path(mountpoint).resolve()
     if mounts.fuse_mount_at(path) != "fuse.cowfs":
         raise CowfsError(f"{mountpoint!r} is not a cowfs mountpoint")
     state = mounts.load_state(path)
+    died = state is not None and state.error is None and not mounts.process_exists(state.pid)
     tool = _fusermount()
     cmd = [tool, "-u", str(path)] if tool else ["umount", str(path)]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
-        raise CowfsError(f"cannot unmount {mountpoint!r}: {reason}")
+        alive = f" (pid {state.pid})" if state is not None and mounts.process_exists(
+            state.pid) else ""
+        raise CowfsError(f"cannot unmount {mountpoint!r}: {reason}; it is still mounted and "
+                         f"its daemon{alive} still serves it")
     if state is None:
         log.warning("no state file for %s: unmounted without waiting for the daemon", path)
-        return
+        return None
+    if died:
+        with contextlib.suppress(OSError):
+            mounts.state_file(path).unlink()
+        return (f"the cowfs daemon of {str(path)!r} (pid {state.pid}) had died; its dead mount "
+                "was removed (changes it acknowledged are in the upper)")
     _wait_for_exit(state.pid, timeout)
     after = mounts.load_state(path)
     if after is not None and after.pid == state.pid:
         raise CowfsError(f"unmounted, but the cowfs daemon (pid {state.pid}) ended with an error: "
                          f"{after.error or 'it did not clean up'}")
+    return None
 
 
 def _wait_for_exit(pid: int, timeout: float) -> None:
@@ -194,7 +206,9 @@ def unmount_when_idle(mountpoint: Path, busy_timeout: float = BUSY_TIMEOUT) -> N
     deadline = time.monotonic() + busy_timeout
     while True:
         try:
-            unmount(str(mountpoint))
+            note = unmount(str(mountpoint))
+            if note is not None:
+                log.warning("%s", note)
             return
         except CowfsError as e:
             if "busy" not in str(e):

@@ -37,9 +37,9 @@ import os
 import pwd
 import stat
 import time
-from collections.abc import Iterator
 
 from . import partial, realfs, schema
+from .dirstack import entries
 from .resolve import Found, Real, probe_path
 
 log = logging.getLogger(__name__)
@@ -113,34 +113,18 @@ def rebind(upper_fd: int, roots: tuple[Real, ...], trusted_uid: int) -> int:
     The user's word that the layers are the same content replaces the inode number's. Returns
     how many origins were rewritten. ``upper_fd``: the upper's root (``O_PATH``)."""
     rebound = 0
-    names = [n for n in realfs.list_names(upper_fd) if n != schema.WORK_DIR_NAME]
-    # Depth first, one open directory per level: (directory, the names left in it).
-    stack: list[tuple[int, Iterator[str]]] = [(upper_fd, iter(names))]
-    try:
-        while stack:
-            dirfd, left = stack[-1]
-            name = next(left, None)
-            if name is None:
-                stack.pop()
-                if dirfd != upper_fd:
-                    os.close(dirfd)
-                continue
-            fd = realfs.open_path(dirfd, name)
-            if fd is None:
-                continue
-            st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                stack.append((fd, iter(realfs.list_names(fd))))
-                continue
-            try:
-                if stat.S_ISREG(st.st_mode) and st.st_size > 0 and is_marked(fd):
-                    rebound += _rebind_one(fd, roots, trusted_uid)
-            finally:
-                os.close(fd)
-    finally:
-        for dirfd, _ in stack:
-            if dirfd != upper_fd:
-                os.close(dirfd)
+    # Any depth, with a bounded number of open directories (cowfs.dirstack).
+    for _, dirfd, name, st in entries(upper_fd, skip=lambda path: path == schema.WORK_DIR_NAME):
+        if not (stat.S_ISREG(st.st_mode) and st.st_size > 0):
+            continue
+        fd = realfs.open_path(dirfd, name)
+        if fd is None:
+            continue
+        try:
+            if is_marked(fd):
+                rebound += _rebind_one(fd, roots, trusted_uid)
+        finally:
+            os.close(fd)
     return rebound
 
 

@@ -253,6 +253,7 @@ def raise_readahead(mountpoint: Path, kib: int = READAHEAD_KIB) -> None:
 
 
 def check_mountpoint(path: Path) -> Path:
+    mounts.refuse_root_mountpoint(path)
     try:
         st = os.stat(path)
     except OSError as e:

@@ -74,6 +74,26 @@ def fuse_mount_at(path: Path) -> str | None:
     return found[0].fstype if found else None
 
 
+def refuse_root_mountpoint(path: Path) -> None:
+    """Refuse to mount over ``/``: fusermount3 cannot unmount it ("invalid abs path": it
+    unmounts a name in its parent directory, and ``/`` has none), so the mount and its daemon
+    would stay behind. Any path that resolves to ``/`` (``//``, ``/..``, a symlink) is ``/``."""
+    if os.path.realpath(path) == "/":
+        raise CowfsError(f"cannot mount over {str(path)!r}: it is the root directory, which "
+                         "fusermount3 cannot unmount again; mount the view somewhere below it "
+                         "(e.g. cowfs run --at /mnt/view)")
+
+
+def process_exists(pid: int) -> bool:
+    """Whether process ``pid`` runs (a daemon that was killed does not, even while nobody has
+    reaped it: a zombie)."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return status[status.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+
+
 def mount_flags(path: Path) -> tuple[str, ...]:
     """The flags of the topmost cowfs mount at ``path`` (``rw``, ``nosuid``, ...), or ()."""
     found = [m for m in mount_table() if m.fstype == "fuse.cowfs" and m.mountpoint == str(path)]
@@ -88,7 +108,15 @@ def cowfs_mountpoints() -> list[str]:
 # --- state files ---------------------------------------------------------------------------------
 
 
+#: Overrides where state files (and background daemons' default logs) are kept: the tests give
+#: each session its own, so that mounts elsewhere on the machine do not count.
+STATE_DIR_ENV = "COWFS_STATE_DIR"
+
+
 def state_dir() -> Path:
+    given = os.environ.get(STATE_DIR_ENV)
+    if given:
+        return Path(given)
     if os.geteuid() == 0:
         return Path("/run/cowfs")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
@@ -97,6 +125,12 @@ def state_dir() -> Path:
 
 def state_file(mountpoint: Path) -> Path:
     return state_dir() / (urllib.parse.quote(str(mountpoint), safe="") + schema.STATE_FILE_SUFFIX)
+
+
+def log_file(mountpoint: Path) -> Path:
+    """Where a background daemon logs unless told otherwise (``--log``): beside its state file,
+    which it outlives (a daemon that was killed left its last lines there)."""
+    return state_dir() / (urllib.parse.quote(str(mountpoint), safe="") + ".log")
 
 
 def write_state(state: schema.MountState) -> Path:
@@ -130,11 +164,14 @@ class RunningMount:
     work: Path
     #: False when the state file outlived its daemon or its mount (a crash).
     alive: bool
+    #: Whether the mount table has a cowfs mount at the mountpoint (alive or dead).
+    mounted: bool = False
 
 
 def _state_dirs() -> list[Path]:
     dirs = [state_dir()]
-    if os.geteuid() == 0:  # root sees the other users' mounts too
+    # Root sees the other users' mounts too (not with a state directory of its own).
+    if os.geteuid() == 0 and not os.environ.get(STATE_DIR_ENV):
         dirs += sorted(Path("/run/user").glob("*/cowfs")) + sorted(Path("/tmp").glob("cowfs-*"))
     return dirs
 
@@ -150,11 +187,12 @@ def running_mounts() -> list[RunningMount]:
                     state = schema.MountState.from_json(path.read_text(encoding="utf-8"))
                 except (OSError, ValueError):
                     continue
-                alive = (state.mountpoint in mounted and Path(f"/proc/{state.pid}").exists()
+                alive = (state.mountpoint in mounted and process_exists(state.pid)
                          and state.error is None)
                 found.append(RunningMount(state.pid, Path(state.mountpoint),
                                           tuple(Path(p) for p in state.lowers),
-                                          Path(state.upper), Path(state.work), alive))
+                                          Path(state.upper), Path(state.work), alive,
+                                          state.mountpoint in mounted))
     return sorted(found, key=lambda m: str(m.mountpoint))
 
 
@@ -268,8 +306,38 @@ def exclusive_upper(upper: Path, what: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise CowfsError(f"cannot {what}: {str(upper)!r} is in use by a cowfs mount; unmount "
-                             "it first") from None
+            raise CowfsError(f"cannot {what}: {_lock_holder(fd, upper)}") from None
         yield
     finally:
         os.close(fd)
+
+
+def _lock_holder(fd: int, upper: Path) -> str:
+    """Who holds the lock on the upper open at ``fd``: another command, or a mount's daemon
+    (from /proc/locks, which names the process that took each lock)."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode \
+                    and fields[4].isdigit():
+                pid = int(fields[4])
+                words = _command_words(pid)
+                if not any(w == "mount" or w.endswith("mount.fuse.cowfs") for w in words):
+                    command = next((w for w in words if w in _LOCKING_COMMANDS), "command")
+                    return (f"another cowfs {command} (pid {pid}) is working on {str(upper)!r}; "
+                            "wait for it to finish")
+                return f"{str(upper)!r} is in use by the cowfs mount of pid {pid}; unmount it first"
+    return f"{str(upper)!r} is in use by a cowfs mount; unmount it first"
+
+
+#: The commands that take the upper's lock, as they appear on a command line.
+_LOCKING_COMMANDS = ("commit", "reset", "check")
+
+
+def _command_words(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []

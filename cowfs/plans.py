@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -52,6 +51,17 @@ def parent_of(root_fd: int, path: str) -> Iterator[tuple[int, str]]:
 def remove_if_present(dirfd: int, name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         realfs.remove_tree(dirfd, name)
+
+
+def remove_path(path: Path) -> None:
+    """Remove ``path`` and everything under it, if it is there (a tree of any depth, never
+    following a symlink; what cannot be removed is left)."""
+    with contextlib.suppress(OSError):
+        parent = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            remove_if_present(parent, path.name)
+        finally:
+            os.close(parent)
 
 
 # --- plans ---------------------------------------------------------------------------------------
@@ -209,11 +219,7 @@ def remove_stale_temporaries(directory: Path, final: str, what: str) -> None:
         for entry in directory.iterdir():
             pid = entry.name.removeprefix(prefix)
             if entry.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        entry.unlink()
+                remove_path(entry)
 
 
 def _alive(pid: int) -> bool:

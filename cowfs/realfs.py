@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, ParamSpec, TypeVar
 
+from . import dirstack
 from .errors import CowfsError
 
 log = logging.getLogger(__name__)
@@ -464,18 +465,35 @@ def remove_tree(dirfd: int, name: str) -> None:
     """Remove ``name`` and everything under it, never following a symlink (work dir only).
 
     Each removal is one ``unlink`` or ``rmdir`` wrapper call (so each is counted as a change).
+    Iterative, with a bounded number of descriptors (:mod:`cowfs.dirstack`): a tree of any depth.
     """
     st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
     if not stat.S_ISDIR(st.st_mode):
         unlink(dirfd, name)
         return
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    below = dirstack.fd_stack(dirfd)
     try:
-        for child in os.listdir(fd):
-            remove_tree(fd, child)
+        below.push(name, os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=dirfd))
+        #: Per level below ``dirfd``: the names still to remove, and the level's own name.
+        pending = [(list_names(below.top()), name)]
+        while pending:
+            names, own = pending[-1]
+            if not names:
+                pending.pop()
+                below.pop()
+                rmdir(below.top(), own)
+                continue
+            child = names.pop()
+            fd = below.top()
+            if not stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode):
+                unlink(fd, child)
+                continue
+            below.push(child, os.open(child, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+                                      | os.O_CLOEXEC, dir_fd=fd))
+            pending.append((list_names(below.top()), child))
     finally:
-        os.close(fd)
-    rmdir(dirfd, name)
+        below.close()
 
 
 def syncfs(fd: int) -> None:

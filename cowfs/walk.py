@@ -13,7 +13,8 @@ change.
 
 What the layers show at a place is looked up with :mod:`cowfs.resolve`, the mount's own lookup, on
 layers opened read-only (no lock, no work directory); objects are reached by ``O_PATH`` descriptors
-relative to their parent, never following a symlink.
+relative to their parent, never following a symlink. The walk does not recurse and holds a
+bounded number of descriptors at any depth (:mod:`cowfs.dirstack`).
 
 Known limits:
 
@@ -32,16 +33,18 @@ Known limits:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
 import stat
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from . import metacopy, partial, realfs, resolve, schema, upperinfo
+from .dirstack import DirStack, depth_first, join, tree
 from .errors import CowfsError
 from .layers import Layer, holds_metacopy
 from .readdir import merge_names
@@ -169,10 +172,6 @@ class Anomaly:
 Change = Added | Modified | Unchanged | Deleted | Replaced | Renamed | Anomaly
 
 
-def join(parent: str, name: str) -> str:
-    return name if parent == "." else f"{parent}/{name}"
-
-
 def redirect_source(path: str, redirect: schema.Redirect) -> str:
     """The path (from the layer root) whose lower content a directory at ``path`` with
     ``redirect`` shows."""
@@ -235,9 +234,14 @@ class Stack:
         return len(self._fds)
 
     def release(self, mark: int) -> None:
-        for fd in self._fds[mark:]:
+        for fd in self.detach(mark):
             os.close(fd)
+
+    def detach(self, mark: int) -> list[int]:
+        """The descriptors kept since ``mark``, handed to the caller (who closes them)."""
+        taken = self._fds[mark:]
         del self._fds[mark:]
+        return taken
 
     def probe(self, parent: Real, name: str) -> resolve.Probe[Real]:
         """``name`` in one layer's directory, whiteouts included (see :func:`resolve.probe`)."""
@@ -426,17 +430,8 @@ class _Walker:
         root, *lowers = self.stack.roots
         if lowers and not _same_metadata(root, lowers[0]):
             yield Modified(".", Kind.DIR, data=False)
-        yield from self._directory(".", root, tuple(lowers))
-
-    def _directory(self, path: str, upper: Real, lowers: tuple[Real, ...]) -> Iterator[Change]:
-        for name in sorted(realfs.list_names(upper.fd)):
-            if resolve.is_hidden_name(path == ".", name):
-                continue
-            mark = self.stack.mark()
-            try:
-                yield from self._entry(join(path, name), name, upper, lowers)
-            finally:
-                self.stack.release(mark)
+        yield from _depth_first(self.stack, _Frame(root, tuple(lowers)),
+                                lambda frame: realfs.list_names(frame.top.fd), self._entry)
 
     def _below(self, lowers: tuple[Real, ...], name: str) -> _Below:
         try:
@@ -444,48 +439,47 @@ class _Walker:
         except resolve.InvalidRedirectError as e:
             return _Below(refused=e.reason)
 
-    def _entry(self, path: str, name: str, parent: Real,
-               lowers: tuple[Real, ...]) -> Iterator[Change]:
+    def _entry(self, path: str, name: str,
+               frame: _Frame) -> tuple[list[Change], _Frame | None]:
+        """The records of ``name`` in the upper directory of ``frame``, and for a directory
+        what to walk below it."""
+        parent, lowers = frame.top, frame.below
         try:
             found = self.stack.probe(parent, name)
         except resolve.InvalidRedirectError as e:
-            yield Anomaly(path, Problem.BAD_REDIRECT, e.reason)
-            yield Added(path, Kind.DIR)
-            yield from self._refused_dir(path, name, parent)
-            return
+            return ([Anomaly(path, Problem.BAD_REDIRECT, e.reason), Added(path, Kind.DIR)],
+                    self._refused_dir(name, parent))
         if found is None:
-            return  # removed while we looked: the walk describes a layer at rest
+            return [], None  # removed while we looked: the walk describes a layer at rest
         if not isinstance(found, Found):
             kind = self._below(lowers, name).kind
-            yield Deleted(path, kind) if kind is not None else Anomaly(path,
-                                                                       Problem.STRAY_WHITEOUT)
-            return
+            return [Deleted(path, kind) if kind is not None
+                    else Anomaly(path, Problem.STRAY_WHITEOUT)], None
         real = found.obj
         if real.is_dir:
             records, below = self._dir_records(path, name, parent, real, lowers)
-            yield from records
-            yield from self._directory(path, real, below)
-            return
+            return records, _Frame(real, below)
+        records = []
         if _is_xattr_whiteout(real):
-            yield Anomaly(path, Problem.WHITEOUT_IN_OPAQUE if parent.opaque
-                          else Problem.UNMARKED_WHITEOUT)
+            records.append(Anomaly(path, Problem.WHITEOUT_IN_OPAQUE if parent.opaque
+                                   else Problem.UNMARKED_WHITEOUT))
         data = None
         if real.metacopy:
             try:
                 data = self.stack.data(real)
             except metacopy.NoDataError as e:
-                yield Anomaly(path, Problem.METACOPY_NO_DATA, e.reason)
-        yield self._nondir(path, real, self._below(lowers, name), data)
+                records.append(Anomaly(path, Problem.METACOPY_NO_DATA, e.reason))
+        records.append(self._nondir(path, real, self._below(lowers, name), data))
+        return records, None
 
-    def _refused_dir(self, path: str, name: str, parent: Real) -> Iterator[Change]:
-        """The content of an upper directory whose own redirect the lookup refuses."""
+    def _refused_dir(self, name: str, parent: Real) -> _Frame | None:
+        """An upper directory whose own redirect the lookup refuses: its content alone."""
         fd = realfs.open_path(parent.fd, name)
         if fd is None:
-            return
+            return None
         self.stack.keep(fd)
-        real = Real(parent.layer, fd, os.fstat(fd).st_mode,
-                    resolve.read_dir_mark(fd, parent.layer))
-        yield from self._directory(path, real, ())
+        return _Frame(Real(parent.layer, fd, os.fstat(fd).st_mode,
+                           resolve.read_dir_mark(fd, parent.layer)), ())
 
     def _dir_records(self, path: str, name: str, parent: Real, real: Real,
                      lowers: tuple[Real, ...]) -> tuple[list[Change], tuple[Real, ...]]:
@@ -655,26 +649,9 @@ def _open_index(upper_fd: int, upper: Path, work: Path | None) -> int | None:
 
 def _hard_linked_files(root_fd: int) -> Iterator[tuple[str, os.stat_result]]:
     """Regular files with several names under a layer root, by path (no symlink followed)."""
-    pending = [(".", os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd))]
-    try:
-        while pending:
-            path, fd = pending.pop()
-            try:
-                for name in realfs.list_names(fd):
-                    if resolve.is_hidden_name(path == ".", name):
-                        continue
-                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                    if stat.S_ISDIR(st.st_mode):
-                        child = realfs.open_path(fd, name)
-                        if child is not None:
-                            pending.append((join(path, name), child))
-                    elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                        yield join(path, name), st
-            finally:
-                os.close(fd)
-    finally:
-        for _, fd in pending:
-            os.close(fd)
+    for path, st in tree(root_fd, skip=lambda path: resolve.is_hidden_name(True, path)):
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            yield path, st
 
 
 # --- the merged view, read offline ---------------------------------------------------------------
@@ -712,18 +689,86 @@ def merged_tree(upper: Path, lowers: Sequence[Path], path: str) -> Iterator[Visi
 
 
 def _merged_children(stack: Stack, path: str, reals: tuple[Real, ...]) -> Iterator[Visible]:
-    for name in sorted(merge_names(realfs.list_names(real.fd) for real in reals)):
-        if resolve.is_hidden_name(path == ".", name):
-            continue
-        child = join(path, name)
+    def entry(child: str, name: str, frame: _Frame) -> tuple[list[Visible], _Frame | None]:
+        taken = stack.resolve((frame.top, *frame.below), name)
+        if not taken:
+            return [], None
+        top = taken[0]
+        return ([Visible(child, top.fd, top.stat(), top.layer.index)],
+                _Frame(top, taken[1:]) if top.is_dir else None)
+
+    def names(frame: _Frame) -> Iterable[str]:
+        return merge_names(realfs.list_names(real.fd) for real in (frame.top, *frame.below))
+
+    yield from _depth_first(stack, _Frame(reals[0], reals[1:]), names, entry, top=path)
+
+
+# --- walking a tree of any depth -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Frame:
+    """A directory of a walk: the real directory there (the upper's, or the topmost one) and
+    the directories merged below it, with the descriptors opened for them."""
+
+    top: Real
+    below: tuple[Real, ...]
+    fds: list[int] = field(default_factory=list)
+
+
+def _close_frame(frame: _Frame) -> None:
+    for fd in frame.fds:
+        os.close(fd)
+    frame.fds = []
+
+
+def _frame_identity(frame: _Frame) -> tuple[int, int]:
+    st = os.fstat(frame.top.fd)
+    return st.st_dev, st.st_ino
+
+
+_R = TypeVar("_R")
+
+
+def _depth_first(stack: Stack, root: _Frame, names: Callable[[_Frame], Iterable[str]],
+                 entry: Callable[[str, str, _Frame], tuple[Sequence[_R], _Frame | None]],
+                 top: str = ".") -> Iterator[_R]:
+    """Walk below ``root`` (at path ``top``), depth-first, names sorted, parents before
+    children, without recursion and with a bounded number of descriptors (:mod:`cowfs.dirstack`).
+    ``entry(path, name, parent)`` gives a name's records and, for a directory to walk, its frame;
+    the records are yielded while the descriptors opened for them are held. A directory whose
+    descriptors were closed is opened again through ``entry`` (its records then unused)."""
+
+    def reopen(parent: _Frame, name: str) -> _Frame:
         mark = stack.mark()
         try:
-            taken = stack.resolve(reals, name)
-            if not taken:
-                continue
-            top = taken[0]
-            yield Visible(child, top.fd, top.stat(), top.layer.index)
-            if top.is_dir:
-                yield from _merged_children(stack, child, taken)
+            child = entry(name, name, parent)[1]
+            if child is None:
+                raise NotADirectoryError(errno.ENOTDIR, "no longer a directory")
+            child.fds = stack.detach(mark)
+            return child
         finally:
             stack.release(mark)
+
+    def todo(path: str, frame: _Frame) -> list[str]:
+        return sorted((name for name in names(frame)
+                       if not resolve.is_hidden_name(path == ".", name)), reverse=True)
+
+    def visit(path: str, name: str, parent: _Frame) -> Generator[_R, None, _Frame | None]:
+        mark = stack.mark()
+        child: _Frame | None = None
+        try:
+            records, child = entry(path, name, parent)
+            if child is not None:
+                child.fds = stack.detach(mark)
+            yield from records
+        except BaseException:
+            if child is not None:
+                _close_frame(child)
+            raise
+        finally:
+            stack.release(mark)
+        return child
+
+    frames = DirStack(root, reopen=reopen, close=_close_frame, identity=_frame_identity)
+    yield from depth_first(frames, todo, visit, top)

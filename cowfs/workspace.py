@@ -30,6 +30,7 @@ from typing import TextIO
 
 from . import journal, metacopy, mounts, partial, plans, realfs, schema, upperinfo
 from .changes import Visible, quote, summary, visible_changes
+from .dirstack import PathDirs
 from .errors import CowfsError
 from .journal import Op, Step
 from .walk import (
@@ -202,12 +203,15 @@ def _check_base(base: Path, upper: Path) -> None:
     if upperinfo.upper_format_at(real_base):
         raise CowfsError(f"cannot commit into {str(base)!r}: it is a cowfs upper directory, not "
                          "a base (are the arguments swapped? 'cowfs commit UPPER --into BASE')")
+    # The mount table of this mount namespace decides what covers BASE (a mount recorded in
+    # another state directory, or none, counts as well); the state files name the lowers.
+    for mountpoint in mounts.cowfs_mountpoints():
+        if mounts.is_inside(real_base, Path(mountpoint)):
+            raise CowfsError(f"cannot commit: {str(base)!r} is under the cowfs mount at "
+                             f"{mountpoint!r}; unmount it first")
     for mount in mounts.running_mounts():
         if not mount.alive:
             continue
-        if mount.mountpoint == real_base or mount.mountpoint in real_base.parents:
-            raise CowfsError(f"cannot commit: {str(base)!r} is under the cowfs mount at "
-                             f"{str(mount.mountpoint)!r}; unmount it first")
         if any(real_base == p or p in real_base.parents for p in mount.lowers):
             raise CowfsError(f"cannot commit: {str(base)!r} is a lower layer of the cowfs mount "
                              f"at {str(mount.mountpoint)!r}; unmount it first")
@@ -259,9 +263,10 @@ def fill_metacopies(upper: Path, base: Path, paths: Sequence[str]) -> None:
     first write; the merged view does not change): the commit copies them whole, and their data
     is in BASE, which the commit is about to change."""
     stack = Stack(upper, [base])
+    dirs = PathDirs(stack.roots[0].fd)
     try:
         for path in paths:
-            with plans.parent_of(stack.roots[0].fd, path) as (dirfd, name):
+            with dirs.parent_of(path) as (dirfd, name):
                 fd = realfs.open_path(dirfd, name)
                 if fd is None:
                     continue
@@ -285,6 +290,7 @@ def fill_metacopies(upper: Path, base: Path, paths: Sequence[str]) -> None:
                 finally:
                     os.close(fd)
     finally:
+        dirs.close()
         stack.close()
 
 

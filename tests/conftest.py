@@ -17,6 +17,8 @@ it they mount DEFAULT_LOWERS and DEFAULT_UPPER. Tests that need something else b
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import tempfile
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -88,12 +90,27 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         needs_root("compares with the kernel's overlayfs (mount -t overlay)")
 
 
+#: Set for the session unless given: every cowfs the tests start keeps its state files (and a
+#: background daemon its default log) there, so that mounts elsewhere on the machine (another
+#: session's, a user's) are not seen by the commands under test (docs/cli.md, "State files").
+_STATE_DIR_ENV = "COWFS_STATE_DIR"
+_made_state_dir: list[str] = []
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    if not os.environ.get(_STATE_DIR_ENV):
+        _made_state_dir.append(tempfile.mkdtemp(prefix="cowfs-test-state-"))
+        os.environ[_STATE_DIR_ENV] = _made_state_dir[0]
     config.addinivalue_line(
         "markers",
         "layers(*lower_specs, upper=None, options=(), public=False): what the cowfs and twin "
         "fixtures mount",
     )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for made in _made_state_dir:
+        shutil.rmtree(made, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

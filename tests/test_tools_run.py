@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import IO
 
+import pytest
 from support import find_cowfs, mounted_fstype, needs_root, wait_until
 from tools_support import Workspace, assert_user_error, cowfs, unchanged, workspace
 
@@ -243,3 +244,45 @@ def test_run_takes_a_stack(workspace: Workspace) -> None:
     assert result.status == 0, result
     assert result.out.splitlines()[0] == "top:a.txt"
     assert result.out.splitlines()[1] == (ws.base / "dir/x").read_text()
+
+
+def test_the_root_directory_is_refused_as_a_mountpoint(workspace: Workspace) -> None:
+    """fusermount3 cannot unmount ``/`` ("invalid abs path"): mounting there would leave the
+    mount and its daemon behind. Run in a private mount namespace, so that a regression mounts
+    over nobody else's ``/``."""
+    ws = workspace
+    private = ["unshare", "--mount", "--propagation", "private", str(find_cowfs())]
+    for args in (["mount", ws.base, ws.upper, "/"], ["mount", ws.base, ws.upper, "//tmp/.."],
+                 ["run", "--at", "/", ws.base, "--", "true"], ["run", "/", "--", "true"]):
+        result = subprocess.run([*private, *map(str, args)], capture_output=True, text=True,
+                                timeout=60, check=False, stdin=subprocess.DEVNULL)
+        assert result.returncode == 1, (args, result)
+        assert result.stderr.startswith("cowfs: error: cannot mount over "), result.stderr
+        assert "root directory" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert os.listdir(ws.upper) == []  # refused before anything was made
+
+
+def test_a_failed_unmount_at_the_end_of_run_is_reported(workspace: Workspace,
+                                                        tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The view stays mounted and served, and the command says so and exits non-zero; the
+    temporary upper it serves from is not deleted under it."""
+    ws = workspace
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "fusermount3").write_text(
+        "#!/bin/sh\necho 'fusermount3: internal error: simulated' >&2\nexit 1\n")
+    (fake / "fusermount3").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    try:
+        result = cowfs("run", "--at", ws.mnt, ws.base, "--", "sh", "-c", "echo x > new.txt")
+        assert result.status == 1, result
+        for fragment in ("cannot unmount", "simulated", "still mounted", "(pid "):
+            assert fragment in result.err, result.err
+        assert mounted_fstype(ws.mnt) == "fuse.cowfs"
+        assert (ws.mnt / "new.txt").read_text() == "x\n"  # still served, upper and all
+    finally:
+        monkeypatch.undo()
+        if mounted_fstype(ws.mnt) == "fuse.cowfs":
+            assert cowfs("umount", ws.mnt).status == 0

@@ -13,15 +13,16 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 from .. import origins, realfs, schema
+from ..dirstack import DirStack, depth_first
 from ..errors import CowfsError
 from ..layers import Layer
 from ..resolve import Real, read_redirect, resolve, root_real
-from ..walk import join
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,26 @@ def _redirect(fd: int, layer: Layer) -> schema.Redirect | None:
         return None
 
 
+@dataclass(slots=True)
+class _Dir:
+    """An upper object of the scan (a directory while it is walked): what the merge finds at
+    its place (``found``, owned), and the merged directory's real directories (None where they
+    cannot be resolved: a refused redirect, or no lower directory there)."""
+
+    real: Real
+    found: tuple[Real, ...]
+    merged: tuple[Real, ...] | None
+
+    def close(self) -> None:
+        origins.close_reals(self.found)
+        os.close(self.real.fd)
+        self.found = ()
+
+    def identity(self) -> tuple[int, int]:
+        st = os.fstat(self.real.fd)
+        return st.st_dev, st.st_ino
+
+
 class _Scan:
     def __init__(self, roots: tuple[Real, ...], verify: bool, index_fd: int | None) -> None:
         self.roots = roots
@@ -79,37 +100,60 @@ class _Scan:
     def directory(self, path: str, upper: Real,
                   merged: tuple[Real, ...] | None) -> Iterator[BadValue]:
         """``upper`` is the upper directory at ``path``; ``merged`` the merged directory's real
-        directories (None where they cannot be resolved: a refused redirect)."""
-        for name in sorted(realfs.list_names(upper.fd)):
-            if path == "." and name == schema.WORK_DIR_NAME:
-                continue
-            fd = realfs.open_path(upper.fd, name)
-            if fd is None:
-                continue
+        directories (None where they cannot be resolved: a refused redirect). Depth-first
+        without recursion, with a bounded number of descriptors (:mod:`cowfs.dirstack`)."""
+        def visit(path: str, name: str, parent: _Dir) -> Generator[BadValue, None, _Dir | None]:
+            child = self._open(parent, name, missing_ok=True)
+            if child is None:
+                return None
             try:
-                st = os.fstat(fd)
-                real = Real(upper.layer, fd, st.st_mode, nlink=st.st_nlink, ino=st.st_ino,
-                            redirect=_redirect(fd, upper.layer) if stat.S_ISDIR(st.st_mode)
-                            else None)
-                yield from self._entry(join(path, name), name, real, merged)
-            finally:
-                os.close(fd)
+                yield from self.values(path, child.real, below=child.found[1:],
+                                       parents=parent.merged or (), name=name)
+            except BaseException:
+                child.close()
+                raise
+            if stat.S_ISDIR(child.real.mode):
+                return child
+            child.close()
+            return None
 
-    def _entry(self, path: str, name: str, real: Real,
-               merged: tuple[Real, ...] | None) -> Iterator[BadValue]:
-        found: tuple[Real, ...] = ()
-        if merged is not None and self.verify:
-            try:
-                found = resolve(merged, self.roots, name)
-            except OSError:
-                found = ()
+        frames = DirStack(_Dir(upper, (), merged), reopen=self._open, close=_Dir.close,
+                          identity=_Dir.identity)
+        yield from depth_first(frames, lambda path, level: self._names(path, level.real), visit,
+                               path)
+
+    @staticmethod
+    def _names(path: str, upper: Real) -> list[str]:
+        return sorted((name for name in realfs.list_names(upper.fd)
+                       if not (path == "." and name == schema.WORK_DIR_NAME)), reverse=True)
+
+    @overload
+    def _open(self, parent: _Dir, name: str) -> _Dir: ...
+    @overload
+    def _open(self, parent: _Dir, name: str, missing_ok: bool) -> _Dir | None: ...
+
+    def _open(self, parent: _Dir, name: str, missing_ok: bool = False) -> _Dir | None:
+        """``name`` in the upper directory of ``parent``, and what the lowers merge there."""
+        fd = realfs.open_path(parent.real.fd, name)
+        if fd is None:
+            if missing_ok:
+                return None
+            raise FileNotFoundError(errno.ENOENT, "gone")
         try:
-            yield from self.values(path, real, below=found[1:], parents=merged or (), name=name)
-            if stat.S_ISDIR(real.mode):
-                children = found if found and found[0].is_dir else None
-                yield from self.directory(path, real, children if self.verify else None)
-        finally:
-            origins.close_reals(found)
+            st = os.fstat(fd)
+            real = Real(parent.real.layer, fd, st.st_mode, nlink=st.st_nlink, ino=st.st_ino,
+                        redirect=_redirect(fd, parent.real.layer) if stat.S_ISDIR(st.st_mode)
+                        else None)
+            found: tuple[Real, ...] = ()
+            if parent.merged is not None and self.verify:
+                try:
+                    found = resolve(parent.merged, self.roots, name)
+                except OSError:
+                    found = ()
+        except BaseException:
+            os.close(fd)
+            raise
+        return _Dir(real, found, found if found and found[0].is_dir else None)
 
     def values(self, path: str, real: Real, *, below: tuple[Real, ...] = (),
                parents: tuple[Real, ...] = (), name: str | None = None) -> Iterator[BadValue]:

@@ -33,7 +33,6 @@ import errno
 import gzip
 import os
 import re
-import shutil
 import stat
 import sys
 import tarfile
@@ -44,6 +43,7 @@ from typing import IO, Self, TextIO, cast
 
 from .. import outputs, plans, realfs, schema
 from ..changes import quote
+from ..dirstack import PathDirs
 from ..errors import CowfsError
 from ..walk import (
     Added,
@@ -174,55 +174,78 @@ def _export_bytes(upper: Path, lowers: Sequence[Path], work: Path,
                   records: Sequence[Change]) -> int:
     """The file data an export writes: the total of its progress bar."""
     total = 0
-
-    def size(path: Path) -> int:
-        try:
-            st = os.lstat(path)
-        except OSError:
-            return 0
-        return st.st_size if stat.S_ISREG(st.st_mode) else 0
-
-    for record in records:
-        match record:
-            case Renamed(path=path):
-                total += sum(v.st.st_size for v in merged_tree(upper, lowers, path)
-                             if stat.S_ISREG(v.st.st_mode))
-            case Modified(via_index=str(entry)) | Unchanged(via_index=str(entry)):
-                total += size(work / schema.WORK_INDEX_NAME / entry)
-            case Added(path=path) | Modified(path=path) | Unchanged(path=path) | Replaced(
-                    path=path):
-                total += size(upper / path)
+    upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    dirs = PathDirs(upper_fd)
+    try:
+        for record in records:
+            match record:
+                case Renamed(path=path):
+                    total += sum(v.st.st_size for v in merged_tree(upper, lowers, path)
+                                 if stat.S_ISREG(v.st.st_mode))
+                case Modified(via_index=str(entry)) | Unchanged(via_index=str(entry)):
+                    total += _size_at(work / schema.WORK_INDEX_NAME / entry)
+                case Added(path=path) | Modified(path=path) | Unchanged(path=path) | Replaced(
+                        path=path):
+                    with contextlib.suppress(OSError), dirs.parent_of(path) as (dirfd, name):
+                        total += _size_at(name, dirfd)
+    finally:
+        dirs.close()
+        os.close(upper_fd)
     return total
 
 
-def _parents(path: str) -> Iterator[str]:
-    parts = path.split("/")
-    for i in range(1, len(parts)):
-        yield "/".join(parts[:i])
+def _size_at(path: Path | str, dirfd: int | None = None) -> int:
+    try:
+        st = os.stat(path, dir_fd=dirfd, follow_symlinks=False)
+    except OSError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
-def _open_upper(upper_fd: int, path: str) -> int:
-    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=upper_fd)
-    return fd
+def _missing_parents(path: str, added: set[str]) -> list[str]:
+    """The parent directories of ``path`` not added yet, outermost first (those above the first
+    added one are too: a directory is added after its parents)."""
+    missing = []
+    parent = path.rpartition("/")[0]
+    while parent and parent not in added:
+        missing.append(parent)
+        parent = parent.rpartition("/")[0]
+    return missing[::-1]
+
+
+def _open_upper(dirs: PathDirs, path: str) -> int | None:
+    """``path`` in the upper (None when it is not there), reached a component at a time."""
+    try:
+        with dirs.parent_of(path) as (dirfd, name):
+            return realfs.open_path(dirfd, name)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path], work: Path,
                     records: Sequence[Change]) -> None:
     upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    dirs = PathDirs(upper_fd)
     index = work / schema.WORK_INDEX_NAME
     materialized: list[str] = []
     stack = Stack(upper, lowers)
     writer.open_data = stack.open_data  # a metacopy file's data is its lower file's
     try:
-        def add_upper(path: str) -> None:
-            for parent in _parents(path):
-                if parent not in writer.added:
-                    add_upper(parent)
-            fd = _open_upper(upper_fd, path)
+        def add_one(path: str) -> bool:
+            fd = _open_upper(dirs, path)
+            if fd is None:
+                return False
             try:
                 writer.object(path, fd, os.fstat(fd))
             finally:
                 os.close(fd)
+            return True
+
+        def add_upper(path: str) -> None:
+            for parent in _missing_parents(path, writer.added):
+                add_one(parent)
+            if not add_one(path):
+                raise FileNotFoundError(errno.ENOENT, "not in the upper", path)
 
         for number, record in enumerate(records, start=1):
             plans.fault_point(EXPORT_FAULT, number)
@@ -246,9 +269,9 @@ def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path], work: 
                     materialized.append(path)
                 case Modified(path=path, via_index=str(entry)) | Unchanged(
                         path=path, via_index=str(entry)):
-                    for parent in _parents(path):
-                        if parent not in writer.added and os.path.lexists(upper / parent):
-                            add_upper(parent)  # a directory the upper lacks needs no entry
+                    for parent in _missing_parents(path, writer.added):
+                        if not add_one(parent):
+                            break  # a directory the upper lacks needs no entry
                     fd = os.open(index / entry, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
                     try:
                         writer.object(path, fd, os.fstat(fd))
@@ -264,6 +287,7 @@ def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path], work: 
                     pass
     finally:
         stack.close()
+        dirs.close()
         os.close(upper_fd)
 
 
@@ -351,8 +375,14 @@ def _member_path(name: str) -> str:
     """A member's name as a path inside the layer; refuses absolute names and ``..``."""
     if name.startswith("/"):
         raise UnsafeMemberError(f"unsafe member {name!r}: absolute path")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
+    path = name
+    while path.startswith("./"):
+        path = path[2:]
+    wrapped = f"/{path}/"  # string searches: a deep member has 10,000 parts
+    parts = path.split("/")
+    if "//" in wrapped or "/./" in wrapped:
+        parts = [p for p in parts if p not in ("", ".")]
+    if "/../" in wrapped:
         raise UnsafeMemberError(f"unsafe member {name!r}: '..' leaves the layer")
     return "/".join(parts) or "."
 
@@ -363,6 +393,8 @@ class _Extractor:
     def __init__(self, root: Path, progress: plans.Progress,
                  position: Callable[[], int] | None) -> None:
         self.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        #: Members come in tree order: the directories of the last one are kept open.
+        self.dirs = PathDirs(self.root_fd, mkdir=lambda fd, name: realfs.mkdir(fd, name, 0o755))
         self.progress = progress
         self.position = position
         self.files: set[str] = set()
@@ -375,28 +407,23 @@ class _Extractor:
         self.is_root = os.geteuid() == 0
 
     def close(self) -> None:
+        self.dirs.close()
         os.close(self.root_fd)
 
     @contextlib.contextmanager
     def parent(self, path: str, member: str) -> Iterator[tuple[int, str]]:
-        *dirs, name = path.split("/")
-        fd = os.dup(self.root_fd)
+        """The directory that holds ``path`` (made if missing), never through a symlink; a
+        descriptor of its own (a hard link's target is found while it is open)."""
+        where, _, name = path.rpartition("/")
         try:
-            for i, component in enumerate(dirs):
-                try:
-                    child = os.open(component, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
-                                    | os.O_CLOEXEC, dir_fd=fd)
-                except FileNotFoundError:
-                    realfs.mkdir(fd, component, 0o755)
-                    child = os.open(component, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
-                                    | os.O_CLOEXEC, dir_fd=fd)
-                except (NotADirectoryError, OSError) as e:
-                    where = "/".join(dirs[: i + 1])
-                    raise UnsafeMemberError(
-                        f"unsafe member {member!r}: {where!r} is not a directory "
-                        f"({e.strerror}); refusing to write through it") from None
-                os.close(fd)
-                fd = child
+            fd = os.dup(self.dirs.directory(where))
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:
+                raise
+            raise UnsafeMemberError(
+                f"unsafe member {member!r}: {where!r} is not a directory "
+                f"({e.strerror}); refusing to write through it") from None
+        try:
             yield fd, name
         finally:
             os.close(fd)
@@ -411,6 +438,8 @@ class _Extractor:
         if is_dir and keep_dir:
             return True
         realfs.remove_tree(dirfd, name)
+        if is_dir:
+            self.dirs.forget(path)
         self.files.discard(path)
         self.whiteouts.discard(path)
         self.xattr_whiteouts.discard(path)
@@ -714,6 +743,6 @@ def _import_into(archive: str, dest: Path, temp: Path) -> int:
             dest.rmdir()
         os.rename(temp, dest)
     except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
+        plans.remove_path(temp)
         raise
     return count

@@ -18,7 +18,6 @@ on to COMMAND.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .. import outputs, upperinfo
+from .. import mounts, outputs, plans, upperinfo
 from ..api import View, overlay
 from ..changes import Visible, line, render_json, render_text, select, summary, visible_changes
 from ..errors import CowfsError
@@ -113,6 +112,7 @@ def run(base: Path | str, command: Sequence[str], *, upper: Path | None, keep: b
         diff_out = _check_diff_out(diff_out, real_base)
     keep_changes = (upper is not None) if keep is None else keep
     mountpoint = at if at is not None else real_base
+    mounts.refuse_root_mountpoint(mountpoint)
     if upper is not None and upper.exists() and not upper.is_dir():
         raise CowfsError(f"upper {str(upper)!r} is not a directory; give a new or empty "
                          "directory")
@@ -145,9 +145,9 @@ def run(base: Path | str, command: Sequence[str], *, upper: Path | None, keep: b
     except BaseException:
         # COMMAND not found or not executable, or the view could not be unmounted: a temporary
         # upper goes unless it holds changes that were to be kept.
-        if started and upper is None and not (
+        if started and upper is None and not started[0].mounted and not (
                 keep_changes and visible_changes(walk(started[0].upper, started[0].lowers))):
-            shutil.rmtree(started[0].upper.parent, ignore_errors=True)
+            plans.remove_path(started[0].upper.parent)
         elif started and private and upper is not None and origin is UpperOrigin.NEW and not (
                 any(started[0].upper.iterdir())):
             started[0].upper.rmdir()  # made for the view, which never wrote to it
@@ -208,7 +208,7 @@ def _lowers(base: str) -> tuple[Path, ...]:
 
 def _discard(view: View, upper: Path | None, origin: UpperOrigin) -> None:
     if upper is None:
-        shutil.rmtree(view.upper.parent, ignore_errors=True)
+        plans.remove_path(view.upper.parent)
     else:
         discard_upper(view.upper, origin)
         outputs.remove_dirs(view.made_for_upper)

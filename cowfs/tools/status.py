@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .. import mounts, schema
+from ..dirstack import tree
 from ..errors import CowfsError
 from ..plans import human_bytes
 from ..walk import Added, Deleted, Modified, Renamed, Replaced, Unchanged, walk
@@ -31,7 +32,7 @@ class MountStatus:
     pid: int | None
     lowers: tuple[str, ...]
     upper: str | None
-    state: str  # "mounted", "stale" or "no state file"
+    state: str  # "mounted", "dead", "stale" or "no state file"
     upper_bytes: int | None = None
     copied_up: int = 0
     created: int = 0
@@ -40,25 +41,49 @@ class MountStatus:
     error: str | None = None
     #: The mount's flags from the mount table (``rw``, ``nosuid``, ``nodev``, ``relatime``, ...).
     flags: tuple[str, ...] = ()
+    #: A background daemon's default log file, when there is one (``--log`` is not recorded).
+    log: str | None = None
 
 
 def upper_size(upper: Path) -> int:
     """Bytes the upper's objects occupy (each inode once), the work directory left out."""
     seen: set[tuple[int, int]] = set()
     total = 0
-    for directory, dirs, files in os.walk(upper):
-        if Path(directory) == upper and schema.WORK_DIR_NAME in dirs:
-            dirs.remove(schema.WORK_DIR_NAME)
-        for name in (*dirs, *files):
-            with contextlib.suppress(OSError):
-                st = os.lstat(os.path.join(directory, name))
+    try:
+        fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        with contextlib.suppress(OSError):
+            for _, st in tree(fd, skip=lambda path: path == schema.WORK_DIR_NAME):
                 if (st.st_dev, st.st_ino) not in seen:
                     seen.add((st.st_dev, st.st_ino))
                     total += st.st_blocks * 512
+    finally:
+        os.close(fd)
     return total
 
 
+def _dead(mount: mounts.RunningMount) -> MountStatus | None:
+    """A mount whose daemon is gone (killed, crashed): the kernel answers every request to it
+    with ENOTCONN until it is unmounted."""
+    if mount.alive or not mount.mounted or mounts.process_exists(mount.pid):
+        return None
+    try:
+        os.statvfs(mount.mountpoint)  # always asks the daemon (a stat may be answered from cache)
+        reason = "it is gone"
+    except OSError as e:
+        reason = f"it is gone; the mount answers {e.strerror!r}"
+    return MountStatus(str(mount.mountpoint), mount.pid, tuple(map(str, mount.lowers)),
+                       str(mount.upper), "dead",
+                       error=f"the daemon (pid {mount.pid}) is not running: {reason}; "
+                       f"'cowfs umount {mount.mountpoint}' removes the mount")
+
+
 def _status_of(mount: mounts.RunningMount) -> MountStatus:
+    dead = _dead(mount)
+    if dead is not None:
+        return dead
     base = MountStatus(str(mount.mountpoint), mount.pid, tuple(map(str, mount.lowers)),
                        str(mount.upper), "mounted" if mount.alive else "stale",
                        flags=mounts.mount_flags(mount.mountpoint) if mount.alive else ())
@@ -85,10 +110,15 @@ def _status_of(mount: mounts.RunningMount) -> MountStatus:
         return dataclasses.replace(base, error=str(e))
 
 
+def _with_log(status: MountStatus) -> MountStatus:
+    log = mounts.log_file(Path(status.mountpoint))
+    return dataclasses.replace(status, log=str(log)) if log.is_file() else status
+
+
 def collect() -> list[MountStatus]:
     running = mounts.running_mounts()
-    statuses = [_status_of(m) for m in running]
-    known = {str(m.mountpoint) for m in running if m.alive}
+    statuses = [_with_log(_status_of(m)) for m in running]
+    known = {str(m.mountpoint) for m in running if m.alive or m.mounted}
     for mnt in mounts.cowfs_mountpoints():
         if mnt not in known:
             known.add(mnt)
@@ -114,6 +144,8 @@ def render(statuses: list[MountStatus]) -> str:
         elif s.state == "mounted" and s.upper is not None:
             lines.append(f"  changes: {s.copied_up} copied up, {s.created} created, "
                          f"{s.deleted} deleted, {s.renamed} renamed")
+        if s.log is not None:
+            lines.append(f"  log:     {s.log}")
     return "\n".join(lines) + "\n"
 
 
@@ -133,7 +165,7 @@ def as_json(statuses: list[MountStatus]) -> str:
         return {"mountpoint": s.mountpoint, "pid": s.pid, "state": s.state,
                 "lowers": list(s.lowers), "upper": s.upper, "upper_bytes": s.upper_bytes,
                 "copied_up": s.copied_up, "created": s.created, "deleted": s.deleted,
-                "renamed": s.renamed, "error": s.error, "flags": list(s.flags)}
+                "renamed": s.renamed, "error": s.error, "flags": list(s.flags), "log": s.log}
     return json.dumps({"mounts": [one(s) for s in statuses]}, indent=2) + "\n"
 
 
