@@ -270,9 +270,37 @@ def _raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def inline_loop() -> bool:
+    """Whether to run pyfuse3's inline request loop (patches/pyfuse3/0003): handlers that do not
+    wait run without a pass through trio's scheduler and epoll, about half the daemon's CPU per
+    request (docs/performance.md). A stock pyfuse3 lacks it; ``COWFS_LOOP=stock`` (or
+    ``COWFS_STOCK_PYFUSE3=1``) runs pyfuse3's own loop even where it is there: an escape hatch,
+    and the A side of the benchmark's A/B."""
+    if os.environ.get("COWFS_STOCK_PYFUSE3") == "1" or os.environ.get("COWFS_LOOP") == "stock":
+        return False
+    return hasattr(pyfuse3, "request_count")
+
+
+def _write_loop_stats(path: str) -> None:
+    requests, suspended = pyfuse3.request_count()
+    Path(path + ".tmp").write_text(f"requests {requests} suspended {suspended}\n")
+    os.replace(path + ".tmp", path)
+
+
+async def _loop_stats_on_signal(path: str) -> None:
+    """Benchmarks and tests (``COWFS_LOOP_STATS=FILE``): on SIGUSR2, write the number of
+    requests the loop has read and of handlers that suspended to FILE, as
+    ``requests N suspended M``."""
+    with trio.open_signal_receiver(signal.SIGUSR2) as signals:
+        async for _ in signals:
+            _write_loop_stats(path)
+
+
 async def _serve_until_unmounted() -> bool:
     """Run the FUSE loop; return True when it ended by a signal (we must unmount ourselves)."""
     signalled = False
+    inline = inline_loop()
+    log.debug("request loop: %s", "inline" if inline else "pyfuse3's own")
     async with trio.open_nursery() as nursery:
 
         async def stop_on_signal() -> None:
@@ -285,7 +313,13 @@ async def _serve_until_unmounted() -> bool:
                     return
 
         nursery.start_soon(stop_on_signal)
-        await pyfuse3.main()
+        stats = os.environ.get("COWFS_LOOP_STATS")
+        if stats and hasattr(pyfuse3, "request_count"):
+            nursery.start_soon(_loop_stats_on_signal, stats)
+        if inline:
+            await pyfuse3.main(inline=True)
+        else:
+            await pyfuse3.main()
         nursery.cancel_scope.cancel()
     return signalled
 
