@@ -55,6 +55,8 @@ class Mounted:
     pid: int | None = None  # the FUSE daemon, when there is one
     proc: subprocess.Popen[bytes] | None = None
     fuse: bool = False
+    #: Where the daemon writes its request count on SIGUSR2 (cowfs's COWFS_LOOP_STATS), if it can.
+    stats: Path | None = None
 
 
 class Target:
@@ -133,15 +135,22 @@ class FuseTarget(Target):
     def command(self, fx: Fixture, upper: Path, work: Path, mnt: Path) -> list[str]:
         raise NotImplementedError
 
+    def environment(self, stats: Path) -> dict[str, str] | None:
+        """The daemon's environment; one that counts requests writes the count to ``stats``."""
+        return None
+
     def mount(self, fx: Fixture, session: Path) -> Mounted:
         upper, work, mnt = (session / n for n in ("upper", "work", "mnt"))
         for d in (upper, work, mnt):
             d.mkdir()
         cmd = self.command(fx, upper, work, mnt)
+        env = self.environment(session / "loop-stats")
         log_file = open(session / f"{self.name}.log", "wb")  # noqa: SIM115 (outlives this call)
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                env=env)
         log_file.close()
-        m = Mounted(mnt, proc.pid, proc, fuse=True)
+        m = Mounted(mnt, proc.pid, proc, fuse=True,
+                    stats=session / "loop-stats" if env is not None else None)
         try:
             wait_for(lambda: is_mounted(mnt) or proc.poll() is not None, MOUNT_TIMEOUT,
                      f"{self.name} to mount")
@@ -177,11 +186,20 @@ class Unionfs(FuseTarget):
 
 
 class Cowfs(FuseTarget):
-    name = "cowfs"
+    """cowfs; ``loop="stock"`` (target ``cowfs-stock``) runs pyfuse3's own request loop
+    (COWFS_LOOP=stock), the A side of an A/B of patches/pyfuse3/0003."""
 
-    def __init__(self, program: str, options: str) -> None:
+    def __init__(self, program: str, options: str, loop: str = "") -> None:
         self.program = program
         self.options = options
+        self.loop = loop
+        self.name = f"cowfs-{loop}" if loop else "cowfs"
+
+    def environment(self, stats: Path) -> dict[str, str] | None:
+        env = {**os.environ, "COWFS_LOOP_STATS": str(stats)}
+        if self.loop:
+            env["COWFS_LOOP"] = self.loop
+        return env
 
     def command(self, fx: Fixture, upper: Path, work: Path, mnt: Path) -> list[str]:
         opts = ["-o", self.options] if self.options else []

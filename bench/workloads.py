@@ -99,12 +99,29 @@ def in_child(fn: Callable[[], Any], timeout: float, on_timeout: Callable[[], Non
     return value
 
 
+def requests_served(pid: int | None, stats: Path | None) -> int | None:
+    """The number of requests the daemon has read so far, where it counts them (cowfs with
+    COWFS_LOOP_STATS: SIGUSR2 makes it write ``requests N suspended M`` to ``stats``)."""
+    if pid is None or stats is None:
+        return None
+    with contextlib.suppress(FileNotFoundError):
+        stats.unlink()
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + 10
+    while not stats.exists():
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.005)
+    return int(stats.read_text().split()[1])
+
+
 @dataclass(frozen=True)
 class Ctx:
     view: Path
     fx: Fixture
     params: Params
     daemon: int | None
+    stats: Path | None = None
 
 
 # --- workloads: each returns the seconds of its timed part and the daemon CPU seconds in it ----
@@ -112,10 +129,14 @@ class Ctx:
 
 @contextlib.contextmanager
 def timed(ctx: Ctx, out: dict[str, float]) -> Iterator[None]:
+    requests0 = requests_served(ctx.daemon, ctx.stats)
     cpu0, t0 = cpu_seconds(ctx.daemon), time.perf_counter()
     yield
     out["seconds"] = time.perf_counter() - t0
     out["cpu"] = cpu_seconds(ctx.daemon) - cpu0
+    requests1 = requests_served(ctx.daemon, ctx.stats)
+    if requests0 is not None and requests1 is not None:
+        out["requests"] = requests1 - requests0
 
 
 def twice_if_warm(warm: bool, body: Callable[[], object], ctx: Ctx) -> dict[str, float]:
@@ -164,6 +185,17 @@ def walk(ctx: Ctx, warm: bool, top: str = "src") -> dict[str, float]:
                     if (st.st_mode & 0o170000) == 0o040000:
                         stack.append(entry.path)
         return count
+    return twice_if_warm(warm, body, ctx)
+
+
+def lookup(ctx: Ctx, warm: bool) -> dict[str, float]:
+    """``lstat`` of every file of ``src/`` by its path, without listing a directory: one
+    LOOKUP per name (its directories' after the first), the cost of resolving a name."""
+    paths = [str(ctx.view / "src" / rel) for rel in ctx.fx.src_files]
+
+    def body() -> None:
+        for path in paths:
+            os.lstat(path)
     return twice_if_warm(warm, body, ctx)
 
 
@@ -326,6 +358,7 @@ def workloads(p: Params) -> list[Workload]:
         Workload("rand_read_warm", rand_read, warm=True, label=f"{p.rand_reads} random 4 KiB"),
         Workload("walk_cold", walk, cold=True, label=f"walk + lstat {p.src_files} files"),
         Workload("walk_warm", walk, warm=True, label=f"walk + lstat {p.src_files} files"),
+        Workload("lookup_cold", lookup, cold=True, label=f"lstat {p.src_files} files by name"),
         Workload("readdir_cold", readdir, cold=True, label=f"readdir {p.bigdir_entries} entries"),
         Workload("readdir_warm", readdir, warm=True, label=f"readdir {p.bigdir_entries} entries"),
         Workload("git_status_cold", git_status, cold=True, label="git status"),
