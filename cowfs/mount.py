@@ -2,7 +2,8 @@
 
 The lifecycle is one ``ExitStack``: whatever was set up is torn down in reverse order, also after an
 error. SIGINT and SIGTERM end the main loop through ``pyfuse3.terminate()``, and the filesystem is
-then unmounted by the daemon itself.
+then unmounted by the daemon itself. Where pyfuse3 has ``patches/pyfuse3/0003``, the loop runs
+handlers inline (:func:`inline_loop`; ``COWFS_LOOP=stock`` runs pyfuse3's own loop instead).
 
 Each running mount has a small state file (:class:`cowfs.schema.MountState`, written with
 :mod:`cowfs.mounts`) so that ``cowfs umount`` can wait for the daemon to exit and other tools can
