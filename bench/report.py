@@ -19,7 +19,7 @@ from workloads import Workload
 class Samples:
     seconds: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # workload->target
     cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)
-    #: Requests the daemon read, where it counts them (cowfs).
+    #: FUSE requests the kernel sent, where they could be counted (workloads.RequestCount).
     requests: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     peak_rss: dict[str, list[int]] = field(default_factory=dict)  # target -> per session
     errors: list[str] = field(default_factory=list)
@@ -89,8 +89,8 @@ def report(samples: Samples, names: list[str], wls: list[Workload], memory: dict
             f"{max(samples.peak_rss[n]) / MIB:.0f}" for n in daemons) + " |")
     counted = [n for n in names if any(n in row for row in samples.requests.values())]
     if counted:
-        lines += ["", "Daemon CPU per request in µs (median of CPU ÷ requests read; requests "
-                  "in parentheses):", "",
+        lines += ["", "Daemon CPU per request in µs (median of CPU ÷ requests the kernel sent; "
+                  "requests in parentheses):", "",
                   "| workload | " + " | ".join(counted) + " |",
                   "| --- |" + " ---: |" * len(counted)]
         for w in wls:

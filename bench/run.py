@@ -95,7 +95,7 @@ def abort_if_fuse(m: Mounted) -> None:
 def session(target: Target, fx: Fixture, params: Params, scratch: Path, samples: Samples,
             selected: list[Workload], profile: Path | None, rep: int) -> None:
     with mounted(target, fx, scratch) as m:
-        ctx = Ctx(m.view, fx, params, m.pid, m.stats)
+        ctx = Ctx(m.view, fx, params, m.pid)
         for w in selected:
             if w.cold:
                 drop_caches()

@@ -55,8 +55,6 @@ class Mounted:
     pid: int | None = None  # the FUSE daemon, when there is one
     proc: subprocess.Popen[bytes] | None = None
     fuse: bool = False
-    #: Where the daemon writes its request count on SIGUSR2 (cowfs's COWFS_LOOP_STATS), if it can.
-    stats: Path | None = None
 
 
 class Target:
@@ -135,8 +133,8 @@ class FuseTarget(Target):
     def command(self, fx: Fixture, upper: Path, work: Path, mnt: Path) -> list[str]:
         raise NotImplementedError
 
-    def environment(self, stats: Path) -> dict[str, str] | None:
-        """The daemon's environment; one that counts requests writes the count to ``stats``."""
+    def environment(self) -> dict[str, str] | None:
+        """The daemon's environment (None: the benchmark's own)."""
         return None
 
     def mount(self, fx: Fixture, session: Path) -> Mounted:
@@ -144,13 +142,11 @@ class FuseTarget(Target):
         for d in (upper, work, mnt):
             d.mkdir()
         cmd = self.command(fx, upper, work, mnt)
-        env = self.environment(session / "loop-stats")
         log_file = open(session / f"{self.name}.log", "wb")  # noqa: SIM115 (outlives this call)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                                env=env)
+                                env=self.environment())
         log_file.close()
-        m = Mounted(mnt, proc.pid, proc, fuse=True,
-                    stats=session / "loop-stats" if env is not None else None)
+        m = Mounted(mnt, proc.pid, proc, fuse=True)
         try:
             wait_for(lambda: is_mounted(mnt) or proc.poll() is not None, MOUNT_TIMEOUT,
                      f"{self.name} to mount")
@@ -195,11 +191,8 @@ class Cowfs(FuseTarget):
         self.loop = loop
         self.name = f"cowfs-{loop}" if loop else "cowfs"
 
-    def environment(self, stats: Path) -> dict[str, str] | None:
-        env = {**os.environ, "COWFS_LOOP_STATS": str(stats)}
-        if self.loop:
-            env["COWFS_LOOP"] = self.loop
-        return env
+    def environment(self) -> dict[str, str] | None:
+        return {**os.environ, "COWFS_LOOP": self.loop} if self.loop else None
 
     def command(self, fx: Fixture, upper: Path, work: Path, mnt: Path) -> list[str]:
         opts = ["-o", self.options] if self.options else []
