@@ -106,7 +106,7 @@ class RequestCount:
     ``fuse:fuse_request_send`` filtered by the mount's connection, counted by ``perf stat``
     (started with counting off, switched on and off through its control FIFOs, so that only the
     span between ``start`` and ``stop`` counts). FORGETs are not requests there. Without perf or
-    the tracepoint (kernels before 6.14) the count is None."""
+    the tracepoint (older kernels) the count is None."""
 
     def __init__(self, view: Path) -> None:
         self.count: int | None = None
