@@ -19,12 +19,25 @@ from workloads import Workload
 class Samples:
     seconds: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # workload->target
     cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    #: FUSE requests the kernel sent, where they could be counted (workloads.RequestCount).
+    requests: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     peak_rss: dict[str, list[int]] = field(default_factory=dict)  # target -> per session
     errors: list[str] = field(default_factory=list)
 
     def add(self, workload: str, target: str, result: dict[str, float]) -> None:
         self.seconds.setdefault(workload, {}).setdefault(target, []).append(result["seconds"])
         self.cpu.setdefault(workload, {}).setdefault(target, []).append(result["cpu"])
+        if result.get("requests"):
+            self.requests.setdefault(workload, {}).setdefault(target, []).append(
+                result["requests"])
+
+    def cpu_per_request(self, workload: str, target: str) -> float:
+        """Median daemon CPU seconds per request, over the samples that counted requests."""
+        cpu = self.cpu.get(workload, {}).get(target, [])
+        requests = self.requests.get(workload, {}).get(target, [])
+        if not requests or len(requests) != len(cpu):
+            return float("nan")
+        return median([c / r for c, r in zip(cpu, requests, strict=True)])
 
 
 # --- reporting ----------------------------------------------------------------------------------
@@ -74,6 +87,19 @@ def report(samples: Samples, names: list[str], wls: list[Workload], memory: dict
                 f"{median(row.get(n, [])):.2f}" for n in daemons) + " |")
         lines.append("| peak RSS (MiB) | " + " | ".join(
             f"{max(samples.peak_rss[n]) / MIB:.0f}" for n in daemons) + " |")
+    counted = [n for n in names if any(n in row for row in samples.requests.values())]
+    if counted:
+        lines += ["", "Daemon CPU per request in µs (median of CPU ÷ requests the kernel sent; "
+                  "requests in parentheses):", "",
+                  "| workload | " + " | ".join(counted) + " |",
+                  "| --- |" + " ---: |" * len(counted)]
+        for w in wls:
+            reqs = samples.requests.get(w.name, {})
+            cells = []
+            for n in counted:
+                us = samples.cpu_per_request(w.name, n) * 1e6
+                cells.append("—" if us != us else f"{us:.1f} ({median(reqs[n]):.0f})")
+            lines.append(f"| {w.name} | " + " | ".join(cells) + " |")
     if memory:
         lines += ["", f"Daemon memory around a walk of {meta['many_files']} files "
                   "(RSS MiB / open descriptors):", "",

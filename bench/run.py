@@ -114,8 +114,10 @@ def session(target: Target, fx: Fixture, params: Params, scratch: Path, samples:
                 stop_profile(spy)
             samples.add(w.name, target.name, result)
             space = f"  upper +{result['bytes'] / 2**20:.1f} MiB" if "bytes" in result else ""
+            per_request = (f"  {result['cpu'] / result['requests'] * 1e6:5.1f} µs/request"
+                           if result.get("requests") else "")
             log(f"  {target.name:15} {w.name:16} {result['seconds']:8.3f} s"
-                f"  daemon cpu {result['cpu']:6.2f} s{space}")
+                f"  daemon cpu {result['cpu']:6.2f} s{per_request}{space}")
         if m.pid is not None:
             samples.peak_rss.setdefault(target.name, []).append(proc_status(m.pid, "VmHWM"))
 
@@ -198,7 +200,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", choices=MODES, default=os.environ.get("BENCH_MODE", "quick"))
     p.add_argument("--reps", type=int, help="repetitions (default: the mode's)")
     p.add_argument("--targets", help="comma-separated subset of: native,overlayfs,"
-                   "fuse-overlayfs,cowfs,unionfs-fuse")
+                   "fuse-overlayfs,cowfs,unionfs-fuse, and cowfs-stock (cowfs on pyfuse3's own "
+                   "request loop, only when named: an A/B of patches/pyfuse3/0003)")
     p.add_argument("--workloads", help="comma-separated subset of the workload names")
     p.add_argument("--no-memory", action="store_true", help="skip the 100,000-file memory step")
     p.add_argument("--cowfs", default=str(Path(sys.executable).parent / "cowfs"),
@@ -225,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps is not None:
         params = dataclasses.replace(params, reps=args.reps)
     every: list[Target] = [Native(), KernelOverlay(), FuseOverlayfs(),
-                           Cowfs(args.cowfs, args.cowfs_options), Unionfs()]
-    wanted = set(args.targets.split(",")) if args.targets else {t.name for t in every}
+                           Cowfs(args.cowfs, args.cowfs_options), Unionfs(),
+                           Cowfs(args.cowfs, args.cowfs_options, loop="stock")]
+    wanted = (set(args.targets.split(",")) if args.targets
+              else {t.name for t in every} - {"cowfs-stock"})
     targets = []
     for t in every:
         why = t.available() if t.name in wanted else "not selected"
@@ -292,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "latest.md").write_text(text)
     (args.out / "latest.json").write_text(json.dumps(
         {"meta": meta, "targets": names, "workloads": {w.name: w.label for w in wls},
-         "seconds": samples.seconds, "daemon_cpu": samples.cpu, "peak_rss": samples.peak_rss,
+         "seconds": samples.seconds, "daemon_cpu": samples.cpu, "requests": samples.requests,
+         "peak_rss": samples.peak_rss,
          "memory": memory, "errors": samples.errors,
          "median_seconds": {w: {t: median(v) for t, v in row.items()}
                             for w, row in samples.seconds.items()}}, indent=1))

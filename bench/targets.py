@@ -133,13 +133,18 @@ class FuseTarget(Target):
     def command(self, fx: Fixture, upper: Path, work: Path, mnt: Path) -> list[str]:
         raise NotImplementedError
 
+    def environment(self) -> dict[str, str] | None:
+        """The daemon's environment (None: the benchmark's own)."""
+        return None
+
     def mount(self, fx: Fixture, session: Path) -> Mounted:
         upper, work, mnt = (session / n for n in ("upper", "work", "mnt"))
         for d in (upper, work, mnt):
             d.mkdir()
         cmd = self.command(fx, upper, work, mnt)
         log_file = open(session / f"{self.name}.log", "wb")  # noqa: SIM115 (outlives this call)
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                env=self.environment())
         log_file.close()
         m = Mounted(mnt, proc.pid, proc, fuse=True)
         try:
@@ -177,11 +182,17 @@ class Unionfs(FuseTarget):
 
 
 class Cowfs(FuseTarget):
-    name = "cowfs"
+    """cowfs; ``loop="stock"`` (target ``cowfs-stock``) runs pyfuse3's own request loop
+    (COWFS_LOOP=stock), the A side of an A/B of patches/pyfuse3/0003."""
 
-    def __init__(self, program: str, options: str) -> None:
+    def __init__(self, program: str, options: str, loop: str = "") -> None:
         self.program = program
         self.options = options
+        self.loop = loop
+        self.name = f"cowfs-{loop}" if loop else "cowfs"
+
+    def environment(self) -> dict[str, str] | None:
+        return {**os.environ, "COWFS_LOOP": self.loop} if self.loop else None
 
     def command(self, fx: Fixture, upper: Path, work: Path, mnt: Path) -> list[str]:
         opts = ["-o", self.options] if self.options else []

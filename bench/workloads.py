@@ -8,8 +8,10 @@ import os
 import pickle
 import random
 import select
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -99,6 +101,66 @@ def in_child(fn: Callable[[], Any], timeout: float, on_timeout: Callable[[], Non
     return value
 
 
+class RequestCount:
+    """Counts the requests the kernel sends to the FUSE mount at ``view``: the tracepoint
+    ``fuse:fuse_request_send`` filtered by the mount's connection, counted by ``perf stat``
+    (started with counting off, switched on and off through its control FIFOs, so that only the
+    span between ``start`` and ``stop`` counts). FORGETs are not requests there. Without perf or
+    the tracepoint (older kernels) the count is None."""
+
+    def __init__(self, view: Path) -> None:
+        self.count: int | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        perf = shutil.which("perf")
+        if perf is None or not Path("/sys/kernel/tracing/events/fuse/fuse_request_send").exists():
+            return
+        self.dir = Path(tempfile.mkdtemp(prefix="bench-perf-"))
+        ctl, ack = self.dir / "ctl", self.dir / "ack"
+        os.mkfifo(ctl)
+        os.mkfifo(ack)
+        # O_RDWR: opening a FIFO so never waits for the other end (perf may fail to start).
+        self.ctl = os.open(ctl, os.O_RDWR)
+        self.ack = os.open(ack, os.O_RDWR)
+        connection = os.minor(os.stat(view).st_dev)  # FUSE mounts have anonymous devices
+        self.proc = subprocess.Popen(
+            [perf, "stat", "-a", "-x,", "-o", str(self.dir / "out"), "-e",
+             "fuse:fuse_request_send", "--filter", f"connection == {connection}",
+             "--control", f"fifo:{ctl},{ack}", "-D", "-1"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def _command(self, command: bytes) -> bool:
+        os.write(self.ctl, command + b"\n")
+        return bool(select.select([self.ack], [], [], 10)[0]) and os.read(self.ack, 64) != b""
+
+    def start(self) -> None:
+        if self.proc is not None and not self._command(b"enable"):
+            self.close()
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self._command(b"disable"):
+            self.proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+            with contextlib.suppress(OSError, ValueError):
+                for line in (self.dir / "out").read_text().splitlines():
+                    if "fuse:fuse_request_send" in line:
+                        self.count = int(line.split(",")[0])
+        self.close()
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+        os.close(self.ctl)
+        os.close(self.ack)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class Ctx:
     view: Path
@@ -112,10 +174,21 @@ class Ctx:
 
 @contextlib.contextmanager
 def timed(ctx: Ctx, out: dict[str, float]) -> Iterator[None]:
-    cpu0, t0 = cpu_seconds(ctx.daemon), time.perf_counter()
-    yield
-    out["seconds"] = time.perf_counter() - t0
-    out["cpu"] = cpu_seconds(ctx.daemon) - cpu0
+    counter = RequestCount(ctx.view) if ctx.daemon is not None else None
+    try:
+        if counter is not None:
+            counter.start()
+        cpu0, t0 = cpu_seconds(ctx.daemon), time.perf_counter()
+        yield
+        out["seconds"] = time.perf_counter() - t0
+        out["cpu"] = cpu_seconds(ctx.daemon) - cpu0
+        if counter is not None:
+            counter.stop()
+            if counter.count:
+                out["requests"] = counter.count
+    finally:
+        if counter is not None:
+            counter.close()
 
 
 def twice_if_warm(warm: bool, body: Callable[[], object], ctx: Ctx) -> dict[str, float]:
@@ -164,6 +237,17 @@ def walk(ctx: Ctx, warm: bool, top: str = "src") -> dict[str, float]:
                     if (st.st_mode & 0o170000) == 0o040000:
                         stack.append(entry.path)
         return count
+    return twice_if_warm(warm, body, ctx)
+
+
+def lookup(ctx: Ctx, warm: bool) -> dict[str, float]:
+    """``lstat`` of every file of ``src/`` by its path, without listing a directory: one
+    LOOKUP per name (its directories' after the first), the cost of resolving a name."""
+    paths = [str(ctx.view / "src" / rel) for rel in ctx.fx.src_files]
+
+    def body() -> None:
+        for path in paths:
+            os.lstat(path)
     return twice_if_warm(warm, body, ctx)
 
 
@@ -326,6 +410,7 @@ def workloads(p: Params) -> list[Workload]:
         Workload("rand_read_warm", rand_read, warm=True, label=f"{p.rand_reads} random 4 KiB"),
         Workload("walk_cold", walk, cold=True, label=f"walk + lstat {p.src_files} files"),
         Workload("walk_warm", walk, warm=True, label=f"walk + lstat {p.src_files} files"),
+        Workload("lookup_cold", lookup, cold=True, label=f"lstat {p.src_files} files by name"),
         Workload("readdir_cold", readdir, cold=True, label=f"readdir {p.bigdir_entries} entries"),
         Workload("readdir_warm", readdir, warm=True, label=f"readdir {p.bigdir_entries} entries"),
         Workload("git_status_cold", git_status, cold=True, label="git status"),

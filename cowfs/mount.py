@@ -2,7 +2,8 @@
 
 The lifecycle is one ``ExitStack``: whatever was set up is torn down in reverse order, also after an
 error. SIGINT and SIGTERM end the main loop through ``pyfuse3.terminate()``, and the filesystem is
-then unmounted by the daemon itself.
+then unmounted by the daemon itself. Where pyfuse3 has ``patches/pyfuse3/0003``, the loop runs
+handlers inline (:func:`inline_loop`; ``COWFS_LOOP=stock`` runs pyfuse3's own loop instead).
 
 Each running mount has a small state file (:class:`cowfs.schema.MountState`, written with
 :mod:`cowfs.mounts`) so that ``cowfs umount`` can wait for the daemon to exit and other tools can
@@ -31,7 +32,7 @@ import resource
 import signal
 import stat
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -295,9 +296,39 @@ def _raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def inline_loop() -> bool:
+    """Whether to run pyfuse3's inline request loop (patches/pyfuse3/0003): handlers that do not
+    wait run without a pass through trio's scheduler and epoll, about half the daemon's CPU per
+    request (docs/performance.md). A stock pyfuse3 lacks it; ``COWFS_LOOP=stock`` (or
+    ``COWFS_STOCK_PYFUSE3=1``) runs pyfuse3's own loop even where it is there: an escape hatch,
+    and the A side of the benchmark's A/B."""
+    if os.environ.get("COWFS_STOCK_PYFUSE3") == "1" or os.environ.get("COWFS_LOOP") == "stock":
+        return False
+    return hasattr(pyfuse3, "request_count")
+
+
+def _write_loop_stats(path: str) -> None:
+    # getattr: a stock pyfuse3's type stubs do not have it (lint runs against either).
+    request_count: Callable[[], tuple[int, int]] = getattr(pyfuse3, "request_count")  # noqa: B009
+    requests, suspended = request_count()
+    Path(path + ".tmp").write_text(f"requests {requests} suspended {suspended}\n")
+    os.replace(path + ".tmp", path)
+
+
+async def _loop_stats_on_signal(path: str) -> None:
+    """Benchmarks and tests (``COWFS_LOOP_STATS=FILE``): on SIGUSR2, write the number of
+    requests the loop has read and of handlers that suspended to FILE, as
+    ``requests N suspended M``."""
+    with trio.open_signal_receiver(signal.SIGUSR2) as signals:
+        async for _ in signals:
+            _write_loop_stats(path)
+
+
 async def _serve_until_unmounted() -> bool:
     """Run the FUSE loop; return True when it ended by a signal (we must unmount ourselves)."""
     signalled = False
+    inline = inline_loop()
+    log.debug("request loop: %s", "inline" if inline else "pyfuse3's own")
     async with trio.open_nursery() as nursery:
 
         async def stop_on_signal() -> None:
@@ -310,7 +341,12 @@ async def _serve_until_unmounted() -> bool:
                     return
 
         nursery.start_soon(stop_on_signal)
-        await pyfuse3.main()
+        stats = os.environ.get("COWFS_LOOP_STATS")
+        if stats and hasattr(pyfuse3, "request_count"):
+            nursery.start_soon(_loop_stats_on_signal, stats)
+        # Typed loosely: a stock pyfuse3's type stubs do not know ``inline``.
+        main: Callable[..., Awaitable[None]] = pyfuse3.main
+        await (main(inline=True) if inline else main())
         nursery.cancel_scope.cancel()
     return signalled
 

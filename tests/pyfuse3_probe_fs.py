@@ -18,6 +18,7 @@ import os
 import signal
 import stat
 import sys
+from collections.abc import Awaitable, Callable, Mapping
 
 import pyfuse3
 import trio
@@ -88,24 +89,32 @@ class ProbeFS(pyfuse3.Operations):
         pass
 
 
-def main() -> None:
-    mnt, mode, counts_file, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    fs = ProbeFS(mode, n)
+def serve(fs: pyfuse3.Operations, mnt: str, fsname: str, counts_file: str,
+          counts: Callable[[], Mapping[str, int]],
+          run: Callable[[], Awaitable[None]] = pyfuse3.main) -> None:
+    """Mount ``fs`` and run ``run`` until unmounted; on SIGUSR1 write ``counts()`` to
+    ``counts_file`` as ``name count`` lines (shared with tests/pyfuse3_loop_fs.py)."""
 
     def dump(*_: object) -> None:
         with open(counts_file + ".tmp", "w") as f:
-            for key, value in sorted(fs.counts.items()):
+            for key, value in sorted(counts().items()):
                 f.write(f"{key} {value}\n")
         os.replace(counts_file + ".tmp", counts_file)
 
     signal.signal(signal.SIGUSR1, dump)
     options = set(pyfuse3.default_options)
-    options.add("fsname=pyfuse3-probe")
+    options.add(f"fsname={fsname}")
     pyfuse3.init(fs, mnt, options)
     try:
-        trio.run(pyfuse3.main)
+        trio.run(run)
     finally:
         pyfuse3.close(unmount=True)
+
+
+def main() -> None:
+    mnt, mode, counts_file, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    fs = ProbeFS(mode, n)
+    serve(fs, mnt, "pyfuse3-probe", counts_file, lambda: fs.counts)
 
 
 if __name__ == "__main__":

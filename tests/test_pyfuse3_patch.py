@@ -24,13 +24,16 @@ pytestmark = pytest.mark.skipif(
 
 
 class Probe:
-    def __init__(self, tmp: Path, mode: str, n: int) -> None:
+    """``script`` (a pyfuse3 filesystem taking ``MOUNTPOINT MODE COUNTS_FILE N``) running."""
+
+    def __init__(self, tmp: Path, mode: str, n: int, script: Path = PROBE) -> None:
         self.mnt = tmp / "mnt"
         self.mnt.mkdir()
         self.counts_file = tmp / "counts"
-        self.log = (tmp / "log").open("w")
+        self.log_path = tmp / "log"
+        self.log = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, str(PROBE), str(self.mnt), mode, str(self.counts_file), str(n)],
+            [sys.executable, str(script), str(self.mnt), mode, str(self.counts_file), str(n)],
             stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_mounted(self) -> None:
