@@ -276,7 +276,9 @@ def test_a_failed_unmount_at_the_end_of_run_is_reported(workspace: Workspace,
     (fake / "fusermount3").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
     try:
-        result = cowfs("run", "--at", ws.mnt, ws.base, "--", "sh", "-c", "echo x > new.txt")
+        # Shared: a private view's mount is in a namespace the test cannot look into.
+        result = cowfs("run", "--shared", "--at", ws.mnt, ws.base, "--", "sh", "-c",
+                       "echo x > new.txt")
         assert result.status == 1, result
         for fragment in ("cannot unmount", "simulated", "still mounted", "(pid "):
             assert fragment in result.err, result.err
@@ -286,3 +288,25 @@ def test_a_failed_unmount_at_the_end_of_run_is_reported(workspace: Workspace,
         monkeypatch.undo()
         if mounted_fstype(ws.mnt) == "fuse.cowfs":
             assert cowfs("umount", ws.mnt).status == 0
+
+
+def test_a_private_view_that_cannot_be_unmounted_is_detached(workspace: Workspace,
+                                                            tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody else can see a private view: one its unmount fails for is detached, so that its
+    daemon ends instead of serving a namespace nobody can enter."""
+    needs_root("a private view needs a mount namespace")
+    ws = workspace
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "fusermount3").write_text(
+        "#!/bin/sh\necho 'fusermount3: internal error: simulated' >&2\nexit 1\n")
+    (fake / "fusermount3").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    result = cowfs("run", "--at", ws.mnt, ws.base, "--", "sh", "-c",
+                   "echo x > new.txt")
+    monkeypatch.undo()
+    assert result.status == 1, result
+    assert "simulated" in result.err, result.err
+    pid = int(result.err.split("(pid ")[1].split(")")[0])
+    assert wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 30), "the daemon lingers"

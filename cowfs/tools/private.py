@@ -28,6 +28,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from .. import mounts
 from ..errors import CowfsError
@@ -35,6 +36,7 @@ from ..errors import CowfsError
 CLONE_NEWNS = 0x00020000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+MNT_DETACH = 2
 
 
 def available() -> bool:
@@ -77,9 +79,24 @@ def signals_to(pid: int) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def run(body: Callable[[], int]) -> int:
+def _detach_left(mountpoint: Path) -> None:
+    """A view the child could not unmount (busy, fusermount3 failing) is detached: nobody else
+    can see it, and a daemon left serving a namespace that nobody can enter would never end (it
+    ends when its mount goes)."""
+    target = os.path.abspath(mountpoint)
+    if target not in mounts.cowfs_mountpoints():
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(target), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        print(f"cowfs: warning: cannot detach the private view at {target!r}: "
+              f"{os.strerror(err)}", file=sys.stderr)
+
+
+def run(body: Callable[[], int], mountpoint: Path) -> int:
     """``body()`` in a forked child inside a private mount namespace; returns its result (an exit
-    status). A :class:`CowfsError` in the child is raised here."""
+    status). A :class:`CowfsError` in the child is raised here. A view still mounted at
+    ``mountpoint`` when ``body`` ends is detached."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     read_end, write_end = os.pipe()
@@ -90,7 +107,10 @@ def run(body: Callable[[], int]) -> int:
         report = b""
         try:
             _enter()
-            status = body()
+            try:
+                status = body()
+            finally:
+                _detach_left(mountpoint)
         except CowfsError as e:
             report = f"{e.exit_code}\n{e}".encode()
             status = e.exit_code

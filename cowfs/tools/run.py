@@ -137,7 +137,7 @@ def run(base: Path | str, command: Sequence[str], *, upper: Path | None, keep: b
                 with overlay(lowers, view.upper, at=mountpoint, keep=True) as mounted:
                     return _run_in(mounted, real_base, command)
 
-            status = _private.run(job)
+            status = _private.run(job, mountpoint)
         else:
             with overlay(lowers, upper, at=mountpoint, keep=True) as view:
                 started.append(view)
