@@ -263,18 +263,24 @@ def test_the_root_directory_is_refused_as_a_mountpoint(workspace: Workspace) -> 
     assert os.listdir(ws.upper) == []  # refused before anything was made
 
 
-def test_a_failed_unmount_at_the_end_of_run_is_reported(workspace: Workspace,
-                                                        tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The view stays mounted and served, and the command says so and exits non-zero; the
-    temporary upper it serves from is not deleted under it."""
-    ws = workspace
+@pytest.fixture
+def failing_fusermount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """A ``fusermount3`` first on PATH that fails every unmount; ``.undo()`` puts PATH back."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "fusermount3").write_text(
         "#!/bin/sh\necho 'fusermount3: internal error: simulated' >&2\nexit 1\n")
     (fake / "fusermount3").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    return monkeypatch
+
+
+def test_a_failed_unmount_at_the_end_of_run_is_reported(
+        workspace: Workspace, failing_fusermount: pytest.MonkeyPatch) -> None:
+    """The view stays mounted and served, and the command says so and exits non-zero; the
+    temporary upper it serves from is not deleted under it."""
+    ws = workspace
+    monkeypatch = failing_fusermount
     try:
         # Shared: a private view's mount is in a namespace the test cannot look into.
         result = cowfs("run", "--shared", "--at", ws.mnt, ws.base, "--", "sh", "-c",
@@ -290,22 +296,14 @@ def test_a_failed_unmount_at_the_end_of_run_is_reported(workspace: Workspace,
             assert cowfs("umount", ws.mnt).status == 0
 
 
-def test_a_private_view_that_cannot_be_unmounted_is_detached(workspace: Workspace,
-                                                            tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_private_view_that_cannot_be_unmounted_is_detached(
+        workspace: Workspace, failing_fusermount: pytest.MonkeyPatch) -> None:
     """Nobody else can see a private view: one its unmount fails for is detached, so that its
     daemon ends instead of serving a namespace nobody can enter."""
     needs_root("a private view needs a mount namespace")
     ws = workspace
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "fusermount3").write_text(
-        "#!/bin/sh\necho 'fusermount3: internal error: simulated' >&2\nexit 1\n")
-    (fake / "fusermount3").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
-    result = cowfs("run", "--at", ws.mnt, ws.base, "--", "sh", "-c",
-                   "echo x > new.txt")
-    monkeypatch.undo()
+    result = cowfs("run", "--at", ws.mnt, ws.base, "--", "sh", "-c", "echo x > new.txt")
+    failing_fusermount.undo()
     assert result.status == 1, result
     assert "simulated" in result.err, result.err
     pid = int(result.err.split("(pid ")[1].split(")")[0])
