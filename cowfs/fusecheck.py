@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import os
+import pwd
 import shutil
 import stat
 import tempfile
@@ -42,8 +44,22 @@ CAP_SYS_ADMIN = 21
 #: Files that container engines create (docker: /.dockerenv; podman: /run/.containerenv).
 CONTAINER_MARKERS = ("/.dockerenv", "/run/.containerenv")
 
-_DEVICE_HINT = ("ask an administrator to make it 0666 (chmod 0666 /dev/fuse, the Debian default) "
-                "or to give you access to it (its group)")
+def _device_hint() -> str:
+    """What an administrator can do: the Debian default mode, or access for this user alone (an
+    ACL), or the device's group where it is not root's."""
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        user = str(os.getuid())
+    hint = (f"ask an administrator to make it 0666 (chmod 0666 {DEVICE}, the Debian default) or "
+            f"to give you access to it (setfacl -m u:{user}:rw {DEVICE}")
+    with contextlib.suppress(OSError, KeyError):
+        group = grp.getgrgid(os.stat(DEVICE).st_gid).gr_name
+        if group != "root":
+            hint += f", or membership of its group {group!r}"
+    return hint + ")"
+
+
 _ALLOW_OTHER_HINT = (f"a plain user may use -o allow_other only when {FUSE_CONF} has a line "
                      "'user_allow_other'; ask an administrator to add it, or mount without "
                      "allow_other")
@@ -111,7 +127,7 @@ def _check_device() -> None:
             raise CowfsError(f"{DEVICE} does not exist: load the fuse module (modprobe fuse), "
                              "or in a container pass the device in (--device /dev/fuse)") from None
         if e.errno in (errno.EACCES, errno.EPERM):
-            raise CowfsError(f"cannot open {DEVICE}: permission denied; {_DEVICE_HINT}") from None
+            raise CowfsError(f"cannot open {DEVICE}: permission denied; {_device_hint()}") from None
         raise CowfsError(f"cannot open {DEVICE}: {e.strerror}") from None
     os.close(fd)
 
@@ -197,7 +213,7 @@ def init(operations: pyfuse3.Operations, mountpoint: str, options: set[str]) -> 
 
 def _hint(reason: str) -> str:
     if DEVICE in reason and ("ermission" in reason or "denied" in reason):
-        return f"; {_DEVICE_HINT}"
+        return f"; {_device_hint()}"
     if "user_allow_other" in reason:
         return f"; {_ALLOW_OTHER_HINT}"
     if "mountpoint" in reason:
