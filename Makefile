@@ -11,6 +11,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.cowfs-installed
+#: cowfs alone in the venv (make install), without the test and lint tools.
+TOOL_STAMP := $(VENV)/.cowfs-tool-installed
 PYTEST_ARGS ?=
 
 # fuse3/libfuse3-dev/pkg-config/patch: building (with patches/pyfuse3/) and running pyfuse3; it
@@ -23,7 +25,9 @@ PYTEST_ARGS ?=
 # erofs-utils (read-only image lowers), sshfs/openssh-server/openssh-client (a lower on sshfs over
 # a loopback sshd the test starts; where an init system runs, installing openssh-server also
 # starts the system's sshd, which the tests do not use).
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config patch gcc libc6-dev python3-dev attr fuse-overlayfs \
+# TOOL_APT_PACKAGES are what the tool itself needs (`make install`); the rest only the tests.
+TOOL_APT_PACKAGES := fuse3 libfuse3-dev pkg-config patch gcc libc6-dev python3-dev attr
+APT_PACKAGES := $(TOOL_APT_PACKAGES) fuse-overlayfs \
                 xfsprogs btrfs-progs squashfs-tools squashfuse erofs-utils \
                 sshfs openssh-server openssh-client
 
@@ -33,7 +37,8 @@ MOUNT_HELPER_TARGET := $(CURDIR)/$(VENV)/bin/mount.fuse.cowfs
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help setup system-packages helper shell-install test test-user lint check demo clean
+.PHONY: help install setup tool-packages system-packages helper shell-install test test-user lint \
+        check demo clean
 
 help:
 	@echo 'make demo    set up, then mount a small demo overlay under /tmp and show copy-up'
@@ -42,7 +47,8 @@ help:
 	@echo 'make coverage    the tests with the coverage of the daemons too (a report; slower)'
 	@echo 'make lint    ruff check cowfs tests bench; mypy cowfs'
 	@echo 'make check   lint + test'
-	@echo 'make setup   Debian packages + .venv with cowfs installed editable'
+	@echo 'make install the tool alone: its Debian packages + .venv with cowfs (what demo uses)'
+	@echo 'make setup   install + the packages and Python tools of the tests and lint'
 	@echo 'make helper  symlink $(MOUNT_HELPER) for mount -t fuse.cowfs (root)'
 	@echo 'make shell-install  link the completion and man page into /usr/local/share (root)'
 	@echo 'make docker-test  build the container image and smoke-test it (own Docker engine)'
@@ -75,12 +81,13 @@ shell-install: setup
 	    else ln -sfn $(CURDIR)/$(SHARE)/$$rel "$$target"; echo "linked $$target"; fi; \
 	done
 
-system-packages:
+# Installs the Debian packages of $(1) that are missing, in one apt-get call.
+define apt_install
 	@if ! command -v dpkg >/dev/null; then \
-	    echo "Not a Debian system: install the equivalents of: $(APT_PACKAGES)"; exit 0; \
+	    echo "Not a Debian system: install the equivalents of: $(1)"; exit 0; \
 	fi; \
 	missing=""; \
-	for pkg in $(APT_PACKAGES); do \
+	for pkg in $(1); do \
 	    [[ "$$(dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null || true)" == "install ok installed" ]] \
 	        || missing="$$missing $$pkg"; \
 	done; \
@@ -89,10 +96,20 @@ system-packages:
 	    $(SUDO) apt-get update; \
 	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
 	fi
+endef
 
-# Order-only on system-packages: pyfuse3 compiles against libfuse3-dev, but a package check
+tool-packages:
+	$(call apt_install,$(TOOL_APT_PACKAGES))
+
+system-packages:
+	$(call apt_install,$(APT_PACKAGES))
+
+# The tool alone, for who only wants to use it (make demo, make helper): no pytest, mypy, ruff.
+install: tool-packages $(TOOL_STAMP)
+
+# Order-only on tool-packages: pyfuse3 compiles against libfuse3-dev, but a package check
 # must not by itself force a reinstall of the venv.
-$(STAMP): pyproject.toml scripts/build-pyfuse3.sh $(wildcard patches/pyfuse3/*.patch) | system-packages
+$(TOOL_STAMP): pyproject.toml scripts/build-pyfuse3.sh $(wildcard patches/pyfuse3/*.patch) | tool-packages
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
 	    echo "cowfs needs Python >= 3.11; '$(PYTHON)' is $$($(PYTHON) --version 2>&1)." \
 	         "Pass another: make PYTHON=python3.12 ..."; exit 1; }
@@ -103,10 +120,15 @@ $(STAMP): pyproject.toml scripts/build-pyfuse3.sh $(wildcard patches/pyfuse3/*.p
 	@# pyfuse3 first, built from its pinned source with our patches (patches/pyfuse3/README.md),
 	@# so that installing cowfs finds it satisfied.
 	bash scripts/build-pyfuse3.sh $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install --disable-pip-version-check --no-input -e .
+	@touch $@
+
+# The tests' and lint's Python tools on top (pyproject.toml's [test] extra).
+$(STAMP): $(TOOL_STAMP) | system-packages
 	$(VENV)/bin/python -m pip install --disable-pip-version-check --no-input -e '.[test]'
 	@touch $@
 
-helper: setup
+helper: install
 	@if [[ "$$(id -u)" -ne 0 ]]; then \
 	    echo "Not root: mount -t fuse.cowfs needs the mount helper; to install it run:"; \
 	    echo "  sudo ln -sfn $(MOUNT_HELPER_TARGET) $(MOUNT_HELPER)"; \
@@ -162,7 +184,7 @@ lint: setup
 
 check: lint test
 
-demo: setup
+demo: install
 	bash scripts/demo.sh
 
 # Refuses while anything is mounted inside the work tree: rm -r would descend into it and delete

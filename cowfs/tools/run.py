@@ -30,6 +30,7 @@ from .. import mounts, outputs, plans, upperinfo
 from ..api import View, overlay
 from ..changes import Visible, line, render_json, render_text, select, summary, visible_changes
 from ..errors import CowfsError
+from ..layers import LayerPaths, check_nesting
 from ..walk import walk
 from ..workspace import UpperOrigin, discard_upper, refuse_to_discard, upper_origin
 from . import private as _private
@@ -122,6 +123,10 @@ def run(base: Path | str, command: Sequence[str], *, upper: Path | None, keep: b
                          "give a new or empty directory")
     if not keep_changes and upper is not None:
         refuse_to_discard(upper, origin)
+    if upper is not None:
+        # Before anything is made (a private view makes its upper here, before the child's mount
+        # would refuse it): an upper inside a lower would change the lower.
+        check_nesting(LayerPaths(lowers, Path(os.path.abspath(upper))))
     if private and not _private.available():
         print("cowfs run: a private view needs root here (a mount namespace); the view is "
               "shared: other processes see it while COMMAND runs", file=err)
