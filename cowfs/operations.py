@@ -38,7 +38,7 @@ from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 from . import fileattr
 from .handles import FileHandle, wants_write
 from .inodes import Inode
-from .readdir import DirHandle, Snapshots, offset_of
+from .readdir import DirHandle, Snapshots
 from .vfs import Caller, Overlay, SetAttr
 
 log = logging.getLogger(__name__)
@@ -477,25 +477,30 @@ class Operations(pyfuse3.Operations):
         self._shed_inodes()
         if fh == 0 and self.kernel_opens_dirs:
             directory = self._inode(token.inode)
-            snapshot, start, names = self._snapshots.names(
-                directory, start_id, self.overlay.hidden_names(directory))
+            snapshot, names = self._snapshots.names(directory, start_id, self.overlay.listing)
+            self._snapshots.reached(
+                snapshot, self._readdir_entries(directory, start_id, names, token))
         else:
             handle = self._dirs[fh]
-            directory = handle.inode
-            snapshot, start = 0, start_id
-            names = handle.snapshot(start_id, self.overlay.hidden_names(directory))
+            names = handle.snapshot(start_id, self.overlay.listing)
+            self._readdir_entries(handle.inode, start_id, names, token)
+
+    def _readdir_entries(self, directory: Inode, start: int, names: list[str],
+                         token: pyfuse3.ReaddirToken) -> int:
+        """Reply with the entries from index ``start`` on, as many as fit; the entry at index
+        ``i`` has the offset ``i + 1``. Returns the offset where the reply ended."""
         if not getattr(token, "plus", True):
-            self._readdir_plain(directory, snapshot, start, names, token)
-            return
+            return self._readdir_plain(directory, start, names, token)
+        replied = start
         for index in range(start, len(names)):
             name = names[index]
-            next_id = offset_of(snapshot, index + 1)
             if name in (".", ".."):
                 # The kernel ignores the attributes of these and counts no lookup for them.
                 target = directory if name == "." else self.overlay.dotdot(directory)
                 if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)),
-                                             self._attrs(target), next_id):
-                    return
+                                             self._attrs(target), index + 1):
+                    return replied
+                replied = index + 1
                 continue
             try:
                 child = self.overlay.lookup(directory, name)
@@ -505,20 +510,24 @@ class Operations(pyfuse3.Operations):
                 log.debug("readdir: listing %r without attributes: %s", name, e)
                 unlooked = self._unlooked(directory, name)
                 if unlooked is not None and not pyfuse3.readdir_reply(
-                        token, FileNameT(os.fsencode(name)), unlooked, next_id):
-                    return
+                        token, FileNameT(os.fsencode(name)), unlooked, index + 1):
+                    return replied
+                replied = index + 1
                 continue
             if child is None:
-                continue  # whited out, or hidden below a non-directory
+                continue  # gone since the snapshot
             if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)),
-                                         self._attrs(child), next_id):
+                                         self._attrs(child), index + 1):
                 self.overlay.forget(child.number, 1)
-                return
+                return replied
+            replied = index + 1
+        return replied
 
-    def _readdir_plain(self, directory: Inode, snapshot: int, start: int, names: list[str],
-                       token: pyfuse3.ReaddirToken) -> None:
+    def _readdir_plain(self, directory: Inode, start: int, names: list[str],
+                       token: pyfuse3.ReaddirToken) -> int:
         """A listing without attributes: names, types and inode numbers only, and no lookups
         counted. Most entries cost one ``fstatat`` (:func:`cowfs.readdir.plain_entry`)."""
+        replied = start
         for index in range(start, len(names)):
             name = names[index]
             if name in (".", ".."):
@@ -534,9 +543,10 @@ class Operations(pyfuse3.Operations):
             entry = pyfuse3.EntryAttributes()
             entry.st_mode = ModeT(found[0])
             entry.st_ino = InodeT(found[1])
-            if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)), entry,
-                                         offset_of(snapshot, index + 1)):
-                return
+            if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)), entry, index + 1):
+                return replied
+            replied = index + 1
+        return replied
 
     def _unlooked(self, directory: Inode, name: str) -> pyfuse3.EntryAttributes | None:
         """A readdirplus entry for a name whose lookup failed: listed, but with no inode.

@@ -27,7 +27,7 @@ from .layers import LayerStack
 from .metacopy import rebind, with_blocks
 from .namespace import Caller, Namespace
 from .nlink import merged_nlink
-from .readdir import DirHandle, entry_type, plain_entry
+from .readdir import NEEDS_LOOKUP, DirHandle, candidate_names, entry_type, is_listed, plain_entry
 from .resolve import Real, root_real
 from .workdir import recover
 
@@ -317,6 +317,24 @@ class Overlay:
 
     def hidden_names(self, directory: Inode) -> tuple[str, ...]:
         return (schema.WORK_DIR_NAME,) if directory is self.table.root else ()
+
+    def listing(self, directory: Inode) -> list[str]:
+        """``"."``, ``".."`` and every name ``directory`` shows: what readdir offsets index."""
+        names = candidate_names(directory, self.hidden_names(directory))
+        return [".", "..", *(name for name in names if self._listed(directory, name))]
+
+    def _listed(self, directory: Inode, name: str) -> bool:
+        listed = is_listed(directory, name)
+        if listed is not NEEDS_LOOKUP:
+            return bool(listed)
+        try:
+            child = self.lookup(directory, name)
+        except OSError:
+            return True  # listed, without attributes (see readdir)
+        if child is None:
+            return False
+        self.forget(child.number, 1)
+        return True
 
     def fsyncdir(self, inode: Inode) -> None:
         upper = inode.upper
