@@ -383,9 +383,19 @@ class Namespace:
 
     # --- removing -----------------------------------------------------------------------------
 
+    @staticmethod
+    def check_may_delete(parent: Inode, child: Inode) -> None:
+        """EPERM if a name cannot leave ``parent``: the directory or the object is immutable or
+        append-only (the kernel's may_delete, which checks this before the type of the object
+        and before whether a directory is empty). The real filesystem would refuse a plain
+        unlink itself, but not the whiteout that hides a lower name, nor say it first."""
+        if realfs.protection(parent.top.fd) or realfs.protection(child.top.fd):
+            raise OSError(errno.EPERM, "immutable or append-only")
+
     def unlink(self, parent: Inode, name: str) -> None:
         child = self._looked_up(parent, name)
         try:
+            self.check_may_delete(parent, child)
             if child.is_dir:
                 raise OSError(errno.EISDIR, "is a directory", name)
             self._remove(parent, name, child)
@@ -395,6 +405,7 @@ class Namespace:
     def rmdir(self, parent: Inode, name: str) -> None:
         child = self._looked_up(parent, name)
         try:
+            self.check_may_delete(parent, child)
             if not child.is_dir:
                 raise OSError(errno.ENOTDIR, "not a directory", name)
             if not self.is_empty_dir(child):
@@ -438,6 +449,9 @@ class Namespace:
         src = self._looked_up(old_parent, old_name)
         dst = self.lookup(new_parent, new_name)
         try:
+            self.check_may_delete(old_parent, src)
+            if dst is not None:
+                self.check_may_delete(new_parent, dst)
             self._check_rename(src, dst, flags, new_name)
             if dst is src:
                 return  # the same object under both names: POSIX says do nothing

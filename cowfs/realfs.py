@@ -34,6 +34,7 @@ import logging
 import os
 import signal
 import stat
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,14 @@ _renameat2.restype = ctypes.c_int
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+
+_statx = _libc.statx
+_statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+_statx.restype = ctypes.c_int
+_AT_EMPTY_PATH = 0x1000
+#: ``STATX_ATTR_IMMUTABLE | STATX_ATTR_APPEND`` (the same bits as ``FS_IMMUTABLE_FL`` and
+#: ``FS_APPEND_FL``).
+PROTECTED = 0x10 | 0x20
 
 _NO_XATTR = (errno.ENODATA, errno.ENOTSUP)
 
@@ -280,6 +289,26 @@ def chown(fd: int, uid: int, gid: int) -> None:
 def utimens(fd: int, atime_ns: int, mtime_ns: int) -> None:
     log.debug("utimens fd=%d %d %d", fd, atime_ns, mtime_ns)
     os.utime(proc_path(fd), ns=(atime_ns, mtime_ns))
+
+
+@change
+def utimens_now(fd: int) -> None:
+    """Both times to the current time (``utimensat`` with no times: allowed on an append-only
+    object, where explicit times are not)."""
+    log.debug("utimens fd=%d now", fd)
+    os.utime(proc_path(fd))
+
+
+def protection(fd: int) -> int:
+    """The immutable and append-only bits (:data:`PROTECTED`) of an object, from one ``statx``
+    on its descriptor (an ``O_PATH`` one will do), without opening it as ``FS_IOC_GETFLAGS``
+    needs to; 0 where the filesystem does not say."""
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    if _statx(fd, b"", _AT_EMPTY_PATH, 0, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    attributes = int.from_bytes(buf.raw[8:16], sys.byteorder)  # stx_attributes
+    return attributes & PROTECTED
 
 
 @change

@@ -17,6 +17,7 @@ import logging
 import os
 import resource
 import stat
+import time
 from dataclasses import dataclass
 
 from . import fileattr, partial, realfs, schema, xattrs
@@ -46,6 +47,12 @@ class SetAttr:
     size: int | None = None
     atime_ns: int | None = None
     mtime_ns: int | None = None
+
+    def touches_now(self, now_ns: int) -> bool:
+        """Whether the times may be a request for the current time: pyfuse3 passes one as the
+        clock's reading (the same for both times), so: set, equal, and within a second of it."""
+        times = {t for t in (self.atime_ns, self.mtime_ns) if t is not None}
+        return len(times) == 1 and abs(now_ns - times.pop()) < 10**9
 
 
 class Overlay:
@@ -229,15 +236,39 @@ class Overlay:
         if change.mode is not None:
             realfs.chmod(upper.fd, stat.S_IMODE(change.mode))
         if change.atime_ns is not None or change.mtime_ns is not None:
-            st = upper.stat()
-            realfs.utimens(upper.fd,
-                           st.st_atime_ns if change.atime_ns is None else change.atime_ns,
-                           st.st_mtime_ns if change.mtime_ns is None else change.mtime_ns)
+            self._set_times(upper, change)
         if change == SetAttr():
             # chown(path, -1, -1) changes nothing but the ctime (the kernel's FUSE sends no ctime
             # without the writeback cache): the same call on the upper copy updates it, as the
             # kernel's overlayfs does.
             realfs.chown(upper.fd, -1, -1)
+
+    @staticmethod
+    def _set_times(upper: Real, change: SetAttr) -> None:
+        st = upper.stat()
+        try:
+            realfs.utimens(upper.fd,
+                           st.st_atime_ns if change.atime_ns is None else change.atime_ns,
+                           st.st_mtime_ns if change.mtime_ns is None else change.mtime_ns)
+        except PermissionError as e:
+            # An append-only object takes the current time (utime(path, NULL)) but no explicit
+            # times. pyfuse3 passes "now" as the clock's reading, both times the same: only
+            # such a request is retried as one for the current time.
+            if e.errno != errno.EPERM or not change.touches_now(time.time_ns()):
+                raise
+            realfs.utimens_now(upper.fd)
+
+    @staticmethod
+    def _open_upper(upper: Real, flags: int) -> int:
+        try:
+            return realfs.reopen(upper.fd, real_flags(flags))
+        except PermissionError as e:
+            # An append-only file opens for writing only with O_APPEND, which is otherwise left
+            # out (the kernel sends explicit offsets; for an O_APPEND descriptor the end of the
+            # file, where every write to an append-only file goes anyway).
+            if e.errno != errno.EPERM or not flags & os.O_APPEND:
+                raise
+            return realfs.reopen(upper.fd, real_flags(flags) | os.O_APPEND)
 
     def readlink(self, inode: Inode) -> str:
         return realfs.readlink(inode.top.fd)
@@ -255,7 +286,7 @@ class Overlay:
             raise OSError(errno.EINVAL, "not a regular file")
         if wants_write(flags):
             upper = self.copy_up.ensure(inode, with_data=not flags & os.O_TRUNC)
-            fd = realfs.reopen(upper.fd, real_flags(flags))
+            fd = self._open_upper(upper, flags)
             if upper.partial:
                 try:
                     self.copy_up.partial_of(inode)  # its data: some here, the rest below

@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import mmap
 import os
 import shutil
@@ -243,6 +244,50 @@ def _with_fd(p: Path | str, flags: int, fn: Callable[[int], Any]) -> str:
     return "ok"
 
 
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_APPEND_FL = 0x20
+FS_IMMUTABLE_FL = 0x10
+FS_NOATIME_FL = 0x80
+#: The inode flags an ``lsattr`` step shows: those a user sets (the others, such as ext4's
+#: extents flag, depend on how the real file was written).
+USER_FLAGS = FS_APPEND_FL | FS_IMMUTABLE_FL | FS_NOATIME_FL | 0x40 | 0x8  # NODUMP, SYNC
+
+
+def _flags_fd(p: Path | str) -> int:
+    return os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+
+
+def _lsattr(p: Path | str) -> int:
+    """The user-set inode flags (FS_IOC_GETFLAGS)."""
+    fd = _flags_fd(p)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
+        return int.from_bytes(buf[:4], sys.byteorder) & USER_FLAGS
+    finally:
+        os.close(fd)
+
+
+def _chattr(p: Path | str, add: int, remove: int = 0) -> str:
+    """chattr: FS_IOC_GETFLAGS, then FS_IOC_SETFLAGS with ``add`` set and ``remove`` cleared."""
+    fd = _flags_fd(p)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
+        flags = (int.from_bytes(buf[:4], sys.byteorder) | add) & ~remove
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags.to_bytes(8, sys.byteorder))
+        return "ok"
+    finally:
+        os.close(fd)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def _read(p: Path | str) -> bytes:
     fd = os.open(p, os.O_RDONLY | _NB)
     try:
@@ -316,6 +361,11 @@ OPS: dict[str, Callable[..., Outcome]] = {
         _at(r, p), atime, mtime, nofollow=nofollow
     ),
     "exists": lambda r, fds, p: os.path.lexists(_at(r, p)),
+    "chattr": lambda r, fds, p, add, remove=0: _chattr(_at(r, p), add, remove),
+    "lsattr": lambda r, fds, p: _lsattr(_at(r, p)),
+    "fallocate": lambda r, fds, p, mode, off, length: _with_fd(
+        _at(r, p), os.O_WRONLY | _NB, lambda fd: fallocate(fd, mode, off, length)
+    ),
     "read": lambda r, fds, p: _read(_at(r, p)),
     "readlink": lambda r, fds, p: os.readlink(_at(r, p)),
     "listdir": lambda r, fds, p: sorted(os.listdir(_at(r, p))),

@@ -157,7 +157,9 @@ def test_seekdir_to_an_offset_it_did_not_return_goes_on_from_the_next_entry(
             positions, names, after = listing_after_seeks(mnt, rel)
             for offset, rest in after.items():
                 where = f"{mnt}/{rel}: after seekdir to {offset}"
-                assert rest and set(rest) <= set(names) and names[-1] in rest, where
+                assert rest, where
+                assert set(rest) <= set(names), where
+                assert names[-1] in rest, where
                 if mnt == pair.cowfs:
                     first = next(i for i, p in enumerate(positions) if p >= offset)
                     assert rest == names[first:], where
