@@ -78,6 +78,16 @@ async def _in_thread(fn: Callable[..., R], *args: object) -> R:
     return await trio.to_thread.run_sync(fn, *args)
 
 
+def _drop_cached_attrs(inode: InodeT) -> None:
+    """Make the kernel ask for the attributes of ``inode`` again (after a change it does not
+    expect to change them). Where it refuses (no such inode in its cache, no kernel at all) there
+    is nothing cached to drop."""
+    try:
+        pyfuse3.invalidate_inode(inode, attr_only=True)
+    except OSError as e:
+        log.debug("attributes of inode %d not invalidated: %s", inode, e)
+
+
 def has_file_calls() -> bool:
     """Whether this pyfuse3 passes on fallocate, lseek (``SEEK_DATA``/``SEEK_HOLE``) and ioctl
     requests (``patches/pyfuse3/0002``).
@@ -446,6 +456,8 @@ class Operations(pyfuse3.Operations):
         if cmd in fileattr.SET_SIZES:
             # In a thread: it copies the object up.
             await _in_thread(self.overlay.set_fileattr, node, cmd, in_buf)
+            # The ctime changed, and the kernel keeps its cached attributes after an ioctl.
+            _drop_cached_attrs(inode)
             return b""
         handle = None if flags & FUSE_IOCTL_DIR else self._files.get(fh)
         return self.overlay.get_fileattr(node, handle, cmd, out_size)
@@ -603,4 +615,4 @@ class Operations(pyfuse3.Operations):
         """Setting an access ACL changes the mode bits (``cp -a`` and ``setfacl`` set modes so),
         but the kernel keeps its cached attributes after a setxattr: drop them."""
         if name == b"system.posix_acl_access":
-            pyfuse3.invalidate_inode(inode, attr_only=True)
+            _drop_cached_attrs(inode)

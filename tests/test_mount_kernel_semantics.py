@@ -5,6 +5,8 @@ after fallocate, remount read-only, and O_DIRECT writes beside buffered reads.""
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from conformance_support import (
     FS_APPEND_FL,
     FS_IMMUTABLE_FL,
+    FS_NOATIME_FL,
     Pair,
     reference,
     run_op,
@@ -103,3 +106,17 @@ def test_utime_now_on_an_append_only_object(pair: Pair) -> None:
         for rel in ("if", "id"):
             assert pair.run(("utimensat", rel, "now", "now")) == "EPERM", rel
         pair.check()
+
+
+@pytest.mark.parametrize("rel", ["af", "uaf", "d"])
+def test_chattr_changes_the_ctime_seen_through_the_mount(pair: Pair, rel: str) -> None:
+    """chattr +A and -A change the ctime (of the upper copy); stat shows it at once."""
+    for flags in ((FS_NOATIME_FL, 0), (0, FS_NOATIME_FL)):
+        changed = []
+        for side in (pair.kernel, pair.cowfs):
+            before = os.stat(side / rel).st_ctime_ns  # cached by the kernel from here on
+            time.sleep(0.01)  # past a coarse clock's granularity
+            assert run_op(side, {}, ("chattr", rel, *flags)) == "ok"
+            changed.append(os.stat(side / rel).st_ctime_ns > before)
+        assert changed == [True, True], (rel, flags)
+    pair.check()
