@@ -78,6 +78,21 @@ async def _in_thread(fn: Callable[..., R], *args: object) -> R:
     return await trio.to_thread.run_sync(fn, *args)
 
 
+def _in_group(ctx: pyfuse3.RequestContext, gid: int) -> bool:
+    """Whether the caller is in group ``gid``: its own group or a supplementary one (which the
+    request does not carry: read from /proc; not in it if the caller is gone)."""
+    if ctx.gid == gid:
+        return True
+    try:
+        with open(f"/proc/{ctx.pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Groups:"):
+                    return str(gid) in line.split()[1:]
+    except OSError:
+        pass
+    return False
+
+
 def _drop_cached_attrs(inode: InodeT) -> None:
     """Make the kernel ask for the attributes of ``inode`` again (after a change it does not
     expect to change them). Where it refuses (no such inode in its cache, no kernel at all) there
@@ -297,8 +312,18 @@ class Operations(pyfuse3.Operations):
                       fields: pyfuse3.SetattrFields, fh: FileHandleT | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._inode(inode)
+        mode = attr.st_mode if fields.update_mode else None
+        if mode is not None and mode & stat.S_ISGID and ctx.uid != 0:
+            gid = attr.st_gid if fields.update_gid else self.overlay.stat(node).st_gid
+            if not _in_group(ctx, gid):
+                # The kernel's setattr_should_drop_sgid (Linux 6.2): S_ISGID goes when the
+                # caller is outside the file's group. The kernel's FUSE, killing the set-ID bits
+                # for a write or fallocate, keeps it unless the group may execute (the older
+                # rule), so cowfs applies the rule to the mode it is sent (a chmod arrives with
+                # the bit already dropped).
+                mode &= ~stat.S_ISGID
         change = SetAttr(
-            mode=attr.st_mode if fields.update_mode else None,
+            mode=mode,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
             size=attr.st_size if fields.update_size else None,

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 from conformance_support import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
     FS_APPEND_FL,
     FS_IMMUTABLE_FL,
     FS_NOATIME_FL,
@@ -20,7 +23,7 @@ from conformance_support import (
     run_op,
     started_pair,
 )
-from support import Dir
+from support import Dir, File
 
 from cowfs.operations import has_file_calls
 
@@ -120,3 +123,46 @@ def test_chattr_changes_the_ctime_seen_through_the_mount(pair: Pair, rel: str) -
             changed.append(os.stat(side / rel).st_ctime_ns > before)
         assert changed == [True, True], (rel, flags)
     pair.check()
+
+
+USER, GROUP = 1000, 1000
+SETID_MODES = (0o6666, 0o6766, 0o6776, 0o6777)
+SETID = {
+    **{f"{where}-{mode:o}-{group}": File(content=b"x" * 8192, mode=mode, uid=USER, gid=gid)
+       for mode in SETID_MODES for group, gid in (("theirs", 0), ("mine", GROUP))
+       for where in ("lo", "up")},
+    "chmod-theirs": File(mode=0o755, uid=USER, gid=0),
+    "chmod-mine": File(mode=0o755, uid=USER, gid=GROUP),
+}
+
+
+@pytest.fixture
+def setid_pair(tmp_path: Path) -> Iterator[Pair]:
+    lower = {k: v for k, v in SETID.items() if not k.startswith("up-")}
+    upper = {k: v for k, v in SETID.items() if k.startswith("up-")}
+    with started_pair(tmp_path, [lower], upper=upper, cowfs_options=("allow_other",),
+                      public=True, **reference()) as p:
+        yield p
+
+
+@pytest.mark.parametrize("how", ["allocate", "punch", "zero", "write"])
+def test_a_change_by_a_user_drops_set_id_bits_as_the_kernel(setid_pair: Pair, how: str) -> None:
+    """After fallocate (each mode) or a write: S_ISUID always goes; S_ISGID goes when the group
+    may execute, or when the caller is not in the file's group (setattr_should_drop_sgid)."""
+    modes = {"allocate": 0, "punch": FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+             "zero": FALLOC_FL_ZERO_RANGE}
+    for rel in SETID:
+        if rel.startswith(("lo-", "up-")):
+            step = (("pwrite", rel, 100, b"y") if how == "write"
+                    else ("fallocate", rel, modes[how], 0, 4096))
+            assert setid_pair.run_as(USER, GROUP, step) == "ok"
+            assert setid_pair.run(("stat", rel)) is not None
+    setid_pair.check()
+
+
+def test_chmod_by_an_owner_outside_the_group_drops_setgid(setid_pair: Pair) -> None:
+    """chmod g+s by the owner keeps S_ISGID only if the owner is in the file's group."""
+    for rel in ("chmod-theirs", "chmod-mine"):
+        assert setid_pair.run_as(USER, GROUP, ("chmod", rel, 0o2755)) == "ok"
+        setid_pair.run(("stat", rel))
+    setid_pair.check()
