@@ -414,7 +414,10 @@ class Operations(pyfuse3.Operations):
             handle = await _in_thread(self.overlay.open, node, int(flags))
         else:
             handle = self.overlay.open(node, int(flags))
-        return pyfuse3.FileInfo(fh=self._new_fh(self._files, handle), keep_cache=True)
+        # Reads served from the page cache never reach cowfs, so a strictatime mount, where
+        # each read sets the access time, starts every open with the file's pages dropped.
+        return pyfuse3.FileInfo(fh=self._new_fh(self._files, handle),
+                                keep_cache=not handle.strict_atime)
 
     @_errno_boundary
     async def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
@@ -428,6 +431,9 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         handle = self._file(fh)
+        if handle.strict_atime and not self.overlay.mounted_read_only:
+            handle.accessed()
+            _drop_cached_attrs(InodeT(handle.inode.number))  # stat shows the new access time
         view = self._read_buffer(size)
         n = handle.read_cached(off, view)
         if n is None and size <= INLINE_READ_MAX:

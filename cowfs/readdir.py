@@ -37,11 +37,13 @@ def merge_names(listings: Iterable[Iterable[str]], hidden: Container[str] = ()) 
     return list(seen)
 
 
-def candidate_names(directory: Inode, hidden: Container[str]) -> list[str]:
+def candidate_names(directory: Inode, hidden: Container[str], *,
+                    upper_noatime: bool = False) -> list[str]:
     """Every name that may be visible in ``directory`` (whiteouts are filtered by the caller)."""
     # Listing a lower directory leaves its access time alone (the kernel's overlayfs mounts its
-    # lowers noatime).
-    return merge_names((realfs.list_names(real.fd, noatime=not real.layer.is_upper)
+    # lowers noatime); the upper's too with ``upper_noatime`` (a noatime or read-only mount).
+    return merge_names((realfs.list_names(real.fd, noatime=upper_noatime
+                                          or not real.layer.is_upper)
                         for real in directory.reals), hidden)
 
 

@@ -299,6 +299,26 @@ def utimens_now(fd: int) -> None:
     os.utime(proc_path(fd))
 
 
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_UTIME_NOW = (1 << 30) - 1
+_UTIME_OMIT = (1 << 30) - 2
+_futimens = _libc.futimens
+_futimens.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_futimens.restype = ctypes.c_int
+
+
+@change
+def touch_atime(fd: int) -> None:
+    """The access time of an open file to now, its modification time unchanged."""
+    times = (_Timespec * 2)(_Timespec(0, _UTIME_NOW), _Timespec(0, _UTIME_OMIT))
+    if _futimens(fd, times) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def protection(fd: int) -> int:
     """The immutable and append-only bits (:data:`PROTECTED`) of an object, from one ``statx``
     on its descriptor (an ``O_PATH`` one will do), without opening it as ``FS_IOC_GETFLAGS``

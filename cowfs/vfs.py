@@ -63,6 +63,12 @@ class Overlay:
         self.stack = stack
         #: ``-o noatime``: reading an upper file does not change its access time either.
         self.noatime = noatime
+        #: ``-o strictatime``: every read of an upper file sets its access time (the upper's own
+        #: mount may not: relatime). Followed across remounts, as is ``noatime``.
+        self.strictatime = False
+        #: The mount is read-only (``mount -o remount,ro``): the kernel refuses writes itself,
+        #: and reads and listings leave the upper's access times alone.
+        self.mounted_read_only = False
         if not stack.read_only:
             recover(stack)
         self.table = InodeTable(tuple(root_real(layer) for layer in stack.all),
@@ -298,12 +304,17 @@ class Overlay:
             self.copy_up.partial_of(inode)
         data = inode.data  # a metacopy file's data is the lower file's
         # A lower file's access time never changes (the kernel's overlayfs mounts its lowers
-        # noatime); an upper file's follows the upper's filesystem, unless -o noatime.
-        if data.layer.is_upper and not self.noatime:
+        # noatime); an upper file's follows the upper's filesystem (relatime, usually), unless
+        # the mount says otherwise: noatime or read-only (never), strictatime (every read, which
+        # the adapter asks for: FileHandle.strict_atime).
+        upper_atime = data.layer.is_upper and not self.noatime and not self.mounted_read_only
+        if upper_atime and not self.strictatime:
             fd = realfs.reopen(data.fd, real_flags(flags))
         else:
             fd = realfs.reopen_noatime(data.fd, real_flags(flags))
-        return FileHandle(inode, fd, on_upper=data.layer.is_upper)
+        handle = FileHandle(inode, fd, on_upper=data.layer.is_upper)
+        handle.strict_atime = upper_atime and self.strictatime
+        return handle
 
     def create(self, parent: Inode, name: str, mode: int, caller: Caller) -> FileHandle:
         inode, fd = self.namespace.create(parent, name, mode, caller)
@@ -351,7 +362,8 @@ class Overlay:
 
     def listing(self, directory: Inode) -> list[str]:
         """``"."``, ``".."`` and every name ``directory`` shows: what readdir offsets index."""
-        names = candidate_names(directory, self.hidden_names(directory))
+        names = candidate_names(directory, self.hidden_names(directory),
+                                upper_noatime=self.noatime or self.mounted_read_only)
         return [".", "..", *(name for name in names if self._listed(directory, name))]
 
     def _listed(self, directory: Inode, name: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,3 +167,49 @@ def test_chmod_by_an_owner_outside_the_group_drops_setgid(setid_pair: Pair) -> N
         assert setid_pair.run_as(USER, GROUP, ("chmod", rel, 0o2755)) == "ok"
         setid_pair.run(("stat", rel))
     setid_pair.check()
+
+
+def _remount(mnt: Path, flags: str) -> None:
+    """``mount -o remount,FLAGS MNT`` (through mount.fuse.cowfs for cowfs)."""
+    done = subprocess.run(["mount", "-o", f"remount,{flags}", str(mnt)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, f"mount -o remount,{flags} {mnt}: {done.stderr}"
+
+
+def test_remount_read_only_and_back(pair: Pair) -> None:
+    """mount -o remount,ro: writes fail EROFS, reads work and leave the upper's access times
+    alone (the upper file's atime would move by relatime's rule: it is not after its mtime);
+    remount,rw: writes work again."""
+    uppers = [pair.kernel_side.upper / "uaf", pair.cowfs_side.upper / "uaf"]
+    for side in (pair.kernel, pair.cowfs):
+        _remount(side, "ro")
+    before = [os.stat(p).st_atime_ns for p in uppers]
+    assert pair.run(("open_write", "uaf", "a", b"more")) == "EROFS"
+    assert pair.run(("mkdir", "new")) == "EROFS"
+    assert pair.run(("read", "uaf")) == b"upper, append only"
+    assert pair.run(("listdir", "uad")) == ["sub"]
+    assert [os.stat(p).st_atime_ns for p in uppers] == before, "a read changed the upper"
+    for side in (pair.kernel, pair.cowfs):
+        _remount(side, "rw")
+    assert pair.run(("open_write", "uaf", "a", b"more")) == 22
+    assert pair.run(("mkdir", "new")) == "ok"
+    pair.check()
+
+
+@pytest.fixture
+def strict_pair(tmp_path: Path) -> Iterator[Pair]:
+    with started_pair(tmp_path, [LOWER], upper=UPPER, kernel_options=("strictatime",),
+                      cowfs_options=("strictatime",)) as p:
+        yield p
+
+
+def test_strictatime_sets_the_access_time_on_every_read(strict_pair: Pair) -> None:
+    """-o strictatime: each read of an upper file sets its access time, also where the upper's
+    own mount (relatime) would not, and stat through the mount shows it."""
+    for side in (strict_pair.kernel, strict_pair.cowfs):
+        times = []
+        for _ in range(3):
+            (side / "uaf").read_bytes()
+            times.append(os.stat(side / "uaf").st_atime_ns)
+            time.sleep(0.02)  # past a coarse clock's granularity
+        assert times[0] < times[1] < times[2], side
