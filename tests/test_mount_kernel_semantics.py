@@ -1,6 +1,6 @@
 """Where the kernel's own semantics meet the new calls (issue 22), in lockstep with the kernel's
 overlayfs over ext4: the immutable and append-only flags, the ctime after chattr, the set-ID bits
-after fallocate, remount read-only, and O_DIRECT writes beside buffered reads."""
+after a write or fallocate, remount read-only, and strictatime."""
 
 from __future__ import annotations
 
@@ -213,3 +213,4 @@ def test_strictatime_sets_the_access_time_on_every_read(strict_pair: Pair) -> No
             times.append(os.stat(side / "uaf").st_atime_ns)
             time.sleep(0.02)  # past a coarse clock's granularity
         assert times[0] < times[1] < times[2], side
+
