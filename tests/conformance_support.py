@@ -39,6 +39,7 @@ import pytest
 from support import (
     CowfsMount,
     Dir,
+    DirStream,
     Entry,
     File,
     KernelOverlay,
@@ -293,6 +294,32 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def _seekdir(p: Path | str) -> tuple[bool, bool]:
+    """A directory read through libc, then sought: whether seekdir() to each telldir() position
+    reads on exactly from there, and whether seekdir() to an offset no entry had (one past each
+    position, below the last entry's) reads on to the last entry (ext4's offsets are hashes, the
+    kernel's overlayfs's and cowfs's indexes: what both share is comparable)."""
+    with DirStream(Path(p)) as stream:
+        positions, names = [], []
+        while True:
+            positions.append(stream.tell())
+            name = stream.read()
+            if name is None:
+                break
+            names.append(name)
+        back = True
+        for i, position in enumerate(positions):
+            stream.seek(position)
+            back = back and stream.read_all() == names[i:]
+        between = True
+        for position in positions[:-2]:
+            if position + 1 not in positions and position + 1 < positions[-2]:
+                stream.seek(position + 1)
+                rest = stream.read_all()
+                between = between and bool(rest) and rest[-1] == names[-1]
+    return back, between
+
+
 def _read(p: Path | str) -> bytes:
     fd = os.open(p, os.O_RDONLY | _NB)
     try:
@@ -374,6 +401,7 @@ OPS: dict[str, Callable[..., Outcome]] = {
     "read": lambda r, fds, p: _read(_at(r, p)),
     "readlink": lambda r, fds, p: os.readlink(_at(r, p)),
     "listdir": lambda r, fds, p: sorted(os.listdir(_at(r, p))),
+    "seekdir": lambda r, fds, p: _seekdir(_at(r, p)),
     # Descriptors kept open across steps: hold number n is the n-th hold step of the run.
     "hold": lambda r, fds, p, how: _hold(_at(r, p), fds, how),
     "fd_read": lambda r, fds, n: os.pread(fds[n], READ_LIMIT, 0),
@@ -606,6 +634,8 @@ class Pair:
         if step == ("remount",):
             self.remount()
             return "ok"
+        if step[0] == "as":  # ("as", uid, gid, step): the step as that user (a public pair)
+            return self.run_as(step[1], step[2], step[3])
         trace(f"step {step!r}")
         tolerated = [t for t in self.tolerated if step[0] in t.ops]
         # Looking at the view reads files, which changes atimes on the kernel's side: only when

@@ -215,6 +215,9 @@ SIZES = (0, 1, 10, 4096, 5000, 100_000)
 MODES = (0o644, 0o600, 0o755, 0o000, 0o4755, 0o2755, 0o1777, 0o2775)
 UTIMES = tuple(OLD_NS + k * 7 * SECOND + k for k in range(4))
 XATTR_FLAGS = (0, os.XATTR_CREATE, os.XATTR_REPLACE)
+#: fallocate modes the kernel's FUSE passes on: allocate, KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE.
+FALLOCATE_MODES = (0, 0x01, 0x01 | 0x02, 0x10)
+USER = 1000
 _payloads = st.one_of(st.binary(min_size=1, max_size=20), st.just(b"y" * 5000))
 
 
@@ -241,8 +244,10 @@ class Conformance(RuleBasedStateMachine):
             self.dir,
             lowers,
             kernel_options=KERNEL_OPTIONS,
+            cowfs_options=("allow_other",),  # for the steps run as another user
             tolerated=list(TOLERATED.values()),
             watchdog=self.watchdog,
+            public=True,
         )
         self.pair.start()
         self.current = view(self.pair.kernel)
@@ -382,6 +387,25 @@ class Conformance(RuleBasedStateMachine):
     @rule(data=st.data(), name=st.sampled_from([*XATTR_NAMES, "user.overlay.k3"]))
     def removexattr(self, data: st.DataObject, name: str) -> None:
         self._step("removexattr", self._existing(data, "file", "dir"), name)
+
+    @rule(data=st.data())
+    def seekdir(self, data: st.DataObject) -> None:
+        self._step("seekdir", data.draw(st.sampled_from([".", *self._paths("dir")])))
+
+    @rule(data=st.data(), mode=st.sampled_from(FALLOCATE_MODES), offset=st.sampled_from(OFFSETS))
+    def fallocate(self, data: st.DataObject, mode: int, offset: int) -> None:
+        self._step("fallocate", self._existing(data, "file"), mode, offset, 4096)
+
+    @rule(data=st.data(), offset=st.sampled_from(OFFSETS), payload=_payloads,
+          fallocate=st.booleans())
+    def change_as_user(self, data: st.DataObject, offset: int, payload: bytes,
+                       fallocate: bool) -> None:
+        """A write or fallocate by a user without CAP_FSETID: set-ID bits may go (a file the
+        user may write: chown to 1000 and chmod 4755/2755 on the way make one)."""
+        path = self._existing(data, "file")
+        step = (("fallocate", path, 0, offset, 4096) if fallocate
+                else ("pwrite", path, offset, payload))
+        self._step("as", USER, USER, step)
 
     @rule()
     def remount(self) -> None:

@@ -213,4 +213,3 @@ def test_strictatime_sets_the_access_time_on_every_read(strict_pair: Pair) -> No
             times.append(os.stat(side / "uaf").st_atime_ns)
             time.sleep(0.02)  # past a coarse clock's granularity
         assert times[0] < times[1] < times[2], side
-
