@@ -300,13 +300,7 @@ def _seekdir(p: Path | str) -> tuple[bool, bool]:
     position, below the last entry's) reads on to the last entry (ext4's offsets are hashes, the
     kernel's overlayfs's and cowfs's indexes: what both share is comparable)."""
     with DirStream(Path(p)) as stream:
-        positions, names = [], []
-        while True:
-            positions.append(stream.tell())
-            name = stream.read()
-            if name is None:
-                break
-            names.append(name)
+        positions, names = stream.read_with_positions()
         back = True
         for i, position in enumerate(positions):
             stream.seek(position)

@@ -93,13 +93,7 @@ def listing_from_each_position(mnt: Path, rel: str) -> tuple[list[str], list[lis
     """All names of a directory, and for each telldir() position taken during that first pass,
     the names read after seekdir() back to it."""
     with DirStream(mnt / rel) as stream:
-        positions, names = [], []
-        while True:
-            positions.append(stream.tell())
-            name = stream.read()
-            if name is None:
-                break
-            names.append(name)
+        positions, names = stream.read_with_positions()
         rests = []
         for position in reversed(positions):
             stream.seek(position)
@@ -129,9 +123,7 @@ def listing_after_seeks(mnt: Path, rel: str) -> tuple[list[int], list[str], dict
     entry's position that is not a position (one past each position, and 1 to 3), the names read
     after seekdir() to it."""
     with DirStream(mnt / rel) as stream:
-        positions, names = [], []
-        while (name := (positions.append(stream.tell()), stream.read())[1]) is not None:
-            names.append(name)
+        positions, names = stream.read_with_positions()
         wanted = {p + 1 for p in positions} | {1, 2, 3}
         after = {}
         for offset in sorted(o for o in wanted if o not in positions and o < positions[-2]):
