@@ -153,6 +153,17 @@ def _clear_node_id(entry: pyfuse3.EntryAttributes) -> bool:
     return True
 
 
+def can_inherit_acls() -> bool:
+    """Whether this pyfuse3 can leave the umask to cowfs (``Operations.enable_dont_mask``,
+    ``patches/pyfuse3/0004``), so that a new object in a directory with a default ACL takes that
+    ACL in place of the umask, as on the kernel's overlayfs. Otherwise the kernel applies the
+    umask before cowfs sees the mode, and the inherited ACL is masked by it too.
+    ``COWFS_STOCK_PYFUSE3=1`` makes cowfs behave as on a stock pyfuse3."""
+    if os.environ.get("COWFS_STOCK_PYFUSE3") == "1":
+        return False
+    return hasattr(pyfuse3.Operations, "enable_dont_mask")
+
+
 def kernel_can_open_dirs() -> bool:
     """Whether this pyfuse3 passes the directory's inode to ``readdir`` (``ReaddirToken.inode``,
     ``patches/pyfuse3/0001``), so that ``opendir`` can be left to the kernel."""
@@ -205,6 +216,12 @@ class Operations(pyfuse3.Operations):
         self.timeout = timeout
         #: Read by pyfuse3 when the kernel connects.
         self.enable_writeback_cache = writeback
+        #: Read by pyfuse3 at INIT: the kernel applies POSIX ACLs itself (permission checks, the
+        #: mode an access ACL implies, S_ISGID dropped for a caller outside the group); cowfs
+        #: gives new objects their directory's default ACL (cowfs.acl).
+        self.enable_acl = True
+        #: Read by a pyfuse3 with patches/pyfuse3/0004 (:func:`can_inherit_acls`).
+        self.enable_dont_mask = can_inherit_acls()
         #: Whether opendir lets the kernel cache the listing (see the class docstring).
         self.cache_listings = timeout > 0 and can_cache_listings()
         #: Whether the kernel opens directories itself (see the class docstring).

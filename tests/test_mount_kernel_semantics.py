@@ -26,7 +26,7 @@ from conformance_support import (
 )
 from support import Dir, File
 
-from cowfs.operations import has_file_calls
+from cowfs.operations import can_inherit_acls, has_file_calls
 
 pytestmark = [
     pytest.mark.kernel,
@@ -213,3 +213,77 @@ def test_strictatime_sets_the_access_time_on_every_read(strict_pair: Pair) -> No
             times.append(os.stat(side / "uaf").st_atime_ns)
             time.sleep(0.02)  # past a coarse clock's granularity
         assert times[0] < times[1] < times[2], side
+
+
+# --- POSIX ACLs ------------------------------------------------------------------------------
+
+ACL_ACCESS, ACL_DEFAULT = "system.posix_acl_access", "system.posix_acl_default"
+_ACL_TAGS = {"u": 0x01, "U": 0x02, "g": 0x04, "G": 0x08, "m": 0x10, "o": 0x20}
+
+
+def acl(*entries: str) -> bytes:
+    """An ACL xattr value from entries such as ``u::rw-``, ``U:1000:r--`` (a named user),
+    ``g::r-x``, ``G:1000:rwx``, ``m::rwx``, ``o::---``."""
+    value = (2).to_bytes(4, "little")
+    for entry in entries:
+        tag, who, perms = entry.split(":")
+        bits = sum(bit for bit, c in zip((4, 2, 1), perms, strict=True) if c != "-")
+        ident = int(who) if who else 0xFFFFFFFF
+        value += (_ACL_TAGS[tag].to_bytes(2, "little") + bits.to_bytes(2, "little")
+                  + ident.to_bytes(4, "little"))
+    return value
+
+
+ACL_LOWER = {"f": File(b"f", mode=0o440), "d": Dir(mode=0o755), "d/old": File(),
+             "s": Dir(mode=0o2775),
+             "w": File(b"w", mode=0o2777, uid=0, gid=0)}
+
+
+@pytest.fixture
+def acl_pair(tmp_path: Path) -> Iterator[Pair]:
+    with started_pair(tmp_path, [ACL_LOWER], cowfs_options=("allow_other",), public=True,
+                      **reference()) as p:
+        yield p
+
+
+def test_access_acls_as_the_kernel_applies_them(acl_pair: Pair) -> None:
+    """An access ACL sets the mode's group bits to its mask and keeps the owner's; a chmod by
+    the owner outside the file's group drops S_ISGID (the kernel applies both: enable_acl)."""
+    run = acl_pair.run
+    assert run(("setxattr", "f", ACL_ACCESS, acl("u::r--", "U:1000:rw-", "g::r--", "m::rw-",
+                                                 "o::---"))) == "ok"
+    assert run(("stat", "f"))[0] == "-r--rw----"
+    assert acl_pair.run_as(1000, 1000, ("read", "f")) == b"f"  # the named user's entry
+    assert run(("chmod", "f", 0o400)) == "ok"
+    run(("getxattr", "f", ACL_ACCESS))
+    assert acl_pair.run_as(1000, 1000, ("read", "f")) == "EACCES"  # the mask is --- now
+    assert run(("chown", "w", 1000, 0)) == "ok"
+    assert acl_pair.run_as(1000, 1000, ("setxattr", "w", ACL_ACCESS,
+                                        acl("u::rwx", "g::rwx", "o::rwx"))) == "ok"
+    assert run(("stat", "w"))[0] == "-rwxrwxrwx"
+    acl_pair.check()
+
+
+@pytest.mark.skipif(not can_inherit_acls(), reason="needs patches/pyfuse3/0004 (make setup)")
+def test_default_acls_are_inherited_in_place_of_the_umask(acl_pair: Pair) -> None:
+    """A default ACL is inherited by new files and directories in place of the umask, also in a
+    set-group-ID directory and over a whiteout (built in the work directory)."""
+    run = acl_pair.run
+    os.umask(0o022)
+    assert run(("unlink", "d/old")) == "ok"
+    for d in ("d", "s"):
+        assert run(("setxattr", d, ACL_DEFAULT, acl("u::rwx", "g::rwx", "o::r-x"))) == "ok"
+        assert run(("mkdir", f"{d}/sub", 0o777)) == "ok"
+        assert run(("open", f"{d}/new", "cx", 0o666)) == "ok"
+        assert run(("setxattr", d, ACL_DEFAULT, acl("u::rwx", "U:1000:r-x", "g::r-x",
+                                                    "m::rwx", "o::---"))) == "ok"
+        assert run(("mkdir", f"{d}/named", 0o750)) == "ok"
+        for rel in (f"{d}/sub", f"{d}/new", f"{d}/named"):
+            run(("stat", rel))
+            run(("getxattr", rel, ACL_ACCESS))
+        run(("getxattr", f"{d}/sub", ACL_DEFAULT))
+    assert run(("open", "d/old", "cx", 0o666)) == "ok"  # over the whiteout
+    run(("stat", "d/old"))
+    assert run(("stat", "d/sub"))[0] == "drwxrwxr-x"
+    assert run(("stat", "s/sub"))[0] == "drwxrwsr-x"
+    acl_pair.check()
