@@ -255,6 +255,23 @@ FS_NOATIME_FL = 0x80
 USER_FLAGS = FS_APPEND_FL | FS_IMMUTABLE_FL | FS_NOATIME_FL | 0x40 | 0x8  # NODUMP, SYNC
 
 
+ACL_ACCESS, ACL_DEFAULT = "system.posix_acl_access", "system.posix_acl_default"
+_ACL_TAGS = {"u": 0x01, "U": 0x02, "g": 0x04, "G": 0x08, "m": 0x10, "o": 0x20}
+
+
+def acl(*entries: str) -> bytes:
+    """An ACL xattr value from entries such as ``u::rw-``, ``U:1000:r--`` (a named user),
+    ``g::r-x``, ``G:1000:rwx``, ``m::rwx``, ``o::---``."""
+    value = (2).to_bytes(4, "little")
+    for entry in entries:
+        tag, who, perms = entry.split(":")
+        bits = sum(bit for bit, c in zip((4, 2, 1), perms, strict=True) if c != "-")
+        ident = int(who) if who else 0xFFFFFFFF
+        value += (_ACL_TAGS[tag].to_bytes(2, "little") + bits.to_bytes(2, "little")
+                  + ident.to_bytes(4, "little"))
+    return value
+
+
 def _flags_fd(p: Path | str) -> int:
     return os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
 

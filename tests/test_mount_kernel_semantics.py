@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from conformance_support import (
+    ACL_ACCESS,
+    ACL_DEFAULT,
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
@@ -20,6 +22,7 @@ from conformance_support import (
     FS_IMMUTABLE_FL,
     FS_NOATIME_FL,
     Pair,
+    acl,
     reference,
     run_op,
     started_pair,
@@ -216,23 +219,6 @@ def test_strictatime_sets_the_access_time_on_every_read(strict_pair: Pair) -> No
 
 
 # --- POSIX ACLs ------------------------------------------------------------------------------
-
-ACL_ACCESS, ACL_DEFAULT = "system.posix_acl_access", "system.posix_acl_default"
-_ACL_TAGS = {"u": 0x01, "U": 0x02, "g": 0x04, "G": 0x08, "m": 0x10, "o": 0x20}
-
-
-def acl(*entries: str) -> bytes:
-    """An ACL xattr value from entries such as ``u::rw-``, ``U:1000:r--`` (a named user),
-    ``g::r-x``, ``G:1000:rwx``, ``m::rwx``, ``o::---``."""
-    value = (2).to_bytes(4, "little")
-    for entry in entries:
-        tag, who, perms = entry.split(":")
-        bits = sum(bit for bit, c in zip((4, 2, 1), perms, strict=True) if c != "-")
-        ident = int(who) if who else 0xFFFFFFFF
-        value += (_ACL_TAGS[tag].to_bytes(2, "little") + bits.to_bytes(2, "little")
-                  + ident.to_bytes(4, "little"))
-    return value
-
 
 ACL_LOWER = {"f": File(b"f", mode=0o440), "d": Dir(mode=0o755), "d/old": File(),
              "s": Dir(mode=0o2775),
