@@ -38,7 +38,7 @@ from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 from . import fileattr
 from .handles import FileHandle, wants_write
 from .inodes import Inode
-from .readdir import DirHandle, Snapshots
+from .readdir import DirHandle, Listing, Snapshots
 from .vfs import Caller, Overlay, SetAttr
 
 log = logging.getLogger(__name__)
@@ -545,7 +545,7 @@ class Operations(pyfuse3.Operations):
             names = handle.snapshot(start_id, self.overlay.listing)
             self._readdir_entries(handle.inode, start_id, names, token)
 
-    def _readdir_entries(self, directory: Inode, start: int, names: list[str],
+    def _readdir_entries(self, directory: Inode, start: int, names: Listing,
                          token: pyfuse3.ReaddirToken) -> int:
         """Reply with the entries from index ``start`` on, as many as fit; the entry at index
         ``i`` has the offset ``i + 1``. Returns the offset where the reply ended."""
@@ -583,7 +583,7 @@ class Operations(pyfuse3.Operations):
             replied = index + 1
         return replied
 
-    def _readdir_plain(self, directory: Inode, start: int, names: list[str],
+    def _readdir_plain(self, directory: Inode, start: int, names: Listing,
                        token: pyfuse3.ReaddirToken) -> int:
         """A listing without attributes: names, types and inode numbers only, and no lookups
         counted. Most entries cost one ``fstatat`` (:func:`cowfs.readdir.plain_entry`)."""
@@ -595,7 +595,7 @@ class Operations(pyfuse3.Operations):
                 found: tuple[int, int] | None = (stat.S_IFDIR, target.number)
             else:
                 try:
-                    found = self.overlay.plain_entry(directory, name)
+                    found = self.overlay.listed_plain(names, directory, name)
                 except OSError:
                     found = self.overlay.unresolved_entry(directory, name)  # listed, as above
             if found is None:

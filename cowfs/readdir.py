@@ -1,8 +1,9 @@
 """Merged directory listings (the kernel's fs/overlayfs/readdir.c).
 
 A listing is the union of the names in every layer of a directory, upper first, without duplicates
-and without whited-out names (one ``fstatat`` per name, :func:`is_listed`). The attributes of each
-entry come from the same resolution as a lookup, since readdirplus must look every entry up anyway.
+and without whited-out names (one ``fstatat`` per name, :func:`listed_entry`, which also keeps what
+a listing without attributes shows of a lower name). The attributes of each entry come from the
+same resolution as a lookup, since readdirplus must look every entry up anyway.
 
 The listing is taken once per open directory (and again on rewind), and offsets index into that
 snapshot, so they stay valid while the directory changes: ``rm -rf`` of a large merged directory,
@@ -108,20 +109,38 @@ def plain_entry(directory: Inode, name: str) -> tuple[int, int, int] | _NeedsLoo
     return stat.S_IFMT(st.st_mode), real.layer.index, st.st_ino
 
 
-def is_listed(directory: Inode, name: str) -> bool | _NeedsLookup:
+def listed_entry(directory: Inode, name: str
+                 ) -> tuple[bool | _NeedsLookup, tuple[int, int, int] | None]:
     """Whether a listing shows ``name`` (it is not whited out, nor gone), from one ``fstatat``
-    per layer; :data:`NEEDS_LOOKUP` where only a lookup can say (see :func:`plain_entry`)."""
+    per layer, :data:`NEEDS_LOOKUP` where only a lookup can say; and, for a name a lower layer
+    answers, what :func:`plain_entry` would (else None)."""
     found = _top(directory, name)
     if not isinstance(found, tuple):
-        return False if found is None else found
+        return (False if found is None else found), None
     real, st = found
     if schema.is_device_whiteout(st.st_mode, st.st_rdev):
-        return False
-    return NEEDS_LOOKUP if _may_hide(real, st) else True
+        return False, None
+    if _may_hide(real, st):
+        return NEEDS_LOOKUP, None
+    if real.layer.is_upper:
+        return True, None
+    return True, (stat.S_IFMT(st.st_mode), real.layer.index, st.st_ino)
 
 
-#: Lists a directory for a snapshot: ``"."``, ``".."`` and the names it shows (``Overlay.listing``).
-Lister = Callable[[Inode], list[str]]
+class Listing(list[str]):
+    """The names a snapshot serves: ``"."``, ``".."`` and every name the directory shows; and,
+    for the names a lower layer answers, the file type, layer index and inode number a listing
+    without attributes shows (:func:`plain_entry`), found by the same ``fstatat``."""
+
+    __slots__ = ("plain",)
+
+    def __init__(self, names: Iterable[str], plain: dict[str, tuple[int, int, int]]) -> None:
+        super().__init__(names)
+        self.plain = plain
+
+
+#: Lists a directory for a snapshot (``Overlay.listing``).
+Lister = Callable[[Inode], Listing]
 
 
 class DirHandle:
@@ -131,9 +150,9 @@ class DirHandle:
 
     def __init__(self, inode: Inode) -> None:
         self.inode = inode
-        self.names: list[str] | None = None
+        self.names: Listing | None = None
 
-    def snapshot(self, offset: int, listing: Lister) -> list[str]:
+    def snapshot(self, offset: int, listing: Lister) -> Listing:
         """The names to serve offsets into; offset 0 (a new read or a rewind) takes a fresh one."""
         if offset == 0 or self.names is None:
             self.names = listing(self.inode)
@@ -143,7 +162,7 @@ class DirHandle:
 class _Snapshot:
     __slots__ = ("directory", "names", "reached")
 
-    def __init__(self, directory: int, names: list[str]) -> None:
+    def __init__(self, directory: int, names: Listing) -> None:
         self.directory = directory
         self.names = names
         self.reached = 0  # the offset after the last entry served from it
@@ -176,7 +195,7 @@ class Snapshots:
         self._max_names = max_names
         self._counter = 0
 
-    def names(self, directory: Inode, offset: int, listing: Lister) -> tuple[int, list[str]]:
+    def names(self, directory: Inode, offset: int, listing: Lister) -> tuple[int, Listing]:
         """``(snapshot key, names)`` for a read of ``directory`` at ``offset``; the entry at
         index ``i`` gets the offset ``i + 1``. Tell :meth:`reached` where the reply ended."""
         if offset != 0:

@@ -28,7 +28,15 @@ from .layers import LayerStack
 from .metacopy import rebind, with_blocks
 from .namespace import Caller, Namespace
 from .nlink import merged_nlink
-from .readdir import NEEDS_LOOKUP, DirHandle, candidate_names, entry_type, is_listed, plain_entry
+from .readdir import (
+    NEEDS_LOOKUP,
+    DirHandle,
+    Listing,
+    candidate_names,
+    entry_type,
+    listed_entry,
+    plain_entry,
+)
 from .resolve import Real, root_real
 from .workdir import recover
 
@@ -360,16 +368,21 @@ class Overlay:
     def hidden_names(self, directory: Inode) -> tuple[str, ...]:
         return (schema.WORK_DIR_NAME,) if directory is self.table.root else ()
 
-    def listing(self, directory: Inode) -> list[str]:
+    def listing(self, directory: Inode) -> Listing:
         """``"."``, ``".."`` and every name ``directory`` shows: what readdir offsets index."""
-        names = candidate_names(directory, self.hidden_names(directory),
-                                upper_noatime=self.noatime or self.mounted_read_only)
-        return [".", "..", *(name for name in names if self._listed(directory, name))]
+        names, plain = [".", ".."], {}
+        for name in candidate_names(directory, self.hidden_names(directory),
+                                    upper_noatime=self.noatime or self.mounted_read_only):
+            listed, entry = listed_entry(directory, name)
+            if listed is NEEDS_LOOKUP:
+                listed = self._looked_up(directory, name)
+            if listed:
+                names.append(name)
+                if entry is not None:
+                    plain[name] = entry
+        return Listing(names, plain)
 
-    def _listed(self, directory: Inode, name: str) -> bool:
-        listed = is_listed(directory, name)
-        if listed is not NEEDS_LOOKUP:
-            return bool(listed)
+    def _looked_up(self, directory: Inode, name: str) -> bool:
         try:
             child = self.lookup(directory, name)
         except OSError:
@@ -378,6 +391,15 @@ class Overlay:
             return False
         self.forget(child.number, 1)
         return True
+
+    def listed_plain(self, listing: Listing, directory: Inode, name: str
+                     ) -> tuple[int, int] | None:
+        """:meth:`plain_entry`, from what ``listing`` found already where it did."""
+        found = listing.plain.get(name)
+        if found is None:
+            return self.plain_entry(directory, name)
+        kind, layer, ino = found
+        return kind, self.table.numbers.number(layer, ino)
 
     def fsyncdir(self, inode: Inode) -> None:
         upper = inode.upper
