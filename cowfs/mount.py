@@ -235,25 +235,29 @@ def remount(mountpoint: Path, specs: list[str]) -> None:
     access-time policy, ...) with mount(2) ``MS_REMOUNT``, which the kernel applies to a FUSE
     mount by itself. The flags not named stay as they are (a remount replaces them all). Options
     of cowfs itself (layers, caching) stay as mounted: mount(8) repeats them on a remount."""
-    if not os.path.ismount(mountpoint):
-        raise CowfsError(f"{str(mountpoint)!r} is not a mount point")
-    current = os.statvfs(mountpoint).f_flag
-    wanted = {name for name, (_, bit) in _MOUNT_FLAGS.items() if bit and current & bit}
+    changes = []
     for spec in specs:
         for opt in filter(None, spec.split(",")):
             key = opt.partition("=")[0]
-            if key in ATIME_OPTIONS:
-                wanted -= ATIME_OPTIONS
-                if key != "atime":
-                    wanted.add(key)
-            elif key in _MOUNT_FLAGS:
-                wanted.add(key)
-            elif key in _CLEARING:
-                wanted.discard(_CLEARING[key])
+            if key in ATIME_OPTIONS or key in _MOUNT_FLAGS or key in _CLEARING:
+                changes.append(key)
             elif key not in _REPEATED_ON_REMOUNT:
                 MountOptions.parse([opt])  # refuses an unknown option with a clear message
                 log.info("remount: %s stays as mounted (only ro/rw, nosuid, nodev, noexec, sync "
                          "and the access-time options change)", opt)
+    if not os.path.ismount(mountpoint):
+        raise CowfsError(f"{str(mountpoint)!r} is not a mount point")
+    current = os.statvfs(mountpoint).f_flag
+    wanted = {name for name, (_, bit) in _MOUNT_FLAGS.items() if bit and current & bit}
+    for key in changes:
+        if key in ATIME_OPTIONS:
+            wanted -= ATIME_OPTIONS
+            if key != "atime":
+                wanted.add(key)
+        elif key in _MOUNT_FLAGS:
+            wanted.add(key)
+        else:
+            wanted.discard(_CLEARING[key])
     flags = MS_REMOUNT
     for name in wanted:
         flags |= _MOUNT_FLAGS[name][0]
