@@ -33,7 +33,7 @@ PASSED_FLAGS = os.O_TRUNC | os.O_SYNC | os.O_DSYNC
 class FileHandle:
     """One open of a regular file."""
 
-    __slots__ = ("_lock", "_nowait", "_stale_fds", "_sync", "fd", "inode", "on_upper",
+    __slots__ = ("_lock", "_nowait", "_stale_fds", "_sync", "direct", "fd", "inode", "on_upper",
                  "strict_atime")
 
     def __init__(self, inode: Inode, fd: int, on_upper: bool) -> None:
@@ -46,6 +46,9 @@ class FileHandle:
         self._sync: bool | None = None
         #: Every read sets the upper file's access time (``-o strictatime``: :meth:`accessed`).
         self.strict_atime = False
+        #: Opened ``O_DIRECT``: the kernel's page cache of the file is dropped after each write
+        #: (see ``Operations.write``).
+        self.direct = False
 
     def read_fd(self) -> int:
         """The descriptor to read from: the upper copy as soon as there is one."""

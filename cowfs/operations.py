@@ -431,6 +431,7 @@ class Operations(pyfuse3.Operations):
             handle = await _in_thread(self.overlay.open, node, int(flags))
         else:
             handle = self.overlay.open(node, int(flags))
+        handle.direct = bool(flags & os.O_DIRECT)
         # Reads served from the page cache never reach cowfs, so a strictatime mount, where
         # each read sets the access time, starts every open with the file's pages dropped.
         return pyfuse3.FileInfo(fh=self._new_fh(self._files, handle),
@@ -442,6 +443,7 @@ class Operations(pyfuse3.Operations):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         handle = self.overlay.create(self._inode(parent_inode), os.fsdecode(name), mode,
                                      _caller(ctx))
+        handle.direct = bool(flags & os.O_DIRECT)
         info = pyfuse3.FileInfo(fh=self._new_fh(self._files, handle), keep_cache=True)
         return info, self._attrs(handle.inode)
 
@@ -465,8 +467,25 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         handle = self._file(fh)
         if len(buf) <= INLINE_WRITE_MAX and not handle.writes_sync and handle.inode.partial is None:
-            return handle.write(off, buf)
-        return await _in_thread(handle.write, off, buf)
+            written = handle.write(off, buf)
+        else:
+            written = await _in_thread(handle.write, off, buf)
+        if handle.direct:
+            await self._drop_cached_pages(handle.inode.number)
+        return written
+
+    @staticmethod
+    async def _drop_cached_pages(number: int) -> None:
+        """After a direct write: drop the kernel's cached pages of the file, before the write is
+        answered. The kernel drops the range before an ``O_DIRECT`` write, but after one that
+        completes asynchronously (io_submit) it does not: a buffered read that cowfs served
+        meanwhile from the old bytes (in another thread) would otherwise stay in the page cache,
+        and a read issued after the write completed would return them. In a worker thread: the
+        kernel waits for pages that reads in flight hold, which this loop must go on serving."""
+        try:
+            await _in_thread(pyfuse3.invalidate_inode, InodeT(number), False)
+        except OSError as e:
+            log.debug("pages of inode %d not invalidated: %s", number, e)
 
     @_errno_boundary
     async def flush(self, fh: FileHandleT) -> None:
