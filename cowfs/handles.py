@@ -46,8 +46,7 @@ class FileHandle:
         self._sync: bool | None = None
         #: Every read sets the upper file's access time (``-o strictatime``: :meth:`accessed`).
         self.strict_atime = False
-        #: Opened ``O_DIRECT``: the kernel's page cache of the file is dropped after each write
-        #: (see ``Operations.write``).
+        #: Opened ``O_DIRECT``: every write runs inline (see ``Operations.write``).
         self.direct = False
 
     def read_fd(self) -> int:

@@ -466,26 +466,16 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         handle = self._file(fh)
-        if len(buf) <= INLINE_WRITE_MAX and not handle.writes_sync and handle.inode.partial is None:
-            written = handle.write(off, buf)
-        else:
-            written = await _in_thread(handle.write, off, buf)
-        if handle.direct:
-            await self._drop_cached_pages(handle.inode.number)
-        return written
-
-    @staticmethod
-    async def _drop_cached_pages(number: int) -> None:
-        """After a direct write: drop the kernel's cached pages of the file, before the write is
-        answered. The kernel drops the range before an ``O_DIRECT`` write, but after one that
-        completes asynchronously (io_submit) it does not: a buffered read that cowfs served
-        meanwhile from the old bytes (in another thread) would otherwise stay in the page cache,
-        and a read issued after the write completed would return them. In a worker thread: the
-        kernel waits for pages that reads in flight hold, which this loop must go on serving."""
-        try:
-            await _in_thread(pyfuse3.invalidate_inode, InodeT(number), False)
-        except OSError as e:
-            log.debug("pages of inode %d not invalidated: %s", number, e)
+        # A write through an O_DIRECT descriptor runs inline, whatever it costs (a partly
+        # copied-up file copies blocks in): in a worker thread, a buffered read that arrived
+        # after it could be served the old bytes meanwhile, and the kernel, which drops the
+        # range's cached pages before a direct write but not after one that completes
+        # asynchronously (io_submit), would keep them. Inline, the write is done before any
+        # request that came after it is served.
+        if handle.direct or (len(buf) <= INLINE_WRITE_MAX and not handle.writes_sync
+                             and handle.inode.partial is None):
+            return handle.write(off, buf)
+        return await _in_thread(handle.write, off, buf)
 
     @_errno_boundary
     async def flush(self, fh: FileHandleT) -> None:
