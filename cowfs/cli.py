@@ -266,6 +266,10 @@ def helper_arguments(source_options: list[str]) -> tuple[str, str, str | None, l
 def mount_helper_main(argv: Sequence[str] | None = None) -> int:
     args = _helper_parser().parse_args(argv)
     try:
+        if "remount" in ",".join(args.options).split(","):
+            from .mount import remount  # pyfuse3 only where it is needed
+            remount(Path(args.mountpoint), args.options)
+            return 0
         lower, upper, work, rest = helper_arguments(args.options)
         mount(lower, upper, args.mountpoint, work=work, options=[",".join(rest)],
               foreground=False, log_file=None)

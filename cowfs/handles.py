@@ -33,7 +33,8 @@ PASSED_FLAGS = os.O_TRUNC | os.O_SYNC | os.O_DSYNC
 class FileHandle:
     """One open of a regular file."""
 
-    __slots__ = ("_lock", "_nowait", "_stale_fds", "_sync", "fd", "inode", "on_upper")
+    __slots__ = ("_lock", "_nowait", "_stale_fds", "_sync", "direct", "fd", "inode", "on_upper",
+                 "strict_atime")
 
     def __init__(self, inode: Inode, fd: int, on_upper: bool) -> None:
         self.inode = inode
@@ -43,6 +44,10 @@ class FileHandle:
         self._lock = threading.Lock()
         self._nowait = True  # until the real filesystem says it has no non-blocking reads
         self._sync: bool | None = None
+        #: Every read sets the upper file's access time (``-o strictatime``: :meth:`accessed`).
+        self.strict_atime = False
+        #: Opened ``O_DIRECT``: every write runs inline (see ``Operations.write``).
+        self.direct = False
 
     def read_fd(self) -> int:
         """The descriptor to read from: the upper copy as soon as there is one."""
@@ -94,6 +99,11 @@ class FileHandle:
         if n < len(buf) and offset + n < os.fstat(fd).st_size:
             return None
         return n
+
+    def accessed(self) -> None:
+        """Set the access time after a read, as a strictatime mount does (the real descriptor is
+        open ``O_NOATIME``, so that reads alone change nothing)."""
+        realfs.touch_atime(self.fd)
 
     @property
     def writes_sync(self) -> bool:

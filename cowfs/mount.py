@@ -29,9 +29,11 @@ import dataclasses
 import logging
 import os
 import resource
+import select
 import signal
 import stat
 import struct
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,6 +232,102 @@ def set_mount_flags(mountpoint: Path, options: MountOptions) -> None:
                          f"{os.strerror(err)}")
 
 
+#: mount(2) flags (linux/mount.h), and the statvfs flags that show each on a mount.
+MS_REMOUNT = 0x20
+_MOUNT_FLAGS = {  # option: (mount(2) flag, statvfs f_flag bit)
+    "ro": (0x1, os.ST_RDONLY),
+    "nosuid": (0x2, os.ST_NOSUID),
+    "nodev": (0x4, os.ST_NODEV),
+    "noexec": (0x8, os.ST_NOEXEC),
+    "sync": (0x10, os.ST_SYNCHRONOUS),
+    "noatime": (0x400, os.ST_NOATIME),
+    "nodiratime": (0x800, os.ST_NODIRATIME),
+    "relatime": (0x200000, os.ST_RELATIME),
+    "strictatime": (0x1000000, 0),
+}
+#: What mount(8) repeats of the mount table on a remount (the FUSE connection's options), and
+#: the layers of an fstab line: none of these change on a remount.
+_REPEATED_ON_REMOUNT = frozenset({"user_id", "group_id", "default_permissions", "allow_other",
+                                  "max_read", "blksize", "rootmode", "fd", "lowerdir", "upperdir",
+                                  "workdir", "remount"})
+#: Options that clear one of those flags again.
+_CLEARING = {"rw": "ro", "suid": "nosuid", "dev": "nodev", "exec": "noexec", "async": "sync",
+             "diratime": "nodiratime"}
+
+
+def remount(mountpoint: Path, specs: list[str]) -> None:
+    """``mount -o remount,...``: change the flags of a mounted cowfs (read-only, nosuid, the
+    access-time policy, ...) with mount(2) ``MS_REMOUNT``, which the kernel applies to a FUSE
+    mount by itself. The flags not named stay as they are (a remount replaces them all). Options
+    of cowfs itself (layers, caching) stay as mounted: mount(8) repeats them on a remount."""
+    changes = []
+    for spec in specs:
+        for opt in filter(None, spec.split(",")):
+            key = opt.partition("=")[0]
+            if key in ATIME_OPTIONS or key in _MOUNT_FLAGS or key in _CLEARING:
+                changes.append(key)
+            elif key not in _REPEATED_ON_REMOUNT:
+                MountOptions.parse([opt])  # refuses an unknown option with a clear message
+                log.info("remount: %s stays as mounted (only ro/rw, nosuid, nodev, noexec, sync "
+                         "and the access-time options change)", opt)
+    if not os.path.ismount(mountpoint):
+        raise CowfsError(f"{str(mountpoint)!r} is not a mount point")
+    current = os.statvfs(mountpoint).f_flag
+    wanted = {name for name, (_, bit) in _MOUNT_FLAGS.items() if bit and current & bit}
+    for key in changes:
+        if key in ATIME_OPTIONS:
+            wanted -= ATIME_OPTIONS
+            if key != "atime":
+                wanted.add(key)
+        elif key in _MOUNT_FLAGS:
+            wanted.add(key)
+        else:
+            wanted.discard(_CLEARING[key])
+    flags = MS_REMOUNT
+    for name in wanted:
+        flags |= _MOUNT_FLAGS[name][0]
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(None, os.fsencode(mountpoint), None, ctypes.c_ulong(flags), None) != 0:
+        err = ctypes.get_errno()
+        raise CowfsError(f"cannot remount {str(mountpoint)!r}: {os.strerror(err)}")
+
+
+def apply_mount_flags(mountpoint: Path, overlay: Overlay) -> None:
+    """Tell ``overlay`` the read-only flag and access-time policy its mount has now."""
+    found = [m for m in mounts.fuse_mounts_at(mountpoint) if m.fstype == "fuse.cowfs"]
+    if not found:
+        return  # unmounted meanwhile
+    flags = set(found[-1].options.split(","))
+    overlay.mounted_read_only = "ro" in flags
+    overlay.noatime = "noatime" in flags
+    overlay.strictatime = not flags & {"noatime", "relatime"}
+
+
+def follow_mount_flags(mountpoint: Path, overlay: Overlay) -> None:
+    """Keep the overlay's idea of its mount's flags true across remounts (``mount -o remount,ro``,
+    ``remount,strictatime``): the kernel applies them to a FUSE mount without telling the
+    daemon, but the mount table signals every change (``POLLPRI`` on /proc/self/mountinfo), and a
+    thread waits for that. What the daemon needs them for: a read-only or noatime mount leaves
+    the upper's access times alone, a strictatime one sets them on every read."""
+    apply_mount_flags(mountpoint, overlay)
+    table = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+    poller = select.poll()
+    poller.register(table, select.POLLPRI)
+
+    def follow() -> None:
+        while True:
+            os.lseek(table, 0, os.SEEK_SET)
+            while os.read(table, 1 << 16):  # reading it all acknowledges the change
+                pass
+            poller.poll()
+            try:
+                apply_mount_flags(mountpoint, overlay)
+            except (OSError, ValueError) as e:
+                log.warning("cannot read the mount's flags: %s", e)
+
+    threading.Thread(target=follow, name="mount-flags", daemon=True).start()
+
+
 def check_privileges(options: MountOptions) -> None:
     if options.set_after_mount and os.geteuid() != 0:
         raise CowfsError("-o strictatime and -o nodiratime need root: the kernel takes them only "
@@ -381,6 +479,7 @@ def serve(paths: LayerPaths, stack: LayerStack, mountpoint: Path, options: Mount
         unmount = True
         cleanup.callback(lambda: pyfuse3.close(unmount=unmount))
         set_mount_flags(mountpoint, options)
+        follow_mount_flags(mountpoint, overlay)
         cleanup.enter_context(_state_recorded(mountpoint, paths, stack))
         log.info("mounted %s (upper %s, lowers %s)", mountpoint, paths.upper,
                  ":".join(map(str, paths.lowers)))

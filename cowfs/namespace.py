@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from . import nlink, realfs, schema
+from . import acl, nlink, realfs, schema
 from .copyup import CopyUp, copy_attributes, copy_xattrs
 from .inodes import Inode, InodeTable
 from .layers import Layer
@@ -332,7 +332,8 @@ class Namespace:
                 raise OSError(errno.ENOENT, "new object vanished from the work directory")
             if owner is not None:
                 realfs.chown(fd, *owner)
-            if mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(mode):
+            acls = self._give_acls(parent_upper, fd, mode)
+            if acls or (mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(mode)):
                 # chown clears the set-ID bits, and mkdir ignores them (it inherits S_ISGID from
                 # its parent, which a directory built in the work directory does not have).
                 realfs.chmod(fd, stat.S_IMODE(mode))
@@ -353,9 +354,33 @@ class Namespace:
             self.work.discard(temp)
         return fd
 
+    @staticmethod
+    def _new_mode(parent: Inode, mode: int, caller: Caller) -> int:
+        """The mode of a new object: the caller's umask applied, unless ``parent`` has a default
+        ACL, which applies instead (the kernel's ``posix_acl_create``; the real filesystem gives
+        the object the ACL itself, or :meth:`_give_acls` does)."""
+        default = realfs.getxattr(parent.top.fd, acl.DEFAULT)
+        if default is None:
+            return mode & ~caller.umask
+        return acl.inherit(default, mode)[0]
+
+    @staticmethod
+    def _give_acls(parent_upper: Real, fd: int, mode: int) -> bool:
+        """Give an object built in the work directory the ACLs it would have had if made in its
+        parent: whether there were any."""
+        default = realfs.getxattr(parent_upper.fd, acl.DEFAULT)
+        if default is None or stat.S_ISLNK(mode):
+            return False
+        access = acl.inherit(default, mode)[1]
+        if access is not None:
+            realfs.setxattr(fd, acl.ACCESS, access)
+        if stat.S_ISDIR(mode):
+            realfs.setxattr(fd, acl.DEFAULT, default)
+        return True
+
     def create(self, parent: Inode, name: str, mode: int, caller: Caller) -> tuple[Inode, int]:
         """Create a regular file; return it and a descriptor open for reading and writing."""
-        mode = stat.S_IFREG | (stat.S_IMODE(mode) & ~caller.umask)
+        mode = self._new_mode(parent, stat.S_IFREG | stat.S_IMODE(mode), caller)
         opened: list[int] = []
 
         def make(dirfd: int, fname: str) -> None:
@@ -370,7 +395,7 @@ class Namespace:
         return inode, opened[0]
 
     def mkdir(self, parent: Inode, name: str, mode: int, caller: Caller) -> Inode:
-        mode = stat.S_IFDIR | (stat.S_IMODE(mode) & ~caller.umask)
+        mode = self._new_mode(parent, stat.S_IFDIR | stat.S_IMODE(mode), caller)
         return self._new_object(parent, name, caller, mode,
                                 lambda d, n: realfs.mkdir(d, n, stat.S_IMODE(mode)))
 
@@ -378,7 +403,7 @@ class Namespace:
         if schema.is_device_whiteout(mode, rdev):
             # It would read back as a whiteout and vanish; the kernel refuses it too.
             raise OSError(errno.EPERM, "a 0/0 character device is a whiteout", name)
-        mode = stat.S_IFMT(mode) | (stat.S_IMODE(mode) & ~caller.umask)
+        mode = self._new_mode(parent, stat.S_IFMT(mode) | stat.S_IMODE(mode), caller)
         return self._new_object(parent, name, caller, mode,
                                 lambda d, n: realfs.mknod(d, n, mode, rdev))
 
@@ -397,9 +422,19 @@ class Namespace:
 
     # --- removing -----------------------------------------------------------------------------
 
+    @staticmethod
+    def check_may_delete(parent: Inode, child: Inode) -> None:
+        """EPERM if a name cannot leave ``parent``: the directory or the object is immutable or
+        append-only (the kernel's may_delete, which checks this before the type of the object
+        and before whether a directory is empty). The real filesystem would refuse a plain
+        unlink itself, but not the whiteout that hides a lower name, nor say it first."""
+        if realfs.protection(parent.top.fd) or realfs.protection(child.top.fd):
+            raise OSError(errno.EPERM, "immutable or append-only")
+
     def unlink(self, parent: Inode, name: str) -> None:
         child = self._looked_up(parent, name)
         try:
+            self.check_may_delete(parent, child)
             if child.is_dir:
                 raise OSError(errno.EISDIR, "is a directory", name)
             self._remove(parent, name, child)
@@ -409,6 +444,7 @@ class Namespace:
     def rmdir(self, parent: Inode, name: str) -> None:
         child = self._looked_up(parent, name)
         try:
+            self.check_may_delete(parent, child)
             if not child.is_dir:
                 raise OSError(errno.ENOTDIR, "not a directory", name)
             if not self.is_empty_dir(child):
@@ -452,6 +488,9 @@ class Namespace:
         src = self._looked_up(old_parent, old_name)
         dst = self.lookup(new_parent, new_name)
         try:
+            self.check_may_delete(old_parent, src)
+            if dst is not None:
+                self.check_may_delete(new_parent, dst)
             self._check_rename(src, dst, flags, new_name)
             if dst is src:
                 return  # the same object under both names: POSIX says do nothing

@@ -38,7 +38,7 @@ from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 from . import fileattr
 from .handles import FileHandle, wants_write
 from .inodes import Inode
-from .readdir import DirHandle, Snapshots, offset_of
+from .readdir import DirHandle, Listing, Snapshots
 from .vfs import Caller, Overlay, SetAttr
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,31 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
 
 async def _in_thread(fn: Callable[..., R], *args: object) -> R:
     return await trio.to_thread.run_sync(fn, *args)
+
+
+def _in_group(ctx: pyfuse3.RequestContext, gid: int) -> bool:
+    """Whether the caller is in group ``gid``: its own group or a supplementary one (which the
+    request does not carry: read from /proc; not in it if the caller is gone)."""
+    if ctx.gid == gid:
+        return True
+    try:
+        with open(f"/proc/{ctx.pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Groups:"):
+                    return str(gid) in line.split()[1:]
+    except OSError:
+        pass
+    return False
+
+
+def _drop_cached_attrs(inode: InodeT) -> None:
+    """Make the kernel ask for the attributes of ``inode`` again (after a change it does not
+    expect to change them). Where it refuses (no such inode in its cache, no kernel at all) there
+    is nothing cached to drop."""
+    try:
+        pyfuse3.invalidate_inode(inode, attr_only=True)
+    except OSError as e:
+        log.debug("attributes of inode %d not invalidated: %s", inode, e)
 
 
 def has_file_calls() -> bool:
@@ -126,6 +151,17 @@ def _clear_node_id(entry: pyfuse3.EntryAttributes) -> bool:
         field.value = wanted
         return False
     return True
+
+
+def can_inherit_acls() -> bool:
+    """Whether this pyfuse3 can leave the umask to cowfs (``Operations.enable_dont_mask``,
+    ``patches/pyfuse3/0004``), so that a new object in a directory with a default ACL takes that
+    ACL in place of the umask, as on the kernel's overlayfs. Otherwise the kernel applies the
+    umask before cowfs sees the mode, and the inherited ACL is masked by it too.
+    ``COWFS_STOCK_PYFUSE3=1`` makes cowfs behave as on a stock pyfuse3."""
+    if os.environ.get("COWFS_STOCK_PYFUSE3") == "1":
+        return False
+    return hasattr(pyfuse3.Operations, "enable_dont_mask")
 
 
 def kernel_can_open_dirs() -> bool:
@@ -180,6 +216,12 @@ class Operations(pyfuse3.Operations):
         self.timeout = timeout
         #: Read by pyfuse3 when the kernel connects.
         self.enable_writeback_cache = writeback
+        #: Read by pyfuse3 at INIT: the kernel applies POSIX ACLs itself (permission checks, the
+        #: mode an access ACL implies, S_ISGID dropped for a caller outside the group); cowfs
+        #: gives new objects their directory's default ACL (cowfs.acl).
+        self.enable_acl = True
+        #: Read by a pyfuse3 with patches/pyfuse3/0004 (:func:`can_inherit_acls`).
+        self.enable_dont_mask = can_inherit_acls()
         #: Whether opendir lets the kernel cache the listing (see the class docstring).
         self.cache_listings = timeout > 0 and can_cache_listings()
         #: Whether the kernel opens directories itself (see the class docstring).
@@ -303,8 +345,18 @@ class Operations(pyfuse3.Operations):
                       fields: pyfuse3.SetattrFields, fh: FileHandleT | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._inode(inode)
+        mode = attr.st_mode if fields.update_mode else None
+        if mode is not None and mode & stat.S_ISGID and ctx.uid != 0:
+            gid = attr.st_gid if fields.update_gid else self.overlay.stat(node).st_gid
+            if not _in_group(ctx, gid):
+                # The kernel's setattr_should_drop_sgid (Linux 6.2): S_ISGID goes when the
+                # caller is outside the file's group. The kernel's FUSE, killing the set-ID bits
+                # for a write or fallocate, keeps it unless the group may execute (the older
+                # rule), so cowfs applies the rule to the mode it is sent (a chmod arrives with
+                # the bit already dropped).
+                mode &= ~stat.S_ISGID
         change = SetAttr(
-            mode=attr.st_mode if fields.update_mode else None,
+            mode=mode,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
             size=attr.st_size if fields.update_size else None,
@@ -395,7 +447,11 @@ class Operations(pyfuse3.Operations):
             handle = await _in_thread(self.overlay.open, node, int(flags))
         else:
             handle = self.overlay.open(node, int(flags))
-        return pyfuse3.FileInfo(fh=self._new_fh(self._files, handle), keep_cache=True)
+        handle.direct = bool(flags & os.O_DIRECT)
+        # Reads served from the page cache never reach cowfs, so a strictatime mount, where
+        # each read sets the access time, starts every open with the file's pages dropped.
+        return pyfuse3.FileInfo(fh=self._new_fh(self._files, handle),
+                                keep_cache=not handle.strict_atime)
 
     @_errno_boundary
     async def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
@@ -403,12 +459,16 @@ class Operations(pyfuse3.Operations):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         handle = self.overlay.create(self._inode(parent_inode), os.fsdecode(name), mode,
                                      _caller(ctx))
+        handle.direct = bool(flags & os.O_DIRECT)
         info = pyfuse3.FileInfo(fh=self._new_fh(self._files, handle), keep_cache=True)
         return info, self._attrs(handle.inode)
 
     @_errno_boundary
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         handle = self._file(fh)
+        if handle.strict_atime and not self.overlay.mounted_read_only:
+            handle.accessed()
+            _drop_cached_attrs(InodeT(handle.inode.number))  # stat shows the new access time
         view = self._read_buffer(size)
         n = handle.read_cached(off, view)
         if n is None and size <= INLINE_READ_MAX:
@@ -422,7 +482,14 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         handle = self._file(fh)
-        if len(buf) <= INLINE_WRITE_MAX and not handle.writes_sync and handle.inode.partial is None:
+        # A write through an O_DIRECT descriptor runs inline, whatever it costs (a partly
+        # copied-up file copies blocks in): in a worker thread, a buffered read that arrived
+        # after it could be served the old bytes meanwhile, and the kernel, which drops the
+        # range's cached pages before a direct write but not after one that completes
+        # asynchronously (io_submit), would keep them. Inline, the write is done before any
+        # request that came after it is served.
+        if handle.direct or (len(buf) <= INLINE_WRITE_MAX and not handle.writes_sync
+                             and handle.inode.partial is None):
             return handle.write(off, buf)
         return await _in_thread(handle.write, off, buf)
 
@@ -462,6 +529,8 @@ class Operations(pyfuse3.Operations):
         if cmd in fileattr.SET_SIZES:
             # In a thread: it copies the object up.
             await _in_thread(self.overlay.set_fileattr, node, cmd, in_buf)
+            # The ctime changed, and the kernel keeps its cached attributes after an ioctl.
+            _drop_cached_attrs(inode)
             return b""
         handle = None if flags & FUSE_IOCTL_DIR else self._files.get(fh)
         return self.overlay.get_fileattr(node, handle, cmd, out_size)
@@ -493,25 +562,30 @@ class Operations(pyfuse3.Operations):
         self._shed_inodes()
         if fh == 0 and self.kernel_opens_dirs:
             directory = self._inode(token.inode)
-            snapshot, start, names = self._snapshots.names(
-                directory, start_id, self.overlay.hidden_names(directory))
+            snapshot, names = self._snapshots.names(directory, start_id, self.overlay.listing)
+            self._snapshots.reached(
+                snapshot, self._readdir_entries(directory, start_id, names, token))
         else:
             handle = self._dir(fh)
-            directory = handle.inode
-            snapshot, start = 0, start_id
-            names = handle.snapshot(start_id, self.overlay.hidden_names(directory))
+            names = handle.snapshot(start_id, self.overlay.listing)
+            self._readdir_entries(handle.inode, start_id, names, token)
+
+    def _readdir_entries(self, directory: Inode, start: int, names: Listing,
+                         token: pyfuse3.ReaddirToken) -> int:
+        """Reply with the entries from index ``start`` on, as many as fit; the entry at index
+        ``i`` has the offset ``i + 1``. Returns the offset where the reply ended."""
         if not getattr(token, "plus", True):
-            self._readdir_plain(directory, snapshot, start, names, token)
-            return
+            return self._readdir_plain(directory, start, names, token)
+        replied = start
         for index in range(start, len(names)):
             name = names[index]
-            next_id = offset_of(snapshot, index + 1)
             if name in (".", ".."):
                 # The kernel ignores the attributes of these and counts no lookup for them.
                 target = directory if name == "." else self.overlay.dotdot(directory)
                 if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)),
-                                             self._attrs(target), next_id):
-                    return
+                                             self._attrs(target), index + 1):
+                    return replied
+                replied = index + 1
                 continue
             try:
                 child = self.overlay.lookup(directory, name)
@@ -521,20 +595,24 @@ class Operations(pyfuse3.Operations):
                 log.debug("readdir: listing %r without attributes: %s", name, e)
                 unlooked = self._unlooked(directory, name)
                 if unlooked is not None and not pyfuse3.readdir_reply(
-                        token, FileNameT(os.fsencode(name)), unlooked, next_id):
-                    return
+                        token, FileNameT(os.fsencode(name)), unlooked, index + 1):
+                    return replied
+                replied = index + 1
                 continue
             if child is None:
-                continue  # whited out, or hidden below a non-directory
+                continue  # gone since the snapshot
             if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)),
-                                         self._attrs(child), next_id):
+                                         self._attrs(child), index + 1):
                 self.overlay.forget(child.number, 1)
-                return
+                return replied
+            replied = index + 1
+        return replied
 
-    def _readdir_plain(self, directory: Inode, snapshot: int, start: int, names: list[str],
-                       token: pyfuse3.ReaddirToken) -> None:
+    def _readdir_plain(self, directory: Inode, start: int, names: Listing,
+                       token: pyfuse3.ReaddirToken) -> int:
         """A listing without attributes: names, types and inode numbers only, and no lookups
         counted. Most entries cost one ``fstatat`` (:func:`cowfs.readdir.plain_entry`)."""
+        replied = start
         for index in range(start, len(names)):
             name = names[index]
             if name in (".", ".."):
@@ -542,7 +620,7 @@ class Operations(pyfuse3.Operations):
                 found: tuple[int, int] | None = (stat.S_IFDIR, target.number)
             else:
                 try:
-                    found = self.overlay.plain_entry(directory, name)
+                    found = self.overlay.listed_plain(names, directory, name)
                 except OSError:
                     found = self.overlay.unresolved_entry(directory, name)  # listed, as above
             if found is None:
@@ -550,9 +628,10 @@ class Operations(pyfuse3.Operations):
             entry = pyfuse3.EntryAttributes()
             entry.st_mode = ModeT(found[0])
             entry.st_ino = InodeT(found[1])
-            if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)), entry,
-                                         offset_of(snapshot, index + 1)):
-                return
+            if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)), entry, index + 1):
+                return replied
+            replied = index + 1
+        return replied
 
     def _unlooked(self, directory: Inode, name: str) -> pyfuse3.EntryAttributes | None:
         """A readdirplus entry for a name whose lookup failed: listed, but with no inode.
@@ -610,4 +689,4 @@ class Operations(pyfuse3.Operations):
         """Setting an access ACL changes the mode bits (``cp -a`` and ``setfacl`` set modes so),
         but the kernel keeps its cached attributes after a setxattr: drop them."""
         if name == b"system.posix_acl_access":
-            pyfuse3.invalidate_inode(inode, attr_only=True)
+            _drop_cached_attrs(inode)

@@ -34,6 +34,7 @@ import logging
 import os
 import signal
 import stat
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,14 @@ _renameat2.restype = ctypes.c_int
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+
+_statx = _libc.statx
+_statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+_statx.restype = ctypes.c_int
+_AT_EMPTY_PATH = 0x1000
+#: ``STATX_ATTR_IMMUTABLE | STATX_ATTR_APPEND`` (the same bits as ``FS_IMMUTABLE_FL`` and
+#: ``FS_APPEND_FL``).
+PROTECTED = 0x10 | 0x20
 
 _NO_XATTR = (errno.ENODATA, errno.ENOTSUP)
 
@@ -281,6 +290,46 @@ def chown(fd: int, uid: int, gid: int) -> None:
 def utimens(fd: int, atime_ns: int, mtime_ns: int) -> None:
     log.debug("utimens fd=%d %d %d", fd, atime_ns, mtime_ns)
     os.utime(proc_path(fd), ns=(atime_ns, mtime_ns))
+
+
+@change
+def utimens_now(fd: int) -> None:
+    """Both times to the current time (``utimensat`` with no times: allowed on an append-only
+    object, where explicit times are not)."""
+    log.debug("utimens fd=%d now", fd)
+    os.utime(proc_path(fd))
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_UTIME_NOW = (1 << 30) - 1
+_UTIME_OMIT = (1 << 30) - 2
+_futimens = _libc.futimens
+_futimens.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_futimens.restype = ctypes.c_int
+
+
+@change
+def touch_atime(fd: int) -> None:
+    """The access time of an open file to now, its modification time unchanged."""
+    times = (_Timespec * 2)(_Timespec(0, _UTIME_NOW), _Timespec(0, _UTIME_OMIT))
+    if _futimens(fd, times) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def protection(fd: int) -> int:
+    """The immutable and append-only bits (:data:`PROTECTED`) of an object, from one ``statx``
+    on its descriptor (an ``O_PATH`` one will do), without opening it as ``FS_IOC_GETFLAGS``
+    needs to; 0 where the filesystem does not say."""
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    if _statx(fd, b"", _AT_EMPTY_PATH, 0, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    attributes = int.from_bytes(buf.raw[8:16], sys.byteorder)  # stx_attributes
+    return attributes & PROTECTED
 
 
 @change

@@ -17,6 +17,7 @@ import logging
 import os
 import resource
 import stat
+import time
 from dataclasses import dataclass
 
 from . import fileattr, partial, realfs, schema, xattrs
@@ -27,7 +28,15 @@ from .layers import LayerStack
 from .metacopy import rebind, with_blocks
 from .namespace import Caller, Namespace
 from .nlink import merged_nlink
-from .readdir import DirHandle, entry_type, plain_entry
+from .readdir import (
+    NEEDS_LOOKUP,
+    DirHandle,
+    Listing,
+    candidate_names,
+    entry_type,
+    listed_entry,
+    plain_entry,
+)
 from .resolve import Real, root_real
 from .upperdata import Need
 from .workdir import recover
@@ -48,6 +57,12 @@ class SetAttr:
     atime_ns: int | None = None
     mtime_ns: int | None = None
 
+    def touches_now(self, now_ns: int) -> bool:
+        """Whether the times may be a request for the current time: pyfuse3 passes one as the
+        clock's reading (the same for both times), so: set, equal, and within a second of it."""
+        times = {t for t in (self.atime_ns, self.mtime_ns) if t is not None}
+        return len(times) == 1 and abs(now_ns - times.pop()) < 10**9
+
 
 class Overlay:
     """One mounted overlay."""
@@ -57,6 +72,12 @@ class Overlay:
         self.stack = stack
         #: ``-o noatime``: reading an upper file does not change its access time either.
         self.noatime = noatime
+        #: ``-o strictatime``: every read of an upper file sets its access time (the upper's own
+        #: mount may not: relatime). Followed across remounts, as is ``noatime``.
+        self.strictatime = False
+        #: The mount is read-only (``mount -o remount,ro``): the kernel refuses writes itself,
+        #: and reads and listings leave the upper's access times alone.
+        self.mounted_read_only = False
         if not stack.read_only:
             recover(stack)
         self.table = InodeTable(tuple(root_real(layer) for layer in stack.all),
@@ -239,15 +260,39 @@ class Overlay:
         if change.mode is not None:
             realfs.chmod(upper.fd, stat.S_IMODE(change.mode))
         if change.atime_ns is not None or change.mtime_ns is not None:
-            st = upper.stat()
-            realfs.utimens(upper.fd,
-                           st.st_atime_ns if change.atime_ns is None else change.atime_ns,
-                           st.st_mtime_ns if change.mtime_ns is None else change.mtime_ns)
+            self._set_times(upper, change)
         if change == SetAttr():
             # chown(path, -1, -1) changes nothing but the ctime (the kernel's FUSE sends no ctime
             # without the writeback cache): the same call on the upper copy updates it, as the
             # kernel's overlayfs does.
             realfs.chown(upper.fd, -1, -1)
+
+    @staticmethod
+    def _set_times(upper: Real, change: SetAttr) -> None:
+        st = upper.stat()
+        try:
+            realfs.utimens(upper.fd,
+                           st.st_atime_ns if change.atime_ns is None else change.atime_ns,
+                           st.st_mtime_ns if change.mtime_ns is None else change.mtime_ns)
+        except PermissionError as e:
+            # An append-only object takes the current time (utime(path, NULL)) but no explicit
+            # times. pyfuse3 passes "now" as the clock's reading, both times the same: only
+            # such a request is retried as one for the current time.
+            if e.errno != errno.EPERM or not change.touches_now(time.time_ns()):
+                raise
+            realfs.utimens_now(upper.fd)
+
+    @staticmethod
+    def _open_upper(upper: Real, flags: int) -> int:
+        try:
+            return realfs.reopen(upper.fd, real_flags(flags))
+        except PermissionError as e:
+            # An append-only file opens for writing only with O_APPEND, which is otherwise left
+            # out (the kernel sends explicit offsets; for an O_APPEND descriptor the end of the
+            # file, where every write to an append-only file goes anyway).
+            if e.errno != errno.EPERM or not flags & os.O_APPEND:
+                raise
+            return realfs.reopen(upper.fd, real_flags(flags) | os.O_APPEND)
 
     def readlink(self, inode: Inode) -> str:
         return realfs.readlink(inode.top.fd)
@@ -265,7 +310,7 @@ class Overlay:
             raise OSError(errno.EINVAL, "not a regular file")
         if wants_write(flags):
             upper = self.copy_up.ensure(inode, Need.EMPTY if flags & os.O_TRUNC else Need.WRITE)
-            fd = realfs.reopen(upper.fd, real_flags(flags))
+            fd = self._open_upper(upper, flags)
             if upper.partial:
                 try:
                     self.copy_up.data.partial_of(inode)  # its data: some here, the rest below
@@ -277,12 +322,17 @@ class Overlay:
             self.copy_up.data.partial_of(inode)
         data = inode.data  # a metacopy file's data is the lower file's
         # A lower file's access time never changes (the kernel's overlayfs mounts its lowers
-        # noatime); an upper file's follows the upper's filesystem, unless -o noatime.
-        if data.layer.is_upper and not self.noatime:
+        # noatime); an upper file's follows the upper's filesystem (relatime, usually), unless
+        # the mount says otherwise: noatime or read-only (never), strictatime (every read, which
+        # the adapter asks for: FileHandle.strict_atime).
+        upper_atime = data.layer.is_upper and not self.noatime and not self.mounted_read_only
+        if upper_atime and not self.strictatime:
             fd = realfs.reopen(data.fd, real_flags(flags))
         else:
             fd = realfs.reopen_noatime(data.fd, real_flags(flags))
-        return FileHandle(inode, fd, on_upper=data.layer.is_upper)
+        handle = FileHandle(inode, fd, on_upper=data.layer.is_upper)
+        handle.strict_atime = upper_atime and self.strictatime
+        return handle
 
     def create(self, parent: Inode, name: str, mode: int, caller: Caller) -> FileHandle:
         inode, fd = self.namespace.create(parent, name, mode, caller)
@@ -327,6 +377,39 @@ class Overlay:
 
     def hidden_names(self, directory: Inode) -> tuple[str, ...]:
         return (schema.WORK_DIR_NAME,) if directory is self.table.root else ()
+
+    def listing(self, directory: Inode) -> Listing:
+        """``"."``, ``".."`` and every name ``directory`` shows: what readdir offsets index."""
+        names, plain = [".", ".."], {}
+        for name in candidate_names(directory, self.hidden_names(directory),
+                                    upper_noatime=self.noatime or self.mounted_read_only):
+            listed, entry = listed_entry(directory, name)
+            if listed is NEEDS_LOOKUP:
+                listed = self._looked_up(directory, name)
+            if listed:
+                names.append(name)
+                if entry is not None:
+                    plain[name] = entry
+        return Listing(names, plain)
+
+    def _looked_up(self, directory: Inode, name: str) -> bool:
+        try:
+            child = self.lookup(directory, name)
+        except OSError:
+            return True  # listed, without attributes (see readdir)
+        if child is None:
+            return False
+        self.forget(child.number, 1)
+        return True
+
+    def listed_plain(self, listing: Listing, directory: Inode, name: str
+                     ) -> tuple[int, int] | None:
+        """:meth:`plain_entry`, from what ``listing`` found already where it did."""
+        found = listing.plain.get(name)
+        if found is None:
+            return self.plain_entry(directory, name)
+        kind, layer, ino = found
+        return kind, self.table.numbers.number(layer, ino)
 
     def fsyncdir(self, inode: Inode) -> None:
         upper = inode.upper

@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import mmap
 import os
 import shutil
@@ -38,6 +39,7 @@ import pytest
 from support import (
     CowfsMount,
     Dir,
+    DirStream,
     Entry,
     File,
     KernelOverlay,
@@ -243,6 +245,92 @@ def _with_fd(p: Path | str, flags: int, fn: Callable[[int], Any]) -> str:
     return "ok"
 
 
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_APPEND_FL = 0x20
+FS_IMMUTABLE_FL = 0x10
+FS_NOATIME_FL = 0x80
+#: The inode flags an ``lsattr`` step shows: those a user sets (the others, such as ext4's
+#: extents flag, depend on how the real file was written).
+USER_FLAGS = FS_APPEND_FL | FS_IMMUTABLE_FL | FS_NOATIME_FL | 0x40 | 0x8  # NODUMP, SYNC
+
+
+ACL_ACCESS, ACL_DEFAULT = "system.posix_acl_access", "system.posix_acl_default"
+_ACL_TAGS = {"u": 0x01, "U": 0x02, "g": 0x04, "G": 0x08, "m": 0x10, "o": 0x20}
+
+
+def acl(*entries: str) -> bytes:
+    """An ACL xattr value from entries such as ``u::rw-``, ``U:1000:r--`` (a named user),
+    ``g::r-x``, ``G:1000:rwx``, ``m::rwx``, ``o::---``."""
+    value = (2).to_bytes(4, "little")
+    for entry in entries:
+        tag, who, perms = entry.split(":")
+        bits = sum(bit for bit, c in zip((4, 2, 1), perms, strict=True) if c != "-")
+        ident = int(who) if who else 0xFFFFFFFF
+        value += (_ACL_TAGS[tag].to_bytes(2, "little") + bits.to_bytes(2, "little")
+                  + ident.to_bytes(4, "little"))
+    return value
+
+
+def _flags_fd(p: Path | str) -> int:
+    return os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+
+
+def _lsattr(p: Path | str) -> int:
+    """The user-set inode flags (FS_IOC_GETFLAGS)."""
+    fd = _flags_fd(p)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
+        return int.from_bytes(buf[:4], sys.byteorder) & USER_FLAGS
+    finally:
+        os.close(fd)
+
+
+def _chattr(p: Path | str, add: int, remove: int = 0) -> str:
+    """chattr: FS_IOC_GETFLAGS, then FS_IOC_SETFLAGS with ``add`` set and ``remove`` cleared."""
+    fd = _flags_fd(p)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
+        flags = (int.from_bytes(buf[:4], sys.byteorder) | add) & ~remove
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags.to_bytes(8, sys.byteorder))
+        return "ok"
+    finally:
+        os.close(fd)
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _seekdir(p: Path | str) -> tuple[bool, bool]:
+    """A directory read through libc, then sought: whether seekdir() to each telldir() position
+    reads on exactly from there, and whether seekdir() to an offset no entry had (one past each
+    position, below the last entry's) reads on to the last entry (ext4's offsets are hashes, the
+    kernel's overlayfs's and cowfs's indexes: what both share is comparable)."""
+    with DirStream(Path(p)) as stream:
+        positions, names = stream.read_with_positions()
+        back = True
+        for i, position in enumerate(positions):
+            stream.seek(position)
+            back = back and stream.read_all() == names[i:]
+        between = True
+        for position in positions[:-2]:
+            if position + 1 not in positions and position + 1 < positions[-2]:
+                stream.seek(position + 1)
+                rest = stream.read_all()
+                between = between and bool(rest) and rest[-1] == names[-1]
+    return back, between
+
+
 def _read(p: Path | str) -> bytes:
     fd = os.open(p, os.O_RDONLY | _NB)
     try:
@@ -316,9 +404,15 @@ OPS: dict[str, Callable[..., Outcome]] = {
         _at(r, p), atime, mtime, nofollow=nofollow
     ),
     "exists": lambda r, fds, p: os.path.lexists(_at(r, p)),
+    "chattr": lambda r, fds, p, add, remove=0: _chattr(_at(r, p), add, remove),
+    "lsattr": lambda r, fds, p: _lsattr(_at(r, p)),
+    "fallocate": lambda r, fds, p, mode, off, length: _with_fd(
+        _at(r, p), os.O_WRONLY | _NB, lambda fd: fallocate(fd, mode, off, length)
+    ),
     "read": lambda r, fds, p: _read(_at(r, p)),
     "readlink": lambda r, fds, p: os.readlink(_at(r, p)),
     "listdir": lambda r, fds, p: sorted(os.listdir(_at(r, p))),
+    "seekdir": lambda r, fds, p: _seekdir(_at(r, p)),
     # Descriptors kept open across steps: hold number n is the n-th hold step of the run.
     "hold": lambda r, fds, p, how: _hold(_at(r, p), fds, how),
     "fd_read": lambda r, fds, n: os.pread(fds[n], READ_LIMIT, 0),
@@ -551,6 +645,8 @@ class Pair:
         if step == ("remount",):
             self.remount()
             return "ok"
+        if step[0] == "as":  # ("as", uid, gid, step): the step as that user (a public pair)
+            return self.run_as(step[1], step[2], step[3])
         trace(f"step {step!r}")
         tolerated = [t for t in self.tolerated if step[0] in t.ops]
         # Looking at the view reads files, which changes atimes on the kernel's side: only when

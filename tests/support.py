@@ -609,6 +609,16 @@ class DirStream:
             entries.append(entry)
         return entries
 
+    def read_with_positions(self) -> tuple[list[int], list[str]]:
+        """The rest of the names, and the telldir() position before each (and at the end)."""
+        positions, names = [], []
+        while True:
+            positions.append(self.tell())
+            name = self.read()
+            if name is None:
+                return positions, names
+            names.append(name)
+
     def tell(self) -> int:
         return int(_libc.telldir(self._dir))
 

@@ -79,3 +79,30 @@ def test_setting_a_mode_through_an_access_acl_shows_at_once(tmp_path: Path, rel:
             ("stat", rel),
         ],
     )
+
+
+def test_set_id_bits_after_a_users_change_and_directory_seeks(tmp_path: Path) -> None:
+    """Issue 22: a write or fallocate by a user outside the file's group drops S_ISGID also
+    without group execute (cowfs kept it); a seekdir to an offset no entry had read the end of
+    the directory (cowfs's offsets named a snapshot)."""
+    lowers = [{
+        "f": File(b"x" * 5000, mode=0o6766, uid=1000, gid=0),
+        "g": File(b"x" * 5000, mode=0o6766, uid=1000, gid=1000),
+        "h": File(b"x" * 5000, mode=0o6776, uid=1000, gid=1000),
+        "d": Dir(), "d/a": File(), "d/b": File(), "d/c": File(), "d/e": File(),
+    }]
+    steps: list[Step] = [
+        ("as", 1000, 1000, ("pwrite", "f", 0, b"y")),
+        ("as", 1000, 1000, ("fallocate", "g", 0, 0, 4096)),
+        ("as", 1000, 1000, ("fallocate", "h", 0x10, 0, 4096)),
+        ("unlink", "d/b"),
+        ("seekdir", "d"),
+        ("seekdir", "."),
+    ]
+    with started_pair(tmp_path, lowers, cowfs_options=("allow_other",), public=True,
+                      **reference()) as pair:
+        pair.run_all(steps)
+        assert [pair.run(("stat", rel))[0] for rel in "fgh"] == [
+            "-rwxrw-rw-", "-rwxrwSrw-", "-rwxrwxrw-"]
+        pair.run(("remount",))
+        pair.check("after remount")

@@ -26,12 +26,15 @@ from typing import Any
 
 import pytest
 from conformance_support import (
+    ACL_ACCESS,
+    ACL_DEFAULT,
     OLD_NS,
     Entry,
     HardLink,
     Pair,
     Sparse,
     Tolerated,
+    acl,
     fresh_dir,
     remove_tree,
     view,
@@ -47,6 +50,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from support import RENAME_EXCHANGE, RENAME_NOREPLACE, Dir, File, Symlink, Whiteout
+
+from cowfs.operations import can_inherit_acls
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -215,6 +220,12 @@ SIZES = (0, 1, 10, 4096, 5000, 100_000)
 MODES = (0o644, 0o600, 0o755, 0o000, 0o4755, 0o2755, 0o1777, 0o2775)
 UTIMES = tuple(OLD_NS + k * 7 * SECOND + k for k in range(4))
 XATTR_FLAGS = (0, os.XATTR_CREATE, os.XATTR_REPLACE)
+#: ACLs for the acl steps: a minimal one (the mode alone), a named user and group with a mask.
+ACLS = (acl("u::rw-", "g::r--", "o::---"),
+        acl("u::rwx", "U:1000:rw-", "G:1000:r-x", "g::r--", "m::rwx", "o::r--"))
+#: fallocate modes the kernel's FUSE passes on: allocate, KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE.
+FALLOCATE_MODES = (0, 0x01, 0x01 | 0x02, 0x10)
+USER = 1000
 _payloads = st.one_of(st.binary(min_size=1, max_size=20), st.just(b"y" * 5000))
 
 
@@ -241,8 +252,10 @@ class Conformance(RuleBasedStateMachine):
             self.dir,
             lowers,
             kernel_options=KERNEL_OPTIONS,
+            cowfs_options=("allow_other",),  # for the steps run as another user
             tolerated=list(TOLERATED.values()),
             watchdog=self.watchdog,
+            public=True,
         )
         self.pair.start()
         self.current = view(self.pair.kernel)
@@ -382,6 +395,34 @@ class Conformance(RuleBasedStateMachine):
     @rule(data=st.data(), name=st.sampled_from([*XATTR_NAMES, "user.overlay.k3"]))
     def removexattr(self, data: st.DataObject, name: str) -> None:
         self._step("removexattr", self._existing(data, "file", "dir"), name)
+
+    @rule(data=st.data())
+    def seekdir(self, data: st.DataObject) -> None:
+        self._step("seekdir", data.draw(st.sampled_from([".", *self._paths("dir")])))
+
+    @rule(data=st.data(), mode=st.sampled_from(FALLOCATE_MODES), offset=st.sampled_from(OFFSETS))
+    def fallocate(self, data: st.DataObject, mode: int, offset: int) -> None:
+        self._step("fallocate", self._existing(data, "file"), mode, offset, 4096)
+
+    @rule(data=st.data(), offset=st.sampled_from(OFFSETS), payload=_payloads,
+          fallocate=st.booleans())
+    def change_as_user(self, data: st.DataObject, offset: int, payload: bytes,
+                       fallocate: bool) -> None:
+        """A write or fallocate by a user without CAP_FSETID: set-ID bits may go (a file the
+        user may write: chown to 1000 and chmod 4755/2755 on the way make one)."""
+        path = self._existing(data, "file")
+        step = (("fallocate", path, 0, offset, 4096) if fallocate
+                else ("pwrite", path, offset, payload))
+        self._step("as", USER, USER, step)
+
+    @rule(data=st.data(), value=st.sampled_from(ACLS), default=st.booleans())
+    def set_acl(self, data: st.DataObject, value: bytes, default: bool) -> None:
+        """An access ACL on anything (the mode follows), or a default ACL on a directory, which
+        objects made in it inherit (only where cowfs can: patches/pyfuse3/0004)."""
+        if default and can_inherit_acls():
+            self._step("setxattr", self._existing(data, "dir"), ACL_DEFAULT, value)
+        else:
+            self._step("setxattr", self._existing(data, "file", "dir"), ACL_ACCESS, value)
 
     @rule()
     def remount(self) -> None:

@@ -98,7 +98,7 @@ class Model:
     def names(self, path: str) -> set[str]:
         directory = self.walk(path)
         handle = self.ov.opendir(directory)
-        listed = handle.snapshot(0, self.ov.hidden_names(directory))[2:]
+        listed = handle.snapshot(0, self.ov.listing)[2:]
         return {n for n in listed if self.ov.namespace.lookup(directory, n) is not None}
 
 

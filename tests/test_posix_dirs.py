@@ -93,13 +93,7 @@ def listing_from_each_position(mnt: Path, rel: str) -> tuple[list[str], list[lis
     """All names of a directory, and for each telldir() position taken during that first pass,
     the names read after seekdir() back to it."""
     with DirStream(mnt / rel) as stream:
-        positions, names = [], []
-        while True:
-            positions.append(stream.tell())
-            name = stream.read()
-            if name is None:
-                break
-            names.append(name)
+        positions, names = stream.read_with_positions()
         rests = []
         for position in reversed(positions):
             stream.seek(position)
@@ -121,4 +115,44 @@ def test_seekdir_returns_to_telldir_positions(pair: Pair, place: str) -> None:
     cowfs_names = listing_from_each_position(pair.cowfs, f"{place}_d")[0]
     assert sorted(cowfs_names) == sorted(kernel_names)
     assert {".", ".."} <= set(cowfs_names)
+    pair.check()
+
+
+def listing_after_seeks(mnt: Path, rel: str) -> tuple[list[int], list[str], dict[int, list[str]]]:
+    """The telldir() position before each entry, the names, and for each offset below the last
+    entry's position that is not a position (one past each position, and 1 to 3), the names read
+    after seekdir() to it."""
+    with DirStream(mnt / rel) as stream:
+        positions, names = stream.read_with_positions()
+        wanted = {p + 1 for p in positions} | {1, 2, 3}
+        after = {}
+        for offset in sorted(o for o in wanted if o not in positions and o < positions[-2]):
+            stream.seek(offset)
+            after[offset] = stream.read_all()
+    return positions, names, after
+
+
+@each_place
+def test_seekdir_to_an_offset_it_did_not_return_goes_on_from_the_next_entry(
+    pair: Pair, place: str
+) -> None:
+    """A seek between two positions reads on to the end of the directory, never an early end:
+    on the kernel's overlayfs from the next position of its merged listing (offsets are indexes),
+    or from ext4's next hash in a directory that is not merged. cowfs's offsets are indexes
+    everywhere: it reads on from the entry at the next position."""
+    pair.run(("unlink", f"{place}_f"))  # a whiteout in the merged root
+    for name in ("a", "b", "c", "d", "e"):
+        pair.run(("open", f"{place}_d/{name}", "cx"))
+    pair.run(("unlink", f"{place}_d/c"))
+    for mnt in (pair.kernel, pair.cowfs):
+        for rel in (".", f"{place}_d"):
+            positions, names, after = listing_after_seeks(mnt, rel)
+            for offset, rest in after.items():
+                where = f"{mnt}/{rel}: after seekdir to {offset}"
+                assert rest, where
+                assert set(rest) <= set(names), where
+                assert names[-1] in rest, where
+                if mnt == pair.cowfs:
+                    first = next(i for i, p in enumerate(positions) if p >= offset)
+                    assert rest == names[first:], where
     pair.check()

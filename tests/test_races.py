@@ -100,7 +100,7 @@ def lookup(ov: Overlay, path: str) -> Inode:
 
 def visible(ov: Overlay, path: str) -> set[str]:
     directory = lookup(ov, path)
-    names = ov.opendir(directory).snapshot(0, ov.hidden_names(directory))[2:]
+    names = ov.opendir(directory).snapshot(0, ov.listing)[2:]
     return {n for n in names if ov.lookup(directory, n) is not None}
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cowfs.cli import build_parser, helper_arguments
+from cowfs.cli import build_parser, helper_arguments, mount_helper_main
 from cowfs.errors import CowfsError
 from cowfs.layers import LayerPaths
 from cowfs.mount import MountOptions
@@ -57,6 +57,19 @@ def test_helper_splits_layer_options() -> None:
 def test_helper_without_upper_is_a_user_error() -> None:
     with pytest.raises(CowfsError, match="upperdir"):
         helper_arguments(["lowerdir=/a"])
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ("remount,ro", "is not a mount point"),
+    ("remount,bogus", "unknown mount option 'bogus'"),  # refused before anything else
+])
+def test_a_remount_of_what_is_not_mounted_is_a_user_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], options: str, message: str) -> None:
+    assert mount_helper_main(["cowfs", str(tmp_path), "-o", options]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mount.fuse.cowfs: error: "), err
+    assert message in err, err
+    assert err.count("\n") == 1, err
 
 
 def test_layer_paths_topmost_first() -> None:
