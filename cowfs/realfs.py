@@ -329,7 +329,28 @@ def protection(fd: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     attributes = int.from_bytes(buf.raw[8:16], sys.byteorder)  # stx_attributes
+    if attributes & _STATX_ATTR_IMMUTABLE and _fs_type(fd) == _EROFS_SUPER_MAGIC:
+        # EROFS reports every inode immutable in statx (it is read-only), but its inodes do not
+        # carry S_IMMUTABLE, which is what the kernel's overlayfs copies and checks: a name of
+        # an EROFS lower may be removed (found by test_lower_on_another_filesystem[erofs]).
+        attributes &= ~_STATX_ATTR_IMMUTABLE
     return attributes & PROTECTED
+
+
+_STATX_ATTR_IMMUTABLE = 0x10
+_EROFS_SUPER_MAGIC = 0xE0F5E1E2
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_fstatfs.restype = ctypes.c_int
+
+
+def _fs_type(fd: int) -> int:
+    """``f_type`` of the filesystem of ``fd`` (``fstatfs``; an ``O_PATH`` descriptor will do);
+    0 where it cannot be told."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs, f_type first
+    if _fstatfs(fd, buf) != 0:
+        return 0
+    return int.from_bytes(buf.raw[0:ctypes.sizeof(ctypes.c_long)], sys.byteorder) & 0xFFFFFFFF
 
 
 @change
