@@ -250,10 +250,13 @@ def change(fn: Callable[_P, _R]) -> Callable[_P, _R]:
         if faults is None:
             return fn(*args, **kwargs)
         kill_after = faults.before(name, (*args, *kwargs.values()))
-        result = fn(*args, **kwargs)
-        if kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            # Also after a call that failed (EEXIST of a create in place over a whiteout, which
+            # the caller answers by building in the work dir): a crash can follow any call.
+            if kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     return wrapper
 

@@ -3,6 +3,7 @@ real mounts): parsing COWFS_FAULT, counting changes, failing the N-th, killing a
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -97,3 +98,25 @@ def test_kill_before_and_after_the_nth_change(tmp_path: Path, action: str, made:
     assert os.WTERMSIG(status) == signal.SIGKILL
     assert (tmp_path / "first").is_dir()
     assert (tmp_path / "second").is_dir() is made
+
+
+def test_kill_after_a_change_that_failed(tmp_path: Path) -> None:
+    """A crash can follow a failed call too (a create in place that meets a whiteout, EEXIST,
+    before the work-dir build): kill-after kills after it; it let the operation run on, and
+    the full enumeration took that for a missed kill (create/mknod/mkdir/symlink/link over a
+    whiteout)."""
+    (tmp_path / "taken").mkdir()
+    pid = os.fork()
+    if pid == 0:  # the child arms, fails its first change and is killed after it
+        try:
+            os.environ[realfs.FAULT_ENV] = "1:kill-after"
+            realfs.arm_faults_from_env()
+            fd = _dirfd(tmp_path)
+            with contextlib.suppress(FileExistsError):
+                realfs.mkdir(fd, "taken", 0o755)
+            realfs.mkdir(fd, "after", 0o755)
+        finally:
+            os._exit(3)  # reached only if the kill did not happen
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status), f"not killed: {status}"
+    assert not (tmp_path / "after").exists()
