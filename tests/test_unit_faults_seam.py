@@ -7,7 +7,7 @@ import contextlib
 import errno
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -82,20 +82,28 @@ def test_count_and_fail_the_nth_change(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 @pytest.mark.parametrize(("action", "made"), [("kill-before", False), ("kill-after", True)])
-def test_kill_before_and_after_the_nth_change(tmp_path: Path, action: str, made: bool) -> None:
+def _run_killed(spec: str, changes: Callable[[], None]) -> None:
+    """``changes()`` in a child armed with ``COWFS_FAULT=spec``, which must be killed by it."""
     pid = os.fork()
-    if pid == 0:  # the child arms, makes two changes and is killed at the second
+    if pid == 0:
         try:
-            os.environ[realfs.FAULT_ENV] = f"2:{action}"
+            os.environ[realfs.FAULT_ENV] = spec
             realfs.arm_faults_from_env()
-            fd = _dirfd(tmp_path)
-            realfs.mkdir(fd, "first", 0o755)
-            realfs.mkdir(fd, "second", 0o755)
+            changes()
         finally:
             os._exit(3)  # reached only if the kill did not happen
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status), f"not killed: {status}"
     assert os.WTERMSIG(status) == signal.SIGKILL
+
+
+def test_kill_before_and_after_the_nth_change(tmp_path: Path, action: str, made: bool) -> None:
+    def two_changes() -> None:  # killed at the second
+        fd = _dirfd(tmp_path)
+        realfs.mkdir(fd, "first", 0o755)
+        realfs.mkdir(fd, "second", 0o755)
+
+    _run_killed(f"2:{action}", two_changes)
     assert (tmp_path / "first").is_dir()
     assert (tmp_path / "second").is_dir() is made
 
@@ -106,17 +114,12 @@ def test_kill_after_a_change_that_failed(tmp_path: Path) -> None:
     the full enumeration took that for a missed kill (create/mknod/mkdir/symlink/link over a
     whiteout)."""
     (tmp_path / "taken").mkdir()
-    pid = os.fork()
-    if pid == 0:  # the child arms, fails its first change and is killed after it
-        try:
-            os.environ[realfs.FAULT_ENV] = "1:kill-after"
-            realfs.arm_faults_from_env()
-            fd = _dirfd(tmp_path)
-            with contextlib.suppress(FileExistsError):
-                realfs.mkdir(fd, "taken", 0o755)
-            realfs.mkdir(fd, "after", 0o755)
-        finally:
-            os._exit(3)  # reached only if the kill did not happen
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status), f"not killed: {status}"
+
+    def failed_then_another() -> None:  # killed after the first, which fails
+        fd = _dirfd(tmp_path)
+        with contextlib.suppress(FileExistsError):
+            realfs.mkdir(fd, "taken", 0o755)
+        realfs.mkdir(fd, "after", 0o755)
+
+    _run_killed("1:kill-after", failed_then_another)
     assert not (tmp_path / "after").exists()
