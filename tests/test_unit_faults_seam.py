@@ -81,7 +81,6 @@ def test_count_and_fail_the_nth_change(tmp_path: Path, monkeypatch: pytest.Monke
         ["1", "mkdir"], ["2", "rmdir"], ["3", "mkdir"], ["4", "symlink"]]
 
 
-@pytest.mark.parametrize(("action", "made"), [("kill-before", False), ("kill-after", True)])
 def _run_killed(spec: str, changes: Callable[[], None]) -> None:
     """``changes()`` in a child armed with ``COWFS_FAULT=spec``, which must be killed by it."""
     pid = os.fork()
@@ -97,6 +96,7 @@ def _run_killed(spec: str, changes: Callable[[], None]) -> None:
     assert os.WTERMSIG(status) == signal.SIGKILL
 
 
+@pytest.mark.parametrize(("action", "made"), [("kill-before", False), ("kill-after", True)])
 def test_kill_before_and_after_the_nth_change(tmp_path: Path, action: str, made: bool) -> None:
     def two_changes() -> None:  # killed at the second
         fd = _dirfd(tmp_path)
