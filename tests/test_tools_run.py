@@ -272,6 +272,11 @@ def failing_fusermount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> pytes
         "#!/bin/sh\necho 'fusermount3: internal error: simulated' >&2\nexit 1\n")
     (fake / "fusermount3").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    # What a failed unmount leaves (the temporary upper it still serves from, a scratch
+    # directory) is made in the test's own directory, which pytest removes.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     return monkeypatch
 
 
