@@ -164,6 +164,18 @@ def can_inherit_acls() -> bool:
     return hasattr(pyfuse3.Operations, "enable_dont_mask")
 
 
+def completes_direct_writes() -> bool:
+    """Whether this pyfuse3 can turn asynchronous direct I/O off (``Operations.enable_async_dio``,
+    ``patches/pyfuse3/0005``). With it off, the kernel completes an ``io_submit`` of ``O_DIRECT``
+    writes before the call returns and then drops the written range's cached pages, as after a
+    synchronous direct write; with it on, it drops none after the write, and a buffered read that
+    raced the write can leave the old bytes cached. ``COWFS_STOCK_PYFUSE3=1`` makes cowfs behave as
+    on a stock pyfuse3."""
+    if os.environ.get("COWFS_STOCK_PYFUSE3") == "1":
+        return False
+    return hasattr(pyfuse3.Operations, "enable_async_dio")
+
+
 def kernel_can_open_dirs() -> bool:
     """Whether this pyfuse3 passes the directory's inode to ``readdir`` (``ReaddirToken.inode``,
     ``patches/pyfuse3/0001``), so that ``opendir`` can be left to the kernel."""
@@ -222,6 +234,8 @@ class Operations(pyfuse3.Operations):
         self.enable_acl = True
         #: Read by a pyfuse3 with patches/pyfuse3/0004 (:func:`can_inherit_acls`).
         self.enable_dont_mask = can_inherit_acls()
+        #: Read by a pyfuse3 with patches/pyfuse3/0005 (:func:`completes_direct_writes`).
+        self.enable_async_dio = not completes_direct_writes()
         #: Whether opendir lets the kernel cache the listing (see the class docstring).
         self.cache_listings = timeout > 0 and can_cache_listings()
         #: Whether the kernel opens directories itself (see the class docstring).
@@ -483,11 +497,11 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         handle = self._file(fh)
         # A write through an O_DIRECT descriptor runs inline, whatever it costs (a partly
-        # copied-up file copies blocks in): in a worker thread, a buffered read that arrived
-        # after it could be served the old bytes meanwhile, and the kernel, which drops the
-        # range's cached pages before a direct write but not after one that completes
-        # asynchronously (io_submit), would keep them. Inline, the write is done before any
-        # request that came after it is served.
+        # copied-up file copies blocks in): every request that came after it is served after it.
+        # The kernel drops the range's cached pages before a direct write and, once it is
+        # answered, after it too, unless it completes asynchronously (io_submit), which cowfs
+        # turns off where pyfuse3 can (completes_direct_writes): a buffered read that raced
+        # the write would otherwise keep the old bytes cached.
         if handle.direct or (len(buf) <= INLINE_WRITE_MAX and not handle.writes_sync
                              and handle.inode.partial is None):
             return handle.write(off, buf)
