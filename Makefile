@@ -145,11 +145,12 @@ helper: install
 # and the floor is not enforced.
 # COVERAGE_FLOOR: a few points under the coverage measured by a full run (README, "Development").
 COVERAGE_FLOOR ?= 63
-# The mount tests a plain user runs: the posix suites and the differential ones compare with the
-# kernel's overlayfs, which only root can mount (they would all skip).
+# The tests a plain user runs: the mount tests (but not the differential ones, which compare with
+# the kernel's overlayfs, which only root can mount: they would all skip), and `cowfs run`'s
+# (a plain user's private view is made in a user namespace).
 USER_TESTS ?= $(filter-out tests/test_mount_differential.py tests/test_mount_kernel_compat.py \
                              tests/test_mount_datacalls.py,\
-                           $(wildcard tests/test_mount_*.py))
+                           $(wildcard tests/test_mount_*.py)) tests/test_tools_run.py
 COVERAGE_ARGS = --cov --cov-report=term $(if $(PYTEST_ARGS),,--cov-fail-under=$(COVERAGE_FLOOR))
 
 test: setup helper

@@ -69,8 +69,10 @@ def preflight(mountpoint: Path, *, allow_other: bool) -> None:
     """Refuse, with the reason and what to do, a mount that libfuse would refuse."""
     _check_privileges()
     _check_device()
-    if os.geteuid() == 0:
-        return  # root mounts with mount(2) itself, wherever and with whatever options
+    if os.geteuid() == 0 or has_sys_admin():
+        # Root, or a user namespace's owner (a private view of ``cowfs run``), mounts with
+        # mount(2) itself, wherever and with whatever options.
+        return
     _check_fusermount()
     if allow_other and not _user_allow_other():
         raise CowfsError(f"cannot mount with -o allow_other: {_ALLOW_OTHER_HINT}")
@@ -85,16 +87,28 @@ def in_container() -> bool:
         os.path.exists(m) for m in CONTAINER_MARKERS)
 
 
-def may_gain_sys_admin() -> bool:
-    """Whether this process has CAP_SYS_ADMIN or could gain it (through set-user-ID root
-    fusermount3): it is in the effective or the bounding set. Unknown counts as yes."""
+def _capabilities() -> dict[str, int] | None:
     try:
         text = Path("/proc/self/status").read_text()
     except OSError:
-        return True
+        return None
     caps = {key: int(value, 16) for key, _, value in
             (line.partition(":\t") for line in text.splitlines()) if key in ("CapEff", "CapBnd")}
-    if len(caps) != 2:
+    return caps if len(caps) == 2 else None
+
+
+def has_sys_admin() -> bool:
+    """Whether this process has CAP_SYS_ADMIN now (root, or the owner of the user namespace it
+    is in): libfuse then mounts with mount(2) itself, without fusermount3."""
+    caps = _capabilities()
+    return caps is not None and bool(caps["CapEff"] & (1 << CAP_SYS_ADMIN))
+
+
+def may_gain_sys_admin() -> bool:
+    """Whether this process has CAP_SYS_ADMIN or could gain it (through set-user-ID root
+    fusermount3): it is in the effective or the bounding set. Unknown counts as yes."""
+    caps = _capabilities()
+    if caps is None:
         return True
     return bool((caps["CapEff"] | caps["CapBnd"]) & (1 << CAP_SYS_ADMIN))
 

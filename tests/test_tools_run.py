@@ -17,6 +17,8 @@ import pytest
 from support import find_cowfs, mounted_fstype, needs_root, wait_until
 from tools_support import Workspace, assert_user_error, cowfs, unchanged, workspace
 
+from cowfs.tools import private
+
 __all__ = ["workspace"]
 
 
@@ -187,8 +189,9 @@ def test_runs_are_private_views_and_several_over_one_base_do_not_meet(
         workspace: Workspace) -> None:
     """Issue 21: by default only the job sees its view (a mount namespace of its own): other
     processes see the base unchanged and no mount on it, and a second run over the same base
-    at the same time gets a view of its own."""
-    needs_root("a private view needs a mount namespace")
+    at the same time gets a view of its own. As root, and as a plain user (in a user namespace
+    of the run's own)."""
+    _needs_private_views()
     ws = workspace
     go = ws.root / "go"
     first_in = ws.root / "first-in"
@@ -212,6 +215,26 @@ def test_runs_are_private_views_and_several_over_one_base_do_not_meet(
     assert first.returncode == 0, message
     assert out == b"first\n"
     assert "1 added; discarded" in message
+
+
+def _needs_private_views() -> None:
+    if not private.available():
+        pytest.skip("this kernel lets only root make namespaces (no user namespaces)")
+
+
+def test_a_private_job_runs_as_its_user_without_capabilities(workspace: Workspace) -> None:
+    """In a plain user's private view the job is that user, with no capability left from the
+    user namespace the view was made in (the daemon has CAP_SYS_ADMIN there; the job does not);
+    objects of other users show the overflow owner, as in any rootless container."""
+    _needs_private_views()
+    ws = workspace
+    result = cowfs("run", ws.base, "--", "sh", "-c",
+                   "id -u; id -g; sed -n 's/^CapEff:[[:space:]]*//p' /proc/self/status")
+    assert result.status == 0, result
+    uid, gid, caps = result.out.split()
+    assert (int(uid), int(gid)) == (os.geteuid(), os.getegid())
+    if os.geteuid() != 0:
+        assert int(caps, 16) == 0, f"the job kept capabilities {caps}"
 
 
 def test_a_shared_run_is_seen_by_every_process(workspace: Workspace) -> None:
@@ -251,7 +274,9 @@ def test_the_root_directory_is_refused_as_a_mountpoint(workspace: Workspace) -> 
     mount and its daemon behind. Run in a private mount namespace, so that a regression mounts
     over nobody else's ``/``."""
     ws = workspace
-    private = ["unshare", "--mount", "--propagation", "private", str(find_cowfs())]
+    # A plain user makes the mount namespace inside a user namespace (the plain-user test pass).
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    private = ["unshare", *user, "--mount", "--propagation", "private", str(find_cowfs())]
     for args in (["mount", ws.base, ws.upper, "/"], ["mount", ws.base, ws.upper, "//tmp/.."],
                  ["run", "--at", "/", ws.base, "--", "true"], ["run", "/", "--", "true"]):
         result = subprocess.run([*private, *map(str, args)], capture_output=True, text=True,

@@ -12,11 +12,18 @@ An error in the child (the mount failed, the command does not exist) comes back 
 through a pipe and is raised there as the same :class:`~cowfs.errors.CowfsError`, so that the
 caller cleans up and reports as it would for an error of its own.
 
-Known limits: a mount namespace needs ``CAP_SYS_ADMIN``, so this is for root; a plain user would
-need a user namespace, where the daemon would be uid 0 without the right to give copied-up files
-the owners of files it does not own (unmapped ids), so plain users get the shared view, and
-``cowfs run`` says so in one line. A child killed with SIGKILL leaves its daemon serving a
-namespace nobody can enter; ``cowfs run`` itself never does that.
+A plain user's child first enters a user namespace of its own (``unshare(CLONE_NEWUSER)``, as
+``unshare --user --map-user=$(id -u)`` does), where its own user and group map to themselves and
+nothing else is mapped: it owns the namespace, so it may mount there (FUSE allows it; the
+kernel makes such mounts nosuid and nodev), and it passes CAP_SYS_ADMIN on to the daemon it starts
+(an ambient capability, since neither is uid 0 there). The job runs without it, as the user it
+is. In there, objects of other users show the overflow owner (``nobody``, 65534), as in any
+rootless container, and the daemon, which is the user, copies up as a plain user's daemon does.
+
+Known limits: a kernel or an administrator can forbid unprivileged user namespaces (Debian's
+``kernel.unprivileged_userns_clone=0``, ``user.max_user_namespaces=0``); plain users then get the
+shared view, and ``cowfs run`` says so in one line. A child killed with SIGKILL leaves its daemon
+serving a namespace nobody can enter; ``cowfs run`` itself never does that.
 """
 
 from __future__ import annotations
@@ -34,31 +41,101 @@ from .. import mounts
 from ..errors import CowfsError
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 MNT_DETACH = 2
+CAP_SYS_ADMIN = 21
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _fail(what: str) -> CowfsError:
+    return CowfsError(f"{what}: {os.strerror(ctypes.get_errno())}")
 
 
 def available() -> bool:
-    """Whether this process may make a private mount namespace (root)."""
-    return os.geteuid() == 0
+    """Whether this process may make a private mount namespace: root, or a plain user where the
+    kernel lets plain users make user namespaces (tried in a short-lived child)."""
+    if os.geteuid() == 0:
+        return True
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if _libc().unshare(CLONE_NEWUSER | CLONE_NEWNS) == 0 else 1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def _own_user_namespace() -> None:
+    """A user namespace where this user and group map to themselves, and CAP_SYS_ADMIN in it
+    passed on to the programs this process starts (the daemon; see :func:`without_ambient`)."""
+    uid, gid = os.getuid(), os.getgid()
+    libc = _libc()
+    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
+        raise _fail("cannot make a private user namespace")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                       ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w", encoding="ascii") as f:
+            f.write(text)
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise _fail("cannot read this process's capabilities")
+    data[0].inheritable |= 1 << CAP_SYS_ADMIN
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise _fail("cannot keep CAP_SYS_ADMIN for the daemon")
+    _raise_ambient()
+
+
+def _raise_ambient() -> None:
+    if _libc().prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_SYS_ADMIN, 0, 0) != 0:
+        raise _fail("cannot pass CAP_SYS_ADMIN on to the daemon")
+
+
+@contextlib.contextmanager
+def without_ambient() -> Iterator[None]:
+    """Programs started inside run without the capability the daemon was given (the job runs
+    as the user it is); nothing to do where no user namespace was made (root)."""
+    if os.geteuid() == 0:
+        yield
+        return
+    if _libc().prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+        raise _fail("cannot drop CAP_SYS_ADMIN for the job")
+    try:
+        yield
+    finally:
+        _raise_ambient()  # unmounting starts fusermount3, which needs it
 
 
 def _enter() -> None:
     """Leave the machine's mount namespace for a private copy of it, with a state directory of
-    its own."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(CLONE_NEWNS) != 0:
-        err = ctypes.get_errno()
-        raise CowfsError(f"cannot make a private mount namespace: {os.strerror(err)}")
+    its own (as a plain user, inside a user namespace of its own first)."""
+    libc = _libc()
+    if os.geteuid() != 0:
+        _own_user_namespace()
+    elif libc.unshare(CLONE_NEWNS) != 0:
+        raise _fail("cannot make a private mount namespace")
     if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-        err = ctypes.get_errno()
-        raise CowfsError(f"cannot make the mounts private: {os.strerror(err)}")
+        raise _fail("cannot make the mounts private")
     state = mounts.state_dir()
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
     if libc.mount(b"cowfs-state", os.fsencode(state), b"tmpfs", 0, b"mode=0700") != 0:
-        err = ctypes.get_errno()
-        raise CowfsError(f"cannot give the private view a state directory: {os.strerror(err)}")
+        raise _fail("cannot give the private view a state directory")
 
 
 @contextlib.contextmanager
@@ -86,8 +163,7 @@ def _detach_left(mountpoint: Path) -> None:
     target = os.path.abspath(mountpoint)
     if target not in mounts.cowfs_mountpoints():
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.umount2(os.fsencode(target), MNT_DETACH) != 0:
+    if _libc().umount2(os.fsencode(target), MNT_DETACH) != 0:
         err = ctypes.get_errno()
         print(f"cowfs: warning: cannot detach the private view at {target!r}: "
               f"{os.strerror(err)}", file=sys.stderr)

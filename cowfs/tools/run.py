@@ -96,8 +96,9 @@ def run(base: Path | str, command: Sequence[str], *, upper: Path | None, keep: b
         at: Path | None, err: TextIO | None = None, diff_out: Path | None = None,
         diff_json: bool | None = None, excludes: Sequence[str] = (),
         private: bool = True) -> int:
-    """``private``: the view in a mount namespace of the job's own (root; see
-    :mod:`cowfs.tools.private`), else in the machine's, where every process sees it."""
+    """``private``: the view in a mount namespace of the job's own (for a plain user inside a
+    user namespace; see :mod:`cowfs.tools.private`), else in the machine's, where every process
+    sees it."""
     err = err or sys.stderr
     if not command:
         raise CowfsError("no command given: cowfs run BASE -- COMMAND...")
@@ -128,8 +129,9 @@ def run(base: Path | str, command: Sequence[str], *, upper: Path | None, keep: b
         # would refuse it): an upper inside a lower would change the lower.
         check_nesting(LayerPaths(lowers, Path(os.path.abspath(upper))))
     if private and not _private.available():
-        print("cowfs run: a private view needs root here (a mount namespace); the view is "
-              "shared: other processes see it while COMMAND runs", file=err)
+        print("cowfs run: this system lets only root make a private view (no user "
+              "namespaces for plain users); the view is shared: other processes see it while "
+              "COMMAND runs", file=err)
         private = False
     status = 0
     started: list[View] = []
@@ -139,7 +141,8 @@ def run(base: Path | str, command: Sequence[str], *, upper: Path | None, keep: b
             started.append(view)
 
             def job() -> int:
-                with overlay(lowers, view.upper, at=mountpoint, keep=True) as mounted:
+                with (overlay(lowers, view.upper, at=mountpoint, keep=True) as mounted,
+                      _private.without_ambient()):
                     return _run_in(mounted, real_base, command)
 
             status = _private.run(job, mountpoint)
