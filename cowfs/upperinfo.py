@@ -33,6 +33,7 @@ from pathlib import Path
 
 from . import realfs, schema
 from .errors import CowfsError
+from .wording import counted
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def stack_difference(recorded: schema.StackRecord,
                      current: Sequence[schema.LayerIdentity]) -> str | None:
     """What differs between the recorded stack and ``current``, in words; None when nothing."""
     if len(recorded.lowers) != len(current):
-        return (f"it was made on {len(recorded.lowers)} lower layer(s) "
+        return (f"it was made on {counted(len(recorded.lowers), 'lower layer')} "
                 f"({':'.join(i.path for i in recorded.lowers)}), not {len(current)} "
                 f"({':'.join(i.path for i in current)})")
     for n, (was, now) in enumerate(zip(recorded.lowers, current, strict=True)):
@@ -214,8 +215,9 @@ def record_stack(upper_fd: int, upper: Path, current: Sequence[schema.LayerIdent
     """Write the stack record on the upper root (only when it changes)."""
     value = schema.StackRecord(tuple(current), None if work is None else str(work)).to_json()
     if len(value) > schema.STACK_RECORD_MAX:
-        raise CowfsError(f"the lower stack of {len(current)} layer(s) is too long to record on "
-                         f"the upper ({len(value)} bytes, at most {schema.STACK_RECORD_MAX}); "
+        raise CowfsError(f"the lower stack of {counted(len(current), 'layer')} is too long to "
+                         f"record on the upper ({len(value)} bytes, at most "
+                         f"{schema.STACK_RECORD_MAX}); "
                          "use shorter paths or fewer layers")
     if realfs.getxattr(upper_fd, schema.XATTR_STACK) == value:
         return

@@ -48,6 +48,7 @@ from .walk import (
     redirect_source,
     walk,
 )
+from .wording import counted
 
 
 def plan_commit(records: Sequence[Change]) -> list[Step]:
@@ -309,7 +310,7 @@ def _fresh_plan(upper: Path, base: Path, work: Path | None,
     problems = [r for r in records
                 if isinstance(r, Anomaly) and r.problem is not Problem.STRAY_WHITEOUT]
     if problems:
-        raise CowfsError(f"{str(upper)!r} has {len(problems)} problem(s), e.g. "
+        raise CowfsError(f"{str(upper)!r} has {counted(len(problems), 'problem')}, e.g. "
                          f"{quote(problems[0].path)}: {problems[0].problem.value}; "
                          f"run 'cowfs check {upper}' first")
     return plan_commit(records), visible_changes(records), _copied_whole(records)
@@ -536,6 +537,6 @@ def reset(upper: Path, paths: Sequence[str], *, yes: bool, dry_run: bool,
                 for target in targets:
                     with plans.parent_of(fd, target) as (dirfd, name):
                         plans.remove_if_present(dirfd, name)
-                print(f"reset {len(targets)} path(s) in {upper}", file=out)
+                print(f"reset {counted(len(targets), 'path')} in {upper}", file=out)
         finally:
             os.close(fd)

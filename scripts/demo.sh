@@ -76,6 +76,21 @@ show 'ls -la mnt/docs base/docs'
 show 'ls -laR upper'
 show "stat -c '%n: %F %t:%T' upper/docs/draft.txt"
 
+say 'What the upper changes, as git status or docker diff shows it (M modified, D deleted):'
+show 'cowfs diff mnt'
+
+say 'Throw one change away (the upper must not be mounted): the file is the base one again.'
+show 'cowfs umount mnt'
+show 'cowfs reset --yes upper hello.txt'
+show 'cowfs diff upper'
+show 'cowfs mount base upper mnt'
+show 'cat mnt/hello.txt'
+
+say 'A disposable view: run a command over base/ in a view only it sees; its changes are' \
+    'listed, then thrown away (--upper DIR keeps them).'
+show "cowfs run base -- sh -c 'echo scratch >new.txt; rm todo.txt'"
+show 'ls base'
+
 cat <<EOF
 
 The overlay is still mounted, to explore:

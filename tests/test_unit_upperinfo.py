@@ -43,7 +43,7 @@ def test_malformed_stack_records_are_refused(value: bytes) -> None:
 def test_stack_difference_says_what_differs() -> None:
     record = schema.StackRecord((A, B))
     assert upperinfo.stack_difference(record, (A, B)) is None
-    assert "2 lower layer(s)" in (upperinfo.stack_difference(record, (A,)) or "")
+    assert "2 lower layers" in (upperinfo.stack_difference(record, (A,)) or "")
     moved = schema.LayerIdentity("/moved", 1, 20)
     found = upperinfo.stack_difference(record, (A, moved)) or ""
     assert found.startswith("lower layer 2 was '/b'")

@@ -41,6 +41,7 @@ from .. import mounts, plans, realfs, schema, upperinfo
 from ..changes import quote
 from ..errors import CowfsError
 from ..walk import Anomaly, Problem, walk
+from ..wording import counted
 from . import identity
 
 _NEEDS_LOWERS = (Problem.STRAY_WHITEOUT, Problem.MISSING_REDIRECT, Problem.METACOPY_NO_DATA)
@@ -178,19 +179,19 @@ def check(upper: Path, lowers: Sequence[Path] | None, *, repair: bool, yes: bool
         if not repair:
             for line in lines:
                 print(line, file=out)
-            print(f"{len(found)} problem(s) found; 'cowfs check --repair' repairs "
+            print(f"{counted(len(found), 'problem')} found; 'cowfs check --repair' repairs "
                   f"{sum(f.repair is not None for f in found)} of them", file=out)
             return 1
         fixable = [f for f in found if f.repair is not None]
         if not fixable:
             for line in lines:
                 print(line, file=out)
-            raise CowfsError(f"{len(found)} problem(s) found, none can be repaired")
+            raise CowfsError(f"{counted(len(found), 'problem')} found, none can be repaired")
         if not plans.confirm(lines, yes=yes, dry_run=dry_run, out=out,
                               question="Repair these problems?"):
             return 1
         _repair(upper, fixable, anomalies)
         left = len(found) - len(fixable)
-        print(f"repaired {len(fixable)} problem(s)" + (f"; {left} left" if left else ""),
+        print(f"repaired {counted(len(fixable), 'problem')}" + (f"; {left} left" if left else ""),
               file=out)
         return 1 if left else 0

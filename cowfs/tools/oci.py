@@ -314,7 +314,7 @@ def export_layer(upper: Path, lowers: Sequence[Path], output: str, *, gzip_flag:
     problems = [r for r in records
                 if isinstance(r, Anomaly) and r.problem is not Problem.STRAY_WHITEOUT]
     if problems:
-        raise CowfsError(f"{str(upper)!r} has {len(problems)} problem(s), e.g. "
+        raise CowfsError(f"{str(upper)!r} has {counted(len(problems), 'problem')}, e.g. "
                          f"{quote(problems[0].path)}: {problems[0].problem.value}; run "
                          f"'cowfs check {upper}' first")
     compress = _wants_gzip(output, gzip_flag)
