@@ -37,6 +37,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
@@ -128,12 +129,9 @@ class MountOptions:
 
     @classmethod
     def parse(cls, specs: list[str]) -> MountOptions:
-        """Parse ``-o a,b=c`` strings (given once or several times)."""
-        allow_other = debug = volatile = writeback = relocate = nodiratime = False
-        metacopy = False
-        partial_min = partial.DEFAULT_MIN_SIZE
-        timeout = DEFAULT_TIMEOUT
-        atime = "relatime"
+        """Parse ``-o a,b=c`` strings (given once or several times), one row of :data:`FLAGS`
+        or :data:`VALUED` an option (the last given wins), as the kernel's params.c does."""
+        fields: dict[str, Any] = {}  # checked by the tables' rows
         kernel: set[str] = set()
         for spec in specs:
             for given in filter(None, spec.split(",")):
@@ -141,37 +139,24 @@ class MountOptions:
                     raise CowfsError(f"mount option {given!r} is not supported: "
                                      f"{KERNEL_REFUSED[given]}")
                 opt = KERNEL_SPELLINGS.get(given, given)
-                key, _, value = opt.partition("=")
-                if not key:
+                key, has_value, value = opt.partition("=")
+                if not key or (key in IGNORED_OPTIONS and not has_value):
                     continue
-                if key == "allow_other":
-                    allow_other = True
-                elif key == "debug":
-                    debug = True
-                elif key == "volatile":
-                    volatile = True
-                elif key == "relocate":
-                    relocate = True
-                elif key in ("writeback", "nowriteback"):
-                    writeback = key == "writeback"
-                elif key in ("metacopy", "nometacopy"):
-                    metacopy = key == "metacopy"
-                elif key == "partial_copyup" and value:
-                    partial_min = _parse_size(key, value)
-                elif key == "nopartial_copyup" and not value:
-                    partial_min = 0
-                elif key == "timeout":
-                    timeout = _parse_timeout(value)
-                elif key in ATIME_OPTIONS:
-                    atime = "relatime" if key == "atime" else key
-                elif key in ("nodiratime", "diratime"):
-                    nodiratime = key == "nodiratime"
-                elif key in KERNEL_OPTIONS:
+                if key in FLAGS and not has_value:
+                    name, setting = FLAGS[key]
+                    fields[name] = setting
+                elif key in VALUED and value:
+                    name, parse = VALUED[key]
+                    fields[name] = parse(key, value)
+                elif key in KERNEL_OPTIONS and not has_value:
                     kernel.add(key)
-                elif key not in IGNORED_OPTIONS:
+                elif key in FLAGS or key in KERNEL_OPTIONS:
+                    raise CowfsError(f"mount option {key!r} takes no value (given {opt!r})")
+                elif key in VALUED:
+                    raise CowfsError(f"mount option {key!r} needs a value: {key}=...")
+                else:
                     raise CowfsError(f"unknown mount option {opt!r} (see 'cowfs mount --help')")
-        return cls(allow_other, debug, timeout, volatile, frozenset(kernel), writeback, relocate,
-                   atime, nodiratime, metacopy, partial_min)
+        return cls(kernel=frozenset(kernel), **fields)
 
     def fuse_options(self, source: str) -> set[str]:
         opts = set(pyfuse3.default_options) | {f"fsname={source}", "subtype=cowfs"} | self.kernel
@@ -191,7 +176,7 @@ class MountOptions:
         return ",".join([*flags, *(["nodiratime"] if self.nodiratime else [])])
 
 
-def _parse_timeout(value: str) -> float:
+def _parse_timeout(_key: str, value: str) -> float:
     try:
         seconds = float(value)
     except ValueError:
@@ -212,6 +197,26 @@ def _parse_size(key: str, value: str) -> int:
     if number.isdigit() and unit in _SIZE_UNITS:
         return int(number) * _SIZE_UNITS[unit]
     raise CowfsError(f"invalid {key} size {value!r}: give bytes or a size such as 64M or 1G")
+
+
+#: The options that take no value: each sets one field of :class:`MountOptions`.
+FLAGS: dict[str, tuple[str, object]] = {
+    "allow_other": ("allow_other", True),
+    "debug": ("debug", True),
+    "volatile": ("volatile", True),
+    "relocate": ("relocate", True),
+    "writeback": ("writeback", True), "nowriteback": ("writeback", False),
+    "metacopy": ("metacopy", True), "nometacopy": ("metacopy", False),
+    "nopartial_copyup": ("partial_min", 0),
+    "atime": ("atime", "relatime"), "relatime": ("atime", "relatime"),
+    "noatime": ("atime", "noatime"), "strictatime": ("atime", "strictatime"),
+    "nodiratime": ("nodiratime", True), "diratime": ("nodiratime", False),
+}
+#: The options that take a value (``key=value``): the field each sets, and its parser.
+VALUED: dict[str, tuple[str, Callable[[str, str], object]]] = {
+    "partial_copyup": ("partial_min", _parse_size),
+    "timeout": ("timeout", _parse_timeout),
+}
 
 
 def set_mount_flags(mountpoint: Path, options: MountOptions) -> None:

@@ -26,6 +26,25 @@ def test_bad_mount_options_are_user_errors(bad: str) -> None:
         MountOptions.parse([bad])
 
 
+@pytest.mark.parametrize(("bad", "says"), [
+    ("debug=1", "'debug' takes no value"), ("nosuid=yes", "'nosuid' takes no value"),
+    ("metacopy=yes", "'metacopy' takes no value"), ("timeout", "'timeout' needs a value"),
+    ("partial_copyup=", "'partial_copyup' needs a value"),
+])
+def test_a_flag_with_a_value_and_a_value_missing_are_named(bad: str, says: str) -> None:
+    with pytest.raises(CowfsError, match=says):
+        MountOptions.parse([bad])
+
+
+def test_every_option_of_the_tables_sets_its_field_and_the_last_given_wins() -> None:
+    assert MountOptions.parse(["metacopy,nometacopy"]).metacopy is False
+    assert MountOptions.parse(["nometacopy", "metacopy"]).metacopy is True
+    assert MountOptions.parse(["strictatime,noatime"]).atime == "noatime"
+    assert MountOptions.parse(["partial_copyup=2M,nopartial_copyup"]).partial_min == 0
+    assert MountOptions.parse(["nopartial_copyup,partial_copyup=2M"]).partial_min == 2 << 20
+    assert MountOptions.parse(["writeback,nowriteback,relocate"]) == MountOptions(relocate=True)
+
+
 def test_the_kernels_overlay_option_names_are_accepted() -> None:
     """An fstab line converted from ``overlay`` keeps the kernel's spellings (issue 21)."""
     opts = MountOptions.parse(["default_permissions,index=on,redirect_dir=on,userxattr",
