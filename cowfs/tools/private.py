@@ -1,7 +1,8 @@
 """Private views for ``cowfs run``: the view is mounted where only the job sees it.
 
 ``cowfs run`` forks; the child leaves the machine's mount namespace (``unshare(CLONE_NEWNS)``),
-makes every mount of its copy private (so that nothing it mounts propagates back), mounts a tmpfs
+makes every mount of its copy a slave (nothing it mounts propagates back, while unmounts made
+outside reach it wherever the machine's mounts are shared, as systemd makes them), mounts a tmpfs
 over cowfs's state directory (its daemon's state file is its own: several runs over one base do
 not share one), then mounts the view, runs the job in it and unmounts it. The parent waits,
 passing SIGTERM and SIGHUP on (Ctrl-C reaches the job through the terminal), and reports. Other
@@ -23,7 +24,11 @@ rootless container, and the daemon, which is the user, copies up as a plain user
 Known limits: a kernel or an administrator can forbid unprivileged user namespaces (Debian's
 ``kernel.unprivileged_userns_clone=0``, ``user.max_user_namespaces=0``); plain users then get the
 shared view, and ``cowfs run`` says so in one line. A child killed with SIGKILL leaves its daemon
-serving a namespace nobody can enter; ``cowfs run`` itself never does that.
+serving a namespace nobody can enter; ``cowfs run`` itself never does that. The namespace holds
+a copy of every mount that existed when the job started: where the machine's mounts are private
+rather than shared (some containers), a filesystem unmounted outside meanwhile lives on in it
+until the job ends (a FUSE daemon unmounted meanwhile serves on, and ``cowfs umount`` of it waits
+for its daemon; the kernel's overlayfs with ``index=on`` refuses its upper to a new mount).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from ..errors import CowfsError
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 MS_REC = 0x4000
-MS_PRIVATE = 0x40000
+MS_SLAVE = 0x80000
 MNT_DETACH = 2
 CAP_SYS_ADMIN = 21
 PR_CAP_AMBIENT = 47
@@ -130,7 +135,7 @@ def _enter() -> None:
         _own_user_namespace()
     elif libc.unshare(CLONE_NEWNS) != 0:
         raise _fail("cannot make a private mount namespace")
-    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+    if libc.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None) != 0:
         raise _fail("cannot make the mounts private")
     state = mounts.state_dir()
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
