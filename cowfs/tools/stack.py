@@ -46,6 +46,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import stat
 import sys
 import tarfile
@@ -437,9 +438,31 @@ def _changes(stack: Stack) -> int:
 
 @contextlib.contextmanager
 def _upper_held(stack: Stack, what: str) -> Iterator[None]:
+    """The upper's lock, which every mount of it and every layer command holds: one command
+    changes a stack at a time. Layer directories the record does not list (left by a command
+    killed between moving a layer in and writing the record, or before deleting what a squash
+    replaced) are removed first."""
     with mounts.exclusive_upper(stack.upper, what):
         upperinfo.refuse_if_committing(stack.upper, what)
+        plans.remove_stale_temporaries(stack.root, UPPER_DIR, "layer")
+        plans.remove_stale_temporaries(stack.root, STACK_FILE, "layer")
+        layers = stack.root / LAYERS_DIR
+        for name in os.listdir(layers) if layers.is_dir() else ():
+            if name not in stack.record.layers:
+                plans.remove_path(layers / name)
         yield
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP wait until the block is done: the record and the fresh
+    upper change together (a kill -9 between them is the known limit of the module)."""
+    signums = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
 
 
 # --- the commands -------------------------------------------------------------------------------
@@ -483,9 +506,10 @@ def freeze(path: Path, *, out: TextIO | None = None) -> StackLayer:
                              "freeze")
         with _scratch(stack, "freeze") as scratch:
             hex_id = _admit(stack, stack.upper, stack.lowers(), scratch)
-            _write_record(stack.root, StackFile((hex_id, *stack.record.layers),
-                                                stack.record.base))
-            _renew_upper(stack)
+            with _uninterrupted():
+                _write_record(stack.root, StackFile((hex_id, *stack.record.layers),
+                                                    stack.record.base))
+                _renew_upper(stack)
     print(f"froze {stack.upper} as layer {DIGEST_PREFIX}{hex_id}", file=out)
     return StackLayer(stack.layer_path(hex_id), DIGEST_PREFIX + hex_id)
 
@@ -589,12 +613,13 @@ def squash(path: Path, ids: Sequence[str], *, out: TextIO | None = None) -> Stac
             merge_layers([stack.layer_path(h) for h in layers[top:bottom + 1]], merged)
             rest = StackFile(layers[:top] + layers[bottom + 1:], stack.record.base)
             hex_id = _admit(Stack(stack.root, rest), merged, below, scratch)
-            _write_record(stack.root, StackFile((*layers[:top], hex_id, *layers[bottom + 1:]),
-                                                stack.record.base))
+            with _uninterrupted():
+                _write_record(stack.root, StackFile(
+                    (*layers[:top], hex_id, *layers[bottom + 1:]), stack.record.base))
+                _renew_upper(stack)
             for h in layers[top:bottom + 1]:
                 if h != hex_id:
                     plans.remove_path(stack.layer_path(h))
-            _renew_upper(stack)
     print(f"squashed {counted(len(positions), 'layer')} into {DIGEST_PREFIX}{hex_id}", file=out)
     return StackLayer(stack.layer_path(hex_id), DIGEST_PREFIX + hex_id)
 
@@ -612,7 +637,8 @@ def remove(path: Path, given: str, *, out: TextIO | None = None) -> None:
                          f"({DIGEST_PREFIX}{stack.record.layers[0][:12]}) can be removed")
     with _upper_held(stack, "remove a layer"):
         _refuse_changes(stack, "remove the layer under it")
-        _write_record(stack.root, StackFile(stack.record.layers[1:], stack.record.base))
+        with _uninterrupted():
+            _write_record(stack.root, StackFile(stack.record.layers[1:], stack.record.base))
+            _renew_upper(stack)
         plans.remove_path(stack.layer_path(hex_id))
-        _renew_upper(stack)
     print(f"removed layer {DIGEST_PREFIX}{hex_id}", file=out)
