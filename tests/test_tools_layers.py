@@ -294,6 +294,7 @@ def test_bad_input_is_one_line(tmp_path: Path, base: Path) -> None:
     assert_user_error(cowfs("layer", "init", base / "inside", base), "inside its base")
     ok("layer", "init", stack, base)
     assert_user_error(cowfs("layer", "init", stack, base), "not an empty directory")
+    assert_user_error(cowfs("layer", "init", tmp_path / "on-a-stack", stack), "is a stack")
     assert_user_error(cowfs("layer", "freeze", stack), "no changes")
     assert_user_error(cowfs("layer", "squash", stack), "nothing to squash")
     assert_user_error(cowfs("layer", "remove", stack, "abcd"), "no layer 'abcd'")
@@ -331,6 +332,24 @@ def test_a_mounted_upper_is_not_frozen(tmp_path: Path, base: Path) -> None:
     finally:
         ok("umount", mnt)
     ok("layer", "freeze", stack)
+
+
+def test_push_layer_adds_an_oci_layer_tar_on_top(tmp_path: Path, base: Path) -> None:
+    """The function an image importer calls, bottom layer first: a tar of another stack's
+    layer gives that layer again, by the same name."""
+    source = tmp_path / "source"
+    ok("layer", "init", source, base)
+    ok("run", source, "--", "sh", "-c", STEP1)
+    ok("layer", "freeze", source)
+    (diff_id,) = _layers(source)
+    ok("export", source / "layers" / diff_id[7:], "-o", tmp_path / "layer.tar")
+    target = tmp_path / "target"
+    ok("layer", "init", target, base)
+    added = stacks.push_layer(target, str(tmp_path / "layer.tar"), out=io.StringIO())
+    assert added.diff_id == diff_id
+    assert [(layer.path, layer.diff_id) for layer in stacks.stack_layers(target)] == [
+        ((target / "layers" / diff_id[7:]).resolve(), diff_id)]
+    assert _view(target, tmp_path / "mnt") == _view(source, tmp_path / "mnt")
 
 
 NOBODY = 65534

@@ -31,11 +31,18 @@ directory over a non-directory becomes opaque), then exports that against the la
 imports it, so the result is the layer one freeze of the same changes would have made: same
 view, same diff_id.
 
+For an image exporter or importer (``cowfs image``): :func:`stack_layers` gives the frozen
+layers topmost first (path and diff_id), :func:`write_layer_tar` a layer's tar, whose sha256 is
+its diff_id, and :func:`push_layer` adds a layer tar on top of a stack.
+
 Known limits: the commands refuse a stack whose upper is mounted; ``squash`` and ``remove``
 need an upper without changes (freeze them or ``cowfs reset`` first), since the upper's origins
 and hard-link index name the layers it was made on; a crash between writing the record and
 emptying the upper after a freeze leaves an upper whose recorded stack is the old one (the
-mount then refuses it: ``cowfs reset --yes STACK/upper``, whose changes the new layer holds).
+mount then refuses it: ``cowfs reset --yes STACK/upper``, whose changes the new layer holds);
+:func:`write_layer_tar` keeps a descriptor open per directory level (a frozen layer deeper than
+the descriptor limit, about 1,000 levels, is refused with EMFILE) and ``list`` counts files by
+path (``os.walk``).
 """
 
 from __future__ import annotations
@@ -386,6 +393,11 @@ def _admit(stack: Stack, upper: Path, lowers: Sequence[Path], scratch: Path) -> 
     layer = scratch / "layer"
     import_layer(str(tar), layer, out=quiet)
     tar.unlink()
+    return _place(stack, layer)
+
+
+def _place(stack: Stack, layer: Path) -> str:
+    """Name an imported layer by its diff_id and move it into ``STACK/layers/HEX``."""
     _strip_root(layer)
     hex_id = layer_digest(layer)
     if hex_id in stack.record.layers:
@@ -481,8 +493,11 @@ def init(path: Path, base: str | None, *, out: TextIO | None = None) -> Stack:
                 raise CowfsError(f"base directory {part!r} does not exist"
                                  if not os.path.exists(part) else f"base {part!r} is not a "
                                  "directory")
+            if is_stack(part):
+                raise CowfsError(f"base {part!r} is a stack; stack on its layers with "
+                                 f"\"$(cowfs layer list --lowers {part})\", or freeze in it")
         bases = tuple(str(Path(p).resolve()) for p in base.split(":"))
-        target = os.path.abspath(path)
+        target = str(path.resolve())
         if any(target == b or target.startswith(b + "/") for b in bases):
             raise CowfsError(f"the stack {str(path)!r} would be inside its base; make it "
                              "elsewhere")
@@ -511,6 +526,27 @@ def freeze(path: Path, *, out: TextIO | None = None) -> StackLayer:
                                                     stack.record.base))
                 _renew_upper(stack)
     print(f"froze {stack.upper} as layer {DIGEST_PREFIX}{hex_id}", file=out)
+    return StackLayer(stack.layer_path(hex_id), DIGEST_PREFIX + hex_id)
+
+
+def push_layer(path: Path, archive: str, *, out: TextIO | None = None) -> StackLayer:
+    """An OCI layer tar (what ``cowfs import`` takes) as a new frozen layer on top of the
+    stack, for an image importer: call it bottom layer first. The layer's diff_id is that of its
+    canonical tar, which is the archive's own digest only when the archive was canonical."""
+    from .oci import import_layer
+
+    out = out or sys.stderr
+    stack = load(path)
+    with _upper_held(stack, "add a layer"):
+        _refuse_changes(stack, "add a layer under it")
+        with _scratch(stack, "push") as scratch:
+            import_layer(archive, scratch / "layer", out=io.StringIO())
+            hex_id = _place(stack, scratch / "layer")
+            with _uninterrupted():
+                _write_record(stack.root, StackFile((hex_id, *stack.record.layers),
+                                                    stack.record.base))
+                _renew_upper(stack)
+    print(f"added layer {DIGEST_PREFIX}{hex_id} to {stack.root}", file=out)
     return StackLayer(stack.layer_path(hex_id), DIGEST_PREFIX + hex_id)
 
 
