@@ -444,6 +444,13 @@ def test_the_kernel_shows_cowfs_s_view_of_frozen_layers(tmp_path: Path) -> None:
         os.mkfifo(mnt / "fifo")
     finally:
         ok("umount", mnt)
+    # What the kernel cannot read in a live upper is there before the freeze.
+    upper = stack / "upper"
+    assert "user.overlay.metacopy" in os.listxattr(upper / "meta")
+    assert "user.cowfs.datamap" in os.listxattr(upper / "big")
+    assert "user.overlay.redirect" in os.listxattr(upper / "moved")
+    assert "user.cowfs.origin" in os.listxattr(upper / "moved/a")
+    assert (upper / ".cowfs-work").is_dir()
     ok("layer", "freeze", stack)
     ok("run", stack, "--", "sh", "-c", "rm moved/sub/b; echo top > moved/top; mv gone g2")
     ok("layer", "freeze", stack)
@@ -456,11 +463,21 @@ def test_the_kernel_shows_cowfs_s_view_of_frozen_layers(tmp_path: Path) -> None:
         listed = [n for n in os.listxattr(layer)]
         assert not any(n.startswith("user.cowfs.") for n in listed), listed
         assert not Path(layer, ".cowfs-work").exists()
-    kernel_upper, work, kernel_mnt = (tmp_path / n for n in ("kupper", "kwork", "kmnt"))
+    assert _kernel_view(stack, tmp_path / "k1") == cowfs_view
+    # Squashed, the one layer is complete for the kernel too, and shows the same.
+    ok("layer", "squash", stack)
+    assert _view(stack, mnt) == cowfs_view
+    assert _kernel_view(stack, tmp_path / "k2") == cowfs_view
+
+
+def _kernel_view(stack: Path, root: Path) -> dict[str, object]:
+    """The stack's frozen layers under the kernel's overlayfs (userxattr), with a fresh upper
+    of the live upper's mode."""
+    lowers = ok("layer", "list", "--lowers", stack).out.strip()
+    kernel_upper, work, kernel_mnt = (root / n for n in ("upper", "work", "mnt"))
     for d in (kernel_upper, work, kernel_mnt):
-        d.mkdir()
+        d.mkdir(parents=True)
     kernel_upper.chmod(stat.S_IMODE(os.stat(stack / "upper").st_mode))
     with kernel_overlay([Path(p) for p in lowers.split(":")], kernel_upper, work, kernel_mnt,
                         ["userxattr"]) as kernel:
-        kernel_view = dict(merged_view(kernel.mnt))
-    assert kernel_view == cowfs_view
+        return dict(merged_view(kernel.mnt))

@@ -57,7 +57,7 @@ import signal
 import stat
 import sys
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Annotated, TextIO
@@ -425,6 +425,18 @@ def _scratch(stack: Stack, what: str) -> Iterator[Path]:
         plans.remove_path(scratch)
 
 
+def _add_on_top(stack: Stack, what: str, build: Callable[[Path], str]) -> str:
+    """The layer ``build`` makes in a scratch directory (returning its HEX) goes on top of the
+    stack, with a fresh upper over it."""
+    with _scratch(stack, what) as scratch:
+        hex_id = build(scratch)
+        with _uninterrupted():
+            _write_record(stack.root, StackFile((hex_id, *stack.record.layers),
+                                                stack.record.base))
+            _renew_upper(stack)
+    return hex_id
+
+
 def _renew_upper(stack: Stack) -> None:
     """A fresh, empty upper (the old one's recorded stack, origins and index name the layers it
     was made on)."""
@@ -519,12 +531,8 @@ def freeze(path: Path, *, out: TextIO | None = None) -> StackLayer:
         if not _changes(stack):
             raise CowfsError(f"the upper {str(stack.upper)!r} holds no changes; nothing to "
                              "freeze")
-        with _scratch(stack, "freeze") as scratch:
-            hex_id = _admit(stack, stack.upper, stack.lowers(), scratch)
-            with _uninterrupted():
-                _write_record(stack.root, StackFile((hex_id, *stack.record.layers),
-                                                    stack.record.base))
-                _renew_upper(stack)
+        hex_id = _add_on_top(stack, "freeze", lambda scratch: _admit(
+            stack, stack.upper, stack.lowers(), scratch))
     print(f"froze {stack.upper} as layer {DIGEST_PREFIX}{hex_id}", file=out)
     return StackLayer(stack.layer_path(hex_id), DIGEST_PREFIX + hex_id)
 
@@ -539,13 +547,11 @@ def push_layer(path: Path, archive: str, *, out: TextIO | None = None) -> StackL
     stack = load(path)
     with _upper_held(stack, "add a layer"):
         _refuse_changes(stack, "add a layer under it")
-        with _scratch(stack, "push") as scratch:
+        def build(scratch: Path) -> str:
             import_layer(archive, scratch / "layer", out=io.StringIO())
-            hex_id = _place(stack, scratch / "layer")
-            with _uninterrupted():
-                _write_record(stack.root, StackFile((hex_id, *stack.record.layers),
-                                                    stack.record.base))
-                _renew_upper(stack)
+            return _place(stack, scratch / "layer")
+
+        hex_id = _add_on_top(stack, "push", build)
     print(f"added layer {DIGEST_PREFIX}{hex_id} to {stack.root}", file=out)
     return StackLayer(stack.layer_path(hex_id), DIGEST_PREFIX + hex_id)
 
