@@ -605,6 +605,7 @@ def list_stack(path: Path, *, as_json: bool = False, lowers_only: bool = False,
         return
     live = ("mounted" if changes is None else "no changes" if not changes
             else counted(changes, "change"))
+    print(f"{'LAYER':<20} {'SIZE':>10}  {'FILES':<12} PATH", file=out)
     print(f"{'upper':<20} {'live':>10}  {live:<12} {stack.upper}", file=out)
     for info in infos:
         print(f"{info.diff_id[:19]:<20} {plans.human_bytes(info.size):>10}  "
