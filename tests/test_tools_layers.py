@@ -319,6 +319,27 @@ def test_bad_input_is_one_line(tmp_path: Path, base: Path) -> None:
     assert "Traceback" not in cowfs("layer").err
 
 
+@pytest.mark.parametrize("signal_name", ["INT", "TERM", "KILL"])
+def test_an_interrupted_freeze_leaves_the_stack_as_it_was(tmp_path: Path, base: Path,
+                                                          signal_name: str) -> None:
+    stack = tmp_path / "app"
+    ok("layer", "init", stack, base)
+    ok("run", stack, "--", "sh", "-c", STEP1)
+    before = sorted(os.listdir(stack)), (stack / "stack.json").read_bytes()
+    result = _cowfs_env({"COWFS_TEST_EXPORT_FAULT": f"2:{signal_name}"},
+                        "layer", "freeze", stack)
+    assert result.status != 0
+    assert "Traceback" not in result.err
+    if signal_name != "KILL":
+        assert_user_error(result, "freeze interrupted", "as it was")
+        assert (sorted(os.listdir(stack)), (stack / "stack.json").read_bytes()) == before
+    assert _layers(stack) == []
+    assert json.loads(ok("layer", "list", "--json", stack).out)["upper"]["changes"] > 0
+    ok("layer", "freeze", stack)  # and a killed one's scratch directory is removed
+    assert sorted(os.listdir(stack)) == ["empty", "layers", "stack.json", "upper"]
+    assert len(_layers(stack)) == 1
+
+
 def test_a_mounted_upper_is_not_frozen(tmp_path: Path, base: Path) -> None:
     stack = tmp_path / "app"
     ok("layer", "init", stack, base)

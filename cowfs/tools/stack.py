@@ -421,6 +421,12 @@ def _scratch(stack: Stack, what: str) -> Iterator[Path]:
     except plans.Interrupted as e:
         raise CowfsError(f"{what} interrupted ({e}); the stack is as it was", e.exit_code) \
             from None
+    except CowfsError as e:
+        if e.exit_code - 128 not in {int(n) for n in signal.Signals}:
+            raise
+        # Interrupted inside export or import, which say so about their own (scratch) output.
+        raise CowfsError(f"{what} interrupted ({signal.Signals(e.exit_code - 128).name}); the "
+                         "stack is as it was", e.exit_code) from None
     finally:
         plans.remove_path(scratch)
 
