@@ -256,6 +256,18 @@ def test_squash_gives_the_diff_id_one_freeze_of_the_same_changes_gives(
     assert _layers(two) == _layers(one)
 
 
+def test_run_discard_on_a_stack_leaves_its_upper_alone(tmp_path: Path, base: Path) -> None:
+    stack = tmp_path / "app"
+    ok("layer", "init", stack, base)
+    ok("run", stack, "--", "sh", "-c", "echo kept > kept")
+    before = sorted(os.listdir(stack / "upper"))
+    done = ok("run", "--discard", stack, "--", "sh", "-c", "cat kept; echo gone > gone")
+    assert done.out == "kept\n"
+    assert "discarded" in done.err
+    assert sorted(os.listdir(stack / "upper")) == before
+    assert json.loads(ok("layer", "list", "--json", stack).out)["upper"]["changes"] == 1
+
+
 def test_export_of_an_upper_is_deterministic(tmp_path: Path, base: Path) -> None:
     stack = tmp_path / "app"
     ok("layer", "init", stack, base)

@@ -193,9 +193,10 @@ def _run_stack(stack: _stack.Stack, command: Sequence[str], *, upper: Path | Non
                keep: bool | None, at: Path | None, err: TextIO, diff_out: Path | None,
                diff_json: bool | None, excludes: Sequence[str], private: bool) -> int:
     """``cowfs run STACK``: the stack's layers as the lowers, its live upper as the upper (the
-    changes kept there unless ``--discard``, for ``cowfs layer freeze``), and the view at a
-    temporary directory unless ``--at`` (a stack has no directory of its own to mount over).
-    The command starts at the view's root."""
+    changes kept there, for ``cowfs layer freeze``), and the view at a temporary directory
+    unless ``--at`` (a stack has no directory of its own to mount over). With ``--discard``,
+    the live upper is the topmost lower of a temporary upper instead: the job sees the stack as
+    it is, and leaves it so. The command starts at the view's root."""
     if upper is not None:
         raise CowfsError("--upper: a stack's changes go to its own upper "
                          f"({str(stack.upper)!r}); give the stack's layers instead "
@@ -205,9 +206,12 @@ def _run_stack(stack: _stack.Stack, command: Sequence[str], *, upper: Path | Non
         scratch = Path(tempfile.mkdtemp(prefix="cowfs-stack-view-"))
         at = scratch / "view"
     try:
-        return run(stack.lowers_spec(), command, upper=stack.upper,
-                   keep=True if keep is None else keep, at=at, err=err, diff_out=diff_out,
-                   diff_json=diff_json, excludes=excludes, private=private)
+        if keep is False:
+            return run(f"{stack.upper}:{stack.lowers_spec()}", command, upper=None, keep=False,
+                       at=at, err=err, diff_out=diff_out, diff_json=diff_json,
+                       excludes=excludes, private=private)
+        return run(stack.lowers_spec(), command, upper=stack.upper, keep=True, at=at, err=err,
+                   diff_out=diff_out, diff_json=diff_json, excludes=excludes, private=private)
     finally:
         if scratch is not None:
             with contextlib.suppress(OSError):
