@@ -192,6 +192,8 @@ def test_freeze_list_squash_remove(tmp_path: Path, base: Path) -> None:
     stack = tmp_path / "app"
     ok("layer", "init", stack, base)
     ok("run", stack, "--", "sh", "-c", STEP1)
+    assert ok("diff", stack, "usr").out == "A  usr/\nA  usr/bin/\nA  usr/bin/hi\nA  usr/bin/hi2\n" \
+        "A  usr/motd\n"
     listed = ok("layer", "list", stack).out
     assert "changes" in listed
     assert str(base) in listed

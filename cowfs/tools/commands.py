@@ -140,9 +140,13 @@ def _diff(args: argparse.Namespace) -> None:
     from ..changes import anomaly_lines, render_json, render_text, select, visible_changes
     from ..mounts import layers_for
     from ..walk import walk
+    from .stack import is_stack, load
 
     paths = _selected_paths(args.paths)
-    layers = layers_for(args.target, args.lower)
+    target = args.target
+    if args.lower is None and is_stack(target):  # a stack: its live upper's changes
+        target = str(load(target).upper)
+    layers = layers_for(target, args.lower)
     records = list(walk(layers.upper, layers.lowers, layers.work))
     changes = select(visible_changes(records), paths, args.exclude)
     sys.stdout.write(render_json(changes) if args.json else render_text(changes))
@@ -156,7 +160,9 @@ def _add_diff(subparsers: Subparsers) -> None:
                 "List what UPPER changes against its lower layers (or what the view at "
                 "MOUNTPOINT changed), like 'git status --porcelain' and 'docker diff'; with "
                 "PATHs, only the changes at or under them.", DIFF_EPILOG)
-    p.add_argument("target", metavar="UPPER|MOUNTPOINT")
+    p.add_argument("target", metavar="UPPER|MOUNTPOINT",
+                   help="an upper, a cowfs mountpoint, or a stack ('cowfs layer': its live "
+                   "upper)")
     p.add_argument("paths", metavar="PATH", nargs="*",
                    help="only changes at or under PATH (relative to the view's root)")
     _add_filters(p, "changes")
