@@ -14,7 +14,7 @@ the bottom layer (absolute paths, topmost first; may be empty). The record is un
 decoded with msgspec against exactly this schema (:class:`StackFile`).
 
 **Identity.** A frozen layer's diff_id is the sha256 of its OCI layer tar as ``cowfs export
-STACK/layers/HEX`` writes it (:func:`write_layer_tar`): uncompressed, members depth-first with
+STACK/layers/HEX`` writes it (:mod:`cowfs.tools.layertar`): uncompressed, members depth-first with
 names sorted, no root member, mtimes in whole seconds (clamped to ``SOURCE_DATE_EPOCH`` when
 set), owners as numbers without names, xattrs sorted. The same content gives the same bytes.
 
@@ -40,23 +40,21 @@ need an upper without changes (freeze them or ``cowfs reset`` first), since the 
 and hard-link index name the layers it was made on; a crash between writing the record and
 emptying the upper after a freeze leaves an upper whose recorded stack is the old one (the
 mount then refuses it: ``cowfs reset --yes STACK/upper``, whose changes the new layer holds);
-:func:`write_layer_tar` keeps a descriptor open per directory level (a frozen layer deeper than
-the descriptor limit, about 1,000 levels, is refused with EMFILE) and ``list`` counts files by
-path (``os.walk``).
+:func:`write_layer_tar` (:mod:`cowfs.tools.layertar`) keeps a descriptor open per directory
+level and ``list`` counts files by path (``os.walk``): layers deeper than about 1,000 levels
+fail there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import io
 import json
 import os
 import signal
 import stat
 import sys
-import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,12 +62,12 @@ from typing import IO, Annotated, TextIO
 
 import msgspec
 
-from .. import mounts, plans, realfs, schema, upperinfo
+from .. import mounts, plans, schema, upperinfo
 from ..changes import visible_changes
 from ..errors import CowfsError
-from ..walk import visible_xattrs, walk
+from ..walk import walk
 from ..wording import counted
-from .oci import tar_mtime
+from .layertar import layer_digest, write_layer_tar
 
 STACK_FILE = "stack.json"
 LAYERS_DIR = "layers"
@@ -192,139 +190,6 @@ def _write_record(stack_root: Path, record: StackFile) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.rename(temp, stack_root / STACK_FILE)
-
-
-# --- the canonical layer tar --------------------------------------------------------------------
-
-
-def _is_whiteout(fd: int, st: os.stat_result, parent_fd: int) -> bool:
-    if schema.is_device_whiteout(st.st_mode, st.st_rdev):
-        return True
-    if not schema.may_be_xattr_whiteout(st.st_mode, st.st_size):
-        return False
-    return (realfs.getxattr(fd, schema.XATTR_WHITEOUT) is not None
-            and realfs.getxattr(parent_fd, schema.XATTR_OPAQUE) == schema.OPAQUE_HAS_XWHITEOUTS)
-
-
-class _LayerTar:
-    """Writes a frozen layer directory as its canonical OCI layer tar."""
-
-    def __init__(self, tar: tarfile.TarFile) -> None:
-        self.tar = tar
-        self.inodes: dict[tuple[int, int], str] = {}
-
-    def _info(self, path: str, kind: bytes) -> tarfile.TarInfo:
-        info = tarfile.TarInfo("./" + path)
-        info.type = kind
-        info.uname = info.gname = ""
-        return info
-
-    def marker(self, path: str) -> None:
-        info = self._info(path, tarfile.REGTYPE)
-        info.mode = 0o644
-        self.tar.addfile(info)
-
-    def entry(self, path: str, fd: int, st: os.stat_result) -> None:
-        kind = stat.S_IFMT(st.st_mode)
-        types = {stat.S_IFREG: tarfile.REGTYPE, stat.S_IFDIR: tarfile.DIRTYPE,
-                 stat.S_IFLNK: tarfile.SYMTYPE, stat.S_IFIFO: tarfile.FIFOTYPE,
-                 stat.S_IFCHR: tarfile.CHRTYPE, stat.S_IFBLK: tarfile.BLKTYPE}
-        if kind not in types:
-            return  # a socket: tar cannot hold one (cowfs export skips it too)
-        info = self._info(path, types[kind])
-        info.mode = stat.S_IMODE(st.st_mode)
-        info.uid, info.gid = st.st_uid, st.st_gid
-        info.mtime = tar_mtime(st)
-        if kind == stat.S_IFLNK:
-            info.linkname = realfs.readlink(fd)
-        else:
-            info.pax_headers = {"SCHILY.xattr." + n: v.decode("utf-8", "surrogateescape")
-                                for n, v in sorted(visible_xattrs(fd).items())}
-        if kind in (stat.S_IFCHR, stat.S_IFBLK):
-            info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-        key = (st.st_dev, st.st_ino)
-        if kind != stat.S_IFDIR and key in self.inodes:
-            info.type = tarfile.LNKTYPE
-            info.linkname = "./" + self.inodes[key]
-            self.tar.addfile(info)
-            return
-        if kind != stat.S_IFDIR:
-            self.inodes[key] = path
-        if kind == stat.S_IFREG:
-            info.size = st.st_size
-            with os.fdopen(realfs.reopen(fd, os.O_RDONLY), "rb") as data:
-                self.tar.addfile(info, data)
-        else:
-            self.tar.addfile(info)
-
-
-def _names(dirfd: int) -> list[str]:
-    return sorted(os.listdir(dirfd), key=os.fsencode)
-
-
-def write_layer_tar(layer: Path, out: IO[bytes]) -> None:
-    """``layer`` (a frozen layer directory) as its canonical OCI layer tar, to ``out``: whiteouts
-    as ``.wh.NAME``, opaque directories with ``.wh..wh..opq`` first, hard links to the first
-    name, no root member. Every object is reached from its parent's descriptor, no symlink is
-    followed."""
-    root = os.open(layer, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        writer = _LayerTar(tar)
-        # Depth-first without recursion: (directory fd, its path, its names still to visit).
-        todo: list[tuple[int, str, list[str]]] = [(root, "", _names(root)[::-1])]
-        try:
-            while todo:
-                dirfd, prefix, names = todo[-1]
-                if not names:
-                    os.close(dirfd)
-                    todo.pop()
-                    continue
-                name = names.pop()
-                if not prefix and name == schema.WORK_DIR_NAME:
-                    continue
-                path = prefix + name
-                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-                try:
-                    st = os.fstat(fd)
-                    if _is_whiteout(fd, st, dirfd):
-                        parent, _, base = path.rpartition("/")
-                        writer.marker(f"{parent}/.wh.{base}" if parent else f".wh.{base}")
-                        continue
-                    writer.entry(path, fd, st)
-                    if stat.S_ISDIR(st.st_mode):
-                        if realfs.getxattr(fd, schema.XATTR_OPAQUE) == schema.OPAQUE_YES:
-                            writer.marker(f"{path}/.wh..wh..opq")
-                        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                                        | os.O_CLOEXEC, dir_fd=dirfd)
-                        todo.append((child, path + "/", _names(child)[::-1]))
-                finally:
-                    os.close(fd)
-        finally:
-            for dirfd, _, _ in todo:
-                os.close(dirfd)
-
-
-class _Hashing(io.RawIOBase):
-    """A sink that only hashes (and counts) what is written."""
-
-    def __init__(self) -> None:
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: bytes) -> int:  # type: ignore[override]
-        self.sha.update(data)
-        self.size += len(data)
-        return len(data)
-
-
-def layer_digest(layer: Path) -> str:
-    """The hex sha256 of :func:`write_layer_tar` of ``layer``."""
-    sink = _Hashing()
-    write_layer_tar(layer, sink)  # type: ignore[arg-type]
-    return sink.sha.hexdigest()
 
 
 def frozen_layer(target: str) -> bool:
@@ -691,3 +556,8 @@ def remove(path: Path, given: str, *, out: TextIO | None = None) -> None:
             _renew_upper(stack)
         plans.remove_path(stack.layer_path(hex_id))
     print(f"removed layer {DIGEST_PREFIX}{hex_id}", file=out)
+
+
+__all__ = ["Stack", "StackFile", "StackLayer", "freeze", "init", "is_stack", "layer_digest",
+           "list_stack", "load", "push_layer", "remove", "squash", "stack_layers",
+           "write_layer_tar"]
