@@ -53,6 +53,7 @@ examples:
   cowfs mount /data /tmp/changes /mnt/data      overlay /data, changes go to /tmp/changes
   cowfs mount /data /tmp/changes /data          the same, mounted over /data itself
   cowfs mount L2:L1 upper mnt                   stack two read-only layers
+  cowfs mount /srv/app /mnt/app                 a stack ('cowfs layer'): its layers and upper
 """
 
 
@@ -62,9 +63,13 @@ def _add_mount_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         "with changes going to UPPER, at MOUNTPOINT. Returns once the filesystem is mounted and "
         "serving; the daemon runs in the background until 'cowfs umount MOUNTPOINT'.",
         epilog=MOUNT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("lower", metavar="LOWER[:LOWER...]", help="read-only layer(s), topmost first")
+    p.usage = ("cowfs mount [-f] [--work DIR] [-o OPT[,OPT...]] [--log FILE]\n"
+               "                   LOWER[:LOWER...] UPPER MOUNTPOINT  |  STACK MOUNTPOINT")
+    p.add_argument("lower", metavar="LOWER[:LOWER...]",
+                   help="read-only layer(s), topmost first; or a stack ('cowfs layer')")
     p.add_argument("upper", metavar="UPPER", help="writable layer that receives all changes")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="where the merged view appears")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?",
+                   help="where the merged view appears")
     p.add_argument("-f", "--foreground", action="store_true",
                    help="stay in the foreground and log to stderr until unmounted")
     p.add_argument("--work", metavar="DIR",
@@ -107,7 +112,9 @@ class CommandParser(argparse.ArgumentParser):
     def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                          namespace: argparse.Namespace | None = None,
                          ) -> tuple[argparse.Namespace, list[str]]:
-        if self._intermixing:  # parse_known_intermixed_args calls back here
+        if self._intermixing or self._subparsers is not None:
+            # parse_known_intermixed_args calls back here; a command family (``cowfs layer
+            # ACTION``) leaves the mixing to its actions' parsers, which intermixing cannot reach.
             return super().parse_known_args(args, namespace)
         arguments = list(sys.argv[1:] if args is None else args)
         rest = [a for a in self._get_positional_actions() if a.nargs == argparse.REMAINDER]
@@ -194,7 +201,16 @@ def mount(lower: str, upper: str, mountpoint: str, *, work: str | None, options:
 
 
 def _cmd_mount(args: argparse.Namespace) -> None:
-    mount(args.lower, args.upper, args.mountpoint, work=args.work, options=args.options,
+    lower, upper, mountpoint = args.lower, args.upper, args.mountpoint
+    if mountpoint is None:  # cowfs mount STACK MOUNTPOINT
+        from .tools import stack
+
+        if not stack.is_stack(lower):
+            raise CowfsError(f"{lower!r} is not a cowfs stack; give LOWER[:LOWER...] UPPER "
+                             "MOUNTPOINT, or STACK MOUNTPOINT")
+        found = stack.load(lower)
+        lower, upper, mountpoint = found.lowers_spec(), str(found.upper), args.upper
+    mount(lower, upper, mountpoint, work=args.work, options=args.options,
           foreground=args.foreground, log_file=args.log)
 
 

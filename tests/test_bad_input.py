@@ -165,6 +165,21 @@ CASES: list[tuple[str, list[str]]] = [
     ("check-file", ["check", "{r}/file"]),
     ("check-missing-lower", ["check", "--lower", "{r}/missing", "{r}/upper"]),
     ("check-repair-mounted", ["check", "--repair", "--yes", "{r}/live/upper"]),
+    # layer (stacks)
+    ("layer-no-action", ["layer"]),
+    ("layer-unknown-action", ["layer", "bogus", "{r}/upper"]),
+    ("layer-init-non-empty", ["layer", "init", "{r}/full", "{r}/base"]),
+    ("layer-init-missing-base", ["layer", "init", "{r}/new-stack", "{r}/missing"]),
+    ("layer-init-base-is-file", ["layer", "init", "{r}/new-stack", "{r}/file"]),
+    ("layer-init-inside-base", ["layer", "init", "{r}/base/stack", "{r}/base"]),
+    ("layer-freeze-missing", ["layer", "freeze", "{r}/missing"]),
+    ("layer-freeze-file", ["layer", "freeze", "{r}/file"]),
+    ("layer-freeze-not-a-stack", ["layer", "freeze", "{r}/upper"]),
+    ("layer-list-not-a-stack", ["layer", "list", "{r}/plain"]),
+    ("layer-squash-not-a-stack", ["layer", "squash", "{r}/base"]),
+    ("layer-remove-not-a-stack", ["layer", "remove", "{r}/base", "abcd"]),
+    ("layer-remove-no-layer-arg", ["layer", "remove", "{r}/base"]),
+    ("mount-stack-not-a-stack", ["mount", "{r}/base", "{r}/mnt"]),
 ]
 
 

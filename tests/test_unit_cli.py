@@ -127,6 +127,10 @@ def test_parser_requires_a_command(capsys: pytest.CaptureFixture[str]) -> None:
     (["run", "--at", "/v", "B", "ls", "--at", "x"], {"base": "B", "at": "/v",
                                                      "command": ["ls", "--at", "x"]}),
     (["run", "B", "--", "--help"], {"base": "B", "command": ["--help"]}),
+    (["layer", "list", "--json", "S"], {"stack": "S", "json": True, "lowers": False}),
+    (["layer", "squash", "S", "ab", "--", "-x"], {"stack": "S", "layers": ["ab", "-x"]}),
+    (["layer", "init", "S", "B:C"], {"stack": "S", "base": "B:C"}),
+    (["mount", "S", "-o", "ro", "M"], {"lower": "S", "upper": "M", "mountpoint": None}),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_options_and_paths_mix_in_any_order(argv: list[str], expected: dict[str, object]) -> None:
     """As documented (docs/workspaces.md: ``cowfs reset /tmp/proj.changes --yes src/generated``);

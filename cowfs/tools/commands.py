@@ -140,9 +140,13 @@ def _diff(args: argparse.Namespace) -> None:
     from ..changes import anomaly_lines, render_json, render_text, select, visible_changes
     from ..mounts import layers_for
     from ..walk import walk
+    from .stack import is_stack, load
 
     paths = _selected_paths(args.paths)
-    layers = layers_for(args.target, args.lower)
+    target = args.target
+    if args.lower is None and is_stack(target):  # a stack: its live upper's changes
+        target = str(load(target).upper)
+    layers = layers_for(target, args.lower)
     records = list(walk(layers.upper, layers.lowers, layers.work))
     changes = select(visible_changes(records), paths, args.exclude)
     sys.stdout.write(render_json(changes) if args.json else render_text(changes))
@@ -156,7 +160,9 @@ def _add_diff(subparsers: Subparsers) -> None:
                 "List what UPPER changes against its lower layers (or what the view at "
                 "MOUNTPOINT changed), like 'git status --porcelain' and 'docker diff'; with "
                 "PATHs, only the changes at or under them.", DIFF_EPILOG)
-    p.add_argument("target", metavar="UPPER|MOUNTPOINT")
+    p.add_argument("target", metavar="UPPER|MOUNTPOINT",
+                   help="an upper, a cowfs mountpoint, or a stack ('cowfs layer': its live "
+                   "upper)")
     p.add_argument("paths", metavar="PATH", nargs="*",
                    help="only changes at or under PATH (relative to the view's root)")
     _add_filters(p, "changes")
@@ -252,7 +258,11 @@ examples:
 def _cmd_export(args: argparse.Namespace) -> None:
     from ..mounts import layers_for
     from .oci import export_layer
+    from .stack import export_frozen, frozen_layer
 
+    if args.lower is None and frozen_layer(args.target):
+        export_frozen(Path(args.target), args.output, gzip_flag=args.gzip)
+        return
     layers = layers_for(args.target, args.lower)
     export_layer(layers.upper, layers.lowers, args.output, gzip_flag=args.gzip, work=layers.work)
 
@@ -346,9 +356,110 @@ def _add_check(subparsers: Subparsers) -> None:
                    "command again")
 
 
+# --- layer stacks --------------------------------------------------------------------------------
+
+LAYER_EPILOG = """\
+A stack is a directory: frozen read-only layers (STACK/layers/HEX, HEX the hex of the layer's
+diff_id, the sha256 of its OCI layer tar as 'cowfs export STACK/layers/HEX' writes it), a live
+upper on top (STACK/upper), and their order in STACK/stack.json. 'cowfs run STACK -- COMMAND'
+and 'cowfs mount STACK MOUNTPOINT' use it; 'cowfs layer list --lowers STACK' prints the lowers
+for the kernel's lowerdir= or 'cowfs mount LOWERS UPPER MOUNTPOINT'.
+
+examples:
+  cowfs layer init /srv/app /srv/rootfs          a stack over the directory /srv/rootfs
+  cowfs run /srv/app -- make install             changes kept in the stack's live upper
+  cowfs layer freeze /srv/app                    they become a layer; a fresh upper on top
+  cowfs layer list /srv/app                      the layers, topmost first
+  cowfs layer squash /srv/app                    all layers into one, with the same view
+  cowfs layer remove /srv/app 3f2a               drop the topmost layer (a digest prefix)
+"""
+
+
+def _cmd_layer_init(args: argparse.Namespace) -> None:
+    from .stack import init
+
+    init(Path(args.stack), args.base)
+
+
+def _cmd_layer_freeze(args: argparse.Namespace) -> None:
+    from .stack import freeze
+
+    freeze(Path(args.stack))
+
+
+def _cmd_layer_list(args: argparse.Namespace) -> None:
+    from .stack import list_stack
+
+    list_stack(Path(args.stack), as_json=args.json, lowers_only=args.lowers)
+
+
+def _cmd_layer_squash(args: argparse.Namespace) -> None:
+    from .stack import squash
+
+    squash(Path(args.stack), args.layers)
+
+
+def _cmd_layer_remove(args: argparse.Namespace) -> None:
+    from .stack import remove
+
+    remove(Path(args.stack), args.layer)
+
+
+def _add_layer(subparsers: Subparsers) -> None:
+    p = _parser(subparsers, "layer", "layer stacks: freeze, list, squash and remove layers",
+                "Layer stacks, as container images have them: freeze the live upper into a "
+                "read-only layer and go on with a fresh upper on top (docker commit without a "
+                "daemon), list the layers with their diff_ids, squash adjacent layers into one "
+                "with the same view, remove the topmost layer.", LAYER_EPILOG)
+    sub = p.add_subparsers(metavar="ACTION", required=True, parser_class=type(p))
+    init = _parser(sub, "init", "make a new stack over a base",
+                   "Make a new stack at STACK (missing or empty) over BASE (a directory, or "
+                   "layers topmost first; none: an empty base).",
+                   "examples:\n  cowfs layer init /srv/app /srv/rootfs\n"
+                   "  cowfs layer init /srv/scratch                 a stack from nothing\n")
+    init.add_argument("stack", metavar="STACK")
+    init.add_argument("base", metavar="BASE[:LOWER...]", nargs="?")
+    init.set_defaults(func=_cmd_layer_init, interrupted="the stack may be made in part: remove "
+                      "STACK and run the command again")
+    freeze = _parser(sub, "freeze", "freeze the live upper into a layer",
+                     "Freeze STACK's live upper: its changes become a read-only layer on top "
+                     "of the stack, named by its diff_id, and a fresh upper goes on top. "
+                     "Refuses while the upper is mounted or holds no changes.",
+                     "examples:\n  cowfs layer freeze /srv/app\n")
+    freeze.add_argument("stack", metavar="STACK")
+    freeze.set_defaults(func=_cmd_layer_freeze, interrupted="nothing was changed")
+    lst = _parser(sub, "list", "list a stack's layers, topmost first",
+                  "List STACK's live upper (its changes), its frozen layers, topmost first "
+                  "(diff_id, bytes of file data, files), and its base.",
+                  "examples:\n  cowfs layer list /srv/app\n"
+                  "  cowfs mount $(cowfs layer list --lowers /srv/app) /tmp/u /mnt/app\n")
+    lst.add_argument("stack", metavar="STACK")
+    lst.add_argument("--json", action="store_true", help="print JSON for scripts")
+    lst.add_argument("--lowers", action="store_true",
+                     help="print only the lower layers, topmost first, ':'-separated")
+    lst.set_defaults(func=_cmd_layer_list)
+    squash = _parser(sub, "squash", "squash adjacent layers into one",
+                     "Squash adjacent frozen layers of STACK (all of them without LAYER "
+                     "arguments) into one layer with the same merged view. Refuses while the "
+                     "upper is mounted or holds changes.",
+                     "examples:\n  cowfs layer squash /srv/app\n"
+                     "  cowfs layer squash /srv/app 3f2a 9c01       two adjacent layers\n")
+    squash.add_argument("stack", metavar="STACK")
+    squash.add_argument("layers", metavar="LAYER", nargs="*",
+                        help="a diff_id or a unique prefix of its hex digits")
+    squash.set_defaults(func=_cmd_layer_squash, interrupted="nothing was changed")
+    rm = _parser(sub, "remove", "remove the topmost layer",
+                 "Remove LAYER from STACK; only the topmost layer, which nothing but the live "
+                 "upper stacks on, and only while that upper holds no changes.",
+                 "examples:\n  cowfs layer remove /srv/app 3f2a\n")
+    rm.add_argument("stack", metavar="STACK")
+    rm.add_argument("layer", metavar="LAYER", help="a diff_id or a unique prefix of its hex")
+    rm.set_defaults(func=_cmd_layer_remove, interrupted="nothing was changed")
+
+
 def add_parsers(subparsers: Subparsers) -> None:
     for add in (_add_run, _add_diff, _add_commit, _add_reset, _add_export, _add_import,
-                _add_status, _add_check):
+                _add_status, _add_check, _add_layer):
         add(subparsers)
 
 

@@ -92,6 +92,14 @@ def _pax_text(value: bytes) -> str:
 # --- export --------------------------------------------------------------------------------------
 
 
+def tar_mtime(st: os.stat_result) -> int:
+    """A member's mtime: whole seconds (the same tree gives the same bytes: no float in a PAX
+    record), clamped to ``SOURCE_DATE_EPOCH`` when it is set, as reproducible-builds tools do."""
+    mtime = max(0, int(st.st_mtime))
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    return min(mtime, int(epoch)) if epoch.isdigit() else mtime
+
+
 class _Writer:
     """Adds layer objects to a tar; remembers what it added (parents, hard links)."""
 
@@ -118,7 +126,7 @@ class _Writer:
         info.mode = stat.S_IMODE(st.st_mode)
         info.uid, info.gid = st.st_uid, st.st_gid
         info.uname = info.gname = ""
-        info.mtime = st.st_mtime
+        info.mtime = tar_mtime(st)
         if kind != stat.S_IFLNK:
             info.pax_headers = {XATTR_PAX_PREFIX + name: _pax_text(value)
                                 for name, value in sorted(visible_xattrs(fd).items())}

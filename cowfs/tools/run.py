@@ -17,6 +17,7 @@ on to COMMAND.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -34,6 +35,7 @@ from ..layers import LayerPaths, check_nesting
 from ..walk import walk
 from ..workspace import UpperOrigin, discard_upper, refuse_to_discard, upper_origin
 from . import private as _private
+from . import stack as _stack
 
 #: How many changes the summary lists one by one before it only counts them.
 SUMMARY_LINES = 20
@@ -102,6 +104,10 @@ def run(base: Path | str, command: Sequence[str], *, upper: Path | None, keep: b
     err = err or sys.stderr
     if not command:
         raise CowfsError("no command given: cowfs run BASE -- COMMAND...")
+    if _stack.is_stack(base):
+        return _run_stack(_stack.load(base), command, upper=upper, keep=keep, at=at, err=err,
+                          diff_out=diff_out, diff_json=diff_json, excludes=excludes,
+                          private=private)
     lowers = _lowers(str(base))
     for lower in lowers:
         if not lower.is_dir():
@@ -184,6 +190,37 @@ def run(base: Path | str, command: Sequence[str], *, upper: Path | None, keep: b
         if not keep_changes and not discarded:
             _discard(view, upper, origin)
     return status
+
+
+def _run_stack(stack: _stack.Stack, command: Sequence[str], *, upper: Path | None,
+               keep: bool | None, at: Path | None, err: TextIO, diff_out: Path | None,
+               diff_json: bool | None, excludes: Sequence[str], private: bool) -> int:
+    """``cowfs run STACK``: the stack's layers as the lowers, its live upper as the upper (the
+    changes kept there, for ``cowfs layer freeze``), and the view at a temporary directory
+    unless ``--at`` (a stack has no directory of its own to mount over). With ``--discard``,
+    the live upper is the topmost lower of a temporary upper instead: the job sees the stack as
+    it is, and leaves it so. The command starts at the view's root."""
+    if upper is not None:
+        raise CowfsError("--upper: a stack's changes go to its own upper "
+                         f"({str(stack.upper)!r}); give the stack's layers instead "
+                         f"('cowfs layer list --lowers {stack.root}') to use another upper")
+    scratch = None
+    if at is None:
+        scratch = Path(tempfile.mkdtemp(prefix="cowfs-stack-view-"))
+        at = scratch / "view"
+    try:
+        if keep is False:
+            return run(f"{stack.upper}:{stack.lowers_spec()}", command, upper=None, keep=False,
+                       at=at, err=err, diff_out=diff_out, diff_json=diff_json,
+                       excludes=excludes, private=private)
+        return run(stack.lowers_spec(), command, upper=stack.upper, keep=True, at=at, err=err,
+                   diff_out=diff_out, diff_json=diff_json, excludes=excludes, private=private)
+    finally:
+        if scratch is not None:
+            with contextlib.suppress(OSError):
+                (scratch / "view").rmdir()
+            with contextlib.suppress(OSError):
+                scratch.rmdir()
 
 
 def _run_in(view: View, real_base: Path, command: Sequence[str]) -> int:
