@@ -18,6 +18,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -371,6 +372,59 @@ def test_export_refuses_bad_stacks_and_leaves_nothing(workspace: Workspace) -> N
     assert_user_error(cowfs("image", "export", f"{ws.base}::{ws.base}", "--to",
                             ws.root / "x.oci"), "empty element")
     assert tree_state(ws.root) == before
+
+
+@pytest.mark.parametrize("signal_name", ["INT", "TERM"])
+def test_an_interrupted_image_export_or_import_leaves_nothing(tmp_path: Path,
+                                                              signal_name: str) -> None:
+    """Interrupted in the second layer (the seams count one layer's records or members): the
+    first layer's work is undone too, and the line says what was interrupted."""
+    bottom = build_layer(tmp_path / "bottom", {"a": None}, "bottom")
+    top = build_layer(tmp_path / "top", {name: None for name in "bcde"}, "top")
+    out = tmp_path / "out"
+    out.mkdir()
+    stack = f"{top}:{bottom}"
+    signum = getattr(signal, "SIG" + signal_name)
+    for to in ("img.tar", "img.oci"):
+        result = cowfs("image", "export", stack, "--to", out / to,
+                       env={"COWFS_TEST_EXPORT_FAULT": f"3:{signal_name}"})
+        assert_user_error(result, f"image export interrupted (SIG{signal_name})",
+                          "was not written")
+        assert result.status == 128 + signum
+        assert os.listdir(out) == []
+    assert cowfs("image", "export", stack, "--to", out / "img.tar").status == 0
+    store = tmp_path / "new/store"
+    result = cowfs("image", "import", out / "img.tar", "--into", store,
+                   env={"COWFS_TEST_IMPORT_FAULT": f"4:{signal_name}"})
+    assert_user_error(result, f"image import interrupted (SIG{signal_name})")
+    assert result.status == 128 + signum
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_killed_image_import_leaves_what_the_next_one_removes(tmp_path: Path) -> None:
+    bottom = build_layer(tmp_path / "bottom", {"a": None}, "bottom")
+    top = build_layer(tmp_path / "top", {name: None for name in "bcde"}, "top")
+    image = tmp_path / "img.tar"
+    assert cowfs("image", "export", f"{top}:{bottom}", "--to", image).status == 0
+    killed = cowfs("image", "export", f"{top}:{bottom}", "--to", tmp_path / "again.tar",
+                   env={"COWFS_TEST_EXPORT_FAULT": "3:KILL"})
+    assert killed.status != 0
+    assert any(".cowfs-image-export-" in name for name in os.listdir(tmp_path))
+    assert cowfs("image", "export", f"{top}:{bottom}", "--to", tmp_path / "again.tar").status == 0
+    assert not any(".cowfs-" in name for name in os.listdir(tmp_path))
+    store = tmp_path / "store"
+    killed = cowfs("image", "import", image, "--into", store,
+                   env={"COWFS_TEST_IMPORT_FAULT": "4:KILL"})
+    assert killed.status != 0
+    assert any(".cowfs-" in name for name in os.listdir(store))
+    other = tmp_path / "other.oci"  # another image: its import removes the leftovers too
+    assert cowfs("image", "export", str(bottom), "--to", other).status == 0
+    assert cowfs("image", "import", other, "--into", store).status == 0
+    assert not any(".cowfs-" in name for name in os.listdir(store))
+    result = cowfs("image", "import", image, "--into", store)
+    assert result.status == 0, result
+    assert sorted(os.listdir(store)) == sorted(p.rpartition("/")[2]
+                                               for p in result.out.strip().split(":"))
 
 
 # --- a plain user --------------------------------------------------------------------------------

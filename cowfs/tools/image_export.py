@@ -154,6 +154,8 @@ def _export(layers: Sequence[LayerSource], temp: Path, target: Path, fmt: str,
             oci.export_layer(layer.path, layer.below, str(raw), out=io.StringIO(),
                              work=layer.work if layer.work is not None else no_index)
         except CowfsError as e:
+            if e.exit_code > 128:  # the layer's own export/import was interrupted: ours is
+                raise plans.Interrupted(e.exit_code - 128) from None
             raise CowfsError(f"layer {number} from the bottom ({layer.path}): {e}",
                              e.exit_code) from None
         with raw.open("rb") as source, _DirsBelow(layer.below) as below:

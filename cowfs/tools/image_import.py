@@ -27,6 +27,7 @@ import hashlib
 import io
 import lzma
 import os
+import re
 import sys
 import zlib
 from pathlib import Path
@@ -52,7 +53,7 @@ def import_image(path: str, into: Path, *, out: TextIO | None = None,
         made = outputs.make_dirs(into)
         created: list[Path] = []
         try:
-            plans.remove_stale_temporaries(into, "image", "import")
+            _remove_stale_temporaries(into)
             scratch = into / plans.temporary_name("image", "import")
             try:
                 with interruption_reported("image import", "no layer was left behind"):
@@ -69,6 +70,16 @@ def import_image(path: str, into: Path, *, out: TextIO | None = None,
           + (f" ({reused} already there)" if reused else ""), file=err or sys.stderr)
     print(lowers, file=out or sys.stdout)
     return stack
+
+
+def _remove_stale_temporaries(into: Path) -> None:
+    """What killed imports left in DIR: their scratch directory, and the layer each was making
+    (:func:`cowfs.tools.oci.import_layer` removes only its own destination's)."""
+    with contextlib.suppress(OSError):
+        for entry in into.iterdir():
+            found = re.fullmatch(r"\.(.+)\.cowfs-import-\d+", entry.name)
+            if found:
+                plans.remove_stale_temporaries(into, found.group(1), "import")
 
 
 def _import(source: Source, layers: tuple[LayerBlob, ...], into: Path, scratch: Path,
@@ -91,6 +102,8 @@ def _import(source: Source, layers: tuple[LayerBlob, ...], into: Path, scratch: 
                 oci.import_layer(str(blob), dest, out=io.StringIO())
                 created.append(dest)
         except CowfsError as e:
+            if e.exit_code > 128:  # the layer's own export/import was interrupted: ours is
+                raise plans.Interrupted(e.exit_code - 128) from None
             raise CowfsError(f"layer {number} from the bottom ({layer.diff_id}): {e}",
                              e.exit_code) from None
         finally:
