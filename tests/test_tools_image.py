@@ -13,6 +13,7 @@ files (``oci:`` and ``docker-archive:``).
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
 import json
@@ -158,8 +159,6 @@ def write_layout(root: Path, layers: list[bytes], *, media_type: str =
 
 
 def _uncompressed(layer: bytes) -> bytes:
-    import gzip
-
     return gzip.decompress(layer) if layer[:2] == b"\x1f\x8b" else layer
 
 
@@ -268,14 +267,19 @@ def test_a_second_image_reuses_the_layers_it_shares(workspace: Workspace) -> Non
     assert sorted(os.listdir(layers)) == sorted({p.name for p in first + second})
 
 
-def test_legacy_docker_save_with_a_shared_layer_symlink(workspace: Workspace) -> None:
+@pytest.mark.parametrize("compression", ["", "gzip"])
+def test_legacy_docker_save_with_a_shared_layer_symlink(workspace: Workspace,
+                                                        compression: str) -> None:
     """Docker before 25: ``ID/layer.tar``, a layer two images share as a symlink to another
-    ID's, the config as ``HEX.json``."""
+    ID's, the config as ``HEX.json``; layers plain or gzip (no media type: the first bytes
+    tell)."""
     ws = workspace
     bottom = tar_bytes([("etc", None), ("etc/motd", b"l1\n")])
     top = tar_bytes([("etc", None), ("etc/.wh.motd", b""), ("etc/issue", b"l2\n")])
     config = json.dumps({"rootfs": {"type": "layers",
                                     "diff_ids": [sha(bottom), sha(top)]}}).encode()
+    if compression:
+        bottom, top = gzip.compress(bottom), gzip.compress(top)
     config_name = sha(config).removeprefix("sha256:") + ".json"
     manifest = json.dumps([{"Config": config_name, "RepoTags": ["x:1"],
                             "Layers": ["aa/layer.tar", "bb/layer.tar"]}]).encode()
@@ -330,6 +334,11 @@ BAD_IMAGES: list[tuple[str, Callable[[Path], Path], str]] = [
                                                 edit=_wrong_diff_id), "diff_id"),
     ("unsafe-member", lambda d: write_layout(d, [_layer_ok(), tar_bytes([("../escape", b"x")])]),
      "unsafe member"),
+    ("not-gzip", lambda d: write_layout(d, [_layer_ok()], media_type=
+                                        "application/vnd.oci.image.layer.v1.tar+gzip"),
+     "not gzip-compressed"),
+    ("gzip-not-declared", lambda d: write_layout(d, [gzip.compress(_layer_ok())]),
+     "gzip-compressed, but its media type says an uncompressed tar"),
     ("zstd", lambda d: write_layout(d, [_layer_ok()], media_type=
                                     "application/vnd.oci.image.layer.v1.tar+zstd"), "zstd"),
     ("unknown-media-type", lambda d: write_layout(d, [_layer_ok()], media_type="text/plain"),
@@ -357,6 +366,17 @@ def test_a_bad_image_is_refused_and_leaves_nothing(tmp_path: Path, make: Callabl
     (store / "kept").mkdir()
     assert_user_error(cowfs("image", "import", image, "--into", store), message)
     assert os.listdir(store) == ["kept"]
+
+
+def test_a_truncated_archive_is_refused_and_leaves_nothing(workspace: Workspace) -> None:
+    ws = workspace
+    archive = ws.root / "image.tar"
+    assert cowfs("image", "export", str(ws.base), "--to", archive).status == 0
+    data = archive.read_bytes()
+    for cut in (len(data) // 2, 700):
+        archive.write_bytes(data[:cut])
+        assert_user_error(cowfs("image", "import", archive, "--into", ws.root / "layers"))
+        assert not (ws.root / "layers").exists()
 
 
 def test_export_refuses_bad_stacks_and_leaves_nothing(workspace: Workspace) -> None:

@@ -244,7 +244,7 @@ class TarSource(Source):
         self.tar.close()
 
     def where(self, name: str) -> str:
-        return f"{self.path}: {name}"
+        return f"{self.path}: {name}" if name else str(self.path)
 
     def _member(self, name: str) -> tarfile.TarInfo | None:
         for _ in range(8):
