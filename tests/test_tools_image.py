@@ -299,6 +299,41 @@ def test_legacy_docker_save_with_a_shared_layer_symlink(workspace: Workspace,
         assert (ws.mnt / "etc/issue").read_text() == "l2\n"
 
 
+def _multi_platform(root: Path, platforms: list[tuple[str, str]]) -> Path:
+    """A layout whose index.json names an image index (as ``skopeo copy --all`` writes) of one
+    image per platform: a file ``arch`` saying which."""
+    entries = []
+    for os_name, arch in platforms:
+        one = write_layout(root / arch, [tar_bytes([("arch", arch.encode())])])
+        for blob in (one / "blobs/sha256").iterdir():
+            (root / "blobs/sha256").mkdir(parents=True, exist_ok=True)
+            shutil.copy(blob, root / "blobs/sha256" / blob.name)
+        entry = json.loads((one / "index.json").read_text())["manifests"][0]
+        entries.append({**entry, "platform": {"os": os_name, "architecture": arch}})
+        shutil.rmtree(one)
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": entries}).encode()
+    (root / "blobs/sha256" / sha(index).removeprefix("sha256:")).write_bytes(index)
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.index.v1+json", "digest": sha(index),
+        "size": len(index)}]}))
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return root
+
+
+def test_a_multi_platform_index_gives_this_machines_image(tmp_path: Path) -> None:
+    from cowfs.tools.image import host_platform
+
+    os_name, arch = host_platform()
+    other = "s390x" if arch != "s390x" else "arm64"
+    layout = _multi_platform(tmp_path / "multi", [("linux", other), (os_name, arch)])
+    stack = import_stack(layout, tmp_path / "layers")
+    assert (stack[0] / "arch").read_text() == arch
+    same = _multi_platform(tmp_path / "same", [(os_name, arch), (os_name, arch)])
+    assert_user_error(cowfs("image", "import", same, "--into", tmp_path / "l2"),
+                      "names 2 images", f"2 of them for {os_name}/{arch}")
+
+
 # --- bad images ----------------------------------------------------------------------------------
 
 

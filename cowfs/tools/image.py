@@ -18,8 +18,8 @@ are untrusted input: a digest is refused unless it is ``sha256:`` and 64 lowerca
 before it names a file, and a file is only ever opened below the layout's root, one component at
 a time, never through a symlink.
 
-Known limits: one image per layout or archive (an index naming several, or a multi-platform
-index, is refused); SHA-256 digests only; zstd layers are refused (Python has no zstd before
+Known limits: one image per layout or archive (an index naming several is refused, but of a
+multi-platform index this machine's image is taken); SHA-256 digests only; zstd layers are refused (Python has no zstd before
 3.14), as is any media type not listed here.
 """
 
@@ -385,6 +385,37 @@ def _diff_ids(config: Any, where: str) -> list[str]:
     return [check_digest(d, f"{where}: rootfs.diff_ids") for d in diff_ids]
 
 
+def _choose_manifest(source: Source, name: str, digest: str | None, size: int | None,
+                     depth: int = 0) -> Descriptor:
+    """The image manifest an index names: its only entry, or among several (a multi-platform
+    index, as ``skopeo copy --all`` writes), the one for this machine's platform; an index in
+    the index is followed (once)."""
+    where = source.where(name)
+    index = _json(source, name, digest, size)
+    entries = _field(index, "manifests", list, where)
+    described = [descriptor(m, where) for m in entries]
+    if len(described) > 1:
+        os_name, arch = host_platform()
+        described = [d for d, m in zip(described, entries, strict=True)
+                     if isinstance(m.get("platform"), dict)
+                     and (m["platform"].get("os"), m["platform"].get("architecture"))
+                     == (os_name, arch)]
+        if len(described) != 1:
+            raise CowfsError(f"{where}: names {len(entries)} images, {len(described)} of them "
+                             f"for {os_name}/{arch}; cowfs imports one (copy one out first: "
+                             "skopeo copy oci:DIR:NAME oci:ONE)")
+    if not described:
+        raise CowfsError(f"{where}: names no image")
+    found = described[0]
+    if found.media_type in (OCI_INDEX, DOCKER_LIST):
+        if depth > 0:
+            raise CowfsError(f"{where}: an index within an index within an index")
+        return _choose_manifest(source, found.path, found.digest, found.size, depth + 1)
+    if found.media_type not in MANIFEST_TYPES:
+        raise CowfsError(f"{where}: unsupported manifest media type {found.media_type!r}")
+    return found
+
+
 def _read_layout(source: Source) -> Image:
     if source.exists("oci-layout"):
         layout = _json(source, "oci-layout")
@@ -392,18 +423,7 @@ def _read_layout(source: Source) -> Image:
         if version != OCI_LAYOUT_VERSION:
             raise CowfsError(f"{source.where('oci-layout')}: imageLayoutVersion {version!r} is "
                              f"not {OCI_LAYOUT_VERSION!r}")
-    where = source.where("index.json")
-    index = _json(source, "index.json")
-    manifests = [descriptor(m, where) for m in _field(index, "manifests", list, where)]
-    if len(manifests) != 1:
-        raise CowfsError(f"{where}: names {len(manifests)} images; cowfs imports one (copy one "
-                         "out first: skopeo copy oci:DIR:NAME oci:ONE)")
-    found = manifests[0]
-    if found.media_type in (OCI_INDEX, DOCKER_LIST):
-        raise CowfsError(f"{where}: a multi-platform image index; cowfs imports one image (copy "
-                         "one platform out first: skopeo copy --override-arch ARCH ...)")
-    if found.media_type not in MANIFEST_TYPES:
-        raise CowfsError(f"{where}: unsupported manifest media type {found.media_type!r}")
+    found = _choose_manifest(source, "index.json", None, None)
     manifest = _json(source, found.path, found.digest, found.size)
     where = source.where(found.path)
     config = descriptor(_field(manifest, "config", dict, where), where)
