@@ -187,7 +187,7 @@ def test_a_stack_exported_and_imported_shows_the_same_view(workspace: Workspace,
 
     imported = import_stack(layout, ws.root / "layers")
     assert len(imported) == 3
-    assert [p.name for p in imported] == [d.removeprefix("sha256:")[:12]
+    assert [p.name for p in imported] == [d.removeprefix("sha256:")
                                           for d in diff_ids(layout)[::-1]]
     assert view_of(imported, ws.fresh("u2"), ws.mnt) == before
     again = ws.root / "again.oci"
@@ -267,12 +267,14 @@ def test_a_second_image_reuses_the_layers_it_shares(workspace: Workspace) -> Non
     assert sorted(os.listdir(layers)) == sorted({p.name for p in first + second})
 
 
-@pytest.mark.parametrize("compression", ["", "gzip"])
-def test_legacy_docker_save_with_a_shared_layer_symlink(workspace: Workspace,
-                                                        compression: str) -> None:
+@pytest.mark.parametrize(("compression", "link"),
+                         [("", tarfile.SYMTYPE), ("gzip", tarfile.SYMTYPE), ("", tarfile.LNKTYPE)],
+                         ids=["symlink", "gzip", "hardlink"])
+def test_legacy_docker_save_with_a_shared_layer_link(workspace: Workspace, compression: str,
+                                                     link: bytes) -> None:
     """Docker before 25: ``ID/layer.tar``, a layer two images share as a symlink to another
-    ID's, the config as ``HEX.json``; layers plain or gzip (no media type: the first bytes
-    tell)."""
+    ID's (or a hard link), the config as ``HEX.json``; layers plain or gzip (no media type: the
+    first bytes tell)."""
     ws = workspace
     bottom = tar_bytes([("etc", None), ("etc/motd", b"l1\n")])
     top = tar_bytes([("etc", None), ("etc/.wh.motd", b""), ("etc/issue", b"l2\n")])
@@ -290,9 +292,10 @@ def test_legacy_docker_save_with_a_shared_layer_symlink(workspace: Workspace,
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-        link = tarfile.TarInfo("bb/layer.tar")
-        link.type, link.linkname = tarfile.SYMTYPE, "../cc/layer.tar"
-        tar.addfile(link)
+        shared = tarfile.TarInfo("bb/layer.tar")
+        shared.type = link
+        shared.linkname = "../cc/layer.tar" if link == tarfile.SYMTYPE else "cc/layer.tar"
+        tar.addfile(shared)
     stack = import_stack(archive, ws.root / "layers")
     with cowfs_mount(stack, ws.upper, ws.mnt):
         assert sorted(os.listdir(ws.mnt / "etc")) == ["issue"]

@@ -368,7 +368,7 @@ def _add_image(subparsers: Subparsers) -> None:
     imp = _parser(actions, "import", "import an OCI image as a stack of layers",
                   "Import the image in LAYOUT (an OCI image layout directory) or ARCHIVE (a "
                   "docker save, podman save or cowfs image export archive) into DIR, one layer "
-                  "directory per layer named by its diff_id (DIR/HEX12; layers already there are "
+                  "directory per layer named by its diff_id (DIR/HEX; layers already there are "
                   "reused), after checking every blob's digest and every layer's diff_id, and "
                   "print the stack, topmost first, as cowfs mount and cowfs run take it.",
                   IMAGE_IMPORT_EPILOG)

@@ -19,8 +19,8 @@ before it names a file, and a file is only ever opened below the layout's root, 
 a time, never through a symlink.
 
 Known limits: one image per layout or archive (an index naming several is refused, but of a
-multi-platform index this machine's image is taken); SHA-256 digests only; zstd layers are refused (Python has no zstd before
-3.14), as is any media type not listed here.
+multi-platform index this machine's image is taken); SHA-256 digests only; zstd layers are
+refused (Python has no zstd before 3.14), as is any media type not listed here.
 """
 
 from __future__ import annotations
@@ -79,9 +79,11 @@ def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def short(digest: str) -> str:
-    """The first 12 hex digits, as docker shows image IDs: the name of an imported layer."""
-    return digest.removeprefix("sha256:")[:12]
+def layer_name(diff_id: str) -> str:
+    """An imported layer's directory name: its diff_id's hex digits, all of them. A prefix (the
+    12 digits docker shows) would let a layer made to share it with another (2^48 tries) be
+    reused in that layer's place."""
+    return diff_id.removeprefix("sha256:")
 
 
 def canonical_json(value: Any) -> bytes:
@@ -225,7 +227,8 @@ class DirSource(Source):
 
 class TarSource(Source):
     """An archive: its members by name (``./`` and trailing ``/`` dropped); a symlink member (Docker
-    before 25 links a layer that two images share) is followed inside the archive only."""
+    before 25 links a layer that two images share) is followed inside the archive only, a hard
+    link member reads as its target."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -261,15 +264,19 @@ class TarSource(Source):
         member = self._member(name)
         if member is None:
             raise CowfsError(f"{self.where(name)}: missing")
-        if not member.isreg():
+        if not (member.isreg() or member.islnk()):
             raise CowfsError(f"{self.where(name)}: not a regular file")
-        data = self.tar.extractfile(member)
-        assert data is not None, "a regular member has data"
+        try:
+            data = self.tar.extractfile(member)  # a hard link: its target's data
+        except KeyError:
+            data = None
+        if data is None:
+            raise CowfsError(f"{self.where(name)}: a hard link to nothing in the archive")
         return data
 
     def exists(self, name: str) -> bool:
         member = self._member(name)
-        return member is not None and member.isreg()
+        return member is not None and (member.isreg() or member.islnk())
 
 
 def _last_line(e: BaseException) -> str:

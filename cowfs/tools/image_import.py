@@ -1,7 +1,7 @@
 """``cowfs image import``: an OCI image (a layout, or a ``docker save``/``podman save`` archive)
 into a stack of cowfs layers.
 
-Every layer goes to ``DIR/SHORT``, SHORT being the first 12 hex digits of its diff_id, so that
+Every layer goes to ``DIR/HEX``, HEX being the hex digits of its diff_id, so that
 ``DIR`` is a store of layers named by content: a second image that shares layers with the first
 reuses them (an existing ``DIR/SHORT`` is taken as it is: an import puts a layer there only
 complete). The stack is printed, topmost first, as ``cowfs mount`` and ``cowfs run`` take it.
@@ -37,7 +37,15 @@ from .. import outputs, plans
 from ..errors import CowfsError
 from ..wording import counted
 from . import oci
-from .image import MAGIC, LayerBlob, Source, interruption_reported, open_source, read_image, short
+from .image import (
+    MAGIC,
+    LayerBlob,
+    Source,
+    interruption_reported,
+    layer_name,
+    open_source,
+    read_image,
+)
 
 CHUNK = 1 << 20
 
@@ -88,7 +96,7 @@ def _import(source: Source, layers: tuple[LayerBlob, ...], into: Path, scratch: 
     stack: list[Path] = []
     reused = 0
     for number, layer in enumerate(layers, start=1):
-        dest = into / short(layer.diff_id)
+        dest = into / layer_name(layer.diff_id)
         blob = scratch / "layer"
         try:
             _copy_checked(source, layer, blob)
