@@ -170,6 +170,10 @@ coverage: setup helper
 	$(VENV)/bin/python -m pytest --cov --cov-config=tests/coverage-daemons.toml --cov-report=term \
 	    $(PYTEST_ARGS)
 
+# Images too: a plain user exports and imports them (whiteouts as 0/0 devices; the files
+# imported are the user's own).
+USER_TESTS += tests/test_tools_image.py
+
 test-user: setup
 	@if [[ "$$(id -u)" -ne 0 ]]; then \
 	    echo "test-user: not root, so the mount tests as a plain user are not run" \
