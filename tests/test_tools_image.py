@@ -530,7 +530,8 @@ def test_canonical_form_sorts_members_and_moves_hard_link_data_to_the_first_name
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, kind, link in (("./z", tarfile.REGTYPE, ""), ("./b", tarfile.DIRTYPE, ""),
                                  ("./b/a", tarfile.LNKTYPE, "./z"), ("./a-b", tarfile.REGTYPE,
-                                                                     "")):
+                                                                     ""),
+                                 ("./a-b", tarfile.LNKTYPE, "./a-b")):  # written twice
             info = tarfile.TarInfo(name)
             info.type, info.linkname, info.mtime = kind, link, 1000.75
             info.uname = "someone"
@@ -557,6 +558,8 @@ def test_canonical_form_sorts_members_and_moves_hard_link_data_to_the_first_name
         assert {m.mtime for m in members[1:]} == {1000}
         assert all(m.uname == "" for m in members)
         assert members[1].pax_headers == {"SCHILY.xattr.user.k": "v"}
+        assert members[1].isreg()
+        assert tar.extractfile(members[1]).read() == b"data"  # type: ignore[union-attr]
     assert out.digest == "sha256:" + hashlib.sha256(sink.getvalue()).hexdigest()
 
 

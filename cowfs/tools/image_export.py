@@ -322,7 +322,10 @@ def write_canonical(source: IO[bytes], dest: _Hashing, root: tarfile.TarInfo,
                          format=tarfile.PAX_FORMAT) as writer:
         members: dict[str, tarfile.TarInfo] = {}
         for member in tar.getmembers():
-            members[_name(member.name)] = member  # a name given twice: the last one counts
+            name = _name(member.name)
+            if member.islnk() and _name(member.linkname) == name:
+                continue  # a file written twice is a "link" to itself the second time
+            members[name] = member  # a name given twice: the last one counts
         members.setdefault(".", root)
         for name in [n for n in members if n.rpartition("/")[2] == oci.OPAQUE_MARKER]:
             if not dir_below(name.rpartition("/")[0] or "."):
