@@ -73,7 +73,7 @@ def import_image(path: str, into: Path, *, out: TextIO | None = None,
                 plans.remove_path(layer)
             outputs.remove_dirs(made)
             raise
-    lowers = ":".join(str(p) for p in stack)
+    lowers = ":".join(os.path.abspath(p) for p in stack)  # for use from any directory
     print(f"imported {counted(len(image.layers), 'layer')} into {into}"
           + (f" ({reused} already there)" if reused else ""), file=err or sys.stderr)
     print(lowers, file=out or sys.stdout)
