@@ -25,11 +25,13 @@ PYTEST_ARGS ?=
 # erofs-utils (read-only image lowers), sshfs/openssh-server/openssh-client (a lower on sshfs over
 # a loopback sshd the test starts; where an init system runs, installing openssh-server also
 # starts the system's sshd, which the tests do not use).
+# skopeo: a real OCI tool to check `cowfs image export`'s output with, and to convert images for
+# `cowfs image import` (tests/test_tools_image.py: local oci: and docker-archive: only, no network).
 # TOOL_APT_PACKAGES are what the tool itself needs (`make install`); the rest only the tests.
 TOOL_APT_PACKAGES := fuse3 libfuse3-dev pkg-config patch gcc libc6-dev python3-dev attr
 APT_PACKAGES := $(TOOL_APT_PACKAGES) fuse-overlayfs \
                 xfsprogs btrfs-progs squashfs-tools squashfuse erofs-utils \
-                sshfs openssh-server openssh-client
+                sshfs openssh-server openssh-client skopeo
 
 # mount(8) runs /sbin/mount.<type> for `mount -t fuse.cowfs`; on Debian /sbin is /usr/sbin.
 MOUNT_HELPER := /usr/sbin/mount.fuse.cowfs
@@ -168,6 +170,10 @@ test: setup helper
 coverage: setup helper
 	$(VENV)/bin/python -m pytest --cov --cov-config=tests/coverage-daemons.toml --cov-report=term \
 	    $(PYTEST_ARGS)
+
+# Images too: a plain user exports and imports them (whiteouts as 0/0 devices; the files
+# imported are the user's own).
+USER_TESTS += tests/test_tools_image.py
 
 test-user: setup
 	@if [[ "$$(id -u)" -ne 0 ]]; then \

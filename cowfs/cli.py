@@ -103,6 +103,7 @@ class CommandParser(argparse.ArgumentParser):
     """A sub-command's parser: options and positionals mix in any order (``cowfs reset UPPER
     --yes PATH`` as well as ``cowfs reset --yes UPPER PATH``), as in git and coreutils.
 
+    A command with actions of its own (``cowfs image export``) mixes them in the action's parser.
     A command that takes a command line of its own (``run BASE -- COMMAND...``) mixes them before
     ``--``; without ``--``, everything after BASE is the command, as for ``env`` and ``sudo``.
     """
@@ -114,7 +115,8 @@ class CommandParser(argparse.ArgumentParser):
                          ) -> tuple[argparse.Namespace, list[str]]:
         if self._intermixing or self._subparsers is not None:
             # parse_known_intermixed_args calls back here; a command family (``cowfs layer
-            # ACTION``) leaves the mixing to its actions' parsers, which intermixing cannot reach.
+            # ACTION``, ``cowfs image export``) leaves the mixing to its actions' parsers, which
+            # intermixing cannot reach (argparse cannot mix around a sub-command).
             return super().parse_known_args(args, namespace)
         arguments = list(sys.argv[1:] if args is None else args)
         rest = [a for a in self._get_positional_actions() if a.nargs == argparse.REMAINDER]

@@ -54,14 +54,15 @@ class Result:
 
 
 def cowfs(*args: str | Path, timeout: float = 60, stdin: bytes | None = None,
-          cwd: Path | None = None) -> Result:
+          cwd: Path | None = None, env: dict[str, str] | None = None) -> Result:
     """Run ``cowfs ARGS`` with stdout/stderr in files (a daemon keeping a pipe open cannot hang
-    the test) and no terminal, as a script would."""
+    the test) and no terminal, as a script would; ``env``: variables to add (the test seams)."""
     cmd = [str(find_cowfs()), *map(str, args)]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         status = subprocess.run(
             cmd, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
-            stdout=out, stderr=err, timeout=timeout, check=False, cwd=cwd).returncode
+            stdout=out, stderr=err, timeout=timeout, check=False, cwd=cwd,
+            env={**os.environ, **env} if env else None).returncode
         out.seek(0)
         err.seek(0)
         return Result(status, out.read().decode(errors="replace"),

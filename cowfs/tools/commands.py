@@ -309,6 +309,85 @@ def _add_import(subparsers: Subparsers) -> None:
                    interrupted="DIR was not created")
 
 
+# --- image export and import --------------------------------------------------------------------
+
+
+IMAGE_EPILOG = """\
+examples:
+  cowfs image export /srv/layers/app:/srv/layers/base --to /srv/app.oci    an OCI image layout
+  cowfs image export /srv/layers/app:/srv/layers/base --to app.tar --tag app:1   for podman load
+  cowfs image import app.tar --into /srv/layers      prints the stack: /srv/layers/ab12...:...
+"""
+
+IMAGE_EXPORT_EPILOG = """\
+examples:
+  cowfs image export /srv/layers/app:/srv/layers/base --to /srv/app.oci
+  cowfs image export --upper /tmp/ws.upper /srv/layers/base --to ws.tar --tag ws:latest
+"""
+
+IMAGE_IMPORT_EPILOG = """\
+examples:
+  cowfs image import app.tar --into /srv/layers
+  cowfs mount "$(cowfs image import /srv/app.oci --into /srv/layers)" /tmp/up /tmp/mnt
+"""
+
+
+def _cmd_image_export(args: argparse.Namespace) -> None:
+    from .image_export import export_image, output_format, stack_layers
+
+    export_image(stack_layers(args.stack, args.upper), args.to,
+                 fmt=output_format(args.to, args.format), tag=args.tag)
+
+
+def _cmd_image_import(args: argparse.Namespace) -> None:
+    from .image_import import import_image
+
+    import_image(args.image, Path(args.into))
+
+
+def _add_image(subparsers: Subparsers) -> None:
+    p = _parser(subparsers, "image", "export a stack as an OCI image, import one as a stack",
+                "Share a stack of layers as an OCI image (an image layout directory, or an "
+                "archive that podman load and docker load take), and import one (a layout, or "
+                "a docker save or podman save archive) as a stack of cowfs layers.",
+                IMAGE_EPILOG)
+    actions = p.add_subparsers(metavar="ACTION", required=True, parser_class=type(p))
+    export = _parser(actions, "export", "write a stack as an OCI image",
+                     "Write the stack LOWER[:LOWER...] (topmost first, as for mount; with "
+                     "--upper, that upper on top of it) as an OCI image: one layer per layer, "
+                     "each as 'cowfs export' writes it against the layers below, made canonical "
+                     "so that the same stack gives the same digests.", IMAGE_EXPORT_EPILOG)
+    # One line, so that a usage error stays a few lines; --help lists every option.
+    export.usage = ("cowfs image export [--upper UPPER] [--format F] [--tag NAME] --to OUT "
+                    "[LOWER[:LOWER...]]")
+    export.add_argument("stack", metavar="LOWER[:LOWER...]", nargs="?",
+                        help="the layers, topmost first (default with --upper: its recorded "
+                        "lowers)")
+    export.add_argument("--upper", metavar="UPPER",
+                        help="an upper (or a mountpoint) to export on top of the stack, with "
+                        "its own work directory")
+    export.add_argument("--to", "-o", dest="to", metavar="OUT", required=True,
+                        help="the image layout directory to create, or the archive to write")
+    export.add_argument("--format", choices=("oci", "docker-archive"),
+                        help="oci: an image layout directory (gzip layers); docker-archive: a "
+                        "tar for podman load/docker load (default: docker-archive when OUT ends "
+                        "in .tar, else oci)")
+    export.add_argument("--tag", metavar="NAME",
+                        help="the image's name (RepoTags; the layout's ref.name annotation)")
+    export.set_defaults(func=_cmd_image_export, interrupted="no output was written")
+    imp = _parser(actions, "import", "import an OCI image as a stack of layers",
+                  "Import the image in LAYOUT (an OCI image layout directory) or ARCHIVE (a "
+                  "docker save, podman save or cowfs image export archive) into DIR, one layer "
+                  "directory per layer named by its diff_id (DIR/HEX; layers already there are "
+                  "reused), after checking every blob's digest and every layer's diff_id, and "
+                  "print the stack, topmost first, as cowfs mount and cowfs run take it.",
+                  IMAGE_IMPORT_EPILOG)
+    imp.add_argument("image", metavar="ARCHIVE|LAYOUT")
+    imp.add_argument("--into", metavar="DIR", required=True,
+                     help="the directory of layers (created when missing)")
+    imp.set_defaults(func=_cmd_image_import, interrupted="no layer was left behind")
+
+
 # --- status and check ----------------------------------------------------------------------------
 
 
@@ -459,7 +538,7 @@ def _add_layer(subparsers: Subparsers) -> None:
 
 def add_parsers(subparsers: Subparsers) -> None:
     for add in (_add_run, _add_diff, _add_commit, _add_reset, _add_export, _add_import,
-                _add_status, _add_check, _add_layer):
+                _add_image, _add_status, _add_check, _add_layer):
         add(subparsers)
 
 

@@ -1,0 +1,392 @@
+"""``cowfs image export``: a stack of layers as one OCI image, for podman, docker and skopeo.
+
+Each layer becomes one OCI layer: ``cowfs export`` of that layer against the layers below it
+(:func:`cowfs.tools.oci.export_layer`: whiteouts, opaque markers, renamed directories written
+whole, hard links, xattrs), made canonical here (:func:`write_canonical`), so that the same
+stack gives the same bytes and the same digests every time, and a stack imported back and
+exported again gives the same diff_ids:
+
+- members sorted by path, parents first, whatever order the directories list in; of a file's
+  hard links, the first name in that order carries the data and the others link to it;
+- modification times in whole seconds (as Docker's layer tars), no access or change times, no
+  user or group names: what ``cowfs image import`` restores is what is written;
+- gzip without a file name or time in its header;
+- JSON with sorted keys and no spaces; the config has no creation time but the epoch, and its
+  history names no path.
+
+A lower layer is exported as a lower of the stack is seen by a mount: without the hard-link
+index of a work directory it may hold (the index serves only the mount whose work directory it
+is, layer-format.md section 12). The ``--upper`` on top is exported with its own work directory,
+as ``cowfs export`` does.
+
+The output is built beside OUT under a temporary name and renamed into place when complete;
+a failed or interrupted export leaves nothing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import stat
+import sys
+import tarfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TextIO, cast
+
+from .. import outputs, plans
+from ..errors import CowfsError
+from ..layers import parse_lowers
+from ..mounts import layers_for
+from ..resolve import InvalidRedirectError
+from ..walk import Stack, visible_xattrs
+from ..wording import counted
+from . import oci
+from .image import (
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER,
+    OCI_LAYER_GZIP,
+    OCI_LAYOUT_VERSION,
+    OCI_MANIFEST,
+    REF_NAME,
+    Descriptor,
+    canonical_json,
+    host_platform,
+    interruption_reported,
+)
+
+FORMATS = ("oci", "docker-archive")
+#: The config's creation time: fixed, so that the same layers give the same image.
+EPOCH = "1970-01-01T00:00:00Z"
+CREATED_BY = "cowfs image export"
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSource:
+    """One layer to export: the directory, the layers below it (topmost first), and the work
+    directory whose index serves some of its names (an empty one for a lower layer)."""
+
+    path: Path
+    below: tuple[Path, ...]
+    work: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class Exported:
+    """What an export wrote: the layers bottom first, and the manifest's digest."""
+
+    layers: tuple[Descriptor, ...]
+    diff_ids: tuple[str, ...]
+    manifest: Descriptor
+
+
+def output_format(to: str, given: str | None) -> str:
+    """``--format``, else docker-archive for a ``.tar`` OUT and an OCI layout otherwise."""
+    if given is not None:
+        return given
+    return "docker-archive" if to.endswith(".tar") else "oci"
+
+
+def stack_layers(stack: str | None, upper: str | None) -> list[LayerSource]:
+    """The layers to export, bottom first."""
+    if upper is not None:
+        layers = layers_for(upper, stack)
+        lowers = layers.lowers
+        top = [LayerSource(layers.upper, tuple(lowers), layers.work)]
+    elif stack is not None:
+        lowers = parse_lowers(stack)
+        top = []
+    else:
+        raise CowfsError("give the stack to export (LOWER[:LOWER...], topmost first), or "
+                         "--upper UPPER")
+    for path in lowers:
+        if not path.is_dir():
+            raise CowfsError(f"layer {str(path)!r} " + (
+                "is not a directory" if path.exists() else "does not exist"))
+    below = [LayerSource(path, tuple(lowers[i + 1:]), None) for i, path in enumerate(lowers)]
+    return (top + below)[::-1]
+
+
+def export_image(layers: Sequence[LayerSource], to: str, *, fmt: str, tag: str | None = None,
+                 out: TextIO | None = None) -> Exported:
+    target = Path(to)
+    if fmt == "oci":
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise CowfsError(f"{to!r} exists and is not an empty directory")
+    elif target.is_dir():
+        raise CowfsError(f"{to!r} is a directory; give the name of the archive to write, e.g. "
+                         f"--to {os.path.join(to, 'image.tar')}")
+    made = outputs.make_dirs(target.parent)
+    try:
+        plans.remove_stale_temporaries(target.parent, target.name, "image-export")
+        temp = target.parent / plans.temporary_name(target.name, "image-export")
+        try:
+            with interruption_reported("image export", f"{to!r} was not written"):
+                exported = _export(layers, temp, target, fmt, tag)
+        finally:
+            plans.remove_path(temp)
+    except BaseException:
+        outputs.remove_dirs(made)
+        raise
+    print(f"exported {counted(len(exported.layers), 'layer')} to {to} ({fmt}): manifest "
+          f"{exported.manifest.digest}", file=out or sys.stderr)
+    return exported
+
+
+def _export(layers: Sequence[LayerSource], temp: Path, target: Path, fmt: str,
+            tag: str | None) -> Exported:
+    """Build the layout in ``temp/layout`` (the layers exported in ``temp/scratch`` first),
+    then rename it, or the archive of it, to ``target``."""
+    layout, scratch = temp / "layout", temp / "scratch"
+    blobs = layout / "blobs/sha256"
+    for directory in (temp, layout, layout / "blobs", blobs, scratch):
+        directory.mkdir(mode=0o755)
+    no_index = scratch / "no-index"  # an empty work directory: a lower's index serves no one
+    no_index.mkdir()
+    descriptors, diff_ids = [], []
+    for number, layer in enumerate(layers, start=1):
+        raw = scratch / "layer.tar"
+        try:
+            oci.export_layer(layer.path, layer.below, str(raw), out=io.StringIO(),
+                             work=layer.work if layer.work is not None else no_index)
+        except CowfsError as e:
+            if e.exit_code > 128:  # the layer's own export/import was interrupted: ours is
+                raise plans.Interrupted(e.exit_code - 128) from None
+            raise CowfsError(f"layer {number} from the bottom ({layer.path}): {e}",
+                             e.exit_code) from None
+        with raw.open("rb") as source, _DirsBelow(layer.below) as below:
+            desc, diff_id = _store_layer(source, _root_info(layer.path), below, blobs,
+                                         compress=fmt == "oci")
+        raw.unlink()
+        descriptors.append(desc)
+        diff_ids.append(diff_id)
+    config = _store(blobs, canonical_json(_config(diff_ids)), OCI_CONFIG)
+    manifest = _store(blobs, canonical_json({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config.as_json(),
+        "layers": [d.as_json() for d in descriptors]}), OCI_MANIFEST)
+    entry = manifest.as_json()
+    if tag is not None:
+        entry["annotations"] = {REF_NAME: tag}
+    (layout / "index.json").write_bytes(canonical_json({
+        "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}))
+    (layout / "oci-layout").write_bytes(canonical_json({"imageLayoutVersion":
+                                                        OCI_LAYOUT_VERSION}))
+    if fmt == "docker-archive":
+        # As Docker 25's docker save: an OCI layout and manifest.json in one tar.
+        (layout / "manifest.json").write_bytes(canonical_json([{
+            "Config": config.path, "RepoTags": [tag] if tag else [],
+            "Layers": [d.path for d in descriptors]}]))
+        archive = temp / "image.tar"
+        _write_archive(layout, archive)
+        os.replace(archive, target)
+    else:
+        if target.exists():
+            target.rmdir()  # an empty directory, checked before
+        os.rename(layout, target)
+    return Exported(tuple(descriptors), tuple(diff_ids), manifest)
+
+
+def _config(diff_ids: Sequence[str]) -> dict[str, object]:
+    os_name, arch = host_platform()
+    return {"architecture": arch, "os": os_name, "created": EPOCH, "config": {},
+            "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
+            "history": [{"created": EPOCH, "created_by": CREATED_BY} for _ in diff_ids]}
+
+
+def _store(blobs: Path, data: bytes, media_type: str) -> Descriptor:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    (blobs / digest.removeprefix("sha256:")).write_bytes(data)
+    return Descriptor(media_type, digest, len(data))
+
+
+class _Hashing:
+    """A file object that hashes and counts what goes through it on the way to ``dest``."""
+
+    def __init__(self, dest: IO[bytes] | gzip.GzipFile | None) -> None:
+        self.dest = dest
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        if self.dest is not None:
+            self.dest.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        if self.dest is not None:
+            self.dest.flush()
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.hash.hexdigest()
+
+
+def _root_info(path: Path) -> tarfile.TarInfo:
+    """The layer root's entry, for a layer whose tar has none (``cowfs export`` writes the root
+    only when it differs from the one below, which an import would not keep: the bottom layer's
+    root would get the time of the import)."""
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        info = tarfile.TarInfo(".")
+        info.type, info.mode = tarfile.DIRTYPE, stat.S_IMODE(st.st_mode)
+        info.uid, info.gid, info.mtime = st.st_uid, st.st_gid, st.st_mtime
+        info.pax_headers = {oci.XATTR_PAX_PREFIX + name: value.decode("utf-8", "surrogateescape")
+                            for name, value in visible_xattrs(fd).items()}
+    finally:
+        os.close(fd)
+    return info
+
+
+def _store_layer(source: IO[bytes], root: tarfile.TarInfo, below: Callable[[str], bool],
+                 blobs: Path, *, compress: bool) -> tuple[Descriptor, str]:
+    """The canonical layer tar of ``source`` (``root``: its root entry if it has none) as a
+    blob; its descriptor and diff_id."""
+    temp = blobs / ".layer.partial"
+    with temp.open("wb") as blob:
+        stored = _Hashing(blob)
+        if compress:
+            # No name, time 0: gzip's header holds nothing but the data's.
+            # Level 6, as gzip(1) and Go (docker, podman) default to; 9 costs twice the time.
+            with gzip.GzipFile(filename="", mode="wb", fileobj=stored, mtime=0,
+                               compresslevel=6) as packed:
+                uncompressed = _Hashing(packed)
+                write_canonical(source, uncompressed, root, below)
+        else:
+            uncompressed = stored
+            write_canonical(source, uncompressed, root, below)
+    final = blobs / stored.digest.removeprefix("sha256:")
+    os.replace(temp, final)  # the same layer twice in a stack: the same blob
+    final.chmod(0o644)
+    return (Descriptor(OCI_LAYER_GZIP if compress else OCI_LAYER, stored.digest, stored.size),
+            uncompressed.digest)
+
+
+class _DirsBelow:
+    """Whether the layers below one (topmost first) show a directory at a path: a lookup
+    through their merged view, as the mount's (:class:`cowfs.walk.Stack`)."""
+
+    def __init__(self, below: Sequence[Path]) -> None:
+        self.stack = Stack(below[0], below[1:]) if below else None
+
+    def __enter__(self) -> Callable[[str], bool]:
+        return self.shows_dir
+
+    def __exit__(self, *exc: object) -> None:
+        if self.stack is not None:
+            self.stack.close()
+
+    def shows_dir(self, path: str) -> bool:
+        if self.stack is None:
+            return False
+        mark = self.stack.mark()
+        try:
+            reals = self.stack.roots
+            for name in path.split("/") if path != "." else ():
+                reals = self.stack.resolve(reals, name)
+                if not reals or not reals[0].is_dir:
+                    return False
+            return True
+        except InvalidRedirectError:
+            return True  # what the mount refuses: keep the marker, which hides it
+        finally:
+            self.stack.release(mark)
+
+
+def _key(name: str) -> tuple[bool, list[str]]:
+    """Sort key: the root first, then by path components (a directory right before what is
+    in it)."""
+    return name != ".", name.split("/")
+
+
+def _name(member: str) -> str:
+    while member.startswith("./"):
+        member = member[2:]
+    return member.rstrip("/") or "."
+
+
+def write_canonical(source: IO[bytes], dest: _Hashing, root: tarfile.TarInfo,
+                    dir_below: Callable[[str], bool]) -> None:
+    """Rewrite the layer tar ``source`` to ``dest`` in canonical form (the module's list), with
+    ``root`` as its root entry when it has none, and without the opaque markers of directories
+    that hide nothing (``dir_below(path)`` false): ``cowfs export`` marks a renamed directory
+    opaque wherever it goes, and imported, it would be a new directory, which is not."""
+    with tarfile.open(fileobj=source, mode="r:") as tar, \
+            tarfile.open(fileobj=cast(IO[bytes], dest), mode="w|",
+                         format=tarfile.PAX_FORMAT) as writer:
+        members: dict[str, tarfile.TarInfo] = {}
+        for member in tar.getmembers():
+            name = _name(member.name)
+            if member.islnk() and _name(member.linkname) == name:
+                continue  # a file written twice is a "link" to itself the second time
+            members[name] = member  # a name given twice: the last one counts
+        members.setdefault(".", root)
+        for name in [n for n in members if n.rpartition("/")[2] == oci.OPAQUE_MARKER]:
+            if not dir_below(name.rpartition("/")[0] or "."):
+                del members[name]
+        # Hard links: every name of one file, by the name that holds its data.
+        names_of: dict[str, list[str]] = {}
+        for name, member in members.items():
+            if member.islnk():
+                names_of.setdefault(_name(member.linkname), []).append(name)
+        first_of: dict[str, str] = {}
+        for holder, links in names_of.items():
+            first = min([holder, *links], key=_key)
+            for name in (holder, *links):
+                first_of[name] = first
+        for name in sorted(members, key=_key):
+            member = members[name]
+            holder = _name(member.linkname) if member.islnk() else name
+            data_member = members.get(holder, member)
+            info = _canonical_info(name, data_member)
+            linked_to = first_of.get(name)
+            if linked_to is not None and linked_to != name:
+                info.type = tarfile.LNKTYPE
+                info.linkname = "./" + linked_to
+                info.size = 0
+                writer.addfile(info)
+            elif info.isreg():
+                writer.addfile(info, tar.extractfile(data_member))
+            else:
+                writer.addfile(info)
+
+
+def _canonical_info(name: str, member: tarfile.TarInfo) -> tarfile.TarInfo:
+    info = tarfile.TarInfo("./" + name if name != "." else ".")
+    info.type = tarfile.REGTYPE if member.islnk() else member.type
+    info.mode = member.mode
+    info.uid, info.gid = member.uid, member.gid
+    info.uname = info.gname = ""
+    info.mtime = int(member.mtime)
+    info.size = member.size if member.isreg() else 0
+    if member.issym():
+        info.linkname = member.linkname
+    if member.ischr() or member.isblk():
+        info.devmajor, info.devminor = member.devmajor, member.devminor
+    info.pax_headers = {key: value for key, value in sorted(member.pax_headers.items())
+                        if key.startswith(oci.XATTR_PAX_PREFIX)}
+    return info
+
+
+def _write_archive(layout: Path, archive: Path) -> None:
+    """The layout as a tar: names sorted, owner root, time 0, modes 0755 and 0644."""
+    paths = sorted((p.relative_to(layout).as_posix() for p in layout.rglob("*")),
+                   key=lambda p: p.split("/"))
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        for rel in paths:
+            path = layout / rel
+            info = tarfile.TarInfo(rel)
+            info.mtime = 0
+            if stat.S_ISDIR(path.lstat().st_mode):
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                info.mode, info.size = 0o644, path.stat().st_size
+                with path.open("rb") as data:
+                    tar.addfile(info, data)
