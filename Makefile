@@ -25,13 +25,14 @@ PYTEST_ARGS ?=
 # erofs-utils (read-only image lowers), sshfs/openssh-server/openssh-client (a lower on sshfs over
 # a loopback sshd the test starts; where an init system runs, installing openssh-server also
 # starts the system's sshd, which the tests do not use).
+# jq: the docs' walkthroughs read JSON output with it (tests/test_docs.py runs them).
 # skopeo: a real OCI tool to check `cowfs image export`'s output with, and to convert images for
 # `cowfs image import` (tests/test_tools_image.py: local oci: and docker-archive: only, no network).
 # TOOL_APT_PACKAGES are what the tool itself needs (`make install`); the rest only the tests.
 TOOL_APT_PACKAGES := fuse3 libfuse3-dev pkg-config patch gcc libc6-dev python3-dev attr
 APT_PACKAGES := $(TOOL_APT_PACKAGES) fuse-overlayfs \
                 xfsprogs btrfs-progs squashfs-tools squashfuse erofs-utils \
-                sshfs openssh-server openssh-client skopeo
+                sshfs openssh-server openssh-client skopeo jq
 
 # mount(8) runs /sbin/mount.<type> for `mount -t fuse.cowfs`; on Debian /sbin is /usr/sbin.
 MOUNT_HELPER := /usr/sbin/mount.fuse.cowfs

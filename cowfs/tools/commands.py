@@ -362,7 +362,7 @@ def _add_image(subparsers: Subparsers) -> None:
                     "[LOWER[:LOWER...]]")
     export.add_argument("stack", metavar="LOWER[:LOWER...]", nargs="?",
                         help="the layers, topmost first (default with --upper: its recorded "
-                        "lowers)")
+                        "lowers), or a layer stack (cowfs layer): its frozen layers and base")
     export.add_argument("--upper", metavar="UPPER",
                         help="an upper (or a mountpoint) to export on top of the stack, with "
                         "its own work directory")

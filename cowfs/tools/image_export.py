@@ -38,13 +38,15 @@ from pathlib import Path
 from typing import IO, TextIO, cast
 
 from .. import outputs, plans
+from ..changes import visible_changes
 from ..errors import CowfsError
 from ..layers import parse_lowers
 from ..mounts import layers_for
 from ..resolve import InvalidRedirectError
-from ..walk import Stack, visible_xattrs
+from ..walk import Stack, visible_xattrs, walk
 from ..wording import counted
 from . import oci
+from . import stack as _stack
 from .image import (
     OCI_CONFIG,
     OCI_INDEX,
@@ -58,6 +60,7 @@ from .image import (
     host_platform,
     interruption_reported,
 )
+from .layertar import write_layer_tar
 
 FORMATS = ("oci", "docker-archive")
 #: The config's creation time: fixed, so that the same layers give the same image.
@@ -73,6 +76,12 @@ class LayerSource:
     path: Path
     below: tuple[Path, ...]
     work: Path | None
+
+    @property
+    def frozen(self) -> bool:
+        """A frozen layer of a stack (``cowfs layer freeze``): written as its canonical tar,
+        whose sha256 is the diff_id that names it in the stack."""
+        return _stack.frozen_layer(str(self.path))
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +100,22 @@ def output_format(to: str, given: str | None) -> str:
     return "docker-archive" if to.endswith(".tar") else "oci"
 
 
-def stack_layers(stack: str | None, upper: str | None) -> list[LayerSource]:
-    """The layers to export, bottom first."""
+def stack_layers(stack: str | None, upper: str | None, *,
+                 err: TextIO | None = None) -> list[LayerSource]:
+    """The layers to export, bottom first. ``stack`` may be a layer stack (``cowfs layer
+    init``): its frozen layers and base, without its live upper, as ``docker commit`` comes
+    before ``docker save``."""
+    if stack is not None and upper is None and _stack.is_stack(stack):
+        found = _stack.load(stack)
+        if found.record.layers or found.record.base:
+            if any(True for _ in _live_changes(found)):
+                print(f"cowfs image export: the changes in {str(found.upper)!r} are not "
+                      f"exported; freeze them first ('cowfs layer freeze {found.root}')",
+                      file=err or sys.stderr)
+            stack = found.lowers_spec()
+        else:
+            raise CowfsError(f"stack {str(found.root)!r} has no layers yet: freeze its "
+                             f"changes first ('cowfs layer freeze {found.root}')")
     if upper is not None:
         layers = layers_for(upper, stack)
         lowers = layers.lowers
@@ -109,6 +132,10 @@ def stack_layers(stack: str | None, upper: str | None) -> list[LayerSource]:
                 "is not a directory" if path.exists() else "does not exist"))
     below = [LayerSource(path, tuple(lowers[i + 1:]), None) for i, path in enumerate(lowers)]
     return (top + below)[::-1]
+
+
+def _live_changes(found: _stack.Stack) -> list[object]:
+    return list(visible_changes(walk(found.upper, found.lowers())))
 
 
 def export_image(layers: Sequence[LayerSource], to: str, *, fmt: str, tag: str | None = None,
@@ -149,6 +176,11 @@ def _export(layers: Sequence[LayerSource], temp: Path, target: Path, fmt: str,
     no_index.mkdir()
     descriptors, diff_ids = [], []
     for number, layer in enumerate(layers, start=1):
+        if layer.frozen:
+            desc, diff_id = _store_frozen(layer.path, blobs, compress=fmt == "oci")
+            descriptors.append(desc)
+            diff_ids.append(diff_id)
+            continue
         raw = scratch / "layer.tar"
         try:
             oci.export_layer(layer.path, layer.below, str(raw), out=io.StringIO(),
@@ -263,6 +295,28 @@ def _store_layer(source: IO[bytes], root: tarfile.TarInfo, below: Callable[[str]
             write_canonical(source, uncompressed, root, below)
     final = blobs / stored.digest.removeprefix("sha256:")
     os.replace(temp, final)  # the same layer twice in a stack: the same blob
+    final.chmod(0o644)
+    return (Descriptor(OCI_LAYER_GZIP if compress else OCI_LAYER, stored.digest, stored.size),
+            uncompressed.digest)
+
+
+def _store_frozen(layer: Path, blobs: Path, *, compress: bool) -> tuple[Descriptor, str]:
+    """A frozen layer's canonical tar (:func:`~cowfs.tools.layertar.write_layer_tar`) as a blob;
+    its descriptor and diff_id: the one its name in the stack says, unless the layer was changed
+    by hand or ``SOURCE_DATE_EPOCH`` now clamps times it did not clamp at the freeze."""
+    temp = blobs / ".layer.partial"
+    with temp.open("wb") as blob:
+        stored = _Hashing(blob)
+        if compress:
+            with gzip.GzipFile(filename="", mode="wb", fileobj=stored, mtime=0,
+                               compresslevel=6) as packed:
+                uncompressed = _Hashing(packed)
+                write_layer_tar(layer, cast(IO[bytes], uncompressed))
+        else:
+            uncompressed = stored
+            write_layer_tar(layer, cast(IO[bytes], uncompressed))
+    final = blobs / stored.digest.removeprefix("sha256:")
+    os.replace(temp, final)
     final.chmod(0o644)
     return (Descriptor(OCI_LAYER_GZIP if compress else OCI_LAYER, stored.digest, stored.size),
             uncompressed.digest)

@@ -1,0 +1,150 @@
+"""Issue 21's whole job, as a podman or docker user does it, with cowfs only: import an image
+archive, run a build step in a private view over it, freeze the result as a layer, squash,
+export the stack as an OCI image that skopeo reads, and mount the frozen stack with the kernel's
+overlayfs, which shows the same tree. Each command's own cases are in test_tools_layers.py and
+test_tools_image.py; this is the path between them, checked end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from support import build_layer, kernel_overlay, merged_view, needs_root
+from test_tools_image import run_skopeo
+from tools_support import Result, assert_user_error, cowfs
+
+
+@pytest.fixture
+def skopeo() -> str:
+    path = shutil.which("skopeo")
+    if path is None:
+        pytest.fail("skopeo is missing: make setup installs it", pytrace=False)
+    return path
+
+
+def ok(*args: str | Path) -> Result:
+    result = cowfs(*args)
+    assert result.status == 0, result
+    return result
+
+
+def _view(stack: Path, mnt: Path) -> dict[str, object]:
+    mnt.mkdir(exist_ok=True)
+    ok("mount", stack, mnt)
+    try:
+        return dict(merged_view(mnt))
+    finally:
+        ok("umount", mnt)
+
+
+def _diff_ids(stack: Path) -> list[str]:
+    listed = json.loads(ok("layer", "list", "--json", stack).out)
+    return [layer["diff_id"] for layer in listed["layers"]]
+
+
+def _image_diff_ids(skopeo: str, tmp: Path, archive: Path) -> list[str]:
+    inspected = json.loads(run_skopeo(skopeo, tmp, "inspect", f"docker-archive:{archive}"))
+    return list(inspected["Layers"])
+
+
+@pytest.mark.kernel
+def test_import_run_freeze_squash_export_and_the_kernel_mounts_it(tmp_path: Path,
+                                                                   skopeo: str) -> None:
+    needs_root("mount -t overlay")
+    os.environ["SOURCE_DATE_EPOCH"] = "1700000000"
+    try:
+        _whole_job(tmp_path, skopeo)
+    finally:
+        del os.environ["SOURCE_DATE_EPOCH"]
+
+
+def _whole_job(tmp_path: Path, skopeo: str) -> None:
+    scratch = tmp_path / "skopeo-tmp"
+    scratch.mkdir()
+    # An image from elsewhere: two layers, the top one deleting a file of the bottom one.
+    bottom = build_layer(tmp_path / "bottom", {"etc/motd": None, "etc/issue": None,
+                                              "usr/bin/tool": None}, "bottom")
+    top = build_layer(tmp_path / "top", {"usr/lib/dep.so": None}, "top")
+    (tmp_path / "mnt0").mkdir()
+    ok("mount", bottom, top, tmp_path / "mnt0")
+    try:
+        (tmp_path / "mnt0/etc/issue").unlink()
+    finally:
+        ok("umount", tmp_path / "mnt0")
+    image = tmp_path / "base.tar"
+    ok("image", "export", f"{top}:{bottom}", "--to", image)
+
+    # 1. Import it, and make a stack over its layers.
+    lowers = ok("image", "import", image, "--into", tmp_path / "layers").out.strip()
+    stack = tmp_path / "app"
+    ok("layer", "init", stack, lowers)
+    # 2. A build step in a private view; 3. its changes frozen as a layer; and a second one.
+    ok("run", stack, "--", "sh", "-c", "mkdir -p opt/app && echo v1 > opt/app/version")
+    ok("layer", "freeze", stack)
+    ok("run", stack, "--", "sh", "-c", "echo v2 > opt/app/version; rm etc/motd")
+    ok("layer", "freeze", stack)
+    before_squash = _view(stack, tmp_path / "mnt")
+    version = before_squash["opt/app/version"]
+    assert version.sha256 == hashlib.sha256(b"v2\n").hexdigest()  # type: ignore[attr-defined]
+    assert "etc/motd" not in before_squash
+    assert "etc/issue" not in before_squash
+    assert "usr/lib/dep.so" in before_squash
+    # 4. Squashed: one layer, the same view.
+    assert len(_diff_ids(stack)) == 2
+    ok("layer", "squash", stack)
+    assert len(_diff_ids(stack)) == 1
+    assert _view(stack, tmp_path / "mnt") == before_squash
+
+    # 5. Exported as an image that skopeo reads: the imported layers, then the stack's own,
+    # whose diff_id is the one its stack names it by.
+    out = tmp_path / "app.tar"
+    ok("image", "export", stack, "--to", out, "--tag", "app:1")
+    diff_ids = _image_diff_ids(skopeo, scratch, out)
+    assert len(diff_ids) == 3
+    assert diff_ids[-1] == _diff_ids(stack)[0]
+    # ... and taken back in, it is the same tree.
+    again = ok("image", "import", out, "--into", tmp_path / "again").out.strip()
+    ok("layer", "init", tmp_path / "again-stack", again)
+    assert _view(tmp_path / "again-stack", tmp_path / "mnt") == before_squash
+
+    # 6. The kernel's overlayfs mounts the frozen stack and shows the same tree.
+    kernel_lowers = [Path(p) for p in ok("layer", "list", "--lowers", stack).out.strip()
+                     .split(":")]
+    dirs = [tmp_path / "k" / n for n in ("upper", "work", "mnt")]
+    for d in dirs:
+        d.mkdir(parents=True)
+    with kernel_overlay(kernel_lowers, *dirs, ["userxattr"]) as kernel:
+        assert dict(merged_view(kernel.mnt)) == before_squash
+
+
+def test_an_image_of_a_stack_leaves_out_the_live_changes_and_needs_a_layer(
+        tmp_path: Path, skopeo: str) -> None:
+    """``cowfs image export STACK`` exports the frozen layers and the base, as ``docker save``
+    saves what ``docker commit`` made: changes not frozen yet are named and left out; a stack
+    with nothing at all to export is refused with what to do."""
+    base = build_layer(tmp_path / "base", {"a": None}, "base")
+    stack = tmp_path / "app"
+    ok("layer", "init", stack, base)
+    refused = cowfs("image", "export", tmp_path / "empty-stack", "--to", tmp_path / "x.tar")
+    assert refused.status == 1
+    ok("layer", "init", tmp_path / "nothing")
+    assert_user_error(cowfs("image", "export", tmp_path / "nothing", "--to", tmp_path / "x.tar"),
+                      "has no layers yet", "cowfs layer freeze")
+    assert not (tmp_path / "x.tar").exists()
+    ok("run", stack, "--", "sh", "-c", "echo one > one")
+    ok("layer", "freeze", stack)
+    ok("run", stack, "--", "sh", "-c", "echo two > two")
+    exported = ok("image", "export", stack, "--to", tmp_path / "app.tar")
+    assert "are not exported; freeze them first" in exported.err
+    diff_ids = _image_diff_ids(skopeo, tmp_path, tmp_path / "app.tar")
+    assert diff_ids[-1] == _diff_ids(stack)[0]
+    back = ok("image", "import", tmp_path / "app.tar", "--into", tmp_path / "layers").out.strip()
+    names = set()
+    for layer in back.split(":"):
+        names |= {p.name for p in Path(layer).iterdir()}
+    assert "one" in names
+    assert "two" not in names
