@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from support import build_layer, kernel_overlay, merged_view, needs_root
-from tools_support import Result, assert_user_error, cowfs
+from tools_support import Result, assert_user_error, cowfs, stack_view
 
 from cowfs import cli
 from cowfs.tools import stack as stacks
@@ -173,16 +173,6 @@ def _cowfs_env(env: dict[str, str], *args: str | Path) -> Result:
                 os.environ[k] = v
 
 
-def _view(stack: Path, mnt: Path) -> dict[str, object]:
-    """The stack's merged view through ``cowfs mount STACK MNT`` (always unmounted)."""
-    mnt.mkdir(exist_ok=True)
-    ok("mount", stack, mnt)
-    try:
-        return dict(merged_view(mnt))
-    finally:
-        ok("umount", mnt)
-
-
 def _layers(stack: Path) -> list[str]:
     return [entry["diff_id"] for entry in json.loads(ok("layer", "list", "--json", stack).out)
             ["layers"]]
@@ -218,7 +208,7 @@ def test_freeze_list_squash_remove(tmp_path: Path, base: Path) -> None:
     # etc/motd, keep, u2/new, u2/motd and u2/bin/hi and hi2 (the moved usr), d2/z
     assert info["layers"][0]["files"] == 7
     assert info["lowers"] == ok("layer", "list", "--lowers", stack).out.strip()
-    view = _view(stack, tmp_path / "mnt")
+    view = stack_view(stack, tmp_path / "mnt")
     assert view["u2/new"].sha256 == hashlib.sha256(b"new\n").hexdigest()  # type: ignore[attr-defined]
     assert "gone" not in view
     assert "d" not in view
@@ -226,19 +216,19 @@ def test_freeze_list_squash_remove(tmp_path: Path, base: Path) -> None:
 
     ok("layer", "squash", stack)
     (squashed,) = _layers(stack)
-    assert _view(stack, tmp_path / "mnt") == view
+    assert stack_view(stack, tmp_path / "mnt") == view
     assert not (stack / "layers" / first.removeprefix("sha256:")).exists()
 
     ok("layer", "remove", stack, squashed.removeprefix("sha256:")[:8])
     assert _layers(stack) == []
     assert os.listdir(stack / "layers") == []
-    assert _view(stack, tmp_path / "mnt") == _view_of_base(base, tmp_path)
+    assert stack_view(stack, tmp_path / "mnt") == _view_of_base(base, tmp_path)
 
 
 def _view_of_base(base: Path, tmp_path: Path) -> dict[str, object]:
     other = tmp_path / "plain"
     ok("layer", "init", other, base)
-    return _view(other, tmp_path / "mnt2")
+    return stack_view(other, tmp_path / "mnt2")
 
 
 def test_squash_gives_the_diff_id_one_freeze_of_the_same_changes_gives(
@@ -290,13 +280,13 @@ def test_squash_of_chosen_adjacent_layers(tmp_path: Path, base: Path) -> None:
         ok("run", stack, "--", "sh", "-c", step)
         ok("layer", "freeze", stack)
     top, middle, bottom = _layers(stack)
-    view = _view(stack, tmp_path / "mnt")
+    view = stack_view(stack, tmp_path / "mnt")
     assert_user_error(cowfs("layer", "squash", stack, top[7:19], bottom[7:19]), "adjacent")
     ok("layer", "squash", stack, top, middle[7:19])
     new, kept = _layers(stack)
     assert kept == bottom
     assert new not in (top, middle)
-    assert _view(stack, tmp_path / "mnt") == view
+    assert stack_view(stack, tmp_path / "mnt") == view
 
 
 def test_bad_input_is_one_line(tmp_path: Path, base: Path) -> None:
@@ -384,7 +374,7 @@ def test_push_layer_adds_an_oci_layer_tar_on_top(tmp_path: Path, base: Path) -> 
     assert added.diff_id == diff_id
     assert [(layer.path, layer.diff_id) for layer in stacks.stack_layers(target)] == [
         ((target / "layers" / diff_id[7:]).resolve(), diff_id)]
-    assert _view(target, tmp_path / "mnt") == _view(source, tmp_path / "mnt")
+    assert stack_view(target, tmp_path / "mnt") == stack_view(source, tmp_path / "mnt")
 
 
 NOBODY = 65534
@@ -489,7 +479,7 @@ def test_the_kernel_shows_cowfs_s_view_of_frozen_layers(tmp_path: Path) -> None:
     ok("layer", "freeze", stack)
     ok("run", stack, "--", "sh", "-c", "rm moved/sub/b; echo top > moved/top; mv gone g2")
     ok("layer", "freeze", stack)
-    cowfs_view = _view(stack, mnt)
+    cowfs_view = stack_view(stack, mnt)
     assert cowfs_view["moved/a"].xattrs == (  # type: ignore[attr-defined]
         ("user.note", b"kept"), ("user.overlay.mine", b"escaped"))
 
@@ -501,7 +491,7 @@ def test_the_kernel_shows_cowfs_s_view_of_frozen_layers(tmp_path: Path) -> None:
     assert _kernel_view(stack, tmp_path / "k1") == cowfs_view
     # Squashed, the one layer is complete for the kernel too, and shows the same.
     ok("layer", "squash", stack)
-    assert _view(stack, mnt) == cowfs_view
+    assert stack_view(stack, mnt) == cowfs_view
     assert _kernel_view(stack, tmp_path / "k2") == cowfs_view
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from support import build_layer, kernel_overlay, merged_view, needs_root
 from test_tools_image import run_skopeo
-from tools_support import Result, assert_user_error, cowfs
+from tools_support import Result, assert_user_error, cowfs, stack_view
 
 
 @pytest.fixture
@@ -30,15 +30,6 @@ def ok(*args: str | Path) -> Result:
     result = cowfs(*args)
     assert result.status == 0, result
     return result
-
-
-def _view(stack: Path, mnt: Path) -> dict[str, object]:
-    mnt.mkdir(exist_ok=True)
-    ok("mount", stack, mnt)
-    try:
-        return dict(merged_view(mnt))
-    finally:
-        ok("umount", mnt)
 
 
 def _diff_ids(stack: Path) -> list[str]:
@@ -87,7 +78,7 @@ def _whole_job(tmp_path: Path, skopeo: str) -> None:
     ok("layer", "freeze", stack)
     ok("run", stack, "--", "sh", "-c", "echo v2 > opt/app/version; rm etc/motd")
     ok("layer", "freeze", stack)
-    before_squash = _view(stack, tmp_path / "mnt")
+    before_squash = stack_view(stack, tmp_path / "mnt")
     version = before_squash["opt/app/version"]
     assert version.sha256 == hashlib.sha256(b"v2\n").hexdigest()  # type: ignore[attr-defined]
     assert "etc/motd" not in before_squash
@@ -97,7 +88,7 @@ def _whole_job(tmp_path: Path, skopeo: str) -> None:
     assert len(_diff_ids(stack)) == 2
     ok("layer", "squash", stack)
     assert len(_diff_ids(stack)) == 1
-    assert _view(stack, tmp_path / "mnt") == before_squash
+    assert stack_view(stack, tmp_path / "mnt") == before_squash
 
     # 5. Exported as an image that skopeo reads: the imported layers, then the stack's own,
     # whose diff_id is the one its stack names it by.
@@ -109,7 +100,7 @@ def _whole_job(tmp_path: Path, skopeo: str) -> None:
     # ... and taken back in, it is the same tree.
     again = ok("image", "import", out, "--into", tmp_path / "again").out.strip()
     ok("layer", "init", tmp_path / "again-stack", again)
-    assert _view(tmp_path / "again-stack", tmp_path / "mnt") == before_squash
+    assert stack_view(tmp_path / "again-stack", tmp_path / "mnt") == before_squash
 
     # 6. The kernel's overlayfs mounts the frozen stack and shows the same tree.
     kernel_lowers = [Path(p) for p in ok("layer", "list", "--lowers", stack).out.strip()

@@ -156,6 +156,18 @@ def view_of(lowers: list[Path], upper: Path, mnt: Path) -> dict[str, Entry]:
         return merged_view(mnt)
 
 
+def stack_view(stack: Path, mnt: Path) -> dict[str, object]:
+    """A layer stack's merged view through ``cowfs mount STACK MNT`` (always unmounted)."""
+    mnt.mkdir(exist_ok=True)
+    mounted = cowfs("mount", stack, mnt)
+    assert mounted.status == 0, mounted
+    try:
+        return dict(merged_view(mnt))
+    finally:
+        unmounted = cowfs("umount", mnt)
+        assert unmounted.status == 0, unmounted
+
+
 @contextlib.contextmanager
 def unchanged(path: Path, what: str) -> Iterator[None]:
     """Assert that nothing under ``path`` changes in the block (ctime included)."""

@@ -280,6 +280,21 @@ def _store_layer(source: IO[bytes], root: tarfile.TarInfo, below: Callable[[str]
                  blobs: Path, *, compress: bool) -> tuple[Descriptor, str]:
     """The canonical layer tar of ``source`` (``root``: its root entry if it has none) as a
     blob; its descriptor and diff_id."""
+    return _store_tar(blobs, compress, lambda out: write_canonical(source, out, root, below))
+
+
+def _store_frozen(layer: Path, blobs: Path, *, compress: bool) -> tuple[Descriptor, str]:
+    """A frozen layer's canonical tar (:func:`~cowfs.tools.layertar.write_layer_tar`) as a blob;
+    its descriptor and diff_id: the one its name in the stack says, unless the layer was changed
+    by hand or ``SOURCE_DATE_EPOCH`` now clamps times it did not clamp at the freeze."""
+    return _store_tar(blobs, compress,
+                      lambda out: write_layer_tar(layer, cast(IO[bytes], out)))
+
+
+def _store_tar(blobs: Path, compress: bool,
+               write: Callable[[_Hashing], None]) -> tuple[Descriptor, str]:
+    """The layer tar ``write`` writes, stored as a blob (gzip-compressed with ``compress``);
+    its descriptor and diff_id (the uncompressed tar's digest)."""
     temp = blobs / ".layer.partial"
     with temp.open("wb") as blob:
         stored = _Hashing(blob)
@@ -289,34 +304,12 @@ def _store_layer(source: IO[bytes], root: tarfile.TarInfo, below: Callable[[str]
             with gzip.GzipFile(filename="", mode="wb", fileobj=stored, mtime=0,
                                compresslevel=6) as packed:
                 uncompressed = _Hashing(packed)
-                write_canonical(source, uncompressed, root, below)
+                write(uncompressed)
         else:
             uncompressed = stored
-            write_canonical(source, uncompressed, root, below)
+            write(uncompressed)
     final = blobs / stored.digest.removeprefix("sha256:")
     os.replace(temp, final)  # the same layer twice in a stack: the same blob
-    final.chmod(0o644)
-    return (Descriptor(OCI_LAYER_GZIP if compress else OCI_LAYER, stored.digest, stored.size),
-            uncompressed.digest)
-
-
-def _store_frozen(layer: Path, blobs: Path, *, compress: bool) -> tuple[Descriptor, str]:
-    """A frozen layer's canonical tar (:func:`~cowfs.tools.layertar.write_layer_tar`) as a blob;
-    its descriptor and diff_id: the one its name in the stack says, unless the layer was changed
-    by hand or ``SOURCE_DATE_EPOCH`` now clamps times it did not clamp at the freeze."""
-    temp = blobs / ".layer.partial"
-    with temp.open("wb") as blob:
-        stored = _Hashing(blob)
-        if compress:
-            with gzip.GzipFile(filename="", mode="wb", fileobj=stored, mtime=0,
-                               compresslevel=6) as packed:
-                uncompressed = _Hashing(packed)
-                write_layer_tar(layer, cast(IO[bytes], uncompressed))
-        else:
-            uncompressed = stored
-            write_layer_tar(layer, cast(IO[bytes], uncompressed))
-    final = blobs / stored.digest.removeprefix("sha256:")
-    os.replace(temp, final)
     final.chmod(0o644)
     return (Descriptor(OCI_LAYER_GZIP if compress else OCI_LAYER, stored.digest, stored.size),
             uncompressed.digest)
