@@ -247,13 +247,13 @@ class CopyUp:
     def _check_enabled(self, marked: Real) -> None:
         """A mark is followed only when the mount's options enable it, as the kernel refuses a
         metacopy origin without ``metacopy=on``: a data map only with partial copy-up, a plain
-        metacopy mark only with ``-o metacopy``. :class:`metacopy.NoDataError` otherwise."""
+        metacopy mark unless ``-o nometacopy``. :class:`metacopy.NoDataError` otherwise."""
         if marked.partial and not self.partial_min:
             raise metacopy.NoDataError("partial copy-up is off (nopartial_copyup), so its data "
                                        "map is not followed")
         if not marked.partial and not self.metacopy:
-            raise metacopy.NoDataError("metacopy is off, so its mark is not followed (mount "
-                                       "with -o metacopy)")
+            raise metacopy.NoDataError("metacopy is off (nometacopy), so its mark is not "
+                                       "followed")
 
     def attach_index(self, reals: tuple[Real, ...]) -> tuple[Real, ...]:
         """For a lower object with several names: its index entry on top, if it was copied up."""

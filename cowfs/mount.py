@@ -107,9 +107,11 @@ class MountOptions:
     #: ``noatime``, ``relatime`` (the default) or ``strictatime``.
     atime: str = "relatime"
     nodiratime: bool = False
-    #: Metadata changes of lower files copy no data (``metacopy``; off by default, as in the
-    #: kernel, whose overlayfs refuses such an upper in userxattr mode: layer-format.md 11a).
-    metacopy: bool = False
+    #: Metadata changes of lower files copy no data (``metacopy``, on by default as partial
+    #: copy-up is; ``nometacopy`` keeps a live upper the kernel's overlayfs can mount, which it
+    #: refuses with metacopy files in userxattr mode; frozen layers always can: layer-format.md
+    #: 11a and 17).
+    metacopy: bool = True
     #: Lower regular files of at least this many bytes copy up only the blocks written
     #: (``partial_copyup=SIZE``; 0, ``nopartial_copyup``: never; see cowfs.partial).
     partial_min: int = partial.DEFAULT_MIN_SIZE

@@ -31,7 +31,7 @@ class Need(enum.Enum):
     """What a caller of :meth:`CopyUp.ensure` needs of the upper copy."""
 
     #: A change of metadata or of name: a copy without its data is enough (a regular file is
-    #: copied so with ``-o metacopy``, :mod:`cowfs.metacopy`).
+    #: copied so unless ``-o nometacopy``, :mod:`cowfs.metacopy`).
     METADATA = "metadata"
     #: A write: the data, where a large file's partial copy is enough (:mod:`cowfs.partial`).
     WRITE = "write"

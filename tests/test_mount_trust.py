@@ -83,19 +83,20 @@ def test_a_users_marks_do_not_read_root_only_lower_data(
 @pytest.mark.layer_check(False, reason="marks the options do not enable, on purpose")
 def test_marks_are_followed_only_when_the_options_enable_them(
         layers: LayerFactory, mount_cowfs: MountFactory) -> None:
-    """As the kernel without ``metacopy=on``: a mark (even one whose data its owner may read)
-    gives EIO, and a data map without partial copy-up."""
+    """As the kernel without ``metacopy=on`` (cowfs: ``nometacopy``): a mark (even one whose
+    data its owner may read) gives EIO, and a data map without partial copy-up. Marks are
+    followed by default (metacopy is on unless ``nometacopy``)."""
     needs_root("files of another owner")
     layer_set = layers({"public": File(b"x" * 4096, mode=0o644)})
     plant(layer_set, "meta", "public", owner=0)
     plant(layer_set, "part", "public", data_map=True, owner=0)
-    mount = mount_cowfs(layer_set, options=["nopartial_copyup"])
+    mount = mount_cowfs(layer_set, options=["nopartial_copyup", "nometacopy"])
     for name in ("meta", "part"):
         with pytest.raises(OSError) as info:
             (mount.mnt / name).read_bytes()
         assert info.value.errno == errno.EIO, name
     mount.stop()
-    mount = mount_cowfs(layer_set, options=["metacopy"])
+    mount = mount_cowfs(layer_set, options=[])
     assert (mount.mnt / "meta").read_bytes() == b"x" * 4096
     assert (mount.mnt / "part").read_bytes() == b"x" * 4096
 
