@@ -1,8 +1,10 @@
 """The inode table: overlay objects, their numbers and lookup counts (pyfuse3's inode lifecycle).
 
-An :class:`Inode` is one object of the merged view. It holds ``O_PATH`` descriptors for its real
-objects, topmost first: for a directory, the upper (if any) and every lower directory that merges
-into it; for anything else, the upper copy (if any) and the lower object it came from.
+An :class:`Inode` is one object of the merged view. It knows its real objects, topmost first: for
+a directory, the upper (if any) and every lower directory that merges into it; for anything else,
+the upper copy (if any) and the lower object it came from. It holds no descriptor for them: each
+is a name reference (:mod:`cowfs.refs`), whose descriptor is opened when a request needs it and
+kept in a bounded cache, so an inode costs memory only and the kernel keeps as many as it likes.
 
 Inode numbers are stable: an object's number is derived from the real inode it *originates* from
 (a lower object, or, for an upper object, the lower object recorded in its ``user.cowfs.origin``
@@ -11,8 +13,10 @@ across mounts. pyfuse3 uses the number both as the FUSE node id and as ``st_ino`
 on one filesystem the number is that filesystem's inode number; otherwise the high byte says which
 filesystem (like the kernel's ``xino``), so numbers stay unique across filesystems.
 
-A number is never given to two live objects: the table holds a descriptor of every real object it
-knows, so the filesystem cannot reuse that inode while the kernel may still ask for it. State is
+A number is never given to two live objects: lower objects never go while mounted, and before
+cowfs removes a name of an upper object an inode still reaches by that name, it pins the object's
+descriptor (:meth:`cowfs.refs.Descriptors.leaving`), so the filesystem cannot reuse that inode
+while the kernel may still ask for it. State is
 freed only in :meth:`InodeTable.forget`, when the kernel's lookup count drops to zero.
 
 An origin is untrusted input: it is used only once verified (:mod:`cowfs.origins`), and even a
@@ -26,18 +30,18 @@ into 56 bits, which could in principle collide. Numbers given to the losers of s
 
 from __future__ import annotations
 
+import dataclasses
 import errno
-import itertools
 import logging
 import os
 import stat
 import threading
-from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from . import origins, realfs, schema
 from .layers import Layer
+from .refs import Descriptors
 from .resolve import Real
 
 if TYPE_CHECKING:
@@ -163,13 +167,15 @@ class Inode:
     whole, so readers that take no lock see either the old or the new stack.
     """
 
-    __slots__ = ("_links", "_retired", "_state", "_xattr_changes", "alive", "copy_up_lock",
-                 "lookups", "no_caps_on", "number", "partial", "reals")
+    __slots__ = ("_cache", "_links", "_retired", "_state", "_xattr_changes", "alive",
+                 "copy_up_lock", "lookups", "no_caps_on", "number", "partial", "reals")
 
-    def __init__(self, number: int, reals: tuple[Real, ...]) -> None:
+    def __init__(self, number: int, reals: tuple[Real, ...], cache: Descriptors) -> None:
         self.number = number
-        #: Topmost first. Replaced as a whole (never mutated): see :meth:`replace_top`.
-        self.reals = reals
+        self._cache = cache
+        #: Topmost first, reached by reference (:func:`adopt`). Replaced as a whole (never
+        #: mutated): see :meth:`replace_top`.
+        self.reals = tuple(adopt(real, cache) for real in reals)
         #: Names this object is known by, as {(parent number, name): parent}; copy-up needs one.
         self._links: dict[tuple[int, str], Inode] = {}
         self.lookups = 0
@@ -225,15 +231,21 @@ class Inode:
         """The real directories a child name is looked up in (all of them, for a directory)."""
         return self.reals
 
-    def push_upper(self, upper: Real) -> None:
-        """The object got an upper copy: it goes on top of the stack."""
+    def push_upper(self, upper: Real) -> Real:
+        """The object got an upper copy (whose descriptor it takes over): it goes on top of the
+        stack. Returns it as the inode keeps it."""
+        upper = adopt(upper, self._cache)
         with self._state:
             self.reals = (upper, *self.reals)
+        return upper
 
-    def replace_top(self, top: Real) -> None:
+    def replace_top(self, top: Real) -> Real:
         """The topmost real object changed (a mark or a redirect was added to it)."""
+        top = adopt(top, self._cache)
         with self._state:
-            self.reals = (top, *self.reals[1:])
+            old, self.reals = self.reals[0], (top, *self.reals[1:])
+        _let_go(old)
+        return top
 
     def attach_data(self, data: Real) -> bool:
         """A metacopy upper copy found its data (a lower file, :mod:`cowfs.metacopy`): it goes
@@ -241,7 +253,7 @@ class Inode:
         with self._state:
             if len(self.reals) != 1 or not self.reals[0].metacopy:
                 return False
-            self.reals = (self.reals[0], data)
+            self.reals = (self.reals[0], adopt(data, self._cache))
             return True
 
     @property
@@ -257,8 +269,11 @@ class Inode:
         raise OSError(errno.EIO, "metacopy file without data (see the log)")
 
     def replace_reals(self, reals: tuple[Real, ...]) -> None:
+        reals = tuple(adopt(real, self._cache) for real in reals)
         with self._state:
-            self.reals = reals
+            old, self.reals = self.reals, reals
+        for real in old:
+            _let_go(real)
 
     def add_link(self, parent: Inode, name: str) -> None:
         """Remember a name, as the most recently used one (dicts keep insertion order)."""
@@ -339,7 +354,7 @@ class Inode:
             reals, self.reals = self.reals, ()
             self._links.clear()
         for real in reals:
-            os.close(real.fd)
+            _let_go(real)
         for opened in (self.partial, *self._retired):
             if opened is not None:
                 opened.close()
@@ -348,15 +363,16 @@ class Inode:
 class InodeTable:
     """All inodes the kernel knows about. Thread-safe: copy-ups run in worker threads."""
 
-    def __init__(self, root_reals: tuple[Real, ...], numbers: InodeNumbers) -> None:
+    def __init__(self, root_reals: tuple[Real, ...], numbers: InodeNumbers,
+                 descriptors: Descriptors | None = None) -> None:
         self._lock = threading.Lock()
         self.numbers = numbers
-        self.root = Inode(ROOT_NUMBER, root_reals)
+        #: The descriptors of every real object the inodes reach (:mod:`cowfs.refs`).
+        self.descriptors = descriptors if descriptors is not None else Descriptors(1 << 30)
+        self.root = Inode(ROOT_NUMBER, root_reals, self.descriptors)
         self.root.lookups = 1  # the kernel never forgets the root
         self._by_number: dict[int, Inode] = {ROOT_NUMBER: self.root}
-        #: Every other inode, least recently looked up first: what to ask the kernel to drop.
-        self._recent: OrderedDict[int, Inode] = OrderedDict()
-        numbers.roots = root_reals
+        numbers.roots = self.root.reals
         #: Numbers given to objects whose number was claimed by another (see remember).
         self._spare: dict[tuple[int, int], int] = {}
 
@@ -368,9 +384,9 @@ class InodeTable:
         with self._lock:
             inodes = list(self._by_number.values())
             self._by_number.clear()
-            self._recent.clear()
         for inode in inodes:
             inode.release()
+        self.descriptors.close()
 
     def get(self, number: int) -> Inode:
         try:
@@ -402,13 +418,11 @@ class InodeTable:
                 number = self._distinct_number(reals, number)
                 inode = self._by_number.get(number)
             if inode is None:
-                inode = Inode(number, reals)
+                inode = Inode(number, reals, self.descriptors)
                 self._by_number[number] = inode
             else:
-                _close_all(reals)
+                self._warm(reals)
             inode.lookups += 1
-            self._recent[number] = inode
-            self._recent.move_to_end(number)
         if parent is not None:
             inode.add_link(parent, name)
         return inode
@@ -420,10 +434,19 @@ class InodeTable:
             if self._by_number.get(inode.number) is not inode:
                 return None
             inode.lookups += 1
-            self._recent[inode.number] = inode
-            self._recent.move_to_end(inode.number)
         inode.add_link(parent, name)
         return inode
+
+    def _warm(self, reals: tuple[Real, ...]) -> None:
+        """A lookup's descriptors of objects an inode knows already: cached (the next request
+        needs them), or closed when they have no reference."""
+        for real in reals:
+            if real.held < 0:
+                continue
+            if real.at is None:
+                os.close(real.held)
+            else:
+                self.descriptors.put(real.at, real.held)
 
     def _distinct_number(self, reals: tuple[Real, ...], taken: int) -> int:
         """A number for an object whose number (from its origin) belongs to another object: its
@@ -448,22 +471,31 @@ class InodeTable:
             if inode.lookups > 0:
                 return
             del self._by_number[number]
-            self._recent.pop(number, None)
         inode.release()
 
-    def least_recent(self, count: int) -> list[tuple[Inode, str]]:
-        """The (parent, name) of the ``count`` least recently looked-up inodes, for the kernel to
-        drop: each inode holds descriptors until the kernel forgets it."""
-        with self._lock:
-            oldest = list(itertools.islice(self._recent.values(), count))
-        found = []
-        for inode in oldest:
-            link = inode.any_link()
-            if link is not None:
-                found.append(link)
-        return found
+
+def adopt(real: Real, cache: Descriptors) -> Real:
+    """``real`` as an inode keeps it: reached by its reference, whose descriptor the cache takes
+    over (an object without a name to reach it by gets a pinned reference). Counts one holder."""
+    if real.held >= 0:
+        if real.at is None:
+            ref = cache.pinned(real.held, os.fstat(real.held))
+        else:
+            ref = real.at
+            cache.put(ref, real.held)
+        real = dataclasses.replace(real, held=-1, at=ref)
+    if real.at is not None:
+        real.at.cache.hold(real.at)
+    return real
+
+
+def _let_go(real: Real) -> None:
+    """An inode no longer keeps ``real`` (:meth:`cowfs.refs.Descriptors.release`)."""
+    if real.at is not None and real.held < 0:
+        real.at.cache.release(real.at)
 
 
 def _close_all(reals: Iterable[Real]) -> None:
     for real in reals:
-        os.close(real.fd)
+        if real.held >= 0:
+            os.close(real.held)

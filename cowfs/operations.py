@@ -53,6 +53,9 @@ def _errno_boundary(
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        # The descriptors the request gets stay open until it ends (cowfs.refs).
+        overlay = cast("Operations", args[0]).overlay
+        token = overlay.begin_request()
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -66,6 +69,8 @@ def _errno_boundary(
         except Exception as e:
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from e
+        finally:
+            overlay.end_request(token)
 
     return wrapper
 
@@ -326,14 +331,7 @@ class Operations(pyfuse3.Operations):
         inode = self.overlay.lookup(self._inode(parent_inode), os.fsdecode(name))
         if inode is None:
             return self._negative()
-        self._shed_inodes()
         return self._attrs(inode)
-
-    def _shed_inodes(self) -> None:
-        """Ask the kernel to drop the names the model says hold too many descriptors."""
-        for parent, name in self.overlay.names_to_shed():
-            pyfuse3.invalidate_entry_async(InodeT(parent), FileNameT(os.fsencode(name)),
-                                           ignore_enoent=True)
 
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         """The one handler without a reply: an exception here would end the mount, so a failure
@@ -573,7 +571,6 @@ class Operations(pyfuse3.Operations):
 
     @_errno_boundary
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        self._shed_inodes()
         if fh == 0 and self.kernel_opens_dirs:
             directory = self._inode(token.inode)
             snapshot, names = self._snapshots.names(directory, start_id, self.overlay.listing)
