@@ -39,6 +39,7 @@ from . import fileattr
 from .handles import FileHandle, wants_write
 from .inodes import Inode
 from .readdir import DirHandle, Listing, Snapshots
+from .refs import in_worker
 from .vfs import Caller, Overlay, SetAttr
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,6 @@ def _errno_boundary(
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        # The descriptors the request gets stay open until it ends (cowfs.refs).
-        overlay = cast("Operations", args[0]).overlay
-        token = overlay.begin_request()
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -70,7 +68,9 @@ def _errno_boundary(
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from e
         finally:
-            overlay.end_request(token)
+            # Here, on the loop's thread, no request is between getting a descriptor and using
+            # it: the cache may close what it drops (cowfs.refs).
+            cast("Operations", args[0]).overlay.request_done()
 
     return wrapper
 
@@ -80,7 +80,8 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
 
 
 async def _in_thread(fn: Callable[..., R], *args: object) -> R:
-    return await trio.to_thread.run_sync(fn, *args)
+    # in_worker: the descriptors fn gets stay open until it returns (cowfs.refs).
+    return await trio.to_thread.run_sync(in_worker, fn, *args)
 
 
 def _in_group(ctx: pyfuse3.RequestContext, gid: int) -> bool:

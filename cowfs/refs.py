@@ -20,10 +20,16 @@ is not reused meanwhile). One ``Ref`` stands for one real object (:meth:`Descrip
 the existing one by identity), so every inode and every child reaches it through the same one,
 and one update moves it for all.
 
-A descriptor handed out by :meth:`Ref.fd` stays open until the request that got it ends: the cache
-is trimmed to its size only when a request ends (:meth:`Descriptors.end`), and what it drops is
-closed only when every request that was running then has ended (epochs, as in read-copy-update).
-Without requests (the model driven directly, in tests) the cache is never trimmed.
+A descriptor handed out by :meth:`Ref.fd` stays open while it can be in use. The cache closes
+what it drops only on the request loop's thread, at the end of a request (:meth:`Descriptors.trim`):
+requests answered there use the descriptors they get before they wait for anything (the model
+returns results, never descriptors), so at that moment none is between getting a descriptor and
+using it. Work handed to a worker thread runs in :func:`in_worker`, which counts every cached
+descriptor it gets as used until it returns: a used one that the cache drops is closed by the
+last worker using it. (A plain grace period would not do: the first version waited for every
+request running when a descriptor was dropped, and one copy-up waiting for fsync let a parallel
+walk's dropped descriptors pile up past a limit of 256.) Without requests (the model driven
+directly, in tests) the cache is never trimmed.
 
 A real object with no name to reach it by (a metacopy file's data, found through its origin) is
 pinned from the start. Layer roots are pinned.
@@ -39,7 +45,11 @@ import errno
 import os
 import threading
 import weakref
-from collections import OrderedDict, deque
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 #: Attempts at reaching an object by name while its name (or a parent's) is being moved.
 _ATTEMPTS = 3
@@ -78,21 +88,51 @@ class Ref:
         return self.cache.fd(self)
 
 
+class _Entry:
+    """A cached descriptor and the worker sections using it."""
+
+    __slots__ = ("dropped", "fd", "users")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0
+        #: Out of the cache while in use: the last user closes it.
+        self.dropped = False
+
+
+#: Per worker thread, inside :func:`in_worker`: the entries it used.
+_local = threading.local()
+
+
+def in_worker(fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` in a worker thread: every descriptor it gets from a cache stays open until
+    it returns, even if the cache drops it meanwhile."""
+    used: list[tuple[Descriptors, _Entry]] = []
+    _local.used = used
+    try:
+        return fn(*args)
+    finally:
+        _local.used = None
+        for cache, entry in used:
+            cache._unuse(entry)
+
+
 class Descriptors:
-    """The descriptors of the real objects of one mount: a bounded cache, and the requests in
-    flight that decide when a dropped descriptor may be closed."""
+    """The descriptors of the real objects of one mount: a bounded cache (least recently used
+    first out), and what it dropped that is still in use."""
 
     def __init__(self, size: int) -> None:
-        self.size = max(size, 8)
+        self.size = max(size, 0)
         self._lock = threading.Lock()
-        self._lru: OrderedDict[Ref, int] = OrderedDict()
+        self._lru: OrderedDict[Ref, _Entry] = OrderedDict()
         #: One Ref per real object, by (device, inode), while anything holds it.
         self._known: weakref.WeakValueDictionary[tuple[int, int], Ref] = (
             weakref.WeakValueDictionary())
-        self._clock = 0
-        self._active: dict[int, None] = {}
-        #: Dropped descriptors, with the clock when they were dropped, oldest first.
-        self._retired: deque[tuple[int, int]] = deque()
+        #: Dropped on a path where closing could pull one from under its user: closed at the
+        #: next :meth:`trim`.
+        self._later: list[int] = []
+        #: Dropped while a worker uses them: closed by the last one (:meth:`_unuse`).
+        self._in_use = 0
 
     # --- making references --------------------------------------------------------------------
 
@@ -119,10 +159,10 @@ class Descriptors:
 
     def fd(self, ref: Ref) -> int:
         with self._lock:
-            fd = self._lru.get(ref)
-            if fd is not None:
+            entry = self._lru.get(ref)
+            if entry is not None:
                 self._lru.move_to_end(ref)
-                return fd
+                return self._use(entry)
         for _ in range(_ATTEMPTS):
             fd = self._open(ref)
             if fd is not None:
@@ -136,6 +176,12 @@ class Descriptors:
         base = -1
         while True:
             node = chain[-1]
+            if node.next is not None:  # being renamed: by either name, each from its parent
+                base = self._open_moving(node)
+                if base < 0:
+                    return None
+                chain.pop()
+                break
             where = node.where
             if where is None:
                 raise OSError(errno.ESTALE, f"{ref!r} has no name left")
@@ -145,49 +191,70 @@ class Descriptors:
                 break
             with self._lock:
                 cached = self._lru.get(parent)
+                if cached is not None:
+                    base = self._use(cached)
             if cached is not None:
-                base = cached
                 break
             chain.append(parent)
         for node in reversed(chain):
-            fd = self._open_one(node, base)
+            where = node.where
+            fd = None if where is None else _open_checked(node, where[1], base)
             if fd is None:
                 return None
             base = self.put(node, fd)
         return base
 
-    @staticmethod
-    def _open_one(node: Ref, parent_fd: int) -> int | None:
-        """``node`` opened in the directory ``parent_fd`` by its name (or the name it is moving
-        to), checked to be the object it stands for."""
+    def _open_moving(self, node: Ref) -> int:
+        """A reference being renamed (:meth:`moving`), by its old name or its new one."""
         for where in (node.where, node.next):
             if where is None:
                 continue
             try:
-                fd = os.open(where[1], os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
-            except (FileNotFoundError, NotADirectoryError):
+                parent_fd = where[0].fd()
+            except OSError:
                 continue
-            try:
-                st = os.fstat(fd)
-            except BaseException:
-                os.close(fd)
-                raise
-            if (st.st_dev, st.st_ino) == (node.dev, node.ino):
-                return fd
-            os.close(fd)  # another object is at that name now: never handed out
-        return None
+            fd = _open_checked(node, where[1], parent_fd)
+            if fd is not None:
+                return self.put(node, fd)
+        return -1
 
     def put(self, ref: Ref, fd: int) -> int:
         """Take over ``fd``, a descriptor of ``ref``'s object, as its cached one; the descriptor
         the cache holds for it (``fd``, or one cached meanwhile, ``fd`` then dropped)."""
         with self._lock:
-            known = self._lru.get(ref)
-            if known is None:
-                self._lru[ref] = fd
-                return fd
-            if known != fd:
-                self._retired.append((self._clock, fd))
-            return known
+            entry = self._lru.get(ref)
+            if entry is None:
+                entry = self._lru[ref] = _Entry(fd)
+            elif entry.fd != fd:
+                self._drop_later(fd)
+            return self._use(entry)
+
+    def _use(self, entry: _Entry) -> int:
+        """``entry``'s descriptor, counted as used by the worker asking (lock held)."""
+        used = getattr(_local, "used", None)
+        if used is not None:
+            entry.users += 1
+            used.append((self, entry))
+        return entry.fd
+
+    def _unuse(self, entry: _Entry) -> None:
+        with self._lock:
+            entry.users -= 1
+            if not (entry.dropped and entry.users == 0):
+                return
+            self._in_use -= 1
+        os.close(entry.fd)  # out of the cache: nobody else can have it
+
+    def _drop_later(self, fd: int) -> None:
+        """A descriptor someone may still be using on this path (lock held)."""
+        used = getattr(_local, "used", None)
+        if used is not None:  # a worker's: closed when it returns
+            entry = _Entry(fd)
+            entry.users, entry.dropped = 1, True
+            self._in_use += 1
+            used.append((self, entry))
+        else:
+            self._later.append(fd)
 
     def hold(self, ref: Ref) -> None:
         with self._lock:
@@ -200,7 +267,7 @@ class Descriptors:
             if ref.holders > 0 or ref.pinned < 0:
                 return
             fd, ref.pinned = ref.pinned, -1
-            self._retired.append((self._clock, fd))
+            self._drop_later(fd)
 
     # --- names cowfs changes (called under the namespace lock) -------------------------------
 
@@ -235,44 +302,55 @@ class Descriptors:
                 ref.pinned = fd
         ref.where = None
 
-    # --- requests -----------------------------------------------------------------------------
+    # --- bounds -----------------------------------------------------------------------------
 
-    def begin(self) -> int:
-        """A request starts; its token goes to :meth:`end`."""
+    def trim(self) -> None:
+        """Called on the request loop's thread when a request ends: the cache down to its size;
+        what it drops is closed now, or by the last worker using it."""
+        closing, self._later = self._later, []
         with self._lock:
-            self._clock += 1
-            token = self._clock
-            self._active[token] = None
-            return token
-
-    def end(self, token: int) -> None:
-        """A request ended: the cache is trimmed to its size, and what no running request can
-        still be using is closed."""
-        with self._lock:
-            self._active.pop(token, None)
             while len(self._lru) > self.size:
-                _, fd = self._lru.popitem(last=False)
-                self._retired.append((self._clock, fd))
-            oldest = min(self._active, default=self._clock + 1)
-            closing = []
-            while self._retired and self._retired[0][0] < oldest:
-                closing.append(self._retired.popleft()[1])
+                _, entry = self._lru.popitem(last=False)
+                if entry.users:
+                    entry.dropped = True
+                    self._in_use += 1
+                else:
+                    closing.append(entry.fd)
         for fd in closing:
             os.close(fd)
 
     def open_count(self) -> int:
-        """Descriptors held now (cached and waiting to be closed; pinned ones not counted)."""
+        """Descriptors held now: cached, dropped but in use or not closed yet (pinned ones not
+        counted)."""
         with self._lock:
-            return len(self._lru) + len(self._retired)
+            return len(self._lru) + self._in_use + len(self._later)
 
     def close(self) -> None:
-        """Close everything cached or dropped (the mount is gone)."""
+        """Close everything cached or dropped (the mount is gone, no worker runs)."""
         with self._lock:
-            fds = [*self._lru.values(), *(fd for _, fd in self._retired)]
+            fds = [entry.fd for entry in self._lru.values()] + self._later
             self._lru.clear()
-            self._retired.clear()
+            self._later = []
         for fd in fds:
             os.close(fd)
+
+
+def _open_checked(node: Ref, name: str, parent_fd: int) -> int | None:
+    """``name`` opened in the directory ``parent_fd`` without following a symlink, if it is
+    the object ``node`` stands for (None otherwise: another object is never handed out)."""
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if (st.st_dev, st.st_ino) == (node.dev, node.ino):
+        return fd
+    os.close(fd)
+    return None
 
 
 def _is_dir(st: os.stat_result) -> bool:

@@ -138,12 +138,10 @@ class Overlay:
             return None
         return inode if inode.lookups <= count and inode.unsaved else None
 
-    def begin_request(self) -> int:
-        """A request starts: the descriptors it gets stay open until :meth:`end_request`."""
-        return self.descriptors.begin()
-
-    def end_request(self, token: int) -> None:
-        self.descriptors.end(token)
+    def request_done(self) -> None:
+        """A request was answered (called on the request loop's thread): the cache of real
+        objects' descriptors is trimmed to its size (:meth:`cowfs.refs.Descriptors.trim`)."""
+        self.descriptors.trim()
 
     def unresolved_entry(self, directory: Inode, name: str) -> tuple[int, int]:
         """For listing a name whose lookup fails: its file type bits and the number its
