@@ -167,8 +167,8 @@ class Inode:
     whole, so readers that take no lock see either the old or the new stack.
     """
 
-    __slots__ = ("_cache", "_links", "_retired", "_state", "_xattr_changes", "alive",
-                 "copy_up_lock", "lookups", "no_caps_on", "number", "partial", "reals")
+    __slots__ = ("_cache", "_copy_up_lock", "_links", "_retired", "_state", "_xattr_changes",
+                 "alive", "lookups", "no_caps_on", "number", "partial", "reals")
 
     def __init__(self, number: int, reals: tuple[Real, ...], cache: Descriptors) -> None:
         self.number = number
@@ -176,11 +176,12 @@ class Inode:
         #: Topmost first, reached by reference (:func:`adopt`). Replaced as a whole (never
         #: mutated): see :meth:`replace_top`.
         self.reals = tuple(adopt(real, cache) for real in reals)
-        #: Names this object is known by, as {(parent number, name): parent}; copy-up needs one.
-        self._links: dict[tuple[int, str], Inode] = {}
+        #: Names this object is known by, as (parent, name), the most recently used last (one
+        #: name for most objects: a tuple costs a third of a dict); copy-up needs one.
+        self._links: tuple[tuple[Inode, str], ...] = ()
         self.lookups = 0
-        #: Held for the whole of a copy-up (which may take long): a second opener waits for it.
-        self.copy_up_lock = threading.Lock()
+        #: See :attr:`copy_up_lock` (made when first needed: most inodes are never copied up).
+        self._copy_up_lock: threading.Lock | None = None
         #: Held only while ``reals`` or ``links`` is read-modify-written.
         self._state = threading.Lock()
         self.alive = True
@@ -193,8 +194,19 @@ class Inode:
         #: ``copy_up_lock``, and kept (completed or not) until :meth:`release`.
         self.partial: PartialFile | None = None
         #: Partial files of lower layers that were copied up: closed at :meth:`release` (reads
-        #: in other threads may still use them).
-        self._retired: list[PartialFile] = []
+        #: in other threads may still use them). None until there is one.
+        self._retired: list[PartialFile] | None = None
+
+    @property
+    def copy_up_lock(self) -> threading.Lock:
+        """Held for the whole of a copy-up (which may take long): a second opener waits for it."""
+        lock = self._copy_up_lock
+        if lock is None:
+            with self._state:
+                if self._copy_up_lock is None:
+                    self._copy_up_lock = threading.Lock()
+                lock = self._copy_up_lock
+        return lock
 
     def __repr__(self) -> str:
         return f"<Inode {self.number} {[r.layer.index for r in self.reals]}>"
@@ -276,28 +288,24 @@ class Inode:
             _let_go(real)
 
     def add_link(self, parent: Inode, name: str) -> None:
-        """Remember a name, as the most recently used one (dicts keep insertion order)."""
+        """Remember a name, as the most recently used one."""
         with self._state:
-            self._links.pop((parent.number, name), None)
-            self._links[(parent.number, name)] = parent
+            self._links = (*_without(self._links, parent, name), (parent, name))
 
     def drop_link(self, parent: Inode, name: str) -> None:
         with self._state:
-            self._links.pop((parent.number, name), None)
+            self._links = _without(self._links, parent, name)
 
     def move_link(self, old_parent: Inode, old_name: str, new_parent: Inode,
                   new_name: str) -> None:
         with self._state:
-            self._links.pop((old_parent.number, old_name), None)
-            self._links.pop((new_parent.number, new_name), None)
-            self._links[(new_parent.number, new_name)] = new_parent
+            links = _without(_without(self._links, old_parent, old_name), new_parent, new_name)
+            self._links = (*links, (new_parent, new_name))
 
     def any_link(self) -> tuple[Inode, str] | None:
         """A live (parent, name) under which this object is visible, for copy-up: the most
         recently looked up, which is the likeliest to be the one being opened."""
-        with self._state:
-            links = list(self._links.items())
-        for (_, name), parent in reversed(links):
+        for parent, name in reversed(self._links):  # replaced as a whole: no lock needed
             if parent.alive:
                 return parent, name
         return None
@@ -306,7 +314,7 @@ class Inode:
         """The object was copied up: a lower partial file's data is no longer what it shows."""
         with self._state:
             if self.partial is not None:
-                self._retired.append(self.partial)
+                self._retired = [*(self._retired or ()), self.partial]
                 self.partial = None
 
     @property
@@ -352,10 +360,10 @@ class Inode:
         self.persist_partial()
         with self._state:
             reals, self.reals = self.reals, ()
-            self._links.clear()
+            self._links = ()
         for real in reals:
             _let_go(real)
-        for opened in (self.partial, *self._retired):
+        for opened in (self.partial, *(self._retired or ())):
             if opened is not None:
                 opened.close()
 
@@ -472,6 +480,13 @@ class InodeTable:
                 return
             del self._by_number[number]
         inode.release()
+
+
+def _without(links: tuple[tuple[Inode, str], ...], parent: Inode,
+             name: str) -> tuple[tuple[Inode, str], ...]:
+    """``links`` without ``name`` in ``parent`` (by number: a parent looked up again after a
+    forget is another ``Inode`` with the same number)."""
+    return tuple(link for link in links if link[1] != name or link[0].number != parent.number)
 
 
 def adopt(real: Real, cache: Descriptors) -> Real:
