@@ -31,12 +31,14 @@ request running when a descriptor was dropped, and one copy-up waiting for fsync
 walk's dropped descriptors pile up past a limit of 256.) Without requests (the model driven
 directly, in tests) the cache is never trimmed.
 
-A real object with no name to reach it by (a metacopy file's data, found through its origin) is
-pinned from the start. Layer roots are pinned.
+Layer roots and the index directory are pinned. A real object found without a parent's
+reference (a model built without a cache, in tests) is pinned when an inode takes it.
 
-Known limits: a request that runs long (a copy-up of a large file) delays closing the descriptors
-the cache dropped meanwhile; an object renamed in the upper by someone else than cowfs (which is
-not supported) fails ``ESTALE`` instead of being found.
+Known limits: a worker that runs long (a copy-up of a large file) keeps open the descriptors it
+used until it returns, dropped ones too; an object renamed in the upper by someone else than cowfs
+(which is not supported) fails ``ESTALE`` instead of being found; an inode's ``Ref`` stays in the
+table of references while the cache or a child holds it, and forget does not drop its cached
+descriptor (the cache's bound does).
 """
 
 from __future__ import annotations
