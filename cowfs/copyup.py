@@ -37,6 +37,7 @@ import time
 from . import metacopy, nlink, origins, partial, realfs, schema
 from .inodes import Inode
 from .layers import Layer
+from .refs import Descriptors, Ref
 from .resolve import Data, Real
 from .upperdata import Need, UpperData, map_of
 from .workdir import WorkDir
@@ -89,7 +90,7 @@ class CopyUp:
 
     def __init__(self, upper: Layer, work: WorkDir, *, sync: bool = True,
                  roots: tuple[Real, ...] = (), metacopy: bool = True,
-                 partial_min: int = 0) -> None:
+                 partial_min: int = 0, descriptors: Descriptors | None = None) -> None:
         self.upper = upper
         self.work = work
         self.sync = sync
@@ -105,6 +106,23 @@ class CopyUp:
         self.data = UpperData(work, sync=sync)
         #: Metacopy files whose refused mark was logged: once each.
         self._logged: set[str] = set()
+        #: The index directory as the parent of its entries' references (:mod:`cowfs.refs`).
+        self._index_ref: Ref | None = None
+        if descriptors is not None and work.index_fd is not None:
+            index_fd = os.dup(work.index_fd)
+            self._index_ref = descriptors.pinned(index_fd, os.fstat(index_fd))
+
+    def close(self) -> None:
+        """Close the index directory's descriptor (the mount is gone)."""
+        if self._index_ref is not None and self._index_ref.pinned >= 0:
+            os.close(self._index_ref.pinned)
+            self._index_ref.pinned = -1
+
+    def _index_entry_ref(self, name: str, fd: int) -> Ref | None:
+        """The reference of index entry ``name`` (``fd``), reached from the index directory."""
+        if self._index_ref is None:
+            return None
+        return self._index_ref.cache.named(self._index_ref, name, os.fstat(fd))
 
     @staticmethod
     def is_hard_linked_lower(inode: Inode) -> bool:
@@ -143,9 +161,9 @@ class CopyUp:
                         and self._may_copy_partly(inode.top) and self._owner_kept(inode))
                 real = self._copy_up(inode, parent_upper, name,
                                      with_data and not meta and not part, meta, part)
-            inode.push_upper(real)
+            kept = inode.push_upper(real)
             inode.retire_partial()  # a lower partial file's: reads go to the copy now
-            return real
+            return kept
 
     # --- partial files (cowfs.partial) ---------------------------------------------------------
 
@@ -261,11 +279,17 @@ class CopyUp:
         index_fd = self.work.index_fd
         if top.layer.is_upper or top.is_dir or top.nlink <= 1 or index_fd is None:
             return reals
-        entry = realfs.open_path(index_fd, schema.index_name(top.layer.index,
-                                                              top.ino or os.fstat(top.fd).st_ino))
+        name = schema.index_name(top.layer.index, top.ino or os.fstat(top.fd).st_ino)
+        entry = realfs.open_path(index_fd, name)
         if entry is None:
             return reals
-        return (Real(self.upper, entry, os.fstat(entry).st_mode, indexed=True), *reals)
+        try:
+            st = os.fstat(entry)
+            at = self._index_entry_ref(name, entry)
+        except BaseException:
+            os.close(entry)
+            raise
+        return (Real(self.upper, entry, st.st_mode, indexed=True, at=at), *reals)
 
     def link_name(self, real: Real, parent: Real, name: str) -> None:
         """Give an index entry a name in the upper (parent times unchanged: this is a copy-up)."""
@@ -292,7 +316,12 @@ class CopyUp:
                 os.close(fd)
                 self.work.discard(temp)
                 raise
-        return Real(self.upper, fd, st.st_mode, indexed=True)
+        try:
+            at = self._index_entry_ref(entry, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return Real(self.upper, fd, st.st_mode, indexed=True, at=at)
 
     def _copy_up(self, inode: Inode, parent: Real, name: str, with_data: bool,
                  meta: bool = False, part: bool = False) -> Real:
@@ -319,7 +348,12 @@ class CopyUp:
             raise
         self._restore_times(parent, parent_times)
         data = Data.PARTIAL if part else Data.LOWER if meta else Data.OWN
-        return Real(self.upper, fd, st.st_mode, data=data)
+        try:
+            at = parent.named(name, os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        return Real(self.upper, fd, st.st_mode, data=data, at=at)
 
     @staticmethod
     def _restore_times(parent: Real, times: os.stat_result) -> None:

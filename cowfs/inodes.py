@@ -1,8 +1,10 @@
 """The inode table: overlay objects, their numbers and lookup counts (pyfuse3's inode lifecycle).
 
-An :class:`Inode` is one object of the merged view. It holds ``O_PATH`` descriptors for its real
-objects, topmost first: for a directory, the upper (if any) and every lower directory that merges
-into it; for anything else, the upper copy (if any) and the lower object it came from.
+An :class:`Inode` is one object of the merged view. It knows its real objects, topmost first: for
+a directory, the upper (if any) and every lower directory that merges into it; for anything else,
+the upper copy (if any) and the lower object it came from. It holds no descriptor for them: each
+is a name reference (:mod:`cowfs.refs`), whose descriptor is opened when a request needs it and
+kept in a bounded cache, so an inode costs memory only and the kernel keeps as many as it likes.
 
 Inode numbers are stable: an object's number is derived from the real inode it *originates* from
 (a lower object, or, for an upper object, the lower object recorded in its ``user.cowfs.origin``
@@ -11,8 +13,10 @@ across mounts. pyfuse3 uses the number both as the FUSE node id and as ``st_ino`
 on one filesystem the number is that filesystem's inode number; otherwise the high byte says which
 filesystem (like the kernel's ``xino``), so numbers stay unique across filesystems.
 
-A number is never given to two live objects: the table holds a descriptor of every real object it
-knows, so the filesystem cannot reuse that inode while the kernel may still ask for it. State is
+A number is never given to two live objects: lower objects never go while mounted, and before
+cowfs removes a name of an upper object an inode still reaches by that name, it pins the object's
+descriptor (:meth:`cowfs.refs.Descriptors.leaving`), so the filesystem cannot reuse that inode
+while the kernel may still ask for it. State is
 freed only in :meth:`InodeTable.forget`, when the kernel's lookup count drops to zero.
 
 An origin is untrusted input: it is used only once verified (:mod:`cowfs.origins`), and even a
@@ -26,18 +30,18 @@ into 56 bits, which could in principle collide. Numbers given to the losers of s
 
 from __future__ import annotations
 
+import dataclasses
 import errno
-import itertools
 import logging
 import os
 import stat
 import threading
-from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from . import origins, realfs, schema
 from .layers import Layer
+from .refs import Descriptors
 from .resolve import Real
 
 if TYPE_CHECKING:
@@ -163,18 +167,21 @@ class Inode:
     whole, so readers that take no lock see either the old or the new stack.
     """
 
-    __slots__ = ("_links", "_retired", "_state", "_xattr_changes", "alive", "copy_up_lock",
-                 "lookups", "no_caps_on", "number", "partial", "reals")
+    __slots__ = ("_cache", "_copy_up_lock", "_links", "_retired", "_state", "_xattr_changes",
+                 "alive", "lookups", "no_caps_on", "number", "partial", "reals")
 
-    def __init__(self, number: int, reals: tuple[Real, ...]) -> None:
+    def __init__(self, number: int, reals: tuple[Real, ...], cache: Descriptors) -> None:
         self.number = number
-        #: Topmost first. Replaced as a whole (never mutated): see :meth:`replace_top`.
-        self.reals = reals
-        #: Names this object is known by, as {(parent number, name): parent}; copy-up needs one.
-        self._links: dict[tuple[int, str], Inode] = {}
+        self._cache = cache
+        #: Topmost first, reached by reference (:func:`adopt`). Replaced as a whole (never
+        #: mutated): see :meth:`replace_top`.
+        self.reals = tuple(adopt(real, cache) for real in reals)
+        #: Names this object is known by, as (parent, name), the most recently used last (one
+        #: name for most objects: a tuple costs a third of a dict); copy-up needs one.
+        self._links: tuple[tuple[Inode, str], ...] = ()
         self.lookups = 0
-        #: Held for the whole of a copy-up (which may take long): a second opener waits for it.
-        self.copy_up_lock = threading.Lock()
+        #: See :attr:`copy_up_lock` (made when first needed: most inodes are never copied up).
+        self._copy_up_lock: threading.Lock | None = None
         #: Held only while ``reals`` or ``links`` is read-modify-written.
         self._state = threading.Lock()
         self.alive = True
@@ -187,8 +194,19 @@ class Inode:
         #: ``copy_up_lock``, and kept (completed or not) until :meth:`release`.
         self.partial: PartialFile | None = None
         #: Partial files of lower layers that were copied up: closed at :meth:`release` (reads
-        #: in other threads may still use them).
-        self._retired: list[PartialFile] = []
+        #: in other threads may still use them). None until there is one.
+        self._retired: list[PartialFile] | None = None
+
+    @property
+    def copy_up_lock(self) -> threading.Lock:
+        """Held for the whole of a copy-up (which may take long): a second opener waits for it."""
+        lock = self._copy_up_lock
+        if lock is None:
+            with self._state:
+                if self._copy_up_lock is None:
+                    self._copy_up_lock = threading.Lock()
+                lock = self._copy_up_lock
+        return lock
 
     def __repr__(self) -> str:
         return f"<Inode {self.number} {[r.layer.index for r in self.reals]}>"
@@ -225,15 +243,21 @@ class Inode:
         """The real directories a child name is looked up in (all of them, for a directory)."""
         return self.reals
 
-    def push_upper(self, upper: Real) -> None:
-        """The object got an upper copy: it goes on top of the stack."""
+    def push_upper(self, upper: Real) -> Real:
+        """The object got an upper copy (whose descriptor it takes over): it goes on top of the
+        stack. Returns it as the inode keeps it."""
+        upper = adopt(upper, self._cache)
         with self._state:
             self.reals = (upper, *self.reals)
+        return upper
 
-    def replace_top(self, top: Real) -> None:
+    def replace_top(self, top: Real) -> Real:
         """The topmost real object changed (a mark or a redirect was added to it)."""
+        top = adopt(top, self._cache)
         with self._state:
-            self.reals = (top, *self.reals[1:])
+            old, self.reals = self.reals[0], (top, *self.reals[1:])
+        _let_go(old)
+        return top
 
     def attach_data(self, data: Real) -> bool:
         """A metacopy upper copy found its data (a lower file, :mod:`cowfs.metacopy`): it goes
@@ -241,7 +265,7 @@ class Inode:
         with self._state:
             if len(self.reals) != 1 or not self.reals[0].metacopy:
                 return False
-            self.reals = (self.reals[0], data)
+            self.reals = (self.reals[0], adopt(data, self._cache))
             return True
 
     @property
@@ -257,32 +281,31 @@ class Inode:
         raise OSError(errno.EIO, "metacopy file without data (see the log)")
 
     def replace_reals(self, reals: tuple[Real, ...]) -> None:
+        reals = tuple(adopt(real, self._cache) for real in reals)
         with self._state:
-            self.reals = reals
+            old, self.reals = self.reals, reals
+        for real in old:
+            _let_go(real)
 
     def add_link(self, parent: Inode, name: str) -> None:
-        """Remember a name, as the most recently used one (dicts keep insertion order)."""
+        """Remember a name, as the most recently used one."""
         with self._state:
-            self._links.pop((parent.number, name), None)
-            self._links[(parent.number, name)] = parent
+            self._links = (*_without(self._links, parent, name), (parent, name))
 
     def drop_link(self, parent: Inode, name: str) -> None:
         with self._state:
-            self._links.pop((parent.number, name), None)
+            self._links = _without(self._links, parent, name)
 
     def move_link(self, old_parent: Inode, old_name: str, new_parent: Inode,
                   new_name: str) -> None:
         with self._state:
-            self._links.pop((old_parent.number, old_name), None)
-            self._links.pop((new_parent.number, new_name), None)
-            self._links[(new_parent.number, new_name)] = new_parent
+            links = _without(_without(self._links, old_parent, old_name), new_parent, new_name)
+            self._links = (*links, (new_parent, new_name))
 
     def any_link(self) -> tuple[Inode, str] | None:
         """A live (parent, name) under which this object is visible, for copy-up: the most
         recently looked up, which is the likeliest to be the one being opened."""
-        with self._state:
-            links = list(self._links.items())
-        for (_, name), parent in reversed(links):
+        for parent, name in reversed(self._links):  # replaced as a whole: no lock needed
             if parent.alive:
                 return parent, name
         return None
@@ -291,7 +314,7 @@ class Inode:
         """The object was copied up: a lower partial file's data is no longer what it shows."""
         with self._state:
             if self.partial is not None:
-                self._retired.append(self.partial)
+                self._retired = [*(self._retired or ()), self.partial]
                 self.partial = None
 
     @property
@@ -337,10 +360,10 @@ class Inode:
         self.persist_partial()
         with self._state:
             reals, self.reals = self.reals, ()
-            self._links.clear()
+            self._links = ()
         for real in reals:
-            os.close(real.fd)
-        for opened in (self.partial, *self._retired):
+            _let_go(real)
+        for opened in (self.partial, *(self._retired or ())):
             if opened is not None:
                 opened.close()
 
@@ -348,15 +371,16 @@ class Inode:
 class InodeTable:
     """All inodes the kernel knows about. Thread-safe: copy-ups run in worker threads."""
 
-    def __init__(self, root_reals: tuple[Real, ...], numbers: InodeNumbers) -> None:
+    def __init__(self, root_reals: tuple[Real, ...], numbers: InodeNumbers,
+                 descriptors: Descriptors | None = None) -> None:
         self._lock = threading.Lock()
         self.numbers = numbers
-        self.root = Inode(ROOT_NUMBER, root_reals)
+        #: The descriptors of every real object the inodes reach (:mod:`cowfs.refs`).
+        self.descriptors = descriptors if descriptors is not None else Descriptors(1 << 30)
+        self.root = Inode(ROOT_NUMBER, root_reals, self.descriptors)
         self.root.lookups = 1  # the kernel never forgets the root
         self._by_number: dict[int, Inode] = {ROOT_NUMBER: self.root}
-        #: Every other inode, least recently looked up first: what to ask the kernel to drop.
-        self._recent: OrderedDict[int, Inode] = OrderedDict()
-        numbers.roots = root_reals
+        numbers.roots = self.root.reals
         #: Numbers given to objects whose number was claimed by another (see remember).
         self._spare: dict[tuple[int, int], int] = {}
 
@@ -368,9 +392,9 @@ class InodeTable:
         with self._lock:
             inodes = list(self._by_number.values())
             self._by_number.clear()
-            self._recent.clear()
         for inode in inodes:
             inode.release()
+        self.descriptors.close()
 
     def get(self, number: int) -> Inode:
         try:
@@ -402,13 +426,11 @@ class InodeTable:
                 number = self._distinct_number(reals, number)
                 inode = self._by_number.get(number)
             if inode is None:
-                inode = Inode(number, reals)
+                inode = Inode(number, reals, self.descriptors)
                 self._by_number[number] = inode
             else:
-                _close_all(reals)
+                self._warm(reals)
             inode.lookups += 1
-            self._recent[number] = inode
-            self._recent.move_to_end(number)
         if parent is not None:
             inode.add_link(parent, name)
         return inode
@@ -420,10 +442,19 @@ class InodeTable:
             if self._by_number.get(inode.number) is not inode:
                 return None
             inode.lookups += 1
-            self._recent[inode.number] = inode
-            self._recent.move_to_end(inode.number)
         inode.add_link(parent, name)
         return inode
+
+    def _warm(self, reals: tuple[Real, ...]) -> None:
+        """A lookup's descriptors of objects an inode knows already: cached (the next request
+        needs them), or closed when they have no reference."""
+        for real in reals:
+            if real.held < 0:
+                continue
+            if real.at is None:
+                os.close(real.held)
+            else:
+                self.descriptors.put(real.at, real.held)
 
     def _distinct_number(self, reals: tuple[Real, ...], taken: int) -> int:
         """A number for an object whose number (from its origin) belongs to another object: its
@@ -448,22 +479,38 @@ class InodeTable:
             if inode.lookups > 0:
                 return
             del self._by_number[number]
-            self._recent.pop(number, None)
         inode.release()
 
-    def least_recent(self, count: int) -> list[tuple[Inode, str]]:
-        """The (parent, name) of the ``count`` least recently looked-up inodes, for the kernel to
-        drop: each inode holds descriptors until the kernel forgets it."""
-        with self._lock:
-            oldest = list(itertools.islice(self._recent.values(), count))
-        found = []
-        for inode in oldest:
-            link = inode.any_link()
-            if link is not None:
-                found.append(link)
-        return found
+
+def _without(links: tuple[tuple[Inode, str], ...], parent: Inode,
+             name: str) -> tuple[tuple[Inode, str], ...]:
+    """``links`` without ``name`` in ``parent`` (by number: a parent looked up again after a
+    forget is another ``Inode`` with the same number)."""
+    return tuple(link for link in links if link[1] != name or link[0].number != parent.number)
+
+
+def adopt(real: Real, cache: Descriptors) -> Real:
+    """``real`` as an inode keeps it: reached by its reference, whose descriptor the cache takes
+    over (an object without a name to reach it by gets a pinned reference). Counts one holder."""
+    if real.held >= 0:
+        if real.at is None:
+            ref = cache.pinned(real.held, os.fstat(real.held))
+        else:
+            ref = real.at
+            cache.put(ref, real.held)
+        real = dataclasses.replace(real, held=-1, at=ref)
+    if real.at is not None:
+        real.at.cache.hold(real.at)
+    return real
+
+
+def _let_go(real: Real) -> None:
+    """An inode no longer keeps ``real`` (:meth:`cowfs.refs.Descriptors.release`)."""
+    if real.at is not None and real.held < 0:
+        real.at.cache.release(real.at)
 
 
 def _close_all(reals: Iterable[Real]) -> None:
     for real in reals:
-        os.close(real.fd)
+        if real.held >= 0:
+            os.close(real.held)

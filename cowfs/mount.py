@@ -391,7 +391,8 @@ def _state_recorded(mountpoint: Path, paths: LayerPaths, stack: LayerStack) -> I
 
 
 def _raise_fd_limit() -> None:
-    """Every inode the kernel holds keeps a descriptor per layer: allow as many as we may."""
+    """Every open file holds a descriptor (or two), and the cache of real objects grows with the
+    limit (:func:`cowfs.vfs.descriptor_budget`): allow as many as we may."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or os.geteuid() == 0:
         with contextlib.suppress(OSError, ValueError):
@@ -456,24 +457,10 @@ async def _serve_until_unmounted() -> bool:
     return signalled
 
 
-class _StaleInvalidations(logging.Filter):
-    """pyfuse3 logs, with a traceback, every name invalidation the kernel refuses. cowfs asks
-    the kernel to drop names it holds too many descriptors for (``Operations._shed_inodes``);
-    one the kernel forgot meanwhile, or one still queued when the mount goes away, is refused
-    (ENOENT, EINVAL): nothing is wrong, and the log says so in one line at debug level."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.getMessage().startswith("Failed to submit invalidate_entry"):
-            return True
-        log.debug("the kernel refused to drop a name it no longer holds: %s", record.getMessage())
-        return False
-
-
 def serve(paths: LayerPaths, stack: LayerStack, mountpoint: Path, options: MountOptions,
           ready: Callable[[], None]) -> None:
     """Mount ``stack`` at ``mountpoint`` and serve until unmounted. Calls ``ready`` once mounted."""
     os.umask(0)  # modes of new objects are exactly what the caller asked for
-    logging.getLogger("pyfuse3").addFilter(_StaleInvalidations())
     _raise_fd_limit()
     with contextlib.ExitStack() as cleanup:
         overlay = Overlay(stack, sync=not options.volatile, noatime=options.noatime,

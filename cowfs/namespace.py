@@ -29,13 +29,14 @@ recorded in pending counts stay still; copy-ups of file data happen before it is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -80,6 +81,36 @@ def check_name(name: str) -> None:
 def close_reals(reals: tuple[Real, ...]) -> None:
     for real in reals:
         os.close(real.fd)
+
+
+# --- the names the inodes' references follow (cowfs.refs) -------------------------------------
+
+
+def _leaving(inode: Inode, parent_upper: Real, name: str) -> None:
+    """The upper object at ``name`` in ``parent_upper``, ``inode``'s, is about to lose that name
+    (called under the namespace lock): if the inode reaches it by that name, it is pinned."""
+    upper = inode.upper
+    if upper is not None and upper.at is not None and parent_upper.at is not None:
+        upper.at.cache.leaving(upper.at, (parent_upper.at, name))
+
+
+@contextlib.contextmanager
+def _moving(inode: Inode, old: tuple[Real, str], new: tuple[Real, str]) -> Iterator[None]:
+    """Around the ``renameat2`` that moves ``inode``'s upper object from ``old`` to ``new``
+    (under the namespace lock): its reference follows it, and while the call runs it is
+    reached by either name (:meth:`cowfs.refs.Descriptors.moving`)."""
+    upper = inode.upper
+    ref = upper.at if upper is not None else None
+    if ref is None or old[0].at is None or new[0].at is None or not ref.cache.moving(
+            ref, (old[0].at, old[1]), (new[0].at, new[1])):
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        ref.cache.not_moved(ref)
+        raise
+    ref.cache.moved(ref)
 
 
 class Namespace:
@@ -313,7 +344,8 @@ class Namespace:
         # Its mark is known without reading it: opaque for a directory made over a whiteout.
         mark = schema.DirMark.OPAQUE if stat.S_ISDIR(st.st_mode) and slot is not Slot.EMPTY else (
             schema.DirMark.PLAIN)
-        real = Real(self.upper, fd, st.st_mode, mark, nlink=st.st_nlink, ino=st.st_ino)
+        real = Real(self.upper, fd, st.st_mode, mark, nlink=st.st_nlink, ino=st.st_ino,
+                    at=parent_upper.named(name, st))
         # A new object has no origin to read; a new name of one forgotten meanwhile may have one.
         return self.table.remember((real,), parent, name, new=existing is None)
 
@@ -469,6 +501,8 @@ class Namespace:
             # upper copy all the same, that is its index entry, whose count loses this name.
             entry = child.upper if slot is Slot.EMPTY and not child.is_dir else None
             self._settle_count(child)
+            if slot is Slot.OBJECT:
+                _leaving(child, parent_upper, name)
             if below:
                 self._counted(entry, parent_upper, name, schema.Expect.PRESENT,
                               lambda: self._whiteout_at(parent, name, slot))
@@ -588,7 +622,10 @@ class Namespace:
         self._movable_upper(dst, new_upper, new_name)
         self._make_opaque_if_needed(src, new_parent, new_name)
         self._make_opaque_if_needed(dst, old_parent, old_name)
-        realfs.rename(old_upper.fd, old_name, new_upper.fd, new_name, realfs.RENAME_EXCHANGE)
+        old, new = (old_upper, old_name), (new_upper, new_name)
+        with _moving(src, old, new), _moving(dst, new, old):
+            realfs.rename(old_upper.fd, old_name, new_upper.fd, new_name,
+                          realfs.RENAME_EXCHANGE)
         src.move_link(old_parent, old_name, new_parent, new_name)
         dst.move_link(new_parent, new_name, old_parent, old_name)
 
@@ -601,6 +638,8 @@ class Namespace:
         self._movable_upper(src, old_upper, old_name)
         self._make_opaque_if_needed(src, new_parent, new_name)
         slot = self._slot(new_upper, new_name)
+        if dst is not None and slot is Slot.OBJECT:
+            _leaving(dst, new_upper, new_name)  # its upper object goes: pinned while known
         if dst is not None and dst.is_dir and slot is Slot.OBJECT:
             self._clear_empty(dst, new_upper, new_name)
         if dst is not None:
@@ -627,7 +666,8 @@ class Namespace:
         if slot is Slot.WHITEOUT and src.is_dir and not below:
             stray = self.work.note_stray_whiteout(self._upper_path(old_upper, old_name))
         try:
-            self._counted(entry, new_upper, new_name, schema.Expect.PRESENT, commit)
+            with _moving(src, (old_upper, old_name), (new_upper, new_name)):
+                self._counted(entry, new_upper, new_name, schema.Expect.PRESENT, commit)
         except BaseException:
             if stray is not None:
                 self.work.discard(stray)

@@ -39,6 +39,7 @@ from . import fileattr
 from .handles import FileHandle, wants_write
 from .inodes import Inode
 from .readdir import DirHandle, Listing, Snapshots
+from .refs import in_worker
 from .vfs import Caller, Overlay, SetAttr
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,10 @@ def _errno_boundary(
         except Exception as e:
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from e
+        finally:
+            # Here, on the loop's thread, no request is between getting a descriptor and using
+            # it: the cache may close what it drops (cowfs.refs).
+            cast("Operations", args[0]).overlay.request_done()
 
     return wrapper
 
@@ -75,7 +80,8 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
 
 
 async def _in_thread(fn: Callable[..., R], *args: object) -> R:
-    return await trio.to_thread.run_sync(fn, *args)
+    # in_worker: the descriptors fn gets stay open until it returns (cowfs.refs).
+    return await trio.to_thread.run_sync(in_worker, fn, *args)
 
 
 def _in_group(ctx: pyfuse3.RequestContext, gid: int) -> bool:
@@ -326,14 +332,7 @@ class Operations(pyfuse3.Operations):
         inode = self.overlay.lookup(self._inode(parent_inode), os.fsdecode(name))
         if inode is None:
             return self._negative()
-        self._shed_inodes()
         return self._attrs(inode)
-
-    def _shed_inodes(self) -> None:
-        """Ask the kernel to drop the names the model says hold too many descriptors."""
-        for parent, name in self.overlay.names_to_shed():
-            pyfuse3.invalidate_entry_async(InodeT(parent), FileNameT(os.fsencode(name)),
-                                           ignore_enoent=True)
 
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         """The one handler without a reply: an exception here would end the mount, so a failure
@@ -573,7 +572,6 @@ class Operations(pyfuse3.Operations):
 
     @_errno_boundary
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        self._shed_inodes()
         if fh == 0 and self.kernel_opens_dirs:
             directory = self._inode(token.inode)
             snapshot, names = self._snapshots.names(directory, start_id, self.overlay.listing)

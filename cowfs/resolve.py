@@ -21,6 +21,7 @@ from typing import Final, Generic, TypeVar
 
 from . import realfs, schema
 from .layers import Layer
+from .refs import Ref
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,13 @@ class Data(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Real:
-    """One real object of a layer, held by an ``O_PATH`` descriptor."""
+    """One real object of a layer: held by an ``O_PATH`` descriptor of its own (``held``, the
+    owner's to close: what a probe returns), or reached through its :class:`Ref` (``at``; what
+    an inode keeps, :mod:`cowfs.refs`)."""
 
     layer: Layer
-    fd: int
+    #: The descriptor this record owns, or -1 (reached through ``at``).
+    held: int
     mode: int
     mark: schema.DirMark = schema.DirMark.PLAIN
     #: For a renamed directory: where its lower content is (see :func:`resolve`).
@@ -61,6 +65,22 @@ class Real:
     #: Where a regular file's data is (:class:`Data`), in the upper or in a lower layer (an older
     #: upper stacked below).
     data: Data = Data.OWN
+    #: Where it was found (its parent's reference and its name), when that parent had one.
+    at: Ref | None = None
+
+    @property
+    def fd(self) -> int:
+        """An ``O_PATH`` descriptor of the object: its own, or its reference's (valid until the
+        current request ends, :mod:`cowfs.refs`)."""
+        if self.held >= 0:
+            return self.held
+        if self.at is None:
+            raise OSError(errno.ESTALE, "object released")
+        return self.at.fd()
+
+    def named(self, name: str, st: os.stat_result) -> Ref | None:
+        """The reference of ``fd`` (``st``), just found at ``name`` in this directory."""
+        return None if self.at is None else self.at.cache.named(self.at, name, st)
 
     @property
     def metacopy(self) -> bool:
@@ -193,7 +213,8 @@ def probe(parent: Real, name: str) -> Probe[Real]:
         except BaseException:
             os.close(fd)
             raise
-        real = Real(parent.layer, fd, st.st_mode, mark, redirect, ino=st.st_ino)
+        real = Real(parent.layer, fd, st.st_mode, mark, redirect, ino=st.st_ino,
+                    at=parent.named(name, st))
         return Found(real, True, mark is schema.DirMark.OPAQUE)
     # Only a non-empty regular file can be a metacopy one: one xattr read, on those alone. In a
     # lower layer too when it is a cowfs upper: one that holds metacopy files, stacked as a lower.
@@ -203,7 +224,7 @@ def probe(parent: Real, name: str) -> Probe[Real]:
     partial = metacopy and realfs.getxattr(fd, schema.XATTR_DATAMAP) is not None
     data = Data.OWN if not metacopy else Data.PARTIAL if partial else Data.LOWER
     return Found(Real(parent.layer, fd, st.st_mode, nlink=st.st_nlink, ino=st.st_ino,
-                      data=data), False)
+                      data=data, at=parent.named(name, st)), False)
 
 
 def _is_marked(fd: int) -> bool:

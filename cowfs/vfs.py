@@ -37,11 +37,25 @@ from .readdir import (
     listed_entry,
     plain_entry,
 )
+from .refs import Descriptors
 from .resolve import Real, root_real
 from .upperdata import Need
 from .workdir import recover
 
 log = logging.getLogger(__name__)
+
+#: Descriptors the daemon keeps free of the cache: open files, listings, copy-ups, the kernel's
+#: connection, pyfuse3's and Python's own.
+_RESERVE = 96
+#: The cache never needs more than this: beyond it, a walk's directories fit anyway.
+_CACHE_MAX = 4096
+
+
+def descriptor_budget(limit: int) -> int:
+    """How many descriptors the cache of real objects may keep (:mod:`cowfs.refs`), under the
+    soft limit ``limit``: half of what the reserve leaves, at least 32, at most 4,096."""
+    return max(32, min(_CACHE_MAX, (limit - _RESERVE) // 2))
+
 
 __all__ = ["Caller", "Overlay", "SetAttr"]
 
@@ -80,26 +94,26 @@ class Overlay:
         self.mounted_read_only = False
         if not stack.read_only:
             recover(stack)
+        #: The descriptors of the real objects inodes reach (:mod:`cowfs.refs`): a bounded cache.
+        self.descriptors = Descriptors(descriptor_budget(
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
         self.table = InodeTable(tuple(root_real(layer) for layer in stack.all),
-                                InodeNumbers(stack.all, index_fd=stack.work.index_fd))
+                                InodeNumbers(stack.all, index_fd=stack.work.index_fd),
+                                self.descriptors)
         self.copy_up = CopyUp(stack.upper, stack.work, sync=sync, roots=self.table.root.reals,
-                              metacopy=metacopy, partial_min=partial_min)
+                              metacopy=metacopy, partial_min=partial_min,
+                              descriptors=self.descriptors)
         self.namespace = Namespace(stack.upper, stack.work, self.table, self.copy_up)
         if relocate and not stack.read_only:
             # The layers were moved or copied on purpose: metacopy and partial files find their
             # data files by path again (their inode numbers changed with a copy).
             rebind(stack.upper.root_fd, self.table.root.reals, self.copy_up.trusted_uid)
 
-        #: Inodes held before asking the kernel to drop some (:meth:`names_to_shed`): the
-        #: descriptor limit, less a reserve, over two descriptors an inode (most hold one: a
-        #: lower-only or upper-only object; copied-up objects two; only merged directories more).
-        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.max_inodes = max((limit - 1024) // 2, 256)
-
     def close(self) -> None:
         """Release every inode (the root included) and the layers: after unmount, nothing of the
         mount holds a descriptor."""
         self.table.release_all()
+        self.copy_up.close()
         self.stack.close()
 
     # --- lookups and the inode lifecycle ------------------------------------------------------
@@ -124,19 +138,10 @@ class Overlay:
             return None
         return inode if inode.lookups <= count and inode.unsaved else None
 
-    def names_to_shed(self) -> list[tuple[int, str]]:
-        """Keep the descriptors cowfs holds below its limit.
-
-        Every inode the kernel holds keeps a descriptor per layer open, and the kernel forgets
-        inodes only under memory pressure, so a walk of a large tree would run out of
-        descriptors. Past a high-water mark, the least recently used quarter of the names is
-        returned, as (parent number, name), for the kernel to be asked to drop: it then drops
-        those it can (unused ones) and sends FORGET.
-        """
-        if len(self.table) <= self.max_inodes:
-            return []
-        return [(parent.number, name)
-                for parent, name in self.table.least_recent(self.max_inodes // 4)]
+    def request_done(self) -> None:
+        """A request was answered (called on the request loop's thread): the cache of real
+        objects' descriptors is trimmed to its size (:meth:`cowfs.refs.Descriptors.trim`)."""
+        self.descriptors.trim()
 
     def unresolved_entry(self, directory: Inode, name: str) -> tuple[int, int]:
         """For listing a name whose lookup fails: its file type bits and the number its

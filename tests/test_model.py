@@ -321,13 +321,20 @@ def test_work_dir_is_hidden(model: Model) -> None:
     assert exc.value.errno == errno.EPERM
 
 
-def test_forget_releases_descriptors(model: Model) -> None:
+def test_inodes_hold_no_descriptors(model: Model) -> None:
+    """Issue 19: the descriptors a lookup opened stay in the bounded cache, not in the inodes.
+    Once the cache is emptied (what the end of a request does beyond its size), the inodes,
+    still known, hold none, and reach their objects again by name; forget frees them."""
     ov = model.start()
     before = len(os.listdir("/proc/self/fd"))
     inode = model.walk("dir/sub/deep")
     chain = [model.walk("dir"), model.walk("dir/sub"), inode]
     assert len(os.listdir("/proc/self/fd")) > before
+    size, ov.descriptors.size = ov.descriptors.size, 0
+    ov.request_done()
+    ov.descriptors.size = size
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert ov.stat(inode).st_ino == inode.top.stat().st_ino  # opened again by name
     for node in chain:
         ov.table.forget(node.number, node.lookups)
-    assert len(os.listdir("/proc/self/fd")) == before
     assert not inode.alive

@@ -1,6 +1,5 @@
 """Command-line parsing without mounting: options, kernel-style helper arguments, layer lists."""
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -137,30 +136,6 @@ def test_options_and_paths_mix_in_any_order(argv: list[str], expected: dict[str,
     ``run`` mixes them before ``--``, and without ``--`` everything after BASE is the command."""
     parsed = vars(build_parser().parse_args(argv))
     assert {key: parsed[key] for key in expected} == expected
-
-
-def test_refused_name_invalidations_are_not_logged_as_errors(
-        caplog: pytest.LogCaptureFixture) -> None:
-    """A name invalidation the kernel refuses (a name it forgot meanwhile, a mount going away)
-    is harmless: pyfuse3's traceback for it must not reach the log (the tests treat any
-    traceback in a daemon's output as a failure), other pyfuse3 errors still do."""
-    from cowfs.mount import _StaleInvalidations
-
-    logger = logging.getLogger("pyfuse3")
-    quiet = _StaleInvalidations()
-    logger.addFilter(quiet)
-    try:
-        with caplog.at_level(logging.INFO, logger="pyfuse3"):
-            try:
-                raise OSError(22, "fuse_lowlevel_notify_inval_entry returned: Invalid argument")
-            except OSError:
-                logger.exception("Failed to submit invalidate_entry request for parent inode "
-                                 "%d, name %s", 3178497, b"f348")
-            logger.error("something else went wrong")
-    finally:
-        logger.removeFilter(quiet)
-    messages = [r.getMessage() for r in caplog.records if r.name == "pyfuse3"]
-    assert messages == ["something else went wrong"]
 
 
 def test_counts_take_the_noun_in_their_number() -> None:

@@ -1,0 +1,202 @@
+"""Name references without a mount (cowfs.refs, issue 19): an object is reached again by its
+parent and its name, checked to be the object the lookup saw; renames move the reference; a name
+that goes pins the object; a descriptor a worker got stays open until it returns."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cowfs import realfs
+from cowfs.refs import Descriptors, Ref, in_worker
+
+
+def _root(cache: Descriptors, path: Path) -> Ref:
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    return cache.pinned(fd, os.fstat(fd))
+
+
+def _named(cache: Descriptors, parent: Ref, name: str) -> Ref:
+    return cache.named(parent, name, os.stat(name, dir_fd=parent.fd(), follow_symlinks=False))
+
+
+def _ino(fd: int) -> int:
+    return os.fstat(fd).st_ino
+
+
+def _evict(cache: Descriptors) -> None:
+    """Drop every cached descriptor (one request that ends with the cache trimmed to nothing)."""
+    size, cache.size = cache.size, 0
+    cache.trim()
+    cache.size = size
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "f").write_text("f")
+    return tmp_path
+
+
+def test_an_object_is_reached_again_by_its_names_from_the_root(tree: Path) -> None:
+    cache = Descriptors(8)
+    root = _root(cache, tree)
+    a = _named(cache, root, "a")
+    b = _named(cache, a, "b")
+    f = _named(cache, b, "f")
+    _evict(cache)
+    assert cache.open_count() == 0
+    assert _ino(f.fd()) == (tree / "a" / "b" / "f").stat().st_ino
+    assert cache.open_count() == 3  # f and the two directories above it, now cached
+    cache.close()
+
+
+def test_one_reference_per_object(tree: Path) -> None:
+    cache = Descriptors(8)
+    root = _root(cache, tree)
+    a = _named(cache, root, "a")
+    assert _named(cache, root, "a") is a
+    os.link(tree / "a" / "b" / "f", tree / "a" / "g")
+    f = _named(cache, _named(cache, a, "b"), "f")
+    assert _named(cache, a, "g") is f  # a hard link: the same object, the same reference
+    cache.close()
+
+
+def _replaced(tree: Path, replace: Callable[[], None]) -> int | None:
+    """The errno of reaching ``a/b/f`` again by name after ``replace`` changed the tree (None
+    when it was reached)."""
+    cache = Descriptors(8)
+    root = _root(cache, tree)
+    f = _named(cache, _named(cache, _named(cache, root, "a"), "b"), "f")
+    _evict(cache)
+    replace()
+    try:
+        f.fd()
+    except OSError as e:
+        return e.errno
+    finally:
+        cache.close()
+    return None
+
+
+def test_another_object_at_the_name_is_never_reached(tree: Path) -> None:
+    def another_file() -> None:
+        os.rename(tree / "a" / "b" / "f", tree / "elsewhere")
+        (tree / "a" / "b" / "f").write_text("another")
+
+    assert _replaced(tree, another_file) == errno.ESTALE
+
+
+def test_a_symlink_put_in_place_of_a_directory_is_not_followed(tree: Path) -> None:
+    def symlink() -> None:
+        os.rename(tree / "a" / "b", tree / "b-moved")
+        os.symlink(tree / "b-moved", tree / "a" / "b")
+
+    assert _replaced(tree, symlink) == errno.ESTALE
+
+
+def test_a_rename_moves_the_reference_and_either_name_works_meanwhile(tree: Path) -> None:
+    cache = Descriptors(8)
+    root = _root(cache, tree)
+    a = _named(cache, root, "a")
+    b = _named(cache, a, "b")
+    f = _named(cache, b, "f")
+    ino = _ino(f.fd())
+    assert cache.moving(b, (a, "b"), (root, "c"))
+    _evict(cache)
+    assert _ino(f.fd()) == ino  # by the old name: the rename is not made yet
+    os.rename(tree / "a" / "b", tree / "c")
+    _evict(cache)
+    assert _ino(f.fd()) == ino  # by the new one: made, the reference not updated yet
+    cache.moved(b)
+    _evict(cache)
+    assert b.where == (root, "c")
+    assert _ino(f.fd()) == ino
+    assert not cache.moving(b, (a, "b"), (root, "d"))  # not its name: nothing moves
+    cache.close()
+
+
+def test_a_name_that_goes_pins_an_object_an_inode_holds(tree: Path) -> None:
+    cache = Descriptors(8)
+    root = _root(cache, tree)
+    f = _named(cache, _named(cache, _named(cache, root, "a"), "b"), "f")
+    b = f.where[0] if f.where is not None else None
+    assert b is not None
+    cache.hold(f)
+    cache.leaving(f, (b, "f"))
+    os.unlink(tree / "a" / "b" / "f")
+    _evict(cache)
+    assert os.fstat(f.fd()).st_nlink == 0  # still the unlinked object
+    cache.release(f)  # the last holder: the pinned descriptor is dropped
+    assert f.pinned == -1
+    cache.close()
+
+
+def test_a_descriptor_a_worker_uses_stays_open_until_it_returns(tree: Path) -> None:
+    cache = Descriptors(1)
+    root = _root(cache, tree)
+    a = _named(cache, root, "a")
+    got, release = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def work() -> None:
+        fd = a.fd()
+        got.set()
+        assert release.wait(timeout=30)
+        seen.append(os.fstat(fd).st_ino)  # still open, and still the object
+
+    thread = threading.Thread(target=in_worker, args=(work,))
+    thread.start()
+    assert got.wait(timeout=30)
+    for i in range(20):  # the request loop fills the cache and trims it
+        (tree / f"x{i}").mkdir()
+        _named(cache, root, f"x{i}").fd()
+        cache.trim()
+    assert cache.open_count() == 2  # one cached, and the worker's
+    release.set()
+    thread.join(timeout=30)
+    assert seen == [(tree / "a").stat().st_ino]
+    assert cache.open_count() == 1  # closed by the worker, the last to use it
+    cache.close()
+
+
+def test_the_cache_stays_within_its_size(tree: Path) -> None:
+    cache = Descriptors(16)
+    root = _root(cache, tree)
+    for i in range(200):
+        (tree / f"f{i}").write_text("")
+        _named(cache, root, f"f{i}").fd()
+        cache.trim()
+        assert cache.open_count() <= 16
+    cache.close()
+
+
+def test_a_deep_chain_is_opened_without_recursion(tmp_path: Path) -> None:
+    cache = Descriptors(8)
+    root = _root(cache, tmp_path)
+    ref = root
+    fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    for _ in range(1500):  # deeper than Python's stack
+        os.mkdir("d", dir_fd=fd)
+        child = os.open("d", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        dir_fd=fd)
+        ref = cache.named(ref, "d", os.fstat(child))
+        os.close(fd)
+        fd = child
+    ino = _ino(fd)
+    os.close(fd)
+    _evict(cache)
+    assert _ino(ref.fd()) == ino
+    cache.trim()
+    assert cache.open_count() <= cache.size
+    cache.close()
+    top = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        realfs.remove_tree(top, "d")  # iterative: pytest's own cleanup recurses
+    finally:
+        os.close(top)
