@@ -22,7 +22,7 @@ import fcntl
 import os
 import threading
 
-from . import realfs
+from . import inline, realfs
 from .inodes import Inode
 
 #: Open flags passed on to the real file; the others (O_CREAT, O_EXCL, O_APPEND, O_DIRECT, ...) are
@@ -76,7 +76,7 @@ class FileHandle:
         if self.inode.partial is not None:
             return None
         fd = self.read_fd()
-        if os.major(os.fstat(fd).st_dev) == 0:  # anonymous device: tmpfs, FUSE, NFS, ...
+        if not inline.is_local(fd):  # anonymous device: tmpfs, FUSE, NFS, ...
             return None
         return os.preadv(fd, [buf], offset)
 
