@@ -17,7 +17,8 @@ tests prove every such failure leaves nothing visible changed), and the adapter 
 operation again in a worker thread.
 
 Known limits: an inline change still waits for what the upper's filesystem makes it wait for (the
-``fsync`` that ends the copy-up of a small file, a lock of the journal); and the rule "local block
+``fsync`` that ends the copy-up of a small file, a lock of the journal, freeing the blocks of a
+large upper file that is deleted); and the rule "local block
 device" is the one :meth:`cowfs.handles.FileHandle.read_local` uses (an anonymous device means
 tmpfs, FUSE, NFS, ...), so a copy-up from a tmpfs lower always takes a thread.
 """
