@@ -719,13 +719,13 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def setxattr(self, inode: InodeT, name: XAttrNameT, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        await self._short(self.overlay.setxattr, self._inode(inode), os.fsdecode(name), value)
+        await self._in_thread(self.overlay.setxattr, self._inode(inode), os.fsdecode(name), value)
         self._acl_changed_mode(inode, name)
 
     @_errno_boundary
     async def removexattr(self, inode: InodeT, name: XAttrNameT,
                           ctx: pyfuse3.RequestContext) -> None:
-        await self._short(self.overlay.removexattr, self._inode(inode), os.fsdecode(name))
+        await self._in_thread(self.overlay.removexattr, self._inode(inode), os.fsdecode(name))
         self._acl_changed_mode(inode, name)
 
     @staticmethod
