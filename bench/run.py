@@ -207,6 +207,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cowfs", default=str(Path(sys.executable).parent / "cowfs"),
                    help="the cowfs command (default: the one beside this Python)")
     p.add_argument("--cowfs-options", default="", help="-o options for cowfs mount")
+    p.add_argument("--cowfs-source", action="append", default=[], metavar="NAME=DIR",
+                   help="another target, cowfs-NAME: the same cowfs command importing the cowfs "
+                   "package in DIR (e.g. a 'git archive' of another commit), for an A/B of two "
+                   "versions; repeatable, and selected whether or not --targets names it")
     p.add_argument("--fixture-dir", type=Path, default=Path("/var/tmp/cowfs-bench"),
                    help="where the lower fixture is built once and cached")
     p.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()),
@@ -230,8 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     every: list[Target] = [Native(), KernelOverlay(), FuseOverlayfs(),
                            Cowfs(args.cowfs, args.cowfs_options), Unionfs(),
                            Cowfs(args.cowfs, args.cowfs_options, loop="stock")]
+    for spec in args.cowfs_source:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or not Path(directory, "cowfs", "__init__.py").is_file():
+            print(f"bench: --cowfs-source {spec!r}: give NAME=DIR, DIR holding a cowfs package",
+                  file=sys.stderr)
+            return 2
+        every.append(Cowfs(args.cowfs, args.cowfs_options,
+                           source=(name, str(Path(directory).resolve()))))
     wanted = (set(args.targets.split(",")) if args.targets
               else {t.name for t in every} - {"cowfs-stock"})
+    wanted |= {f"cowfs-{spec.partition('=')[0]}" for spec in args.cowfs_source}
     targets = []
     for t in every:
         why = t.available() if t.name in wanted else "not selected"

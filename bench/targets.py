@@ -183,16 +183,24 @@ class Unionfs(FuseTarget):
 
 class Cowfs(FuseTarget):
     """cowfs; ``loop="stock"`` (target ``cowfs-stock``) runs pyfuse3's own request loop
-    (COWFS_LOOP=stock), the A side of an A/B of patches/pyfuse3/0003."""
+    (COWFS_LOOP=stock), the A side of an A/B of patches/pyfuse3/0003. ``source``: a directory
+    holding another version's ``cowfs`` package, which the daemon imports instead (target
+    ``cowfs-NAME``, from ``--cowfs-source NAME=DIR``: an A/B of two commits)."""
 
-    def __init__(self, program: str, options: str, loop: str = "") -> None:
+    def __init__(self, program: str, options: str, loop: str = "", *,
+                 source: tuple[str, str] | None = None) -> None:
         self.program = program
         self.options = options
         self.loop = loop
-        self.name = f"cowfs-{loop}" if loop else "cowfs"
+        self.source = source
+        self.name = (f"cowfs-{loop}" if loop else f"cowfs-{source[0]}" if source
+                     else "cowfs")
 
     def environment(self) -> dict[str, str] | None:
-        return {**os.environ, "COWFS_LOOP": self.loop} if self.loop else None
+        env = {**os.environ, "COWFS_LOOP": self.loop} if self.loop else None
+        if self.source is not None:
+            env = {**(env or os.environ), "PYTHONPATH": self.source[1]}
+        return env
 
     def command(self, fx: Fixture, upper: Path, work: Path, mnt: Path) -> list[str]:
         opts = ["-o", self.options] if self.options else []

@@ -22,7 +22,7 @@ import fcntl
 import os
 import threading
 
-from . import realfs
+from . import inline, realfs
 from .inodes import Inode
 
 #: Open flags passed on to the real file; the others (O_CREAT, O_EXCL, O_APPEND, O_DIRECT, ...) are
@@ -76,7 +76,7 @@ class FileHandle:
         if self.inode.partial is not None:
             return None
         fd = self.read_fd()
-        if os.major(os.fstat(fd).st_dev) == 0:  # anonymous device: tmpfs, FUSE, NFS, ...
+        if not inline.is_local(fd):  # anonymous device: tmpfs, FUSE, NFS, ...
             return None
         return os.preadv(fd, [buf], offset)
 
@@ -113,12 +113,18 @@ class FileHandle:
         return self._sync
 
     def write(self, offset: int, data: bytes) -> int:
+        """Write at ``offset``. Into a partial file, a write that brings blocks up records the
+        map before it returns (its data on disk first): ``close`` reports nothing (cowfs answers
+        no FLUSH), so this write is where a failure to record them is reported, and its data is
+        then not the file's (:meth:`PartialFile.persist`)."""
         opened = self.inode.partial
         if opened is None:
             return os.pwrite(self.fd, data, offset)
         n = opened.write(offset, data)
         if self.writes_sync:
             opened.fsync(datasync=True)
+        elif opened.dirty:
+            opened.persist()
         return n
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
@@ -148,7 +154,8 @@ class FileHandle:
         return self.on_upper and opened is not None and opened.dirty
 
     def record(self) -> None:
-        """Put a partial file's map on disk (its data first): on close (see :mod:`partial`)."""
+        """Put a partial file's map on disk (its data first): at release, if a write left it
+        unrecorded (a truncation whose record failed; see :mod:`partial`)."""
         opened = self.inode.partial
         if opened is not None:
             opened.persist()

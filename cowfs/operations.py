@@ -2,17 +2,20 @@
 
 What the filesystem looks like is decided in :mod:`cowfs.vfs`; this module converts requests
 and replies (bytes names, ``EntryAttributes``, file-handle numbers), turns ``OSError`` into
-``FUSEError`` once, and decides what runs in a worker thread: anything that may copy file data up
-or sync it, and reads that may wait for the disk, so that a long copy-up never stops the rest of the
-filesystem.
+``FUSEError`` once, and decides what runs in a worker thread: syncing file data, truncations,
+copying much data (a large copy-up: :mod:`cowfs.inline`), and reads that may wait for the disk, so
+that a long copy-up never stops the rest of the filesystem.
 
 Everything else runs inline on the trio loop, because a worker thread is expensive: handing a call
 to one and back costs about 100-150 µs of CPU on the benchmark machine (docs/performance.md),
-against 2-20 µs for a ``pread`` served from the page cache. So reads are first tried without
-blocking (:meth:`FileHandle.read_cached`, into one reused buffer), and writes of up to
-:data:`INLINE_WRITE_MAX` bytes go straight into the page cache of the upper file (unless the file
-is open ``O_SYNC``/``O_DSYNC``, when every write waits for the disk); the price is that a write the
-kernel throttles (too many dirty pages) holds up the other requests meanwhile.
+against 2-20 µs for a ``pread`` served from the page cache, and 20-100 µs for an ``unlink``, a
+``rename`` or the copy-up of a small file, which therefore run inline too
+(:meth:`Operations._short`: unless a worker thread is busy, or the copy-up turns out to be
+large). Reads are first tried without blocking (:meth:`FileHandle.read_cached`, into one
+reused buffer), and writes of up to :data:`INLINE_WRITE_MAX` bytes go straight into the page
+cache of the upper file (unless the file is open ``O_SYNC``/``O_DSYNC``, when every write waits for
+the disk); the price is that a write the kernel throttles (too many dirty pages) holds up the
+other requests meanwhile.
 
 With the writeback cache (``writeback=True``, off by default) the kernel collects writes in its page
 cache and sends them in large batches, and it may read a file to fill a partly written page: every
@@ -35,7 +38,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
-from . import fileattr
+from . import fileattr, inline
 from .handles import FileHandle, wants_write
 from .inodes import Inode
 from .readdir import DirHandle, Listing, Snapshots
@@ -77,11 +80,6 @@ def _errno_boundary(
 
 def _caller(ctx: pyfuse3.RequestContext) -> Caller:
     return Caller(ctx.uid, ctx.gid, ctx.umask)
-
-
-async def _in_thread(fn: Callable[..., R], *args: object) -> R:
-    # in_worker: the descriptors fn gets stay open until it returns (cowfs.refs).
-    return await trio.to_thread.run_sync(in_worker, fn, *args)
 
 
 def _in_group(ctx: pyfuse3.RequestContext, gid: int) -> bool:
@@ -257,6 +255,8 @@ class Operations(pyfuse3.Operations):
         self._numbers = itertools.count(1)
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, DirHandle] = {}
+        #: Calls running in worker threads now (see :meth:`_short`).
+        self._threads = 0
 
     def init(self) -> None:
         """Called while the kernel's INIT is answered; ``after_init`` runs once the answer is in."""
@@ -272,6 +272,33 @@ class Operations(pyfuse3.Operations):
             token.run_sync_soon(self._after_init)
 
     # --- helpers ------------------------------------------------------------------------------
+
+    async def _in_thread(self, fn: Callable[..., R], *args: object) -> R:
+        self._threads += 1
+        try:
+            # in_worker: the descriptors fn gets stay open until it returns (cowfs.refs).
+            return await trio.to_thread.run_sync(in_worker, fn, *args)
+        finally:
+            self._threads -= 1
+
+    async def _short(self, fn: Callable[..., R], *args: object) -> R:
+        """Run a change that is usually short (a namespace change, a copy-up) inline, and in a
+        worker thread where it may take long (:mod:`cowfs.inline`).
+
+        Inline only while no worker thread runs: a thread may hold a lock that the change needs
+        (an inode's copy-up lock during a large copy-up, the namespace lock), and the loop would
+        wait for it, serving nothing meanwhile. With none running, nothing holds a lock, and an
+        inline change cannot wait for one. A change that would copy much data, or from a lower
+        that is not on a local disk, stops before the copy (:class:`cowfs.inline.TooLongError`,
+        leaving nothing changed, as any failing copy does) and runs again in a thread.
+        """
+        if self._threads == 0:
+            try:
+                with inline.on_loop():
+                    return fn(*args)
+            except inline.TooLongError as e:
+                log.debug("%s: %s: in a worker thread", getattr(fn, "__name__", fn), e.strerror)
+        return await self._in_thread(fn, *args)
 
     def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
         st = self.overlay.stat(inode)
@@ -343,7 +370,7 @@ class Operations(pyfuse3.Operations):
             try:
                 unsaved = self.overlay.unsaved_before_forget(number, count)
                 if unsaved is not None:
-                    await _in_thread(unsaved.persist_partial)
+                    await self._in_thread(unsaved.persist_partial)
                 self.overlay.forget(number, count)
             except Exception:
                 log.exception("forget of inode %d failed (its descriptors may stay open)", number)
@@ -377,8 +404,10 @@ class Operations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
         handle = self._files.get(fh) if fh is not None else None
-        if self.overlay.needs_copy_up(node) or change.size is not None:
-            await _in_thread(self.overlay.setattr, node, change, handle)
+        if change.size is not None:  # a truncation frees or copies blocks of any size
+            await self._in_thread(self.overlay.setattr, node, change, handle)
+        elif self.overlay.needs_copy_up(node):
+            await self._short(self.overlay.setattr, node, change, handle)
         else:
             self.overlay.setattr(node, change, handle)
         return self._attrs(node)
@@ -422,28 +451,28 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        linked = await _in_thread(self.overlay.link, self._inode(inode),
+        linked = await self._short(self.overlay.link, self._inode(inode),
                                   self._inode(new_parent_inode), os.fsdecode(new_name))
         return self._attrs(linked)
 
     @_errno_boundary
     async def unlink(self, parent_inode: InodeT, name: FileNameT,
                      ctx: pyfuse3.RequestContext) -> None:
-        # In a thread: unlinking a lower file with several names copies it into the index first.
-        await _in_thread(self.overlay.unlink, self._inode(parent_inode),
+        # Unlinking a lower file with several names copies it into the index first.
+        await self._short(self.overlay.unlink, self._inode(parent_inode),
                          os.fsdecode(name))
 
     @_errno_boundary
     async def rmdir(self, parent_inode: InodeT, name: FileNameT,
                     ctx: pyfuse3.RequestContext) -> None:
-        await _in_thread(self.overlay.rmdir, self._inode(parent_inode),
+        await self._short(self.overlay.rmdir, self._inode(parent_inode),
                          os.fsdecode(name))
 
     @_errno_boundary
     async def rename(self, parent_inode_old: InodeT, name_old: FileNameT,
                      parent_inode_new: InodeT, name_new: FileNameT, flags: FlagT,
                      ctx: pyfuse3.RequestContext) -> None:
-        await _in_thread(self.overlay.rename, self._inode(parent_inode_old),
+        await self._short(self.overlay.rename, self._inode(parent_inode_old),
                          os.fsdecode(name_old), self._inode(parent_inode_new),
                          os.fsdecode(name_new), int(flags))
 
@@ -457,7 +486,7 @@ class Operations(pyfuse3.Operations):
             # The kernel reads around partial-page writes through any open handle of the file.
             flags = FlagT(flags & ~os.O_ACCMODE | os.O_RDWR)
         if wants_write(flags) and self.overlay.needs_copy_up(node):
-            handle = await _in_thread(self.overlay.open, node, int(flags))
+            handle = await self._short(self.overlay.open, node, int(flags))
         else:
             handle = self.overlay.open(node, int(flags))
         handle.direct = bool(flags & os.O_DIRECT)
@@ -490,7 +519,7 @@ class Operations(pyfuse3.Operations):
             # pyfuse3 replies with any buffer, before another request can run (there is no
             # await in between), so one buffer serves every inline read without a copy.
             return cast(bytes, view[:n])
-        return await _in_thread(handle.read, off, size)
+        return await self._in_thread(handle.read, off, size)
 
     @_errno_boundary
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
@@ -504,19 +533,20 @@ class Operations(pyfuse3.Operations):
         if handle.direct or (len(buf) <= INLINE_WRITE_MAX and not handle.writes_sync
                              and handle.inode.partial is None):
             return handle.write(off, buf)
-        return await _in_thread(handle.write, off, buf)
+        return await self._in_thread(handle.write, off, buf)
 
-    @_errno_boundary
     async def flush(self, fh: FileHandleT) -> None:
-        # Writes go straight to the real file: nothing is buffered here, but a partial file
-        # records its map on close (in a thread: its data goes to disk first).
-        handle = self._file(fh)
-        if handle.unrecorded:
-            await _in_thread(handle.record)
+        """ENOSYS, so that the kernel sends no more FLUSH (one request fewer per ``close``).
+
+        Nothing is buffered here: writes go straight to the real file, and a partial file's
+        map is recorded by the write that grows it (:meth:`FileHandle.write`), which reports a
+        failure to record it. With the writeback cache, the kernel still writes a file's dirty
+        pages back at ``close`` and reports their failure there."""
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_errno_boundary
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
-        await _in_thread(self._file(fh).fsync, datasync)
+        await self._in_thread(self._file(fh).fsync, datasync)
 
     def _file_calls_on(self) -> None:
         if not self.file_calls:
@@ -526,7 +556,7 @@ class Operations(pyfuse3.Operations):
     async def fallocate(self, fh: FileHandleT, mode: int, offset: int, length: int) -> None:
         self._file_calls_on()
         # In a thread: allocating or zeroing a large range waits for the disk.
-        await _in_thread(self._file(fh).fallocate, mode, offset, length)
+        await self._in_thread(self._file(fh).fallocate, mode, offset, length)
 
     @_errno_boundary
     async def lseek(self, fh: FileHandleT, offset: int, whence: int) -> int:
@@ -540,8 +570,8 @@ class Operations(pyfuse3.Operations):
         self._file_calls_on()
         node = self._inode(inode)
         if cmd in fileattr.SET_SIZES:
-            # In a thread: it copies the object up.
-            await _in_thread(self.overlay.set_fileattr, node, cmd, in_buf)
+            # It copies the object up.
+            await self._short(self.overlay.set_fileattr, node, cmd, in_buf)
             # The ctime changed, and the kernel keeps its cached attributes after an ioctl.
             _drop_cached_attrs(inode)
             return b""
@@ -552,8 +582,8 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: FileHandleT) -> None:
         handle = self._files.pop(fh)
         try:
-            if handle.unrecorded:  # written through a shared mapping after the last close
-                await _in_thread(handle.record)
+            if handle.unrecorded:  # a truncation whose record failed (see handles.record)
+                await self._in_thread(handle.record)
         finally:
             handle.close()
 
@@ -669,9 +699,9 @@ class Operations(pyfuse3.Operations):
     async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
         if fh == 0 and self.kernel_opens_dirs:
             # Which directory is not said (the kernel opened it): make the whole upper durable.
-            await _in_thread(self.overlay.sync_upper)
+            await self._in_thread(self.overlay.sync_upper)
             return
-        await _in_thread(self.overlay.fsyncdir, self._dir(fh).inode)
+        await self._in_thread(self.overlay.fsyncdir, self._dir(fh).inode)
 
     # --- xattrs -------------------------------------------------------------------------------
 
@@ -687,13 +717,13 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def setxattr(self, inode: InodeT, name: XAttrNameT, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        await _in_thread(self.overlay.setxattr, self._inode(inode), os.fsdecode(name), value)
+        await self._in_thread(self.overlay.setxattr, self._inode(inode), os.fsdecode(name), value)
         self._acl_changed_mode(inode, name)
 
     @_errno_boundary
     async def removexattr(self, inode: InodeT, name: XAttrNameT,
                           ctx: pyfuse3.RequestContext) -> None:
-        await _in_thread(self.overlay.removexattr, self._inode(inode), os.fsdecode(name))
+        await self._in_thread(self.overlay.removexattr, self._inode(inode), os.fsdecode(name))
         self._acl_changed_mode(inode, name)
 
     @staticmethod

@@ -10,10 +10,13 @@ the upper copy (unless the write covers it whole), then the write lands in the u
 block joins the map. Reads combine the two.
 
 The map on disk only ever grows after the data it adds is on disk: :meth:`PartialFile.persist`
-runs ``fdatasync`` on the upper copy before it writes the map, and it runs on ``fsync``, on every
-``close`` (the kernel's ``FLUSH``) and at unmount. A crash loses what was written since the last
-of those, as on any filesystem, and nothing else: blocks not in the map still read from the lower
-file, whatever the upper copy holds there.
+runs ``fdatasync`` on the upper copy before it writes the map, and it runs in every write that
+brings blocks up, before the write is answered (:meth:`cowfs.handles.FileHandle.write`: cowfs
+answers no ``FLUSH``, so ``close`` could not report a failure), on ``fsync`` and at unmount. A
+crash loses at most the write requests in flight, and nothing else: blocks not in the map still
+read from the lower file, whatever the upper copy holds there. The price is an ``fdatasync`` per
+write that brings blocks up (at most one per 64 KiB block; a write into blocks already up costs
+none).
 
 A file whose map would grow past :data:`MAX_MAP_BYTES`, or that needs its data whole (a ``chown``
 to an owner the metacopy rule refuses, ``fallocate`` modes that move or zero ranges), is

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, ParamSpec, TypeVar
 
-from . import dirstack
+from . import dirstack, inline
 from .errors import CowfsError
 
 log = logging.getLogger(__name__)
@@ -428,6 +428,25 @@ def can_clone(src: int, dst: int) -> bool:
     return True
 
 
+def _bounded(extent: Callable[..., int]) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Ask :func:`cowfs.inline.check_copy` before a data copy (``extent``: its size, from the
+    arguments after ``src`` and ``dst``), and before it is counted as a change: a copy too long
+    for the request loop raises there, and the operation runs again in a worker thread."""
+
+    def decorate(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(fn)
+        def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            src = args[0]
+            assert isinstance(src, int)
+            inline.check_copy(src, extent(*args[2:]))
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+@_bounded(lambda size: size)
 @change
 def copy_data(src: int, dst: int, size: int, *, reflink: bool = True) -> None:
     """Copy a file's data into a new file, in the kernel, keeping holes: a reflink where the
@@ -465,6 +484,7 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
         pos += n
 
 
+@_bounded(lambda start, end: end - start)
 @change
 def copy_range(src: int, dst: int, start: int, end: int) -> None:
     """Copy bytes ``start`` to ``end`` of ``src`` to the same place in ``dst`` (a partial file's

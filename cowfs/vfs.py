@@ -18,7 +18,7 @@ import os
 import resource
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import fileattr, partial, realfs, schema, xattrs
 from .copyup import CopyUp
@@ -245,6 +245,14 @@ class Overlay:
         return st.st_nlink if merged is None else merged
 
     def setattr(self, inode: Inode, change: SetAttr, handle: FileHandle | None) -> None:
+        if (replace(change, atime_ns=None, mtime_ns=None) == SetAttr()
+                and inode.upper is None and inode.any_link() is None):
+            # The times of a lower object that has no name left and no upper copy: only its
+            # open handles can see it, and there is nowhere to copy it up to. With the
+            # writeback cache the kernel sends them at close of a file unlinked while open.
+            log.debug("setattr: times of %r, which has no name and no upper copy: kept by the "
+                      "kernel only", inode)
+            return
         if change.size is not None:
             upper = self.copy_up.ensure(inode, Need.EMPTY if change.size == 0 else Need.WRITE)
         else:

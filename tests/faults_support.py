@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import io
 import os
 import shutil
@@ -146,6 +147,8 @@ def _metacopy(lower: Path, upper: Path, name: str) -> None:
 #: Files of at least this size copy up partly (``-o partial_copyup``): ``pl`` and ``pc``.
 PARTIAL_MIN = 128 << 10
 PARTIAL_BLOCK = 64 << 10
+#: The kernel splits a write(2) into requests at page boundaries (see Situation.lands_in_part).
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _partial(lower: Path, upper: Path, name: str) -> None:
@@ -262,10 +265,16 @@ class Situation:
     as_user: bool = False  # run as uid:gid USER (mount with allow_other)
     smoke: bool = False  # in the default selection with every action (see test_faults.py)
     #: A partial file (layer-format.md 11b) whose mtime a crash or a failure may leave changed
-    #: with nothing else: a write whose blocks were never recorded (they are recorded at close)
+    #: with nothing else: a write whose blocks were never recorded (by the write, before it returns)
     #: is lost, not its mtime; a completion copies data in place before it sets the times back.
     #: A metacopy file (11a) likewise: it is given its data in place, as in the kernel.
     mtime_may_change: str | None = None
+    #: A write(2) into a partial file, as (path, offset, size) of ``b"w" * size``, that the
+    #: kernel may send as several requests, split at page boundaries: each request records the
+    #: blocks it brings up (cowfs answers no FLUSH), so a crash between two of them leaves the
+    #: write landed in part, a prefix up to a page boundary, as a write(2) in flight may land on
+    #: any filesystem (README, "What cowfs guarantees").
+    lands_in_part: tuple[str, int, int] | None = None
 
     @property
     def family(self) -> str:
@@ -367,7 +376,7 @@ def _situations() -> list[Situation]:
         s("metacopy/file/upper/unlink", _call(os.unlink, "mc")),
         # copy-up of only the written blocks (pl: a large lower file; pc: a partial upper copy)
         s("partial/file/lower/write-4k", _pwrite_at("pl", 100_000, 4096), smoke=True,
-          mtime_may_change="pl"),
+          mtime_may_change="pl", lands_in_part=("pl", 100_000, 4096)),
         s("partial/file/lower/truncate", lambda r: os.truncate(r / "pl", 70_000)),
         s("partial/file/upper/write-new-block", _pwrite_at("pc", 3 * PARTIAL_BLOCK + 5, 10),
           smoke=True, mtime_may_change="pc"),
@@ -376,7 +385,8 @@ def _situations() -> list[Situation]:
         # every block not up yet (2 and 3): the map becomes complete, then the file
         s("partial/file/upper/write-rest", _pwrite_at("pc", 2 * PARTIAL_BLOCK,
                                                       256_000 - 2 * PARTIAL_BLOCK),
-          mtime_may_change="pc"),
+          mtime_may_change="pc", lands_in_part=("pc", 2 * PARTIAL_BLOCK,
+                                                256_000 - 2 * PARTIAL_BLOCK)),
         s("partial/file/upper/truncate", lambda r: os.truncate(r / "pc", 70_000), smoke=True),
         s("partial/file/upper/truncate-up", lambda r: os.truncate(r / "pc", 300_000)),
         s("partial/file/upper/open-trunc",
@@ -422,6 +432,8 @@ class Reference:
     changes: list[str]  # the count file's lines: change n is changes[n - 1]
     before: View
     after: View
+    #: The content before the operation of the file a write may land in part in.
+    written_before: bytes | None = None
 
     @property
     def k(self) -> int:
@@ -513,6 +525,8 @@ class Runner:
         mount = self._mount(layers, situation, {"COWFS_FAULT": f"count:{count_file}"})
         try:
             before = view(layers.mnt)
+            written_before = (None if situation.lands_in_part is None
+                              else (layers.mnt / situation.lands_in_part[0]).read_bytes())
             assert not _lines(count_file), f"reading the view changed the upper: {count_file}"
             outcome = outcome_of(situation, layers.mnt)
             assert outcome == "ok", f"{situation.id} failed without a fault: {outcome}"
@@ -528,7 +542,7 @@ class Runner:
         problems = self._final_checks(layers, lowers_before)
         assert not problems, f"{situation.id} without a fault:\n" + "\n".join(problems)
         assert after != before, f"{situation.id} changed nothing in the view"
-        return Reference(changes, before, after)
+        return Reference(changes, before, after, written_before)
 
     def case(self, situation: Situation, ref: Reference, n: int, action: str) -> CaseResult:
         """Fresh layers; mount with COWFS_FAULT=<n>:<action>; run the operation; judge."""
@@ -587,6 +601,8 @@ class Runner:
             elif situation.mtime_may_change is not None and final == _with_mtime(
                     ref.before, situation.mtime_may_change, final):
                 kind = "before (mtime changed)"
+            elif _landed_in_part(situation, ref, final):
+                kind = "write landed in part"
             else:
                 kind = "mixture"
                 problems.append("view after remount is neither the before nor the after view:\n"
@@ -603,6 +619,24 @@ class Runner:
         with contextlib.suppress(OSError):
             layers.mnt.rmdir()
         return CaseResult(situation.id, n, action, kind, tuple(problems), ref.changes[n - 1])
+
+
+def _landed_in_part(situation: Situation, ref: Reference, final: View) -> bool:
+    """Whether ``final`` is the before view with a prefix of the situation's write landed, up
+    to a page boundary inside it (and the file's mtime as ``final`` has it)."""
+    if situation.lands_in_part is None or ref.written_before is None:
+        return False
+    path, offset, size = situation.lands_in_part
+    old = ref.written_before
+    first = (offset // PAGE + 1) * PAGE
+    for boundary in range(first, offset + size, PAGE):
+        landed = boundary - offset
+        content = old[:offset] + b"w" * landed + old[offset + landed:]
+        expected = dataclasses.replace(ref.before[path], sha256=hashlib.sha256(content).hexdigest(),
+                                       mtime_ns=final[path].mtime_ns if path in final else None)
+        if final == {**ref.before, path: expected}:
+            return True
+    return False
 
 
 def _with_mtime(before: View, path: str, final: View) -> View:

@@ -21,9 +21,12 @@ SITUATIONS, all on one small pair of layers, LOWER and UPPER, built fresh for ev
    - kill-*: the operation fails (ENOTCONN); the dead mount is detached lazily; the view after a
      remount without faults must be exactly the before or the after view. For a situation on a
      partial file (``mtime_may_change``), also the before view with that file's mtime changed:
-     a write whose blocks were never recorded (they are at close, layer-format.md 11b) is lost
-     but its mtime is not, as on any filesystem, and completing a file in place copies data
-     before it sets the times back.
+     a write whose blocks were never recorded (each write request records them before it is
+     answered, layer-format.md 11b) is lost but its mtime is not, as on any filesystem, and
+     completing a file in place copies data before it sets the times back. For a write(2) into a
+     partial file that the kernel sends as several requests (split at page boundaries:
+     ``lands_in_part``), also the before view with a prefix of the write landed, as a write(2)
+     in flight may land in part on any filesystem.
    - errno: the operation must fail with exactly that errno, and the view (live, and after a
      remount) must be the before view (with the same allowance for a partial file's mtime);
      or, if the operation succeeded (the failed step was a best-effort one after the commit

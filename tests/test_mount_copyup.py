@@ -32,6 +32,8 @@ from support import (
     wait_until,
 )
 
+from cowfs import inline
+
 MiB = 1 << 20
 DATA = b"lower data\n" * 100
 OLD_NS = 978_307_200_123_456_789  # 2001-01-01, with nanoseconds
@@ -483,3 +485,31 @@ def test_a_file_under_a_4000_byte_path_copies_up(
         assert os.fstat(fd).st_ino == number
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("size", [1000, inline.COPY_MAX, inline.COPY_MAX + 1, 1 << 20])
+def test_small_copy_ups_inline_and_large_ones_in_a_thread_copy_the_whole_file(
+        layers: LayerFactory, mount_cowfs: MountFactory, size: int) -> None:
+    """A copy-up of up to ``inline.COPY_MAX`` bytes runs on the request loop; a larger one stops
+    before its copy and the whole operation runs again in a worker thread (cowfs/inline.py).
+    Either way each file comes up whole, once, and the work directory is left empty (checked at
+    teardown)."""
+    data = os.urandom(size)
+    names = ("renamed", "linked", "chmodded", "xattr", "opened")
+    layer_set = layers({name: File(data) for name in names})
+    mount = mount_cowfs(layer_set)
+    mnt = mount.mnt
+    os.rename(mnt / "renamed", mnt / "moved")
+    os.link(mnt / "linked", mnt / "link2")
+    os.chmod(mnt / "chmodded", 0o600)
+    os.setxattr(mnt / "xattr", "user.k", b"v")
+    os.close(os.open(mnt / "opened", os.O_WRONLY))
+    now = ("moved", "linked", "link2", "chmodded", "xattr", "opened")
+    for name in now:
+        assert (mnt / name).read_bytes() == data, name
+        assert (layer_set.upper / name).read_bytes() == data, f"{name}: not copied up whole"
+    assert not (mnt / "renamed").exists()
+    assert os.stat(mnt / "linked").st_ino == os.stat(mnt / "link2").st_ino
+    mount.remount()
+    for name in now:
+        assert (mnt / name).read_bytes() == data, f"{name}, after a remount"

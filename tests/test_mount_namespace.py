@@ -404,3 +404,25 @@ def test_a_file_renamed_over_while_open_keeps_its_data(cowfs: CowfsMount) -> Non
         f.write(b"!")
         f.flush()
     assert read(cowfs, "a.txt") == "lower1:b.txt"
+
+
+@pytest.mark.layers({"x": None, "y": None}, options=("writeback",))
+def test_with_the_writeback_cache_a_lower_file_unlinked_while_open_closes_cleanly(
+        cowfs: CowfsMount) -> None:
+    """With the writeback cache the kernel sends the file's times at close, also of a lower file
+    unlinked while open for reading: an object with no name and no upper copy, which cowfs cannot
+    copy up. Its times are its open handles' business alone: the close succeeds (it failed EIO),
+    and nothing reaches the upper."""
+    fd = os.open(cowfs.mnt / "x", os.O_RDONLY)
+    try:
+        os.unlink(cowfs.mnt / "x")
+        assert os.pread(fd, 100, 0) == b"lower0:x"
+        os.fstat(fd)
+    finally:
+        os.close(fd)
+    assert gone(cowfs, "x")
+    assert sorted(os.listdir(cowfs.mnt)) == ["y"]
+    fd = os.open(cowfs.mnt / "y", os.O_RDONLY)
+    os.unlink(cowfs.mnt / "y")
+    os.utime(fd, ns=(1_000_000_000, 2_000_000_000))  # times of the nameless object: kept
+    os.close(fd)

@@ -497,3 +497,33 @@ def test_copied_layers_mounted_with_relocate_keep_partial_and_metacopy_data(
            "--relocate", "--yes")
     assert (spare / base.name / "big").read_bytes() == bytes(expected)
     assert (spare / base.name / "meta").read_bytes() == original[::-1]
+
+
+def test_a_write_whose_blocks_cannot_be_recorded_fails_and_close_does_not(
+        layers: LayerFactory, mount_cowfs: MountFactory) -> None:
+    """cowfs answers no FLUSH (one request fewer per close), so the write that brings blocks of a
+    partial file up records the map before it returns: when that fails (ENOSPC on the map's
+    xattr, injected), the write reports it, its bytes are not the file's, and close succeeds."""
+    original = os.urandom(4 * BLOCK)
+    counted = layers({})
+    (counted.lowers[0] / "big").write_bytes(original)
+    count = counted.root / "count"
+    mount = mount_cowfs(counted, options=[TINY], env={"COWFS_FAULT": f"count:{count}"})
+    _write_at(mount.mnt / "big", BLOCK + 10, b"recorded")
+    mount.stop()
+    assert _datamap(counted.upper / "big") is not None
+    maps = [int(line.split()[0]) for line in count.read_text().splitlines()
+            if line.split()[1] == "setxattr" and schema.XATTR_DATAMAP in line]
+    failing = layers({})
+    (failing.lowers[0] / "big").write_bytes(original)
+    mount = mount_cowfs(failing, options=[TINY], env={"COWFS_FAULT": f"{maps[-1]}:ENOSPC"})
+    fd = os.open(mount.mnt / "big", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as failed:
+            os.pwrite(fd, b"recorded", BLOCK + 10)
+        assert failed.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)  # raises nothing
+    assert (mount.mnt / "big").read_bytes() == original
+    mount.remount()
+    assert (mount.mnt / "big").read_bytes() == original
