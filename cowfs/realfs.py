@@ -568,6 +568,7 @@ def remove_tree(dirfd: int, name: str) -> None:
     try:
         below.push(name, os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                                  dir_fd=dirfd))
+        _writable_to_empty(below.top(), st)
         #: Per level below ``dirfd``: the names still to remove, and the level's own name.
         pending = [(list_names(below.top()), name)]
         while pending:
@@ -579,14 +580,23 @@ def remove_tree(dirfd: int, name: str) -> None:
                 continue
             child = names.pop()
             fd = below.top()
-            if not stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode):
+            child_st = os.stat(child, dir_fd=fd, follow_symlinks=False)
+            if not stat.S_ISDIR(child_st.st_mode):
                 unlink(fd, child)
                 continue
             below.push(child, os.open(child, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
                                       | os.O_CLOEXEC, dir_fd=fd))
+            _writable_to_empty(below.top(), child_st)
             pending.append((list_names(below.top()), child))
     finally:
         below.close()
+
+
+def _writable_to_empty(fd: int, st: os.stat_result) -> None:
+    """A directory of this (non-root) user's own without write or search permission for it (a
+    read-only directory of an imported layer) is made so, to be emptied: root needs no bits."""
+    if os.geteuid() != 0 and st.st_uid == os.geteuid() and st.st_mode & 0o300 != 0o300:
+        chmod(fd, 0o700)
 
 
 def syncfs(fd: int) -> None:

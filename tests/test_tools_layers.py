@@ -416,10 +416,12 @@ def test_a_plain_user_freezes_squashes_and_removes(nobody_home: Path) -> None:
     stack = nobody_home / "app"
     assert _as_nobody("layer", "init", stack) == 0
     assert _as_nobody("layer", "list", stack) == 0
-    # Changes written into the upper directly, as a plain user's mount writes them. (Not a
-    # directory without a write bit: cowfs import cannot fill one as a plain user yet.)
+    # Changes written into the upper directly, as a plain user's mount writes them; a
+    # read-only directory with contents and an xattr too (a plain user's import fills it before
+    # it takes its mode).
     for script in ("mkdir $U/d && echo 1 > $U/d/one && chmod 444 $U/d/one",
-                   "mkdir $U/e && echo 2 > $U/e/two"):
+                   "mkdir $U/e && echo 2 > $U/e/two && setfattr -n user.k -v v $U/e "
+                   "&& chmod 555 $U/e"):
         subprocess.run(["sh", "-c", script.replace("$U", str(stack / "upper"))], check=True,
                        preexec_fn=_drop, timeout=30)
         assert _as_nobody("layer", "freeze", stack) == 0
@@ -429,6 +431,8 @@ def test_a_plain_user_freezes_squashes_and_removes(nobody_home: Path) -> None:
     assert (Path(layer["path"]) / "e/two").read_text() == "2\n"
     assert stat.S_IMODE(os.lstat(Path(layer["path"]) / "d/one").st_mode) == 0o444
     assert os.lstat(Path(layer["path"]) / "d").st_uid == NOBODY
+    assert stat.S_IMODE(os.lstat(Path(layer["path"]) / "e").st_mode) == 0o555
+    assert os.getxattr(Path(layer["path"]) / "e", "user.k") == b"v"
     assert _as_nobody("layer", "remove", stack, layer["diff_id"]) == 0
     assert os.listdir(stack / "layers") == []
 

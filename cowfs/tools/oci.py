@@ -412,6 +412,9 @@ class _Extractor:
         self.xattr_whiteouts: set[str] = set()
         self.opaque: set[str] = set()
         self.dir_times: dict[str, float] = {}
+        #: Directory modes, set last (with the times): a directory made read-only at once would
+        #: refuse a plain user its contents and their xattrs.
+        self.dir_modes: dict[str, int] = {}
         self.is_root = os.geteuid() == 0
 
     def close(self) -> None:
@@ -473,7 +476,7 @@ class _Extractor:
             if not info.isdir():
                 raise UnsafeMemberError(f"unsafe member {info.name!r}: the layer root must be a "
                                    "directory")
-            self._attributes(self.root_fd, ".", info)
+            self._attributes(self.root_fd, ".", info, ".")
             self.dir_times["."] = info.mtime
             return
         with self.parent(path, info.name) as (dirfd, name):
@@ -546,7 +549,7 @@ class _Extractor:
             else:
                 raise CowfsError(f"member {info.name!r}: unsupported tar entry type "
                                  f"{info.type!r}")
-        self._attributes(dirfd, name, info)
+        self._attributes(dirfd, name, info, path)
 
     def tick(self, nbytes: int) -> None:
         """Move the progress bar: to the position in the archive file (compressed bytes read),
@@ -556,7 +559,7 @@ class _Extractor:
         else:
             self.progress.advance(nbytes)
 
-    def _attributes(self, dirfd: int, name: str, info: tarfile.TarInfo) -> None:
+    def _attributes(self, dirfd: int, name: str, info: tarfile.TarInfo, path: str) -> None:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         try:
             if not info.issym():
@@ -570,7 +573,9 @@ class _Extractor:
                                             value.encode("utf-8", "surrogateescape"))
             if self.is_root:
                 realfs.chown(fd, info.uid, info.gid)
-            if not info.issym():
+            if info.isdir():
+                self.dir_modes[path] = info.mode & 0o7777  # set in finish()
+            elif not info.issym():
                 realfs.chmod(fd, info.mode & 0o7777)
             if not info.isdir():
                 with contextlib.suppress(OSError):
@@ -603,17 +608,25 @@ class _Extractor:
                     realfs.setxattr(fd, schema.XATTR_OPAQUE, schema.OPAQUE_YES)
                 finally:
                     os.close(fd)
-        for path in sorted(self.dir_times, key=lambda p: -p.count("/")):
-            ns = int(self.dir_times[path] * 1e9)
+        # Deepest first: a parent made read-only last still lets its children be reached.
+        for path in sorted(self.dir_times.keys() | self.dir_modes.keys(),
+                           key=lambda p: (p == ".", -p.count("/"), p)):
             if path == ".":
-                realfs.utimens(self.root_fd, ns, ns)
+                self._dir_mode_and_time(self.root_fd, path)
                 continue
             with self.parent(path, path) as (dirfd, name):
                 fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
                 try:
-                    realfs.utimens(fd, ns, ns)
+                    self._dir_mode_and_time(fd, path)
                 finally:
                     os.close(fd)
+
+    def _dir_mode_and_time(self, fd: int, path: str) -> None:
+        if path in self.dir_modes:
+            realfs.chmod(fd, self.dir_modes[path])
+        if path in self.dir_times:
+            ns = int(self.dir_times[path] * 1e9)
+            realfs.utimens(fd, ns, ns)
 
 
 _HeaderError = tarfile.HeaderError
