@@ -108,7 +108,7 @@ def stack_layers(stack: str | None, upper: str | None, *,
     if stack is not None and upper is None and _stack.is_stack(stack):
         found = _stack.load(stack)
         if found.record.layers or found.record.base:
-            if any(True for _ in _live_changes(found)):
+            if _live_changes(found):
                 print(f"cowfs image export: the changes in {str(found.upper)!r} are not "
                       f"exported; freeze them first ('cowfs layer freeze {found.root}')",
                       file=err or sys.stderr)

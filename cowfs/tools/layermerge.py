@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import plans, realfs, schema
+from .oci import make_whiteout
 
 _IS_ROOT = os.geteuid() == 0
 
@@ -84,19 +85,8 @@ def _set_xattrs(fd: int, xattrs: dict[str, bytes], *, replace: bool) -> None:
 
 
 def _whiteout(dirfd: int, name: str) -> None:
-    try:
-        realfs.mknod_whiteout(dirfd, name)
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-        fd = realfs.create_file(dirfd, name, 0o600, os.O_WRONLY)
-        try:
-            realfs.setxattr(fd, schema.XATTR_WHITEOUT, b"")
-            realfs.chmod(fd, 0)
-        finally:
-            os.close(fd)
-        if realfs.getxattr(dirfd, schema.XATTR_OPAQUE) is None:
-            realfs.setxattr(dirfd, schema.XATTR_OPAQUE, schema.OPAQUE_HAS_XWHITEOUTS)
+    if not make_whiteout(dirfd, name) and realfs.getxattr(dirfd, schema.XATTR_OPAQUE) is None:
+        realfs.setxattr(dirfd, schema.XATTR_OPAQUE, schema.OPAQUE_HAS_XWHITEOUTS)
 
 
 class _Merger:

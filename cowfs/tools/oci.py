@@ -497,17 +497,7 @@ class _Extractor:
         ``user.*`` xattr on a file without write permission."""
         with self.parent(path, member) as (dirfd, name):
             self._clear(dirfd, name, path, keep_dir=False)
-            try:
-                realfs.mknod_whiteout(dirfd, name)
-            except OSError as e:
-                if e.errno not in (errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                fd = realfs.create_file(dirfd, name, 0o600, os.O_WRONLY)
-                try:
-                    realfs.setxattr(fd, schema.XATTR_WHITEOUT, b"")
-                    realfs.chmod(fd, 0)
-                finally:
-                    os.close(fd)
+            if not make_whiteout(dirfd, name):
                 self.xattr_whiteouts.add(path)
         self.whiteouts.add(path)
 
@@ -627,6 +617,26 @@ class _Extractor:
         if path in self.dir_times:
             ns = int(self.dir_times[path] * 1e9)
             realfs.utimens(fd, ns, ns)
+
+
+def make_whiteout(dirfd: int, name: str) -> bool:
+    """A whiteout at ``name``: a 0/0 character device (True), or, where the filesystem refuses
+    one, an xattr whiteout (False; its parent needs the mark ``OPAQUE_HAS_XWHITEOUTS``), marked
+    before its mode is taken away: a plain user may not set a ``user.*`` xattr on a file without
+    write permission."""
+    try:
+        realfs.mknod_whiteout(dirfd, name)
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    fd = realfs.create_file(dirfd, name, 0o600, os.O_WRONLY)
+    try:
+        realfs.setxattr(fd, schema.XATTR_WHITEOUT, b"")
+        realfs.chmod(fd, 0)
+    finally:
+        os.close(fd)
+    return False
 
 
 _HeaderError = tarfile.HeaderError
