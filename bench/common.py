@@ -12,7 +12,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-FIXTURE_VERSION = 3
+FIXTURE_VERSION = 4
 MIB = 1 << 20
 FIXED_MTIME = 1577836800  # 2020-01-01: older than the git index, so git never re-hashes a file
 WORKLOAD_TIMEOUT = 600.0
@@ -28,7 +28,9 @@ class Params:
     big_mib: int
     src_files: int
     bigdir_entries: int
+    #: The large-tree profile (bench/scale.py): files in ``many/``, entries of ``huge/``.
     many_files: int
+    huge_entries: int
     reps: int
     rand_reads: int
     write_mib: int
@@ -38,20 +40,20 @@ class Params:
 
     def fixture_key(self) -> dict[str, int]:
         return {"version": FIXTURE_VERSION, "big_mib": self.big_mib, "src_files": self.src_files,
-                "bigdir_entries": self.bigdir_entries, "many_files": self.many_files}
+                "bigdir_entries": self.bigdir_entries}
 
 
 MODES = {
-    "quick": Params(big_mib=512, src_files=5000, bigdir_entries=10000, many_files=100000, reps=3,
-                    rand_reads=2000, write_mib=256, small_files=2000, copyup_files=500,
-                    unlink_files=500),
-    "full": Params(big_mib=2048, src_files=10000, bigdir_entries=20000, many_files=100000,
-                   reps=5, rand_reads=10000, write_mib=1024, small_files=5000, copyup_files=1000,
-                   unlink_files=1000),
+    "quick": Params(big_mib=512, src_files=5000, bigdir_entries=10000, many_files=100_000,
+                    huge_entries=300_000, reps=3, rand_reads=2000, write_mib=256,
+                    small_files=2000, copyup_files=500, unlink_files=500),
+    "full": Params(big_mib=2048, src_files=10000, bigdir_entries=20000, many_files=1_000_000,
+                   huge_entries=300_000, reps=5, rand_reads=10000, write_mib=1024,
+                   small_files=5000, copyup_files=1000, unlink_files=1000),
     # Checks that the benchmark itself works, in seconds; its numbers mean nothing.
-    "smoke": Params(big_mib=16, src_files=300, bigdir_entries=500, many_files=2000, reps=1,
-                    rand_reads=100, write_mib=8, small_files=100, copyup_files=20,
-                    unlink_files=20),
+    "smoke": Params(big_mib=16, src_files=300, bigdir_entries=500, many_files=2000,
+                    huge_entries=3000, reps=1, rand_reads=100, write_mib=8, small_files=100,
+                    copyup_files=20, unlink_files=20),
 }
 
 

@@ -1,7 +1,8 @@
 """The lower layer every target is mounted over: built once, deterministically, and cached.
 
-A large file, a source tree of small files in nested directories with a git repository in it, a
-directory with many entries, and a tree of many files for the memory step. Nothing is downloaded.
+A large file, a source tree of small files in nested directories with a git repository in it, and
+a directory with many entries. Nothing is downloaded. (The large tree of the large-tree profile
+has a fixture of its own: bench/scale.py.)
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _build_src(src: Path, n: int) -> list[str]:
     return paths
 
 
-def _make_empty_files(directory: Path, names: Iterator[str]) -> None:
+def make_empty_files(directory: Path, names: Iterator[str]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -97,7 +98,7 @@ def _build_big(path: Path, mib: int) -> None:
 @dataclass(frozen=True)
 class Fixture:
     root: Path
-    lower: Path  # big, src/ (a git repository), bigdir/, many/
+    lower: Path  # big, src/ (a git repository), bigdir/
     tarball: Path  # src without .git, for tar -x
     native_big: Path  # a private copy of lower/big that the native target may write into
     src_files: list[str]
@@ -120,10 +121,7 @@ def fixture(base: Path, params: Params) -> Fixture:
         shutil.copyfile(lower / "big", tmp / "native-big")
         paths = _build_src(lower / "src", params.src_files)
         entries = (f"entry-{i:06d}" for i in range(params.bigdir_entries))
-        _make_empty_files(lower / "bigdir", entries)
-        per_dir = 1000
-        for d in range(params.many_files // per_dir):
-            _make_empty_files(lower / "many" / f"d{d:03d}", (f"f{i:04d}" for i in range(per_dir)))
+        make_empty_files(lower / "bigdir", entries)
         run(["tar", "-cf", str(tmp / "src.tar"), "--exclude=.git", "-C", str(lower), "src"],
             timeout=600)
         (tmp / "src-files.json").write_text(json.dumps(paths))

@@ -51,11 +51,21 @@ def fmt_ratio(x: float) -> str:
     return "—" if x != x else (f"{x:.1f}{TIMES}" if x >= 10 else f"{x:.2f}{TIMES}")
 
 
-def report(samples: Samples, names: list[str], wls: list[Workload], memory: dict[str, Any],
+def report(samples: Samples, names: list[str], wls: list[Workload], large: dict[str, Any],
            meta: dict[str, Any]) -> str:
     lines = [f"Mode {meta['mode']}, {meta['reps']} repetitions, medians. Machine: "
              f"{meta['nproc']} cores, {meta['cpu']}, Linux {meta['kernel']}, {meta['date']}.",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".", ""]
+    if wls:
+        lines += _workload_tables(samples, names, wls)
+    lines += large_tree(large, names)
+    if samples.errors:
+        lines += ["", "Failures:", ""] + [f"- {e}" for e in samples.errors]
+    return "\n".join(lines) + "\n"
+
+
+def _workload_tables(samples: Samples, names: list[str], wls: list[Workload]) -> list[str]:
+    lines: list[str] = []
     head = "| workload | " + " | ".join(names) + " |"
     rule = "| --- |" + " ---: |" * len(names)
     lines += ["Wall time in seconds (ratio to native):", "", head, rule]
@@ -100,23 +110,82 @@ def report(samples: Samples, names: list[str], wls: list[Workload], memory: dict
                 us = samples.cpu_per_request(w.name, n) * 1e6
                 cells.append("—" if us != us else f"{us:.1f} ({median(reqs[n]):.0f})")
             lines.append(f"| {w.name} | " + " | ".join(cells) + " |")
-    if memory:
-        lines += ["", f"Daemon memory around a walk of {meta['many_files']} files "
-                  "(RSS MiB / open descriptors):", "",
-                  "| target | before | after walk | after forget | after 2nd walk "
-                  "| after 2nd forget | walk s |", "| --- |" + " ---: |" * 6]
-        for n, r in memory.items():
-            cells = [f"{r[k]['rss'] / MIB:.0f} / {r[k]['fds']}" if k in r else "—" for k in
-                     ("before", "after_walk", "after_forget", "after_second_walk",
-                      "after_second_forget")]
-            walked = f"{r['walk_seconds']:.1f}" if "walk_seconds" in r else "—"
-            lines.append(f"| {n} | " + " | ".join(cells) + f" | {walked} |")
-        for n, r in memory.items():
-            if "error" in r:
-                lines.append(f"\n{n} (descriptor limit {r.get('fd_limit', '?')}): {r['error']}")
-    if samples.errors:
-        lines += ["", "Failures:", ""] + [f"- {e}" for e in samples.errors]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _mib(x: float) -> str:
+    return f"{x / MIB:.1f}"
+
+
+def large_tree(large: dict[str, Any], names: list[str]) -> list[str]:
+    """The tables of the large-tree profile (bench/scale.py): medians over its repetitions."""
+    runs: dict[str, list[dict[str, Any]]] = large.get("runs", {}) if large else {}
+    if not runs:
+        return []
+    files, entries = large["files"], large["entries"]
+
+    def med(name: str, key: str, sub: str | None = None) -> float:
+        values = [r[key][sub] if sub is not None else r[key] for r in runs.get(name, ())
+                  if key in r and (sub is None or sub in r[key])]
+        return median(values)
+
+    def seconds(name: str, step: str, expected: int) -> str:
+        t = med(name, step, "seconds")
+        if t != t:
+            return "—"
+        seen = min((r[step]["lines"] for r in runs[name] if step in r), default=0)
+        errors = max((r[step]["errors"] for r in runs[name] if step in r), default=0)
+        missing = "" if seen >= expected and not errors else (
+            f" ({seen:,} seen, {errors:,} errors)")
+        return f"{t:.2f}{missing}"
+
+    order = [n for n in names if n in runs]
+    reps = max(len(v) for v in runs.values())
+    lines = ["", f"Large tree ({reps} repetition{'s' if reps > 1 else ''}, medians): a walk "
+             f"(`find -type f`) of {files:,} files in directories of 1,000, and a directory of "
+             f"{entries:,} entries; every FUSE daemon limited to {large['fd_limit']:,} "
+             "descriptors. Seconds; a walk or listing that missed entries says how many it saw:",
+             "", "| target | cold walk | warm walk | walk after the kernel forgot | `ls -f` | "
+             "`ls -l` |", "| --- |" + " ---: |" * 5]
+    for n in order:
+        lines.append(f"| {n} | " + " | ".join((
+            seconds(n, "walk_cold", files), seconds(n, "walk_warm", files),
+            seconds(n, "walk_forgotten", files), seconds(n, "ls_f", entries + 2),
+            seconds(n, "ls_l", entries + 1))) + " |")
+    refs = [("fuse-overlayfs", "walk_cold"), ("overlayfs", "walk_warm"),
+            ("fuse-overlayfs", "ls_l")]
+    if any(ref in order for ref, _ in refs):
+        lines += ["", "The goals of issue 19, as ratios: cold walk ÷ fuse-overlayfs (at most "
+                  f"1.00{TIMES}), warm walk ÷ overlayfs (at most 1.50{TIMES}), `ls -l` ÷ "
+                  f"fuse-overlayfs (at most 1.00{TIMES}):", "",
+                  "| target | cold walk | warm walk | `ls -l` |", "| --- | ---: | ---: | ---: |"]
+        for n in order:
+            if n.startswith("cowfs"):
+                lines.append(f"| {n} | " + " | ".join(
+                    fmt_ratio(med(n, step, "seconds") / med(ref, step, "seconds"))
+                    for ref, step in refs) + " |")
+    daemons = [n for n in order if any("mounted_rss" in r for r in runs[n])]
+    if daemons:
+        lines += ["", "Daemon RSS in MiB / open descriptors after each step, and RSS per inode "
+                  "the cold walk made the kernel hold:", "",
+                  "| target | mounted | cold walk | warm walk | the kernel forgot | walk again "
+                  "| `ls -f` | `ls -l` | bytes per inode |", "| --- |" + " ---: |" * 8]
+        for n in daemons:
+            cells = []
+            for step in ("mounted", "walk_cold", "walk_warm", "forgotten", "walk_forgotten",
+                         "ls_f", "ls_l"):
+                rss = med(n, f"{step}_rss")
+                cells.append("—" if rss != rss else
+                             f"{_mib(rss)} / {med(n, f'{step}_fds'):.0f}")
+            per = med(n, "rss_per_inode")
+            cells.append("—" if per != per else f"{per:.0f}")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    for n in order:
+        for r in runs[n]:
+            for key, value in r.items():
+                if key == "error" or key.endswith("_error"):
+                    lines.append(f"\n{n}: {key}: {value}")
+    return lines
 
 
 def machine() -> dict[str, Any]:

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import scale
 import xfs
 from common import HERE, MODES, WORKLOAD_TIMEOUT, Params, log, run
 from fixture import Fixture, fixture
@@ -55,10 +56,8 @@ from workloads import (
     Workload,
     drop_caches,
     in_child,
-    open_fds,
     proc_status,
     settle,
-    walk,
     workloads,
 )
 
@@ -150,48 +149,6 @@ def stop_profile(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait(timeout=30)
 
 
-# --- the memory step ----------------------------------------------------------------------------
-
-
-def fd_limit(pid: int) -> int:
-    with open(f"/proc/{pid}/limits") as f:
-        for line in f:
-            if line.startswith("Max open files"):
-                return int(line.split()[3])
-    return 0
-
-
-def memory_step(target: Target, fx: Fixture, params: Params, scratch: Path) -> dict[str, Any]:
-    """RSS and open descriptors of the daemon before and after walking the 100,000-file tree,
-    after the kernel forgets (drop_caches=2 sends FORGET), and after walking it again. A walk
-    that fails is reported with the state the daemon was in."""
-    with mounted(target, fx, scratch) as m:
-        assert m.pid is not None
-        pid = m.pid
-        ctx = Ctx(m.view, fx, params, pid)
-
-        def snap() -> dict[str, int]:
-            return {"rss": proc_status(pid, "VmRSS"), "hwm": proc_status(pid, "VmHWM"),
-                    "fds": open_fds(pid)}
-
-        result: dict[str, Any] = {"files": params.many_files, "fd_limit": fd_limit(pid),
-                                  "before": snap()}
-        for step in ("", "second_"):
-            try:
-                walked = in_child(functools.partial(walk, ctx, False, "many"), WORKLOAD_TIMEOUT,
-                                  functools.partial(fuse_abort, m.view))
-                result.setdefault("walk_seconds", walked["seconds"])
-            except Exception as e:
-                result["error"] = f"walk failed: {e}"
-            result[f"after_{step}walk"] = snap()
-            drop_caches(2)
-            settle(pid, 30)
-            result[f"after_{step}forget"] = snap()
-            if "error" in result:
-                break
-        return result
-
-
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -203,7 +160,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "fuse-overlayfs,cowfs,unionfs-fuse, and cowfs-stock (cowfs on pyfuse3's own "
                    "request loop, only when named: an A/B of patches/pyfuse3/0003)")
     p.add_argument("--workloads", help="comma-separated subset of the workload names")
-    p.add_argument("--no-memory", action="store_true", help="skip the 100,000-file memory step")
+    p.add_argument("--no-scale", "--no-memory", dest="no_scale", action="store_true",
+                   help="skip the large-tree profile (bench/scale.py)")
+    p.add_argument("--scale-only", action="store_true",
+                   help="only the large-tree profile: no repetitions of the workloads")
+    p.add_argument("--scale-reps", type=int, default=1,
+                   help="repetitions of the large-tree profile (default: %(default)s)")
+    p.add_argument("--scale-files", type=int, help="files of the large tree (default: the "
+                   "mode's: quick 100,000, full 1,000,000)")
     p.add_argument("--cowfs", default=str(Path(sys.executable).parent / "cowfs"),
                    help="the cowfs command (default: the one beside this Python)")
     p.add_argument("--cowfs-options", default="", help="-o options for cowfs mount")
@@ -256,15 +220,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.workloads:
         chosen = set(args.workloads.split(","))
         wls = [w for w in wls if w.name in chosen]
-    fx = fixture(args.fixture_dir, params)
+    if args.scale_files is not None:
+        params = dataclasses.replace(params, many_files=args.scale_files)
+    fx = fixture(args.fixture_dir, params) if not args.scale_only else None
     meta = {"mode": args.mode, "reps": params.reps, "params": dataclasses.asdict(params),
-            "many_files": params.many_files, "cowfs_options": args.cowfs_options, **machine()}
+            "many_files": params.many_files, "huge_entries": params.huge_entries,
+            "cowfs_options": args.cowfs_options, **machine()}
     samples = Samples()
-    memory: dict[str, Any] = {}
+    large: dict[str, Any] = {}
     scratch = Path(tempfile.mkdtemp(prefix="cowfs-bench-", dir=args.scratch))
     started = time.monotonic()
     try:
-        for rep in range(params.reps):
+        for rep in range(params.reps if fx is not None else 0):
             order = targets[rep % len(targets):] + targets[:rep % len(targets)]
             log(f"repetition {rep + 1}/{params.reps}: {', '.join(t.name for t in order)}")
             for t in order:
@@ -274,11 +241,11 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as e:
                     samples.errors.append(f"{t.name} session {rep + 1}: {e}")
                     log(f"{t.name}: session failed: {e}")
-        on_xfs = [w for w in wls if w.on_xfs]
+        on_xfs = [w for w in wls if w.on_xfs] if fx is not None else []
         why = xfs.available() if on_xfs else None
         if why is not None:
             log(f"skipping the XFS rows: {why}")
-        elif on_xfs:
+        elif on_xfs and fx is not None:
             with xfs.xfs_fixture(fx, scratch, params.big_mib) as (xfx, xscratch):
                 for rep in range(params.reps):
                     order = targets[rep % len(targets):] + targets[:rep % len(targets)]
@@ -289,14 +256,9 @@ def main(argv: list[str] | None = None) -> int:
                         except Exception as e:
                             samples.errors.append(f"{t.name} XFS session {rep + 1}: {e}")
                             log(f"{t.name}: XFS session failed: {e}")
-        if not args.no_memory:
-            for t in targets:
-                if t.fuse:
-                    log(f"memory step: {t.name}, walking {params.many_files} files")
-                    try:
-                        memory[t.name] = memory_step(t, fx, params, scratch)
-                    except Exception as e:
-                        memory[t.name] = {"error": str(e)}
+        if not args.no_scale:
+            large = scale.run_profile(targets, args.fixture_dir, scratch, params.many_files,
+                                      params.huge_entries, args.scale_reps, mounted)
     finally:
         if mounts_under(scratch):
             log(f"leaving {scratch}: something is still mounted in it")
@@ -304,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     meta["seconds"] = round(time.monotonic() - started)
     names = [t.name for t in targets]
-    text = report(samples, names, wls, memory, meta)
+    text = report(samples, names, wls if fx is not None else [], large, meta)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.md").write_text(text)
@@ -312,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         {"meta": meta, "targets": names, "workloads": {w.name: w.label for w in wls},
          "seconds": samples.seconds, "daemon_cpu": samples.cpu, "requests": samples.requests,
          "peak_rss": samples.peak_rss,
-         "memory": memory, "errors": samples.errors,
+         "large_tree": large, "errors": samples.errors,
          "median_seconds": {w: {t: median(v) for t, v in row.items()}
                             for w, row in samples.seconds.items()}}, indent=1))
     log(f"done in {meta['seconds']} s; wrote {args.out / 'latest.json'} and latest.md")

@@ -126,6 +126,9 @@ class KernelOverlay(Target):
 class FuseTarget(Target):
     fuse = True
     program = ""
+    #: The daemon's descriptor limit (soft and hard), None for the benchmark's own; as root the
+    #: daemon also runs without CAP_SYS_RESOURCE, so that it cannot raise it (bench/scale.py).
+    fd_limit: int | None = None
 
     def available(self) -> str | None:
         return None if shutil.which(self.program) else f"{self.program} is not installed"
@@ -142,6 +145,11 @@ class FuseTarget(Target):
         for d in (upper, work, mnt):
             d.mkdir()
         cmd = self.command(fx, upper, work, mnt)
+        if self.fd_limit is not None:
+            # Both exec the command: the daemon keeps the pid the benchmark knows.
+            drop = (["setpriv", "--bounding-set", "-sys_resource", "--"] if os.geteuid() == 0
+                    else [])
+            cmd = [*drop, "prlimit", f"--nofile={self.fd_limit}:{self.fd_limit}", "--", *cmd]
         log_file = open(session / f"{self.name}.log", "wb")  # noqa: SIM115 (outlives this call)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                                 env=self.environment())

@@ -30,7 +30,6 @@ into 56 bits, which could in principle collide. Numbers given to the losers of s
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import os
@@ -159,15 +158,23 @@ def same_object(known: tuple[Real, ...], found: tuple[Real, ...]) -> bool:
     return False
 
 
+#: The inodes' state locks, shared by number (a lock per inode cost 48 bytes of each; none is
+#: held across a system call or while another is taken, so sharing one costs no more waiting).
+_STATE_LOCKS = tuple(threading.Lock() for _ in range(64))
+
+
 class Inode:
     """One object of the merged view.
 
     Shared between the trio thread and worker threads: ``reals`` and ``links`` change only under
     the inode's short state lock (never held across a system call), and ``reals`` is replaced as a
     whole, so readers that take no lock see either the old or the new stack.
+
+    An inode the kernel holds costs memory only, a few hundred bytes: slots, no lock of its own
+    (:data:`_STATE_LOCKS`), its names as one flat tuple.
     """
 
-    __slots__ = ("_cache", "_copy_up_lock", "_links", "_retired", "_state", "_xattr_changes",
+    __slots__ = ("_cache", "_copy_up_lock", "_links", "_retired", "_xattr_changes",
                  "alive", "lookups", "no_caps_on", "number", "partial", "reals")
 
     def __init__(self, number: int, reals: tuple[Real, ...], cache: Descriptors) -> None:
@@ -176,14 +183,12 @@ class Inode:
         #: Topmost first, reached by reference (:func:`adopt`). Replaced as a whole (never
         #: mutated): see :meth:`replace_top`.
         self.reals = tuple(adopt(real, cache) for real in reals)
-        #: Names this object is known by, as (parent, name), the most recently used last (one
-        #: name for most objects: a tuple costs a third of a dict); copy-up needs one.
-        self._links: tuple[tuple[Inode, str], ...] = ()
+        #: Names this object is known by, as parent, name, parent, name, ..., the most recently
+        #: used last (one name for most objects: one flat tuple); copy-up needs one.
+        self._links: tuple[Inode | str, ...] = ()
         self.lookups = 0
         #: See :attr:`copy_up_lock` (made when first needed: most inodes are never copied up).
         self._copy_up_lock: threading.Lock | None = None
-        #: Held only while ``reals`` or ``links`` is read-modify-written.
-        self._state = threading.Lock()
         self.alive = True
         #: The real object found to have no ``security.capability`` (see :mod:`cowfs.xattrs`).
         self.no_caps_on: Real | None = None
@@ -196,6 +201,11 @@ class Inode:
         #: Partial files of lower layers that were copied up: closed at :meth:`release` (reads
         #: in other threads may still use them). None until there is one.
         self._retired: list[PartialFile] | None = None
+
+    @property
+    def _state(self) -> threading.Lock:
+        """Held only while ``reals`` or ``links`` is read-modify-written."""
+        return _STATE_LOCKS[self.number & 63]
 
     @property
     def copy_up_lock(self) -> threading.Lock:
@@ -290,7 +300,10 @@ class Inode:
     def add_link(self, parent: Inode, name: str) -> None:
         """Remember a name, as the most recently used one."""
         with self._state:
-            self._links = (*_without(self._links, parent, name), (parent, name))
+            links = self._links
+            if len(links) == 2 and links[1] == name and links[0] is parent:
+                return  # looked up again under its one name: the usual case
+            self._links = (*_without(links, parent, name), parent, name)
 
     def drop_link(self, parent: Inode, name: str) -> None:
         with self._state:
@@ -300,14 +313,16 @@ class Inode:
                   new_name: str) -> None:
         with self._state:
             links = _without(_without(self._links, old_parent, old_name), new_parent, new_name)
-            self._links = (*links, (new_parent, new_name))
+            self._links = (*links, new_parent, new_name)
 
     def any_link(self) -> tuple[Inode, str] | None:
         """A live (parent, name) under which this object is visible, for copy-up: the most
         recently looked up, which is the likeliest to be the one being opened."""
-        for parent, name in reversed(self._links):  # replaced as a whole: no lock needed
-            if parent.alive:
-                return parent, name
+        links = self._links  # replaced as a whole: no lock needed
+        for i in range(len(links) - 2, -1, -2):
+            parent = links[i]
+            if isinstance(parent, Inode) and parent.alive:
+                return parent, str(links[i + 1])
         return None
 
     def retire_partial(self) -> None:
@@ -429,7 +444,7 @@ class InodeTable:
                 inode = Inode(number, reals, self.descriptors)
                 self._by_number[number] = inode
             else:
-                self._warm(reals)
+                self._warm(inode, reals)
             inode.lookups += 1
         if parent is not None:
             inode.add_link(parent, name)
@@ -445,16 +460,19 @@ class InodeTable:
         inode.add_link(parent, name)
         return inode
 
-    def _warm(self, reals: tuple[Real, ...]) -> None:
-        """A lookup's descriptors of objects an inode knows already: cached (the next request
-        needs them), or closed when they have no reference."""
+    def _warm(self, inode: Inode, reals: tuple[Real, ...]) -> None:
+        """A lookup's descriptors of objects ``inode`` knows already: cached under the inode's
+        own references (the next request needs them), or closed. (A directory has one reference
+        wherever it is found; a non-directory's is its inode's, :meth:`Descriptors.named`.)"""
+        kept = {(r.at.dev, r.at.ino): r.at for r in inode.reals if r.at is not None}
         for real in reals:
             if real.held < 0:
                 continue
-            if real.at is None:
+            ref = None if real.at is None else kept.get((real.at.dev, real.at.ino))
+            if ref is None or ref.pinned >= 0:
                 os.close(real.held)
             else:
-                self.descriptors.put(real.at, real.held)
+                self.descriptors.put(ref, real.held)
 
     def _distinct_number(self, reals: tuple[Real, ...], taken: int) -> int:
         """A number for an object whose number (from its origin) belongs to another object: its
@@ -482,23 +500,31 @@ class InodeTable:
         inode.release()
 
 
-def _without(links: tuple[tuple[Inode, str], ...], parent: Inode,
-             name: str) -> tuple[tuple[Inode, str], ...]:
-    """``links`` without ``name`` in ``parent`` (by number: a parent looked up again after a
-    forget is another ``Inode`` with the same number)."""
-    return tuple(link for link in links if link[1] != name or link[0].number != parent.number)
+def _without(links: tuple[Inode | str, ...], parent: Inode,
+             name: str) -> tuple[Inode | str, ...]:
+    """``links`` (parent, name, parent, name, ...) without ``name`` in ``parent`` (by number: a
+    parent looked up again after a forget is another ``Inode`` with the same number)."""
+    kept: list[Inode | str] = []
+    for i in range(0, len(links), 2):
+        other, other_name = links[i], links[i + 1]
+        if other_name != name or not isinstance(other, Inode) or other.number != parent.number:
+            kept += (other, other_name)
+    return tuple(kept)
 
 
 def adopt(real: Real, cache: Descriptors) -> Real:
     """``real`` as an inode keeps it: reached by its reference, whose descriptor the cache takes
-    over (an object without a name to reach it by gets a pinned reference). Counts one holder."""
+    over (an object without a name to reach it by gets a pinned reference), without the probe's
+    ``lstat``. Counts one holder."""
     if real.held >= 0:
         if real.at is None:
             ref = cache.pinned(real.held, os.fstat(real.held))
         else:
             ref = real.at
             cache.put(ref, real.held)
-        real = dataclasses.replace(real, held=-1, at=ref)
+        real = real.kept(ref)
+    elif real.st is not None and real.at is not None:
+        real = real.kept(real.at)
     if real.at is not None:
         real.at.cache.hold(real.at)
     return real

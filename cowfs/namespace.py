@@ -126,23 +126,31 @@ class Namespace:
 
     # --- looking names up ---------------------------------------------------------------------
 
-    def resolve_child(self, parent: Inode, name: str) -> tuple[Real, ...]:
-        """The real objects behind ``name`` (caller closes them); empty when it does not exist."""
-        if is_hidden_name(parent is self.table.root, name):
-            return ()
-        return resolve(parent.child_parents, self.table.root.reals, name)
-
     def lookup(self, parent: Inode, name: str) -> Inode | None:
         """Look a name up, counting one kernel lookup on the inode found."""
-        reals = self.resolve_child(parent, name)
+        found = self.lookup_stat(parent, name)
+        return None if found is None else found[0]
+
+    def lookup_stat(self, parent: Inode, name: str
+                    ) -> tuple[Inode, os.stat_result | None] | None:
+        """:meth:`lookup`, and the ``lstat`` its probe saw of the topmost real object (None if
+        that is not the inode's topmost one: an inode known already, copied up since)."""
+        if is_hidden_name(parent is self.table.root, name):
+            return None
+        reals = resolve(parent.child_parents, self.table.root.reals, name, lazy=True)
         if not reals:
             return None
+        st = reals[0].st
         if reals[0].metacopy and not reals[0].layer.is_upper:
             reals = self.copy_up.with_lower_data(reals)  # before numbering: see InodeNumbers
         inode = self.table.remember(self.copy_up.attach_index(reals), parent, name)
-        if len(inode.reals) == 1 and inode.reals[0].metacopy:
+        top = inode.reals[0] if inode.reals else None
+        if len(inode.reals) == 1 and top is not None and top.metacopy:
             self.copy_up.attach_data(inode)  # a metacopy file's data, in a lower layer
-        return inode
+        if st is not None and (top is None or top.ino != st.st_ino
+                               or top.layer.dev != st.st_dev):
+            st = None
+        return inode, st
 
     def is_empty_dir(self, directory: Inode) -> bool:
         for name in candidate_names(directory, ()):

@@ -300,8 +300,9 @@ class Operations(pyfuse3.Operations):
                 log.debug("%s: %s: in a worker thread", getattr(fn, "__name__", fn), e.strerror)
         return await self._in_thread(fn, *args)
 
-    def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        st = self.overlay.stat(inode)
+    def _attrs(self, inode: Inode, seen: os.stat_result | None = None
+               ) -> pyfuse3.EntryAttributes:
+        st = self.overlay.stat(inode, seen)
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = InodeT(inode.number)
         entry.generation = 0
@@ -356,10 +357,10 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def lookup(self, parent_inode: InodeT, name: FileNameT,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        inode = self.overlay.lookup(self._inode(parent_inode), os.fsdecode(name))
-        if inode is None:
+        found = self.overlay.lookup_stat(self._inode(parent_inode), os.fsdecode(name))
+        if found is None:
             return self._negative()
-        return self._attrs(inode)
+        return self._attrs(*found)
 
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         """The one handler without a reply: an exception here would end the mount, so a failure
@@ -630,7 +631,7 @@ class Operations(pyfuse3.Operations):
                 replied = index + 1
                 continue
             try:
-                child = self.overlay.lookup(directory, name)
+                found = self.overlay.lookup_stat(directory, name)
             except OSError as e:
                 # One bad entry (a refused redirect) must not make the directory unlistable: list
                 # it without attributes, as the kernel lists it; its own lookup then fails.
@@ -641,10 +642,11 @@ class Operations(pyfuse3.Operations):
                     return replied
                 replied = index + 1
                 continue
-            if child is None:
+            if found is None:
                 continue  # gone since the snapshot
+            child = found[0]
             if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)),
-                                         self._attrs(child), index + 1):
+                                         self._attrs(*found), index + 1):
                 self.overlay.forget(child.number, 1)
                 return replied
             replied = index + 1

@@ -16,9 +16,10 @@ namespace lock, before and after the ``renameat2``: :meth:`Descriptors.moving`),
 that an inode still reaches an object by goes away (unlink, rename over it), that object's
 descriptor is *pinned*: opened now and held until the last inode holding it is forgotten (an
 unlinked object stays reachable, as a held descriptor kept it before; a deleted inode's number
-is not reused meanwhile). One ``Ref`` stands for one real object (:meth:`Descriptors.named` finds
-the existing one by identity), so every inode and every child reaches it through the same one,
-and one update moves it for all.
+is not reused meanwhile). One ``Ref`` stands for one real directory (:meth:`Descriptors.named`
+finds the existing one by identity), so every inode and every child reaches it through the same
+one, and one update moves it for all; a non-directory is reached only by its inode, which holds
+its one ``Ref``.
 
 A descriptor handed out by :meth:`Ref.fd` stays open while it can be in use. The cache closes
 what it drops only on the request loop's thread, at the end of a request (:meth:`Descriptors.trim`):
@@ -127,7 +128,7 @@ class Descriptors:
         self.size = max(size, 0)
         self._lock = threading.Lock()
         self._lru: OrderedDict[Ref, _Entry] = OrderedDict()
-        #: One Ref per real object, by (device, inode), while anything holds it.
+        #: One Ref per real directory, by (device, inode), while anything holds it.
         self._known: weakref.WeakValueDictionary[tuple[int, int], Ref] = (
             weakref.WeakValueDictionary())
         #: Dropped on a path where closing could pull one from under its user: closed at the
@@ -145,13 +146,21 @@ class Descriptors:
 
     def named(self, parent: Ref, name: str, st: os.stat_result) -> Ref:
         """The reference of the object ``st`` describes, just found at ``name`` in ``parent``.
-        An object already known keeps its reference (whose name cowfs kept up to date), unless
-        its name went (it then gets this one)."""
-        key = (st.st_dev, st.st_ino)
+
+        A directory already known keeps its reference (whose name cowfs kept up to date, and
+        which its children's references name as their parent), unless its name went (it then
+        gets this one). A non-directory gets a new one, which the inode it makes holds: an inode
+        already known for it keeps its own (:meth:`cowfs.inodes.InodeTable.remember`), and no
+        other reference names it as a parent. (A table entry for every file cost about 200
+        bytes of each cached inode.)"""
+        dev = parent.dev if parent.dev == st.st_dev else st.st_dev  # one int for the layer
+        if not _is_dir(st):
+            return Ref(self, dev, st.st_ino, False, (parent, name))
+        key = (dev, st.st_ino)
         with self._lock:
             ref = self._known.get(key)
-            if ref is None or ref.is_dir != _is_dir(st):
-                ref = Ref(self, st.st_dev, st.st_ino, _is_dir(st), (parent, name))
+            if ref is None or not ref.is_dir:
+                ref = Ref(self, dev, st.st_ino, True, (parent, name))
                 self._known[key] = ref
             elif ref.where is None and ref.pinned < 0:
                 ref.where = (parent, name)

@@ -67,6 +67,9 @@ class Real:
     data: Data = Data.OWN
     #: Where it was found (its parent's reference and its name), when that parent had one.
     at: Ref | None = None
+    #: What the probe saw (``lstat``), for the reply to the lookup that made it: an inode keeps
+    #: None (:func:`cowfs.inodes.adopt`), and asks again when asked for attributes.
+    st: os.stat_result | None = None
 
     @property
     def fd(self) -> int:
@@ -77,6 +80,18 @@ class Real:
         if self.at is None:
             raise OSError(errno.ESTALE, "object released")
         return self.at.fd()
+
+    def release(self) -> None:
+        """Close the descriptor this record owns, if any (a probe's; never a reference's)."""
+        if self.held >= 0:
+            os.close(self.held)
+
+    def kept(self, at: Ref) -> Real:
+        """This record as an inode keeps it: reached through ``at``, owning no descriptor, and
+        without the probe's ``lstat`` (a constructor call: ``dataclasses.replace`` costs a
+        lookup several microseconds)."""
+        return Real(self.layer, -1, _intern_mode(self.mode), self.mark, self.redirect,
+                    self.nlink, self.ino, self.indexed, self.data, at)
 
     def named(self, name: str, st: os.stat_result) -> Ref | None:
         """The reference of ``fd`` (``st``), just found at ``name`` in this directory."""
@@ -192,8 +207,48 @@ def has_whiteout_xattr(fd: int, layer: Layer) -> bool:
     return any(realfs.getxattr(fd, name) is not None for name in names)
 
 
-def probe(parent: Real, name: str) -> Probe[Real]:
-    """Look ``name`` up in one layer's directory."""
+#: File modes seen, each kept once (a mode is an int of 28 bytes, and most files share a few).
+_MODES: dict[int, int] = {}
+
+
+def _intern_mode(mode: int) -> int:
+    kept = _MODES.get(mode)
+    if kept is None:
+        if len(_MODES) >= 4096:
+            return mode
+        kept = _MODES[mode] = mode
+    return kept
+
+
+def _stat_only(parent: Real, st: os.stat_result) -> bool:
+    """Whether a lazy probe (:func:`probe`) needs nothing but the object's ``lstat``: not a
+    directory (whose marks and redirect are xattrs, and whose descriptor its children need) nor
+    a possible xattr whiteout."""
+    mode = st.st_mode
+    return not stat.S_ISDIR(mode) and not (
+        parent.mark is schema.DirMark.XWHITEOUTS
+        and schema.may_be_xattr_whiteout(mode, st.st_size))
+
+
+def probe(parent: Real, name: str, *, lazy: bool = False) -> Probe[Real]:
+    """Look ``name`` up in one layer's directory. The found object's descriptor is the caller's
+    to close (:meth:`Real.release`).
+
+    ``lazy``, for a lookup whose inode keeps references: in a lower layer that holds no
+    metacopy files (the only kind whose files' xattrs a lookup does not read), from a directory
+    that has a reference, one ``fstatat`` first; an object that needs no more
+    (:func:`_stat_only`) gets no descriptor (``held`` is -1: it is reached by its reference
+    when a request needs it). Most lookups of a large lower tree are one ``fstatat`` so."""
+    if lazy and parent.at is not None and not parent.layer.reads_metacopy:
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if schema.is_device_whiteout(st.st_mode, st.st_rdev):
+            return WHITEOUT
+        if _stat_only(parent, st):
+            return Found(Real(parent.layer, -1, st.st_mode, nlink=st.st_nlink, ino=st.st_ino,
+                              at=parent.named(name, st), st=st), False)
     fd = realfs.open_path(parent.fd, name)
     if fd is None:
         return None
@@ -214,7 +269,7 @@ def probe(parent: Real, name: str) -> Probe[Real]:
             os.close(fd)
             raise
         real = Real(parent.layer, fd, st.st_mode, mark, redirect, ino=st.st_ino,
-                    at=parent.named(name, st))
+                    at=parent.named(name, st), st=st)
         return Found(real, True, mark is schema.DirMark.OPAQUE)
     # Only a non-empty regular file can be a metacopy one: one xattr read, on those alone. In a
     # lower layer too when it is a cowfs upper: one that holds metacopy files, stacked as a lower.
@@ -224,7 +279,7 @@ def probe(parent: Real, name: str) -> Probe[Real]:
     partial = metacopy and realfs.getxattr(fd, schema.XATTR_DATAMAP) is not None
     data = Data.OWN if not metacopy else Data.PARTIAL if partial else Data.LOWER
     return Found(Real(parent.layer, fd, st.st_mode, nlink=st.st_nlink, ino=st.st_ino,
-                      data=data, at=parent.named(name, st)), False)
+                      data=data, at=parent.named(name, st), st=st), False)
 
 
 def _is_marked(fd: int) -> bool:
@@ -275,7 +330,7 @@ def probe_path(root: Real, components: tuple[str, ...]) -> Probe[Real]:
 
 
 def _probes(parents: tuple[Real, ...], roots: tuple[Real, ...],
-            name: str) -> Iterator[Probe[Real]]:
+            name: str, lazy: bool = False) -> Iterator[Probe[Real]]:
     """Probe ``name`` layer by layer, following redirects of the directories found on the way.
 
     Without a redirect, a layer is probed in the parent's directory of that layer, and only the
@@ -293,7 +348,7 @@ def _probes(parents: tuple[Real, ...], roots: tuple[Real, ...],
         if path is not None:
             found = probe_path(root, path)
         elif index in by_layer:
-            found = probe(by_layer[index], lookup)
+            found = probe(by_layer[index], lookup, lazy=lazy)
         else:
             continue
         yield found
@@ -307,17 +362,20 @@ def _probes(parents: tuple[Real, ...], roots: tuple[Real, ...],
                 lookup = redirect.components[0]
 
 
-def resolve(parents: tuple[Real, ...], roots: tuple[Real, ...], name: str) -> tuple[Real, ...]:
+def resolve(parents: tuple[Real, ...], roots: tuple[Real, ...], name: str, *,
+            lazy: bool = False) -> tuple[Real, ...]:
     """The real objects behind ``name`` in a merged directory made of ``parents`` (topmost first).
 
     ``roots`` are the layer roots, for absolute redirects. The caller owns the returned
     descriptors. A refused redirect raises :class:`InvalidRedirectError` after directories above
     it were taken: what was opened is closed then, or each such lookup would leak descriptors.
+    ``lazy`` (a lookup, whose inode keeps references): see :func:`probe`; what is returned then
+    may hold no descriptor (:meth:`Real.release` closes only what it holds).
     """
     opened: list[Real] = []
 
     def probes() -> Iterator[Probe[Real]]:
-        for found in _probes(parents, roots, name):
+        for found in _probes(parents, roots, name, lazy):
             if isinstance(found, Found):
                 opened.append(found.obj)
             yield found
@@ -326,10 +384,10 @@ def resolve(parents: tuple[Real, ...], roots: tuple[Real, ...], name: str) -> tu
         taken, rejected = stack_for_name(probes())
     except BaseException:
         for real in opened:
-            os.close(real.fd)
+            real.release()
         raise
     if rejected is not None:
-        os.close(rejected.fd)
+        rejected.release()
     return tuple(taken)
 
 

@@ -125,6 +125,12 @@ class Overlay:
         """The object at ``name``, counting one kernel lookup; None when there is none."""
         return self.namespace.lookup(parent, name)
 
+    def lookup_stat(self, parent: Inode, name: str
+                    ) -> tuple[Inode, os.stat_result | None] | None:
+        """:meth:`lookup`, and what :meth:`stat` of the inode found gives when it can be told
+        without a system call (the lookup's own ``lstat``), else None."""
+        return self.namespace.lookup_stat(parent, name)
+
     def forget(self, number: int, count: int) -> None:
         """The kernel dropped ``count`` lookups of an inode; at zero its descriptors are closed."""
         self.table.forget(number, count)
@@ -210,9 +216,11 @@ class Overlay:
 
     # --- attributes ---------------------------------------------------------------------------
 
-    def stat(self, inode: Inode) -> os.stat_result:
+    def stat(self, inode: Inode, seen: os.stat_result | None = None) -> os.stat_result:
+        """The attributes of ``inode``'s topmost object (``seen``: its ``lstat``, when the
+        lookup that found it just made one, from :meth:`lookup_stat`)."""
         top = inode.top
-        st = top.stat()
+        st = top.stat() if seen is None else seen
         if top.metacopy and len(inode.reals) > 1:
             # The space the file's data takes is the data file's (as the kernel reports), and
             # for a partial file the upper copy's too.

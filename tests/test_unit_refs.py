@@ -56,14 +56,21 @@ def test_an_object_is_reached_again_by_its_names_from_the_root(tree: Path) -> No
     cache.close()
 
 
-def test_one_reference_per_object(tree: Path) -> None:
+def test_one_reference_per_directory_and_one_per_name_of_a_file(tree: Path) -> None:
+    """A directory has one reference wherever it is found (its children name it as their
+    parent); a file gets one per lookup, each reaching it by the name it was found at (the
+    inode that the lookup makes keeps one: cowfs.inodes)."""
     cache = Descriptors(8)
     root = _root(cache, tree)
     a = _named(cache, root, "a")
     assert _named(cache, root, "a") is a
     os.link(tree / "a" / "b" / "f", tree / "a" / "g")
     f = _named(cache, _named(cache, a, "b"), "f")
-    assert _named(cache, a, "g") is f  # a hard link: the same object, the same reference
+    g = _named(cache, a, "g")  # a hard link: the same object
+    assert g is not f
+    assert (g.dev, g.ino) == (f.dev, f.ino)
+    _evict(cache)
+    assert _ino(g.fd()) == _ino(f.fd()) == (tree / "a" / "g").stat().st_ino
     cache.close()
 
 
