@@ -137,14 +137,17 @@ def large_tree(large: dict[str, Any], names: list[str]) -> list[str]:
         errors = max((r[step]["errors"] for r in runs[name] if step in r), default=0)
         missing = "" if seen >= expected and not errors else (
             f" ({seen:,} seen, {errors:,} errors)")
-        return f"{t:.2f}{missing}"
+        disturbed = any(r[step].get("disturbed") for r in runs[name] if step in r)
+        return f"{t:.2f}{missing}{' *' if disturbed else ''}"
 
     order = [n for n in names if n in runs]
     reps = max(len(v) for v in runs.values())
     lines = ["", f"Large tree ({reps} repetition{'s' if reps > 1 else ''}, medians): a walk "
              f"(`find -type f`) of {files:,} files in directories of 1,000, and a directory of "
              f"{entries:,} entries; every FUSE daemon limited to {large['fd_limit']:,} "
-             "descriptors. Seconds; a walk or listing that missed entries says how many it saw:",
+             "descriptors. Seconds; a walk or listing that missed entries says how many it saw; "
+             "* marks a step during which another process dropped the kernel's caches (a warm "
+             "walk is tried three times before it is reported so):",
              "", "| target | cold walk | warm walk | walk after the kernel forgot | `ls -f` | "
              "`ls -l` |", "| --- |" + " ---: |" * 5]
     for n in order:

@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     meta["seconds"] = round(time.monotonic() - started)
     names = [t.name for t in targets]
+    if fx is None:
+        meta["reps"] = args.scale_reps
     text = report(samples, names, wls if fx is not None else [], large, meta)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ import trio
 
 from . import fusecheck, mounts, partial, realfs
 from .errors import CowfsError
+from .inodes import collect_less
 from .layers import LayerPaths, LayerStack, check_mountpoint_outside, open_stack
 from .operations import Operations
 from .schema import MountState
@@ -462,6 +463,7 @@ def serve(paths: LayerPaths, stack: LayerStack, mountpoint: Path, options: Mount
     """Mount ``stack`` at ``mountpoint`` and serve until unmounted. Calls ``ready`` once mounted."""
     os.umask(0)  # modes of new objects are exactly what the caller asked for
     _raise_fd_limit()
+    collect_less()
     with contextlib.ExitStack() as cleanup:
         overlay = Overlay(stack, sync=not options.volatile, noatime=options.noatime,
                           metacopy=options.metacopy, partial_min=options.partial_min,

@@ -45,7 +45,7 @@ from .copyup import CopyUp, copy_attributes, copy_xattrs
 from .inodes import Inode, InodeTable
 from .layers import Layer
 from .readdir import candidate_names
-from .resolve import Found, Real, exists_below, is_hidden_name, probe, resolve
+from .resolve import Found, Real, exists_below, is_hidden_name, probe, resolve, resolve_seen
 from .upperdata import Need
 from .workdir import WorkDir
 
@@ -137,10 +137,9 @@ class Namespace:
         that is not the inode's topmost one: an inode known already, copied up since)."""
         if is_hidden_name(parent is self.table.root, name):
             return None
-        reals = resolve(parent.child_parents, self.table.root.reals, name, lazy=True)
+        reals, st = resolve_seen(parent.child_parents, self.table.root.reals, name, lazy=True)
         if not reals:
             return None
-        st = reals[0].st
         if reals[0].metacopy and not reals[0].layer.is_upper:
             reals = self.copy_up.with_lower_data(reals)  # before numbering: see InodeNumbers
         inode = self.table.remember(self.copy_up.attach_index(reals), parent, name)

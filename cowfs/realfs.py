@@ -151,6 +151,27 @@ def listxattr(fd: int) -> list[str]:
         raise
 
 
+def getxattr_named(dirfd: int, name: str, xattr: str) -> bytes | None:
+    """:func:`getxattr` of ``name`` in the directory ``dirfd``, without following it (one
+    ``lgetxattr`` by the directory's magic link, instead of opening the object)."""
+    try:
+        return os.getxattr(f"{proc_path(dirfd)}/{name}", xattr, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in _NO_XATTR:
+            return None
+        raise
+
+
+def listxattr_named(dirfd: int, name: str) -> list[str]:
+    """:func:`listxattr` of ``name`` in the directory ``dirfd``, without following it."""
+    try:
+        return os.listxattr(f"{proc_path(dirfd)}/{name}", follow_symlinks=False)
+    except OSError as e:
+        if e.errno == errno.ENOTSUP:
+            return []
+        raise
+
+
 def readlink(fd: int) -> str:
     return os.readlink("", dir_fd=fd)
 

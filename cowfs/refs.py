@@ -168,6 +168,10 @@ class Descriptors:
 
     # --- descriptors --------------------------------------------------------------------------
 
+    def cached(self, ref: Ref) -> bool:
+        """Whether ``ref``'s descriptor is in the cache now."""
+        return ref in self._lru
+
     def fd(self, ref: Ref) -> int:
         with self._lock:
             entry = self._lru.get(ref)

@@ -67,9 +67,6 @@ class Real:
     data: Data = Data.OWN
     #: Where it was found (its parent's reference and its name), when that parent had one.
     at: Ref | None = None
-    #: What the probe saw (``lstat``), for the reply to the lookup that made it: an inode keeps
-    #: None (:func:`cowfs.inodes.adopt`), and asks again when asked for attributes.
-    st: os.stat_result | None = None
 
     @property
     def fd(self) -> int:
@@ -87,11 +84,37 @@ class Real:
             os.close(self.held)
 
     def kept(self, at: Ref) -> Real:
-        """This record as an inode keeps it: reached through ``at``, owning no descriptor, and
-        without the probe's ``lstat`` (a constructor call: ``dataclasses.replace`` costs a
-        lookup several microseconds)."""
-        return Real(self.layer, -1, _intern_mode(self.mode), self.mark, self.redirect,
-                    self.nlink, self.ino, self.indexed, self.data, at)
+        """This record as an inode keeps it: reached through ``at``, owning no descriptor (a
+        constructor call: ``dataclasses.replace`` costs a lookup several microseconds)."""
+        return Real(self.layer, -1, self.mode, self.mark, self.redirect, self.nlink, self.ino,
+                    self.indexed, self.data, at)
+
+    def _by_name(self) -> tuple[int, str] | None:
+        """For a lower object whose descriptor is not at hand: its parent directory's descriptor
+        and its name, to read its xattrs by (lower layers never change while mounted, so the
+        name is the object's; the name is not followed). None: use :attr:`fd`."""
+        ref = self.at
+        if self.held >= 0 or ref is None or ref.pinned >= 0 or self.layer.is_upper or (
+                ref.cache.cached(ref)):
+            return None
+        where = ref.where
+        return None if where is None else (where[0].fd(), where[1])
+
+    def getxattr(self, xattr: str) -> bytes | None:
+        """The value of the object's xattr ``xattr`` (None if it has none): for a lower object
+        not in the cache, one ``lgetxattr`` by name instead of opening it (``ls -l`` asks two
+        per file)."""
+        by_name = self._by_name()
+        if by_name is None:
+            return realfs.getxattr(self.fd, xattr)
+        return realfs.getxattr_named(by_name[0], by_name[1], xattr)
+
+    def listxattr(self) -> list[str]:
+        """The names of the object's xattrs, as :meth:`getxattr` reads them."""
+        by_name = self._by_name()
+        if by_name is None:
+            return realfs.listxattr(self.fd)
+        return realfs.listxattr_named(*by_name)
 
     def named(self, name: str, st: os.stat_result) -> Ref | None:
         """The reference of ``fd`` (``st``), just found at ``name`` in this directory."""
@@ -126,6 +149,8 @@ class Found(Generic[T]):
     obj: T
     is_dir: bool
     opaque: bool = False
+    #: The object's ``lstat``, where the probe made one.
+    st: os.stat_result | None = None
 
 
 class _Whiteout:
@@ -247,8 +272,8 @@ def probe(parent: Real, name: str, *, lazy: bool = False) -> Probe[Real]:
         if schema.is_device_whiteout(st.st_mode, st.st_rdev):
             return WHITEOUT
         if _stat_only(parent, st):
-            return Found(Real(parent.layer, -1, st.st_mode, nlink=st.st_nlink, ino=st.st_ino,
-                              at=parent.named(name, st), st=st), False)
+            return Found(Real(parent.layer, -1, _intern_mode(st.st_mode), nlink=st.st_nlink,
+                              ino=st.st_ino, at=parent.named(name, st)), False, st=st)
     fd = realfs.open_path(parent.fd, name)
     if fd is None:
         return None
@@ -268,9 +293,9 @@ def probe(parent: Real, name: str, *, lazy: bool = False) -> Probe[Real]:
         except BaseException:
             os.close(fd)
             raise
-        real = Real(parent.layer, fd, st.st_mode, mark, redirect, ino=st.st_ino,
-                    at=parent.named(name, st), st=st)
-        return Found(real, True, mark is schema.DirMark.OPAQUE)
+        real = Real(parent.layer, fd, _intern_mode(st.st_mode), mark, redirect, ino=st.st_ino,
+                    at=parent.named(name, st))
+        return Found(real, True, mark is schema.DirMark.OPAQUE, st)
     # Only a non-empty regular file can be a metacopy one: one xattr read, on those alone. In a
     # lower layer too when it is a cowfs upper: one that holds metacopy files, stacked as a lower.
     metacopy = parent.layer.reads_metacopy and stat.S_ISREG(st.st_mode) and st.st_size > 0 and (
@@ -278,8 +303,8 @@ def probe(parent: Real, name: str, *, lazy: bool = False) -> Probe[Real]:
     # A partial file: a metacopy file with a data map (in the upper, or stacked as a lower).
     partial = metacopy and realfs.getxattr(fd, schema.XATTR_DATAMAP) is not None
     data = Data.OWN if not metacopy else Data.PARTIAL if partial else Data.LOWER
-    return Found(Real(parent.layer, fd, st.st_mode, nlink=st.st_nlink, ino=st.st_ino,
-                      data=data, at=parent.named(name, st), st=st), False)
+    return Found(Real(parent.layer, fd, _intern_mode(st.st_mode), nlink=st.st_nlink,
+                      ino=st.st_ino, data=data, at=parent.named(name, st)), False, st=st)
 
 
 def _is_marked(fd: int) -> bool:
@@ -362,33 +387,38 @@ def _probes(parents: tuple[Real, ...], roots: tuple[Real, ...],
                 lookup = redirect.components[0]
 
 
-def resolve(parents: tuple[Real, ...], roots: tuple[Real, ...], name: str, *,
-            lazy: bool = False) -> tuple[Real, ...]:
+def resolve(parents: tuple[Real, ...], roots: tuple[Real, ...], name: str) -> tuple[Real, ...]:
     """The real objects behind ``name`` in a merged directory made of ``parents`` (topmost first).
 
     ``roots`` are the layer roots, for absolute redirects. The caller owns the returned
     descriptors. A refused redirect raises :class:`InvalidRedirectError` after directories above
     it were taken: what was opened is closed then, or each such lookup would leak descriptors.
-    ``lazy`` (a lookup, whose inode keeps references): see :func:`probe`; what is returned then
-    may hold no descriptor (:meth:`Real.release` closes only what it holds).
     """
-    opened: list[Real] = []
+    return resolve_seen(parents, roots, name)[0]
+
+
+def resolve_seen(parents: tuple[Real, ...], roots: tuple[Real, ...], name: str, *,
+                 lazy: bool = False) -> tuple[tuple[Real, ...], os.stat_result | None]:
+    """:func:`resolve`, and the topmost object's ``lstat`` as its probe saw it (for the reply
+    to a lookup). ``lazy`` (a lookup, whose inode keeps references): see :func:`probe`; what is
+    returned then may hold no descriptor (:meth:`Real.release` closes only what it holds)."""
+    opened: list[Found[Real]] = []
 
     def probes() -> Iterator[Probe[Real]]:
         for found in _probes(parents, roots, name, lazy):
             if isinstance(found, Found):
-                opened.append(found.obj)
+                opened.append(found)
             yield found
 
     try:
         taken, rejected = stack_for_name(probes())
     except BaseException:
-        for real in opened:
-            real.release()
+        for found in opened:
+            found.obj.release()
         raise
     if rejected is not None:
         rejected.release()
-    return tuple(taken)
+    return tuple(taken), opened[0].st if taken and opened[0].obj is taken[0] else None
 
 
 def exists_below(parents: tuple[Real, ...], name: str) -> bool:

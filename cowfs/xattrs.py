@@ -36,7 +36,7 @@ def get_value(inode: Inode, name: str) -> bytes:
     if name == CAPABILITY and inode.no_caps_on is top:
         raise OSError(errno.ENODATA, "no such attribute", name)
     changes = inode.xattr_changes  # before the read: a change after it voids the absence
-    value = realfs.getxattr(top.fd, schema.escape_xattr(name))
+    value = top.getxattr(schema.escape_xattr(name))
     if value is None:
         if name == CAPABILITY:
             inode.remember_no_caps(top, changes)
@@ -45,7 +45,7 @@ def get_value(inode: Inode, name: str) -> bytes:
 
 
 def list_names(inode: Inode) -> list[str]:
-    visible = (schema.unescape_xattr(n) for n in realfs.listxattr(inode.top.fd))
+    visible = (schema.unescape_xattr(n) for n in inode.top.listxattr())
     return [n for n in visible if n is not None]
 
 
@@ -62,7 +62,7 @@ def set_value(inode: Inode, name: str, value: bytes, copy_up: CopyUp) -> None:
 
 def remove_value(inode: Inode, name: str, copy_up: CopyUp) -> None:
     _refuse_reserved(name)
-    if realfs.getxattr(inode.top.fd, schema.escape_xattr(name)) is None:
+    if inode.top.getxattr(schema.escape_xattr(name)) is None:
         raise OSError(errno.ENODATA, "no such attribute", name)
     upper = copy_up.ensure(inode, Need.METADATA)
     try:
