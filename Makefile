@@ -55,8 +55,8 @@ help:
 	@echo 'make helper  symlink $(MOUNT_HELPER) for mount -t fuse.cowfs (root)'
 	@echo 'make shell-install  link the completion and man page into /usr/local/share (root)'
 	@echo 'make docker-test  build the container image and smoke-test it (own Docker engine)'
-	@echo 'make bench   compare cowfs with native, overlayfs, fuse-overlayfs (root; BENCH_MODE=full)'
-	@echo 'make bench-full   the same, larger and with more repetitions (about 15 minutes)'
+	@echo 'make bench   compare cowfs with native, overlayfs, fuse-overlayfs, and a large tree (root; BENCH_MODE=full)'
+	@echo 'make bench-full   the same, larger and with more repetitions, 1,000,000 files (about an hour)'
 	@echo 'make faults  the full fault-injection enumeration (tests/test_faults.py, long)'
 	@echo 'make clean   remove .venv and caches'
 

@@ -4,8 +4,10 @@
 Run as root (``make bench``, ``make bench-full``, or ``python bench/run.py --help``). For each
 repetition and each target, in an order rotated every repetition, it mounts the target fresh over
 one cached lower fixture with an empty upper, runs every workload in one fixed order, and unmounts.
-It prints markdown tables of medians and ratios and writes them, with every sample, to
-``bench/results/``. docs/performance.md explains the method and how to read the tables.
+Then the large-tree profile (bench/scale.py: walks of 100,000 or 1,000,000 files and listings of
+a directory of 300,000, every FUSE daemon limited to 1,024 descriptors). It prints markdown tables
+of medians and ratios and writes them, with every sample, to ``bench/results/``.
+docs/performance.md explains the method and how to read the tables.
 
 Independent of the cowfs package on purpose: it drives ``cowfs mount`` like any user would.
 
@@ -181,7 +183,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where uppers and mountpoints go (default: %(default)s); a tmpfs here "
                    "keeps other disk traffic out of the write workloads")
     p.add_argument("--out", type=Path, default=HERE / "results",
-                   help="where latest.json and latest.md go")
+                   help="where latest.json and latest.md go (with --scale-only: large-tree.json "
+                   "and large-tree.md, beside the last full run's)")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="record the cowfs daemon with py-spy during each workload (slows it)")
     return p.parse_args(argv)
@@ -271,15 +274,16 @@ def main(argv: list[str] | None = None) -> int:
     text = report(samples, names, wls if fx is not None else [], large, meta)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latest.md").write_text(text)
-    (args.out / "latest.json").write_text(json.dumps(
+    stem = "large-tree" if args.scale_only else "latest"
+    (args.out / f"{stem}.md").write_text(text)
+    (args.out / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "targets": names, "workloads": {w.name: w.label for w in wls},
          "seconds": samples.seconds, "daemon_cpu": samples.cpu, "requests": samples.requests,
          "peak_rss": samples.peak_rss,
          "large_tree": large, "errors": samples.errors,
          "median_seconds": {w: {t: median(v) for t, v in row.items()}
                             for w, row in samples.seconds.items()}}, indent=1))
-    log(f"done in {meta['seconds']} s; wrote {args.out / 'latest.json'} and latest.md")
+    log(f"done in {meta['seconds']} s; wrote {args.out / stem}.json and {stem}.md")
     return 1 if samples.errors else 0
 
 

@@ -71,12 +71,19 @@ class _NeedsLookup:
 NEEDS_LOOKUP = _NeedsLookup()
 
 
-def _top(directory: Inode, name: str) -> tuple[Real, os.stat_result] | _NeedsLookup | None:
+def layer_fds(directory: Inode) -> list[tuple[Real, int]]:
+    """``directory``'s real directories and their descriptors, got once for a whole listing
+    (valid until the request ends, :mod:`cowfs.refs`)."""
+    return [(real, real.fd) for real in directory.reals]
+
+
+def _top(directory: Inode, name: str, fds: list[tuple[Real, int]] | None = None
+         ) -> tuple[Real, os.stat_result] | _NeedsLookup | None:
     """The topmost real object named ``name`` and its ``lstat``; None if no layer has one,
-    :data:`NEEDS_LOOKUP` if a layer cannot say."""
-    for real in directory.reals:
+    :data:`NEEDS_LOOKUP` if a layer cannot say. ``fds``: :func:`layer_fds`, for a listing."""
+    for real, fd in layer_fds(directory) if fds is None else fds:
         try:
-            st = os.stat(name, dir_fd=real.fd, follow_symlinks=False)
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             continue
         except OSError:
@@ -119,12 +126,12 @@ def plain_entry(directory: Inode, name: str) -> tuple[int, int, int] | _NeedsLoo
     return stat.S_IFMT(st.st_mode), real.layer.index, st.st_ino
 
 
-def listed_entry(directory: Inode, name: str
+def listed_entry(directory: Inode, name: str, fds: list[tuple[Real, int]] | None = None
                  ) -> tuple[bool | _NeedsLookup, tuple[int, int, int] | None]:
     """Whether a listing shows ``name`` (it is not whited out, nor gone), from one ``fstatat``
     per layer, :data:`NEEDS_LOOKUP` where only a lookup can say; and, for a name a lower layer
     answers, what :func:`plain_entry` would (else None)."""
-    found = _top(directory, name)
+    found = _top(directory, name, fds)
     if not isinstance(found, tuple):
         return (False if found is None else found), None
     real, st = found

@@ -37,9 +37,11 @@ reference (a model built without a cache, in tests) is pinned when an inode take
 
 Known limits: a worker that runs long (a copy-up of a large file) keeps open the descriptors it
 used until it returns, dropped ones too; an object renamed in the upper by someone else than cowfs
-(which is not supported) fails ``ESTALE`` instead of being found; an inode's ``Ref`` stays in the
-table of references while the cache or a child holds it, and forget does not drop its cached
-descriptor (the cache's bound does).
+(which is not supported) fails ``ESTALE`` instead of being found; a directory's ``Ref`` stays in
+the table of references while the cache or a child holds it, and forget does not drop a cached
+descriptor (the cache's bound does). Every lookup of a non-directory makes a reference (two
+names of a hard link, or a name looked up again): the inode keeps its first, and a later one's
+descriptor is cached under it (:meth:`cowfs.inodes.InodeTable.remember`).
 """
 
 from __future__ import annotations

@@ -402,6 +402,11 @@ def resolve_seen(parents: tuple[Real, ...], roots: tuple[Real, ...], name: str, 
     """:func:`resolve`, and the topmost object's ``lstat`` as its probe saw it (for the reply
     to a lookup). ``lazy`` (a lookup, whose inode keeps references): see :func:`probe`; what is
     returned then may hold no descriptor (:meth:`Real.release` closes only what it holds)."""
+    if len(parents) == 1 and parents[0].layer.is_bottom:
+        # A directory of the bottom layer alone (most of a large lower tree): one probe, and
+        # nothing below it to merge or redirect to.
+        found = probe(parents[0], name, lazy=lazy)
+        return ((found.obj,), found.st) if isinstance(found, Found) else ((), None)
     opened: list[Found[Real]] = []
 
     def probes() -> Iterator[Probe[Real]]:

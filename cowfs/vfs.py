@@ -34,6 +34,7 @@ from .readdir import (
     Listing,
     candidate_names,
     entry_type,
+    layer_fds,
     listed_entry,
     plain_entry,
 )
@@ -402,9 +403,10 @@ class Overlay:
     def listing(self, directory: Inode) -> Listing:
         """``"."``, ``".."`` and every name ``directory`` shows: what readdir offsets index."""
         names, plain = [".", ".."], {}
+        fds = layer_fds(directory)
         for name in candidate_names(directory, self.hidden_names(directory),
                                     upper_noatime=self.noatime or self.mounted_read_only):
-            listed, entry = listed_entry(directory, name)
+            listed, entry = listed_entry(directory, name, fds)
             if listed is NEEDS_LOOKUP:
                 listed = self._looked_up(directory, name)
             if listed:

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from cowfs import realfs
+from cowfs.layers import LayerPaths, open_stack
 from cowfs.refs import Descriptors, Ref, in_worker
+from cowfs.vfs import Overlay
 
 
 def _root(cache: Descriptors, path: Path) -> Ref:
@@ -207,3 +209,41 @@ def test_a_deep_chain_is_opened_without_recursion(tmp_path: Path) -> None:
         realfs.remove_tree(top, "d")  # iterative: pytest's own cleanup recurses
     finally:
         os.close(top)
+
+
+def test_a_lookup_of_a_lower_file_is_one_fstatat_and_holds_no_descriptor(tmp_path: Path) -> None:
+    """A plain lower non-directory is found by its ``lstat`` alone: the inode gets no descriptor,
+    the lookup's attributes are that ``lstat``, and its xattrs are read by its parent and name
+    without opening it (issue 19). Directories still get one (their children need it)."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    (lower / "d").mkdir(parents=True)
+    upper.mkdir()
+    for i in range(50):
+        (lower / "d" / f"f{i}").write_text(f"{i}")
+    os.setxattr(lower / "d" / "f7", "user.mark", b"seven")
+    os.symlink("f1", lower / "d" / "link")
+    overlay = Overlay(open_stack(LayerPaths((lower,), upper)))
+    try:
+        d = overlay.lookup(overlay.table.root, "d")
+        assert d is not None
+        overlay.request_done()
+        before = overlay.descriptors.open_count()
+        for i in range(50):
+            found = overlay.lookup_stat(d, f"f{i}")
+            assert found is not None
+            inode, seen = found
+            assert seen is not None
+            assert overlay.stat(inode, seen) == os.lstat(lower / "d" / f"f{i}")
+            overlay.request_done()
+        link = overlay.lookup_stat(d, "link")
+        assert link is not None
+        assert overlay.readlink(link[0]) == "f1"  # reached by name when a request needs it
+        assert overlay.descriptors.open_count() <= before + 1
+        f7 = overlay.lookup(d, "f7")
+        assert f7 is not None
+        assert overlay.getxattr(f7, "user.mark") == b"seven"
+        assert overlay.listxattr(f7) == ["user.mark"]
+        assert overlay.descriptors.open_count() <= before + 1  # read without opening it
+        assert overlay.stat(f7) == os.lstat(lower / "d" / "f7")
+    finally:
+        overlay.close()
