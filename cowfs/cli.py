@@ -15,9 +15,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, lifecycle, mounts
-from .errors import CowfsError
-from .layers import LayerPaths
+from . import __version__
+from .core import lifecycle, mounts
+from .core.errors import CowfsError
+from .core.layers import LayerPaths
 
 log = logging.getLogger("cowfs")
 
@@ -171,8 +172,8 @@ def _setup_logging(debug: bool, log_file: str | None, foreground: bool) -> None:
 
 def mount(lower: str, upper: str, mountpoint: str, *, work: str | None, options: list[str],
           foreground: bool, log_file: str | None) -> None:
-    from . import fusecheck
-    from .mount import MountOptions, prepare, serve  # pyfuse3 only where it is needed
+    from .daemon import fusecheck
+    from .daemon.mount import MountOptions, prepare, serve  # pyfuse3 only where it is needed
 
     opts = MountOptions.parse(options)
     privileged = opts.kernel & {"suid", "dev"} if os.geteuid() != 0 else frozenset()
@@ -285,7 +286,7 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
     args = _helper_parser().parse_args(argv)
     try:
         if "remount" in ",".join(args.options).split(","):
-            from .mount import remount  # pyfuse3 only where it is needed
+            from .daemon.mount import remount  # pyfuse3 only where it is needed
             remount(Path(args.mountpoint), args.options)
             return 0
         lower, upper, work, rest = helper_arguments(args.options)

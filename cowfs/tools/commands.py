@@ -1,7 +1,7 @@
 """The command line of the tools: one sub-parser and one handler per command.
 
 :func:`add_parsers` is called by :func:`cowfs.cli.build_parser`. Handlers raise
-:class:`~cowfs.errors.CowfsError` for user errors; a non-zero status that is not an error (the
+:class:`~cowfs.core.errors.CowfsError` for user errors; a non-zero status that is not an error (the
 status of ``run``'s command, problems found by ``check``) leaves as ``SystemExit``.
 """
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import CowfsError
+from ..core.errors import CowfsError
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -122,7 +122,7 @@ def _add_filters(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _selected_paths(paths: list[str]) -> list[str]:
-    from ..plans import relative_path
+    from .plans import relative_path
 
     return [relative_path(p) for p in paths]
 
@@ -137,10 +137,10 @@ def _cmd_diff(args: argparse.Namespace) -> None:
 
 
 def _diff(args: argparse.Namespace) -> None:
-    from ..changes import anomaly_lines, render_json, render_text, select, visible_changes
-    from ..mounts import layers_for
-    from ..walk import walk
+    from ..core.mounts import layers_for
+    from .changes import anomaly_lines, render_json, render_text, select, visible_changes
     from .stack import is_stack, load
+    from .walk import walk
 
     paths = _selected_paths(args.paths)
     target = args.target
@@ -187,7 +187,7 @@ examples:
 
 
 def _cmd_commit(args: argparse.Namespace) -> None:
-    from ..workspace import commit
+    from .workspace import commit
 
     commit(Path(args.upper), Path(args.into), yes=args.yes, dry_run=args.dry_run,
            relocate=args.relocate, verbose=args.verbose)
@@ -226,7 +226,7 @@ examples:
 
 
 def _cmd_reset(args: argparse.Namespace) -> None:
-    from ..workspace import reset
+    from .workspace import reset
 
     reset(Path(args.upper), args.paths, yes=args.yes, dry_run=args.dry_run)
 
@@ -256,7 +256,7 @@ examples:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from ..mounts import layers_for
+    from ..core.mounts import layers_for
     from .oci import export_layer
     from .stack import export_frozen, frozen_layer
 
@@ -408,8 +408,8 @@ def _add_status(subparsers: Subparsers) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> None:
-    from ..layers import parse_lowers
-    from ..upperinfo import recorded_lowers
+    from ..core.layers import parse_lowers
+    from ..core.upperinfo import recorded_lowers
     from .check import check
 
     lowers = parse_lowers(args.lower) if args.lower else recorded_lowers(Path(args.upper))
