@@ -106,7 +106,7 @@ def visible(ov: Overlay, path: str) -> set[str]:
 
 def nlink(ov: Overlay, path: str) -> int:
     inode = lookup(ov, path)
-    return ov.nlink(inode, ov.stat(inode))
+    return ov.attributes(inode).nlink
 
 
 def test_link_counts_of_an_indexed_hard_link_set_survive_concurrent_links_and_unlinks(

@@ -256,15 +256,6 @@ def owner_allowed(uid: int, lower_uid: int, trusted_uid: int) -> bool:
     return uid in (lower_uid, trusted_uid)
 
 
-def with_blocks(st: os.stat_result, blocks: int) -> os.stat_result:
-    """``st`` with another ``st_blocks``: a marked file reports its data's (the lower's)."""
-    fields = {name: getattr(st, name) for name in (
-        "st_atime", "st_mtime", "st_ctime", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
-        "st_blksize", "st_rdev")}
-    fields["st_blocks"] = blocks
-    return os.stat_result(tuple(st)[:10], fields)
-
-
 def fill(upper_fd: int, data_fd: int, *, with_data: bool, sync: bool, reflink: bool) -> None:
     """Give a marked upper file its own data, in place, and remove the mark (the commit point).
 

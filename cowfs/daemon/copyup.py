@@ -22,7 +22,7 @@ they touch; where a clone is as cheap (reflinks, one filesystem), it is cloned w
 
 A lower non-directory with several names (hard links) is copied once, into the hard-link index
 (``WORK/index/<layer>-<inode>``), and not linked to any name: a lookup of any of its names finds
-the entry (:meth:`CopyUp.attach_index`), so the names stay one file, also across mounts. A name is
+the entry (:mod:`cowfs.daemon.namei`), so the names stay one file, also across mounts. A name is
 linked to the entry only when it has to exist in the upper (it is renamed: see
 :mod:`cowfs.daemon.namespace`); :mod:`cowfs.core.nlink` keeps the entry's link count.
 """
@@ -37,10 +37,10 @@ import time
 
 from ..core import metacopy, nlink, origins, partial, realfs, schema
 from ..core.layers import Layer
-from ..core.refs import Descriptors, Ref
 from ..core.resolve import Data, Real
 from ..core.workdir import WorkDir
 from .inodes import Inode
+from .namei import Namei
 from .upperdata import Need, UpperData, map_of
 
 log = logging.getLogger(__name__)
@@ -89,41 +89,21 @@ def _origin_xattrs(lower: Real, st: os.stat_result) -> dict[str, bytes]:
 class CopyUp:
     """Copies objects up; one instance per mount."""
 
-    def __init__(self, upper: Layer, work: WorkDir, *, sync: bool = True,
-                 roots: tuple[Real, ...] = (), metacopy: bool = True,
-                 partial_min: int = 0, descriptors: Descriptors | None = None) -> None:
+    def __init__(self, upper: Layer, work: WorkDir, namei: Namei, *, sync: bool = True,
+                 metacopy: bool = True, partial_min: int = 0) -> None:
         self.upper = upper
         self.work = work
         self.sync = sync
-        #: The layer roots by index (the upper's first), where metacopy files find their data.
-        self.roots = roots
+        #: Lookup, which names the index entries made here (:meth:`Namei.index_entry_ref`).
+        self.namei = namei
         #: Whether metadata changes may copy up without data (``-o nometacopy``: never).
         self.metacopy = metacopy
         #: Regular files of at least this size copy up only the blocks written (0: never).
         self.partial_min = partial_min
         #: The upper directory's owner: a metacopy file must be its or its lower file's.
-        self.trusted_uid = os.fstat(upper.root_fd).st_uid
+        self.trusted_uid = namei.trusted_uid
         #: What happens to a copy's data after the copy exists (:mod:`cowfs.daemon.upperdata`).
         self.data = UpperData(work, sync=sync)
-        #: Metacopy files whose refused mark was logged: once each.
-        self._logged: set[str] = set()
-        #: The index directory as the parent of its entries' references (:mod:`cowfs.core.refs`).
-        self._index_ref: Ref | None = None
-        if descriptors is not None and work.index_fd is not None:
-            index_fd = os.dup(work.index_fd)
-            self._index_ref = descriptors.pinned(index_fd, os.fstat(index_fd))
-
-    def close(self) -> None:
-        """Close the index directory's descriptor (the mount is gone)."""
-        if self._index_ref is not None and self._index_ref.pinned >= 0:
-            os.close(self._index_ref.pinned)
-            self._index_ref.pinned = -1
-
-    def _index_entry_ref(self, name: str, fd: int) -> Ref | None:
-        """The reference of index entry ``name`` (``fd``), reached from the index directory."""
-        if self._index_ref is None:
-            return None
-        return self._index_ref.cache.named(self._index_ref, name, os.fstat(fd))
 
     @staticmethod
     def is_hard_linked_lower(inode: Inode) -> bool:
@@ -234,65 +214,6 @@ class CopyUp:
             return False
         return metacopy.owner_allowed(uid, lower_uid, self.trusted_uid)
 
-    def attach_data(self, inode: Inode) -> None:
-        """For an inode whose upper copy is a metacopy one: find its data in the lower layers.
-        When there is none (or it may not be used), reads fail with EIO; logged once."""
-        data = self._find_data(inode.top, f"inode {inode.number}")
-        if data is not None and not inode.attach_data(data):
-            os.close(data.fd)
-
-    def with_lower_data(self, reals: tuple[Real, ...]) -> tuple[Real, ...]:
-        """A lookup's ``reals`` for a metacopy file of a lower layer (an upper written with
-        metacopy, stacked as a lower): with its data file below it, when it has one. The caller
-        owns the descriptors, as of ``reals``."""
-        data = self._find_data(reals[0], f"in layer {reals[0].layer.index}, inode "
-                                         f"{origins.ino_of(reals[0])}")
-        return reals if data is None else (*reals, data)
-
-    def _find_data(self, marked: Real, what: str) -> Real | None:
-        """The data file of a metacopy file (:func:`metacopy.find_data`), counting the origin's
-        layer from the marked file's own; None (logged once) when there is none."""
-        layer = marked.layer
-        trusted = self.trusted_uid if layer.is_upper else os.fstat(layer.root_fd).st_uid
-        try:
-            self._check_enabled(marked)
-            return metacopy.find_data(marked.fd, self.roots, trusted, layer_index=layer.index)
-        except metacopy.NoDataError as e:
-            if what not in self._logged:
-                self._logged.add(what)
-                log.warning("metacopy file (%s) has no usable data, reads fail with EIO "
-                            "('cowfs check' reports it): %s", what, e.reason)
-            return None
-
-    def _check_enabled(self, marked: Real) -> None:
-        """A mark is followed only when the mount's options enable it, as the kernel refuses a
-        metacopy origin without ``metacopy=on``: a data map only with partial copy-up, a plain
-        metacopy mark unless ``-o nometacopy``. :class:`metacopy.NoDataError` otherwise."""
-        if marked.partial and not self.partial_min:
-            raise metacopy.NoDataError("partial copy-up is off (nopartial_copyup), so its data "
-                                       "map is not followed")
-        if not marked.partial and not self.metacopy:
-            raise metacopy.NoDataError("metacopy is off (nometacopy), so its mark is not "
-                                       "followed")
-
-    def attach_index(self, reals: tuple[Real, ...]) -> tuple[Real, ...]:
-        """For a lower object with several names: its index entry on top, if it was copied up."""
-        top = reals[0]
-        index_fd = self.work.index_fd
-        if top.layer.is_upper or top.is_dir or top.nlink <= 1 or index_fd is None:
-            return reals
-        name = schema.index_name(top.layer.index, top.ino or os.fstat(top.fd).st_ino)
-        entry = realfs.open_path(index_fd, name)
-        if entry is None:
-            return reals
-        try:
-            st = os.fstat(entry)
-            at = self._index_entry_ref(name, entry)
-        except BaseException:
-            os.close(entry)
-            raise
-        return (Real(self.upper, entry, st.st_mode, indexed=True, at=at), *reals)
-
     def link_name(self, real: Real, parent: Real, name: str) -> None:
         """Give an index entry a name in the upper (parent times unchanged: this is a copy-up)."""
         parent_times = parent.stat()
@@ -319,7 +240,7 @@ class CopyUp:
                 self.work.discard(temp)
                 raise
         try:
-            at = self._index_entry_ref(entry, fd)
+            at = self.namei.index_entry_ref(entry, fd)
         except BaseException:
             os.close(fd)
             raise

@@ -19,9 +19,9 @@ descriptor (:meth:`cowfs.core.refs.Descriptors.leaving`), so the filesystem cann
 while the kernel may still ask for it. State is
 freed only in :meth:`InodeTable.forget`, when the kernel's lookup count drops to zero.
 
-An origin is untrusted input: it is used only once verified (:mod:`cowfs.core.origins`), and even a
-verified one never makes two different real objects one inode (:func:`same_object`): the second
-gets a number of its own.
+An origin is untrusted input: lookup uses it only once verified (:mod:`cowfs.daemon.namei`), and
+even a verified one never makes two different real objects one inode (:func:`same_object`): the
+second gets a number of its own.
 
 Known limits: an inode number above 2**56 on a layer whose filesystem is not the only one is folded
 into 56 bits, which could in principle collide. Numbers given to the losers of such a collision
@@ -39,7 +39,7 @@ import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ..core import origins, realfs, schema
+from ..core import origins
 from ..core.layers import Layer
 from ..core.refs import Descriptors
 from ..core.resolve import Real
@@ -52,28 +52,20 @@ log = logging.getLogger(__name__)
 ROOT_NUMBER = 1
 _FS_SHIFT = 56
 _INO_MASK = (1 << _FS_SHIFT) - 1
-#: Verified origins remembered (a few MB at most); the cache is emptied when it is full.
-_VERIFIED_MAX = 1 << 16
 #: Where numbers for colliding objects start: the high byte no filesystem index reaches.
 _SPARE_BASE = 0xFF << _FS_SHIFT
 
 
 class InodeNumbers:
-    """Stable inode numbers for the objects of one layer stack."""
+    """Stable inode numbers for the objects of one layer stack: the arithmetic alone (which real
+    inode an object originates from is lookup's to say, :mod:`cowfs.daemon.namei`)."""
 
-    def __init__(self, layers: tuple[Layer, ...], *, index_fd: int | None = None) -> None:
+    def __init__(self, layers: tuple[Layer, ...]) -> None:
         devices: dict[int, int] = {}
         for layer in layers:
             devices.setdefault(layer.dev, len(devices))
         self._fs_of_layer = {layer.index: devices[layer.dev] for layer in layers}
         self._single_fs = len(devices) == 1
-        #: The layer roots by index, for verifying origins (set by :class:`InodeTable`).
-        self.roots: tuple[Real, ...] = ()
-        self._index_fd = index_fd
-        #: Upper objects (device, inode) whose refused origin was logged: once each.
-        self._logged: set[tuple[int, int]] = set()
-        #: Origins verified, by upper object: the next lookup of one needs no probe.
-        self._verified: dict[tuple[int, int], tuple[bytes, schema.Origin]] = {}
 
     def number(self, layer_index: int, ino: int) -> int:
         if self._single_fs and ino > ROOT_NUMBER:
@@ -84,57 +76,6 @@ class InodeNumbers:
     def own(self, real: Real) -> int:
         """The number of a real object itself, whatever its origin says."""
         return self.number(real.layer.index, origins.ino_of(real))
-
-    def origin_of(self, reals: tuple[Real, ...], parents: tuple[Real, ...] = (),
-                  name: str | None = None) -> tuple[int, int]:
-        """``(layer index, inode)`` of the real inode an object originates from: its verified
-        origin (:mod:`cowfs.core.origins`), else itself. ``reals`` are what a lookup of ``name`` in
-        the directory made of ``parents`` found."""
-        real = reals[0]
-        if real.layer.is_upper:
-            origin = self._verified_origin(reals, parents, name)
-            if origin is not None:
-                return origin.layer, origin.ino
-        elif real.metacopy and len(reals) > 1:
-            # A lower metacopy file is numbered by its data file, as it was in the mount that
-            # wrote it, and as its copies up are (their origin names the data file).
-            real = reals[1]
-        return real.layer.index, origins.ino_of(real)
-
-    def _verified_origin(self, reals: tuple[Real, ...], parents: tuple[Real, ...],
-                         name: str | None) -> schema.Origin | None:
-        real = reals[0]
-        value = realfs.getxattr(real.fd, schema.origin_xattr(real.mode))
-        if value is None:
-            return None
-        key = (real.layer.dev, origins.ino_of(real))
-        known = self._verified.get(key)
-        if known is not None and known[0] == value:
-            return known[1]  # an object's verified origin stays its origin: lowers never change
-        try:
-            origin = schema.parse_origin(value)
-            reason = origins.verify(origin, real, roots=self.roots, below=reals[1:],
-                                    parents=parents, name=name, index_fd=self._index_fd)
-        except ValueError as e:
-            reason = str(e)
-        if reason is not None:
-            self._log_refused(real, reason)
-            return None
-        if len(self._verified) >= _VERIFIED_MAX:
-            self._verified.clear()
-        self._verified[key] = (value, origin)
-        return origin
-
-    def _log_refused(self, real: Real, reason: str) -> None:
-        key = (real.layer.dev, origins.ino_of(real))
-        if key not in self._logged:
-            self._logged.add(key)
-            log.warning("ignoring the origin of upper inode %d ('cowfs check' reports it): %s",
-                        key[1], reason)
-
-    def of(self, reals: tuple[Real, ...], parents: tuple[Real, ...] = (),
-           name: str | None = None) -> int:
-        return self.number(*self.origin_of(reals, parents, name))
 
 
 def _identity(real: Real) -> tuple[int, int]:
@@ -381,7 +322,6 @@ class InodeTable:
         self.root = Inode(ROOT_NUMBER, root_reals, self.descriptors)
         self.root.lookups = 1  # the kernel never forgets the root
         self._by_number: dict[int, Inode] = {ROOT_NUMBER: self.root}
-        numbers.roots = self.root.reals
         #: Numbers given to objects whose number was claimed by another (see remember).
         self._spare: dict[tuple[int, int], int] = {}
 
@@ -404,20 +344,19 @@ class InodeTable:
             raise OSError(errno.ESTALE, "unknown inode") from None
 
     def remember(self, reals: tuple[Real, ...], parent: Inode | None, name: str, *,
-                 new: bool = False) -> Inode:
+                 origin: tuple[int, int] | None = None) -> Inode:
         """The inode for freshly resolved ``reals`` (taking ownership of their descriptors).
 
         Counts one kernel lookup. An object already known keeps its inode (the new descriptors are
         closed): the same number means the same object, unless :func:`same_object` says the real
-        objects differ (a forged origin), when the newcomer gets a number of its own. ``new``: an
-        object just created, which has no origin to read.
+        objects differ (a forged origin), when the newcomer gets a number of its own. ``origin``:
+        ``(layer index, inode)`` of the real inode the object originates from, as lookup found it
+        (:meth:`cowfs.daemon.namei.Namei.remember`); None for the object itself (one just
+        created, which has no origin to read).
         """
         try:
-            if new:
-                number = self.numbers.number(reals[0].layer.index, origins.ino_of(reals[0]))
-            else:
-                number = self.numbers.of(reals, parent.child_parents if parent is not None
-                                         else (), name)
+            number = (self.numbers.own(reals[0]) if origin is None
+                      else self.numbers.number(*origin))
         except BaseException:
             _close_all(reals)  # they were the caller's to hand over: nobody else closes them
             raise

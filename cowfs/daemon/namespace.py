@@ -42,11 +42,12 @@ from enum import Enum
 
 from ..core import nlink, realfs, schema
 from ..core.layers import Layer
-from ..core.resolve import Found, Real, exists_below, is_hidden_name, probe, resolve
+from ..core.resolve import Found, Real, is_hidden_name, probe
 from ..core.workdir import WorkDir
 from . import acl
 from .copyup import CopyUp, copy_attributes, copy_xattrs
 from .inodes import Inode, InodeTable
+from .namei import Namei
 from .readdir import candidate_names
 from .upperdata import Need
 
@@ -77,11 +78,6 @@ def check_name(name: str) -> None:
         raise OSError(errno.ENAMETOOLONG, "file name too long", name)
     if "/" in name or name in ("", ".", ".."):
         raise OSError(errno.EINVAL, "invalid name", name)
-
-
-def close_reals(reals: tuple[Real, ...]) -> None:
-    for real in reals:
-        os.close(real.fd)
 
 
 # --- the names the inodes' references follow (cowfs.core.refs)
@@ -118,46 +114,27 @@ def _moving(inode: Inode, old: tuple[Real, str], new: tuple[Real, str]) -> Itera
 class Namespace:
     """The namespace operations of one mount."""
 
-    def __init__(self, upper: Layer, work: WorkDir, table: InodeTable, copy_up: CopyUp) -> None:
+    def __init__(self, upper: Layer, work: WorkDir, table: InodeTable, namei: Namei,
+                 copy_up: CopyUp) -> None:
         self.upper = upper
         self.work = work
         self.table = table
+        #: Every lookup of a name in the merged view (:mod:`cowfs.daemon.namei`).
+        self.namei = namei
         self.copy_up = copy_up
         #: Held by every namespace change around its system calls (never across a data copy).
         self.lock = threading.RLock()
 
-    # --- looking names up ---------------------------------------------------------------------
-
-    def resolve_child(self, parent: Inode, name: str) -> tuple[Real, ...]:
-        """The real objects behind ``name`` (caller closes them); empty when it does not exist."""
-        if is_hidden_name(parent is self.table.root, name):
-            return ()
-        return resolve(parent.child_parents, self.table.root.reals, name)
-
-    def lookup(self, parent: Inode, name: str) -> Inode | None:
-        """Look a name up, counting one kernel lookup on the inode found."""
-        reals = self.resolve_child(parent, name)
-        if not reals:
-            return None
-        if reals[0].metacopy and not reals[0].layer.is_upper:
-            reals = self.copy_up.with_lower_data(reals)  # before numbering: see InodeNumbers
-        inode = self.table.remember(self.copy_up.attach_index(reals), parent, name)
-        if len(inode.reals) == 1 and inode.reals[0].metacopy:
-            self.copy_up.attach_data(inode)  # a metacopy file's data, in a lower layer
-        return inode
+    # --- looking names up (cowfs.daemon.namei) ------------------------------------------------
 
     def is_empty_dir(self, directory: Inode) -> bool:
-        for name in candidate_names(directory, ()):
-            reals = resolve(directory.child_parents, self.table.root.reals, name)
-            close_reals(reals)
-            if reals:
-                return False
-        return True
+        return not any(self.namei.shows(directory, name)
+                       for name in candidate_names(directory, ()))
 
     def _looked_up(self, parent: Inode, name: str) -> Inode:
         """The inode at ``name``, with one lookup counted that the caller must give back
         (``table.forget(number, 1)``): it keeps the inode alive while the change runs."""
-        inode = self.lookup(parent, name)
+        inode = self.namei.lookup(parent, name)
         if inode is None:
             raise OSError(errno.ENOENT, "no such file or directory", name)
         return inode
@@ -348,8 +325,10 @@ class Namespace:
             schema.DirMark.PLAIN)
         real = Real(self.upper, fd, st.st_mode, mark, nlink=st.st_nlink, ino=st.st_ino,
                     at=parent_upper.named(name, st))
-        # A new object has no origin to read; a new name of one forgotten meanwhile may have one.
-        return self.table.remember((real,), parent, name, new=existing is None)
+        if existing is None:
+            return self.table.remember((real,), parent, name)  # new: no origin to read
+        # A new name of an object forgotten meanwhile: looked up, as it may have an origin.
+        return self.namei.remember((real,), parent, name)
 
     def _build_new(self, parent_upper: Real, name: str, slot: Slot, owner: tuple[int, int] | None,
                    mode: int, make: Callable[[int, str], None]) -> int:
@@ -498,7 +477,7 @@ class Namespace:
         parent_upper = self.copy_up.ensure(parent)
         with self.lock:
             slot = self._slot(parent_upper, name)
-            below = exists_below(parent.child_parents, name)
+            below = self.namei.exists_below(parent, name)
             # A visible name with nothing in the upper is a lower name; if the object has an
             # upper copy all the same, that is its index entry, whose count loses this name.
             entry = child.upper if slot is Slot.EMPTY and not child.is_dir else None
@@ -522,7 +501,7 @@ class Namespace:
         if is_hidden_name(new_parent is self.table.root, new_name):
             raise OSError(errno.EPERM, "name reserved for the work directory", new_name)
         src = self._looked_up(old_parent, old_name)
-        dst = self.lookup(new_parent, new_name)
+        dst = self.namei.lookup(new_parent, new_name)
         try:
             self.check_may_delete(old_parent, src)
             if dst is not None:
@@ -612,7 +591,7 @@ class Namespace:
         upper = inode.upper
         if upper is None or not inode.is_dir or upper.opaque or inode.lowers:
             return
-        if exists_below(parent.child_parents, name):
+        if self.namei.exists_below(parent, name):
             realfs.setxattr(upper.fd, schema.XATTR_OPAQUE, schema.OPAQUE_YES)
             inode.replace_top(dataclasses.replace(upper, mark=schema.DirMark.OPAQUE))
 
@@ -648,7 +627,7 @@ class Namespace:
             self._settle_count(dst)
         # A lower name of a hard-link set replaced here leaves the set's count.
         entry = dst.upper if dst is not None and not dst.is_dir and slot is Slot.EMPTY else None
-        below = exists_below(old_parent.child_parents, old_name)
+        below = self.namei.exists_below(old_parent, old_name)
         device = self.work.features.device_whiteouts
 
         def commit() -> None:

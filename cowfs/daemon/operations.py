@@ -302,23 +302,25 @@ class Operations(pyfuse3.Operations):
         return await self._in_thread(fn, *args)
 
     def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        st = self.overlay.stat(inode)
+        """The reply's attributes: the model's one record (:class:`cowfs.daemon.attrs.Attributes`),
+        translated."""
+        attrs = self.overlay.attributes(inode)
         entry = pyfuse3.EntryAttributes()
-        entry.st_ino = InodeT(inode.number)
+        entry.st_ino = InodeT(attrs.ino)
         entry.generation = 0
         entry.entry_timeout = self.timeout
         entry.attr_timeout = self.timeout
-        entry.st_mode = ModeT(st.st_mode)
-        entry.st_nlink = self.overlay.nlink(inode, st)
-        entry.st_uid = st.st_uid
-        entry.st_gid = st.st_gid
-        entry.st_rdev = st.st_rdev
-        entry.st_size = st.st_size
-        entry.st_blksize = st.st_blksize
-        entry.st_blocks = st.st_blocks
-        entry.st_atime_ns = st.st_atime_ns
-        entry.st_mtime_ns = st.st_mtime_ns
-        entry.st_ctime_ns = st.st_ctime_ns
+        entry.st_mode = ModeT(attrs.mode)
+        entry.st_nlink = attrs.nlink
+        entry.st_uid = attrs.uid
+        entry.st_gid = attrs.gid
+        entry.st_rdev = attrs.rdev
+        entry.st_size = attrs.size
+        entry.st_blksize = attrs.blksize
+        entry.st_blocks = attrs.blocks
+        entry.st_atime_ns = attrs.atime_ns
+        entry.st_mtime_ns = attrs.mtime_ns
+        entry.st_ctime_ns = attrs.ctime_ns
         return entry
 
     def _read_buffer(self, size: int) -> memoryview:
@@ -388,7 +390,7 @@ class Operations(pyfuse3.Operations):
         node = self._inode(inode)
         mode = attr.st_mode if fields.update_mode else None
         if mode is not None and mode & stat.S_ISGID and ctx.uid != 0:
-            gid = attr.st_gid if fields.update_gid else self.overlay.stat(node).st_gid
+            gid = attr.st_gid if fields.update_gid else self.overlay.attributes(node).gid
             if not _in_group(ctx, gid):
                 # The kernel's setattr_should_drop_sgid (Linux 6.2): S_ISGID goes when the
                 # caller is outside the file's group. The kernel's FUSE, killing the set-ID bits

@@ -11,8 +11,8 @@ as
 * ``PARTIAL`` becomes ``OWN`` when its map is complete, or it is completed (a ``chown`` to another
   owner) or emptied (a truncation to 0) (:class:`cowfs.core.partial.PartialFile`).
 
-Making a copy is :mod:`cowfs.daemon.copyup`'s; finding a copy's data at lookup belongs to lookup
-(the kernel's namei.c), which :mod:`cowfs.daemon.copyup` still does for now (``attach_data``).
+Making a copy is :mod:`cowfs.daemon.copyup`'s; finding a copy's data at lookup is lookup's
+(:mod:`cowfs.daemon.namei`, the kernel's namei.c).
 """
 
 from __future__ import annotations

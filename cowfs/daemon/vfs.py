@@ -1,9 +1,10 @@
 """The overlay filesystem model: what the merged view looks like, independent of FUSE.
 
 :class:`Overlay` answers every request in terms of inodes and ``OSError`` errnos; the pyfuse3
-adapter (:mod:`cowfs.daemon.operations`) only translates. Modules by concept, as in the kernel's
-fs/overlayfs: lookup (:mod:`resolve`), copy-up (:mod:`copyup`), namespace changes
-(:mod:`namespace`), listings (:mod:`readdir`), xattrs (:mod:`xattrs`), open files (:mod:`handles`).
+adapter (:mod:`cowfs.daemon.operations`) only translates. A thin facade: the work is done by the
+modules of each concept, as in the kernel's fs/overlayfs: lookup (:mod:`namei`), attributes
+(:mod:`attrs`), copy-up (:mod:`copyup`), namespace changes (:mod:`namespace`), listings
+(:mod:`readdir`), xattrs (:mod:`xattrs`), open files (:mod:`handles`).
 
 Methods may block in system calls. The adapter runs the ones that may copy up file data (or read and
 write it) in worker threads, so the rest of the filesystem keeps answering meanwhile; everything
@@ -17,20 +18,19 @@ import logging
 import os
 import resource
 import stat
-import time
-from dataclasses import dataclass, replace
 
-from ..core import partial, realfs, schema
+from ..core import realfs, schema
 from ..core.layers import LayerStack
-from ..core.metacopy import rebind, with_blocks
-from ..core.nlink import merged_nlink
+from ..core.metacopy import rebind
 from ..core.refs import Descriptors
 from ..core.resolve import Real, root_real
 from ..core.workdir import recover
-from . import fileattr, xattrs
+from . import attrs, fileattr, xattrs
+from .attrs import Attributes, SetAttr
 from .copyup import CopyUp
 from .handles import FileHandle, real_flags, wants_write
 from .inodes import Inode, InodeNumbers, InodeTable
+from .namei import Namei
 from .namespace import Caller, Namespace
 from .readdir import (
     NEEDS_LOOKUP,
@@ -58,25 +58,7 @@ def descriptor_budget(limit: int) -> int:
     return max(32, min(_CACHE_MAX, (limit - _RESERVE) // 2))
 
 
-__all__ = ["Caller", "Overlay", "SetAttr"]
-
-
-@dataclass(frozen=True, slots=True)
-class SetAttr:
-    """The attribute changes of one setattr request; None means unchanged."""
-
-    mode: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-    size: int | None = None
-    atime_ns: int | None = None
-    mtime_ns: int | None = None
-
-    def touches_now(self, now_ns: int) -> bool:
-        """Whether the times may be a request for the current time: pyfuse3 passes one as the
-        clock's reading (the same for both times), so: set, equal, and within a second of it."""
-        times = {t for t in (self.atime_ns, self.mtime_ns) if t is not None}
-        return len(times) == 1 and abs(now_ns - times.pop()) < 10**9
+__all__ = ["Attributes", "Caller", "Overlay", "SetAttr"]
 
 
 class Overlay:
@@ -100,22 +82,22 @@ class Overlay:
         self.descriptors = Descriptors(descriptor_budget(
             resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
         self.table = InodeTable(tuple(root_real(layer) for layer in stack.all),
-                                InodeNumbers(stack.all, index_fd=stack.work.index_fd),
-                                self.descriptors)
-        self.copy_up = CopyUp(stack.upper, stack.work, sync=sync, roots=self.table.root.reals,
-                              metacopy=metacopy, partial_min=partial_min,
-                              descriptors=self.descriptors)
-        self.namespace = Namespace(stack.upper, stack.work, self.table, self.copy_up)
+                                InodeNumbers(stack.all), self.descriptors)
+        self.namei = Namei(stack, self.table, self.descriptors, metacopy=metacopy,
+                           partial_min=partial_min)
+        self.copy_up = CopyUp(stack.upper, stack.work, self.namei, sync=sync,
+                              metacopy=metacopy, partial_min=partial_min)
+        self.namespace = Namespace(stack.upper, stack.work, self.table, self.namei, self.copy_up)
         if relocate and not stack.read_only:
             # The layers were moved or copied on purpose: metacopy and partial files find their
             # data files by path again (their inode numbers changed with a copy).
-            rebind(stack.upper.root_fd, self.table.root.reals, self.copy_up.trusted_uid)
+            rebind(stack.upper.root_fd, self.table.root.reals, self.namei.trusted_uid)
 
     def close(self) -> None:
         """Release every inode (the root included) and the layers: after unmount, nothing of the
         mount holds a descriptor."""
         self.table.release_all()
-        self.copy_up.close()
+        self.namei.close()
         self.stack.close()
 
     # --- lookups and the inode lifecycle ------------------------------------------------------
@@ -125,7 +107,7 @@ class Overlay:
 
     def lookup(self, parent: Inode, name: str) -> Inode | None:
         """The object at ``name``, counting one kernel lookup; None when there is none."""
-        return self.namespace.lookup(parent, name)
+        return self.namei.lookup(parent, name)
 
     def forget(self, number: int, count: int) -> None:
         """The kernel dropped ``count`` lookups of an inode; at zero its descriptors are closed."""
@@ -212,90 +194,12 @@ class Overlay:
 
     # --- attributes ---------------------------------------------------------------------------
 
-    def stat(self, inode: Inode) -> os.stat_result:
-        top = inode.top
-        st = top.stat()
-        if top.metacopy and len(inode.reals) > 1:
-            # The space the file's data takes is the data file's (as the kernel reports), and
-            # for a partial file the upper copy's too.
-            try:
-                blocks = inode.data.stat().st_blocks
-            except OSError:  # none (reads fail with EIO): its own
-                return st
-            if top.partial:
-                opened = inode.partial
-                try:
-                    dmap = opened.map if opened is not None else partial.read_map(top.fd)
-                except ValueError:
-                    dmap = None
-                if dmap is not None:
-                    blocks = partial.blocks_of(st, blocks, dmap)
-            st = with_blocks(st, blocks)
-        return st
-
-    def nlink(self, inode: Inode, st: os.stat_result) -> int:
-        """Names in the merged view. The kernel reports 1 for merged directories: counting their
-        subdirectories is not worth it. Hard links copied up via the index keep their own count
-        (:mod:`cowfs.core.nlink`)."""
-        if inode.is_merged_dir:
-            return 1
-        top = inode.top
-        if not top.layer.is_upper or stat.S_ISDIR(st.st_mode) or (
-                st.st_nlink <= 1 and not top.indexed):
-            return st.st_nlink
-        merged = merged_nlink(top.fd, st, self.stack.upper.root_fd)
-        return st.st_nlink if merged is None else merged
+    def attributes(self, inode: Inode) -> Attributes:
+        """What a reply says of ``inode``: one record, built in one place (:mod:`attrs`)."""
+        return attrs.attributes(inode, self.stack.upper.root_fd)
 
     def setattr(self, inode: Inode, change: SetAttr, handle: FileHandle | None) -> None:
-        if (replace(change, atime_ns=None, mtime_ns=None) == SetAttr()
-                and inode.upper is None and inode.any_link() is None):
-            # The times of a lower object that has no name left and no upper copy: only its
-            # open handles can see it, and there is nowhere to copy it up to. With the
-            # writeback cache the kernel sends them at close of a file unlinked while open.
-            log.debug("setattr: times of %r, which has no name and no upper copy: kept by the "
-                      "kernel only", inode)
-            return
-        if change.size is not None:
-            upper = self.copy_up.ensure(inode, Need.EMPTY if change.size == 0 else Need.WRITE)
-        else:
-            # Metadata alone: the data may stay in the lower file, unless a chown would give
-            # the file an owner a metacopy file may not have (cowfs.core.metacopy).
-            meta = change.uid is None or self.copy_up.metadata_only_owner(inode, change.uid)
-            upper = self.copy_up.ensure(inode, Need.METADATA if meta else Need.WHOLE)
-        if change.size is not None:
-            if upper.partial or inode.partial is not None:
-                self.copy_up.data.partial_of(inode).truncate(change.size)
-            elif handle is not None and handle.on_upper:
-                realfs.ftruncate(handle.fd, change.size)
-            else:
-                realfs.truncate(upper.fd, change.size)
-        if change.uid is not None or change.gid is not None:
-            realfs.chown(upper.fd, -1 if change.uid is None else change.uid,
-                         -1 if change.gid is None else change.gid)
-        if change.mode is not None:
-            realfs.chmod(upper.fd, stat.S_IMODE(change.mode))
-        if change.atime_ns is not None or change.mtime_ns is not None:
-            self._set_times(upper, change)
-        if change == SetAttr():
-            # chown(path, -1, -1) changes nothing but the ctime (the kernel's FUSE sends no ctime
-            # without the writeback cache): the same call on the upper copy updates it, as the
-            # kernel's overlayfs does.
-            realfs.chown(upper.fd, -1, -1)
-
-    @staticmethod
-    def _set_times(upper: Real, change: SetAttr) -> None:
-        st = upper.stat()
-        try:
-            realfs.utimens(upper.fd,
-                           st.st_atime_ns if change.atime_ns is None else change.atime_ns,
-                           st.st_mtime_ns if change.mtime_ns is None else change.mtime_ns)
-        except PermissionError as e:
-            # An append-only object takes the current time (utime(path, NULL)) but no explicit
-            # times. pyfuse3 passes "now" as the clock's reading, both times the same: only
-            # such a request is retried as one for the current time.
-            if e.errno != errno.EPERM or not change.touches_now(time.time_ns()):
-                raise
-            realfs.utimens_now(upper.fd)
+        attrs.set_attributes(inode, change, handle, self.copy_up)
 
     @staticmethod
     def _open_upper(upper: Real, flags: int) -> int:
