@@ -241,6 +241,29 @@ def test_imports_point_down() -> None:
     assert {"cowfs.core.lifecycle"} <= graph["cowfs.cli"] & graph["cowfs.tools.api"]
 
 
+#: What resolves a name through the layers, verifies an origin or finds a metacopy file's data:
+#: lookup's work, which the daemon does in one module (daemon/namei.py, docs/architecture.md).
+LOOKUP_CALLS = {"resolve", "exists_below", "probe_path", "merged_lookup", "verify", "find_data"}
+
+
+def test_the_daemon_looks_names_up_in_one_module() -> None:
+    """Only daemon/namei.py calls the lookup functions of the core (the kernel's namei.c); the
+    other daemon modules ask it (copy-up, the namespace changes, the facade). Probing one real
+    directory (``probe``: the upper name a change takes) is not a lookup of the merged view."""
+    callers: dict[str, set[str]] = {}
+    for path in sorted((WORKTREE / "cowfs/daemon").glob("*.py")):
+        used = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("core."):
+                used |= {a.name for a in node.names}
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and (
+                    node.value.id in ("resolve", "origins", "metacopy")):
+                used.add(node.attr)
+        if used & LOOKUP_CALLS:
+            callers[path.name] = used & LOOKUP_CALLS
+    assert set(callers) == {"namei.py"}, callers
+
+
 def test_every_module_imports_first_without_a_cycle() -> None:
     """Each module imported first in a fresh interpreter: a cycle shows up as an ImportError
     for some order."""

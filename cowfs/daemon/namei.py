@@ -102,7 +102,9 @@ class Namei:
         try:
             origin = self.origin_of(reals, parent.child_parents, name)
         except BaseException:
-            origins.close_reals(reals)  # they were the caller's to hand over
+            for real in reals:  # they were the caller's to hand over: nobody else closes them
+                if real.held >= 0:
+                    os.close(real.held)
             raise
         return self.table.remember(reals, parent, name, origin=origin)
 
