@@ -26,10 +26,11 @@ import os
 import stat
 import time
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from ..core import partial, realfs
 from ..core.nlink import merged_nlink
-from ..core.resolve import Real
+from ..core.resolve import Data, Real
 from .copyup import CopyUp
 from .handles import FileHandle
 from .inodes import Inode
@@ -38,9 +39,13 @@ from .upperdata import Need
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Attributes:
-    """What a reply says of an object: the fields of ``struct stat`` the kernel uses."""
+class Attributes(NamedTuple):
+    """What a reply says of an object: the fields of ``struct stat`` the kernel uses.
+
+    A named tuple, not a frozen dataclass as the other records: every reply builds one, and a
+    frozen dataclass of twelve fields takes 3.4 µs to make (one ``object.__setattr__`` a field),
+    a named tuple 0.6 µs, about half an ``fstat`` (measured with timeit on the benchmark machine).
+    """
 
     ino: int
     mode: int
@@ -58,26 +63,32 @@ class Attributes:
 
 def attributes(inode: Inode, upper_root_fd: int) -> Attributes:
     """The attributes of ``inode`` as the merged view shows them (see the module docstring);
-    ``upper_root_fd`` is the upper layer's root, below which pending link counts are recorded."""
+    ``upper_root_fd`` is the upper layer's root, below which pending link counts are recorded.
+    The usual object (not a metacopy file, not an upper hard link) costs one ``fstat`` and no
+    call besides."""
     top = inode.top
     st = top.stat()
-    blocks = _blocks(inode, top, st)
-    return Attributes(
-        ino=inode.number, mode=st.st_mode, nlink=_nlink(inode, top, st, upper_root_fd),
-        uid=st.st_uid, gid=st.st_gid, rdev=st.st_rdev, size=st.st_size, blksize=st.st_blksize,
-        blocks=st.st_blocks if blocks is None else blocks, atime_ns=st.st_atime_ns,
-        mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns)
+    nlink = st.st_nlink
+    if stat.S_ISDIR(st.st_mode):
+        if len(inode.reals) > 1:
+            nlink = 1  # merged: the kernel reports 1, counting subdirectories is not worth it
+    elif top.layer.is_upper and (nlink > 1 or top.indexed):
+        nlink = _merged_nlink(top, st, upper_root_fd)
+    blocks = st.st_blocks if top.data is Data.OWN else _metacopy_blocks(inode, top, st)
+    return Attributes(inode.number, st.st_mode, nlink, st.st_uid, st.st_gid, st.st_rdev,
+                      st.st_size, st.st_blksize, blocks, st.st_atime_ns, st.st_mtime_ns,
+                      st.st_ctime_ns)
 
 
-def _blocks(inode: Inode, top: Real, st: os.stat_result) -> int | None:
-    """The blocks of a metacopy or partial file whose data was found: the data file's, and for a
-    partial file its own blocks' too; None for anything else (its own count)."""
-    if not top.metacopy or len(inode.reals) <= 1:
-        return None
+def _metacopy_blocks(inode: Inode, top: Real, st: os.stat_result) -> int:
+    """The blocks of a metacopy or partial file: its data file's, and for a partial file its own
+    blocks' too; its own when its data was not found (reads fail with EIO)."""
+    if len(inode.reals) <= 1:
+        return st.st_blocks
     try:
         blocks = inode.data.stat().st_blocks
     except OSError:  # none (reads fail with EIO): its own
-        return None
+        return st.st_blocks
     if top.partial:
         opened = inode.partial
         try:
@@ -89,14 +100,9 @@ def _blocks(inode: Inode, top: Real, st: os.stat_result) -> int | None:
     return blocks
 
 
-def _nlink(inode: Inode, top: Real, st: os.stat_result, upper_root_fd: int) -> int:
-    """Names in the merged view: 1 for a merged directory, an index entry's merged count
-    (:mod:`cowfs.core.nlink`), else the real object's."""
-    if inode.is_merged_dir:
-        return 1
-    if not top.layer.is_upper or stat.S_ISDIR(st.st_mode) or (
-            st.st_nlink <= 1 and not top.indexed):
-        return st.st_nlink
+def _merged_nlink(top: Real, st: os.stat_result, upper_root_fd: int) -> int:
+    """An upper non-directory's names in the merged view: an index entry's merged count
+    (:mod:`cowfs.core.nlink`), else its own."""
     merged = merged_nlink(top.fd, st, upper_root_fd)
     return st.st_nlink if merged is None else merged
 
