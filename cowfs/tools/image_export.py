@@ -299,10 +299,7 @@ def _store_tar(blobs: Path, compress: bool,
     with temp.open("wb") as blob:
         stored = _Hashing(blob)
         if compress:
-            # No name, time 0: gzip's header holds nothing but the data's.
-            # Level 6, as gzip(1) and Go (docker, podman) default to; 9 costs twice the time.
-            with gzip.GzipFile(filename="", mode="wb", fileobj=stored, mtime=0,
-                               compresslevel=6) as packed:
+            with oci.gzip_writer(cast(IO[bytes], stored)) as packed:
                 uncompressed = _Hashing(packed)
                 write(uncompressed)
         else:

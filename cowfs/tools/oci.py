@@ -311,6 +311,25 @@ def _wants_gzip(output: str, gzip_flag: bool) -> bool:
     return gzip_flag or output.endswith((".gz", ".tgz"))
 
 
+def gzip_writer(raw: IO[bytes]) -> gzip.GzipFile:
+    """A gzip stream onto ``raw`` whose header holds no file name and time 0, so that the same
+    tar always compresses to the same bytes (tarfile's own ``w:gz`` writes the output's name and
+    the time of now); level 6, as gzip(1) and Go (docker, podman) default to (9 costs about
+    twice the time). Every compressed layer cowfs writes goes through it. Closing it does not
+    close ``raw``."""
+    return gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6)
+
+
+@contextlib.contextmanager
+def _tar_writer(raw: IO[bytes], compress: bool) -> Iterator[tarfile.TarFile]:
+    """A PAX tar written as a stream onto ``raw``, through :func:`gzip_writer` when
+    ``compress``."""
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(gzip_writer(raw)) if compress else raw
+        yield stack.enter_context(tarfile.open(fileobj=cast(IO[bytes], sink), mode="w|",
+                                               format=tarfile.PAX_FORMAT))
+
+
 def export_layer(upper: Path, lowers: Sequence[Path], output: str, *, gzip_flag: bool = False,
                  out: TextIO | None = None, work: Path | None = None) -> int:
     """Write ``upper`` (against ``lowers``) as an OCI layer tar; returns the number of entries.
@@ -330,8 +349,7 @@ def export_layer(upper: Path, lowers: Sequence[Path], output: str, *, gzip_flag:
         if sys.stdout.isatty():
             raise CowfsError("refusing to write a tar archive to a terminal; use -o FILE")
         with _interruption_reported("export", "the tar on stdout is incomplete"), \
-                tarfile.open(fileobj=sys.stdout.buffer, mode="w|gz" if compress else "w|",
-                             format=tarfile.PAX_FORMAT) as tar, \
+                _tar_writer(sys.stdout.buffer, compress) as tar, \
                 plans.Progress(_export_bytes(upper, lowers, work, records), "export") as bar:
             writer = _Writer(tar, bar)
             _export_records(writer, upper, lowers, work, records)
@@ -359,8 +377,7 @@ def _export_to(temp: Path, target: Path, upper: Path, lowers: Sequence[Path], wo
     """Write the tar to ``temp``, then rename it to ``target``; ``temp`` is removed on any
     failure."""
     try:
-        with tarfile.open(temp, mode="w:gz" if compress else "w",
-                          format=tarfile.PAX_FORMAT) as tar, \
+        with open(temp, "wb") as raw, _tar_writer(raw, compress) as tar, \
                 plans.Progress(_export_bytes(upper, lowers, work, records), "export") as bar:
             writer = _Writer(tar, bar)
             _export_records(writer, upper, lowers, work, records)
