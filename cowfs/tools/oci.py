@@ -45,6 +45,7 @@ from .. import outputs, plans, realfs, schema
 from ..changes import quote
 from ..dirstack import PathDirs
 from ..errors import CowfsError
+from ..resolve import InvalidRedirectError
 from ..walk import (
     Added,
     Anomaly,
@@ -230,6 +231,34 @@ def _open_upper(dirs: PathDirs, path: str) -> int | None:
         return None
 
 
+class DirsBelow:
+    """Whether the layers below an upper (topmost first) show a directory at a path: a lookup
+    through their merged view, as the mount's (:class:`cowfs.walk.Stack`)."""
+
+    def __init__(self, below: Sequence[Path]) -> None:
+        self.stack = Stack(below[0], below[1:]) if below else None
+
+    def close(self) -> None:
+        if self.stack is not None:
+            self.stack.close()
+
+    def shows_dir(self, path: str) -> bool:
+        if self.stack is None:
+            return False
+        mark = self.stack.mark()
+        try:
+            reals = self.stack.roots
+            for name in path.split("/") if path != "." else ():
+                reals = self.stack.resolve(reals, name)
+                if not reals or not reals[0].is_dir:
+                    return False
+            return True
+        except InvalidRedirectError:
+            return True  # what the mount refuses: keep the marker, which hides it
+        finally:
+            self.stack.release(mark)
+
+
 def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path], work: Path,
                     records: Sequence[Change]) -> None:
     upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -238,6 +267,15 @@ def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path], work: 
     materialized: list[str] = []
     stack = Stack(upper, lowers)
     writer.open_data = stack.open_data  # a metacopy file's data is its lower file's
+    below = DirsBelow(lowers)
+
+    def opaque_marker(path: str) -> None:
+        """Only where the layers below show a directory: a renamed directory is opaque
+        wherever it goes, and a marker that hides nothing would make the same content
+        another layer (and, imported, a directory that is not)."""
+        if below.shows_dir(path):
+            writer.marker(f"{path}/{OPAQUE_MARKER}")
+
     try:
         def add_one(path: str) -> bool:
             fd = _open_upper(dirs, path)
@@ -268,10 +306,10 @@ def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path], work: 
                                   else WHITEOUT_PREFIX + name)
                 case Replaced(path=path, kind=Kind.DIR):
                     add_upper(path)
-                    writer.marker(f"{path}/{OPAQUE_MARKER}")
+                    opaque_marker(path)
                 case Renamed(path=path):
                     add_upper(path)
-                    writer.marker(f"{path}/{OPAQUE_MARKER}")
+                    opaque_marker(path)
                     for visible in merged_tree(upper, lowers, path):
                         writer.object(visible.path, visible.fd, visible.st, visible.layer)
                     materialized.append(path)
@@ -294,6 +332,7 @@ def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path], work: 
                 case Anomaly():
                     pass
     finally:
+        below.close()
         stack.close()
         dirs.close()
         os.close(upper_fd)
