@@ -36,15 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TextIO, cast
 
-from .. import outputs, plans
-from ..changes import visible_changes
-from ..errors import CowfsError
-from ..layers import parse_lowers
-from ..mounts import layers_for
-from ..walk import walk
-from ..wording import counted
-from . import oci
+from ..core.errors import CowfsError
+from ..core.layers import parse_lowers
+from ..core.mounts import layers_for
+from ..core.wording import counted
+from . import oci, outputs, plans
 from . import stack as _stack
+from .changes import visible_changes
 from .image import (
     OCI_CONFIG,
     OCI_INDEX,
@@ -59,6 +57,7 @@ from .image import (
     interruption_reported,
 )
 from .layertar import write_canonical, write_layer_tar
+from .walk import walk
 
 FORMATS = ("oci", "docker-archive")
 #: The config's creation time: fixed, so that the same layers give the same image.

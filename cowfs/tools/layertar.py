@@ -36,9 +36,9 @@ import tarfile
 from pathlib import Path
 from typing import IO
 
-from .. import realfs, schema
-from ..walk import visible_xattrs
+from ..core import realfs, schema
 from .oci import OPAQUE_MARKER, WHITEOUT_PREFIX, XATTR_PAX_PREFIX, tar_mtime
+from .walk import visible_xattrs
 
 _TYPES = {stat.S_IFREG: tarfile.REGTYPE, stat.S_IFDIR: tarfile.DIRTYPE,
           stat.S_IFLNK: tarfile.SYMTYPE, stat.S_IFIFO: tarfile.FIFOTYPE,
