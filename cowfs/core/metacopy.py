@@ -289,8 +289,9 @@ def fill(upper_fd: int, data_fd: int, *, with_data: bool, sync: bool, reflink: b
                 realfs.ftruncate(dst, 0)
             if sync:
                 realfs.fsync(dst)
-            after = st if with_data else _with_mtime_now(st)
-            partial.restore_after_fill(upper_fd, after, caps, chmod=made_writable)
+            # Emptied: the mtime of the truncation to come (copyup's _truncated_mtime).
+            partial.restore_after_fill(upper_fd, st, caps, chmod=made_writable,
+                                       mtime_ns=None if with_data else time.time_ns())
             realfs.removexattr(upper_fd, schema.XATTR_METACOPY)
         except BaseException:
             _undo_fill(upper_fd, dst, st, caps, with_data=with_data)
@@ -298,14 +299,6 @@ def fill(upper_fd: int, data_fd: int, *, with_data: bool, sync: bool, reflink: b
     finally:
         os.close(dst)
     log.debug("metacopy filled fd=%d (data=%s)", upper_fd, with_data)
-
-
-def _with_mtime_now(st: os.stat_result) -> os.stat_result:
-    """``st`` with the mtime of now (what a truncation gives the file)."""
-    fields = list(st)
-    values = {name: getattr(st, name) for name in ("st_atime_ns", "st_mtime_ns", "st_ctime_ns")}
-    values["st_mtime_ns"] = time.time_ns()
-    return os.stat_result(fields, values)
 
 
 def _undo_fill(upper_fd: int, dst: int, before: os.stat_result, caps: bytes | None, *,

@@ -453,16 +453,17 @@ def fill_missing(dst: int, data: int, dmap: DataMap, size: int) -> None:
 
 
 def restore_after_fill(fd: int, before: os.stat_result, caps: bytes | None, *,
-                       chmod: bool = False) -> None:
+                       chmod: bool = False, mtime_ns: int | None = None) -> None:
     """After data was written into a marked file in place to give it its own (no change users
     can see): its ``security.capability`` (``caps``, which a write drops), its mode (set-ID
-    bits; ``chmod``: it was changed on purpose) and its times as in ``before``."""
+    bits; ``chmod``: it was changed on purpose) and its times as in ``before`` (``mtime_ns``:
+    instead of ``before``'s, as :func:`cowfs.copyup.copy_attributes`)."""
     if caps is not None and realfs.getxattr(fd, CAPABILITY) != caps:
         realfs.setxattr(fd, CAPABILITY, caps)
     mode = stat.S_IMODE(before.st_mode)
     if chmod or stat.S_IMODE(os.fstat(fd).st_mode) != mode:
         realfs.chmod(fd, mode)
-    realfs.utimens(fd, before.st_atime_ns, before.st_mtime_ns)
+    realfs.utimens(fd, before.st_atime_ns, before.st_mtime_ns if mtime_ns is None else mtime_ns)
 
 
 _FALLOC_KEEP_SIZE = 0x01

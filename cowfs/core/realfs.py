@@ -50,19 +50,21 @@ RENAME_EXCHANGE = 2
 #: Move the object and leave a 0/0 character-device whiteout at the old name, in one step.
 RENAME_WHITEOUT = 4
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_renameat2 = _libc.renameat2
-_syncfs = _libc.syncfs
+#: The C library, the one handle cowfs has on it (mount.py and tools/private.py call it too): the
+#: calls Python's os module lacks. ``argtypes`` set here hold for every user of the handle.
+libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = libc.renameat2
+_syncfs = libc.syncfs
 _syncfs.argtypes = [ctypes.c_int]
 _syncfs.restype = ctypes.c_int
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _renameat2.restype = ctypes.c_int
 
-_fallocate = _libc.fallocate
+_fallocate = libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
 
-_statx = _libc.statx
+_statx = libc.statx
 _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
 _statx.restype = ctypes.c_int
 _AT_EMPTY_PATH = 0x1000
@@ -309,7 +311,7 @@ class _Timespec(ctypes.Structure):
 
 _UTIME_NOW = (1 << 30) - 1
 _UTIME_OMIT = (1 << 30) - 2
-_futimens = _libc.futimens
+_futimens = libc.futimens
 _futimens.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _futimens.restype = ctypes.c_int
 
@@ -342,7 +344,7 @@ def protection(fd: int) -> int:
 
 _STATX_ATTR_IMMUTABLE = 0x10
 _EROFS_SUPER_MAGIC = 0xE0F5E1E2
-_fstatfs = _libc.fstatfs
+_fstatfs = libc.fstatfs
 _fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _fstatfs.restype = ctypes.c_int
 

@@ -232,8 +232,7 @@ def set_mount_flags(mountpoint: Path, options: MountOptions) -> None:
     if options.nodiratime:
         attr_set |= MOUNT_ATTR_NODIRATIME
     attr = struct.pack("QQQQ", attr_set, attr_clr, 0, 0)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, os.fsencode(mountpoint), 0,
+    if realfs.libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, os.fsencode(mountpoint), 0,
                     ctypes.c_char_p(attr), len(attr)) != 0:
         err = ctypes.get_errno()
         raise CowfsError(f"cannot set {options.describe()} on {str(mountpoint)!r}: "
@@ -294,8 +293,7 @@ def remount(mountpoint: Path, specs: list[str]) -> None:
     flags = MS_REMOUNT
     for name in wanted:
         flags |= _MOUNT_FLAGS[name][0]
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(None, os.fsencode(mountpoint), None, ctypes.c_ulong(flags), None) != 0:
+    if realfs.libc.mount(None, os.fsencode(mountpoint), None, ctypes.c_ulong(flags), None) != 0:
         err = ctypes.get_errno()
         raise CowfsError(f"cannot remount {str(mountpoint)!r}: {os.strerror(err)}")
 

@@ -48,7 +48,6 @@ fail there.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import io
 import json
 import os
@@ -234,7 +233,9 @@ def _write_maybe_gzip(layer: Path, raw: IO[bytes], compress: bool) -> None:
     if not compress:
         write_layer_tar(layer, raw)
         return
-    with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as zipped:
+    from .oci import gzip_writer
+
+    with gzip_writer(raw) as zipped:
         write_layer_tar(layer, zipped)  # type: ignore[arg-type]
 
 
