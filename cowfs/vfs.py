@@ -18,7 +18,7 @@ import os
 import resource
 import stat
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from . import fileattr, partial, realfs, schema, xattrs
 from .copyup import CopyUp
@@ -245,8 +245,8 @@ class Overlay:
         return st.st_nlink if merged is None else merged
 
     def setattr(self, inode: Inode, change: SetAttr, handle: FileHandle | None) -> None:
-        if (replace(change, atime_ns=None, mtime_ns=None) == SetAttr()
-                and inode.upper is None and inode.any_link() is None):
+        if (change.mode is None and change.uid is None and change.gid is None
+                and change.size is None and inode.upper is None and inode.any_link() is None):
             # The times of a lower object that has no name left and no upper copy: only its
             # open handles can see it, and there is nowhere to copy it up to. With the
             # writeback cache the kernel sends them at close of a file unlinked while open.
