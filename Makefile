@@ -175,6 +175,9 @@ coverage: setup helper
 # Images too: a plain user exports and imports them (whiteouts as 0/0 devices; the files
 # imported are the user's own).
 USER_TESTS += tests/test_tools_image.py
+# And issue 21's whole job (import, run, freeze, squash, export, the kernel mounting the stack in
+# a user namespace of the user's own), as the README says a plain user does it.
+USER_TESTS += tests/test_tools_workflow.py
 
 test-user: setup
 	@if [[ "$$(id -u)" -ne 0 ]]; then \

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import realfs
-from cowfs.inodes import Inode
-from cowfs.layers import LayerPaths, open_stack
-from cowfs.namespace import Caller
-from cowfs.vfs import Overlay, SetAttr
+from cowfs.core import realfs
+from cowfs.core.layers import LayerPaths, open_stack
+from cowfs.daemon.inodes import Inode
+from cowfs.daemon.namespace import Caller
+from cowfs.daemon.vfs import Overlay, SetAttr
 
 pytestmark = pytest.mark.slow
 

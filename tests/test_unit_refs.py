@@ -1,4 +1,4 @@
-"""Name references without a mount (cowfs.refs, issue 19): an object is reached again by its
+"""Name references without a mount (cowfs.core.refs, issue 19): an object is reached again by its
 parent and its name, checked to be the object the lookup saw; renames move the reference; a name
 that goes pins the object; a descriptor a worker got stays open until it returns."""
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import realfs
-from cowfs.refs import Descriptors, Ref, in_worker
+from cowfs.core import realfs
+from cowfs.core.refs import Descriptors, Ref, in_worker
 
 
 def _root(cache: Descriptors, path: Path) -> Ref:

@@ -37,16 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TextIO, cast
 
-from .. import outputs, plans
-from ..changes import visible_changes
-from ..errors import CowfsError
-from ..layers import parse_lowers
-from ..mounts import layers_for
-from ..resolve import InvalidRedirectError
-from ..walk import Stack, visible_xattrs, walk
-from ..wording import counted
-from . import oci
+from ..core.errors import CowfsError
+from ..core.layers import parse_lowers
+from ..core.mounts import layers_for
+from ..core.resolve import InvalidRedirectError
+from ..core.wording import counted
+from . import oci, outputs, plans
 from . import stack as _stack
+from .changes import visible_changes
 from .image import (
     OCI_CONFIG,
     OCI_INDEX,
@@ -61,6 +59,7 @@ from .image import (
     interruption_reported,
 )
 from .layertar import write_layer_tar
+from .walk import Stack, visible_xattrs, walk
 
 FORMATS = ("oci", "docker-archive")
 #: The config's creation time: fixed, so that the same layers give the same image.
@@ -317,7 +316,7 @@ def _store_tar(blobs: Path, compress: bool,
 
 class _DirsBelow:
     """Whether the layers below one (topmost first) show a directory at a path: a lookup
-    through their merged view, as the mount's (:class:`cowfs.walk.Stack`)."""
+    through their merged view, as the mount's (:class:`cowfs.tools.walk.Stack`)."""
 
     def __init__(self, below: Sequence[Path]) -> None:
         self.stack = Stack(below[0], below[1:]) if below else None

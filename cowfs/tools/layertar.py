@@ -23,9 +23,9 @@ import tarfile
 from pathlib import Path
 from typing import IO
 
-from .. import realfs, schema
-from ..walk import visible_xattrs
+from ..core import realfs, schema
 from .oci import tar_mtime
+from .walk import visible_xattrs
 
 
 def _is_whiteout(fd: int, st: os.stat_result, parent_fd: int) -> bool:

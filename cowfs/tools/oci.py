@@ -41,11 +41,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Self, TextIO, cast
 
-from .. import outputs, plans, realfs, schema
-from ..changes import quote
-from ..dirstack import PathDirs
-from ..errors import CowfsError
-from ..walk import (
+from ..core import realfs, schema
+from ..core.dirstack import PathDirs
+from ..core.errors import CowfsError
+from ..core.wording import counted
+from . import outputs, plans
+from .changes import quote
+from .walk import (
     Added,
     Anomaly,
     Change,
@@ -61,7 +63,6 @@ from ..walk import (
     visible_xattrs,
     walk,
 )
-from ..wording import counted
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -79,7 +80,8 @@ _TAR_TYPES = {
 }
 
 
-#: Test seams (see :func:`cowfs.plans.fault_point`): ``N:SIGNAL`` after the N-th record exported
+#: Test seams (see :func:`cowfs.tools.plans.fault_point`): ``N:SIGNAL`` after the N-th record
+#exported
 #: or member imported.
 EXPORT_FAULT = "COWFS_TEST_EXPORT_FAULT"
 IMPORT_FAULT = "COWFS_TEST_IMPORT_FAULT"

@@ -10,7 +10,7 @@ processes never see the view, and several runs over one base at once do not meet
 binpash's ``try`` does with ``unshare --mount``.
 
 An error in the child (the mount failed, the command does not exist) comes back to the parent
-through a pipe and is raised there as the same :class:`~cowfs.errors.CowfsError`, so that the
+through a pipe and is raised there as the same :class:`~cowfs.core.errors.CowfsError`, so that the
 caller cleans up and reports as it would for an error of its own.
 
 A plain user's child first enters a user namespace of its own (``unshare(CLONE_NEWUSER)``, as
@@ -42,8 +42,8 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .. import mounts
-from ..errors import CowfsError
+from ..core import mounts
+from ..core.errors import CowfsError
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000

@@ -62,12 +62,13 @@ from typing import IO, Annotated, TextIO
 
 import msgspec
 
-from .. import mounts, plans, schema, upperinfo
-from ..changes import visible_changes
-from ..errors import CowfsError
-from ..walk import walk
-from ..wording import counted
+from ..core import mounts, schema, upperinfo
+from ..core.errors import CowfsError
+from ..core.wording import counted
+from . import plans
+from .changes import visible_changes
 from .layertar import layer_digest, write_layer_tar
+from .walk import walk
 
 STACK_FILE = "stack.json"
 LAYERS_DIR = "layers"
