@@ -25,7 +25,7 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..core import partial, realfs
@@ -129,8 +129,8 @@ def set_attributes(inode: Inode, change: SetAttr, handle: FileHandle | None,
                    copy_up: CopyUp) -> None:
     """Make ``change`` on the upper copy of ``inode`` (copied up first); ``handle``: the open
     file the request came through, if any (a truncation goes through it)."""
-    if (replace(change, atime_ns=None, mtime_ns=None) == SetAttr()
-            and inode.upper is None and inode.any_link() is None):
+    if (change.mode is None and change.uid is None and change.gid is None
+            and change.size is None and inode.upper is None and inode.any_link() is None):
         # The times of a lower object that has no name left and no upper copy: only its
         # open handles can see it, and there is nowhere to copy it up to. With the
         # writeback cache the kernel sends them at close of a file unlinked while open.

@@ -2,9 +2,10 @@
 
 The copy is built in the work directory — data first, then xattrs (writing data after xattrs would
 drop ``security.capability``), then owner, mode and times (each step would undo what follows it),
-then fsync — and renamed into place with one ``renameat2(RENAME_NOREPLACE)``, parents first. A
-crash therefore never leaves a half-copied object visible, and a step that fails leaves nothing but
-a temporary object, which is removed at once (or at the next mount).
+then fsync if data was copied (the rest is metadata, which the filesystem's journal commits in
+order) — and renamed into place with one ``renameat2(RENAME_NOREPLACE)``, parents first. A crash
+therefore never leaves a half-copied object visible, and a step that fails leaves nothing but a
+temporary object, which is removed at once (or at the next mount).
 
 Data is copied by the kernel (:func:`cowfs.core.realfs.copy_data`): a reflink where the upper
 supports it, else ``copy_file_range`` over the data segments only (holes stay holes). It never
@@ -375,7 +376,11 @@ class CopyUp:
                              _truncated_mtime(with_data or bool(size)))
             finally:
                 os.close(dst_path_fd)
-            if self.sync:
+            if self.sync and with_data and st.st_size:
+                # Copied data, and only that, needs it (as in the kernel's ovl_copy_up_file): the
+                # rest of the copy (its size, xattrs, owner, mode, times) is metadata, which a
+                # journaling filesystem commits in order, before the rename that makes the copy
+                # visible. So a metacopy or partial file (no data) or an empty file skips it.
                 realfs.fsync(dst)
         finally:
             os.close(dst)
