@@ -38,6 +38,13 @@ class Layer:
     #: A lower layer that is a cowfs upper (its root carries ``user.cowfs.format``): the only
     #: kind of lower layer whose files cowfs reads metacopy marks on (:func:`holds_metacopy`).
     cowfs_upper: bool = False
+    #: Whether the layer's filesystem keeps inode numbers across mounts
+    #: (:func:`realfs.numbers_last`).
+    #: Where it may not (FUSE, network filesystems), nothing cowfs writes names a lower object by
+    #: its number: copies record no origin (they get numbers of their own, as in the kernel's
+    #: overlayfs over a lower without file handles), keep no data behind (no metacopy or partial
+    #: copy, whose data an origin finds), and hard-link sets are not copied up through the index.
+    numbers_last: bool = True
 
     @property
     def is_upper(self) -> bool:
@@ -213,7 +220,7 @@ def open_stack(paths: LayerPaths, *, read_only: bool = False,
         upperinfo.record_stack(upper_fd, paths.upper, identities, paths.work)
     upper = Layer(0, paths.upper, upper_fd, upper_dev)
     lowers = tuple(Layer(i + 1, p, fd, os.fstat(fd).st_dev, is_bottom=i == len(lower_fds) - 1,
-                         cowfs_upper=holds_metacopy(fd))
+                         cowfs_upper=holds_metacopy(fd), numbers_last=realfs.numbers_last(fd))
                    for i, (p, fd) in enumerate(zip(paths.lowers, lower_fds, strict=True)))
     return LayerStack(upper, lowers, work, upper_lock, read_only)
 

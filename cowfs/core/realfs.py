@@ -358,6 +358,19 @@ def _fs_type(fd: int) -> int:
     return int.from_bytes(buf.raw[0:ctypes.sizeof(ctypes.c_long)], sys.byteorder) & 0xFFFFFFFF
 
 
+#: Filesystems that may number their files anew at each mount: FUSE (the daemon picks the
+#: numbers; sshfs hands them out in the order of lookups), NFS, SMB and CIFS, 9P, Ceph.
+_RENUMBERING = frozenset({0x65735546, 0x6969, 0x517B, 0xFF534D42, 0xFE534D42, 0x01021997,
+                          0x00C36400})
+
+
+def numbers_last(fd: int) -> bool:
+    """Whether the filesystem of ``fd`` keeps its files' inode numbers from one mount to the
+    next, so that an origin, which names a lower object by its number, finds it again (local
+    filesystems do; see :data:`_RENUMBERING` for those that may not)."""
+    return _fs_type(fd) not in _RENUMBERING
+
+
 @change
 def truncate(fd: int, size: int) -> None:
     log.debug("truncate fd=%d %d", fd, size)

@@ -82,7 +82,10 @@ def _truncated_mtime(with_data: bool) -> int | None:
 
 def _origin_xattrs(lower: Real, st: os.stat_result) -> dict[str, bytes]:
     """What an upper copy records about its origin, so that it keeps its inode number: with the
-    lower path, by which the origin is verified after the copy is renamed (cowfs.core.origins)."""
+    lower path, by which the origin is verified after the copy is renamed (cowfs.core.origins).
+    None on a layer whose numbers may change at its next mount (:attr:`Layer.numbers_last`)."""
+    if not lower.layer.numbers_last:
+        return {}
     value = schema.format_origin(lower.layer.index, st.st_ino, origins.lower_path(lower))
     return {schema.origin_xattr(st.st_mode): value}
 
@@ -109,7 +112,8 @@ class CopyUp:
     @staticmethod
     def is_hard_linked_lower(inode: Inode) -> bool:
         """A lower non-directory with several names: copied up through the index."""
-        return not inode.is_dir and inode.upper is None and inode.top.nlink > 1
+        return (not inode.is_dir and inode.upper is None and inode.top.nlink > 1
+                and inode.top.layer.numbers_last)
 
     def ensure(self, inode: Inode, need: Need = Need.WRITE) -> Real:
         """The upper copy of ``inode``, copying it (and its parents) up first if needed, with
@@ -156,6 +160,8 @@ class CopyUp:
         if not self.partial_min or not stat.S_ISREG(data.mode) or data.layer.is_upper or (
                 data.partial):  # a lower partial file: copied whole (origins never chain)
             return False
+        if not data.layer.numbers_last:  # no origin would find the rest of the data again
+            return False
         st = data.stat()
         if st.st_size < self.partial_min:
             return False
@@ -168,6 +174,8 @@ class CopyUp:
         if not (self.metacopy and stat.S_ISREG(top.mode) and top.stat().st_size > 0):
             return False
         if top.partial:  # a lower partial file's own blocks must come up: copied whole
+            return False
+        if not top.layer.numbers_last:  # no origin would find the data again
             return False
         return self._owner_kept(inode)
 

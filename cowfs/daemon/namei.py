@@ -180,7 +180,8 @@ class Namei:
         """For a lower object with several names: its index entry on top, if it was copied up."""
         top = reals[0]
         index_fd = self._index_fd
-        if top.layer.is_upper or top.is_dir or top.nlink <= 1 or index_fd is None:
+        if (top.layer.is_upper or top.is_dir or top.nlink <= 1 or index_fd is None
+                or not top.layer.numbers_last):
             return reals
         name = schema.index_name(top.layer.index, top.ino or os.fstat(top.fd).st_ino)
         entry = realfs.open_path(index_fd, name)
