@@ -52,9 +52,13 @@ help:
 	@echo 'make check   lint + test'
 	@echo 'make install the tool alone: its Debian packages + .venv with cowfs (what demo uses)'
 	@echo 'make setup   install + the packages and Python tools of the tests and lint'
-	@echo 'make helper  symlink $(MOUNT_HELPER) for mount -t fuse.cowfs (root)'
+	@echo 'make helper  symlink $(MOUNT_HELPER) to this checkout (development; root)'
+	@echo 'make system-install  cowfs for all users, without the checkout: $(PREFIX)/lib/cowfs,'
+	@echo '             $(PREFIX)/bin/cowfs, $(MOUNT_HELPER) (root; PREFIX=..., SBINDIR=...)'
+	@echo 'make system-uninstall  remove what system-install installed'
 	@echo 'make shell-install  link the completion and man page into /usr/local/share (root)'
 	@echo 'make docker-test  build the container image and smoke-test it (own Docker engine)'
+	@echo 'make docker-load-test  docker load of cowfs image export output (a Docker engine)'
 	@echo 'make bench   compare cowfs with native, overlayfs, fuse-overlayfs, and a large tree (root; BENCH_MODE=full)'
 	@echo 'make bench-full   the same, larger and with more repetitions, 1,000,000 files (about an hour)'
 	@echo 'make faults  the full fault-injection enumeration (tests/test_faults.py, long)'
@@ -131,6 +135,9 @@ $(STAMP): $(TOOL_STAMP) | system-packages
 	$(VENV)/bin/python -m pip install --disable-pip-version-check --no-input -e '.[test]'
 	@touch $@
 
+# The development form of the mount helper: /usr/sbin/mount.fuse.cowfs runs THIS checkout's .venv
+# (editable: the code of this work tree), which the tests need (they mount the checkout under
+# test). For users, system-install below.
 helper: install
 	@if [[ "$$(id -u)" -ne 0 ]]; then \
 	    echo "Not root: mount -t fuse.cowfs needs the mount helper; to install it run:"; \
@@ -141,6 +148,20 @@ helper: install
 	    ln -sfn $(MOUNT_HELPER_TARGET) $(MOUNT_HELPER); \
 	    echo "Installed mount helper: $(MOUNT_HELPER) -> $(MOUNT_HELPER_TARGET)"; \
 	fi
+
+# cowfs for the users of a machine, independent of any checkout (scripts/system-install.sh): a
+# virtualenv of its own in $(PREFIX)/lib/cowfs with cowfs installed (not editable) and pyfuse3
+# patched; $(PREFIX)/bin/cowfs, $(SBINDIR)/mount.fuse.cowfs, the man page and the completion
+# linked to it. Replaces make helper's and make shell-install's links (the development form);
+# system-uninstall removes it. Root for the default PREFIX and SBINDIR.
+PREFIX ?= /usr/local
+SBINDIR ?= /usr/sbin
+.PHONY: system-install system-uninstall
+system-install: tool-packages
+	bash scripts/system-install.sh install $(PYTHON) $(PREFIX) $(SBINDIR)
+
+system-uninstall:
+	bash scripts/system-install.sh uninstall $(PYTHON) $(PREFIX) $(SBINDIR)
 
 # `make test` runs the whole suite as root, measuring the coverage of cowfs in the test process
 # ([tool.coverage.run] in pyproject.toml) and failing below COVERAGE_FLOOR, then the mount tests
@@ -175,6 +196,9 @@ coverage: setup helper
 # Images too: a plain user exports and imports them (whiteouts as 0/0 devices; the files
 # imported are the user's own).
 USER_TESTS += tests/test_tools_image.py
+# And issue 21's whole job (import, run, freeze, squash, export, the kernel mounting the stack in
+# a user namespace of the user's own), as the README says a plain user does it.
+USER_TESTS += tests/test_tools_workflow.py
 
 test-user: setup
 	@if [[ "$$(id -u)" -ne 0 ]]; then \
@@ -218,6 +242,17 @@ docker-test:
 	    $(SUDO) apt-get update; \
 	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; fi
 	$(SUDO) bash docker/test.sh
+
+# docker load of what cowfs image export writes (tests/test_tools_docker.py, opt-in: it needs a
+# Docker engine): the engine DOCKER_HOST or the default socket reaches, else, as root, a private
+# dockerd the test starts and stops (no bridge, no iptables, its files in a temporary directory).
+# Installs docker.io where dockerd is missing.
+.PHONY: docker-load-test
+docker-load-test: setup
+	@if ! command -v dockerd >/dev/null && ! docker version >/dev/null 2>&1; then \
+	    $(SUDO) apt-get update; \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y docker.io; fi
+	COWFS_TEST_DOCKER=1 $(VENV)/bin/python -m pytest tests/test_tools_docker.py $(PYTEST_ARGS)
 
 # --- benchmark (bench/, docs/performance.md) ---------------------------------------------------
 # Needs root (mount -t overlay, drop_caches). Installs what cowfs is compared with: fuse-overlayfs

@@ -1,9 +1,9 @@
 """cowfs: a copy-on-write overlay filesystem for Linux, on pyfuse3 and trio.
 
 The kernel's overlayfs is the reference for every semantic question; the on-disk layer format is
-specified in docs/layer-format.md and implemented in :mod:`cowfs.schema`.
+specified in docs/layer-format.md and implemented in :mod:`cowfs.core.schema`.
 
-The Python API (:mod:`cowfs.api`): ``with cowfs.overlay(base) as view:`` mounts a writable
+The Python API (:mod:`cowfs.tools.api`): ``with cowfs.overlay(base) as view:`` mounts a writable
 copy-on-write view of ``base`` at ``view.path``; ``view.diff()``, ``view.commit()`` and
 ``view.discard()`` work on its changes. It is unmounted on leaving the block.
 
@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .api import View, overlay
-    from .errors import CowfsError
+    from .core.errors import CowfsError
+    from .tools.api import View, overlay
 
 __all__ = ["CowfsError", "View", "overlay"]
 
-_LAZY = {"View": "api", "overlay": "api", "CowfsError": "errors"}
+_LAZY = {"View": "tools.api", "overlay": "tools.api", "CowfsError": "core.errors"}
 
 
 def __getattr__(name: str) -> Any:

@@ -15,9 +15,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, lifecycle, mounts
-from .errors import CowfsError
-from .layers import LayerPaths
+from . import __version__
+from .core import lifecycle, mounts
+from .core.errors import CowfsError
+from .core.layers import LayerPaths
+from .tools.commands import COMMANDS as TOOL_COMMANDS
+from .tools.commands import Command, add_commands
 
 log = logging.getLogger("cowfs")
 
@@ -57,14 +60,7 @@ examples:
 """
 
 
-def _add_mount_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser(
-        "mount", help="mount an overlay", description="Mount a copy-on-write overlay of LOWER "
-        "with changes going to UPPER, at MOUNTPOINT. Returns once the filesystem is mounted and "
-        "serving; the daemon runs in the background until 'cowfs umount MOUNTPOINT'.",
-        epilog=MOUNT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.usage = ("cowfs mount [-f] [--work DIR] [-o OPT[,OPT...]] [--log FILE]\n"
-               "                   LOWER[:LOWER...] UPPER MOUNTPOINT  |  STACK MOUNTPOINT")
+def _mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("lower", metavar="LOWER[:LOWER...]",
                    help="read-only layer(s), topmost first; or a stack ('cowfs layer')")
     p.add_argument("upper", metavar="UPPER", help="writable layer that receives all changes")
@@ -80,23 +76,12 @@ def _add_mount_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("--log", metavar="FILE",
                    help="append the daemon's log to FILE (default in the background: a file "
                    "beside the mount's state file, shown by 'cowfs status')")
-    p.set_defaults(func=_cmd_mount, interrupted="the daemon may still mount in the background: "
-                   "see 'cowfs status', and 'cowfs umount MOUNTPOINT'")
 
 
-def _add_umount_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser(
-        "umount", help="unmount an overlay and wait for its daemon to exit",
-        description="Unmount the cowfs overlay at MOUNTPOINT and wait until its daemon has "
-        "exited, so that the upper layer is complete and may be used.",
-        epilog="examples:\n  cowfs umount /mnt/data\n  cowfs umount --timeout 120 /mnt/busy"
-        "          wait longer for a busy daemon\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+def _umount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECS",
                    help="how long to wait for the daemon to exit (default 30)")
-    p.set_defaults(func=_cmd_umount, interrupted="the unmount may still complete: see "
-                   "'cowfs status'")
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -147,11 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cowfs {__version__}")
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser] = parser.add_subparsers(
         metavar="COMMAND", required=True, parser_class=CommandParser)
-    _add_mount_parser(subparsers)
-    _add_umount_parser(subparsers)
-    from .tools.commands import add_parsers  # run, diff, commit, reset, export, import, ...
-
-    add_parsers(subparsers)
+    add_commands(subparsers, COMMANDS)
     return parser
 
 
@@ -171,8 +152,8 @@ def _setup_logging(debug: bool, log_file: str | None, foreground: bool) -> None:
 
 def mount(lower: str, upper: str, mountpoint: str, *, work: str | None, options: list[str],
           foreground: bool, log_file: str | None) -> None:
-    from . import fusecheck
-    from .mount import MountOptions, prepare, serve  # pyfuse3 only where it is needed
+    from .daemon import fusecheck
+    from .daemon.mount import MountOptions, prepare, serve  # pyfuse3 only where it is needed
 
     opts = MountOptions.parse(options)
     privileged = opts.kernel & {"suid", "dev"} if os.geteuid() != 0 else frozenset()
@@ -227,6 +208,34 @@ def umount(mountpoint: str, timeout: float = 30.0) -> None:
 
 def _cmd_umount(args: argparse.Namespace) -> None:
     umount(args.mountpoint, args.timeout)
+
+
+#: Every command, one row each, in the order ``cowfs --help`` lists them: the mount's own two here,
+#: the tools' from :data:`cowfs.tools.commands.COMMANDS`.
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "mount", "mount an overlay",
+        "Mount a copy-on-write overlay of LOWER with changes going to UPPER, at MOUNTPOINT. "
+        "Returns once the filesystem is mounted and serving; the daemon runs in the background "
+        "until 'cowfs umount MOUNTPOINT'.",
+        arguments=_mount_arguments,
+        run=_cmd_mount,
+        epilog=MOUNT_EPILOG,
+        usage=("cowfs mount [-f] [--work DIR] [-o OPT[,OPT...]] [--log FILE]\n"
+               "                   LOWER[:LOWER...] UPPER MOUNTPOINT  |  STACK MOUNTPOINT"),
+        interrupted=("the daemon may still mount in the background: see 'cowfs status', and "
+                     "'cowfs umount MOUNTPOINT'")),
+    Command(
+        "umount", "unmount an overlay and wait for its daemon to exit",
+        "Unmount the cowfs overlay at MOUNTPOINT and wait until its daemon has exited, so that "
+        "the upper layer is complete and may be used.",
+        arguments=_umount_arguments,
+        run=_cmd_umount,
+        epilog=("examples:\n  cowfs umount /mnt/data\n  cowfs umount --timeout 120 /mnt/busy"
+                "          wait longer for a busy daemon\n"),
+        interrupted="the unmount may still complete: see 'cowfs status'"),
+    *TOOL_COMMANDS,
+)
 
 
 # --- entry points -------------------------------------------------------------------------------
@@ -285,7 +294,7 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
     args = _helper_parser().parse_args(argv)
     try:
         if "remount" in ",".join(args.options).split(","):
-            from .mount import remount  # pyfuse3 only where it is needed
+            from .daemon.mount import remount  # pyfuse3 only where it is needed
             remount(Path(args.mountpoint), args.options)
             return 0
         lower, upper, work, rest = helper_arguments(args.options)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from .api import View
+    from .tools.api import View
 
 MARKER = "cowfs_dataset"
 
@@ -36,7 +36,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture
 def cowfs_overlay() -> Iterator[Callable[..., View]]:
     """``cowfs_overlay(base, upper=None, **options) -> View``: views unmounted at teardown."""
-    from .api import overlay
+    from .tools.api import overlay
 
     with contextlib.ExitStack() as stack:
 

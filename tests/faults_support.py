@@ -44,7 +44,8 @@ from support import (
     walk,
 )
 
-from cowfs import cli, realfs
+from cowfs import cli
+from cowfs.core import realfs
 
 KILL_BEFORE = "kill-before"
 KILL_AFTER = "kill-after"

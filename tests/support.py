@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 # ---------------------------------------------------------------------------------------------
-# The layer format, as the tests see it (the spec, not cowfs.schema: the tests must not trust the
-# code they test).
+# The layer format, as the tests see it (the spec, not cowfs.core.schema: the tests must not trust
+# the code they test).
 
 WHITEOUT_XATTR = "user.overlay.whiteout"
 OPAQUE_XATTR = "user.overlay.opaque"
@@ -1086,7 +1086,7 @@ def layer_problems(upper: Path, lowers: Sequence[Path], work: Path | None = None
     default ``UPPER/.cowfs-work``; the checker itself looks only at the default one): a clean
     unmount leaves nothing half-built behind.
     """
-    from cowfs.errors import CowfsError
+    from cowfs.core.errors import CowfsError
     from cowfs.tools.check import check
 
     out = io.StringIO()

@@ -13,7 +13,7 @@ from support import build_layer, mounted_fstype, wait_until
 from tools_support import unchanged
 
 import cowfs
-from cowfs.walk import Added, Deleted, Kind, Modified
+from cowfs.tools.walk import Added, Deleted, Kind, Modified
 
 
 @pytest.fixture
@@ -154,7 +154,7 @@ def test_a_busy_view_is_detached_lazily_on_exit(dataset: Path, tmp_path: Path,
     """A process left inside the view (a background job of the caller's) keeps it busy: after
     a few seconds of retries the view is detached lazily, with a warning, so it never outlives
     the ``with`` block; its daemon exits once the last process leaves."""
-    from cowfs import lifecycle, mounts
+    from cowfs.core import lifecycle, mounts
 
     with cowfs.overlay(dataset, at=tmp_path / "view") as view:
         state = mounts.load_state(view.path)

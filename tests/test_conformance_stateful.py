@@ -51,7 +51,7 @@ from hypothesis.stateful import (
 )
 from support import RENAME_EXCHANGE, RENAME_NOREPLACE, Dir, File, Symlink, Whiteout
 
-from cowfs.operations import can_inherit_acls
+from cowfs.daemon.operations import can_inherit_acls
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

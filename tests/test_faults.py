@@ -1,7 +1,8 @@
 """Crash- and failure-atomicity of every change to the upper, proved by fault injection (issue 9).
 
-The seam (cowfs/realfs.py): every wrapper that changes a layer carries ``@realfs.change``. A daemon
-started with ``COWFS_FAULT`` in its environment counts those calls once the mount is ready (what
+The seam (cowfs/core/realfs.py): every wrapper that changes a layer carries ``@realfs.change``. A
+daemon started with ``COWFS_FAULT`` in its environment counts those calls once the mount is ready
+(what
 mounting itself does, e.g. recovery, is not counted) and, by comma-separated directives:
 
 * ``N:kill-before`` / ``N:kill-after``: SIGKILLs itself just before / just after the N-th

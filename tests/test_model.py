@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import realfs, schema
-from cowfs.inodes import Inode
-from cowfs.layers import LayerPaths, open_stack
-from cowfs.namespace import Caller
-from cowfs.vfs import Overlay, SetAttr
+from cowfs.core import realfs, schema
+from cowfs.core.layers import LayerPaths, open_stack
+from cowfs.daemon.inodes import Inode
+from cowfs.daemon.namespace import Caller
+from cowfs.daemon.vfs import Overlay, SetAttr
 
 ROOT = Caller(0, 0, 0o022)
 
@@ -78,7 +78,7 @@ class Model:
     def walk(self, path: str) -> Inode:
         node = self.ov.table.root
         for part in filter(None, path.split("/")):
-            found = self.ov.namespace.lookup(node, part)
+            found = self.ov.lookup(node, part)
             if found is None:
                 raise FileNotFoundError(path)
             node = found
@@ -99,7 +99,7 @@ class Model:
         directory = self.walk(path)
         handle = self.ov.opendir(directory)
         listed = handle.snapshot(0, self.ov.listing)[2:]
-        return {n for n in listed if self.ov.namespace.lookup(directory, n) is not None}
+        return {n for n in listed if self.ov.lookup(directory, n) is not None}
 
 
 @pytest.fixture
@@ -288,7 +288,7 @@ def test_an_escaping_redirect_is_refused(model: Model, bad: bytes) -> None:
     os.setxattr(model.upper / "evil", schema.XATTR_REDIRECT, bad)
     ov = model.start()
     with pytest.raises(OSError, match="invalid redirect") as exc:
-        ov.namespace.lookup(ov.table.root, "evil")
+        ov.lookup(ov.table.root, "evil")
     assert exc.value.errno == errno.EIO
 
 
@@ -308,14 +308,14 @@ def test_hard_link_of_lower_file(model: Model) -> None:
     inode = model.walk("file")
     linked = ov.namespace.link(inode, ov.table.root, "file2")
     assert linked is inode
-    assert ov.stat(inode).st_nlink == 2
+    assert ov.attributes(inode).nlink == 2
     assert model.read("file2") == b"lower:file"
 
 
 def test_work_dir_is_hidden(model: Model) -> None:
     ov = model.start()
     assert schema.WORK_DIR_NAME not in model.names("")
-    assert ov.namespace.lookup(ov.table.root, schema.WORK_DIR_NAME) is None
+    assert ov.lookup(ov.table.root, schema.WORK_DIR_NAME) is None
     with pytest.raises(OSError, match="reserved") as exc:
         ov.namespace.mkdir(ov.table.root, schema.WORK_DIR_NAME, 0o755, ROOT)
     assert exc.value.errno == errno.EPERM
@@ -334,7 +334,7 @@ def test_inodes_hold_no_descriptors(model: Model) -> None:
     ov.request_done()
     ov.descriptors.size = size
     assert len(os.listdir("/proc/self/fd")) == before
-    assert ov.stat(inode).st_ino == inode.top.stat().st_ino  # opened again by name
+    assert ov.attributes(inode).size == len(b"lower:deep")  # opened again by name
     for node in chain:
         ov.table.forget(node.number, node.lookups)
     assert not inode.alive

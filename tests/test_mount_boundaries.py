@@ -19,7 +19,7 @@ POISON_SIZE = 12345  # the size of the file whose inode the injected bug breaks
 RELEASE_BUG = f"""
 import os
 
-from cowfs import inodes
+from cowfs.daemon import inodes
 
 _release = inodes.Inode.release
 
@@ -58,7 +58,7 @@ import errno
 import os
 from pathlib import Path
 
-from cowfs import realfs
+from cowfs.core import realfs
 
 _getxattr = realfs.getxattr
 _armed = Path(os.environ["COWFS_TEST_PAUSE_DIR"]) / "armed"

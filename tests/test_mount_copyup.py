@@ -32,7 +32,7 @@ from support import (
     wait_until,
 )
 
-from cowfs import inline
+from cowfs.core import inline
 
 MiB = 1 << 20
 DATA = b"lower data\n" * 100
@@ -109,7 +109,7 @@ class Trigger:
     changes: dict[str, Any] = field(default_factory=dict)  # expected differences from the lower
     keeps_times: bool = True  # mtime and atime as in the lower
     keeps_parent_mtime: bool = True  # d1/d2's mtime as in the lower
-    metacopy: bool = False  # copied up without its data (cowfs.metacopy)
+    metacopy: bool = False  # copied up without its data (cowfs.core.metacopy)
 
     def __str__(self) -> str:
         return self.name
@@ -491,7 +491,7 @@ def test_a_file_under_a_4000_byte_path_copies_up(
 def test_small_copy_ups_inline_and_large_ones_in_a_thread_copy_the_whole_file(
         layers: LayerFactory, mount_cowfs: MountFactory, size: int) -> None:
     """A copy-up of up to ``inline.COPY_MAX`` bytes runs on the request loop; a larger one stops
-    before its copy and the whole operation runs again in a worker thread (cowfs/inline.py).
+    before its copy and the whole operation runs again in a worker thread (cowfs/core/inline.py).
     Either way each file comes up whole, once, and the work directory is left empty (checked at
     teardown)."""
     data = os.urandom(size)

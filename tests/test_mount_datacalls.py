@@ -29,7 +29,7 @@ from conftest import LayerFactory, MountFactory
 from fs_support import fiemap_extents
 from support import KernelOverlay, Twin
 
-from cowfs.operations import has_file_calls
+from cowfs.daemon.operations import has_file_calls
 
 pytestmark = pytest.mark.kernel
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import DEFAULT_LOWERS, DEFAULT_UPPER, LayerFactory, MountFactory
 from support import RENAME_EXCHANGE, DirStream, Step, Twin
 
-from cowfs.operations import can_cache_listings
+from cowfs.daemon.operations import can_cache_listings
 
 LAYERS: tuple[dict[str, object], ...] = ({"d/lower1": None, "d/lower2": None},)
 

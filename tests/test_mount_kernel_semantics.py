@@ -33,7 +33,7 @@ from conformance_support import (
 )
 from support import Dir, File
 
-from cowfs.operations import can_inherit_acls, completes_direct_writes, has_file_calls
+from cowfs.daemon.operations import can_inherit_acls, completes_direct_writes, has_file_calls
 
 pytestmark = [
     pytest.mark.kernel,

@@ -1,4 +1,4 @@
-"""Metadata-only copy-up (``cowfs.metacopy``) on real mounts and with the offline tools.
+"""Metadata-only copy-up (``cowfs.core.metacopy``) on real mounts and with the offline tools.
 
 A metadata change (chmod, chgrp, utimes, xattrs) or a new name (link, rename) of a lower file
 copies no data: the upper copy is sparse and marked ``user.overlay.metacopy``, reads are served by

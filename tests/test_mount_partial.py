@@ -1,4 +1,4 @@
-"""Copy-up of only the written ranges (issue 11, section 2; cowfs.partial), on real mounts.
+"""Copy-up of only the written ranges (issue 11, section 2; cowfs.core.partial), on real mounts.
 
 A lower file of at least ``-o partial_copyup=SIZE`` bytes opened for writing is copied up as a
 partial file: the upper copy holds the 64 KiB blocks written, the rest is read from the lower.
@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from support import CowfsMount, KernelOverlay, find_cowfs, needs_root
 
-from cowfs import realfs, schema
+from cowfs.core import realfs, schema
 
 MiB = 1 << 20
 BLOCK = 64 << 10

@@ -147,8 +147,8 @@ def test_what_libfuse_refuses_is_said_in_its_own_words(plain_user: PlainUser) ->
     theirs = plain_user.base / "mnt2"
     theirs.mkdir(mode=0o755)
     script = ("import pyfuse3, sys\n"
-              "from cowfs import fusecheck\n"
-              "from cowfs.errors import CowfsError\n"
+              "from cowfs.daemon import fusecheck\n"
+              "from cowfs.core.errors import CowfsError\n"
               "try:\n"
               f"    fusecheck.init(pyfuse3.Operations(), {str(theirs)!r}, {{'fsname=t'}})\n"
               "except CowfsError as e:\n"

@@ -1,4 +1,4 @@
-"""Name references on a real mount (issue 19, cowfs.refs): an inode reaches its real objects by
+"""Name references on a real mount (issue 19, cowfs.core.refs): an inode reaches its real objects by
 its parent and its name, and names change under it. The daemon runs with 256 descriptors (a cache
 of 80) and the kernel caches nothing (``timeout=0``); between steps the test looks up a crowd of
 other files, so that every descriptor the daemon had is dropped and reached again by name.

@@ -20,7 +20,7 @@ from conftest import LayerFactory, LayerSet, MountFactory
 from support import File, needs_root, run_steps_as
 from tools_support import cowfs
 
-from cowfs import partial, schema
+from cowfs.core import partial, schema
 
 NOBODY = 65534
 SECRET = b"root only: the user must never read this\n"

@@ -17,7 +17,7 @@ import pytest
 from conftest import LayerFactory, LayerSet, MountFactory
 from support import needs_root, tree_state
 
-from cowfs import schema
+from cowfs.core import schema
 
 WORK = schema.WORK_DIR_NAME
 

@@ -191,7 +191,7 @@ import os
 import time
 from pathlib import Path
 
-from cowfs import realfs
+from cowfs.core import realfs
 
 _setxattr = realfs.setxattr
 _dir = Path(os.environ["COWFS_TEST_PAUSE_DIR"])

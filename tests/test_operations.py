@@ -1,4 +1,4 @@
-"""The pyfuse3 adapter (cowfs.operations.Operations) called directly, without a mount.
+"""The pyfuse3 adapter (cowfs.daemon.operations.Operations) called directly, without a mount.
 
 Real layers are built in tmp_path and opened as the daemon opens them (``open_stack``, ``Overlay``);
 each handler is awaited under ``trio.run`` as pyfuse3 would await it, as s3ql's API tests do. The
@@ -38,10 +38,10 @@ from support import (
     tree_state,
 )
 
-from cowfs import fileattr
-from cowfs.layers import LayerPaths, open_stack
-from cowfs.operations import Operations
-from cowfs.vfs import Overlay
+from cowfs.core.layers import LayerPaths, open_stack
+from cowfs.daemon import fileattr
+from cowfs.daemon.operations import Operations
+from cowfs.daemon.vfs import Overlay
 
 ROOT = pyfuse3.ROOT_INODE
 CTX = pyfuse3.RequestContext()  # uid 0, gid 0, umask 0

@@ -1,7 +1,9 @@
 """What the package ships besides its code (issue 13): type information for users of the API
 (PEP 561 ``py.typed``, checked with ``mypy --strict`` from a separate project against an installed
-copy), examples in every subcommand's ``--help``, and the shell completion and man page that
-``make setup`` generates from the same parser (scripts/shell-files.sh)."""
+copy), examples in every subcommand's ``--help``, the shell completion and man page that
+``make setup`` generates from the same parser (scripts/shell-files.sh), and ``make
+system-install``: cowfs installed for a machine's users without the checkout, its mount helper
+used by ``mount -t fuse.cowfs``."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from conftest import DEFAULT_LOWERS, DEFAULT_UPPER, LayerFactory
+from support import fuse_device_holders, needs_root, process_gone, tree_state, wait_until
 
 from cowfs.cli import build_parser
 
@@ -191,3 +195,102 @@ def test_the_installed_api_is_typed_for_mypy_strict(tmp_path: Path) -> None:
     bad = _mypy(tmp_path)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert 'Incompatible return value type (got "str", expected "int")' in bad.stdout, bad.stdout
+
+
+# --- make system-install: cowfs without the checkout ---------------------------------------------
+
+#: Run inside a private mount namespace (unshare): /usr/sbin gets an overlay of the kernel's on a
+#: tmpfs, in which mount.fuse.cowfs is the installed helper, so that ``mount -t fuse.cowfs`` runs
+#: it while the machine's /usr/sbin stays as it is; gone with the namespace.
+_MOUNT_IN_PRIVATE = r'''
+set -eu
+helper=$1 scratch=$2 lowers=$3 upper=$4 work=$5 mnt=$6
+mount -t tmpfs cowfs-test "$scratch"
+mkdir "$scratch/upper" "$scratch/work"
+mount -t overlay overlay -o "lowerdir=/usr/sbin,upperdir=$scratch/upper,workdir=$scratch/work" \
+    /usr/sbin
+ln -sfn "$helper" /usr/sbin/mount.fuse.cowfs
+trap 'umount "$mnt" 2>/dev/null || true' EXIT
+mount -t fuse.cowfs -o "lowerdir=$lowers,upperdir=$upper,workdir=$work" cowfs "$mnt"
+awk -v m="$mnt" '$2 == m {print "mounted:", $3}' /proc/mounts
+cat "$mnt/a.txt"
+echo written >"$mnt/b.txt"
+umount "$mnt"
+'''
+
+
+def _without_checkout_env() -> dict[str, str]:
+    """The environment less what would lead an interpreter back to a checkout."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_system_install_mounts_through_mount_t_without_the_checkout(
+        tmp_path: Path, layers: LayerFactory) -> None:
+    """``make system-install`` from a copy of the checkout into a scratch PREFIX and SBINDIR,
+    the copy deleted, then ``mount -t fuse.cowfs`` through the installed helper (in a private
+    mount namespace: the machine's /usr/sbin is not touched), and ``make system-uninstall``.
+    Needs the Python package index, as ``make install`` does (pyfuse3's source, the
+    dependencies)."""
+    needs_root("mount -t fuse.cowfs, and an overlay on /usr/sbin in a private mount namespace")
+    env = _without_checkout_env()
+    copy = tmp_path / "checkout"
+    copy.mkdir()
+    for name in ("Makefile", "pyproject.toml", "README.md", "cowfs", "scripts", "patches"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, copy / name)
+    (copy / "docs").mkdir()
+    shutil.copy(ROOT / "docs/cli.md", copy / "docs/cli.md")
+    prefix, sbin = tmp_path / "prefix", tmp_path / "sbin"
+    where = [f"PREFIX={prefix}", f"SBINDIR={sbin}", "PYTHON=python3"]
+    installed = subprocess.run(["make", "-C", str(copy), "system-install", *where], env=env,
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                               timeout=840, check=False)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    shutil.rmtree(copy)  # what is installed must not need it
+    venv = prefix / "lib/cowfs"
+    helper = sbin / "mount.fuse.cowfs"
+    assert os.readlink(helper) == str(venv / "bin/mount.fuse.cowfs")
+    assert os.readlink(prefix / "bin/cowfs") == str(venv / "bin/cowfs")
+    assert (prefix / "share/man/man1/cowfs.1").resolve().is_file()
+    imported = subprocess.run([str(venv / "bin/python"), "-c",
+                               "import cowfs, pyfuse3; print(cowfs.__file__)"], env=env, cwd="/",
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+    assert imported.startswith(str(venv)), imported
+    version = subprocess.run([str(prefix / "bin/cowfs"), "--version"], env=env, cwd="/",
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "cowfs" in version
+
+    layer_set = layers(*DEFAULT_LOWERS, upper=DEFAULT_UPPER)
+    lowers_before = [tree_state(p) for p in layer_set.lowers]
+    scratch = tmp_path / "private"
+    scratch.mkdir()
+    holders_before = fuse_device_holders()
+    try:
+        mounted = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "bash", "-c", _MOUNT_IN_PRIVATE,
+             "mount-in-private", str(helper), str(scratch),
+             ":".join(map(str, layer_set.lowers)), str(layer_set.upper), str(layer_set.work),
+             str(layer_set.mnt)], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, timeout=120, check=False)
+    finally:
+        daemons = fuse_device_holders() - holders_before
+        exited = wait_until(lambda: all(process_gone(p) for p in daemons), 15)
+        for pid in daemons:
+            if not process_gone(pid):
+                os.kill(pid, 9)
+    assert mounted.returncode == 0, mounted.stdout + mounted.stderr
+    assert "Traceback" not in mounted.stderr
+    assert mounted.stdout.splitlines() == ["mounted: fuse.cowfs", "lower0:a.txt"]
+    assert exited, f"daemon {daemons} still running 15 s after umount"
+    assert (layer_set.upper / "b.txt").read_text() == "written\n"
+    for path, before in zip(layer_set.lowers, lowers_before, strict=True):
+        assert tree_state(path) == before
+
+    removed = subprocess.run(["make", "-C", str(ROOT), "system-uninstall", *where], env=env,
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=120, check=False)
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert not venv.exists()
+    assert not os.path.lexists(helper)
+    assert [p for p in prefix.rglob("*") if not p.is_dir()] == []

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import realfs
-from cowfs.inodes import Inode
-from cowfs.layers import LayerPaths, open_stack
-from cowfs.namespace import Caller
-from cowfs.vfs import Overlay, SetAttr
+from cowfs.core import realfs
+from cowfs.core.layers import LayerPaths, open_stack
+from cowfs.daemon.inodes import Inode
+from cowfs.daemon.namespace import Caller
+from cowfs.daemon.vfs import Overlay, SetAttr
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +106,7 @@ def visible(ov: Overlay, path: str) -> set[str]:
 
 def nlink(ov: Overlay, path: str) -> int:
     inode = lookup(ov, path)
-    return ov.nlink(inode, ov.stat(inode))
+    return ov.attributes(inode).nlink
 
 
 def test_link_counts_of_an_indexed_hard_link_set_survive_concurrent_links_and_unlinks(

@@ -15,7 +15,7 @@ from pathlib import Path
 from support import find_cowfs, mounted_fstype, wait_until
 from tools_support import Workspace, cowfs, workspace
 
-from cowfs import mounts, schema
+from cowfs.core import mounts, schema
 
 __all__ = ["workspace"]
 

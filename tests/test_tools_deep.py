@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from tools_support import Result, Workspace, cowfs, workspace
 
-from cowfs import plans, schema
+from cowfs.core import schema
+from cowfs.tools import plans
 
 __all__ = ["workspace"]
 

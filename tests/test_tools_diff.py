@@ -19,8 +19,8 @@ from tools_support import (
     workspace,
 )
 
-from cowfs.changes import quote
-from cowfs.walk import Added, Anomaly, Deleted, Kind, Problem, walk
+from cowfs.tools.changes import quote
+from cowfs.tools.walk import Added, Anomaly, Deleted, Kind, Problem, walk
 
 __all__ = ["workspace"]  # the fixture, used by name
 

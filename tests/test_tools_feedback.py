@@ -26,8 +26,8 @@ from pathlib import Path
 from support import cowfs_mount, find_cowfs
 from tools_support import Workspace, assert_user_error, cowfs, workspace
 
-from cowfs.changes import select as select_changes
-from cowfs.walk import Added, Deleted, Kind, Renamed
+from cowfs.tools.changes import select as select_changes
+from cowfs.tools.walk import Added, Deleted, Kind, Renamed
 
 __all__ = ["workspace"]
 

@@ -510,3 +510,39 @@ def _kernel_view(stack: Path, root: Path) -> dict[str, object]:
     with kernel_overlay([Path(p) for p in lowers.split(":")], kernel_upper, work, kernel_mnt,
                         ["userxattr"]) as kernel:
         return dict(merged_view(kernel.mnt))
+
+
+def _image_diff_ids(layout: Path) -> list[str]:
+    def blob(digest: str) -> bytes:
+        return (layout / "blobs/sha256" / digest.removeprefix("sha256:")).read_bytes()
+
+    manifest = json.loads(blob(json.loads((layout / "index.json").read_text())
+                               ["manifests"][0]["digest"]))
+    ids: list[str] = json.loads(blob(manifest["config"]["digest"]))["rootfs"]["diff_ids"]
+    return ids
+
+
+def test_an_upper_exported_live_and_frozen_has_one_diff_id(tmp_path: Path, base: Path) -> None:
+    """One writer of the canonical tar: ``cowfs image export --upper`` of a live upper (its
+    export rewritten) and of the same upper frozen (its directory written) give the same bytes:
+    whiteouts, a renamed and an opaque directory, hard links, a symlink, a fifo, xattrs, a mode
+    changed on the root."""
+    stack = tmp_path / "app"
+    ok("layer", "init", stack, base)
+    ok("run", stack, "--", "sh", "-c", f"{STEP1}; {STEP2}; mkfifo u2/fifo; chmod 750 .; "
+                            "mv etc/motd u2/motd2; rm -r etc; mkdir etc; echo x > etc/x")
+    ok("image", "export", "--upper", stack / "upper", "--to", tmp_path / "live.oci")
+    ok("layer", "freeze", stack)
+    (frozen,) = _layers(stack)
+    ok("image", "export", stack, "--to", tmp_path / "frozen.oci")
+    live = _image_diff_ids(tmp_path / "live.oci")
+    assert live[-1] == frozen
+    assert _image_diff_ids(tmp_path / "frozen.oci") == live
+    ok("export", stack / "layers" / frozen.removeprefix("sha256:"), "-o", tmp_path / "f.tar")
+    with tarfile.open(tmp_path / "f.tar") as tar:
+        names = [m.name for m in tar.getmembers()]
+    assert "./u2/fifo" in names
+    assert "./.wh.gone" in names
+    assert "./etc/.wh..wh..opq" in names  # replaces a directory of the base
+    assert "./d2/.wh..wh..opq" not in names  # hides nothing (d2 is new)
+    assert "." not in names  # no root member

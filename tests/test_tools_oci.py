@@ -9,12 +9,13 @@ import io
 import os
 import shutil
 import stat
+import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
 
 import pytest
-from support import cowfs_mount, merged_view
+from support import cowfs_mount, find_cowfs, merged_view
 from tools_support import (
     Workspace,
     assert_user_error,
@@ -62,7 +63,9 @@ def test_export_writes_oci_whiteouts_opaque_markers_and_hard_links(workspace: Wo
     assert members[".wh.old"].size == 0  # the renamed directory's old name
     assert "dir/.wh.sub" in members
     assert "opq/.wh..wh..opq" in members
-    assert "renamed/.wh..wh..opq" in members  # renames are written whole: OCI has none
+    # Renames are written whole (OCI has none), opaque only where a directory below would
+    # show through: nothing in the base is called "renamed".
+    assert "renamed/.wh..wh..opq" not in members
     assert {"renamed/inner/z", "renamed/keep", "renamed/added"} <= set(members)
     hardlink = members["newdir/nested/hardlink"]
     assert hardlink.islnk()
@@ -249,3 +252,35 @@ def test_export_and_import_create_missing_parents(workspace: Workspace) -> None:
     result = cowfs("import", ws.root / "new/dir/x.tar", ws.root / "layers/deep/l1")
     assert result.status == 0, result
     assert (ws.root / "layers/deep/l1").is_dir()
+
+
+def _gzip_header(path: Path) -> tuple[int, int]:
+    """The FLG byte and MTIME field of a gzip member's header (RFC 1952)."""
+    head = path.read_bytes()[:10]
+    assert head[:2] == b"\x1f\x8b", "not gzip"
+    return head[3], int.from_bytes(head[4:8], "little")
+
+
+def test_a_gzipped_export_is_the_same_bytes_every_time(workspace: Workspace) -> None:
+    """The gzip header holds no file name and time 0 (tarfile's own ``w:gz`` wrote the temporary
+    file's name and the time of now), so the same upper gives the same bytes, to a file and to
+    stdout alike."""
+    ws = workspace
+    with cowfs_mount([ws.base], ws.upper, ws.mnt):
+        make_changes(ws.mnt)
+    written = []
+    for name in ("one.tar.gz", "two.tgz", "three.tar"):
+        args = ["export", "--lower", ws.base, ws.upper, "-o", ws.root / name]
+        result = cowfs(*args, *(["--gzip"] if name.endswith(".tar") else []))
+        assert result.status == 0, result
+        written.append((ws.root / name).read_bytes())
+    with open(ws.root / "stdout.tgz", "wb") as out:
+        piped = subprocess.run([str(find_cowfs()), "export", "--gzip", "--lower", str(ws.base),
+                                str(ws.upper), "-o", "-"], stdout=out, stderr=subprocess.PIPE,
+                               timeout=120, check=False)
+    assert piped.returncode == 0, piped.stderr
+    written.append((ws.root / "stdout.tgz").read_bytes())
+    assert written[1:] == written[:1] * 3
+    flags, mtime = _gzip_header(ws.root / "one.tar.gz")
+    assert flags & 0x08 == 0, "FNAME is set: the header names a file"
+    assert mtime == 0

@@ -26,7 +26,7 @@ from tools_support import (
     workspace,
 )
 
-from cowfs.workspace import commit
+from cowfs.tools.workspace import commit
 
 __all__ = ["workspace"]
 

@@ -154,18 +154,29 @@ def _python(code: str, cwd: Path | None = None) -> subprocess.CompletedProcess[s
 
 
 def test_importing_cowfs_or_the_daemon_loads_neither_the_api_nor_the_walk() -> None:
-    result = _python("import sys, cowfs, cowfs.mount, cowfs.cli\n"
-                     "print(sorted(m for m in sys.modules if m in ('cowfs.api', 'cowfs.walk', "
-                     "'cowfs.tools.run', 'cowfs.workspace')))\n"
+    result = _python("import sys, cowfs, cowfs.daemon.mount, cowfs.cli\n"
+                     "print(sorted(m for m in sys.modules if m in ('cowfs.tools.api', "
+                     "'cowfs.tools.walk', 'cowfs.tools.run', 'cowfs.tools.workspace')))\n"
                      "assert cowfs.overlay is not None and cowfs.CowfsError is not None\n"
-                     "print('cowfs.api' in sys.modules)")
+                     "print('cowfs.tools.api' in sys.modules)")
     assert result.stdout == "[]\nTrue\n", result.stderr
+
+
+#: The package's folders, each importing only the folders listed for it (and itself): the shared
+#: layer-format core below both stacks, the daemon and the offline tools side by side on it, the
+#: command line and the package's own entry points on top (docs/architecture.md).
+FOLDERS = {"core": set(), "daemon": {"core"}, "tools": {"core"}, "": {"core", "daemon", "tools"}}
+
+
+def _folder(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in FOLDERS) else ""
 
 
 def _import_graph() -> dict[str, set[str]]:
     """Which cowfs modules (and pyfuse3/trio) each cowfs module imports, anywhere in it (also
     inside functions), leaving out ``if TYPE_CHECKING:`` blocks."""
-    files = [*(WORKTREE / "cowfs").glob("*.py"), *(WORKTREE / "cowfs/tools").glob("*.py")]
+    files = list((WORKTREE / "cowfs").rglob("*.py"))
     paths = {".".join(("cowfs", *p.with_suffix("").relative_to(WORKTREE / "cowfs").parts))
              .removesuffix(".__init__"): p for p in files}
     graph: dict[str, set[str]] = {}
@@ -188,13 +199,15 @@ def _import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.Import):
                 found |= {a.name for a in node.names if a.name in paths or a.name in
                           ("pyfuse3", "trio")}
-        graph[name] = found - {name, "cowfs", "cowfs.tools"}  # a package's own __init__
+        packages = {"cowfs", *(f"cowfs.{f}" for f in FOLDERS if f)}
+        graph[name] = found - {name} - packages  # a package's own __init__
     return graph
 
 
 def test_imports_point_down() -> None:
-    """No import cycle between cowfs's modules; neither the core nor the library needs FUSE; the
-    library never imports the command line or the tools."""
+    """No import cycle between cowfs's modules; each folder imports only the folders below it
+    (the daemon and the tools never each other); neither the core, the model nor the offline
+    tools need FUSE."""
     graph = _import_graph()
     done: set[str] = set()
 
@@ -208,9 +221,14 @@ def test_imports_point_down() -> None:
 
     for name in sorted(graph):
         visit(name, ())
-    # The core (up to the model, vfs), the library and the offline tools need no FUSE.
-    for top in ("cowfs.vfs", "cowfs.api", "cowfs.lifecycle", "cowfs.workspace", "cowfs.tools.check",
-                "cowfs.tools.oci", "cowfs.tools.status"):
+    across = {f"{name} -> {dep}" for name, deps in graph.items() for dep in deps
+              if dep.startswith("cowfs") and _folder(dep) != _folder(name)
+              and _folder(dep) not in FOLDERS[_folder(name)]}
+    assert across == set()
+    assert {_folder(n) for n in graph} == set(FOLDERS)  # every folder is there, none unknown
+    for top in ("cowfs.daemon.vfs", "cowfs.tools.api", "cowfs.core.lifecycle",
+                "cowfs.tools.workspace", "cowfs.tools.check", "cowfs.tools.oci",
+                "cowfs.tools.status"):
         reached, pending = set(), [top]
         while pending:
             name = pending.pop()
@@ -219,20 +237,39 @@ def test_imports_point_down() -> None:
                 pending += graph.get(name, set())
         assert not reached & {"pyfuse3", "trio"}, top
     # The mount lifecycle has one home, below the command line, the API and the tools.
-    assert graph["cowfs.lifecycle"] <= {"cowfs.mounts", "cowfs.errors"}
-    assert {"cowfs.lifecycle"} <= graph["cowfs.cli"] & graph["cowfs.api"]
-    upward = {n: deps for n, deps in graph.items() if not n.startswith("cowfs.tools")
-              and n not in ("cowfs.cli", "cowfs.__main__")
-              and any(d.startswith("cowfs.tools") or d == "cowfs.cli" for d in deps)}
-    assert upward == {}
+    assert graph["cowfs.core.lifecycle"] <= {"cowfs.core.mounts", "cowfs.core.errors"}
+    assert {"cowfs.core.lifecycle"} <= graph["cowfs.cli"] & graph["cowfs.tools.api"]
+
+
+#: What resolves a name through the layers, verifies an origin or finds a metacopy file's data:
+#: lookup's work, which the daemon does in one module (daemon/namei.py, docs/architecture.md).
+LOOKUP_CALLS = {"resolve", "exists_below", "probe_path", "merged_lookup", "verify", "find_data"}
+
+
+def test_the_daemon_looks_names_up_in_one_module() -> None:
+    """Only daemon/namei.py calls the lookup functions of the core (the kernel's namei.c); the
+    other daemon modules ask it (copy-up, the namespace changes, the facade). Probing one real
+    directory (``probe``: the upper name a change takes) is not a lookup of the merged view."""
+    callers: dict[str, set[str]] = {}
+    for path in sorted((WORKTREE / "cowfs/daemon").glob("*.py")):
+        used = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("core."):
+                used |= {a.name for a in node.names}
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and (
+                    node.value.id in ("resolve", "origins", "metacopy")):
+                used.add(node.attr)
+        if used & LOOKUP_CALLS:
+            callers[path.name] = used & LOOKUP_CALLS
+    assert set(callers) == {"namei.py"}, callers
 
 
 def test_every_module_imports_first_without_a_cycle() -> None:
     """Each module imported first in a fresh interpreter: a cycle shows up as an ImportError
     for some order."""
-    modules = sorted(f"cowfs.{p.stem}" for p in (WORKTREE / "cowfs").glob("*.py")
-                     if p.stem not in ("__main__",)) + sorted(
-        f"cowfs.tools.{p.stem}" for p in (WORKTREE / "cowfs/tools").glob("*.py"))
+    modules = sorted(".".join(("cowfs", *p.with_suffix("").relative_to(WORKTREE / "cowfs").parts))
+                     .removesuffix(".__init__") for p in (WORKTREE / "cowfs").rglob("*.py")
+                     if p.stem != "__main__")
     code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
     # The interpreters are independent: as many at once as there are cores.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:

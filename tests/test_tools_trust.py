@@ -31,7 +31,7 @@ from support import (
 from tools_support import Workspace, assert_user_error, cowfs, unchanged, workspace
 
 import cowfs as api
-from cowfs.errors import CowfsError
+from cowfs.core.errors import CowfsError
 
 __all__ = ["workspace"]
 

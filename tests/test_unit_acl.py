@@ -1,11 +1,11 @@
-"""The ACL a new object takes from its directory's default ACL (cowfs.acl), against values the
-kernel gives (setfacl notation in the comments)."""
+"""The ACL a new object takes from its directory's default ACL (cowfs.daemon.acl), against values
+the kernel gives (setfacl notation in the comments)."""
 
 from __future__ import annotations
 
 import pytest
 
-from cowfs import acl
+from cowfs.daemon import acl
 
 
 def value(*entries: tuple[int, int, int]) -> bytes:

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from cowfs.cli import build_parser, helper_arguments, mount_helper_main
-from cowfs.errors import CowfsError
-from cowfs.layers import LayerPaths
-from cowfs.mount import MountOptions
+from cowfs.core.errors import CowfsError
+from cowfs.core.layers import LayerPaths
+from cowfs.daemon.mount import MountOptions
 
 
 def test_mount_options_parse() -> None:
@@ -140,7 +140,7 @@ def test_options_and_paths_mix_in_any_order(argv: list[str], expected: dict[str,
 
 def test_counts_take_the_noun_in_their_number() -> None:
     """Issue 21: "1 entries", "all 1 changes" in the commands' output."""
-    from cowfs.wording import counted
+    from cowfs.core.wording import counted
 
     assert counted(1, "entry", "entries") == "1 entry"
     assert counted(0, "entry", "entries") == "0 entries"

@@ -1,4 +1,4 @@
-"""cowfs.dirstack without a mount: a bounded number of descriptors at any depth, levels opened
+"""cowfs.core.dirstack without a mount: a bounded number of descriptors at any depth, levels opened
 again by name and checked to be the same directory, and the path cache's walk-order reuse."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import dirstack, plans
+from cowfs.core import dirstack
+from cowfs.tools import plans
 
 DEPTH = 300
 LIMIT = 8

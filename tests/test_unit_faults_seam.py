@@ -1,4 +1,4 @@
-"""The fault-injection seam of cowfs/realfs.py, without FUSE (tests/test_faults.py uses it on
+"""The fault-injection seam of cowfs/core/realfs.py, without FUSE (tests/test_faults.py uses it on
 real mounts): parsing COWFS_FAULT, counting changes, failing the N-th, killing at it."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import realfs
-from cowfs.errors import CowfsError
+from cowfs.core import realfs
+from cowfs.core.errors import CowfsError
 
 MUTATING = ("setxattr", "removexattr", "chmod", "chown", "utimens", "truncate", "create_file",
             "mkdir", "mknod", "mknod_whiteout", "fsync", "ftruncate", "copy_data", "symlink",

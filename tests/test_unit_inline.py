@@ -1,6 +1,7 @@
-"""The bound on what a handler copies on the request loop (cowfs/inline.py), without FUSE: a copy
-larger than COPY_MAX, or from a filesystem that is not a local block device, stops before it starts
-(and before the fault-injection seam counts it as a change), only while a handler runs inline."""
+"""The bound on what a handler copies on the request loop (cowfs/core/inline.py), without FUSE: a
+copy larger than COPY_MAX, or from a filesystem that is not a local block device, stops before it
+starts (and before the fault-injection seam counts it as a change), only while a handler runs
+inline."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import inline, realfs
+from cowfs.core import inline, realfs
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
-"""Where a metacopy file finds its data (:func:`cowfs.metacopy.find_data`), without a mount: the
-origin's layer counts from the marked file's own layer, other layers below it are a fallback, and
-the rules (regular file, inode, size, no chain, owner) hold at every layer looked at."""
+"""Where a metacopy file finds its data (:func:`cowfs.core.metacopy.find_data`), without a mount:
+the origin's layer counts from the marked file's own layer, other layers below it are a fallback,
+and the rules (regular file, inode, size, no chain, owner) hold at every layer looked at."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import metacopy
-from cowfs.layers import Layer, holds_metacopy
-from cowfs.resolve import Real, root_real
+from cowfs.core import metacopy
+from cowfs.core.layers import Layer, holds_metacopy
+from cowfs.core.resolve import Real, root_real
 
 MARK = "user.overlay.metacopy"
 ORIGIN = "user.cowfs.origin"

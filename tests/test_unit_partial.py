@@ -1,4 +1,4 @@
-"""Partial files without a mount (cowfs.partial): the data map's logic, and PartialFile on real
+"""Partial files without a mount (cowfs.core.partial): the data map's logic, and PartialFile on real
 files in a temporary directory against a model of the content (a bytearray), with the crash
 leftovers a map never recorded, reopening from the stored map (what a remount does) and
 completion."""
@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from cowfs import schema
-from cowfs.partial import MAX_MAP_BYTES, DataMap, PartialFile, read_map
+from cowfs.core import schema
+from cowfs.core.partial import MAX_MAP_BYTES, DataMap, PartialFile, read_map
 
 BS = 4096  # the smallest block a map may have: small files, many blocks
 

@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cowfs.readdir import merge_names
+from cowfs.core.resolve import merge_names
 
 
 def test_union_keeps_upper_order_first_and_drops_duplicates() -> None:

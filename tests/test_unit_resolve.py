@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from cowfs.layers import Layer
-from cowfs.resolve import WHITEOUT, Data, Found, Probe, Real, stack_for_name
+from cowfs.core.layers import Layer
+from cowfs.core.resolve import WHITEOUT, Data, Found, Probe, Real, stack_for_name
 
 F = Found  # brevity in the tables below
 

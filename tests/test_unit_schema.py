@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from cowfs import schema
+from cowfs.core import schema
 
 
 @pytest.mark.parametrize(

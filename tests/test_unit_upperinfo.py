@@ -1,5 +1,6 @@
 """Unit tests (no FUSE) of what an upper records about itself and of the mount state file: the
-formats in :mod:`cowfs.schema`, the checks in :mod:`cowfs.upperinfo`, the journal's records."""
+formats in :mod:`cowfs.core.schema`, the checks in :mod:`cowfs.core.upperinfo`, the journal's
+records."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import schema, upperinfo
-from cowfs.errors import CowfsError
-from cowfs.journal import Journal, Op, Step
-from cowfs.mount import MountOptions
+from cowfs.core import schema, upperinfo
+from cowfs.core.errors import CowfsError
+from cowfs.daemon.mount import MountOptions
+from cowfs.tools.journal import Journal, Op, Step
 
 A = schema.LayerIdentity("/a", 1, 10)
 B = schema.LayerIdentity("/b", 1, 20)
@@ -157,7 +158,7 @@ def test_relocate_is_a_mount_option() -> None:
 @pytest.mark.parametrize("path", ["..", "../x", "a/../../x", "/etc/passwd", "a//b", "a/./b", ".",
                                   "", "a/"])
 def test_parent_of_refuses_paths_that_could_leave_the_root(tmp_path: Path, path: str) -> None:
-    from cowfs.plans import parent_of
+    from cowfs.tools.plans import parent_of
 
     fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
     try:

@@ -1,6 +1,6 @@
 """``cowfs check UPPER [--lower L] [--repair]``: validate a layer, and repair what can be repaired.
 
-What is checked (the walk's :class:`~cowfs.walk.Anomaly` records, plus the work directory):
+What is checked (the walk's :class:`~cowfs.tools.walk.Anomaly` records, plus the work directory):
 
 ==========================  ===========================================  =========================
 finding                     why it matters                               repair
@@ -37,12 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .. import mounts, plans, realfs, schema, upperinfo
-from ..changes import quote
-from ..errors import CowfsError
-from ..walk import Anomaly, Problem, walk
-from ..wording import counted
-from . import identity
+from ..core import mounts, realfs, schema, upperinfo
+from ..core.errors import CowfsError
+from ..core.wording import counted
+from . import identity, plans
+from .changes import quote
+from .walk import Anomaly, Problem, walk
 
 _NEEDS_LOWERS = (Problem.STRAY_WHITEOUT, Problem.MISSING_REDIRECT, Problem.METACOPY_NO_DATA)
 

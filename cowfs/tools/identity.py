@@ -1,10 +1,10 @@
 """The offline half of origin and number checking, for ``cowfs check``.
 
 Every upper object (and every hard-link index entry) that carries an origin or a link count is
-checked the way the mount reads it (:mod:`cowfs.origins`, :mod:`cowfs.schema`): a value that is
-malformed or out of range, and with ``--lower`` an origin that does not verify, is a finding. The
-mount ignores all of these (the object gets its own inode number, or its real link count); the
-repair removes the xattr, which changes nothing the mount shows.
+checked the way the mount reads it (:mod:`cowfs.core.origins`, :mod:`cowfs.core.schema`): a value
+that is malformed or out of range, and with ``--lower`` an origin that does not verify, is a
+finding. The mount ignores all of these (the object gets its own inode number, or its real link
+count); the repair removes the xattr, which changes nothing the mount shows.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
 
-from .. import origins, realfs, schema
-from ..dirstack import DirStack, depth_first
-from ..errors import CowfsError
-from ..layers import Layer
-from ..resolve import Real, read_redirect, resolve, root_real
+from ..core import origins, realfs, schema
+from ..core.dirstack import DirStack, depth_first
+from ..core.errors import CowfsError
+from ..core.layers import Layer
+from ..core.resolve import Real, read_redirect, resolve, root_real
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +101,7 @@ class _Scan:
                   merged: tuple[Real, ...] | None) -> Iterator[BadValue]:
         """``upper`` is the upper directory at ``path``; ``merged`` the merged directory's real
         directories (None where they cannot be resolved: a refused redirect). Depth-first
-        without recursion, with a bounded number of descriptors (:mod:`cowfs.dirstack`)."""
+        without recursion, with a bounded number of descriptors (:mod:`cowfs.core.dirstack`)."""
         def visit(path: str, name: str, parent: _Dir) -> Generator[BadValue, None, _Dir | None]:
             child = self._open(parent, name, missing_ok=True)
             if child is None:

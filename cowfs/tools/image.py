@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .. import plans
-from ..errors import CowfsError
+from ..core.errors import CowfsError
+from . import plans
 
 OCI_LAYOUT_VERSION = "1.0.0"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -1,16 +1,15 @@
 """``cowfs image export``: a stack of layers as one OCI image, for podman, docker and skopeo.
 
-Each layer becomes one OCI layer: ``cowfs export`` of that layer against the layers below it
-(:func:`cowfs.tools.oci.export_layer`: whiteouts, opaque markers, renamed directories written
-whole, hard links, xattrs), made canonical here (:func:`write_canonical`), so that the same
-stack gives the same bytes and the same digests every time, and a stack imported back and
-exported again gives the same diff_ids:
+Each layer becomes one OCI layer in the canonical form of :mod:`cowfs.tools.layertar`, the one
+whose sha256 names a frozen layer in its stack: a frozen layer written from its directory, any
+other (a live ``--upper``, a plain directory) as ``cowfs export`` of it against the layers below
+it (:func:`cowfs.tools.oci.export_layer`: whiteouts, opaque markers, renamed directories written
+whole, hard links, xattrs) rewritten in that form (:func:`~cowfs.tools.layertar.write_canonical`).
+So the same stack gives the same bytes and the same digests every time, an upper exported live
+and the same upper frozen give the same diff_id, and a stack imported back and exported again
+gives the same diff_ids. Besides the layers:
 
-- members sorted by path, parents first, whatever order the directories list in; of a file's
-  hard links, the first name in that order carries the data and the others link to it;
-- modification times in whole seconds (as Docker's layer tars), no access or change times, no
-  user or group names: what ``cowfs image import`` restores is what is written;
-- gzip without a file name or time in its header;
+- gzip without a file name or time in its header (:func:`cowfs.tools.oci.gzip_writer`);
 - JSON with sorted keys and no spaces; the config has no creation time but the epoch, and its
   history names no path.
 
@@ -37,16 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TextIO, cast
 
-from .. import outputs, plans
-from ..changes import visible_changes
-from ..errors import CowfsError
-from ..layers import parse_lowers
-from ..mounts import layers_for
-from ..resolve import InvalidRedirectError
-from ..walk import Stack, visible_xattrs, walk
-from ..wording import counted
-from . import oci
+from ..core.errors import CowfsError
+from ..core.layers import parse_lowers
+from ..core.mounts import layers_for
+from ..core.wording import counted
+from . import oci, outputs, plans
 from . import stack as _stack
+from .changes import visible_changes
 from .image import (
     OCI_CONFIG,
     OCI_INDEX,
@@ -60,7 +56,8 @@ from .image import (
     host_platform,
     interruption_reported,
 )
-from .layertar import write_layer_tar
+from .layertar import write_canonical, write_layer_tar
+from .walk import walk
 
 FORMATS = ("oci", "docker-archive")
 #: The config's creation time: fixed, so that the same layers give the same image.
@@ -190,9 +187,8 @@ def _export(layers: Sequence[LayerSource], temp: Path, target: Path, fmt: str,
                 raise plans.Interrupted(e.exit_code - 128) from None
             raise CowfsError(f"layer {number} from the bottom ({layer.path}): {e}",
                              e.exit_code) from None
-        with raw.open("rb") as source, _DirsBelow(layer.below) as below:
-            desc, diff_id = _store_layer(source, _root_info(layer.path), below, blobs,
-                                         compress=fmt == "oci")
+        with raw.open("rb") as source:
+            desc, diff_id = _store_layer(source, blobs, compress=fmt == "oci")
         raw.unlink()
         descriptors.append(desc)
         diff_ids.append(diff_id)
@@ -259,28 +255,11 @@ class _Hashing:
         return "sha256:" + self.hash.hexdigest()
 
 
-def _root_info(path: Path) -> tarfile.TarInfo:
-    """The layer root's entry, for a layer whose tar has none (``cowfs export`` writes the root
-    only when it differs from the one below, which an import would not keep: the bottom layer's
-    root would get the time of the import)."""
-    fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        info = tarfile.TarInfo(".")
-        info.type, info.mode = tarfile.DIRTYPE, stat.S_IMODE(st.st_mode)
-        info.uid, info.gid, info.mtime = st.st_uid, st.st_gid, st.st_mtime
-        info.pax_headers = {oci.XATTR_PAX_PREFIX + name: value.decode("utf-8", "surrogateescape")
-                            for name, value in visible_xattrs(fd).items()}
-    finally:
-        os.close(fd)
-    return info
-
-
-def _store_layer(source: IO[bytes], root: tarfile.TarInfo, below: Callable[[str], bool],
-                 blobs: Path, *, compress: bool) -> tuple[Descriptor, str]:
-    """The canonical layer tar of ``source`` (``root``: its root entry if it has none) as a
-    blob; its descriptor and diff_id."""
-    return _store_tar(blobs, compress, lambda out: write_canonical(source, out, root, below))
+def _store_layer(source: IO[bytes], blobs: Path, *, compress: bool) -> tuple[Descriptor, str]:
+    """The canonical form (:func:`~cowfs.tools.layertar.write_canonical`) of the layer tar
+    ``source`` as a blob; its descriptor and diff_id."""
+    return _store_tar(blobs, compress,
+                      lambda out: write_canonical(source, cast(IO[bytes], out)))
 
 
 def _store_frozen(layer: Path, blobs: Path, *, compress: bool) -> tuple[Descriptor, str]:
@@ -299,10 +278,7 @@ def _store_tar(blobs: Path, compress: bool,
     with temp.open("wb") as blob:
         stored = _Hashing(blob)
         if compress:
-            # No name, time 0: gzip's header holds nothing but the data's.
-            # Level 6, as gzip(1) and Go (docker, podman) default to; 9 costs twice the time.
-            with gzip.GzipFile(filename="", mode="wb", fileobj=stored, mtime=0,
-                               compresslevel=6) as packed:
+            with oci.gzip_writer(cast(IO[bytes], stored)) as packed:
                 uncompressed = _Hashing(packed)
                 write(uncompressed)
         else:
@@ -313,112 +289,6 @@ def _store_tar(blobs: Path, compress: bool,
     final.chmod(0o644)
     return (Descriptor(OCI_LAYER_GZIP if compress else OCI_LAYER, stored.digest, stored.size),
             uncompressed.digest)
-
-
-class _DirsBelow:
-    """Whether the layers below one (topmost first) show a directory at a path: a lookup
-    through their merged view, as the mount's (:class:`cowfs.walk.Stack`)."""
-
-    def __init__(self, below: Sequence[Path]) -> None:
-        self.stack = Stack(below[0], below[1:]) if below else None
-
-    def __enter__(self) -> Callable[[str], bool]:
-        return self.shows_dir
-
-    def __exit__(self, *exc: object) -> None:
-        if self.stack is not None:
-            self.stack.close()
-
-    def shows_dir(self, path: str) -> bool:
-        if self.stack is None:
-            return False
-        mark = self.stack.mark()
-        try:
-            reals = self.stack.roots
-            for name in path.split("/") if path != "." else ():
-                reals = self.stack.resolve(reals, name)
-                if not reals or not reals[0].is_dir:
-                    return False
-            return True
-        except InvalidRedirectError:
-            return True  # what the mount refuses: keep the marker, which hides it
-        finally:
-            self.stack.release(mark)
-
-
-def _key(name: str) -> tuple[bool, list[str]]:
-    """Sort key: the root first, then by path components (a directory right before what is
-    in it)."""
-    return name != ".", name.split("/")
-
-
-def _name(member: str) -> str:
-    while member.startswith("./"):
-        member = member[2:]
-    return member.rstrip("/") or "."
-
-
-def write_canonical(source: IO[bytes], dest: _Hashing, root: tarfile.TarInfo,
-                    dir_below: Callable[[str], bool]) -> None:
-    """Rewrite the layer tar ``source`` to ``dest`` in canonical form (the module's list), with
-    ``root`` as its root entry when it has none, and without the opaque markers of directories
-    that hide nothing (``dir_below(path)`` false): ``cowfs export`` marks a renamed directory
-    opaque wherever it goes, and imported, it would be a new directory, which is not."""
-    with tarfile.open(fileobj=source, mode="r:") as tar, \
-            tarfile.open(fileobj=cast(IO[bytes], dest), mode="w|",
-                         format=tarfile.PAX_FORMAT) as writer:
-        members: dict[str, tarfile.TarInfo] = {}
-        for member in tar.getmembers():
-            name = _name(member.name)
-            if member.islnk() and _name(member.linkname) == name:
-                continue  # a file written twice is a "link" to itself the second time
-            members[name] = member  # a name given twice: the last one counts
-        members.setdefault(".", root)
-        for name in [n for n in members if n.rpartition("/")[2] == oci.OPAQUE_MARKER]:
-            if not dir_below(name.rpartition("/")[0] or "."):
-                del members[name]
-        # Hard links: every name of one file, by the name that holds its data.
-        names_of: dict[str, list[str]] = {}
-        for name, member in members.items():
-            if member.islnk():
-                names_of.setdefault(_name(member.linkname), []).append(name)
-        first_of: dict[str, str] = {}
-        for holder, links in names_of.items():
-            first = min([holder, *links], key=_key)
-            for name in (holder, *links):
-                first_of[name] = first
-        for name in sorted(members, key=_key):
-            member = members[name]
-            holder = _name(member.linkname) if member.islnk() else name
-            data_member = members.get(holder, member)
-            info = _canonical_info(name, data_member)
-            linked_to = first_of.get(name)
-            if linked_to is not None and linked_to != name:
-                info.type = tarfile.LNKTYPE
-                info.linkname = "./" + linked_to
-                info.size = 0
-                writer.addfile(info)
-            elif info.isreg():
-                writer.addfile(info, tar.extractfile(data_member))
-            else:
-                writer.addfile(info)
-
-
-def _canonical_info(name: str, member: tarfile.TarInfo) -> tarfile.TarInfo:
-    info = tarfile.TarInfo("./" + name if name != "." else ".")
-    info.type = tarfile.REGTYPE if member.islnk() else member.type
-    info.mode = member.mode
-    info.uid, info.gid = member.uid, member.gid
-    info.uname = info.gname = ""
-    info.mtime = int(member.mtime)
-    info.size = member.size if member.isreg() else 0
-    if member.issym():
-        info.linkname = member.linkname
-    if member.ischr() or member.isblk():
-        info.devmajor, info.devminor = member.devmajor, member.devminor
-    info.pax_headers = {key: value for key, value in sorted(member.pax_headers.items())
-                        if key.startswith(oci.XATTR_PAX_PREFIX)}
-    return info
 
 
 def _write_archive(layout: Path, archive: Path) -> None:

@@ -33,10 +33,9 @@ import zlib
 from pathlib import Path
 from typing import IO, TextIO, cast
 
-from .. import outputs, plans
-from ..errors import CowfsError
-from ..wording import counted
-from . import oci
+from ..core.errors import CowfsError
+from ..core.wording import counted
+from . import oci, outputs, plans
 from .image import (
     MAGIC,
     LayerBlob,

@@ -29,7 +29,8 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from .. import plans, realfs, schema
+from ..core import realfs, schema
+from . import plans
 from .oci import make_whiteout
 
 _IS_ROOT = os.geteuid() == 0

@@ -41,11 +41,14 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Self, TextIO, cast
 
-from .. import outputs, plans, realfs, schema
-from ..changes import quote
-from ..dirstack import PathDirs
-from ..errors import CowfsError
-from ..walk import (
+from ..core import realfs, schema
+from ..core.dirstack import PathDirs
+from ..core.errors import CowfsError
+from ..core.resolve import InvalidRedirectError
+from ..core.wording import counted
+from . import outputs, plans
+from .changes import quote
+from .walk import (
     Added,
     Anomaly,
     Change,
@@ -61,7 +64,6 @@ from ..walk import (
     visible_xattrs,
     walk,
 )
-from ..wording import counted
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -79,7 +81,8 @@ _TAR_TYPES = {
 }
 
 
-#: Test seams (see :func:`cowfs.plans.fault_point`): ``N:SIGNAL`` after the N-th record exported
+#: Test seams (see :func:`cowfs.tools.plans.fault_point`): ``N:SIGNAL`` after the N-th record
+#exported
 #: or member imported.
 EXPORT_FAULT = "COWFS_TEST_EXPORT_FAULT"
 IMPORT_FAULT = "COWFS_TEST_IMPORT_FAULT"
@@ -230,6 +233,34 @@ def _open_upper(dirs: PathDirs, path: str) -> int | None:
         return None
 
 
+class DirsBelow:
+    """Whether the layers below an upper (topmost first) show a directory at a path: a lookup
+    through their merged view, as the mount's (:class:`cowfs.walk.Stack`)."""
+
+    def __init__(self, below: Sequence[Path]) -> None:
+        self.stack = Stack(below[0], below[1:]) if below else None
+
+    def close(self) -> None:
+        if self.stack is not None:
+            self.stack.close()
+
+    def shows_dir(self, path: str) -> bool:
+        if self.stack is None:
+            return False
+        mark = self.stack.mark()
+        try:
+            reals = self.stack.roots
+            for name in path.split("/") if path != "." else ():
+                reals = self.stack.resolve(reals, name)
+                if not reals or not reals[0].is_dir:
+                    return False
+            return True
+        except InvalidRedirectError:
+            return True  # what the mount refuses: keep the marker, which hides it
+        finally:
+            self.stack.release(mark)
+
+
 def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path], work: Path,
                     records: Sequence[Change]) -> None:
     upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -238,6 +269,15 @@ def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path], work: 
     materialized: list[str] = []
     stack = Stack(upper, lowers)
     writer.open_data = stack.open_data  # a metacopy file's data is its lower file's
+    below = DirsBelow(lowers)
+
+    def opaque_marker(path: str) -> None:
+        """Only where the layers below show a directory: a renamed directory is opaque
+        wherever it goes, and a marker that hides nothing would make the same content
+        another layer (and, imported, a directory that is not)."""
+        if below.shows_dir(path):
+            writer.marker(f"{path}/{OPAQUE_MARKER}")
+
     try:
         def add_one(path: str) -> bool:
             fd = _open_upper(dirs, path)
@@ -268,10 +308,10 @@ def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path], work: 
                                   else WHITEOUT_PREFIX + name)
                 case Replaced(path=path, kind=Kind.DIR):
                     add_upper(path)
-                    writer.marker(f"{path}/{OPAQUE_MARKER}")
+                    opaque_marker(path)
                 case Renamed(path=path):
                     add_upper(path)
-                    writer.marker(f"{path}/{OPAQUE_MARKER}")
+                    opaque_marker(path)
                     for visible in merged_tree(upper, lowers, path):
                         writer.object(visible.path, visible.fd, visible.st, visible.layer)
                     materialized.append(path)
@@ -294,6 +334,7 @@ def _export_records(writer: _Writer, upper: Path, lowers: Sequence[Path], work: 
                 case Anomaly():
                     pass
     finally:
+        below.close()
         stack.close()
         dirs.close()
         os.close(upper_fd)
@@ -309,6 +350,25 @@ def add_upper_root(writer: _Writer, upper_fd: int) -> None:
 
 def _wants_gzip(output: str, gzip_flag: bool) -> bool:
     return gzip_flag or output.endswith((".gz", ".tgz"))
+
+
+def gzip_writer(raw: IO[bytes]) -> gzip.GzipFile:
+    """A gzip stream onto ``raw`` whose header holds no file name and time 0, so that the same
+    tar always compresses to the same bytes (tarfile's own ``w:gz`` writes the output's name and
+    the time of now); level 6, as gzip(1) and Go (docker, podman) default to (9 costs about
+    twice the time). Every compressed layer cowfs writes goes through it. Closing it does not
+    close ``raw``."""
+    return gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6)
+
+
+@contextlib.contextmanager
+def _tar_writer(raw: IO[bytes], compress: bool) -> Iterator[tarfile.TarFile]:
+    """A PAX tar written as a stream onto ``raw``, through :func:`gzip_writer` when
+    ``compress``."""
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(gzip_writer(raw)) if compress else raw
+        yield stack.enter_context(tarfile.open(fileobj=cast(IO[bytes], sink), mode="w|",
+                                               format=tarfile.PAX_FORMAT))
 
 
 def export_layer(upper: Path, lowers: Sequence[Path], output: str, *, gzip_flag: bool = False,
@@ -330,8 +390,7 @@ def export_layer(upper: Path, lowers: Sequence[Path], output: str, *, gzip_flag:
         if sys.stdout.isatty():
             raise CowfsError("refusing to write a tar archive to a terminal; use -o FILE")
         with _interruption_reported("export", "the tar on stdout is incomplete"), \
-                tarfile.open(fileobj=sys.stdout.buffer, mode="w|gz" if compress else "w|",
-                             format=tarfile.PAX_FORMAT) as tar, \
+                _tar_writer(sys.stdout.buffer, compress) as tar, \
                 plans.Progress(_export_bytes(upper, lowers, work, records), "export") as bar:
             writer = _Writer(tar, bar)
             _export_records(writer, upper, lowers, work, records)
@@ -359,8 +418,7 @@ def _export_to(temp: Path, target: Path, upper: Path, lowers: Sequence[Path], wo
     """Write the tar to ``temp``, then rename it to ``target``; ``temp`` is removed on any
     failure."""
     try:
-        with tarfile.open(temp, mode="w:gz" if compress else "w",
-                          format=tarfile.PAX_FORMAT) as tar, \
+        with open(temp, "wb") as raw, _tar_writer(raw, compress) as tar, \
                 plans.Progress(_export_bytes(upper, lowers, work, records), "export") as bar:
             writer = _Writer(tar, bar)
             _export_records(writer, upper, lowers, work, records)

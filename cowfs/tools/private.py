@@ -10,7 +10,7 @@ processes never see the view, and several runs over one base at once do not meet
 binpash's ``try`` does with ``unshare --mount``.
 
 An error in the child (the mount failed, the command does not exist) comes back to the parent
-through a pipe and is raised there as the same :class:`~cowfs.errors.CowfsError`, so that the
+through a pipe and is raised there as the same :class:`~cowfs.core.errors.CowfsError`, so that the
 caller cleans up and reports as it would for an error of its own.
 
 A plain user's child first enters a user namespace of its own (``unshare(CLONE_NEWUSER)``, as
@@ -42,8 +42,9 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .. import mounts
-from ..errors import CowfsError
+from ..core import mounts
+from ..core.errors import CowfsError
+from ..core.realfs import libc
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -66,10 +67,6 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def _fail(what: str) -> CowfsError:
     return CowfsError(f"{what}: {os.strerror(ctypes.get_errno())}")
 
@@ -81,7 +78,7 @@ def available() -> bool:
         return True
     pid = os.fork()
     if pid == 0:
-        os._exit(0 if _libc().unshare(CLONE_NEWUSER | CLONE_NEWNS) == 0 else 1)
+        os._exit(0 if libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) == 0 else 1)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status) == 0
 
@@ -90,7 +87,6 @@ def _own_user_namespace() -> None:
     """A user namespace where this user and group map to themselves, and CAP_SYS_ADMIN in it
     passed on to the programs this process starts (the daemon; see :func:`without_ambient`)."""
     uid, gid = os.getuid(), os.getgid()
-    libc = _libc()
     if libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
         raise _fail("cannot make a private user namespace")
     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
@@ -108,7 +104,7 @@ def _own_user_namespace() -> None:
 
 
 def _raise_ambient() -> None:
-    if _libc().prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_SYS_ADMIN, 0, 0) != 0:
+    if libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_SYS_ADMIN, 0, 0) != 0:
         raise _fail("cannot pass CAP_SYS_ADMIN on to the daemon")
 
 
@@ -119,7 +115,7 @@ def without_ambient() -> Iterator[None]:
     if os.geteuid() == 0:
         yield
         return
-    if _libc().prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+    if libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
         raise _fail("cannot drop CAP_SYS_ADMIN for the job")
     try:
         yield
@@ -130,7 +126,6 @@ def without_ambient() -> Iterator[None]:
 def _enter() -> None:
     """Leave the machine's mount namespace for a private copy of it, with a state directory of
     its own (as a plain user, inside a user namespace of its own first)."""
-    libc = _libc()
     if os.geteuid() != 0:
         _own_user_namespace()
     elif libc.unshare(CLONE_NEWNS) != 0:
@@ -168,7 +163,7 @@ def _detach_left(mountpoint: Path) -> None:
     target = os.path.abspath(mountpoint)
     if target not in mounts.cowfs_mountpoints():
         return
-    if _libc().umount2(os.fsencode(target), MNT_DETACH) != 0:
+    if libc.umount2(os.fsencode(target), MNT_DETACH) != 0:
         err = ctypes.get_errno()
         print(f"cowfs: warning: cannot detach the private view at {target!r}: "
               f"{os.strerror(err)}", file=sys.stderr)

@@ -27,15 +27,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .. import mounts, outputs, plans, upperinfo
-from ..api import View, overlay
-from ..changes import Visible, line, render_json, render_text, select, summary, visible_changes
-from ..errors import CowfsError
-from ..layers import LayerPaths, check_nesting
-from ..walk import walk
-from ..workspace import UpperOrigin, discard_upper, refuse_to_discard, upper_origin
+from ..core import mounts, upperinfo
+from ..core.errors import CowfsError
+from ..core.layers import LayerPaths, check_nesting
+from . import outputs, plans
 from . import private as _private
 from . import stack as _stack
+from .api import View, overlay
+from .changes import Visible, line, render_json, render_text, select, summary, visible_changes
+from .walk import walk
+from .workspace import UpperOrigin, discard_upper, refuse_to_discard, upper_origin
 
 #: How many changes the summary lists one by one before it only counts them.
 SUMMARY_LINES = 20

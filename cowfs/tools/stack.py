@@ -48,7 +48,6 @@ fail there.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import io
 import json
 import os
@@ -62,12 +61,13 @@ from typing import IO, Annotated, TextIO
 
 import msgspec
 
-from .. import mounts, plans, schema, upperinfo
-from ..changes import visible_changes
-from ..errors import CowfsError
-from ..walk import walk
-from ..wording import counted
+from ..core import mounts, schema, upperinfo
+from ..core.errors import CowfsError
+from ..core.wording import counted
+from . import plans
+from .changes import visible_changes
 from .layertar import layer_digest, write_layer_tar
+from .walk import walk
 
 STACK_FILE = "stack.json"
 LAYERS_DIR = "layers"
@@ -233,7 +233,9 @@ def _write_maybe_gzip(layer: Path, raw: IO[bytes], compress: bool) -> None:
     if not compress:
         write_layer_tar(layer, raw)
         return
-    with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as zipped:
+    from .oci import gzip_writer
+
+    with gzip_writer(raw) as zipped:
         write_layer_tar(layer, zipped)  # type: ignore[arg-type]
 
 

@@ -1,9 +1,9 @@
 """``cowfs status``: every cowfs mount on this machine, its layers, the upper's size and how many
 objects were copied up, created and deleted.
 
-Mounts are found from the daemons' state files (see :class:`cowfs.mount.MountState`) and checked
-against the mount table; a cowfs mount without a state file is listed with unknown layers, and a
-state file whose daemon is gone is listed as stale. The counts come from the layer walk, read
+Mounts are found from the daemons' state files (see :class:`cowfs.daemon.mount.MountState`) and
+checked against the mount table; a cowfs mount without a state file is listed with unknown layers,
+and a state file whose daemon is gone is listed as stale. The counts come from the layer walk, read
 while the mount runs: they are a snapshot, exact only when nothing is writing.
 """
 
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .. import mounts, schema
-from ..dirstack import tree
-from ..errors import CowfsError
-from ..plans import human_bytes
-from ..walk import Added, Deleted, Modified, Renamed, Replaced, Unchanged, walk
+from ..core import mounts, schema
+from ..core.dirstack import tree
+from ..core.errors import CowfsError
+from .plans import human_bytes
+from .walk import Added, Deleted, Modified, Renamed, Replaced, Unchanged, walk
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,75 @@
+"""What may block the request loop: the bound on work a handler does inline (issue 18).
+
+Handing a call to a worker thread and back costs about 100-150 µs of CPU on the benchmark machine
+(docs/performance.md), more than most namespace changes cost themselves (an ``unlinkat``, a
+``renameat2``, the copy-up of a small file). So the adapter (:mod:`cowfs.daemon.operations`) runs
+those
+inline, on the loop that serves every request, and keeps worker threads for what may take long:
+copying much data, and anything that reads a layer that is not on a local block device (a network
+or FUSE lower can take any time), during which the loop would serve nothing else.
+
+Whether a change copies data, and how much, is decided deep in the copy-up; the adapter cannot
+know it before. So an inline call runs under :func:`on_loop`, and the one place that copies data
+(:func:`cowfs.core.realfs.copy_data`, :func:`cowfs.core.realfs.copy_range`) asks :func:`check_copy`
+first: a copy of more than :data:`COPY_MAX` bytes, or from a filesystem that is not a local block
+device, raises :class:`TooLongError` instead of starting. That is an ``OSError``, raised where any
+failing copy would raise: the copy-up discards what it built, as for ``ENOSPC`` (the fault-injection
+tests prove every such failure leaves nothing visible changed), and the adapter runs the whole
+operation again in a worker thread.
+
+Known limits: an inline change still waits for what the upper's filesystem makes it wait for (the
+``fsync`` that ends the copy-up of a small file, a lock of the journal, freeing the blocks of a
+large upper file that is deleted); and the rule "local block
+device" is the one :meth:`cowfs.daemon.handles.FileHandle.read_local` uses (an anonymous device
+means tmpfs, FUSE, NFS, ...), so a copy-up from a tmpfs lower always takes a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+from collections.abc import Iterator
+
+#: The most file data a copy inline may move. A copy is a read and a write of that many bytes:
+#: the bound is the one for inline reads (``operations.INLINE_READ_MAX``: a cold 64 KiB read from
+#: the local disk costs about what a thread hand-off does), and it covers most source files (the
+#: benchmark's median is 3.7 KiB) and small config files, the copy-ups that are many.
+COPY_MAX = 64 << 10
+
+
+class TooLongError(OSError):
+    """A copy too long to make on the request loop: run the operation in a worker thread."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(errno.EWOULDBLOCK, why)
+
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def on_loop() -> Iterator[None]:
+    """Mark the calling thread as the request loop for the duration of one handler's work."""
+    _state.active = True
+    try:
+        yield
+    finally:
+        _state.active = False
+
+
+def is_local(fd: int) -> bool:
+    """Whether the file behind ``fd`` is on a local block device (a device number with a major
+    number: not tmpfs, FUSE, NFS or another anonymous device)."""
+    return os.major(os.fstat(fd).st_dev) != 0
+
+
+def check_copy(src: int, size: int) -> None:
+    """Raise :class:`TooLongError` if a copy of ``size`` bytes from ``src`` must not run here."""
+    if not getattr(_state, "active", False):
+        return
+    if size > COPY_MAX:
+        raise TooLongError(f"a copy of {size} bytes")
+    if size and not is_local(src):
+        raise TooLongError("a copy from a filesystem that is not a local block device")
