@@ -147,7 +147,7 @@ def large_tree(large: dict[str, Any], names: list[str]) -> list[str]:
              f"{entries:,} entries; every FUSE daemon limited to {large['fd_limit']:,} "
              "descriptors. Seconds; a walk or listing that missed entries says how many it saw; "
              "* marks a step during which another process dropped the kernel's caches (a warm "
-             "walk is tried three times before it is reported so):",
+             "walk is warmed again and tried three times before it is reported so):",
              "", "| target | cold walk | warm walk | walk after the kernel forgot | `ls -f` | "
              "`ls -l` |", "| --- |" + " ---: |" * 5]
     for n in order:

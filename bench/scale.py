@@ -109,9 +109,13 @@ def _steps(m: Mounted, result: dict[str, Any], files: int) -> dict[str, Any]:
             result[f"{step}_rss"] = proc_status(pid, "VmRSS")
             result[f"{step}_fds"] = open_fds(pid)
 
-    def timed(step: str, cmd: list[str], where: Path, *, warm: bool = False) -> None:
+    def timed(step: str, cmd: list[str], where: Path, *, warm_since: int | None = None) -> None:
+        """``warm_since``: a warm step, and the count of cache drops before the walk that warmed
+        the caches (a drop during that walk leaves part of them cold too)."""
+        warm = warm_since is not None
         for attempt in range(3 if warm else 1):
-            if attempt:  # another process dropped the caches: warm them again, and retry
+            if attempt or (warm and dropped() != warm_since):
+                # Another process dropped the caches: warm them again, and retry.
                 log(f"  {step}: the caches were dropped meanwhile by another process; again")
                 in_child(functools.partial(_count, cmd, where, None), WORKLOAD_TIMEOUT + 30,
                          _nothing)
@@ -138,8 +142,9 @@ def _steps(m: Mounted, result: dict[str, Any], files: int) -> dict[str, Any]:
     snap("mounted")
     drop_caches(3)
     settle(pid)
+    before_cold = dropped()
     timed("walk_cold", walk, m.view)
-    timed("walk_warm", walk, m.view, warm=True)
+    timed("walk_warm", walk, m.view, warm_since=before_cold)
     drop_caches(2)
     settle(pid, 60)
     snap("forgotten")
