@@ -24,8 +24,16 @@ from cowfs.daemon import inodes
 _release = inodes.Inode.release
 
 
+def _size(real):
+    try:
+        return os.fstat(real.fd).st_size
+    except OSError:  # reached by name, and that name is gone with its parent (at unmount)
+        return None
+
+
 def release(self):
-    poisoned = any(os.fstat(real.fd).st_size == {POISON_SIZE} for real in self.reals)
+    # The poisoned file was unlinked: its descriptor is pinned, its size readable.
+    poisoned = any(_size(real) == {POISON_SIZE} for real in self.reals)
     _release(self)
     if poisoned:
         raise RuntimeError("injected: a bug in Inode.release")
