@@ -51,20 +51,15 @@ def _image_diff_ids(skopeo: str, tmp: Path, archive: Path) -> list[str]:
 #: and handed back pickled (support's records).
 _KERNEL_VIEW = """
 import ctypes, os, pickle, sys
+from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from support import merged_view
-libc = ctypes.CDLL(None, use_errno=True)
-uid, gid = os.getuid(), os.getgid()
-if libc.unshare(0x10000000 | 0x00020000) != 0:  # CLONE_NEWUSER | CLONE_NEWNS
-    raise OSError(ctypes.get_errno(), "unshare")
-for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
-                   ("gid_map", f"{gid} {gid} 1")):
-    with open(f"/proc/self/{name}", "w") as f:
-        f.write(text)
+from cowfs.core.realfs import libc
+from cowfs.tools.private import _own_user_namespace  # what cowfs run enters, user mapped to itself
+_own_user_namespace()
 options = b"ro,userxattr,lowerdir=" + os.fsencode(sys.argv[2])
 if libc.mount(b"overlay", os.fsencode(sys.argv[3]), b"overlay", 0, options) != 0:
     raise OSError(ctypes.get_errno(), "mount -t overlay")
-from pathlib import Path
 sys.stdout.buffer.write(pickle.dumps(dict(merged_view(Path(sys.argv[3])))))
 """
 
