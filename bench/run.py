@@ -159,8 +159,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", choices=MODES, default=os.environ.get("BENCH_MODE", "quick"))
     p.add_argument("--reps", type=int, help="repetitions (default: the mode's)")
     p.add_argument("--targets", help="comma-separated subset of: native,overlayfs,"
-                   "fuse-overlayfs,cowfs,unionfs-fuse, and cowfs-stock (cowfs on pyfuse3's own "
-                   "request loop, only when named: an A/B of patches/pyfuse3/0003)")
+                   "fuse-overlayfs,cowfs,unionfs-fuse, and, only when named, cowfs-stock (cowfs "
+                   "on pyfuse3's own request loop: an A/B of patches/pyfuse3/0003) and "
+                   "cowfs-inline-epoll (the inline loop waiting in trio's epoll: an A/B of 0006)")
     p.add_argument("--workloads", help="comma-separated subset of the workload names")
     p.add_argument("--no-scale", "--no-memory", dest="no_scale", action="store_true",
                    help="skip the large-tree profile (bench/scale.py)")
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         params = dataclasses.replace(params, reps=args.reps)
     every: list[Target] = [Native(), KernelOverlay(), FuseOverlayfs(),
                            Cowfs(args.cowfs, args.cowfs_options), Unionfs(),
-                           Cowfs(args.cowfs, args.cowfs_options, loop="stock")]
+                           Cowfs(args.cowfs, args.cowfs_options, loop="stock"),
+                           Cowfs(args.cowfs, args.cowfs_options, loop="inline-epoll")]
     for spec in args.cowfs_source:
         name, sep, directory = spec.partition("=")
         if not sep or not name or not Path(directory, "cowfs", "__init__.py").is_file():
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         every.append(Cowfs(args.cowfs, args.cowfs_options,
                            source=(name, str(Path(directory).resolve()))))
     wanted = (set(args.targets.split(",")) if args.targets
-              else {t.name for t in every} - {"cowfs-stock"})
+              else {t.name for t in every} - {"cowfs-stock", "cowfs-inline-epoll"})
     wanted |= {f"cowfs-{spec.partition('=')[0]}" for spec in args.cowfs_source}
     targets = []
     for t in every:

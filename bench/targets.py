@@ -191,7 +191,9 @@ class Unionfs(FuseTarget):
 
 class Cowfs(FuseTarget):
     """cowfs; ``loop="stock"`` (target ``cowfs-stock``) runs pyfuse3's own request loop
-    (COWFS_LOOP=stock), the A side of an A/B of patches/pyfuse3/0003. ``source``: a directory
+    (COWFS_LOOP=stock), the A side of an A/B of patches/pyfuse3/0003; ``loop="inline-epoll"``
+    the inline loop waiting for requests in trio's epoll alone, the A side of one of 0006
+    (:func:`cowfs.daemon.mount.loop_arguments`). ``source``: a directory
     holding another version's ``cowfs`` package, which the daemon imports instead (target
     ``cowfs-NAME``, from ``--cowfs-source NAME=DIR``: an A/B of two commits)."""
 

@@ -4,7 +4,8 @@ handlers that suspend. It tests pyfuse3 itself, not cowfs.
 
     python pyfuse3_loop_fs.py MOUNTPOINT LOOP COUNTS_FILE [N (ignored)]
 
-LOOP: ``inline`` or ``stock`` (pyfuse3's own loop). The root directory holds ``fast0`` ..
+LOOP: ``inline``, ``inline-epoll`` (inline, but waiting for requests in trio's epoll alone:
+``idle_poll=False``) or ``stock`` (pyfuse3's own loop). The root directory holds ``fast0`` ..
 ``fast9`` (every handler answers without awaiting anything), ``sleep0`` .. ``sleep9`` (each
 handler first sleeps 5 ms in trio), ``thread0`` .. ``thread9`` (each handler first sleeps 5 ms in
 a worker thread) and ``slow`` (its read sleeps 3 s in trio). Each file's content is its name
@@ -12,7 +13,8 @@ repeated 100 times; names and attributes are not cached (timeouts 0) and reads a
 every stat and read reaches the daemon.
 
 Every handler call is counted, by handler and in total (``handled``, ``finished``); on SIGUSR1
-the counts and ``pyfuse3.request_count()`` (``requests``, ``suspended``) are written to
+the counts and ``pyfuse3.request_count()`` (``requests``, ``suspended``, ``idle_waits``) are
+written to
 COUNTS_FILE as ``name count`` lines: ``requests - handled`` counts the requests that libfuse
 answers itself (INIT, INTERRUPT). SIGINT and SIGTERM end the loop through
 ``pyfuse3.terminate()`` and unmount, as cowfs does.
@@ -126,7 +128,10 @@ async def run(loop: str) -> None:
                     return
 
         nursery.start_soon(stop_on_signal)
-        await pyfuse3.main(inline=loop == "inline")
+        if loop == "stock":
+            await pyfuse3.main()
+        else:
+            await pyfuse3.main(inline=True, idle_poll=loop == "inline")
         nursery.cancel_scope.cancel()
 
 
@@ -135,8 +140,9 @@ def main() -> None:
     fs = LoopFS()
 
     def counts() -> dict[str, int]:
-        requests, suspended = pyfuse3.request_count()
-        return {**fs.counts, "requests": requests, "suspended": suspended}
+        requests, suspended, idle_waits = pyfuse3.request_count()
+        return {**fs.counts, "requests": requests, "suspended": suspended,
+                "idle_waits": idle_waits}
 
     serve(fs, mnt, "pyfuse3-loop", counts_file, counts, functools.partial(run, loop))
 

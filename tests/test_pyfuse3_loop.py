@@ -124,7 +124,7 @@ def mixed_client(mnt: Path, ops: int) -> Callable[[int], None]:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("loop", ["inline", "stock"])
+@pytest.mark.parametrize("loop", ["inline", "inline-epoll", "stock"])
 def test_many_clients_some_handlers_suspend_every_request_answered_once(
         tmp_path: Path, loop: str) -> None:
     with loop_fs(tmp_path, loop) as fs:
@@ -134,11 +134,38 @@ def test_many_clients_some_handlers_suspend_every_request_answered_once(
     # stat, open, read and release of 12 x 150 files; lookups too (names are not cached)
     assert counts["read"] >= 12 * 150, counts
     assert counts["requests"] >= 4 * 12 * 150, counts
-    if loop == "inline":
+    if loop != "stock":
         assert 0 < counts["suspended"] < counts["handled"], counts
+    if loop != "inline":
+        assert counts["idle_waits"] == 0, counts
     output = fs.output()
     for sign in ("Traceback", "py_retval was not awaited", "fuse_reply_"):
         assert sign not in output, output
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("loop", ["inline", "inline-epoll"])
+def test_one_client_at_a_time_idle_waits_wake_for_threads_timers_and_signals(
+        tmp_path: Path, loop: str) -> None:
+    """One client, one request at a time: the queue is empty after every reply, so the
+    inline loop waits for the next request each time, in poll(2) (``idle_poll``, the default)
+    or in trio's epoll. A handler that sleeps in a worker thread or in trio finishes while the
+    loop waits, and is answered (a wait that missed trio's wakeup would hang the client: the
+    watchdog). SIGINT to the idle daemon ends it."""
+    with loop_fs(tmp_path, loop) as fs:
+        for name in MIXED * 2:
+            assert (fs.mnt / name).stat().st_size == len(content(name.encode()))
+            assert _read(fs.mnt / name) == content(name.encode()), name
+        counts = fs.settled()
+        if loop == "inline":
+            assert counts["idle_waits"] > len(MIXED), counts
+        else:
+            assert counts["idle_waits"] == 0, counts
+        assert counts["suspended"] >= 2 * 20, counts  # sleep* and thread* reads and lookups
+        time.sleep(0.5)  # idle
+        fs.proc.send_signal(signal.SIGINT)
+        assert fs.proc.wait(20) == 0, fs.output()
+        assert mounted_fstype(fs.mnt) is None
 
 
 @pytest.mark.timeout(120)
@@ -246,11 +273,12 @@ def _lower(layers: LayerFactory) -> LayerSet:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("loop", ["", "stock"])
+@pytest.mark.parametrize("loop", ["", "inline-epoll", "stock"])
 def test_cowfs_copy_up_among_small_requests(
         tmp_path: Path, layers: LayerFactory, mount_cowfs: MountFactory, loop: str) -> None:
-    """cowfs runs the inline loop by default (its handlers that wait are counted), and
-    pyfuse3's own with ``COWFS_LOOP=stock`` (which counts none)."""
+    """cowfs runs the inline loop by default (its handlers that wait are counted), waiting for
+    requests in poll(2) where pyfuse3 has 0006 (``COWFS_LOOP=inline-epoll``: never), and
+    pyfuse3's own loop with ``COWFS_LOOP=stock`` (which counts none)."""
     stats = tmp_path / "loop-stats"
     env = {"COWFS_LOOP_STATS": str(stats), **({"COWFS_LOOP": loop} if loop else {})}
     mount = mount_cowfs(_lower(layers), env=env)
@@ -265,6 +293,8 @@ def test_cowfs_copy_up_among_small_requests(
         assert counted["suspended"] == 0, counted
     else:
         assert counted["suspended"] > 0, counted
+    if loop and "idle_waits" in counted:
+        assert counted["idle_waits"] == 0, counted
 
 
 @pytest.mark.timeout(180)

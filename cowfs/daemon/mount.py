@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import inspect
 import logging
 import os
 import resource
@@ -413,11 +414,34 @@ def inline_loop() -> bool:
     return hasattr(pyfuse3, "request_count")
 
 
+def loop_arguments() -> dict[str, bool]:
+    """``pyfuse3.main``'s arguments for the inline loop. Where pyfuse3 has ``idle_poll``
+    (patches/pyfuse3/0006), the loop waits for the next request in poll(2) instead of a pass
+    through trio when nothing else can run (a client waiting on each reply: a walk, a
+    ``stat`` of many names); ``COWFS_LOOP=inline-epoll`` leaves it off (the A side of its
+    A/B)."""
+    arguments = {"inline": True}
+    if "idle_poll" in _main_parameters():
+        arguments["idle_poll"] = os.environ.get("COWFS_LOOP") != "inline-epoll"
+    return arguments
+
+
+def _main_parameters() -> frozenset[str]:
+    """The keyword arguments ``pyfuse3.main`` takes (none known when it has no signature)."""
+    try:
+        return frozenset(inspect.signature(pyfuse3.main).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
 def _write_loop_stats(path: str) -> None:
     # getattr: a stock pyfuse3's type stubs do not have it (lint runs against either).
-    request_count: Callable[[], tuple[int, int]] = getattr(pyfuse3, "request_count")  # noqa: B009
-    requests, suspended = request_count()
-    Path(path + ".tmp").write_text(f"requests {requests} suspended {suspended}\n")
+    request_count: Callable[[], tuple[int, ...]] = getattr(pyfuse3, "request_count")  # noqa: B009
+    counts = request_count()
+    line = f"requests {counts[0]} suspended {counts[1]}"
+    if len(counts) > 2:  # patches/pyfuse3/0006
+        line += f" idle_waits {counts[2]}"
+    Path(path + ".tmp").write_text(line + "\n")
     os.replace(path + ".tmp", path)
 
 
@@ -452,7 +476,7 @@ async def _serve_until_unmounted() -> bool:
             nursery.start_soon(_loop_stats_on_signal, stats)
         # Typed loosely: a stock pyfuse3's type stubs do not know ``inline``.
         main: Callable[..., Awaitable[None]] = pyfuse3.main
-        await (main(inline=True) if inline else main())
+        await (main(**loop_arguments()) if inline else main())
         nursery.cancel_scope.cancel()
     return signalled
 
