@@ -118,8 +118,20 @@ class LoopFS(pyfuse3.Operations):
         pass
 
 
+#: Ticks of a trio task that sleeps 50 ms at a time beside the loop (``ticks`` in the counts):
+#: a loop that waited past trio's deadlines would make them fall behind while it is idle.
+TICKS = [0]
+
+
+async def _ticker() -> None:
+    while True:
+        await trio.sleep(0.05)
+        TICKS[0] += 1
+
+
 async def run(loop: str) -> None:
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(_ticker)
 
         async def stop_on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -142,7 +154,7 @@ def main() -> None:
     def counts() -> dict[str, int]:
         requests, suspended, idle_waits = pyfuse3.request_count()
         return {**fs.counts, "requests": requests, "suspended": suspended,
-                "idle_waits": idle_waits}
+                "idle_waits": idle_waits, "ticks": TICKS[0]}
 
     serve(fs, mnt, "pyfuse3-loop", counts_file, counts, functools.partial(run, loop))
 

@@ -151,7 +151,8 @@ def test_one_client_at_a_time_idle_waits_wake_for_threads_timers_and_signals(
     inline loop waits for the next request each time, in poll(2) (``idle_poll``, the default)
     or in trio's epoll. A handler that sleeps in a worker thread or in trio finishes while the
     loop waits, and is answered (a wait that missed trio's wakeup would hang the client: the
-    watchdog). SIGINT to the idle daemon ends it."""
+    watchdog). A trio task's timer fires while the loop waits (its ticks keep up). SIGINT to
+    the idle daemon ends it."""
     with loop_fs(tmp_path, loop) as fs:
         for name in MIXED * 2:
             assert (fs.mnt / name).stat().st_size == len(content(name.encode()))
@@ -162,7 +163,12 @@ def test_one_client_at_a_time_idle_waits_wake_for_threads_timers_and_signals(
         else:
             assert counts["idle_waits"] == 0, counts
         assert counts["suspended"] >= 2 * 20, counts  # sleep* and thread* reads and lookups
-        time.sleep(0.5)  # idle
+        # Idle for 1.5 s: the ticker (every 50 ms) should tick about 30 times. The count is
+        # read through SIGUSR1, which wakes trio itself: a loop that slept past the ticker's
+        # deadlines would show one tick or two.
+        ticks = fs.counts()["ticks"]
+        time.sleep(1.5)
+        assert fs.counts()["ticks"] - ticks >= 15, counts
         fs.proc.send_signal(signal.SIGINT)
         assert fs.proc.wait(20) == 0, fs.output()
         assert mounted_fstype(fs.mnt) is None
