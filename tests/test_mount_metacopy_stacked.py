@@ -272,10 +272,15 @@ def test_a_partial_file_in_a_lower_reads_its_blocks_and_its_data_files(
     assert st.st_size == len(expected)
     assert st.st_blocks * 512 >= len(BIG) // 2, "st_blocks leaves out the data file's share"
     second.remount()
-    with open(second.mnt / "big", "r+b") as f:  # copies up its full content
-        f.seek(10)
-        f.write(b"second")
-    expected[10:16] = b"second"
+    with open(second.mnt / "big", "rb") as reader:
+        assert os.pread(reader.fileno(), 5, MiB) == b"PATCH"  # through the partial file's data
+        with open(second.mnt / "big", "r+b") as f:  # copies up its full content
+            f.seek(10)
+            f.write(b"second")
+        expected[10:16] = b"second"
+        # The reader opened before the copy-up: the lower partial file's record is retired, not
+        # closed (daemon/upperdata.py), and the reader reads on, from the copy.
+        assert os.pread(reader.fileno(), 5, 2 * MiB) == bytes(expected[2 * MiB:2 * MiB + 5])
     assert (second.mnt / "big").read_bytes() == bytes(expected)
     assert "user.cowfs.datamap" not in os.listxattr(second_set.upper / "big")
     assert (second_set.upper / "big").read_bytes() == bytes(expected)

@@ -332,6 +332,38 @@ def test_writing_a_lower_file_copies_it_up(fs: Kernel, layer_dirs: tuple[list[Pa
     assert fs.getattr(number).st_ino == number, "copy-up keeps the inode number"
 
 
+def test_a_partial_file_is_read_and_written_through_its_inodes_record(tmp_path: Path) -> None:
+    """A large lower file opened for writing is copied up partly (cowfs.core.partial): its
+    handles read and write through the inode's record (daemon/upperdata.py), which records the
+    map before the write is answered; getattr asks it; the forget and release at unmount leave
+    no descriptor of it open and the layer consistent."""
+    big = bytes(range(256)) * 1024  # 256 KiB: four 64 KiB blocks
+    lower = build_layer(tmp_path / "lower", {"big": File(big)}, "lower")
+    upper = build_layer(tmp_path / "upper", {}, "upper")
+    fds_before = open_fds()
+    overlay = Overlay(open_stack(LayerPaths((lower,), upper)), partial_min=1)
+    try:
+        kernel = Kernel(Operations(overlay, timeout=1.0))
+        number = kernel.ino("big")
+        fh = kernel.open(number, os.O_RDWR)
+        if "user.cowfs.datamap" not in os.listxattr(upper / "big"):
+            kernel.unmount()
+            pytest.skip("the upper's filesystem clones the file whole instead (reflinks)")
+        assert kernel.write(fh, 70_000, b"PATCH") == 5  # block 1 comes up
+        assert os.getxattr(upper / "big", "user.cowfs.datamap").endswith(b" 1-2")
+        expected = bytearray(big)
+        expected[70_000:70_005] = b"PATCH"
+        assert kernel.read(fh, 60_000, 20_000) == bytes(expected[60_000:80_000])
+        assert kernel.read_file(number) == bytes(expected[:1 << 16])
+        assert kernel.getattr(number).st_size == len(big)
+        kernel.unmount()
+        assert len(overlay.table) == 1, "inodes left after every lookup was forgotten"
+    finally:
+        overlay.close()
+    assert open_fds() == fds_before, "descriptors left open"
+    assert layer_problems(upper, [lower]) == []
+
+
 def test_read_and_write_need_an_open_handle(fs: Kernel) -> None:
     assert fuse_errno(fs.read, 4242, 0, 10) == errno.EBADF
     assert fuse_errno(fs.write, 4242, 0, b"x") == errno.EBADF

@@ -264,6 +264,75 @@ def test_the_daemon_looks_names_up_in_one_module() -> None:
     assert set(callers) == {"namei.py"}, callers
 
 
+#: The one owner of a partial file's state in the daemon (docs/architecture.md), and what else may
+#: touch cowfs.core.partial: mount.py names the option's default, which is no state.
+PARTIAL_OWNER = "upperdata.py"
+PARTIAL_ALLOWED = {"mount.py": {"import partial", "DEFAULT_MIN_SIZE"}}
+
+
+def partial_state_users(daemon: Path) -> dict[str, set[str]]:
+    """What each module of ``daemon`` (a folder like cowfs/daemon) other than the owner touches of
+    a partial file's state: names it uses of ``core.partial`` (its ``PartialFile``, ``DataMap``,
+    the map's reading and filling), the inode's record (``partial_data``: read only by the
+    owner, and by inodes.py through ``self``, which keeps it), and, in inodes.py, any ``Inode``
+    slot or method about partial files besides that one reference."""
+    found: dict[str, set[str]] = {}
+    for path in sorted(daemon.glob("*.py")):
+        if path.name == PARTIAL_OWNER:
+            continue
+        used: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if module.endswith("core.partial"):
+                    used |= {f"import {a.name}" for a in node.names}
+                elif module.endswith("core"):
+                    used |= {"import partial" for a in node.names if a.name == "partial"}
+            elif isinstance(node, ast.Attribute):
+                if isinstance(node.value, ast.Name) and node.value.id == "partial":
+                    used.add(node.attr)
+                elif node.attr == "partial_data" and not (
+                        path.name == "inodes.py" and isinstance(node.value, ast.Name)
+                        and node.value.id == "self"):
+                    used.add("partial_data")
+                elif node.attr in ("PartialFile", "PartialData"):
+                    used.add(node.attr)
+                elif node.attr in ("partial", "unsaved", "persist_partial") and (
+                        _names_an_inode(node.value)):
+                    used.add(f"inode.{node.attr}")
+            elif isinstance(node, ast.Name) and node.id in ("PartialFile", "DataMap"):
+                used.add(node.id)
+            elif isinstance(node, ast.ClassDef) and node.name == "Inode":
+                for item in node.body:
+                    names = [t.id for t in getattr(item, "targets", ()) if isinstance(t, ast.Name)]
+                    if "__slots__" in names and isinstance(item, ast.Assign):
+                        slots = ast.literal_eval(item.value)
+                        used |= {f"Inode slot {n}" for n in slots
+                                 if ("partial" in n or "retired" in n) and n != "partial_data"}
+                    elif isinstance(item, ast.FunctionDef) and (
+                            "partial" in item.name or item.name == "unsaved"):
+                        used.add(f"Inode.{item.name}")
+        used -= PARTIAL_ALLOWED.get(path.name, set())
+        if used:
+            found[path.name] = used
+    return found
+
+
+def _names_an_inode(node: ast.expr) -> bool:
+    """``inode`` or ``….inode``: what an ``Inode`` is called wherever the daemon uses one."""
+    return (isinstance(node, ast.Name) and node.id == "inode") or (
+        isinstance(node, ast.Attribute) and node.attr == "inode")
+
+
+def test_the_partial_file_state_has_one_owner() -> None:
+    """A partial file's state (its open ``PartialFile``, its map, what of it is unsaved, when it
+    is persisted, reads that combine the two copies, truncation, completion) is daemon/
+    upperdata.py's alone (issue 19): the other daemon modules ask its record (``PartialData``)
+    or ``UpperData``, never ``core.partial`` or the record's slot on the inode, and the ``Inode``
+    keeps only that one reference (no ``partial``, ``unsaved``, ``persist_partial``, ...)."""
+    assert partial_state_users(WORKTREE / "cowfs/daemon") == {}
+
+
 def test_every_module_imports_first_without_a_cycle() -> None:
     """Each module imported first in a fresh interpreter: a cycle shows up as an ImportError
     for some order."""

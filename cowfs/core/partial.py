@@ -11,8 +11,9 @@ block joins the map. Reads combine the two.
 
 The map on disk only ever grows after the data it adds is on disk: :meth:`PartialFile.persist`
 runs ``fdatasync`` on the upper copy before it writes the map, and it runs in every write that
-brings blocks up, before the write is answered (:meth:`cowfs.daemon.handles.FileHandle.write`: cowfs
-answers no ``FLUSH``, so ``close`` could not report a failure), on ``fsync`` and at unmount. A
+brings blocks up, before the write is answered
+(:meth:`cowfs.daemon.upperdata.PartialData.write`: cowfs answers no ``FLUSH``, so ``close``
+could not report a failure), on ``fsync`` and at unmount. A
 crash loses at most the write requests in flight, and nothing else: blocks not in the map still
 read from the lower file, whatever the upper copy holds there. The price is an ``fdatasync`` per
 write that brings blocks up (at most one per 64 KiB block; a write into blocks already up costs
@@ -197,7 +198,8 @@ def blocks_of(upper: os.stat_result, lower_blocks: int, dmap: DataMap) -> int:
 class PartialFile:
     """The data of one partial file while it is open: reads, writes, truncation, persistence.
 
-    Shared by every open of the file (it hangs on the inode). Writes, truncations and ``persist``
+    Shared by every open of the file (its inode's record holds it, and is its one user in the
+    daemon: :class:`cowfs.daemon.upperdata.PartialData`). Writes, truncations and ``persist``
     are serialised by a lock; reads take the map as it is (it is replaced whole, only after the
     blocks it adds hold their data), so a read never sees a block before its copy-in is done.
     After :meth:`complete` the file is an ordinary one and every call goes to the upper copy.

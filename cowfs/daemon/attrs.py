@@ -28,9 +28,10 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..core import partial, realfs
+from ..core import realfs
 from ..core.nlink import merged_nlink
 from ..core.resolve import Data, Real
+from . import upperdata
 from .copyup import CopyUp
 from .handles import FileHandle
 from .inodes import Inode
@@ -84,22 +85,15 @@ def attributes(inode: Inode, upper_root_fd: int, seen: os.stat_result | None = N
 
 def _metacopy_blocks(inode: Inode, top: Real, st: os.stat_result) -> int:
     """The blocks of a metacopy or partial file: its data file's, and for a partial file its own
-    blocks' too; its own when its data was not found (reads fail with EIO)."""
+    blocks' too (:func:`upperdata.blocks`); its own when its data was not found (reads fail with
+    EIO)."""
     if len(inode.reals) <= 1:
         return st.st_blocks
     try:
         blocks = inode.data.stat().st_blocks
     except OSError:  # none (reads fail with EIO): its own
         return st.st_blocks
-    if top.partial:
-        opened = inode.partial
-        try:
-            dmap = opened.map if opened is not None else partial.read_map(top.fd)
-        except ValueError:
-            dmap = None
-        if dmap is not None:
-            blocks = partial.blocks_of(st, blocks, dmap)
-    return blocks
+    return upperdata.blocks(inode, top, st, blocks) if top.partial else blocks
 
 
 def _merged_nlink(top: Real, st: os.stat_result, upper_root_fd: int) -> int:
@@ -146,10 +140,9 @@ def set_attributes(inode: Inode, change: SetAttr, handle: FileHandle | None,
         # the file an owner a metacopy file may not have (cowfs.core.metacopy).
         meta = change.uid is None or copy_up.metadata_only_owner(inode, change.uid)
         upper = copy_up.ensure(inode, Need.METADATA if meta else Need.WHOLE)
-    if change.size is not None:
-        if upper.partial or inode.partial is not None:
-            copy_up.data.partial_of(inode).truncate(change.size)
-        elif handle is not None and handle.on_upper:
+    # A partial file (or one that was, while its inode lived) is truncated by its data's owner.
+    if change.size is not None and not copy_up.data.truncate(inode, upper, change.size):
+        if handle is not None and handle.on_upper:
             realfs.ftruncate(handle.fd, change.size)
         else:
             realfs.truncate(upper.fd, change.size)

@@ -36,13 +36,14 @@ import os
 import stat
 import time
 
-from ..core import metacopy, nlink, origins, partial, realfs, schema
+from ..core import metacopy, nlink, origins, realfs, schema
 from ..core.layers import Layer
 from ..core.resolve import Data, Real
 from ..core.workdir import WorkDir
+from . import upperdata
 from .inodes import Inode
 from .namei import Namei
-from .upperdata import Need, UpperData, map_of
+from .upperdata import Need, UpperData
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class CopyUp:
                 real = self._copy_up(inode, parent_upper, name,
                                      with_data and not meta and not part, meta, part)
             kept = inode.push_upper(real)
-            inode.retire_partial()  # a lower partial file's: reads go to the copy now
+            self.data.copied_up(inode)  # a lower partial file's data: reads go to the copy now
             return kept
 
     # --- partial files (cowfs.core.partial)
@@ -268,7 +269,7 @@ class CopyUp:
         if meta or part:
             extra[schema.XATTR_METACOPY] = b""
         if part:
-            extra[schema.XATTR_DATAMAP] = partial.DataMap.empty(st.st_size).encode()
+            extra[schema.XATTR_DATAMAP] = upperdata.empty_map(st.st_size)
         fd = self._build(lower, st, temp, with_data, extra,
                          size=st.st_size if meta or part else 0, data=source)
         try:
@@ -355,14 +356,10 @@ class CopyUp:
 
     def _copy_partial(self, lower: Real, st: os.stat_result, data: Real, dst: int) -> None:
         """The full content of a partial file of a lower layer (an older upper): its own blocks,
-        then the rest from its data file (:func:`partial.fill_missing`)."""
-        dmap = map_of(lower)
+        then the rest from its data file (:func:`upperdata.lower_rest`)."""
+        fill_rest = upperdata.lower_rest(lower, data)
         self._copy_data(lower.fd, st, dst, st.st_size)
-        src = realfs.reopen_noatime(data.fd, os.O_RDONLY)
-        try:
-            partial.fill_missing(dst, src, dmap, st.st_size)
-        finally:
-            os.close(src)
+        fill_rest(dst, st.st_size)
 
     def _build_file(self, lower: Real, st: os.stat_result, temp: str, with_data: bool,
                     extra: dict[str, bytes], size: int, data: Real) -> None:

@@ -45,7 +45,7 @@ from ..core.refs import Descriptors
 from ..core.resolve import Real
 
 if TYPE_CHECKING:
-    from ..core.partial import PartialFile
+    from .upperdata import PartialData
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,8 @@ class Inode:
     (:data:`_STATE_LOCKS`), its names as one flat tuple.
     """
 
-    __slots__ = ("_cache", "_copy_up_lock", "_links", "_retired", "_xattr_changes",
-                 "alive", "lookups", "no_caps_on", "number", "partial", "reals")
+    __slots__ = ("_cache", "_copy_up_lock", "_links", "_xattr_changes", "alive", "lookups",
+                 "no_caps_on", "number", "partial_data", "reals")
 
     def __init__(self, number: int, reals: tuple[Real, ...], cache: Descriptors) -> None:
         self.number = number
@@ -138,12 +138,10 @@ class Inode:
         #: Bumped by every change of an xattr through the mount: an absence read before a
         #: change is not remembered after it (:meth:`remember_no_caps`).
         self._xattr_changes = 0
-        #: A partial file's data while the inode lives (:mod:`cowfs.core.partial`): set once, under
-        #: ``copy_up_lock``, and kept (completed or not) until :meth:`release`.
-        self.partial: PartialFile | None = None
-        #: Partial files of lower layers that were copied up: closed at :meth:`release` (reads
-        #: in other threads may still use them). None until there is one.
-        self._retired: list[PartialFile] | None = None
+        #: A partial file's state while the inode lives: its record, which only
+        #: :mod:`cowfs.daemon.upperdata` makes and changes (under ``copy_up_lock``); let go at
+        #: :meth:`release`.
+        self.partial_data: PartialData | None = None
 
     @property
     def _state(self) -> threading.Lock:
@@ -268,13 +266,6 @@ class Inode:
                 return parent, str(links[i + 1])
         return None
 
-    def retire_partial(self) -> None:
-        """The object was copied up: a lower partial file's data is no longer what it shows."""
-        with self._state:
-            if self.partial is not None:
-                self._retired = [*(self._retired or ()), self.partial]
-                self.partial = None
-
     @property
     def xattr_changes(self) -> int:
         return self._xattr_changes
@@ -294,36 +285,18 @@ class Inode:
             self._xattr_changes += 1
             self.no_caps_on = None
 
-    @property
-    def unsaved(self) -> bool:
-        """Whether it holds a partial file's blocks whose map is not on disk yet (what was
-        written since the last close: an mmap's)."""
-        opened = self.partial
-        return opened is not None and opened.dirty
-
-    def persist_partial(self) -> None:
-        """Record a partial file's map (an ``fdatasync`` and an xattr: the adapter calls it in a
-        worker thread before a forget releases the inode). Logged, never raised."""
-        opened = self.partial
-        if opened is None:
-            return
-        try:
-            opened.persist()
-        except OSError as e:
-            log.warning("inode %d: cannot record a partial file's map: %s", self.number,
-                        e.strerror)
-
     def release(self) -> None:
         self.alive = False
-        self.persist_partial()
+        record = self.partial_data
+        if record is not None:
+            record.save()  # a partial file's map, while its reals are there (logged, not raised)
         with self._state:
             reals, self.reals = self.reals, ()
             self._links = ()
         for real in reals:
             _let_go(real)
-        for opened in (self.partial, *(self._retired or ())):
-            if opened is not None:
-                opened.close()
+        if record is not None:
+            record.close()
 
 
 class InodeTable:

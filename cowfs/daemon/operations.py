@@ -374,7 +374,7 @@ class Operations(pyfuse3.Operations):
             try:
                 unsaved = self.overlay.unsaved_before_forget(number, count)
                 if unsaved is not None:
-                    await self._in_thread(unsaved.persist_partial)
+                    await self._in_thread(unsaved.save)
                 self.overlay.forget(number, count)
             except Exception:
                 log.exception("forget of inode %d failed (its descriptors may stay open)", number)
@@ -535,7 +535,7 @@ class Operations(pyfuse3.Operations):
         # turns off where pyfuse3 can (completes_direct_writes): a buffered read that raced
         # the write would otherwise keep the old bytes cached.
         if handle.direct or (len(buf) <= INLINE_WRITE_MAX and not handle.writes_sync
-                             and handle.inode.partial is None):
+                             and not handle.combined):
             return handle.write(off, buf)
         return await self._in_thread(handle.write, off, buf)
 
@@ -543,7 +543,7 @@ class Operations(pyfuse3.Operations):
         """ENOSYS, so that the kernel sends no more FLUSH (one request fewer per ``close``).
 
         Nothing is buffered here: writes go straight to the real file, and a partial file's
-        map is recorded by the write that grows it (:meth:`FileHandle.write`), which reports a
+        map is recorded by the write that grows it (:meth:`PartialData.write`), which reports a
         failure to record it. With the writeback cache, the kernel still writes a file's dirty
         pages back at ``close`` and reports their failure there."""
         raise pyfuse3.FUSEError(errno.ENOSYS)

@@ -42,7 +42,7 @@ from .readdir import (
     listed_entry,
     plain_entry,
 )
-from .upperdata import Need
+from .upperdata import Need, PartialData
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +120,15 @@ class Overlay:
         """The kernel dropped ``count`` lookups of an inode; at zero its descriptors are closed."""
         self.table.forget(number, count)
 
-    def unsaved_before_forget(self, number: int, count: int) -> Inode | None:
-        """The inode that :meth:`forget` of ``count`` lookups would release, if it holds a
-        partial file's map not on disk yet (:meth:`Inode.persist_partial`, which blocks)."""
+    def unsaved_before_forget(self, number: int, count: int) -> PartialData | None:
+        """The partial-file state of the inode that :meth:`forget` of ``count`` lookups would
+        release, if it holds a map not on disk yet (:meth:`PartialData.save` writes it, which
+        blocks)."""
         try:
             inode = self.table.get(number)
         except OSError:
             return None
-        return inode if inode.lookups <= count and inode.unsaved else None
+        return self.copy_up.data.unsaved(inode) if inode.lookups <= count else None
 
     def request_done(self) -> None:
         """A request was answered (called on the request loop's thread): the cache of real
@@ -239,15 +240,13 @@ class Overlay:
         if wants_write(flags):
             upper = self.copy_up.ensure(inode, Need.EMPTY if flags & os.O_TRUNC else Need.WRITE)
             fd = self._open_upper(upper, flags)
-            if upper.partial:
-                try:
-                    self.copy_up.data.partial_of(inode)  # its data: some here, the rest below
-                except BaseException:
-                    os.close(fd)
-                    raise
+            try:
+                self.copy_up.data.opened(inode, upper)  # a partial file's: some here, some below
+            except BaseException:
+                os.close(fd)
+                raise
             return FileHandle(inode, fd, on_upper=True)
-        if inode.top.partial:
-            self.copy_up.data.partial_of(inode)
+        self.copy_up.data.opened(inode, inode.top)
         data = inode.data  # a metacopy file's data is the lower file's
         # A lower file's access time never changes (the kernel's overlayfs mounts its lowers
         # noatime); an upper file's follows the upper's filesystem (relatime, usually), unless
