@@ -279,6 +279,30 @@ def test_default_acls_are_inherited_in_place_of_the_umask(acl_pair: Pair) -> Non
     acl_pair.check()
 
 
+@pytest.mark.skipif(not can_inherit_acls(), reason="needs patches/pyfuse3/0004 (make setup)")
+def test_a_default_acl_given_or_taken_after_files_were_made_applies_to_the_next(
+        acl_pair: Pair) -> None:
+    """cowfs remembers that a directory has no default ACL (it is read at every create):
+    setting one, or removing it, applies to the next object made there, as on the kernel."""
+    run = acl_pair.run
+    os.umask(0o022)
+    assert run(("mkdir", "e", 0o777)) == "ok"
+    assert run(("open", "e/a", "cx", 0o666)) == "ok"
+    assert run(("open", "e/a2", "cx", 0o666)) == "ok"  # the absence remembered is used
+    assert run(("setxattr", "e", ACL_DEFAULT, acl("u::rwx", "g::rwx", "o::rwx"))) == "ok"
+    assert run(("open", "e/b", "cx", 0o666)) == "ok"
+    assert run(("mkdir", "e/bd", 0o777)) == "ok"
+    assert run(("removexattr", "e", ACL_DEFAULT)) == "ok"
+    assert run(("open", "e/c", "cx", 0o666)) == "ok"
+    for rel in ("e/a", "e/a2", "e/b", "e/bd", "e/c"):
+        run(("stat", rel))
+        run(("getxattr", rel, ACL_ACCESS))
+    assert run(("stat", "e/a"))[0] == "-rw-r--r--"
+    assert run(("stat", "e/b"))[0] == "-rw-rw-rw-"
+    assert run(("stat", "e/c"))[0] == "-rw-r--r--"
+    acl_pair.check()
+
+
 # --- O_DIRECT writes beside buffered reads -------------------------------------------------------
 
 BLOCK = 4096

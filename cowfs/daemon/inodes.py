@@ -116,8 +116,8 @@ class Inode:
     (:data:`_STATE_LOCKS`), its names as one flat tuple.
     """
 
-    __slots__ = ("_cache", "_copy_up_lock", "_links", "_xattr_changes", "alive", "lookups",
-                 "no_caps_on", "number", "partial_data", "reals")
+    __slots__ = ("_cache", "_copy_up_lock", "_links", "_xattr_changes", "absent_on", "alive",
+                 "lookups", "number", "partial_data", "reals")
 
     def __init__(self, number: int, reals: tuple[Real, ...], cache: Descriptors) -> None:
         self.number = number
@@ -132,11 +132,13 @@ class Inode:
         #: See :attr:`copy_up_lock` (made when first needed: most inodes are never copied up).
         self._copy_up_lock: threading.Lock | None = None
         self.alive = True
-        #: The real object found to have no ``security.capability`` (see
-        #:mod:`cowfs.daemon.xattrs`).
-        self.no_caps_on: Real | None = None
+        #: The real object found without the one xattr a frequent request asks of its kind:
+        #: a regular file's ``security.capability`` (before every write, see
+        #: :mod:`cowfs.daemon.xattrs`), a directory's default ACL (at every create in it, see
+        #: ``Namespace._new_mode``).
+        self.absent_on: Real | None = None
         #: Bumped by every change of an xattr through the mount: an absence read before a
-        #: change is not remembered after it (:meth:`remember_no_caps`).
+        #: change is not remembered after it (:meth:`remember_absent`).
         self._xattr_changes = 0
         #: A partial file's state while the inode lives: its record, which only
         #: :mod:`cowfs.daemon.upperdata` makes and changes (under ``copy_up_lock``); let go at
@@ -270,20 +272,20 @@ class Inode:
     def xattr_changes(self) -> int:
         return self._xattr_changes
 
-    def remember_no_caps(self, real: Real, changes: int) -> None:
-        """Remember that ``real`` has no ``security.capability``, as read when the xattrs had
-        seen ``changes`` changes: only if none was made since (a setxattr in a worker thread may
-        have added one between the read and now)."""
+    def remember_absent(self, real: Real, changes: int) -> None:
+        """Remember that ``real`` lacks the xattr :attr:`absent_on` is about, as read when the
+        xattrs had seen ``changes`` changes: only if none was made since (a setxattr in a worker
+        thread may have added one between the read and now)."""
         with self._state:
             if self._xattr_changes == changes:
-                self.no_caps_on = real
+                self.absent_on = real
 
     def xattrs_changed(self) -> None:
         """An xattr is being or was changed: forget any remembered absence, and make absences
         read before now not to be remembered."""
         with self._state:
             self._xattr_changes += 1
-            self.no_caps_on = None
+            self.absent_on = None
 
     def release(self) -> None:
         self.alive = False

@@ -371,9 +371,16 @@ class Namespace:
     def _new_mode(parent: Inode, mode: int, caller: Caller) -> int:
         """The mode of a new object: the caller's umask applied, unless ``parent`` has a default
         ACL, which applies instead (the kernel's ``posix_acl_create``; the real filesystem gives
-        the object the ACL itself, or :meth:`_give_acls` does)."""
-        default = realfs.getxattr(parent.top.fd, acl.DEFAULT)
+        the object the ACL itself, or :meth:`_give_acls` does). A directory's lack of one is
+        remembered (``Inode.absent_on``) until an xattr of it changes or it is copied up: most
+        directories have none, and ``tar -x`` creates thousands of files in one."""
+        top = parent.top
+        if parent.absent_on is top:
+            return mode & ~caller.umask
+        changes = parent.xattr_changes  # before the read: a change after it voids the absence
+        default = realfs.getxattr(top.fd, acl.DEFAULT)
         if default is None:
+            parent.remember_absent(top, changes)
             return mode & ~caller.umask
         return acl.inherit(default, mode)[0]
 

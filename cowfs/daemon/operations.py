@@ -713,7 +713,10 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def getxattr(self, inode: InodeT, name: XAttrNameT,
                        ctx: pyfuse3.RequestContext) -> bytes:
-        return self.overlay.getxattr(self._inode(inode), os.fsdecode(name))
+        value = self.overlay.getxattr(self._inode(inode), os.fsdecode(name))
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
 
     @_errno_boundary
     async def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> Sequence[XAttrNameT]:

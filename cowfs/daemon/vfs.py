@@ -188,7 +188,8 @@ class Overlay:
 
     # --- xattrs -------------------------------------------------------------------------------
 
-    def getxattr(self, inode: Inode, name: str) -> bytes:
+    def getxattr(self, inode: Inode, name: str) -> bytes | None:
+        """The value of the user's attribute ``name``; None when there is none."""
         return xattrs.get_value(inode, name)
 
     def listxattr(self, inode: Inode) -> list[str]:

@@ -9,6 +9,7 @@ never listed or readable; a user's own attribute with an overlay prefix is store
 from __future__ import annotations
 
 import errno
+import stat
 
 from ..core import realfs, schema
 from .copyup import CopyUp
@@ -23,24 +24,27 @@ def _refuse_reserved(name: str) -> None:
 
 #: The kernel asks for it before every write(2) to a FUSE file (to drop file capabilities), so a
 #: log written in 4-byte appends costs one getxattr request per write. Its absence is remembered
-#: per real object: only a setxattr through cowfs, or a copy-up (a new real object), can add it.
+#: per real object (``Inode.absent_on``): only a setxattr through cowfs, or a copy-up (a new real
+#: object), can add it.
 #: A setxattr runs in a worker thread while getxattrs go on on the loop: the inode counts xattr
 #: changes, and an absence read before one is not remembered after it.
 CAPABILITY = "security.capability"
 
 
-def get_value(inode: Inode, name: str) -> bytes:
+def get_value(inode: Inode, name: str) -> bytes | None:
+    """The value of the user's attribute ``name``; None when there is none (``ENODATA``: most
+    answers of ``ls -l``, which asks two per file, and of every write's capability check, so
+    they are a return, not an exception)."""
     if schema.is_reserved_xattr(name):
-        raise OSError(errno.ENODATA, "no such attribute", name)
+        return None
     top = inode.top
-    if name == CAPABILITY and inode.no_caps_on is top:
-        raise OSError(errno.ENODATA, "no such attribute", name)
+    remembered = name == CAPABILITY and stat.S_ISREG(top.mode)
+    if remembered and inode.absent_on is top:
+        return None
     changes = inode.xattr_changes  # before the read: a change after it voids the absence
     value = top.getxattr(schema.escape_xattr(name))
-    if value is None:
-        if name == CAPABILITY:
-            inode.remember_no_caps(top, changes)
-        raise OSError(errno.ENODATA, "no such attribute", name)
+    if value is None and remembered:
+        inode.remember_absent(top, changes)
     return value
 
 
