@@ -199,7 +199,9 @@ class Snapshots:
     only from an offset it handed out (``fuse_parse_cache``), so a ``seekdir`` to any other
     offset would read the end of the directory; with every offset up to the end naming an entry,
     a seek anywhere reads on from that entry, as on the kernel's overlayfs (whose offsets are
-    indexes into its merged listing too).
+    indexes into its merged listing too). (One exception: a directory of the bottom layer alone
+    is listed without an ``fstatat`` per name, ``Overlay.listing``, so a whiteout left in it is
+    a gap, skipped when served; the kernel's overlayfs lists such a name.)
 
     Snapshots are kept least recently used first, within ``max_names`` names in all (about 10 MiB;
     the newest is kept whatever its size), so a walk of many directories holds few. A reader

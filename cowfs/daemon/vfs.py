@@ -307,11 +307,22 @@ class Overlay:
         return (schema.WORK_DIR_NAME,) if directory is self.table.root else ()
 
     def listing(self, directory: Inode) -> Listing:
-        """``"."``, ``".."`` and every name ``directory`` shows: what readdir offsets index."""
+        """``"."``, ``".."`` and every name ``directory`` shows: what readdir offsets index.
+
+        A directory of the bottom layer alone (most of a large lower tree) lists its names as
+        they are: nothing below it to hide or merge, and what cannot be shown (a whiteout left
+        in it) is told by the entry's own lookup or ``fstatat`` when it is served, and skipped
+        then. That saves a listing with attributes (``ls -l``, a walk) one ``fstatat`` per
+        entry before its lookup makes the same one."""
+        candidates = candidate_names(directory, self.hidden_names(directory),
+                                     upper_noatime=self.noatime or self.mounted_read_only)
+        reals = directory.reals
+        if len(reals) == 1 and reals[0].layer.is_bottom and reals[0].mark is (
+                schema.DirMark.PLAIN):
+            return Listing([".", "..", *candidates], {})
         names, plain = [".", ".."], {}
         fds = layer_fds(directory)
-        for name in candidate_names(directory, self.hidden_names(directory),
-                                    upper_noatime=self.noatime or self.mounted_read_only):
+        for name in candidates:
             listed, entry = listed_entry(directory, name, fds)
             if listed is NEEDS_LOOKUP:
                 listed = self._looked_up(directory, name)
