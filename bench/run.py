@@ -161,7 +161,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--targets", help="comma-separated subset of: native,overlayfs,"
                    "fuse-overlayfs,cowfs,unionfs-fuse, and, only when named, cowfs-stock (cowfs "
                    "on pyfuse3's own request loop: an A/B of patches/pyfuse3/0003) and "
-                   "cowfs-inline-epoll (the inline loop waiting in trio's epoll: an A/B of 0006)")
+                   "cowfs-inline-epoll (the inline loop waiting in trio's epoll: an A/B of 0006) "
+                   "and cowfs-nospin (0006's wait without its checks before sleeping)")
     p.add_argument("--workloads", help="comma-separated subset of the workload names")
     p.add_argument("--no-scale", "--no-memory", dest="no_scale", action="store_true",
                    help="skip the large-tree profile (bench/scale.py)")
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     every: list[Target] = [Native(), KernelOverlay(), FuseOverlayfs(),
                            Cowfs(args.cowfs, args.cowfs_options), Unionfs(),
                            Cowfs(args.cowfs, args.cowfs_options, loop="stock"),
-                           Cowfs(args.cowfs, args.cowfs_options, loop="inline-epoll")]
+                           Cowfs(args.cowfs, args.cowfs_options, loop="inline-epoll"),
+                           Cowfs(args.cowfs, args.cowfs_options, loop="nospin")]
     for spec in args.cowfs_source:
         name, sep, directory = spec.partition("=")
         if not sep or not name or not Path(directory, "cowfs", "__init__.py").is_file():
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         every.append(Cowfs(args.cowfs, args.cowfs_options,
                            source=(name, str(Path(directory).resolve()))))
     wanted = (set(args.targets.split(",")) if args.targets
-              else {t.name for t in every} - {"cowfs-stock", "cowfs-inline-epoll"})
+              else {t.name for t in every} - {"cowfs-stock", "cowfs-inline-epoll", "cowfs-nospin"})
     wanted |= {f"cowfs-{spec.partition('=')[0]}" for spec in args.cowfs_source}
     targets = []
     for t in every:

@@ -4,8 +4,9 @@ handlers that suspend. It tests pyfuse3 itself, not cowfs.
 
     python pyfuse3_loop_fs.py MOUNTPOINT LOOP COUNTS_FILE [N (ignored)]
 
-LOOP: ``inline``, ``inline-epoll`` (inline, but waiting for requests in trio's epoll alone:
-``idle_poll=False``) or ``stock`` (pyfuse3's own loop). The root directory holds ``fast0`` ..
+LOOP: ``inline`` (waiting for requests in poll(2), after 100 checks without sleeping, as cowfs
+runs it), ``inline-nospin`` (without the checks: ``idle_spins=0``), ``inline-epoll`` (waiting
+in trio's epoll alone: ``idle_poll=False``) or ``stock`` (pyfuse3's own loop). The root directory holds ``fast0`` ..
 ``fast9`` (every handler answers without awaiting anything), ``sleep0`` .. ``sleep9`` (each
 handler first sleeps 5 ms in trio), ``thread0`` .. ``thread9`` (each handler first sleeps 5 ms in
 a worker thread) and ``slow`` (its read sleeps 3 s in trio). Each file's content is its name
@@ -143,7 +144,8 @@ async def run(loop: str) -> None:
         if loop == "stock":
             await pyfuse3.main()
         else:
-            await pyfuse3.main(inline=True, idle_poll=loop == "inline")
+            await pyfuse3.main(inline=True, idle_poll=loop != "inline-epoll",
+                               idle_spins=100 if loop == "inline" else 0)
         nursery.cancel_scope.cancel()
 
 

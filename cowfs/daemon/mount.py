@@ -414,15 +414,27 @@ def inline_loop() -> bool:
     return hasattr(pyfuse3, "request_count")
 
 
-def loop_arguments() -> dict[str, bool]:
+#: How many times the inline loop checks for the next request without sleeping before it waits
+#: in poll(2) (``idle_spins``, patches/pyfuse3/0006), yielding the CPU in between: on virtual
+#: CPUs a thread that sleeps between a reply and the client's next request is woken late
+#: (docs/performance.md, "Where the client and the daemon run").
+IDLE_SPINS = 100
+
+
+def loop_arguments() -> dict[str, bool | int]:
     """``pyfuse3.main``'s arguments for the inline loop. Where pyfuse3 has ``idle_poll``
     (patches/pyfuse3/0006), the loop waits for the next request in poll(2) instead of a pass
     through trio when nothing else can run (a client waiting on each reply: a walk, a
-    ``stat`` of many names); ``COWFS_LOOP=inline-epoll`` leaves it off (the A side of its
-    A/B)."""
-    arguments = {"inline": True}
-    if "idle_poll" in _main_parameters():
-        arguments["idle_poll"] = os.environ.get("COWFS_LOOP") != "inline-epoll"
+    ``stat`` of many names), first checking :data:`IDLE_SPINS` times without sleeping.
+    ``COWFS_LOOP=inline-epoll`` leaves both off, ``COWFS_LOOP=nospin`` the checks (the A sides
+    of their A/B runs)."""
+    arguments: dict[str, bool | int] = {"inline": True}
+    parameters = _main_parameters()
+    loop = os.environ.get("COWFS_LOOP")
+    if "idle_poll" in parameters:
+        arguments["idle_poll"] = loop != "inline-epoll"
+    if "idle_spins" in parameters:
+        arguments["idle_spins"] = 0 if loop in ("inline-epoll", "nospin") else IDLE_SPINS
     return arguments
 
 
