@@ -4,21 +4,20 @@ handlers that suspend. It tests pyfuse3 itself, not cowfs.
 
     python pyfuse3_loop_fs.py MOUNTPOINT LOOP COUNTS_FILE [N (ignored)]
 
-LOOP: ``inline`` (waiting for requests in poll(2), after 100 checks without sleeping, as cowfs
-runs it), ``inline-nospin`` (without the checks: ``idle_spins=0``), ``inline-epoll`` (waiting
-in trio's epoll alone: ``idle_poll=False``) or ``stock`` (pyfuse3's own loop). The root directory holds ``fast0`` ..
-``fast9`` (every handler answers without awaiting anything), ``sleep0`` .. ``sleep9`` (each
-handler first sleeps 5 ms in trio), ``thread0`` .. ``thread9`` (each handler first sleeps 5 ms in
-a worker thread) and ``slow`` (its read sleeps 3 s in trio). Each file's content is its name
-repeated 100 times; names and attributes are not cached (timeouts 0) and reads are direct, so
-every stat and read reaches the daemon.
+LOOP: ``inline`` (waiting for requests in poll(2), after 100 checks without sleeping, as cowfs runs
+it), ``inline-nospin`` (without the checks: ``idle_spins=0``), ``inline-epoll`` (waiting in trio's
+epoll alone: ``idle_poll=False``) or ``stock`` (pyfuse3's own loop). The root directory holds
+``fast0`` .. ``fast9`` (every handler answers without awaiting anything), ``sleep0`` .. ``sleep9``
+(each handler first sleeps 5 ms in trio), ``thread0`` .. ``thread9`` (each handler first sleeps 5
+ms in a worker thread) and ``slow`` (its read sleeps 3 s in trio). Each file's content is its name
+repeated 100 times; names and attributes are not cached (timeouts 0) and reads are direct, so every
+stat and read reaches the daemon.
 
-Every handler call is counted, by handler and in total (``handled``, ``finished``); on SIGUSR1
-the counts and ``pyfuse3.request_count()`` (``requests``, ``suspended``, ``idle_waits``) are
-written to
+Every handler call is counted, by handler and in total (``handled``, ``finished``); on SIGUSR1 the
+counts and ``pyfuse3.request_count()`` (``requests``, ``suspended``, ``idle_waits``) are written to
 COUNTS_FILE as ``name count`` lines: ``requests - handled`` counts the requests that libfuse
-answers itself (INIT, INTERRUPT). SIGINT and SIGTERM end the loop through
-``pyfuse3.terminate()`` and unmount, as cowfs does.
+answers itself (INIT, INTERRUPT). SIGINT and SIGTERM end the loop through ``pyfuse3.terminate()``
+and unmount, as cowfs does.
 """
 
 from __future__ import annotations

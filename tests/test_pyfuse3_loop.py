@@ -147,12 +147,12 @@ def test_many_clients_some_handlers_suspend_every_request_answered_once(
 @pytest.mark.parametrize("loop", ["inline", "inline-nospin", "inline-epoll"])
 def test_one_client_at_a_time_idle_waits_wake_for_threads_timers_and_signals(
         tmp_path: Path, loop: str) -> None:
-    """One client, one request at a time: the queue is empty after every reply, so the
-    inline loop waits for the next request each time, in poll(2) (``idle_poll``, the default;
-    with or without ``idle_spins`` checks first) or in trio's epoll. A handler that sleeps in a worker thread or in trio finishes while the
-    loop waits, and is answered (a wait that missed trio's wakeup would hang the client: the
-    watchdog). A trio task's timer fires while the loop waits (its ticks keep up). SIGINT to
-    the idle daemon ends it."""
+    """One client, one request at a time: the queue is empty after every reply, so the inline loop
+    waits for the next request each time, in poll(2) (``idle_poll``, the default; with or
+    without ``idle_spins`` checks first) or in trio's epoll. A handler that sleeps in a worker
+    thread or in trio finishes while the loop waits, and is answered (a wait that missed trio's
+    wakeup would hang the client: the watchdog). A trio task's timer fires while the loop waits
+    (its ticks keep up). SIGINT to the idle daemon ends it."""
     with loop_fs(tmp_path, loop) as fs:
         for name in MIXED * 2:
             assert (fs.mnt / name).stat().st_size == len(content(name.encode()))
