@@ -138,7 +138,7 @@ class Inode:
         #: ``Namespace._new_mode``).
         self.absent_on: Real | None = None
         #: Bumped by every change of an xattr through the mount: an absence read before a
-        #: change is not remembered after it (:meth:`remember_absent`).
+        #: change is not remembered after it (:meth:`xattr_unless_absent`).
         self._xattr_changes = 0
         #: A partial file's state while the inode lives: its record, which only
         #: :mod:`cowfs.daemon.upperdata` makes and changes (under ``copy_up_lock``); let go at
@@ -268,17 +268,20 @@ class Inode:
                 return parent, str(links[i + 1])
         return None
 
-    @property
-    def xattr_changes(self) -> int:
-        return self._xattr_changes
-
-    def remember_absent(self, real: Real, changes: int) -> None:
-        """Remember that ``real`` lacks the xattr :attr:`absent_on` is about, as read when the
-        xattrs had seen ``changes`` changes: only if none was made since (a setxattr in a worker
-        thread may have added one between the read and now)."""
-        with self._state:
-            if self._xattr_changes == changes:
-                self.absent_on = real
+    def xattr_unless_absent(self, top: Real, name: str) -> bytes | None:
+        """``top``'s xattr ``name`` (None: it has none), for the one xattr :attr:`absent_on` is
+        about for this kind of object: an absence read once is remembered, and the next question
+        answered without a system call. It is remembered only if no xattr changed since the
+        read began (a setxattr in a worker thread may have added one meanwhile)."""
+        if self.absent_on is top:
+            return None
+        changes = self._xattr_changes  # before the read: a change after it voids the absence
+        value = top.getxattr(name)
+        if value is None:
+            with self._state:
+                if self._xattr_changes == changes:
+                    self.absent_on = top
+        return value
 
     def xattrs_changed(self) -> None:
         """An xattr is being or was changed: forget any remembered absence, and make absences

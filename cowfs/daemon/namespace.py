@@ -374,13 +374,8 @@ class Namespace:
         the object the ACL itself, or :meth:`_give_acls` does). A directory's lack of one is
         remembered (``Inode.absent_on``) until an xattr of it changes or it is copied up: most
         directories have none, and ``tar -x`` creates thousands of files in one."""
-        top = parent.top
-        if parent.absent_on is top:
-            return mode & ~caller.umask
-        changes = parent.xattr_changes  # before the read: a change after it voids the absence
-        default = realfs.getxattr(top.fd, acl.DEFAULT)
+        default = parent.xattr_unless_absent(parent.top, acl.DEFAULT)
         if default is None:
-            parent.remember_absent(top, changes)
             return mode & ~caller.umask
         return acl.inherit(default, mode)[0]
 

@@ -38,14 +38,9 @@ def get_value(inode: Inode, name: str) -> bytes | None:
     if schema.is_reserved_xattr(name):
         return None
     top = inode.top
-    remembered = name == CAPABILITY and stat.S_ISREG(top.mode)
-    if remembered and inode.absent_on is top:
-        return None
-    changes = inode.xattr_changes  # before the read: a change after it voids the absence
-    value = top.getxattr(schema.escape_xattr(name))
-    if value is None and remembered:
-        inode.remember_absent(top, changes)
-    return value
+    if name == CAPABILITY and stat.S_ISREG(top.mode):
+        return inode.xattr_unless_absent(top, CAPABILITY)  # not escaped: not an overlay name
+    return top.getxattr(schema.escape_xattr(name))
 
 
 def list_names(inode: Inode) -> list[str]:
