@@ -230,6 +230,29 @@ def test_upper_on_another_filesystem(upper_fs: tuple[str, Path], reference: dict
     assert sum(e[2] for e in shared) >= BIG // 2, "the upper copy shares no extents"
 
 
+def test_a_cloned_copy_up_is_not_fsynced_and_a_copied_one_is(
+        upper_fs: tuple[str, Path], layers: LayerFactory, mount_cowfs: MountFactory) -> None:
+    """As in the kernel's ovl_copy_up_file: copied data is fsynced before the rename that makes
+    the copy visible, a whole clone is not (it is metadata, which the journal commits in order,
+    and it writes back the shared blocks first). The changes the copy-up of a small file makes,
+    as the fault-injection seam counts them: on XFS and Btrfs a clone and no fsync, on tmpfs (no
+    reflinks) a copy and an fsync."""
+    kind, root = upper_fs
+    layer_set = layers_on(root, layers())
+    count = root / "count"
+    mount = mount_cowfs(layer_set, work=layer_set.work, env={"COWFS_FAULT": f"count:{count}"})
+    with open(mount.mnt / "a.txt", "a") as f:
+        f.write("appended")
+    mount.stop()
+    assert (layer_set.upper / "a.txt").read_text() == "lower0:a.txt" + "appended"
+    changes = [line.split()[1] for line in count.read_text().splitlines()]
+    assert changes.count("copy_data") == 1, changes
+    if kind == "tmpfs":
+        assert "fsync" in changes, changes
+    else:
+        assert "fsync" not in changes, changes
+
+
 # --- every layer on a different filesystem -----------------------------------------------------
 
 

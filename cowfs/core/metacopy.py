@@ -279,15 +279,16 @@ def fill(upper_fd: int, data_fd: int, *, with_data: bool, sync: bool, reflink: b
         dst = realfs.reopen(upper_fd, os.O_WRONLY)
     try:
         try:
+            cloned = False
             if with_data:
                 src = realfs.reopen(data_fd, os.O_RDONLY | _noatime(os.fstat(data_fd)))
                 try:
-                    realfs.copy_data(src, dst, st.st_size, reflink=reflink)
+                    cloned = realfs.copy_data(src, dst, st.st_size, reflink=reflink)
                 finally:
                     os.close(src)
             else:
                 realfs.ftruncate(dst, 0)
-            if sync:
+            if sync and not cloned:  # a whole clone is metadata (realfs.copy_data)
                 realfs.fsync(dst)
             # Emptied: the mtime of the truncation to come (copyup's _truncated_mtime).
             partial.restore_after_fill(upper_fd, st, caps, chmod=made_writable,

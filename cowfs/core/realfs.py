@@ -484,13 +484,18 @@ def _bounded(extent: Callable[..., int]) -> Callable[[Callable[_P, _R]], Callabl
 
 @_bounded(lambda size: size)
 @change
-def copy_data(src: int, dst: int, size: int, *, reflink: bool = True) -> None:
+def copy_data(src: int, dst: int, size: int, *, reflink: bool = True) -> bool:
     """Copy a file's data into a new file, in the kernel, keeping holes: a reflink where the
     filesystem has them (``reflink``: as probed), else ``copy_file_range`` over the data
-    segments, else ``sendfile``."""
+    segments, else ``sendfile``.
+
+    Returns whether the data was cloned whole. A clone needs no ``fsync`` to be durable before
+    a later rename: it writes back both files' ranges before it shares the blocks, and is itself
+    a metadata change, which the filesystem's journal commits before any later one (the kernel's
+    ``ovl_copy_up_file`` skips its ``vfs_fsync`` after a whole clone for the same reason)."""
     log.debug("copy data fd=%d -> fd=%d (%d bytes)", src, dst, size)
     if reflink and can_clone(src, dst):
-        return
+        return True
     pos = 0
     while pos < size:
         try:
@@ -503,6 +508,7 @@ def copy_data(src: int, dst: int, size: int, *, reflink: bool = True) -> None:
         _copy_range(src, dst, start, end)
         pos = end
     os.ftruncate(dst, size)
+    return False
 
 
 def _copy_range(src: int, dst: int, start: int, end: int) -> None:

@@ -3,14 +3,15 @@
 The copy is built in the work directory — data first, then xattrs (writing data after xattrs would
 drop ``security.capability``), then owner, mode and times (each step would undo what follows it),
 then fsync if data was copied (the rest is metadata, which the filesystem's journal commits in
-order) — and renamed into place with one ``renameat2(RENAME_NOREPLACE)``, parents first. A crash
-therefore never leaves a half-copied object visible, and a step that fails leaves nothing but a
-temporary object, which is removed at once (or at the next mount).
+order; so is a whole clone, as in the kernel) — and renamed into place with one
+``renameat2(RENAME_NOREPLACE)``, parents first. A crash therefore never leaves a half-copied object
+visible, and a step that fails leaves nothing but a temporary object, which is removed at once (or
+at the next mount).
 
 Data is copied by the kernel (:func:`cowfs.core.realfs.copy_data`): a reflink where the upper
 supports it, else ``copy_file_range`` over the data segments only (holes stay holes). It never
-passes through Python buffers. Callers run copy-ups of regular files in worker threads; the
-per-inode lock makes concurrent openers share one copy-up.
+passes through Python buffers. Callers run a copy-up that copies much data in a worker thread
+(:mod:`cowfs.core.inline`); the per-inode lock makes concurrent openers share one copy-up.
 
 A metadata change or a new name of a lower regular file copies it without its data
 (:attr:`Need.METADATA`, :mod:`cowfs.core.metacopy`); the first write or truncation gives it its
@@ -344,13 +345,14 @@ class CopyUp:
         copy_attributes(st, fd, mtime_ns)
 
     def _copy_data(self, source_fd: int, source_st: os.stat_result, dst: int,
-                   size: int) -> None:
+                   size: int) -> bool:
         """Copy ``size`` bytes of the file behind ``source_fd`` (an ``O_PATH`` descriptor) into
-        ``dst``, without changing its access time where permitted."""
+        ``dst``, without changing its access time where permitted. Returns whether the data was
+        cloned whole (:func:`cowfs.core.realfs.copy_data`)."""
         flags = os.O_RDONLY | (os.O_NOATIME if _may_noatime(source_st) else 0)
         src = realfs.reopen(source_fd, flags)
         try:
-            realfs.copy_data(src, dst, size, reflink=self.work.features.reflink)
+            return realfs.copy_data(src, dst, size, reflink=self.work.features.reflink)
         finally:
             os.close(src)
 
@@ -369,10 +371,13 @@ class CopyUp:
         try:
             if size:
                 realfs.ftruncate(dst, size)
+            copied = False  # data written into the copy, not cloned
             if with_data and st.st_size and lower.partial:
                 self._copy_partial(lower, st, data, dst)
+                copied = True
             elif with_data and st.st_size:
-                self._copy_data(data.fd, st if data is lower else data.stat(), dst, st.st_size)
+                copied = not self._copy_data(data.fd, st if data is lower else data.stat(), dst,
+                                             st.st_size)
             dst_path_fd = realfs.open_path(self.work.tmp_fd, temp)
             if dst_path_fd is None:
                 raise OSError(errno.ENOENT, "copy-up file vanished from the work directory")
@@ -381,11 +386,12 @@ class CopyUp:
                              _truncated_mtime(with_data or bool(size)))
             finally:
                 os.close(dst_path_fd)
-            if self.sync and with_data and st.st_size:
+            if self.sync and copied:
                 # Copied data, and only that, needs it (as in the kernel's ovl_copy_up_file): the
                 # rest of the copy (its size, xattrs, owner, mode, times) is metadata, which a
                 # journaling filesystem commits in order, before the rename that makes the copy
-                # visible. So a metacopy or partial file (no data) or an empty file skips it.
+                # visible. So a metacopy or partial file (no data), an empty file and a whole
+                # clone (a reflink: metadata too) skip it.
                 realfs.fsync(dst)
         finally:
             os.close(dst)
