@@ -35,17 +35,33 @@ import stat
 from collections.abc import Sequence
 
 from . import realfs, schema
+from .layers import Layer
 from .resolve import Found, Real, probe, probe_path, resolve
+
+#: Each layer root's path as the kernel names it, read once (a copy-up asks for every file it
+#: copies): read again where a path does not start with it (the layer was moved meanwhile).
+_root_names: dict[Layer, str] = {}
+
+
+def _root_name(layer: Layer, again: bool) -> str:
+    name = None if again else _root_names.get(layer)
+    if name is None:
+        name = os.readlink(realfs.proc_path(layer.root_fd)).rstrip("/")
+        _root_names[layer] = name
+    return name
 
 
 def lower_path(real: Real) -> tuple[str, ...] | None:
     """Where a lower object sits below its layer's root (layers never change while mounted, so
     this is its address). None when the kernel cannot name it (it should not happen)."""
-    root = os.readlink(realfs.proc_path(real.layer.root_fd)).rstrip("/")
     path = os.readlink(realfs.proc_path(real.fd))
-    if not path.startswith(root + "/") or path.endswith(" (deleted)"):
+    if path.endswith(" (deleted)"):
         return None
-    return tuple(path[len(root) + 1:].split("/"))
+    for again in (False, True):
+        root = _root_name(real.layer, again)
+        if path.startswith(root + "/"):
+            return tuple(path[len(root) + 1:].split("/"))
+    return None
 
 
 def read(real: Real) -> schema.Origin | None:

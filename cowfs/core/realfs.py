@@ -287,10 +287,18 @@ def change(fn: Callable[_P, _R]) -> Callable[_P, _R]:
 # --- changing the upper layer (every wrapper here carries @change) -----------------------------
 
 
+def _object(fd: int, opened: bool) -> int | str:
+    """What a system call that takes a path or a descriptor is given for the object behind
+    ``fd``: an ``O_PATH`` descriptor is named by its magic link (a path the kernel resolves,
+    about 3 µs more per call), a descriptor opened for I/O (``opened``) is passed as it is."""
+    return fd if opened else proc_path(fd)
+
+
 @change
-def setxattr(fd: int, name: str, value: bytes, flags: int = 0) -> None:
+def setxattr(fd: int, name: str, value: bytes, flags: int = 0, *, opened: bool = False) -> None:
+    """``opened``: ``fd`` is open for I/O, not ``O_PATH`` (so is every keyword below)."""
     log.debug("setxattr fd=%d %s=%r", fd, name, value)
-    os.setxattr(proc_path(fd), name, value, flags)
+    os.setxattr(_object(fd, opened), name, value, flags)
 
 
 @change
@@ -300,22 +308,22 @@ def removexattr(fd: int, name: str) -> None:
 
 
 @change
-def chmod(fd: int, mode: int) -> None:
+def chmod(fd: int, mode: int, *, opened: bool = False) -> None:
     log.debug("chmod fd=%d %o", fd, mode)
-    os.chmod(proc_path(fd), mode)
+    os.chmod(_object(fd, opened), mode)
 
 
 @change
-def chown(fd: int, uid: int, gid: int) -> None:
+def chown(fd: int, uid: int, gid: int, *, opened: bool = False) -> None:
     """Change owner of the object itself (a symlink's own owner when fd is a symlink)."""
     log.debug("chown fd=%d %d:%d", fd, uid, gid)
-    os.chown(proc_path(fd), uid, gid)
+    os.chown(_object(fd, opened), uid, gid)
 
 
 @change
-def utimens(fd: int, atime_ns: int, mtime_ns: int) -> None:
+def utimens(fd: int, atime_ns: int, mtime_ns: int, *, opened: bool = False) -> None:
     log.debug("utimens fd=%d %d %d", fd, atime_ns, mtime_ns)
-    os.utime(proc_path(fd), ns=(atime_ns, mtime_ns))
+    os.utime(_object(fd, opened), ns=(atime_ns, mtime_ns))
 
 
 @change

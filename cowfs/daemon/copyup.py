@@ -49,8 +49,9 @@ from .upperdata import Need, UpperData
 log = logging.getLogger(__name__)
 
 
-def copy_xattrs(src: Real, dst_fd: int) -> None:
-    """Copy the user's xattrs (never the layer's own metadata) onto ``dst_fd``."""
+def copy_xattrs(src: Real, dst_fd: int, *, opened: bool = False) -> None:
+    """Copy the user's xattrs (never the layer's own metadata) onto ``dst_fd`` (``opened``: open
+    for I/O, not ``O_PATH``)."""
     for name in realfs.listxattr(src.fd):
         if not schema.is_copied_on_copy_up(name):
             continue
@@ -58,22 +59,24 @@ def copy_xattrs(src: Real, dst_fd: int) -> None:
         if value is None:
             continue
         try:
-            realfs.setxattr(dst_fd, name, value)
+            realfs.setxattr(dst_fd, name, value, opened=opened)
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.ENOTSUP):
                 raise
             log.warning("copy-up: cannot copy xattr %s: %s", name, e.strerror)
 
 
-def copy_attributes(st: os.stat_result, fd: int, mtime_ns: int | None = None) -> None:
+def copy_attributes(st: os.stat_result, fd: int, mtime_ns: int | None = None, *,
+                    opened: bool = False) -> None:
     """Owner before mode (chown clears set-id bits), times last (everything else changes them).
     A daemon that is not root cannot give objects away: they stay its own, as its files are.
-    ``mtime_ns``: instead of ``st``'s."""
+    ``mtime_ns``: instead of ``st``'s. ``opened``: ``fd`` is open for I/O, not ``O_PATH``."""
     if os.geteuid() == 0:
-        realfs.chown(fd, st.st_uid, st.st_gid)
+        realfs.chown(fd, st.st_uid, st.st_gid, opened=opened)
     if not stat.S_ISLNK(st.st_mode):
-        realfs.chmod(fd, stat.S_IMODE(st.st_mode))
-    realfs.utimens(fd, st.st_atime_ns, st.st_mtime_ns if mtime_ns is None else mtime_ns)
+        realfs.chmod(fd, stat.S_IMODE(st.st_mode), opened=opened)
+    realfs.utimens(fd, st.st_atime_ns, st.st_mtime_ns if mtime_ns is None else mtime_ns,
+                   opened=opened)
 
 
 def _truncated_mtime(with_data: bool) -> int | None:
@@ -330,19 +333,20 @@ class CopyUp:
 
     @staticmethod
     def _finish(lower: Real, st: os.stat_result, fd: int, extra: dict[str, bytes],
-                mtime_ns: int | None = None) -> None:
-        """xattrs, then owner and mode, then times: each step would undo what follows it."""
-        copy_xattrs(lower, fd)
+                mtime_ns: int | None = None, *, opened: bool = False) -> None:
+        """xattrs, then owner and mode, then times: each step would undo what follows it.
+        ``opened``: ``fd`` is open for I/O (a regular file being built), not ``O_PATH``."""
+        copy_xattrs(lower, fd, opened=opened)
         for name, value in extra.items():
             try:
-                realfs.setxattr(fd, name, value)
+                realfs.setxattr(fd, name, value, opened=opened)
             except PermissionError:
                 if name.startswith(schema.COWFS_PREFIX) or name == schema.XATTR_METACOPY:
                     raise  # user.* on a file or directory: must work (checked at mount)
                 # trusted.* needs CAP_SYS_ADMIN: without it, a copied-up symlink or special file
                 # gets a new inode number (a known limit of unprivileged mounts).
                 log.debug("cannot record %s (not privileged)", name)
-        copy_attributes(st, fd, mtime_ns)
+        copy_attributes(st, fd, mtime_ns, opened=opened)
 
     def _copy_data(self, source_fd: int, source_st: os.stat_result, dst: int,
                    size: int) -> bool:
@@ -378,14 +382,8 @@ class CopyUp:
             elif with_data and st.st_size:
                 copied = not self._copy_data(data.fd, st if data is lower else data.stat(), dst,
                                              st.st_size)
-            dst_path_fd = realfs.open_path(self.work.tmp_fd, temp)
-            if dst_path_fd is None:
-                raise OSError(errno.ENOENT, "copy-up file vanished from the work directory")
-            try:
-                self._finish(lower, st, dst_path_fd, extra,
-                             _truncated_mtime(with_data or bool(size)))
-            finally:
-                os.close(dst_path_fd)
+            self._finish(lower, st, dst, extra, _truncated_mtime(with_data or bool(size)),
+                         opened=True)
             if self.sync and copied:
                 # Copied data, and only that, needs it (as in the kernel's ovl_copy_up_file): the
                 # rest of the copy (its size, xattrs, owner, mode, times) is metadata, which a

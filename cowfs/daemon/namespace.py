@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
-from ..core import nlink, realfs, schema
+from ..core import nlink, origins, realfs, schema
 from ..core.layers import Layer
 from ..core.resolve import Found, Real, is_hidden_name, probe
 from ..core.workdir import WorkDir
@@ -581,11 +581,10 @@ class Namespace:
     def _lower_path(real: Real) -> tuple[str, ...]:
         """Where a lower object sits below its layer's root (layers never change, so this is its
         permanent address)."""
-        root = os.readlink(realfs.proc_path(real.layer.root_fd))
-        path = os.readlink(realfs.proc_path(real.fd))
-        if not path.startswith(root.rstrip("/") + "/"):
-            raise OSError(errno.EIO, f"cannot locate {path!r} in lower layer {root!r}")
-        return tuple(path[len(root.rstrip("/")) + 1:].split("/"))
+        path = origins.lower_path(real)
+        if path is None:
+            raise OSError(errno.EIO, f"cannot locate {real!r} in lower layer {real.layer.path}")
+        return path
 
     def _make_opaque_if_needed(self, inode: Inode, parent: Inode, name: str) -> None:
         """An upper-only directory moved over a name that lower layers have must not merge with
