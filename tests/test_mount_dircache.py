@@ -9,6 +9,7 @@ on its own (whiteouts, opaque directories, redirects, copy-up of directories, th
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -155,3 +156,29 @@ def test_inode_numbers_in_a_listing_match_stat(
     assert len(listed) == 300 - 1 + 20 + 20
     for name, ino in listed.items():
         assert os.lstat(big / name).st_ino == ino, name
+
+
+def test_a_listing_after_the_names_were_looked_up_numbers_them_as_stat_does(
+        layers: LayerFactory, mount_cowfs: MountFactory) -> None:
+    """The kernel lists with attributes (readdirplus) a directory whose names were looked up:
+    ``git status`` lists every directory after an ``lstat`` of its files. Names whose objects
+    the kernel holds under them get entries without an inode (the kernel keeps what it has): the
+    numbers listed must be those stat shows, and stat must show the same before and after, for
+    lower, upper and copied-up entries (one copied up between the lookups and the listing)."""
+    lower: dict[str, object] = {f"big/f{i:03}": None for i in range(200)}
+    upper: dict[str, object] = {f"big/u{i:02}": None for i in range(20)}
+    layer_set = layers(lower, upper=upper)
+    mount = mount_cowfs(layer_set)
+    big = mount.mnt / "big"
+    subprocess.run(["sh", "-c", "echo 2 > /proc/sys/vm/drop_caches"], check=False)
+    before = {name: os.lstat(big / name) for name in sorted(os.listdir(layer_set.lowers[0] / "big"))
+              + [f"u{i:02}" for i in range(20)]}
+    os.chmod(big / "f007", 0o600)  # copied up after its lookup
+    with os.scandir(big) as it:
+        listed = {e.name: e.inode() for e in it}
+    assert listed == {name: st.st_ino for name, st in before.items()}
+    for name, st in before.items():
+        now = os.lstat(big / name)
+        assert (now.st_ino, now.st_size, now.st_mtime_ns) == (st.st_ino, st.st_size,
+                                                               st.st_mtime_ns), name
+    assert stat.S_IMODE(os.lstat(big / "f007").st_mode) == 0o600

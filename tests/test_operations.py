@@ -16,6 +16,7 @@ also calls the handler with a real token.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
@@ -71,7 +72,15 @@ class FakeToken:
         self.capacity = capacity
         self.inode = inode  # the directory (ReaddirToken.inode, patches/pyfuse3/0001)
         self.plus = plus  # False: a listing without attributes (ReaddirToken.plus)
-        self.entries: list[tuple[str, int, int]] = []  # (name, st_ino, next_id)
+        self.entries: list[tuple[str, int, int]] = []  # (name, d_ino, next_id)
+        #: Names replied with node id 0: the kernel links no inode and counts no lookup.
+        self.unlinked: set[str] = set()
+
+
+def _d_ino(attr: pyfuse3.EntryAttributes) -> int:
+    """The entry's ``d_ino``: ``fuse_entry_param.attr.st_ino``, after the node id, the generation
+    and ``st_dev`` (the property ``st_ino`` reads the node id; the setter sets both)."""
+    return ctypes.c_uint64.from_address(id(attr) + object.__basicsize__ + 24).value
 
 
 def fake_readdir_reply(
@@ -79,7 +88,11 @@ def fake_readdir_reply(
 ) -> bool:
     if len(token.entries) >= token.capacity:
         return False
-    token.entries.append((os.fsdecode(name), attr.st_ino, next_id))
+    node, d_ino = attr.st_ino, _d_ino(attr)
+    assert node in (0, d_ino), (name, node, d_ino)  # the layout _d_ino reads
+    token.entries.append((os.fsdecode(name), d_ino, next_id))
+    if node == 0:
+        token.unlinked.add(os.fsdecode(name))
     return True
 
 
@@ -94,6 +107,8 @@ class Kernel:
         #: Directories the kernel opened by itself (opendir answered ENOSYS): our own negative
         #: handle -> inode; the handlers then see handle 0 and the token's inode.
         self.kernel_dirs: dict[int, int] = {}
+        #: The names the last readdir replied with node id 0 (no inode linked, no lookup).
+        self.last_unlinked: set[str] = set()
 
     def run(self, handler: Callable[..., Any], *args: Any) -> Any:
         return trio.run(handler, *args)
@@ -185,8 +200,10 @@ class Kernel:
         """One readdir request with room for ``capacity`` entries (needs fake_readdir_reply)."""
         token = FakeToken(capacity, self.kernel_dirs.get(fh, 0), plus)
         self.run(self.ops.readdir, max(fh, 0), start_id, token)
+        self.last_unlinked = token.unlinked
         for name, ino, _ in token.entries:
-            if plus and name not in (".", ".."):  # readdirplus counts a lookup for the others
+            # readdirplus counts a lookup for the others, and for an entry with a node id
+            if plus and name not in (".", "..") and name not in token.unlinked:
                 self.lookups[ino] += 1
         return token.entries
 
@@ -479,6 +496,35 @@ def test_a_listing_without_attributes_shows_what_readdirplus_shows(
         finally:
             fs.releasedir(fh)
         assert [(n, i) for n, i, _ in plain] == [(n, i) for n, i, _ in plus]
+
+
+def test_readdirplus_leaves_out_the_inodes_the_kernel_holds_under_the_name(fs: Kernel) -> None:
+    """A lower name looked up already gets an entry without a node id (node id 0: the kernel
+    keeps the dentry it has, and counts no lookup), with the number the lookup gave; the others
+    a whole entry, one lookup counted (the fixture's teardown checks that every counted lookup
+    was given back). ``git status`` lists every directory after a walk of its files. An upper
+    or merged object gets a whole entry (only a lookup tells its number), as does a name whose
+    object the kernel holds under another name only."""
+    held = {name: fs.lookup(ROOT, name).st_ino for name in ("a.txt", "x.txt", "only0")}
+    looked_up = {name: fs.lookup(ROOT, name).st_ino for name in ("u.txt", "dir")}
+    fh = fs.opendir(ROOT)
+    try:
+        entries = {name: ino for name, ino, _ in fs.readdir(fh, 0, 100)}
+    finally:
+        fs.releasedir(fh)
+    assert fs.last_unlinked == set(held)
+    assert {name: entries[name] for name in held} == held
+    assert {name: entries[name] for name in looked_up} == looked_up
+    for name in ROOT_NAMES - {".", ".."} - set(held) - set(looked_up):
+        assert entries[name] == fs.lookup(ROOT, name).st_ino, name
+    number = held["x.txt"]  # the kernel forgets it: listed whole again
+    fs.run(fs.ops.forget, [(number, fs.lookups.pop(number))])
+    fh = fs.opendir(ROOT)
+    try:
+        fs.readdir(fh, 0, 100)
+    finally:
+        fs.releasedir(fh)
+    assert fs.last_unlinked == {"a.txt", "only0", "b.txt"}  # b.txt: held since the listing
 
 
 def test_readdir_entries_carry_the_lookup_attributes(fs: Kernel) -> None:

@@ -124,7 +124,8 @@ class Inode:
         self._cache = cache
         #: Topmost first, reached by reference (:func:`adopt`). Replaced as a whole (never
         #: mutated): see :meth:`replace_top`.
-        self.reals = tuple(adopt(real, cache) for real in reals)
+        self.reals = ((adopt(reals[0], cache),) if len(reals) == 1  # most: no generator
+                      else tuple(adopt(real, cache) for real in reals))
         #: Names this object is known by, as parent, name, parent, name, ..., the most recently
         #: used last (one name for most objects: one flat tuple); copy-up needs one.
         self._links: tuple[Inode | str, ...] = ()
@@ -248,6 +249,14 @@ class Inode:
                 return  # looked up again under its one name: the usual case
             self._links = (*_without(links, parent, name), parent, name)
 
+    def linked_as(self, parent: Inode, name: str) -> bool:
+        """Whether ``name`` in ``parent`` (this very parent inode) is one of this object's names."""
+        links = self._links  # replaced as a whole: no lock needed
+        for i in range(len(links) - 1, 0, -2):
+            if links[i] == name and links[i - 1] is parent:
+                return True
+        return False
+
     def drop_link(self, parent: Inode, name: str) -> None:
         with self._state:
             self._links = _without(self._links, parent, name)
@@ -368,6 +377,14 @@ class InodeTable:
         if parent is not None:
             inode.add_link(parent, name)
         return inode
+
+    def holds(self, number: int, parent: Inode, name: str) -> bool:
+        """Whether the kernel holds the inode numbered ``number`` under ``name`` in ``parent``
+        (the inode is known and linked so). Its dentry may have gone meanwhile (a hard link's
+        other name keeps the inode): a listing that shows the name without an inode then costs
+        the kernel a lookup later, no more."""
+        inode = self._by_number.get(number)  # one dict read: no lock needed
+        return inode is not None and inode.alive and inode.linked_as(parent, name)
 
     def named_again(self, inode: Inode, parent: Inode, name: str) -> Inode | None:
         """``inode``, which got a new name (a hard link): one more kernel lookup, one more link.

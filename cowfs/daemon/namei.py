@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import NamedTuple
 
 from ..core import metacopy, origins, realfs, schema
 from ..core.layers import LayerStack
@@ -44,6 +45,14 @@ log = logging.getLogger(__name__)
 
 #: Verified origins remembered (a few MB at most); the cache is emptied when it is full.
 _VERIFIED_MAX = 1 << 16
+
+
+class Held(NamedTuple):
+    """What a listing with attributes shows of an object the kernel holds under the name
+    already (:meth:`cowfs.daemon.vfs.Overlay.held_listed`): its file type bits and number."""
+
+    kind: int
+    number: int
 
 
 class Namei:

@@ -31,6 +31,7 @@ import itertools
 import logging
 import os
 import stat
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -43,10 +44,22 @@ from ..core.refs import in_worker
 from . import fileattr
 from .handles import FileHandle, wants_write
 from .inodes import Inode
+from .namei import Held
 from .readdir import DirHandle, Listing, Snapshots
 from .vfs import Caller, Overlay, SetAttr
 
 log = logging.getLogger(__name__)
+
+#: A listing with attributes (readdirplus) gives an entry without an inode to a name the kernel
+#: holds already (:meth:`Overlay.held_listed`); finding that out costs an ``fstatat`` that a
+#: lookup makes again where the name is not held. After this many such entries in a row (a
+#: directory listed before its files were looked up: ``ls -l``, a cold walk) a reply stops
+#: asking.
+_HELD_MISSES = 4
+
+#: What ``os.fsdecode`` does, without its two calls: the name of every lookup is decoded so.
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -360,7 +373,8 @@ class Operations(pyfuse3.Operations):
     @_errno_boundary
     async def lookup(self, parent_inode: InodeT, name: FileNameT,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        found = self.overlay.lookup_stat(self._inode(parent_inode), os.fsdecode(name))
+        found = self.overlay.lookup_stat(self._inode(parent_inode),
+                                         name.decode(_FS_ENCODING, _FS_ERRORS))  # os.fsdecode
         if found is None:
             return self._negative()
         return self._attrs(*found)
@@ -623,6 +637,7 @@ class Operations(pyfuse3.Operations):
         if not getattr(token, "plus", True):
             return self._readdir_plain(directory, start, names, token)
         replied = start
+        misses = 0  # entries in a row not held by the kernel (see _HELD_MISSES)
         for index in range(start, len(names)):
             name = names[index]
             if name in (".", ".."):
@@ -633,6 +648,17 @@ class Operations(pyfuse3.Operations):
                     return replied
                 replied = index + 1
                 continue
+            if misses < _HELD_MISSES:
+                held = self.overlay.held_listed(names, directory, name)
+                entry = None if held is None else self._held_entry(held)
+                if entry is not None:
+                    misses = 0
+                    if not pyfuse3.readdir_reply(token, FileNameT(os.fsencode(name)), entry,
+                                                 index + 1):
+                        return replied
+                    replied = index + 1
+                    continue
+                misses += 1
             try:
                 found = self.overlay.lookup_stat(directory, name)
             except OSError as e:
@@ -679,6 +705,17 @@ class Operations(pyfuse3.Operations):
                 return replied
             replied = index + 1
         return replied
+
+    @staticmethod
+    def _held_entry(held: Held) -> pyfuse3.EntryAttributes | None:
+        """A readdirplus entry for an object the kernel holds under the name already: its
+        number and type, and node id 0, with which the kernel links nothing and counts no
+        lookup, and keeps the dentry and attributes it has (which cowfs keeps up to date). None
+        where node id 0 cannot be given (:func:`_clear_node_id`)."""
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = InodeT(held.number)
+        entry.st_mode = ModeT(held.kind)
+        return entry if _clear_node_id(entry) else None
 
     def _unlooked(self, directory: Inode, name: str) -> pyfuse3.EntryAttributes | None:
         """A readdirplus entry for a name whose lookup failed: listed, but with no inode.

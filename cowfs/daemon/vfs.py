@@ -30,7 +30,7 @@ from .attrs import Attributes, SetAttr
 from .copyup import CopyUp
 from .handles import FileHandle, real_flags, wants_write
 from .inodes import Inode, InodeNumbers, InodeTable
-from .namei import Namei
+from .namei import Held, Namei
 from .namespace import Caller, Namespace
 from .readdir import (
     NEEDS_LOOKUP,
@@ -341,6 +341,28 @@ class Overlay:
             return False
         self.forget(child.number, 1)
         return True
+
+    def held_listed(self, listing: Listing, directory: Inode, name: str) -> Held | None:
+        """For an entry of a listing with attributes (readdirplus): the file type and number of
+        ``name`` when the kernel holds its object under that name already, found as a listing
+        without attributes finds them (:func:`plain_entry`: one ``fstatat``, no lookup); None
+        when the entry needs a lookup (the object is not held so, or only a lookup can tell).
+
+        The kernel then lists the name and keeps the dentry and attributes it has. A lookup
+        counted for every entry of a listing that follows a walk of its files (``git status``
+        does that) would double the walk's work in the daemon."""
+        found = listing.plain.get(name)
+        if found is None:
+            try:
+                plain = plain_entry(directory, name)
+            except OSError:
+                return None  # the lookup says what is wrong
+            if not isinstance(plain, tuple):
+                return None
+            found = plain
+        kind, layer, ino = found
+        number = self.table.numbers.number(layer, ino)
+        return Held(kind, number) if self.table.holds(number, directory, name) else None
 
     def listed_plain(self, listing: Listing, directory: Inode, name: str
                      ) -> tuple[int, int] | None:
