@@ -16,8 +16,8 @@ from cowfs.core import realfs
 from cowfs.core.errors import CowfsError
 
 MUTATING = ("setxattr", "removexattr", "chmod", "chown", "utimens", "truncate", "create_file",
-            "mkdir", "mknod", "mknod_whiteout", "fsync", "ftruncate", "copy_data", "symlink",
-            "link", "unlink", "rmdir", "rename")
+            "mkdir", "mknod", "mknod_whiteout", "fsync", "ftruncate", "clone", "copy_bytes",
+            "symlink", "link", "unlink", "rmdir", "rename")
 
 
 @pytest.fixture

@@ -363,7 +363,7 @@ def protection(fd: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     attributes = int.from_bytes(buf.raw[8:16], sys.byteorder)  # stx_attributes
-    if attributes & _STATX_ATTR_IMMUTABLE and _fs_type(fd) == _EROFS_SUPER_MAGIC:
+    if attributes & _STATX_ATTR_IMMUTABLE and fs_type(fd) == _EROFS_SUPER_MAGIC:
         # EROFS reports every inode immutable in statx (it is read-only), but its inodes do not
         # carry S_IMMUTABLE, which is what the kernel's overlayfs copies and checks: a name of
         # an EROFS lower may be removed (found by test_lower_on_another_filesystem[erofs]).
@@ -378,7 +378,7 @@ _fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _fstatfs.restype = ctypes.c_int
 
 
-def _fs_type(fd: int) -> int:
+def fs_type(fd: int) -> int:
     """``f_type`` of the filesystem of ``fd`` (``fstatfs``; an ``O_PATH`` descriptor will do);
     0 where it cannot be told."""
     buf = ctypes.create_string_buffer(256)  # struct statfs, f_type first
@@ -397,7 +397,7 @@ def numbers_last(fd: int) -> bool:
     """Whether the filesystem of ``fd`` keeps its files' inode numbers from one mount to the
     next, so that an origin, which names a lower object by its number, finds it again (local
     filesystems do; see :data:`_RENUMBERING` for those that may not)."""
-    return _fs_type(fd) not in _RENUMBERING
+    return fs_type(fd) not in _RENUMBERING
 
 
 @change
@@ -490,20 +490,37 @@ def _bounded(extent: Callable[..., int]) -> Callable[[Callable[_P, _R]], Callabl
     return decorate
 
 
-@_bounded(lambda size: size)
-@change
 def copy_data(src: int, dst: int, size: int, *, reflink: bool = True) -> bool:
     """Copy a file's data into a new file, in the kernel, keeping holes: a reflink where the
-    filesystem has them (``reflink``: as probed), else ``copy_file_range`` over the data
-    segments, else ``sendfile``.
+    filesystem has them (``reflink``: as probed, :func:`clone`), else ``copy_file_range`` over
+    the data segments, else ``sendfile`` (:func:`copy_bytes`).
 
     Returns whether the data was cloned whole. A clone needs no ``fsync`` to be durable before
     a later rename: it writes back both files' ranges before it shares the blocks, and is itself
     a metadata change, which the filesystem's journal commits before any later one (the kernel's
     ``ovl_copy_up_file`` skips its ``vfs_fsync`` after a whole clone for the same reason)."""
-    log.debug("copy data fd=%d -> fd=%d (%d bytes)", src, dst, size)
-    if reflink and can_clone(src, dst):
+    if reflink and clone(src, dst):
         return True
+    copy_bytes(src, dst, size)
+    return False
+
+
+@change
+def clone(src: int, dst: int) -> bool:
+    """Make the new file ``dst`` share all of ``src``'s data (``FICLONE``); False, having changed
+    nothing, where the two cannot share blocks. A clone moves no data, whatever the size, so the
+    request loop may make it (:func:`cowfs.core.inline.check_clone`)."""
+    inline.check_clone(src)
+    log.debug("clone fd=%d -> fd=%d", src, dst)
+    return can_clone(src, dst)
+
+
+@_bounded(lambda size: size)
+@change
+def copy_bytes(src: int, dst: int, size: int) -> None:
+    """Copy ``size`` bytes of ``src`` into the new file ``dst``, the data segments only (holes
+    stay holes), in the kernel."""
+    log.debug("copy data fd=%d -> fd=%d (%d bytes)", src, dst, size)
     pos = 0
     while pos < size:
         try:
@@ -516,7 +533,6 @@ def copy_data(src: int, dst: int, size: int, *, reflink: bool = True) -> bool:
         _copy_range(src, dst, start, end)
         pos = end
     os.ftruncate(dst, size)
-    return False
 
 
 def _copy_range(src: int, dst: int, start: int, end: int) -> None:
