@@ -54,7 +54,7 @@ import ctypes, os, pickle, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from support import merged_view
-from cowfs.core.realfs import libc
+from cowfs.core.libc import libc
 from cowfs.tools.private import _own_user_namespace  # what cowfs run enters, user mapped to itself
 _own_user_namespace()
 options = b"ro,userxattr,lowerdir=" + os.fsencode(sys.argv[2])

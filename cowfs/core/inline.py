@@ -34,6 +34,8 @@ import os
 import threading
 from collections.abc import Iterator
 
+from .libc import fs_type
+
 #: The most file data a copy inline may move. A copy is a read and a write of that many bytes:
 #: the bound is the one for inline reads (``operations.INLINE_READ_MAX``: a cold 64 KiB read from
 #: the local disk costs about what a thread hand-off does), and it covers most source files (the
@@ -78,8 +80,6 @@ def is_local(fd: int) -> bool:
         return True
     local = _anonymous.get(dev)
     if local is None:
-        from .realfs import fs_type  # realfs imports this module
-
         local = _anonymous[dev] = fs_type(fd) in _LOCAL_ANONYMOUS
     return local
 

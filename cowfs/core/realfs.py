@@ -42,6 +42,7 @@ from typing import IO, ParamSpec, TypeVar
 
 from . import dirstack, inline
 from .errors import CowfsError
+from .libc import fs_type, libc
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,8 @@ RENAME_EXCHANGE = 2
 #: Move the object and leave a 0/0 character-device whiteout at the old name, in one step.
 RENAME_WHITEOUT = 4
 
-#: The C library, the one handle cowfs has on it (mount.py and tools/private.py call it too): the
-#: calls Python's os module lacks. ``argtypes`` set here hold for every user of the handle.
-libc = ctypes.CDLL(None, use_errno=True)
+#: The C library (:mod:`cowfs.core.libc`, the one handle cowfs has on it): the calls Python's os
+#: module lacks. ``argtypes`` set here hold for every user of the handle.
 _renameat2 = libc.renameat2
 _syncfs = libc.syncfs
 _syncfs.argtypes = [ctypes.c_int]
@@ -373,19 +373,6 @@ def protection(fd: int) -> int:
 
 _STATX_ATTR_IMMUTABLE = 0x10
 _EROFS_SUPER_MAGIC = 0xE0F5E1E2
-_fstatfs = libc.fstatfs
-_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
-_fstatfs.restype = ctypes.c_int
-
-
-def fs_type(fd: int) -> int:
-    """``f_type`` of the filesystem of ``fd`` (``fstatfs``; an ``O_PATH`` descriptor will do);
-    0 where it cannot be told."""
-    buf = ctypes.create_string_buffer(256)  # struct statfs, f_type first
-    if _fstatfs(fd, buf) != 0:
-        return 0
-    return int.from_bytes(buf.raw[0:ctypes.sizeof(ctypes.c_long)], sys.byteorder) & 0xFFFFFFFF
-
 
 #: Filesystems that may number their files anew at each mount: FUSE (the daemon picks the
 #: numbers; sshfs hands them out in the order of lookups), NFS, SMB and CIFS, 9P, Ceph.

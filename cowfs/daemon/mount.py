@@ -46,6 +46,7 @@ import trio
 from ..core import mounts, partial, realfs
 from ..core.errors import CowfsError
 from ..core.layers import LayerPaths, LayerStack, check_mountpoint_outside, open_stack
+from ..core.libc import libc
 from ..core.schema import MountState
 from . import fusecheck
 from .inodes import collect_less
@@ -234,7 +235,7 @@ def set_mount_flags(mountpoint: Path, options: MountOptions) -> None:
     if options.nodiratime:
         attr_set |= MOUNT_ATTR_NODIRATIME
     attr = struct.pack("QQQQ", attr_set, attr_clr, 0, 0)
-    if realfs.libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, os.fsencode(mountpoint), 0,
+    if libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, os.fsencode(mountpoint), 0,
                     ctypes.c_char_p(attr), len(attr)) != 0:
         err = ctypes.get_errno()
         raise CowfsError(f"cannot set {options.describe()} on {str(mountpoint)!r}: "
@@ -295,7 +296,7 @@ def remount(mountpoint: Path, specs: list[str]) -> None:
     flags = MS_REMOUNT
     for name in wanted:
         flags |= _MOUNT_FLAGS[name][0]
-    if realfs.libc.mount(None, os.fsencode(mountpoint), None, ctypes.c_ulong(flags), None) != 0:
+    if libc.mount(None, os.fsencode(mountpoint), None, ctypes.c_ulong(flags), None) != 0:
         err = ctypes.get_errno()
         raise CowfsError(f"cannot remount {str(mountpoint)!r}: {os.strerror(err)}")
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from ..core import mounts
 from ..core.errors import CowfsError
-from ..core.realfs import libc
+from ..core.libc import libc
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
