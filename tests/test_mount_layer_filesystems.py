@@ -236,9 +236,8 @@ def test_a_cloned_copy_up_is_not_fsynced_and_a_copied_one_is(
     the copy visible, a whole clone is not (it is metadata, which the journal commits in order,
     and it writes back the shared blocks first). The changes the copy-up of a small file makes,
     as the fault-injection seam counts them: on XFS and Btrfs one clone (made on the request
-    loop, whatever the size, so not tried there first and again in a worker thread: Btrfs's
-    anonymous device numbers are a local disk too) and no fsync, on tmpfs (no reflinks) a copy
-    and an fsync."""
+    loop, not tried there first and again in a worker thread: Btrfs's anonymous device numbers
+    are a local disk too) and no fsync, on tmpfs (no reflinks) a copy and an fsync."""
     kind, root = upper_fs
     layer_set = layers_on(root, layers())
     count = root / "count"

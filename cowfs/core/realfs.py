@@ -3,9 +3,10 @@
 Every object is reached relative to a directory file descriptor with ``O_NOFOLLOW``; no layer path
 is ever resolved as a string, so a symlink inside a layer can never lead cowfs outside its layers.
 Objects are held as ``O_PATH`` descriptors; operations that need a path (xattrs, chmod, utimes) use
-the ``/proc/self/fd/N`` magic link, which names the object itself and follows nothing further.
+the ``/proc/self/fd/N`` magic link, which names the object itself and follows nothing further (a
+descriptor opened for I/O, as a copy-up's new file, is passed as it is: ``opened=True``).
 
-Every call that changes a layer is one syscall (``copy_data``: one copy) and one debug log line,
+Every call that changes a layer is one syscall (``copy_bytes``: one copy) and one debug log line,
 so that a debug log is a complete record of what cowfs did to the upper layer; nothing in cowfs
 changes a layer except through this module (data written through open files aside).
 
